@@ -1,0 +1,64 @@
+//! One typed wrapper per WGSL kernel family. A wrapper owns its pipelines, checks shapes, writes
+//! its `#[repr(C)]` params and computes workgroup counts; only it knows its binding indices.
+//!
+//! Convention: `Kernel::new(gpu)` compiles once; `kernel.bind(gpu, ...)` builds the params buffer
+//! and bind group once and returns a [`Dispatch`] that the engine records every step (no buffer or
+//! bind-group creation per token). Shapes, including the most tokens a step may carry, are fixed at
+//! bind time; what changes per step (position, tokens in this step) is in the shared [`StepParams`]
+//! uniform, which kernels that need it bind, and threads beyond `n_tokens` return early.
+
+/// Per-step values, written once per step with `queue.write_buffer` into one shared uniform buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepParams {
+    /// Position of the first token of this step in the sequence.
+    pub pos: u32,
+    /// Tokens in this step (1 for decode, up to the bound maximum for a prompt chunk).
+    pub n_tokens: u32,
+    /// Sequence length after this step: `pos + n_tokens`.
+    pub kv_len: u32,
+    pub _pad: u32,
+}
+
+/// A bound kernel invocation: pipeline, bind group and workgroup counts, ready to record.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub label: String,
+    pub pipeline: wgpu::ComputePipeline,
+    pub bind_group: wgpu::BindGroup,
+    pub workgroups: [u32; 3],
+    /// Keeps the params uniform alive as long as the dispatch.
+    pub params: Option<wgpu::Buffer>,
+}
+
+impl Dispatch {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// A range of a buffer (a tensor inside a larger buffer: a ring slot, a packed layer).
+#[derive(Clone, Copy, Debug)]
+pub struct BufRange<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> BufRange<'a> {
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        BufRange { buffer, offset: 0, size: buffer.size() }
+    }
+}
+
+/// Where one INT4 matrix lives on the GPU: its words and its bf16 scales (packed two per u32).
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Ref<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub qweight: BufRange<'a>,
+    pub scales: BufRange<'a>,
+}

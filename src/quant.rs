@@ -1,0 +1,207 @@
+//! INT4 block-128 quantization: the weight format as executable spec.
+//!
+//! Semantics (DESIGN.md §4, identical to the seed's PyTorch method): for each row of W[out, in],
+//! consecutive blocks of 128 elements along `in`; `scale = bf16(absmax / 7)` (absmax 0 → 1);
+//! `q = clamp(round_half_even(w / scale), -8, 7)` with f32 division; `w' = q * scale`.
+//! A row whose length is not a multiple of 128 ends with a shorter block (as if zero-padded).
+//!
+//! Layout (chosen for wide GPU loads): each row is padded to whole blocks; a block is 16 u32 words
+//! (64 bytes); element `i` of a block is nibble `i % 8` (bits `4*(i%8)..`) of word `i / 8`, stored
+//! as `q + 8` in 0..=15. Padding elements hold 8 (q = 0). Scales are a separate `[rows, blocks]`
+//! array of bf16 bit patterns.
+
+use half::bf16;
+
+pub const BLOCK: usize = 128;
+pub const WORDS_PER_BLOCK: usize = BLOCK / 8;
+
+pub fn blocks_per_row(cols: usize) -> usize {
+    cols.div_ceil(BLOCK)
+}
+
+/// One quantized matrix, owned. Files and GPU buffers hold the same two arrays.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * blocks_per_row(cols) * 16` words.
+    pub qweight: Vec<u32>,
+    /// `rows * blocks_per_row(cols)` bf16 bit patterns.
+    pub scales: Vec<u16>,
+}
+
+/// Scale of one block, as the bf16 that is stored.
+pub fn block_scale(block: &[f32]) -> bf16 {
+    let absmax = block.iter().fold(0.0f32, |m, &w| m.max(w.abs()));
+    if absmax == 0.0 {
+        bf16::ONE
+    } else {
+        bf16::from_f32(absmax / 7.0)
+    }
+}
+
+/// Quantizes one value with its block's scale, as a signed level in -8..=7.
+pub fn quantize_value(w: f32, scale: f32) -> i32 {
+    ((w / scale).round_ties_even() as i32).clamp(-8, 7)
+}
+
+/// Quantizes one row into its words and scales (`out_words`: blocks*16, `out_scales`: blocks).
+pub fn quantize_row(row: &[f32], out_words: &mut [u32], out_scales: &mut [u16]) {
+    let blocks = blocks_per_row(row.len());
+    assert_eq!(out_words.len(), blocks * WORDS_PER_BLOCK);
+    assert_eq!(out_scales.len(), blocks);
+    out_words.fill(0x8888_8888);
+    for (b, block) in row.chunks(BLOCK).enumerate() {
+        let scale = block_scale(block);
+        out_scales[b] = scale.to_bits();
+        let s = scale.to_f32();
+        for (i, &w) in block.iter().enumerate() {
+            let nibble = (quantize_value(w, s) + 8) as u32;
+            let word = &mut out_words[b * WORDS_PER_BLOCK + i / 8];
+            let shift = 4 * (i % 8);
+            *word = (*word & !(0xF << shift)) | (nibble << shift);
+        }
+    }
+}
+
+impl QMatrix {
+    /// Quantizes a row-major `[rows, cols]` f32 matrix, rows in parallel.
+    pub fn quantize(data: &[f32], rows: usize, cols: usize) -> QMatrix {
+        use rayon::prelude::*;
+        assert_eq!(data.len(), rows * cols, "matrix data does not match its shape");
+        let bpr = blocks_per_row(cols);
+        let mut qweight = vec![0u32; rows * bpr * WORDS_PER_BLOCK];
+        let mut scales = vec![0u16; rows * bpr];
+        qweight
+            .par_chunks_mut(bpr * WORDS_PER_BLOCK)
+            .zip(scales.par_chunks_mut(bpr))
+            .zip(data.par_chunks(cols))
+            .for_each(|((words, sc), row)| quantize_row(row, words, sc));
+        QMatrix { rows, cols, qweight, scales }
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        blocks_per_row(self.cols)
+    }
+
+    pub fn view(&self) -> QView<'_> {
+        QView { rows: self.rows, cols: self.cols, qweight: &self.qweight, scales: &self.scales }
+    }
+}
+
+/// A borrowed quantized matrix (from a memory-mapped file or a `QMatrix`).
+#[derive(Clone, Copy, Debug)]
+pub struct QView<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub qweight: &'a [u32],
+    pub scales: &'a [u16],
+}
+
+impl<'a> QView<'a> {
+    pub fn blocks_per_row(&self) -> usize {
+        blocks_per_row(self.cols)
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let bpr = self.blocks_per_row();
+        let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
+        let scales = &self.scales[r * bpr..(r + 1) * bpr];
+        for (c, o) in out.iter_mut().enumerate().take(self.cols) {
+            let b = c / BLOCK;
+            let i = c % BLOCK;
+            let nibble = (words[b * WORDS_PER_BLOCK + i / 8] >> (4 * (i % 8))) & 0xF;
+            *o = (nibble as i32 - 8) as f32 * bf16::from_bits(scales[b]).to_f32();
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// `y[r] = sum_c W[r, c] * x[c]` in f32, dequantizing on the fly (the CPU oracle's matvec).
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        use rayon::prelude::*;
+        assert_eq!(x.len(), self.cols);
+        assert_eq!(y.len(), self.rows);
+        let bpr = self.blocks_per_row();
+        y.par_iter_mut().enumerate().for_each(|(r, out)| {
+            let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
+            let mut acc = 0.0f32;
+            for b in 0..bpr {
+                let scale = bf16::from_bits(self.scales[r * bpr + b]).to_f32();
+                let base = b * BLOCK;
+                let n = BLOCK.min(self.cols - base);
+                let mut block_acc = 0.0f32;
+                for i in 0..n {
+                    let nibble = (words[b * WORDS_PER_BLOCK + i / 8] >> (4 * (i % 8))) & 0xF;
+                    block_acc += (nibble as i32 - 8) as f32 * x[base + i];
+                }
+                acc += block_acc * scale;
+            }
+            *out = acc;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_block_quantizes_as_specified() {
+        // absmax 7 → scale 1; 2.5 rounds half to even → 2; -3.5 → -4; 7 → 7; -7 → -7.
+        let mut row = vec![0.0f32; 128];
+        row[0] = 2.5;
+        row[1] = -3.5;
+        row[2] = 7.0;
+        row[9] = -7.0;
+        let m = QMatrix::quantize(&row, 1, 128);
+        assert_eq!(bf16::from_bits(m.scales[0]).to_f32(), 1.0);
+        let d = m.view().dequantize();
+        assert_eq!(&d[..3], &[2.0, -4.0, 7.0]);
+        assert_eq!(d[9], -7.0);
+        assert_eq!(m.qweight[0] & 0xF, 10); // 2 + 8 in the lowest nibble
+        assert_eq!(m.qweight[1] & 0xF, 8); // element 8: zero
+        assert_eq!((m.qweight[1] >> 4) & 0xF, 1); // element 9: -7 + 8
+    }
+
+    #[test]
+    fn zero_block_has_scale_one_and_short_rows_pad_with_zero() {
+        let row = vec![0.0f32; 200]; // one full block, one of 72
+        let m = QMatrix::quantize(&row, 1, 200);
+        assert_eq!(m.scales, vec![bf16::ONE.to_bits(); 2]);
+        assert!(m.qweight.iter().all(|&w| w == 0x8888_8888));
+    }
+
+    #[test]
+    fn round_trip_error_is_within_half_a_step() {
+        let rows = 3;
+        let cols = 300;
+        let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i % 5) as f32).collect();
+        let m = QMatrix::quantize(&data, rows, cols);
+        let d = m.view().dequantize();
+        for r in 0..rows {
+            for (b, block) in data[r * cols..(r + 1) * cols].chunks(BLOCK).enumerate() {
+                let s = bf16::from_bits(m.scales[r * m.blocks_per_row() + b]).to_f32();
+                for (i, &w) in block.iter().enumerate() {
+                    let err = (w - d[r * cols + b * BLOCK + i]).abs();
+                    // Half a step, plus the clamp at -8..7 when bf16 rounds the scale down.
+                    assert!(err <= 0.5 * s * 1.01 + 1e-6 || (w / s).abs() > 7.0, "r{r} b{b} i{i}: {w} vs err {err}");
+                }
+            }
+        }
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut y = vec![f32::NAN; rows];
+        m.view().matvec(&x, &mut y);
+        for r in 0..rows {
+            let want: f32 = (0..cols).map(|c| d[r * cols + c] * x[c]).sum();
+            assert!((want - y[r]).abs() <= 1e-4 * want.abs().max(1.0), "row {r}: {want} vs {}", y[r]);
+        }
+    }
+}
