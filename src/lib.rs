@@ -12,3 +12,5 @@ pub use error::{Error, Result};
 pub mod gpu;
 pub mod formats;
 pub mod kernels;
+pub mod fetch;
+pub mod scheduler;
