@@ -60,7 +60,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 pub fn apply_rope(x: &mut [f32], pos: usize, inv_freq: &[f32]) {
     let half = inv_freq.len();
     assert!(
-        half > 0 && x.len() % (2 * half) == 0,
+        half > 0 && x.len().is_multiple_of(2 * half),
         "apply_rope: length {} is not whole heads of {}",
         x.len(),
         2 * half
@@ -86,7 +86,7 @@ pub fn attention(heads: Heads, q: &[f32], keys: &[f32], values: &[f32], out: &mu
     assert_eq!(q.len(), heads.q_dim(), "attention: query length");
     assert_eq!(out.len(), heads.q_dim(), "attention: output length");
     assert!(
-        kv_dim > 0 && keys.len() % kv_dim == 0 && keys.len() == values.len(),
+        kv_dim > 0 && keys.len().is_multiple_of(kv_dim) && keys.len() == values.len(),
         "attention: key/value shapes"
     );
     let n_pos = keys.len() / kv_dim;
