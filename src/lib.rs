@@ -3,14 +3,16 @@
 //! See ARCHITECTURE.md for the design in one page.
 
 pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod fetch;
+pub mod formats;
+pub mod gpu;
+pub mod kernels;
 pub mod quant;
+pub mod sampling;
+pub mod scheduler;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub mod gpu;
-pub mod formats;
-pub mod kernels;
-pub mod fetch;
-pub mod scheduler;

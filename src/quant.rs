@@ -125,6 +125,8 @@ impl<'a> QView<'a> {
     }
 
     /// `y[r] = sum_c W[r, c] * x[c]` in f32, dequantizing on the fly (the CPU oracle's matvec).
+    /// A block is summed in 8 partial sums, one per nibble position of a word (independent sums
+    /// the compiler vectorizes: twice as fast as one running sum), then scaled once.
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) {
         use rayon::prelude::*;
         assert_eq!(x.len(), self.cols);
@@ -132,17 +134,18 @@ impl<'a> QView<'a> {
         let bpr = self.blocks_per_row();
         y.par_iter_mut().enumerate().for_each(|(r, out)| {
             let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
+            let scales = &self.scales[r * bpr..(r + 1) * bpr];
             let mut acc = 0.0f32;
-            for b in 0..bpr {
-                let scale = bf16::from_bits(self.scales[r * bpr + b]).to_f32();
-                let base = b * BLOCK;
-                let n = BLOCK.min(self.cols - base);
-                let mut block_acc = 0.0f32;
-                for i in 0..n {
-                    let nibble = (words[b * WORDS_PER_BLOCK + i / 8] >> (4 * (i % 8))) & 0xF;
-                    block_acc += (nibble as i32 - 8) as f32 * x[base + i];
+            for ((block, xb), &scale) in
+                words.chunks_exact(WORDS_PER_BLOCK).zip(x.chunks(BLOCK)).zip(scales)
+            {
+                let mut lanes = [0.0f32; 8];
+                for (&word, x8) in block.iter().zip(xb.chunks(8)) {
+                    for (j, &xv) in x8.iter().enumerate() {
+                        lanes[j] += (((word >> (4 * j)) & 0xF) as i32 - 8) as f32 * xv;
+                    }
                 }
-                acc += block_acc * scale;
+                acc += lanes.iter().sum::<f32>() * bf16::from_bits(scale).to_f32();
             }
             *out = acc;
         });

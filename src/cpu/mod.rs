@@ -1,0 +1,362 @@
+//! The CPU reference forward pass: the oracle every GPU kernel and the whole GPU model are checked
+//! against. Plain f32, one readable function per block; INT4 matrices are dequantized on the fly
+//! (`QView::matvec`, the same bytes the GPU reads), dense tensors are decoded once in [`CpuModel::new`].
+//!
+//! The model is the Qwen2 / Llama decoder with Hugging Face semantics:
+//! ```text
+//! x = embed(token)
+//! per layer:  h = rmsnorm(x, input_layernorm)
+//!             q, k, v = Wq h (+bq), Wk h (+bk), Wv h (+bv);  rope(q), rope(k) at the token's position
+//!             append k, v to the cache;  a = attention(q, cache[0..=pos]);  x += Wo a (+bo)
+//!             h = rmsnorm(x, post_attention_layernorm);  x += Wdown (silu(Wgate h) * Wup h)
+//! logits = lm_head(rmsnorm(x, model.norm))
+//! ```
+//! A call processes its tokens layer by layer (all tokens through layer 0, then layer 1, ...) as a
+//! GPU prefill does, so a token attends to cache entries written in the same call; causality comes
+//! from each token reading only positions up to its own.
+
+pub mod ops;
+
+pub use ops::{add_in_place, apply_rope, attention, dot, rms_norm, silu, softmax_in_place, Heads};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::quant::QView;
+use crate::weights::{ModelWeights, Weight};
+
+/// A linear layer: an INT4 matrix `[out, in]` and an optional bias `[out]`.
+struct Linear<'a> {
+    weight: QView<'a>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear<'_> {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0; self.weight.rows];
+        self.weight.matvec(x, &mut y);
+        if let Some(b) = &self.bias {
+            add_in_place(&mut y, b);
+        }
+        y
+    }
+}
+
+struct Layer<'a> {
+    input_norm: Vec<f32>,
+    q: Linear<'a>,
+    k: Linear<'a>,
+    v: Linear<'a>,
+    o: Linear<'a>,
+    post_attention_norm: Vec<f32>,
+    gate: Linear<'a>,
+    up: Linear<'a>,
+    down: Linear<'a>,
+}
+
+/// The reference model over borrowed weights. Norms and biases are decoded to f32 once.
+pub struct CpuModel<'a> {
+    weights: &'a ModelWeights,
+    config: &'a ModelConfig,
+    heads: Heads,
+    inv_freq: Vec<f32>,
+    layers: Vec<Layer<'a>>,
+    final_norm: Vec<f32>,
+    lm_head: QView<'a>,
+}
+
+/// Keys and values of every layer, preallocated for `ctx` positions (never grown).
+/// Layout: `[layer, position, kv_heads * head_dim]` for keys and for values.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    ctx: usize,
+    kv_dim: usize,
+    len: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl KvCache {
+    /// Positions filled so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the cache can hold.
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// Forgets positions from `len` on (a rejected draft, a new conversation).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Keys of `layer` at positions `0..n`, `[n, kv_dim]`.
+    pub fn keys(&self, layer: usize, n: usize) -> &[f32] {
+        let start = layer * self.ctx * self.kv_dim;
+        &self.keys[start..start + n * self.kv_dim]
+    }
+
+    /// Values of `layer` at positions `0..n`, `[n, kv_dim]`.
+    pub fn values(&self, layer: usize, n: usize) -> &[f32] {
+        let start = layer * self.ctx * self.kv_dim;
+        &self.values[start..start + n * self.kv_dim]
+    }
+
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let start = (layer * self.ctx + pos) * self.kv_dim;
+        self.keys[start..start + self.kv_dim].copy_from_slice(k);
+        self.values[start..start + self.kv_dim].copy_from_slice(v);
+    }
+}
+
+impl<'a> CpuModel<'a> {
+    /// Checks every tensor the config calls for (presence, kind and shape) and decodes the small ones.
+    pub fn new(weights: &'a ModelWeights) -> Result<Self> {
+        let config = &weights.config;
+        config.validate()?;
+        let heads = Heads::of(config);
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        check_embedding(weights)?;
+        let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear<'a>> {
+            let weight = matrix(weights, &format!("{name}.weight"), rows, cols)?;
+            let bias = if bias {
+                Some(vector(weights, &format!("{name}.bias"), rows)?)
+            } else {
+                None
+            };
+            Ok(Linear { weight, bias })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let (qkv_bias, o_bias) = (config.qkv_bias(), config.o_bias());
+            layers.push(Layer {
+                input_norm: vector(weights, &format!("{p}.input_layernorm.weight"), hidden)?,
+                q: linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    heads.q_dim(),
+                    hidden,
+                    qkv_bias,
+                )?,
+                k: linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    heads.kv_dim(),
+                    hidden,
+                    qkv_bias,
+                )?,
+                v: linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    heads.kv_dim(),
+                    hidden,
+                    qkv_bias,
+                )?,
+                o: linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    hidden,
+                    heads.q_dim(),
+                    o_bias,
+                )?,
+                post_attention_norm: vector(
+                    weights,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    hidden,
+                )?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?,
+                up: linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?,
+                down: linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?,
+            });
+        }
+        Ok(CpuModel {
+            weights,
+            config,
+            heads,
+            inv_freq: config.rope_inv_freq(),
+            layers,
+            final_norm: vector(weights, "model.norm.weight", hidden)?,
+            lm_head: matrix(weights, "lm_head.weight", config.vocab_size, hidden)?,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.config
+    }
+
+    /// An empty cache for up to `ctx` positions.
+    pub fn new_cache(&self, ctx: usize) -> KvCache {
+        let n = self.layers.len() * ctx * self.heads.kv_dim();
+        KvCache {
+            ctx,
+            kv_dim: self.heads.kv_dim(),
+            len: 0,
+            keys: vec![0.0; n],
+            values: vec![0.0; n],
+        }
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one.
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(cache, tokens)?;
+        let last = hidden
+            .last()
+            .ok_or_else(|| Error::Invalid("forward: no tokens to process".into()))?;
+        Ok(self.logits(last))
+    }
+
+    /// Like [`forward`](Self::forward), but returns the logits of every token (for tests).
+    pub fn forward_all(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let hidden = self.hidden_states(cache, tokens)?;
+        Ok(hidden.iter().map(|x| self.logits(x)).collect())
+    }
+
+    /// The residual stream of each token after the last layer. The cache is left unchanged on error.
+    fn hidden_states(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let start = cache.len();
+        if start + tokens.len() > cache.ctx() {
+            return Err(Error::Invalid(format!(
+                "the prompt is longer than the context: {} new tokens after {start} cached need {} positions, \
+                 the context holds {}; raise --ctx-size",
+                tokens.len(),
+                start + tokens.len(),
+                cache.ctx()
+            )));
+        }
+        if cache.kv_dim != self.heads.kv_dim()
+            || cache.keys.len() != self.layers.len() * cache.ctx() * cache.kv_dim
+        {
+            return Err(Error::Invalid(
+                "forward: the KV cache was made for another model".into(),
+            ));
+        }
+        let mut xs = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            let mut x = vec![0.0; self.config.hidden_size];
+            self.weights.embedding_row(t, &mut x)?;
+            xs.push(x);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.attention_block(l, layer, cache, start, &mut xs);
+            self.mlp_block(layer, &mut xs);
+        }
+        cache.len = start + tokens.len();
+        Ok(xs)
+    }
+
+    /// `x += o_proj(attention(rope(q), cache))` for each token, after writing every token's k, v.
+    fn attention_block(
+        &self,
+        l: usize,
+        layer: &Layer,
+        cache: &mut KvCache,
+        start: usize,
+        xs: &mut [Vec<f32>],
+    ) {
+        let eps = self.config.rms_norm_eps;
+        let mut h = vec![0.0; self.config.hidden_size];
+        let mut queries = Vec::with_capacity(xs.len());
+        for (t, x) in xs.iter().enumerate() {
+            rms_norm(x, &layer.input_norm, eps, &mut h);
+            let (mut q, mut k, v) = (layer.q.apply(&h), layer.k.apply(&h), layer.v.apply(&h));
+            apply_rope(&mut q, start + t, &self.inv_freq);
+            apply_rope(&mut k, start + t, &self.inv_freq);
+            cache.write(l, start + t, &k, &v);
+            queries.push(q);
+        }
+        let mut a = vec![0.0; self.heads.q_dim()];
+        for (t, (x, q)) in xs.iter_mut().zip(&queries).enumerate() {
+            let seen = start + t + 1;
+            attention(
+                self.heads,
+                q,
+                cache.keys(l, seen),
+                cache.values(l, seen),
+                &mut a,
+            );
+            add_in_place(x, &layer.o.apply(&a));
+        }
+    }
+
+    /// `x += down(silu(gate(h)) * up(h))` with `h = rmsnorm(x)`, for each token.
+    fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>]) {
+        let mut h = vec![0.0; self.config.hidden_size];
+        for x in xs.iter_mut() {
+            rms_norm(
+                x,
+                &layer.post_attention_norm,
+                self.config.rms_norm_eps,
+                &mut h,
+            );
+            let mut act = layer.gate.apply(&h);
+            for (g, u) in act.iter_mut().zip(layer.up.apply(&h)) {
+                *g = silu(*g) * u;
+            }
+            add_in_place(x, &layer.down.apply(&act));
+        }
+    }
+
+    fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let mut h = vec![0.0; x.len()];
+        rms_norm(x, &self.final_norm, self.config.rms_norm_eps, &mut h);
+        let mut logits = vec![0.0; self.lm_head.rows];
+        self.lm_head.matvec(&h, &mut logits);
+        logits
+    }
+}
+
+/// An INT4 matrix of the expected shape.
+fn matrix<'a>(
+    weights: &'a ModelWeights,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<QView<'a>> {
+    let m = weights.q4(name)?;
+    if (m.rows, m.cols) != (rows, cols) {
+        return Err(Error::Config(format!(
+            "{name}: shape [{}, {}], but the model config calls for [{rows}, {cols}]",
+            m.rows, m.cols
+        )));
+    }
+    Ok(m)
+}
+
+/// A dense 1-D tensor of the expected length, as f32.
+fn vector(weights: &ModelWeights, name: &str, len: usize) -> Result<Vec<f32>> {
+    let (shape, data) = weights.dense_f32(name)?;
+    if shape != [len] {
+        return Err(Error::Config(format!(
+            "{name}: shape {shape:?}, but the model config calls for [{len}]"
+        )));
+    }
+    Ok(data)
+}
+
+/// The embedding table must be dense `[vocab_size, hidden_size]` with all its bytes (it is read row
+/// by row, never decoded whole: it is the largest dense tensor).
+fn check_embedding(weights: &ModelWeights) -> Result<()> {
+    let name = "model.embed_tokens.weight";
+    let c = &weights.config;
+    match weights.get(name)? {
+        Weight::Dense { shape, dtype, data } => {
+            if shape != &[c.vocab_size, c.hidden_size] {
+                return Err(Error::Config(format!(
+                    "{name}: shape {shape:?}, but the model config calls for [{}, {}]",
+                    c.vocab_size, c.hidden_size
+                )));
+            }
+            if data.bytes().len() != c.vocab_size * c.hidden_size * dtype.size() {
+                return Err(Error::Config(format!(
+                    "{name}: data does not match its shape {shape:?}"
+                )));
+            }
+            Ok(())
+        }
+        Weight::Q4 { .. } => Err(Error::Config(format!(
+            "{name}: expected a dense tensor, found an INT4 matrix"
+        ))),
+    }
+}
