@@ -9,8 +9,8 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub mod formats;
 pub mod gpu;
+pub mod formats;
 pub mod kernels;
 pub mod quantize;
 pub mod test_models;
