@@ -12,3 +12,4 @@ pub use error::{Error, Result};
 pub mod gpu;
 pub mod formats;
 pub mod kernels;
+pub mod tokenizer;
