@@ -1,4 +1,4 @@
-//! GGUF vocabularies → an equivalent Hugging Face `tokenizer.json`.
+//! GGUF vocabularies → the equivalent Hugging Face tokenizer (what its `tokenizer.json` would say).
 //!
 //! llama.cpp's converter stores a byte-level BPE tokenizer (`tokenizer.ggml.model` = `gpt2`) as
 //! token strings (already in the GPT-2 byte-to-unicode alphabet, `Ġ` for space), a type per token
@@ -12,7 +12,12 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Map, Value as Json};
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::AddedToken;
+use tokenizers::SplitDelimiterBehavior::Isolated;
 
 use super::Specials;
 use crate::error::{Error, Result};
@@ -55,18 +60,15 @@ fn missing(key: &str) -> Error {
     ))
 }
 
-fn get<'a>(meta: &'a BTreeMap<String, MetaValue>, key: &str) -> Option<&'a MetaValue> {
-    meta.get(key)
-}
-
 fn get_str<'a>(meta: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<&'a str> {
-    get(meta, key)
+    meta.get(key)
         .and_then(MetaValue::as_str)
         .ok_or_else(|| missing(key))
 }
 
 fn get_strings<'a>(meta: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Vec<&'a str>> {
-    let array = get(meta, key)
+    let array = meta
+        .get(key)
         .and_then(MetaValue::as_array)
         .ok_or_else(|| missing(key))?;
     array
@@ -81,7 +83,7 @@ fn get_strings<'a>(meta: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<V
 
 /// An optional token id; present but not a valid id is an error.
 fn get_id(meta: &BTreeMap<String, MetaValue>, key: &str, n_tokens: usize) -> Result<Option<u32>> {
-    let Some(value) = get(meta, key) else {
+    let Some(value) = meta.get(key) else {
         return Ok(None);
     };
     match value.as_u64() {
@@ -103,14 +105,15 @@ pub(super) fn build(
              is supported, not SentencePiece (\"llama\") or others"
         )));
     }
-    let pre = get(meta, "tokenizer.ggml.pre")
+    let pre = meta
+        .get("tokenizer.ggml.pre")
         .and_then(MetaValue::as_str)
         .unwrap_or("default");
     let (patterns, ignore_merges) = pre_tokenizer(pre)?;
 
     let tokens = get_strings(meta, "tokenizer.ggml.tokens")?;
     let n = tokens.len();
-    let types: Vec<i64> = match get(meta, "tokenizer.ggml.token_type") {
+    let types: Vec<i64> = match meta.get("tokenizer.ggml.token_type") {
         None => vec![1; n],
         Some(v) => {
             let array = v
@@ -127,79 +130,54 @@ pub(super) fn build(
     };
     let merges = get_strings(meta, "tokenizer.ggml.merges")?;
 
-    let mut vocab = Map::with_capacity(n);
+    let mut vocab = Vocab::with_capacity(n);
     for (id, token) in tokens.iter().enumerate() {
-        if vocab.insert(token.to_string(), json!(id)).is_some() {
+        if vocab.insert(token.to_string(), id as u32).is_some() {
             return Err(Error::Tokenizer(format!(
                 "GGUF vocabulary has the token {token:?} twice (second at id {id})"
             )));
         }
     }
-    let merges: Vec<Json> = merges
+    let merges: Merges = merges
         .iter()
         .enumerate()
         .map(|(i, m)| match m.split_once(' ') {
-            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok(json!([a, b])),
+            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                Ok((a.to_string(), b.to_string()))
+            }
             _ => Err(Error::Tokenizer(format!(
                 "GGUF tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by one space"
             ))),
         })
         .collect::<Result<_>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| {
+            Error::Tokenizer(format!(
+                "the GGUF vocabulary does not make a BPE model: {e}"
+            ))
+        })?;
 
-    let added_tokens: Vec<Json> = types
+    let mut steps = Vec::with_capacity(patterns.len() + 1);
+    for pattern in patterns {
+        let split = Split::new(SplitPattern::Regex(pattern.to_string()), Isolated, false)
+            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex for {pre:?}: {e}")))?;
+        steps.push(split.into());
+    }
+    steps.push(ByteLevel::new(false, false, false).into());
+
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(steps)));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let added: Vec<AddedToken> = types
         .iter()
         .enumerate()
         .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-        .map(|(id, &t)| {
-            json!({
-                "id": id,
-                "content": tokens[id],
-                "single_word": false,
-                "lstrip": false,
-                "rstrip": false,
-                "normalized": false,
-                "special": t == TOKEN_TYPE_CONTROL,
-            })
-        })
+        .map(|(id, &t)| AddedToken::from(tokens[id], t == TOKEN_TYPE_CONTROL).normalized(false))
         .collect();
-
-    let mut pre_tokenizers: Vec<Json> = patterns
-        .iter()
-        .map(|p| {
-            json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false})
-        })
-        .collect();
-    pre_tokenizers.push(json!({
-        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
-    }));
-
-    let tokenizer_json = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": null,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
-            "ignore_merges": ignore_merges,
-            "vocab": vocab,
-            "merges": merges,
-        },
-    });
-    let tokenizer: tokenizers::Tokenizer = serde_json::from_value(tokenizer_json).map_err(|e| {
-        Error::Tokenizer(format!(
-            "the GGUF vocabulary does not make a valid BPE tokenizer: {e}"
-        ))
-    })?;
+    tokenizer.add_tokens(&added);
 
     let bos_id = get_id(meta, "tokenizer.ggml.bos_token_id", n)?;
     let mut eos_ids = Vec::new();
@@ -210,7 +188,7 @@ pub(super) fn build(
     ] {
         eos_ids.extend(get_id(meta, key, n)?);
     }
-    let add_bos = match get(meta, "tokenizer.ggml.add_bos_token") {
+    let add_bos = match meta.get("tokenizer.ggml.add_bos_token") {
         None => None,
         Some(v) => Some(
             v.as_bool()
@@ -225,7 +203,8 @@ pub(super) fn build(
         // Without the key, llama.cpp adds BOS only for Llama 3 among the vocabularies we support.
         add_bos: Some(add_bos.unwrap_or(matches!(pre, "llama-bpe" | "llama3"))),
     };
-    let template = get(meta, "tokenizer.chat_template")
+    let template = meta
+        .get("tokenizer.chat_template")
         .and_then(MetaValue::as_str)
         .map(str::to_string);
     Ok((tokenizer, template, specials))

@@ -146,8 +146,9 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
 
-        let vocab = inner.get_vocab(true);
-        let vocab_size = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        let added = inner.get_added_tokens_decoder();
+        let max_added = added.keys().max().map_or(0, |&id| id as usize + 1);
+        let vocab_size = inner.get_vocab_size(false).max(max_added);
         for id in specials.bos_id.iter().chain(&specials.eos_ids) {
             if *id as usize >= vocab_size {
                 return Err(Error::Tokenizer(format!(
@@ -157,7 +158,6 @@ impl Tokenizer {
         }
 
         let mut eos_ids = Vec::new();
-        let added = inner.get_added_tokens_decoder();
         let mut end_of_turn: Vec<u32> = added
             .iter()
             .filter(|(_, t)| t.special && END_OF_TURN_TOKENS.contains(&t.content.as_str()))
@@ -254,7 +254,7 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    /// One more than the largest token id (the embedding matrix may have more rows).
+    /// How many token ids the tokenizer knows (the embedding matrix may have more rows).
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
