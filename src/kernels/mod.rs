@@ -62,3 +62,6 @@ pub struct Q4Ref<'a> {
     pub qweight: BufRange<'a>,
     pub scales: BufRange<'a>,
 }
+
+pub mod gemm_q4;
+pub mod gemv_q4;

@@ -1,0 +1,331 @@
+//! INT4 matrix-vector product for decode: `y = W x (+ bias)` or `y += W x (+ bias)`.
+//!
+//! Kernel: shaders/gemv_q4.wgsl. A workgroup of `wg` threads computes `rows` consecutive rows;
+//! its threads split K (quarter blocks of 32 weights, one 16-byte load each), so every load of x
+//! serves `rows` rows and each thread keeps `rows` weight loads in flight. Partial sums are
+//! reduced with subgroup operations where the adapter has them (shaders/gemv_q4_sum_subgroup.wgsl),
+//! otherwise through a tree in workgroup memory (shaders/gemv_q4_sum_shared.wgsl).
+//!
+//! Splitting K across a workgroup is this kernel's split-K: for a small N (few rows, too few
+//! workgroups to fill the GPU) [`GemvQ4::config_for`] gives each workgroup more threads, so there
+//! are more threads per row and shorter K loops, with no second pass.
+//!
+//! A matrix whose words exceed the adapter's storage-binding limit is cut into row ranges, one
+//! dispatch each (the bindings of a range start at aligned offsets); see [`row_chunks`].
+
+use super::{BufRange, Dispatch, Q4Ref};
+use crate::error::{Error, Result};
+use crate::gpu::{dispatch_2d, Gpu};
+use crate::quant::{blocks_per_row, WORDS_PER_BLOCK};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+const SOURCE: &str = include_str!("../../shaders/gemv_q4.wgsl");
+const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl");
+const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
+
+/// Most rows one workgroup may compute (`MAX_ROWS` in the shader).
+pub const MAX_ROWS: u32 = 8;
+/// Threads the heuristic aims to have in flight over the whole GPU (tuned on the H100 with
+/// benches/kernels.rs; enough 16-byte loads in flight to cover memory latency).
+const TARGET_THREADS: usize = 1 << 16;
+
+/// What is done with the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = W x (+ bias)`.
+    Store,
+    /// `y += W x (+ bias)`: the residual add, fused (each element read and written by one thread).
+    Accumulate,
+}
+
+/// Shape of the GEMV workgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemvConfig {
+    /// Threads per workgroup: a power of two, 32..=1024, at least the subgroup size.
+    pub wg: u32,
+    /// Rows per workgroup, 1..=[`MAX_ROWS`].
+    pub rows: u32,
+    /// Reduce with subgroup operations (needs `gpu.caps.subgroups`).
+    pub subgroups: bool,
+}
+
+/// Overrides for [`GemvQ4::bind_with`]: benchmarks and tests of the row-range splitting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemvOptions {
+    /// Workgroup shape instead of [`GemvQ4::config_for`]'s choice.
+    pub config: Option<GemvConfig>,
+    /// Largest binding in bytes instead of the adapter's `max_storage_buffer_binding_size`.
+    pub max_binding_bytes: Option<u64>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    k: u32,
+    bpr: u32,
+    row_base: u32,
+    accumulate: u32,
+    has_bias: u32,
+}
+
+pub struct GemvQ4 {
+    subgroups: bool,
+    subgroup_max: u32,
+    pipelines: Mutex<HashMap<GemvConfig, wgpu::ComputePipeline>>,
+}
+
+impl GemvQ4 {
+    /// Compiles the kernel in its most common shape (other shapes compile on first use).
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let kernel = GemvQ4 {
+            subgroups: gpu.caps.subgroups,
+            subgroup_max: gpu.caps.subgroup_max_size.max(1),
+            pipelines: Mutex::new(HashMap::new()),
+        };
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096))?;
+        Ok(kernel)
+    }
+
+    /// The workgroup shape used for a `rows x cols` matrix: 4 rows per workgroup (each x load
+    /// shared by 4 rows), and the smallest workgroup (64..=256 threads) that puts about
+    /// `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks.
+    pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
+        let rows_per_group = 4u32;
+        let groups = rows.div_ceil(rows_per_group as usize).max(1);
+        let quarters = blocks_per_row(cols) * 4;
+        let mut wg = 64usize;
+        while wg < 256 && groups * wg < TARGET_THREADS && wg < quarters {
+            wg *= 2;
+        }
+        let wg = (wg as u32).max(self.subgroup_max.next_power_of_two());
+        GemvConfig { wg, rows: rows_per_group, subgroups: self.subgroups }
+    }
+
+    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
+        if !cfg.wg.is_power_of_two() || !(32..=1024).contains(&cfg.wg) || cfg.wg < self.subgroup_max {
+            return Err(Error::Invalid(format!(
+                "gemv_q4: workgroup size {} must be a power of two in 32..=1024 and at least the subgroup size {}",
+                cfg.wg, self.subgroup_max
+            )));
+        }
+        if !(1..=MAX_ROWS).contains(&cfg.rows) {
+            return Err(Error::Invalid(format!("gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}", cfg.rows)));
+        }
+        if cfg.subgroups && !self.subgroups {
+            return Err(Error::Unsupported("gemv_q4: the adapter has no subgroup operations".into()));
+        }
+        let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("gemv_q4: pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(&cfg) {
+            return Ok(p.clone());
+        }
+        let (sum, kind) = if cfg.subgroups { (SUM_SUBGROUP, "subgroup") } else { (SUM_SHARED, "shared") };
+        let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
+        let source = format!("{sum}\n{SOURCE}");
+        let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
+        let pipeline = gpu.compute_pipeline(&label, &source, "main", &overrides)?;
+        cache.insert(cfg, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Binds `y = W x` (see [`Epilogue`]) for `x: [cols]`, `y, bias: [rows]` f32. Returns one
+    /// dispatch per row range (one unless W exceeds the storage-binding limit), to encode in order.
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: BufRange,
+        y: BufRange,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+    ) -> Result<Vec<Dispatch>> {
+        self.bind_with(gpu, w, x, y, bias, mode, &GemvOptions::default())
+    }
+
+    /// [`bind`](Self::bind) with a chosen workgroup shape or binding limit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_with(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: BufRange,
+        y: BufRange,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
+        let what = "gemv_q4";
+        check_matrix(gpu, what, &w)?;
+        if w.cols % 4 != 0 {
+            return Err(Error::Invalid(format!(
+                "{what}: K = {} must be a multiple of 4 (x is read as vec4<f32>)",
+                w.cols
+            )));
+        }
+        check_vector(gpu, what, "x", &x, w.cols as u64 * 4)?;
+        check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
+        if let Some(b) = &bias {
+            check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
+        }
+        if x.buffer == y.buffer {
+            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+        }
+        let cfg = opts.config.unwrap_or_else(|| self.config_for(w.rows, w.cols));
+        let pipeline = self.pipeline(gpu, cfg)?;
+        let max_binding = opts.max_binding_bytes.unwrap_or(gpu.limits.max_storage_buffer_binding_size);
+        let bpr = blocks_per_row(w.cols);
+        // Without a bias the binding still needs a buffer: x, which is never read through it.
+        let bias_range = bias.unwrap_or(x);
+        let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { x.size.min(w.cols as u64 * 4) };
+        let chunks = row_chunks(gpu, what, &w, max_binding)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        for c in &chunks {
+            let params = Params {
+                rows: c.rows as u32,
+                k: w.cols as u32,
+                bpr: bpr as u32,
+                row_base: c.row0 as u32,
+                accumulate: (mode == Epilogue::Accumulate) as u32,
+                has_bias: bias.is_some() as u32,
+            };
+            let label = format!("gemv_q4 {}x{} rows {}..{}", w.rows, w.cols, c.row0, c.row0 + c.rows);
+            let params_buf = gpu.uniform(&label, &params);
+            let bind_group = gpu.bind_group_ranges(
+                &label,
+                &pipeline,
+                &[
+                    (&params_buf, 0, None),
+                    (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
+                    (w.scales.buffer, c.scales.0, Some(c.scales.1)),
+                    (x.buffer, x.offset, Some(w.cols as u64 * 4)),
+                    (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
+                    (y.buffer, y.offset, Some(w.rows as u64 * 4)),
+                ],
+            );
+            let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
+            out.push(Dispatch { label, pipeline: pipeline.clone(), bind_group, workgroups: [gx, gy, 1], params: Some(params_buf) });
+        }
+        Ok(out)
+    }
+}
+
+/// One row range of a matrix and its two bindings, `(offset, size)` in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowChunk {
+    pub row0: usize,
+    pub rows: usize,
+    pub qweight: (u64, u64),
+    pub scales: (u64, u64),
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Cuts `w` into row ranges whose word binding fits `max_binding` bytes. Range starts are chosen
+/// so both bindings begin at offsets aligned to `min_storage_buffer_offset_alignment`.
+pub(crate) fn row_chunks(gpu: &Gpu, what: &str, w: &Q4Ref, max_binding: u64) -> Result<Vec<RowChunk>> {
+    let bpr = blocks_per_row(w.cols) as u64;
+    let row_bytes = bpr * WORDS_PER_BLOCK as u64 * 4;
+    let align = gpu.limits.min_storage_buffer_offset_alignment.max(4) as u64;
+    let fit = (max_binding / row_bytes) as usize;
+    let rows_per_chunk = if fit >= w.rows {
+        w.rows
+    } else {
+        // Scale offsets (2 bytes per block) are the finer ones; aligning them aligns the words too.
+        let step = (align / gcd(align, bpr * 2)) as usize;
+        fit / step * step
+    };
+    if rows_per_chunk == 0 {
+        return Err(Error::Unsupported(format!(
+            "{what}: a {}x{} matrix cannot be split into bindings of at most {max_binding} bytes \
+             (a row takes {row_bytes} bytes; ranges must start at {align}-byte offsets)",
+            w.rows, w.cols
+        )));
+    }
+    let mut chunks = Vec::new();
+    let mut row0 = 0;
+    while row0 < w.rows {
+        let rows = rows_per_chunk.min(w.rows - row0);
+        let q_off = w.qweight.offset + row0 as u64 * row_bytes;
+        let s_off = w.scales.offset + row0 as u64 * bpr * 2;
+        // A binding's size must be a multiple of 4: the last scale word of a range may be half used.
+        let s_size = (rows as u64 * bpr * 2).next_multiple_of(4);
+        if s_off + s_size > w.scales.buffer.size() {
+            return Err(Error::Invalid(format!(
+                "{what}: the scales of a {}x{} matrix end {} bytes into a buffer of {}; \
+                 allocate scale buffers padded to a multiple of 4 bytes",
+                w.rows,
+                w.cols,
+                s_off + s_size,
+                w.scales.buffer.size()
+            )));
+        }
+        chunks.push(RowChunk { row0, rows, qweight: (q_off, rows as u64 * row_bytes), scales: (s_off, s_size) });
+        row0 += rows;
+    }
+    Ok(chunks)
+}
+
+fn check_range(gpu: &Gpu, what: &str, name: &str, r: &BufRange) -> Result<()> {
+    let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+    if r.offset % align != 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: {name} starts at byte {}, which is not a multiple of the adapter's storage offset alignment {align}",
+            r.offset
+        )));
+    }
+    if r.offset + r.size > r.buffer.size() {
+        return Err(Error::Invalid(format!(
+            "{what}: {name} range {}..{} lies outside its buffer of {} bytes",
+            r.offset,
+            r.offset + r.size,
+            r.buffer.size()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a matrix's ranges against its shape.
+pub(crate) fn check_matrix(gpu: &Gpu, what: &str, w: &Q4Ref) -> Result<()> {
+    if w.rows == 0 || w.cols == 0 {
+        return Err(Error::Invalid(format!("{what}: empty matrix {}x{}", w.rows, w.cols)));
+    }
+    let bpr = blocks_per_row(w.cols) as u64;
+    let rows = w.rows as u64;
+    for (name, r, need) in
+        [("qweight", &w.qweight, rows * bpr * WORDS_PER_BLOCK as u64 * 4), ("scales", &w.scales, rows * bpr * 2)]
+    {
+        check_range(gpu, what, name, r)?;
+        if r.size < need {
+            return Err(Error::Invalid(format!(
+                "{what}: {name} of a {}x{} INT4 matrix needs {need} bytes, the range has {}",
+                w.rows, w.cols, r.size
+            )));
+        }
+    }
+    if (w.cols as u64) > u32::MAX as u64 / 8 || rows * bpr * WORDS_PER_BLOCK as u64 / 4 > u32::MAX as u64 {
+        return Err(Error::Unsupported(format!("{what}: matrix {}x{} too large for 32-bit indexing", w.rows, w.cols)));
+    }
+    Ok(())
+}
+
+/// Checks an activation range: aligned, inside its buffer, at least `need` bytes, and bindable.
+pub(crate) fn check_vector(gpu: &Gpu, what: &str, name: &str, r: &BufRange, need: u64) -> Result<()> {
+    check_range(gpu, what, name, r)?;
+    if r.size < need {
+        return Err(Error::Invalid(format!("{what}: {name} needs {need} bytes, the range has {}", r.size)));
+    }
+    if need > gpu.limits.max_storage_buffer_binding_size {
+        return Err(Error::Unsupported(format!(
+            "{what}: {name} takes {need} bytes, more than the adapter's largest storage binding ({})",
+            gpu.limits.max_storage_buffer_binding_size
+        )));
+    }
+    Ok(())
+}
