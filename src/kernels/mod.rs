@@ -50,7 +50,11 @@ pub struct BufRange<'a> {
 
 impl<'a> BufRange<'a> {
     pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
-        BufRange { buffer, offset: 0, size: buffer.size() }
+        BufRange {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
     }
 }
 
@@ -62,3 +66,8 @@ pub struct Q4Ref<'a> {
     pub qweight: BufRange<'a>,
     pub scales: BufRange<'a>,
 }
+
+pub mod rmsnorm;
+pub mod rope_kv;
+pub mod sample;
+pub mod swiglu;
