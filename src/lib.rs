@@ -9,6 +9,6 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub mod formats;
 pub mod gpu;
+pub mod formats;
 pub mod kernels;
