@@ -34,7 +34,7 @@ pub const MAX_TOP_N: usize = 20;
 /// Vocabulary entries per pass-1 workgroup (the shader's SLICE).
 const SLICE: usize = 4096;
 /// Workgroup memory the shader declares, rounded up.
-const WORKGROUP_BYTES: u32 = 24 * 1024;
+const WORKGROUP_BYTES: u32 = 28 * 1024;
 
 /// Sampling parameters (the same meaning as `sampling::SamplingParams`).
 #[derive(Clone, Copy, Debug, PartialEq)]
