@@ -65,3 +65,7 @@ pub struct Q4Ref<'a> {
 
 pub mod gemm_q4;
 pub mod gemv_q4;
+pub mod rmsnorm;
+pub mod rope_kv;
+pub mod sample;
+pub mod swiglu;
