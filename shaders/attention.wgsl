@@ -53,6 +53,9 @@ const NEG: f32 = -3.0e38;
 const MAX_GB: u32 = 8u;
 // Decode: positions per tile = threads per workgroup.
 const DEC_TILE: u32 = 64u;
+// Decode combine: threads per workgroup, most splits (the bind-time bound never exceeds it).
+const CB_THREADS: u32 = 256u;
+const MAX_SPLITS: u32 = 512u;
 // Prefill: (token, head) rows per workgroup, threads per workgroup.
 const PF_ROWS: u32 = 32u;
 const PF_THREADS: u32 = 128u;
@@ -111,13 +114,16 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let scale = inverseSqrt(f32(HD));
 
     // Queries of the batch, pre-scaled; heads past the group's end score 0 and are not written.
-    for (var idx = lid; idx < GB * hd4; idx += DEC_TILE) {
+    for (var it = 0u; it < (GB * hd4 + DEC_TILE - 1u) / DEC_TILE; it++) {
+        let idx = it * DEC_TILE + lid;
         let j = idx / hd4;
-        var qv = vec4<f32>(0.0);
-        if j < n_here {
-            qv = q[(head0 + j) * hd4 + idx % hd4] * scale;
+        if idx < GB * hd4 {
+            var qv = vec4<f32>(0.0);
+            if j < n_here {
+                qv = q[(head0 + j) * hd4 + idx % hd4] * scale;
+            }
+            dq_s[idx] = qv;
         }
-        dq_s[idx] = qv;
     }
 
     // P·V mapping: thread owns dims 8*dgi..8*dgi+8 over positions ph, ph + nph, ...
@@ -136,28 +142,36 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     workgroupBarrier();
 
     for (var t0 = start; t0 < end; t0 += DEC_TILE) {
-        // Scores: this thread's position against every head of the batch.
+        // All of the tile's loads first, with fixed trip counts so they are in flight together.
+        // Positions past the end are clamped to the last one (finite data) and masked below.
         let p = t0 + lid;
+        let krow = (kvh * params.ctx + min(p, end - 1u)) * hd8;
+        var kr: array<vec4<u32>, 16>;
+        for (var w = 0u; w < hd8; w++) {
+            kr[w] = k_cache[krow + w];
+        }
+        var vr: array<vec4<u32>, 16>;
+        for (var i = 0u; i < hd8; i++) {
+            let pv = min(t0 + ph + i * nph, end - 1u);
+            vr[i] = v_cache[(kvh * params.ctx + pv) * hd8 + dgi];
+        }
+
+        // Scores: this thread's position against every head of the batch.
         var s: array<f32, MAX_GB>;
-        if p < end {
+        for (var j = 0u; j < GB; j++) {
+            s[j] = 0.0;
+        }
+        for (var w = 0u; w < hd8; w++) {
+            let ka = unpack_lo(kr[w]);
+            let kb = unpack_hi(kr[w]);
             for (var j = 0u; j < GB; j++) {
-                s[j] = 0.0;
-            }
-            let row = (kvh * params.ctx + p) * hd8;
-            for (var w = 0u; w < hd8; w++) {
-                let kw = k_cache[row + w];
-                let ka = unpack_lo(kw);
-                let kb = unpack_hi(kw);
-                for (var j = 0u; j < GB; j++) {
-                    s[j] += dot(dq_s[j * hd4 + 2u * w], ka) + dot(dq_s[j * hd4 + 2u * w + 1u], kb);
-                }
-            }
-        } else {
-            for (var j = 0u; j < GB; j++) {
-                s[j] = NEG;
+                s[j] += dot(dq_s[j * hd4 + 2u * w], ka) + dot(dq_s[j * hd4 + 2u * w + 1u], kb);
             }
         }
         for (var j = 0u; j < GB; j++) {
+            if p >= end {
+                s[j] = NEG;
+            }
             de_s[j * DEC_TILE + lid] = s[j];
         }
         workgroupBarrier();
@@ -173,7 +187,8 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         }
         workgroupBarrier();
 
-        // New running max (every thread computes the same), probabilities of this thread's position.
+        // New running max (every thread computes the same), probabilities of this thread's position
+        // (0 for masked positions).
         var f: array<f32, MAX_GB>;
         for (var j = 0u; j < GB; j++) {
             var tmax = NEG;
@@ -192,12 +207,10 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             acc[2u * j + 1u] *= f[j];
             l[j] *= f[j];
         }
-        let n_valid = min(DEC_TILE, end - t0);
-        let vbase = (kvh * params.ctx + t0) * hd8 + dgi;
-        for (var pp = ph; pp < n_valid; pp += nph) {
-            let vw = v_cache[vbase + pp * hd8];
-            let va = unpack_lo(vw);
-            let vb = unpack_hi(vw);
+        for (var i = 0u; i < hd8; i++) {
+            let va = unpack_lo(vr[i]);
+            let vb = unpack_hi(vr[i]);
+            let pp = ph + i * nph;
             for (var j = 0u; j < GB; j++) {
                 let e = de_s[j * DEC_TILE + pp];
                 acc[2u * j] += e * va;
@@ -234,29 +247,74 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     }
 }
 
-@compute @workgroup_size(32)
+var<workgroup> cb_red: array<f32, CB_THREADS>;
+var<workgroup> cb_w: array<f32, MAX_SPLITS>;
+var<workgroup> cb_o: array<vec4<f32>, CB_THREADS>;
+
+// Tree sum or max of cb_red over the workgroup; every thread gets the result.
+fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
+    cb_red[lid] = v;
+    workgroupBarrier();
+    for (var width = CB_THREADS / 2u; width > 0u; width /= 2u) {
+        if lid < width {
+            let other = cb_red[lid + width];
+            cb_red[lid] = select(cb_red[lid] + other, max(cb_red[lid], other), is_max);
+        }
+        workgroupBarrier();
+    }
+    let r = cb_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
 fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd4 = HD / 4u;
-    if lid >= hd4 {
-        return;
-    }
     let head = wid.x;
     let kv_len = step.kv_len;
-    let n_splits = (kv_len + decode_chunk(kv_len) - 1u) / decode_chunk(kv_len);
+    let chunk = decode_chunk(kv_len);
+    let n_splits = (kv_len + chunk - 1u) / chunk;
     let first = head * params.max_splits;
-    var m_all = NEG;
-    for (var s = 0u; s < n_splits; s++) {
-        m_all = max(m_all, part_ml[first + s].x);
+
+    var mx = NEG;
+    for (var s = lid; s < n_splits; s += CB_THREADS) {
+        mx = max(mx, part_ml[first + s].x);
     }
-    var o = vec4<f32>(0.0);
-    var l = 0.0;
-    for (var s = 0u; s < n_splits; s++) {
+    let m_all = combine_reduce(lid, mx, true);
+    var lsum = 0.0;
+    for (var s = lid; s < n_splits; s += CB_THREADS) {
         let ml = part_ml[first + s];
         let w = exp(ml.x - m_all);
-        l += w * ml.y;
-        o += w * part_o[(first + s) * hd4 + lid];
+        cb_w[s] = w;
+        lsum += w * ml.y;
     }
-    out[head * hd4 + lid] = o / l;
+    let l_all = combine_reduce(lid, lsum, false);
+
+    // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ...; four loads in flight per step.
+    let w4 = lid % hd4;
+    let sg = lid / hd4;
+    let nsg = CB_THREADS / hd4;
+    var o = vec4<f32>(0.0);
+    for (var s0 = sg; s0 < n_splits; s0 += 4u * nsg) {
+        var part: array<vec4<f32>, 4>;
+        for (var u = 0u; u < 4u; u++) {
+            part[u] = part_o[(first + min(s0 + u * nsg, n_splits - 1u)) * hd4 + w4];
+        }
+        for (var u = 0u; u < 4u; u++) {
+            if s0 + u * nsg < n_splits {
+                o += cb_w[s0 + u * nsg] * part[u];
+            }
+        }
+    }
+    cb_o[lid] = o;
+    workgroupBarrier();
+    if sg == 0u {
+        var total = vec4<f32>(0.0);
+        for (var g = 0u; g < nsg; g++) {
+            total += cb_o[g * hd4 + w4];
+        }
+        out[head * hd4 + w4] = total / l_all;
+    }
 }
 
 // Prefill tiles. Rows of pq_s / pkv_s are padded by one vec4 so that threads reading different
@@ -277,6 +335,40 @@ fn row_position(rg: u32) -> u32 {
     return step.pos + min(rg / params.group, step.n_tokens - 1u);
 }
 
+// A prefill K or V tile (BK positions from kt) in registers: word idx = it * PF_THREADS + lid of
+// the tile. Positions past key_end are clamped to the last one: finite data whose scores are
+// masked, so their probabilities are 0.
+const TILE_LOADS: u32 = 4u;
+
+fn load_tile(from_v: bool, kvh: u32, kt: u32, key_end: u32, lid: u32) -> array<vec4<u32>, TILE_LOADS> {
+    let hd8 = HD / 8u;
+    var r: array<vec4<u32>, TILE_LOADS>;
+    for (var it = 0u; it < (BK * hd8 + PF_THREADS - 1u) / PF_THREADS; it++) {
+        let idx = min(it * PF_THREADS + lid, BK * hd8 - 1u);
+        let kp = min(kt + idx / hd8, key_end - 1u);
+        let word = (kvh * params.ctx + kp) * hd8 + idx % hd8;
+        if from_v {
+            r[it] = v_cache[word];
+        } else {
+            r[it] = k_cache[word];
+        }
+    }
+    return r;
+}
+
+fn store_tile(r: array<vec4<u32>, TILE_LOADS>, lid: u32) {
+    let hd8 = HD / 8u;
+    let s4 = HD / 4u + 1u;
+    for (var it = 0u; it < (BK * hd8 + PF_THREADS - 1u) / PF_THREADS; it++) {
+        let idx = it * PF_THREADS + lid;
+        if idx < BK * hd8 {
+            let c = idx / hd8;
+            pkv_s[c * s4 + 2u * (idx % hd8)] = unpack_lo(r[it]);
+            pkv_s[c * s4 + 2u * (idx % hd8) + 1u] = unpack_hi(r[it]);
+        }
+    }
+}
+
 @compute @workgroup_size(128)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = params.group;
@@ -293,7 +385,8 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     // Keys up to the last token of this block's rows.
     let key_end = row_position(min(r_base + PF_ROWS, n_rows) - 1u) + 1u;
 
-    for (var idx = lid; idx < PF_ROWS * hd4; idx += PF_THREADS) {
+    for (var it = 0u; it < PF_ROWS * hd4 / PF_THREADS; it++) {
+        let idx = it * PF_THREADS + lid;
         let r = idx / hd4;
         let rg = r_base + r;
         var qv = vec4<f32>(0.0);
@@ -327,17 +420,12 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         acc[i] = vec4<f32>(0.0);
     }
 
+    var kreg = load_tile(false, kvh, 0u, key_end, lid);
     for (var kt = 0u; kt < key_end; kt += BK) {
         workgroupBarrier();
-        for (var idx = lid; idx < BK * hd8; idx += PF_THREADS) {
-            let c = idx / hd8;
-            var kw = vec4<u32>(0u);
-            if kt + c < key_end {
-                kw = k_cache[(kvh * params.ctx + kt + c) * hd8 + idx % hd8];
-            }
-            pkv_s[c * s4 + 2u * (idx % hd8)] = unpack_lo(kw);
-            pkv_s[c * s4 + 2u * (idx % hd8) + 1u] = unpack_hi(kw);
-        }
+        store_tile(kreg, lid);
+        // The V tile is in flight during the scores; the next K tile during softmax and P·V.
+        let vreg = load_tile(true, kvh, kt, key_end, lid);
         workgroupBarrier();
 
         var s: array<vec4<f32>, 2>;
@@ -364,6 +452,9 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 pp_s[c * P_STRIDE + srg * 4u + i] = v;
             }
         }
+        if kt + BK < key_end {
+            kreg = load_tile(false, kvh, kt + BK, key_end, lid);
+        }
         workgroupBarrier();
 
         // Online softmax, part 1: partial row maxima; meanwhile the V tile replaces the K tile.
@@ -373,15 +464,7 @@ fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             mx = max(mx, pp_s[(sm_part * kpp + i) * P_STRIDE + sm_row]);
         }
         pmax_s[lid] = mx;
-        for (var idx = lid; idx < BK * hd8; idx += PF_THREADS) {
-            let c = idx / hd8;
-            var vw = vec4<u32>(0u);
-            if kt + c < key_end {
-                vw = v_cache[(kvh * params.ctx + kt + c) * hd8 + idx % hd8];
-            }
-            pkv_s[c * s4 + 2u * (idx % hd8)] = unpack_lo(vw);
-            pkv_s[c * s4 + 2u * (idx % hd8) + 1u] = unpack_hi(vw);
-        }
+        store_tile(vreg, lid);
         workgroupBarrier();
 
         // Part 2: new row max, probabilities, row sums.

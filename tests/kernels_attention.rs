@@ -188,6 +188,8 @@ fn decode_past_4096_positions() {
     // tiles and the last one is partial.
     check_decode(shape(8, 8, 64, 5003, 1), 4101, 1.0);
     check_decode(shape(7, 1, 128, 5000, 1), 4999, 1.0);
+    // One KV head: 313 splits of 64 positions, more than the combine has threads.
+    check_decode(shape(7, 1, 32, 20_000, 1), 19_999, 1.0);
 }
 
 #[test]

@@ -36,6 +36,7 @@ const MAX_HEADS_PER_GROUP: usize = 8;
 /// Positions per decode tile (the WGSL `DEC_TILE`); splits cover whole tiles.
 const DECODE_TILE: usize = 64;
 /// Decode pass 1 aims at about this many workgroups at full context: enough to fill a large GPU.
+/// It also bounds the splits (at most the WGSL `MAX_SPLITS`, the combine's workgroup array).
 const DECODE_TARGET_WORKGROUPS: usize = 512;
 /// Prefill rows per workgroup and threads per workgroup (the WGSL `PF_ROWS`, `PF_THREADS`).
 const PREFILL_ROWS: usize = 32;
