@@ -54,7 +54,9 @@ struct Case {
 fn pack_f16(values: &[f32]) -> Vec<u32> {
     values
         .chunks(2)
-        .map(|p| f16::from_f32(p[0]).to_bits() as u32 | (f16::from_f32(p[1]).to_bits() as u32) << 16)
+        .map(|p| {
+            f16::from_f32(p[0]).to_bits() as u32 | (f16::from_f32(p[1]).to_bits() as u32) << 16
+        })
         .collect()
 }
 
@@ -85,22 +87,58 @@ impl Case {
         let k_buf = g.storage_from("k_cache", &pack_f16(&k));
         let v_buf = g.storage_from("v_cache", &pack_f16(&v));
         let out = poisoned(g, "out", shape.m_max * shape.row());
-        let step_value = StepParams { pos: pos as u32, n_tokens: n_tokens as u32, kv_len: kv_len as u32, _pad: 0 };
+        let step_value = StepParams {
+            pos: pos as u32,
+            n_tokens: n_tokens as u32,
+            kv_len: kv_len as u32,
+            _pad: 0,
+        };
         let step = g.uniform("step", &step_value);
         let att = attention()
-            .bind(g, &q_buf, &k_buf, &v_buf, &out, shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.ctx, shape.m_max, &step)
+            .bind(
+                g,
+                &q_buf,
+                &k_buf,
+                &v_buf,
+                &out,
+                shape.n_heads,
+                shape.n_kv_heads,
+                shape.head_dim,
+                shape.ctx,
+                shape.m_max,
+                &step,
+            )
             .expect("bind attention");
-        Case { shape, pos, n_tokens, q, k, v, out, step, att, _inputs: [q_buf, k_buf, v_buf] }
+        Case {
+            shape,
+            pos,
+            n_tokens,
+            q,
+            k,
+            v,
+            out,
+            step,
+            att,
+            _inputs: [q_buf, k_buf, v_buf],
+        }
     }
 
     /// Runs `dispatches` on a NaN-filled output and reads all `m_max` rows back.
     fn run(&self, dispatches: &[Dispatch]) -> Vec<f32> {
         let g = gpu();
         let n = self.shape.m_max * self.shape.row();
-        g.queue.write_buffer(&self.out, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
-        let mut enc = g.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("attention test") });
+        g.queue
+            .write_buffer(&self.out, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
+        let mut enc = g
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("attention test"),
+            });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("attention"), timestamp_writes: None });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("attention"),
+                timestamp_writes: None,
+            });
             for d in dispatches {
                 d.encode(&mut pass);
             }
@@ -122,13 +160,22 @@ impl Case {
                 let qrow = &self.q[t * s.row() + h * hd..][..hd];
                 let cache_row = |c: &[f32], p: usize| c[(kvh * s.ctx + p) * hd..][..hd].to_vec();
                 let scores: Vec<f64> = (0..=last)
-                    .map(|p| cache_row(&self.k, p).iter().zip(qrow).map(|(&k, &q)| k as f64 * q as f64).sum::<f64>() * scale)
+                    .map(|p| {
+                        cache_row(&self.k, p)
+                            .iter()
+                            .zip(qrow)
+                            .map(|(&k, &q)| k as f64 * q as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..hd {
-                    let o: f64 = (0..=last).map(|p| weights[p] * self.v[(kvh * s.ctx + p) * hd + d] as f64).sum();
+                    let o: f64 = (0..=last)
+                        .map(|p| weights[p] * self.v[(kvh * s.ctx + p) * hd + d] as f64)
+                        .sum();
                     out[t * s.row() + h * hd + d] = (o / total) as f32;
                 }
             }
@@ -142,13 +189,23 @@ impl Case {
         let n = self.n_tokens * self.shape.row();
         assert_close(what, &got[..n], &self.reference(), TOL);
         if let Some(i) = got[n..].iter().position(|x| !x.is_nan()) {
-            panic!("{what}: output row {} (past n_tokens = {}) was written", (n + i) / self.shape.row(), self.n_tokens);
+            panic!(
+                "{what}: output row {} (past n_tokens = {}) was written",
+                (n + i) / self.shape.row(),
+                self.n_tokens
+            );
         }
     }
 }
 
 fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize, ctx: usize, m_max: usize) -> Shape {
-    Shape { n_heads, n_kv_heads, head_dim, ctx, m_max }
+    Shape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ctx,
+        m_max,
+    }
 }
 
 fn check_decode(shape: Shape, kv_len: usize, q_std: f32) {
@@ -200,7 +257,12 @@ fn decode_with_more_than_eight_heads_per_kv_head() {
 
 #[test]
 fn prefill_causal_chunks() {
-    let shapes = [shape(14, 2, 64, 127, 16), shape(7, 1, 128, 123, 16), shape(9, 3, 32, 120, 16), shape(4, 4, 64, 117, 16)];
+    let shapes = [
+        shape(14, 2, 64, 127, 16),
+        shape(7, 1, 128, 123, 16),
+        shape(9, 3, 32, 120, 16),
+        shape(4, 4, 64, 117, 16),
+    ];
     for s in shapes {
         for pos in [0, 100] {
             for n_tokens in [1, 5, 16] {
@@ -232,7 +294,12 @@ fn decode_and_prefill_agree_on_one_token() {
         case.check(&format!("{what} decode"), &decode);
         case.check(&format!("{what} prefill"), &prefill);
         let n = s.row();
-        assert_close(&format!("{what}: decode against prefill"), &decode[..n], &prefill[..n], TOL);
+        assert_close(
+            &format!("{what}: decode against prefill"),
+            &decode[..n],
+            &prefill[..n],
+            TOL,
+        );
     }
 }
 
@@ -243,8 +310,15 @@ fn decode_splits_follow_kv_len() {
     let mut case = Case::new("growing", s, 1999, 1, 1.0);
     for kv_len in [1usize, 64, 65, 900, 2000] {
         case.pos = kv_len - 1;
-        let step = StepParams { pos: case.pos as u32, n_tokens: 1, kv_len: kv_len as u32, _pad: 0 };
-        gpu().queue.write_buffer(&case.step, 0, bytemuck::bytes_of(&step));
+        let step = StepParams {
+            pos: case.pos as u32,
+            n_tokens: 1,
+            kv_len: kv_len as u32,
+            _pad: 0,
+        };
+        gpu()
+            .queue
+            .write_buffer(&case.step, 0, bytemuck::bytes_of(&step));
         let got = case.run(&case.att.decode);
         case.check(&format!("growing, kv_len {kv_len}"), &got);
     }
@@ -256,13 +330,24 @@ fn bind_refuses_unsupported_shapes() {
     let buf = g.storage_buffer("any", 1 << 20);
     let step = g.uniform("step", &StepParams::default());
     let bind = |n_heads, n_kv_heads, head_dim, ctx, m_max| {
-        attention().bind(g, &buf, &buf, &buf, &buf, n_heads, n_kv_heads, head_dim, ctx, m_max, &step).err().map(|e| e.to_string())
+        attention()
+            .bind(
+                g, &buf, &buf, &buf, &buf, n_heads, n_kv_heads, head_dim, ctx, m_max, &step,
+            )
+            .err()
+            .map(|e| e.to_string())
     };
     let err = bind(4, 4, 96, 16, 1).expect("head_dim 96 must be refused");
-    assert!(err.contains("head_dim 96") && err.contains("[32, 64, 128]"), "{err}");
+    assert!(
+        err.contains("head_dim 96") && err.contains("[32, 64, 128]"),
+        "{err}"
+    );
     let err = bind(10, 3, 64, 16, 1).expect("10 heads over 3 KV heads must be refused");
     assert!(err.contains("10 query heads"), "{err}");
     let err = bind(8, 8, 128, 100_000, 1).expect("a cache larger than the buffer must be refused");
     assert!(err.contains("k_cache"), "{err}");
-    assert!(bind(8, 8, 128, 64, 4).is_none(), "a shape that fits must bind");
+    assert!(
+        bind(8, 8, 128, 64, 4).is_none(),
+        "a shape that fits must bind"
+    );
 }

@@ -58,10 +58,18 @@ struct AttentionParams {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Variant {
     /// Decode pass 1 for `head_dim` and this many query heads per workgroup.
-    DecodePartial { head_dim: u32, heads: u32 },
-    DecodeCombine { head_dim: u32 },
+    DecodePartial {
+        head_dim: u32,
+        heads: u32,
+    },
+    DecodeCombine {
+        head_dim: u32,
+    },
     /// Prefill for `head_dim` with `keys` positions per tile.
-    Prefill { head_dim: u32, keys: u32 },
+    Prefill {
+        head_dim: u32,
+        keys: u32,
+    },
 }
 
 /// The attention kernels. Pipelines are specialised per shape (head dim, heads per decode
@@ -104,11 +112,16 @@ fn prefill_workgroup_bytes(head_dim: usize, keys: usize) -> usize {
 
 impl Attention {
     pub fn new(_gpu: &Gpu) -> Result<Attention> {
-        Ok(Attention { pipelines: Mutex::new(HashMap::new()) })
+        Ok(Attention {
+            pipelines: Mutex::new(HashMap::new()),
+        })
     }
 
     fn pipeline(&self, gpu: &Gpu, variant: Variant) -> Result<wgpu::ComputePipeline> {
-        let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("attention pipeline cache poisoned".into()))?;
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu("attention pipeline cache poisoned".into()))?;
         if let Some(p) = cache.get(&variant) {
             return Ok(p.clone());
         }
@@ -118,9 +131,11 @@ impl Attention {
                 "decode_partial",
                 vec![("HD", head_dim as f64), ("GB", heads as f64)],
             ),
-            Variant::DecodeCombine { head_dim } => {
-                (format!("attention/decode_combine/hd{head_dim}"), "decode_combine", vec![("HD", head_dim as f64)])
-            }
+            Variant::DecodeCombine { head_dim } => (
+                format!("attention/decode_combine/hd{head_dim}"),
+                "decode_combine",
+                vec![("HD", head_dim as f64)],
+            ),
             Variant::Prefill { head_dim, keys } => (
                 format!("attention/prefill/hd{head_dim}/k{keys}"),
                 "prefill",
@@ -161,13 +176,20 @@ impl Attention {
             )));
         }
         if ctx == 0 || m_max == 0 || m_max > ctx {
-            return Err(Error::Invalid(format!("attention: context {ctx} and tokens per step {m_max} must be 1 <= m_max <= ctx")));
+            return Err(Error::Invalid(format!(
+                "attention: context {ctx} and tokens per step {m_max} must be 1 <= m_max <= ctx"
+            )));
         }
         let limits = &gpu.limits;
         let binding_limit = limits.max_storage_buffer_binding_size as u64;
         let rows_bytes = (m_max * n_heads * head_dim * 4) as u64;
         let cache_bytes = (n_kv_heads * ctx * head_dim * 2) as u64;
-        for (name, buf, need) in [("q", q, rows_bytes), ("out", out, rows_bytes), ("k_cache", k_cache, cache_bytes), ("v_cache", v_cache, cache_bytes)] {
+        for (name, buf, need) in [
+            ("q", q, rows_bytes),
+            ("out", out, rows_bytes),
+            ("k_cache", k_cache, cache_bytes),
+            ("v_cache", v_cache, cache_bytes),
+        ] {
             if buf.size() < need {
                 return Err(Error::Invalid(format!(
                     "attention: buffer {name} has {} bytes, needs {need} ({m_max} tokens, {n_heads} heads, {n_kv_heads} KV heads, head_dim {head_dim}, context {ctx})",
@@ -186,7 +208,10 @@ impl Attention {
         let head_batches = group.div_ceil(MAX_HEADS_PER_GROUP);
         let heads_per_batch = group.div_ceil(head_batches);
         let decode_groups_x = n_kv_heads * head_batches;
-        let max_splits = ctx.div_ceil(DECODE_TILE).min(DECODE_TARGET_WORKGROUPS / decode_groups_x).max(1);
+        let max_splits = ctx
+            .div_ceil(DECODE_TILE)
+            .min(DECODE_TARGET_WORKGROUPS / decode_groups_x)
+            .max(1);
         let prefill_groups_x = (m_max * group).div_ceil(PREFILL_ROWS);
         if decode_groups_x > limits.max_compute_workgroups_per_dimension as usize
             || prefill_groups_x > limits.max_compute_workgroups_per_dimension as usize
@@ -214,47 +239,110 @@ impl Attention {
             _pad: [0; 2],
         };
         let params_buf = gpu.uniform("attention/params", &params);
-        let part_o = gpu.storage_buffer("attention/partial_out", (n_heads * max_splits * head_dim * 4) as u64);
-        let part_ml = gpu.storage_buffer("attention/partial_max_sum", (n_heads * max_splits * 2 * 4) as u64);
+        let part_o = gpu.storage_buffer(
+            "attention/partial_out",
+            (n_heads * max_splits * head_dim * 4) as u64,
+        );
+        let part_ml = gpu.storage_buffer(
+            "attention/partial_max_sum",
+            (n_heads * max_splits * 2 * 4) as u64,
+        );
 
         let hd = head_dim as u32;
-        let partial = self.pipeline(gpu, Variant::DecodePartial { head_dim: hd, heads: heads_per_batch as u32 })?;
+        let partial = self.pipeline(
+            gpu,
+            Variant::DecodePartial {
+                head_dim: hd,
+                heads: heads_per_batch as u32,
+            },
+        )?;
         let combine = self.pipeline(gpu, Variant::DecodeCombine { head_dim: hd })?;
-        let prefill = self.pipeline(gpu, Variant::Prefill { head_dim: hd, keys: keys as u32 })?;
+        let prefill = self.pipeline(
+            gpu,
+            Variant::Prefill {
+                head_dim: hd,
+                keys: keys as u32,
+            },
+        )?;
 
-        let dispatch = |label: &str, pipeline: wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)], workgroups: [u32; 3]| {
+        let dispatch = |label: &str,
+                        pipeline: wgpu::ComputePipeline,
+                        entries: &[(u32, &wgpu::Buffer)],
+                        workgroups: [u32; 3]| {
             let bind_group = bind_at(gpu, label, &pipeline, entries);
-            Dispatch { label: label.to_string(), pipeline, bind_group, workgroups, params: Some(params_buf.clone()) }
+            Dispatch {
+                label: label.to_string(),
+                pipeline,
+                bind_group,
+                workgroups,
+                params: Some(params_buf.clone()),
+            }
         };
         let decode = vec![
             dispatch(
                 "attention/decode_partial",
                 partial,
-                &[(0, step), (1, &params_buf), (2, q), (3, k_cache), (4, v_cache), (5, &part_o), (6, &part_ml)],
+                &[
+                    (0, step),
+                    (1, &params_buf),
+                    (2, q),
+                    (3, k_cache),
+                    (4, v_cache),
+                    (5, &part_o),
+                    (6, &part_ml),
+                ],
                 [decode_groups_x as u32, max_splits as u32, 1],
             ),
             dispatch(
                 "attention/decode_combine",
                 combine,
-                &[(0, step), (1, &params_buf), (5, &part_o), (6, &part_ml), (7, out)],
+                &[
+                    (0, step),
+                    (1, &params_buf),
+                    (5, &part_o),
+                    (6, &part_ml),
+                    (7, out),
+                ],
                 [n_heads as u32, 1, 1],
             ),
         ];
         let prefill = vec![dispatch(
             "attention/prefill",
             prefill,
-            &[(0, step), (1, &params_buf), (2, q), (3, k_cache), (4, v_cache), (7, out)],
+            &[
+                (0, step),
+                (1, &params_buf),
+                (2, q),
+                (3, k_cache),
+                (4, v_cache),
+                (7, out),
+            ],
             [prefill_groups_x as u32, n_kv_heads as u32, 1],
         )];
-        Ok(AttentionDispatches { decode, prefill, max_splits, _scratch: [part_o, part_ml] })
+        Ok(AttentionDispatches {
+            decode,
+            prefill,
+            max_splits,
+            _scratch: [part_o, part_ml],
+        })
     }
 }
 
 /// A bind group with whole buffers at the given binding indices (the entry points use different
 /// subsets of the module's bindings).
-fn bind_at(gpu: &Gpu, label: &str, pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> =
-        entries.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
+fn bind_at(
+    gpu: &Gpu,
+    label: &str,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[(u32, &wgpu::Buffer)],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = entries
+        .iter()
+        .map(|&(binding, b)| wgpu::BindGroupEntry {
+            binding,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
     gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
