@@ -7,6 +7,8 @@
 //! bind time; what changes per step (position, tokens in this step) is in the shared [`StepParams`]
 //! uniform, which kernels that need it bind, and threads beyond `n_tokens` return early.
 
+pub mod attention;
+
 /// Per-step values, written once per step with `queue.write_buffer` into one shared uniform buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]

@@ -1,0 +1,353 @@
+//! Attention kernels against a CPU reference: f64 causal softmax attention over the same
+//! f16-rounded K/V values the GPU reads. The cache is filled directly by the test (packed f16);
+//! positions past `kv_len` hold f16 NaN and query rows past `n_tokens` hold NaN, so a kernel that
+//! reads either fails. Outputs start as NaN: rows past `n_tokens` must stay NaN.
+//!
+//! Tolerance: max |got − want| ≤ TOL × max |want|. The GPU computes scores, exponentials and sums
+//! in f32 in a different order (tiles, splits); errors seen are around 1e-6. A wrong scale, mask or
+//! rescaling changes outputs by far more than TOL.
+
+use half::f16;
+use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
+use q4wgpu::kernels::attention::{Attention, AttentionDispatches};
+use q4wgpu::kernels::{Dispatch, StepParams};
+use std::sync::OnceLock;
+
+const TOL: f32 = 3e-5;
+
+fn attention() -> &'static Attention {
+    static ATT: OnceLock<Attention> = OnceLock::new();
+    ATT.get_or_init(|| Attention::new(gpu()).expect("attention kernels"))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    ctx: usize,
+    m_max: usize,
+}
+
+impl Shape {
+    fn row(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
+
+/// One bound attention over random inputs: `q` rows `0..n_tokens` random (rows past it NaN),
+/// cache positions `0..kv_len` random f16 values (as f32 for the reference), the rest f16 NaN.
+struct Case {
+    shape: Shape,
+    pos: usize,
+    n_tokens: usize,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    out: wgpu::Buffer,
+    step: wgpu::Buffer,
+    att: AttentionDispatches,
+    _inputs: [wgpu::Buffer; 3],
+}
+
+/// Packs f32 values (already f16-exact) two per word, the first in the low half (pack2x16float).
+fn pack_f16(values: &[f32]) -> Vec<u32> {
+    values
+        .chunks(2)
+        .map(|p| {
+            f16::from_f32(p[0]).to_bits() as u32 | (f16::from_f32(p[1]).to_bits() as u32) << 16
+        })
+        .collect()
+}
+
+fn random_cache(rng: &mut Rng, s: &Shape, kv_len: usize) -> Vec<f32> {
+    let mut c = vec![f32::NAN; s.n_kv_heads * s.ctx * s.head_dim];
+    for kvh in 0..s.n_kv_heads {
+        for p in 0..kv_len {
+            for d in 0..s.head_dim {
+                c[(kvh * s.ctx + p) * s.head_dim + d] = f16::from_f32(rng.normal(1.0)).to_f32();
+            }
+        }
+    }
+    c
+}
+
+impl Case {
+    fn new(what: &str, shape: Shape, pos: usize, n_tokens: usize, q_std: f32) -> Case {
+        let g = gpu();
+        let mut rng = Rng::fresh(what);
+        let kv_len = pos + n_tokens;
+        let mut q = vec![f32::NAN; shape.m_max * shape.row()];
+        for x in &mut q[..n_tokens * shape.row()] {
+            *x = rng.normal(q_std);
+        }
+        let k = random_cache(&mut rng, &shape, kv_len);
+        let v = random_cache(&mut rng, &shape, kv_len);
+        let q_buf = g.storage_from("q", &q);
+        let k_buf = g.storage_from("k_cache", &pack_f16(&k));
+        let v_buf = g.storage_from("v_cache", &pack_f16(&v));
+        let out = poisoned(g, "out", shape.m_max * shape.row());
+        let step_value = StepParams {
+            pos: pos as u32,
+            n_tokens: n_tokens as u32,
+            kv_len: kv_len as u32,
+            _pad: 0,
+        };
+        let step = g.uniform("step", &step_value);
+        let att = attention()
+            .bind(
+                g,
+                &q_buf,
+                &k_buf,
+                &v_buf,
+                &out,
+                shape.n_heads,
+                shape.n_kv_heads,
+                shape.head_dim,
+                shape.ctx,
+                shape.m_max,
+                &step,
+            )
+            .expect("bind attention");
+        Case {
+            shape,
+            pos,
+            n_tokens,
+            q,
+            k,
+            v,
+            out,
+            step,
+            att,
+            _inputs: [q_buf, k_buf, v_buf],
+        }
+    }
+
+    /// Runs `dispatches` on a NaN-filled output and reads all `m_max` rows back.
+    fn run(&self, dispatches: &[Dispatch]) -> Vec<f32> {
+        let g = gpu();
+        let n = self.shape.m_max * self.shape.row();
+        g.queue
+            .write_buffer(&self.out, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
+        let mut enc = g
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("attention test"),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("attention"),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                d.encode(&mut pass);
+            }
+        }
+        g.queue.submit([enc.finish()]);
+        g.read_f32(&self.out, n).expect("read attention output")
+    }
+
+    /// f64 causal attention for the step's tokens: `n_tokens` rows.
+    fn reference(&self) -> Vec<f32> {
+        let s = &self.shape;
+        let (hd, group) = (s.head_dim, s.n_heads / s.n_kv_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0.0f32; self.n_tokens * s.row()];
+        for t in 0..self.n_tokens {
+            let last = self.pos + t;
+            for h in 0..s.n_heads {
+                let kvh = h / group;
+                let qrow = &self.q[t * s.row() + h * hd..][..hd];
+                let cache_row = |c: &[f32], p: usize| c[(kvh * s.ctx + p) * hd..][..hd].to_vec();
+                let scores: Vec<f64> = (0..=last)
+                    .map(|p| {
+                        cache_row(&self.k, p)
+                            .iter()
+                            .zip(qrow)
+                            .map(|(&k, &q)| k as f64 * q as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..hd {
+                    let o: f64 = (0..=last)
+                        .map(|p| weights[p] * self.v[(kvh * s.ctx + p) * hd + d] as f64)
+                        .sum();
+                    out[t * s.row() + h * hd + d] = (o / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows `0..n_tokens` match the reference; rows past them are still NaN.
+    #[track_caller]
+    fn check(&self, what: &str, got: &[f32]) {
+        let n = self.n_tokens * self.shape.row();
+        assert_close(what, &got[..n], &self.reference(), TOL);
+        if let Some(i) = got[n..].iter().position(|x| !x.is_nan()) {
+            panic!(
+                "{what}: output row {} (past n_tokens = {}) was written",
+                (n + i) / self.shape.row(),
+                self.n_tokens
+            );
+        }
+    }
+}
+
+fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize, ctx: usize, m_max: usize) -> Shape {
+    Shape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ctx,
+        m_max,
+    }
+}
+
+fn check_decode(shape: Shape, kv_len: usize, q_std: f32) {
+    let what = format!("decode {shape:?} kv_len {kv_len} q_std {q_std}");
+    let case = Case::new(&what, shape, kv_len - 1, 1, q_std);
+    let got = case.run(&case.att.decode);
+    case.check(&what, &got);
+}
+
+#[test]
+fn decode_short_sequences() {
+    // 14 query heads over 2 KV heads, as Qwen2.5-0.5B.
+    for kv_len in [1, 2, 37] {
+        check_decode(shape(14, 2, 64, 41, 1), kv_len, 1.0);
+    }
+    check_decode(shape(3, 1, 32, 5, 1), 2, 1.0);
+}
+
+#[test]
+fn decode_long_sequences_across_gqa_ratios_and_head_dims() {
+    check_decode(shape(7, 1, 128, 301, 1), 300, 1.0);
+    check_decode(shape(9, 3, 32, 1000, 1), 1000, 1.0);
+    check_decode(shape(5, 5, 64, 1013, 1), 1000, 1.0);
+    check_decode(shape(14, 2, 128, 1000, 1), 1000, 1.0);
+}
+
+#[test]
+fn decode_with_sharp_softmax() {
+    // Scores with a spread of about ±40: exp overflows unless each split and the combine subtract
+    // a running max.
+    check_decode(shape(14, 2, 64, 700, 1), 650, 12.0);
+}
+
+#[test]
+fn decode_past_4096_positions() {
+    // With 8 KV heads the split count is capped at 64, so each split covers several 64-position
+    // tiles and the last one is partial.
+    check_decode(shape(8, 8, 64, 5003, 1), 4101, 1.0);
+    check_decode(shape(7, 1, 128, 5000, 1), 4999, 1.0);
+    // One KV head: 313 splits of 64 positions, more than the combine has threads.
+    check_decode(shape(7, 1, 32, 20_000, 1), 19_999, 1.0);
+}
+
+#[test]
+fn decode_with_more_than_eight_heads_per_kv_head() {
+    // 9 query heads per KV head: two workgroups per KV head (5 and 4 heads).
+    check_decode(shape(18, 2, 32, 300, 1), 257, 1.0);
+}
+
+#[test]
+fn prefill_causal_chunks() {
+    let shapes = [
+        shape(14, 2, 64, 127, 16),
+        shape(7, 1, 128, 123, 16),
+        shape(9, 3, 32, 120, 16),
+        shape(4, 4, 64, 117, 16),
+    ];
+    for s in shapes {
+        for pos in [0, 100] {
+            for n_tokens in [1, 5, 16] {
+                let what = format!("prefill {s:?} pos {pos} n_tokens {n_tokens}");
+                let case = Case::new(&what, s, pos, n_tokens, 2.0);
+                let got = case.run(&case.att.prefill);
+                case.check(&what, &got);
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_long_prompt_with_sharp_softmax() {
+    // Several key tiles per row and scores far from 0.
+    let what = "prefill long";
+    let case = Case::new(what, shape(14, 2, 64, 400, 37), 333, 37, 12.0);
+    let got = case.run(&case.att.prefill);
+    case.check(what, &got);
+}
+
+#[test]
+fn decode_and_prefill_agree_on_one_token() {
+    for s in [shape(14, 2, 64, 300, 16), shape(3, 3, 128, 300, 4)] {
+        let what = format!("one token {s:?}");
+        let case = Case::new(&what, s, 211, 1, 2.0);
+        let decode = case.run(case.att.for_tokens(1));
+        let prefill = case.run(&case.att.prefill);
+        case.check(&format!("{what} decode"), &decode);
+        case.check(&format!("{what} prefill"), &prefill);
+        let n = s.row();
+        assert_close(
+            &format!("{what}: decode against prefill"),
+            &decode[..n],
+            &prefill[..n],
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn decode_splits_follow_kv_len() {
+    // One binding, run at growing lengths: the split layout is recomputed from kv_len each step.
+    let s = shape(7, 1, 64, 2000, 1);
+    let mut case = Case::new("growing", s, 1999, 1, 1.0);
+    for kv_len in [1usize, 64, 65, 900, 2000] {
+        case.pos = kv_len - 1;
+        let step = StepParams {
+            pos: case.pos as u32,
+            n_tokens: 1,
+            kv_len: kv_len as u32,
+            _pad: 0,
+        };
+        gpu()
+            .queue
+            .write_buffer(&case.step, 0, bytemuck::bytes_of(&step));
+        let got = case.run(&case.att.decode);
+        case.check(&format!("growing, kv_len {kv_len}"), &got);
+    }
+}
+
+#[test]
+fn bind_refuses_unsupported_shapes() {
+    let g = gpu();
+    let buf = g.storage_buffer("any", 1 << 20);
+    let step = g.uniform("step", &StepParams::default());
+    let bind = |n_heads, n_kv_heads, head_dim, ctx, m_max| {
+        attention()
+            .bind(
+                g, &buf, &buf, &buf, &buf, n_heads, n_kv_heads, head_dim, ctx, m_max, &step,
+            )
+            .err()
+            .map(|e| e.to_string())
+    };
+    let err = bind(4, 4, 96, 16, 1).expect("head_dim 96 must be refused");
+    assert!(
+        err.contains("head_dim 96") && err.contains("[32, 64, 128]"),
+        "{err}"
+    );
+    let err = bind(10, 3, 64, 16, 1).expect("10 heads over 3 KV heads must be refused");
+    assert!(err.contains("10 query heads"), "{err}");
+    let err = bind(8, 8, 128, 100_000, 1).expect("a cache larger than the buffer must be refused");
+    assert!(err.contains("k_cache"), "{err}");
+    assert!(
+        bind(8, 8, 128, 64, 4).is_none(),
+        "a shape that fits must bind"
+    );
+}
