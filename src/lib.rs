@@ -10,8 +10,11 @@ pub mod formats;
 pub mod gpu;
 pub mod kernels;
 pub mod quant;
+pub mod quantize;
 pub mod sampling;
 pub mod scheduler;
+pub mod test_models;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
