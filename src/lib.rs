@@ -4,11 +4,14 @@
 
 pub mod config;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod formats;
+pub mod generate;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
 pub mod quant;
 pub mod quantize;
 pub mod sampling;

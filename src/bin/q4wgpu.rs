@@ -1,1 +1,238 @@
-fn main() {}
+//! The command line: a thin layer over the library.
+
+use clap::{Args, Parser, Subcommand};
+use q4wgpu::cpu::CpuModel;
+use q4wgpu::engine::{EngineOptions, GpuModel};
+use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
+use q4wgpu::gpu::Gpu;
+use q4wgpu::sampling::SamplingParams;
+use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
+use q4wgpu::{model, scheduler, Error, Result};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "q4wgpu", version, about = "Run INT4 language models on any GPU through Vulkan")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Quantize a Hugging Face folder or a GGUF file into a q4wgpu INT4 folder.
+    Quantize {
+        /// A Hugging Face model folder or a .gguf file.
+        src: PathBuf,
+        /// The folder to create.
+        dst: PathBuf,
+    },
+    /// Show the GPU adapters, and a model's size and memory needs.
+    Info {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        adapter: Option<String>,
+        #[arg(long, default_value_t = 4096)]
+        ctx_size: usize,
+        #[arg(long)]
+        vram_budget: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A q4wgpu folder, a Hugging Face folder, a .gguf file, or a known model name
+    /// (default: qwen2.5-coder-0.5b-instruct, fetched once into ~/.cache/q4wgpu).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, short)]
+    prompt: String,
+    /// Apply the model's chat template to the prompt.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (may be given several times).
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long, default_value_t = 4096)]
+    ctx_size: usize,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Report each generated token's log-probability and this many alternatives (in --json).
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Run the CPU reference instead of the GPU (slow; for checking).
+    #[arg(long)]
+    cpu: bool,
+    /// Part of the adapter's name to pick it (see `q4wgpu info`).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// GPU memory to use, e.g. 24GB or 8GiB; layers beyond it stream from host memory.
+    #[arg(long)]
+    vram_budget: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Quantize { src, dst } => quantize(src, dst),
+        Command::Info { model, adapter, ctx_size, vram_budget } => info(model, adapter, ctx_size, vram_budget),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn quantize(src: PathBuf, dst: PathBuf) -> Result<()> {
+    let start = Instant::now();
+    let report = model::quantize_path(&src, &dst, true)?;
+    eprintln!("wrote {} in {:.1} s ({report:?})", dst.display(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn build_prompt(tokenizer: &Tokenizer, args: &RunArgs) -> Result<Vec<u32>> {
+    if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        let text = tokenizer.apply_chat_template(&messages, true)?;
+        // The template writes BOS itself where the model wants one.
+        tokenizer.encode(&text, false)
+    } else {
+        tokenizer.encode(&args.prompt, tokenizer.add_bos())
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    if args.system.is_some() && !args.chat {
+        return Err(Error::Invalid("--system needs --chat".into()));
+    }
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed));
+    let load_start = Instant::now();
+    let path = model::resolve(args.model.as_deref())?;
+    let loaded = model::load(&path, true)?;
+    let prompt_ids = build_prompt(&loaded.tokenizer, &args)?;
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repeat_penalty: args.repeat_penalty,
+            repeat_last_n: args.repeat_last_n,
+            seed: args.seed,
+        },
+        stop_strings: args.stop.clone(),
+        logprobs: args.logprobs,
+    };
+    let ctx = args.ctx_size.min(loaded.weights.config.max_position_embeddings);
+    if prompt_ids.len() >= ctx {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens but the context holds {ctx}; raise --ctx-size (this model allows up to {})",
+            prompt_ids.len(),
+            loaded.weights.config.max_position_embeddings
+        )));
+    }
+    let json = args.json;
+    let mut print = |piece: &str| {
+        if !json {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let generation: Generation;
+    let mut extra = serde_json::Map::new();
+    if args.cpu {
+        let cpu = CpuModel::new(&loaded.weights)?;
+        let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
+        eprintln!("loaded {} in {:.1} s; running on the CPU reference", path.display(), load_start.elapsed().as_secs_f64());
+        generation = generate(&mut decoder, &loaded.tokenizer, &prompt_ids, &opts, &mut print)?;
+    } else {
+        let gpu = Gpu::new(args.adapter.as_deref())?;
+        let budget = args.vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
+        let engine_opts = EngineOptions { ctx_size: ctx, vram_budget: budget, ..Default::default() };
+        let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
+        let load_s = load_start.elapsed().as_secs_f64();
+        eprintln!("adapter: {}", gpu.describe());
+        eprintln!("plan: {}", engine.plan().describe());
+        eprintln!("loaded {} in {load_s:.1} s; {:.2} GB on the GPU", path.display(), engine.device_bytes() as f64 / 1e9);
+        extra.insert("load_seconds".into(), load_s.into());
+        extra.insert("adapter".into(), gpu.info.name.clone().into());
+        extra.insert("gpu_bytes".into(), engine.device_bytes().into());
+        generation = generate(&mut engine, &loaded.tokenizer, &prompt_ids, &opts, &mut print)?;
+    }
+    let t = &generation.timings;
+    if json {
+        let mut value = serde_json::to_value(&generation).map_err(|e| Error::Invalid(format!("serialising the result: {e}")))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.extend(extra);
+        }
+        println!("{value}");
+    } else {
+        println!();
+    }
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s; generated: {} tokens, {:.1} tok/s; stopped: {}",
+        t.prompt_tokens, t.prompt_tokens_per_second, t.generated_tokens, t.decode_tokens_per_second, generation.finish_reason
+    );
+    Ok(())
+}
+
+fn info(model_arg: Option<String>, adapter: Option<String>, ctx_size: usize, vram_budget: Option<String>) -> Result<()> {
+    let adapters = q4wgpu::gpu::list_adapters();
+    if adapters.is_empty() {
+        println!("adapters: none");
+    }
+    for a in &adapters {
+        println!("adapter: {} ({:?}, {:?}, driver {} {})", a.name, a.device_type, a.backend, a.driver, a.driver_info);
+    }
+    let gpu = Gpu::new(adapter.as_deref())?;
+    println!("using: {}", gpu.describe());
+    println!("features: {:?}", gpu.features);
+    println!("caps: {:?}", gpu.caps);
+    println!(
+        "limits: max_buffer_size {}, max_storage_buffer_binding_size {}, max_compute_workgroup_storage_size {}, max_compute_invocations_per_workgroup {}",
+        gpu.limits.max_buffer_size,
+        gpu.limits.max_storage_buffer_binding_size,
+        gpu.limits.max_compute_workgroup_storage_size,
+        gpu.limits.max_compute_invocations_per_workgroup
+    );
+    if let Some(m) = model_arg {
+        let path = model::resolve(Some(&m))?;
+        let loaded = model::load(&path, true)?;
+        let c = &loaded.weights.config;
+        println!("model: {} ({:?}), {} layers, hidden {}, {} weight bytes", path.display(), c.architectures, c.num_hidden_layers, c.hidden_size, loaded.weights.byte_len());
+        let budget = vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
+        let engine = GpuModel::new(&gpu, &loaded.weights, EngineOptions { ctx_size, vram_budget: budget, ..Default::default() })?;
+        println!("plan: {}", engine.plan().describe());
+        println!("GPU memory needed at --ctx-size {ctx_size}: {:.3} GB", engine.device_bytes() as f64 / 1e9);
+    }
+    Ok(())
+}

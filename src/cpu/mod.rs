@@ -15,8 +15,10 @@
 //! GPU prefill does, so a token attends to cache entries written in the same call; causality comes
 //! from each token reading only positions up to its own.
 
+mod decoder;
 pub mod ops;
 
+pub use decoder::CpuDecoder;
 pub use ops::{add_in_place, apply_rope, attention, dot, rms_norm, silu, softmax_in_place, Heads};
 
 use crate::config::ModelConfig;

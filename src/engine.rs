@@ -1,0 +1,481 @@
+//! The GPU forward pass and the per-step encoder. Per layer: norm → qkv → rope/KV write →
+//! attention → o (+residual) → norm → gate/up → SwiGLU → down (+residual); then the final norm,
+//! lm_head and sampling on the GPU, so one decoded token costs one small read-back.
+//!
+//! Everything is built once at load: buffers, bind groups and the dispatch lists of the decode
+//! step (one token, GEMV) and of a prompt chunk (up to `chunk` tokens, GEMM). A step writes the
+//! shared `StepParams`, the embedding rows (looked up on the host: the 16-bit table stays in host
+//! memory, a row per token is a few KB), records the dispatches and submits once.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::{Decoder, StepOutput, TokenLogprobs};
+use crate::gpu::Gpu;
+use crate::kernels::attention::{Attention, AttentionDispatches};
+use crate::kernels::gemm_q4::GemmQ4;
+use crate::kernels::gemv_q4::{Epilogue, GemvQ4};
+use crate::kernels::rmsnorm::RmsNorm;
+use crate::kernels::rope_kv::RopeKv;
+use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
+use crate::kernels::swiglu::SwiGlu;
+use crate::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
+use crate::quant::QView;
+use crate::sampling::SamplingParams;
+use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
+use crate::weights::ModelWeights;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Most tokens the KV cache holds.
+    pub ctx_size: usize,
+    /// Most prompt tokens processed per forward pass.
+    pub chunk: usize,
+    /// VRAM budget in bytes; `None` keeps every layer resident.
+    pub vram_budget: Option<u64>,
+    /// Ring slots for streamed layers.
+    pub prefetch_depth: usize,
+    /// Most alternatives `--logprobs` may ask for.
+    pub max_top_logprobs: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { ctx_size: 4096, chunk: 64, vram_budget: None, prefetch_depth: 2, max_top_logprobs: 20 }
+    }
+}
+
+/// Where a layer's packed INT4 matrices live.
+enum LayerHome {
+    Resident(wgpu::Buffer),
+    /// In host memory; copied into ring slot `slot` before the layer runs.
+    Streamed { staging: wgpu::Buffer, slot: usize },
+}
+
+/// Small per-layer tensors, always resident.
+struct LayerSmall {
+    input_norm: wgpu::Buffer,
+    post_norm: wgpu::Buffer,
+    qkv_bias: Option<wgpu::Buffer>,
+    o_bias: Option<wgpu::Buffer>,
+}
+
+/// Activations, sized for a prompt chunk ([chunk, dim] rows, f32).
+struct Activations {
+    x: wgpu::Buffer,
+    h: wgpu::Buffer,
+    qkv: wgpu::Buffer,
+    q: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    gate_up: wgpu::Buffer,
+    act: wgpu::Buffer,
+    /// The last token's normalised hidden state, input of lm_head.
+    last: wgpu::Buffer,
+    logits: wgpu::Buffer,
+}
+
+pub struct GpuModel<'w> {
+    gpu: &'w Gpu,
+    weights: &'w ModelWeights,
+    config: ModelConfig,
+    opts: EngineOptions,
+    plan: ResidencyPlan,
+    pack: LayerPack,
+    homes: Vec<LayerHome>,
+    ring: Vec<wgpu::Buffer>,
+    act: Activations,
+    step_buf: wgpu::Buffer,
+    /// Per layer: the dispatches of one decode step and of one prompt chunk.
+    decode_layers: Vec<Vec<Dispatch>>,
+    prefill_layers: Vec<Vec<Dispatch>>,
+    /// Final norm of row 0 (decode) or of every row (prefill; the last row is copied to `last`).
+    decode_final_norm: Dispatch,
+    prefill_final_norm: Dispatch,
+    head: Vec<Dispatch>,
+    sampler: SampleDispatch,
+    history: wgpu::Buffer,
+    sample_out: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    position: usize,
+    device_bytes: u64,
+    _keep: Vec<wgpu::Buffer>,
+}
+
+/// Recent tokens the repetition penalty can see.
+const MAX_HISTORY: usize = 1024;
+
+fn f32_bytes(n: usize) -> u64 {
+    (n * 4) as u64
+}
+
+impl<'w> GpuModel<'w> {
+    /// Uploads the weights (planning residency under the budget) and builds every dispatch.
+    pub fn new(gpu: &'w Gpu, weights: &'w ModelWeights, opts: EngineOptions) -> Result<Self> {
+        let c = weights.config.clone();
+        if opts.ctx_size == 0 || opts.chunk == 0 {
+            return Err(Error::Invalid("--ctx-size and the prompt chunk must be positive".into()));
+        }
+        let ctx = opts.ctx_size;
+        let m = opts.chunk;
+        let (h, q_dim, kv_dim, ffn, vocab) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let pack = LayerPack::new(&c);
+        let lm_head = weights.q4("lm_head.weight")?;
+
+        // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
+        let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64;
+        let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
+        let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
+        let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
+        let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20);
+        let budget = opts.vram_budget.unwrap_or(u64::MAX);
+        let plan = scheduler::plan(budget, fixed, pack.bytes, c.num_hidden_layers, opts.prefetch_depth)?;
+        if pack.bytes > gpu.limits.max_buffer_size {
+            return Err(Error::Gpu(format!(
+                "one layer's weights take {} bytes, more than the adapter's largest buffer ({})",
+                pack.bytes, gpu.limits.max_buffer_size
+            )));
+        }
+
+        let mut device_bytes = 0u64;
+        let mut homes = Vec::with_capacity(c.num_hidden_layers);
+        let mut ring = Vec::new();
+        for s in 0..plan.ring_slots {
+            ring.push(gpu.storage_buffer(&format!("ring slot {s}"), pack.bytes));
+            device_bytes += pack.bytes;
+        }
+        let mut small = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let bytes = pack_layer(weights, &pack, l)?;
+            if plan.is_resident(l) {
+                homes.push(LayerHome::Resident(gpu.storage_from_bytes(&format!("layer {l}"), &bytes)));
+                device_bytes += pack.bytes;
+            } else {
+                let slot = (l - plan.resident_layers) % plan.ring_slots;
+                homes.push(LayerHome::Streamed { staging: host_staging(gpu, &format!("layer {l} (host)"), &bytes)?, slot });
+            }
+            // Bound the transient upload buffers wgpu keeps until the next submit.
+            gpu.queue.submit([]);
+            gpu.wait()?;
+            small.push(layer_small(gpu, weights, &c, l)?);
+        }
+
+        let lm_q = gpu.storage_from("lm_head.qweight", lm_head.qweight);
+        let lm_s = gpu.storage_from_bytes("lm_head.scales", bytemuck::cast_slice(lm_head.scales));
+        let final_norm = gpu.storage_from("model.norm", &weights.dense_f32("model.norm.weight")?.1);
+        let inv_freq = gpu.storage_from("rope inv_freq", &c.rope_inv_freq());
+        let act = Activations {
+            x: gpu.storage_buffer("x", f32_bytes(m * h)),
+            h: gpu.storage_buffer("h", f32_bytes(m * h)),
+            qkv: gpu.storage_buffer("qkv", f32_bytes(m * qkv_dim)),
+            q: gpu.storage_buffer("q", f32_bytes(m * q_dim)),
+            attn: gpu.storage_buffer("attn", f32_bytes(m * q_dim)),
+            gate_up: gpu.storage_buffer("gate_up", f32_bytes(m * 2 * ffn)),
+            act: gpu.storage_buffer("act", f32_bytes(m * ffn)),
+            last: gpu.storage_buffer("last", f32_bytes(h)),
+            logits: gpu.storage_buffer("logits", f32_bytes(vocab)),
+        };
+        let step_buf = gpu.uniform("step", &StepParams::default());
+        let kv: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.num_hidden_layers)
+            .map(|l| {
+                let words = (c.num_kv_heads() * ctx * c.head_dim() / 2 * 4) as u64;
+                (gpu.storage_buffer(&format!("k cache {l}"), words), gpu.storage_buffer(&format!("v cache {l}"), words))
+            })
+            .collect();
+        device_bytes += fixed;
+
+        let gemv = GemvQ4::new(gpu)?;
+        let gemm = GemmQ4::new(gpu)?;
+        let norm = RmsNorm::new(gpu)?;
+        let rope = RopeKv::new(gpu)?;
+        let swiglu = SwiGlu::new(gpu)?;
+        let attention = Attention::new(gpu)?;
+        let eps = c.rms_norm_eps;
+
+        let mut decode_layers = Vec::new();
+        let mut prefill_layers = Vec::new();
+        let mut keep = vec![lm_q.clone(), lm_s.clone(), final_norm.clone(), inv_freq.clone()];
+        for l in 0..c.num_hidden_layers {
+            let buf = match &homes[l] {
+                LayerHome::Resident(b) => b,
+                LayerHome::Streamed { slot, .. } => &ring[*slot],
+            };
+            let s = &small[l];
+            let w = |p: &PackedMatrix| Q4Ref {
+                rows: p.rows,
+                cols: p.cols,
+                qweight: BufRange { buffer: buf, offset: p.qweight_offset, size: p.qweight_bytes },
+                scales: BufRange { buffer: buf, offset: p.scales_offset, size: p.scales_bytes.next_multiple_of(4) },
+            };
+            let whole = BufRange::whole;
+            let (k_cache, v_cache) = (&kv[l].0, &kv[l].1);
+            let attn: AttentionDispatches = attention.bind(
+                gpu, &act.q, k_cache, v_cache, &act.attn,
+                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, m, &step_buf,
+            )?;
+            let qkv_bias = s.qkv_bias.as_ref().map(whole);
+            let o_bias = s.o_bias.as_ref().map(whole);
+
+            let mut d = Vec::new();
+            d.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, 1, &step_buf)?);
+            d.extend(gemv.bind(gpu, w(&pack.qkv), whole(&act.h), whole(&act.qkv), qkv_bias, Epilogue::Store)?);
+            d.push(rope.bind(gpu, &act.qkv, &inv_freq, &act.q, k_cache, v_cache,
+                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, 1, &step_buf)?);
+            d.extend(attn.decode.iter().cloned());
+            d.extend(gemv.bind(gpu, w(&pack.o), whole(&act.attn), whole(&act.x), o_bias, Epilogue::Accumulate)?);
+            d.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, 1, &step_buf)?);
+            d.extend(gemv.bind(gpu, w(&pack.gate_up), whole(&act.h), whole(&act.gate_up), None, Epilogue::Store)?);
+            d.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?);
+            d.extend(gemv.bind(gpu, w(&pack.down), whole(&act.act), whole(&act.x), None, Epilogue::Accumulate)?);
+            decode_layers.push(d);
+
+            let mut p = Vec::new();
+            p.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, m, &step_buf)?);
+            p.extend(gemm.bind(gpu, w(&pack.qkv), whole(&act.h), whole(&act.qkv), qkv_bias, Epilogue::Store, m, &step_buf)?);
+            p.push(rope.bind(gpu, &act.qkv, &inv_freq, &act.q, k_cache, v_cache,
+                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, m, &step_buf)?);
+            p.extend(attn.prefill.iter().cloned());
+            p.extend(gemm.bind(gpu, w(&pack.o), whole(&act.attn), whole(&act.x), o_bias, Epilogue::Accumulate, m, &step_buf)?);
+            p.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, m, &step_buf)?);
+            p.extend(gemm.bind(gpu, w(&pack.gate_up), whole(&act.h), whole(&act.gate_up), None, Epilogue::Store, m, &step_buf)?);
+            p.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, m, &step_buf)?);
+            p.extend(gemm.bind(gpu, w(&pack.down), whole(&act.act), whole(&act.x), None, Epilogue::Accumulate, m, &step_buf)?);
+            prefill_layers.push(p);
+            keep.extend([s.input_norm.clone(), s.post_norm.clone(), k_cache.clone(), v_cache.clone()]);
+            keep.extend(s.qkv_bias.iter().cloned());
+            keep.extend(s.o_bias.iter().cloned());
+        }
+
+        let whole = BufRange::whole;
+        let decode_final_norm = norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
+        let prefill_final_norm = norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
+        let lm = Q4Ref { rows: lm_head.rows, cols: lm_head.cols, qweight: whole(&lm_q), scales: whole(&lm_s) };
+        let head = gemv.bind(gpu, lm, whole(&act.last), whole(&act.logits), None, Epilogue::Store)?;
+        let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
+        let sample_out = gpu.storage_buffer("sample out", (sample::out_words(opts.max_top_logprobs) * 4) as u64);
+        let sampler = Sample::new(gpu)?.bind(gpu, &act.logits, &history, &sample_out, vocab, MAX_HISTORY, opts.max_top_logprobs)?;
+        // One read-back buffer for the whole run: a decoded token costs one small map, no allocation.
+        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("sample readback"),
+            size: sample_out.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+
+        Ok(GpuModel {
+            gpu,
+            weights,
+            config: c,
+            opts,
+            plan,
+            pack,
+            homes,
+            ring,
+            act,
+            step_buf,
+            decode_layers,
+            prefill_layers,
+            decode_final_norm,
+            prefill_final_norm,
+            head,
+            sampler,
+            history,
+            sample_out,
+            readback,
+            position: 0,
+            device_bytes,
+            _keep: keep,
+        })
+    }
+
+    pub fn plan(&self) -> &ResidencyPlan {
+        &self.plan
+    }
+
+    /// Bytes this model holds on the GPU (weights, ring, KV cache, activations).
+    pub fn device_bytes(&self) -> u64 {
+        self.device_bytes
+    }
+
+    /// Forgets the sequence (the KV cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.position = 0;
+    }
+
+    /// Runs `tokens` through the model and returns the logits of the last one (tests, `--cpu` checks).
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, None)?;
+        self.gpu.read_f32(&self.act.logits, self.config.vocab_size)
+    }
+
+    /// Appends `tokens`, leaving the last token's logits in `act.logits`; with `sample`, also
+    /// samples on the GPU within the same submission.
+    fn forward(&mut self, tokens: &[u32], sample: Option<(&SamplingParams, &[u32], u32)>) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("no tokens to process".into()));
+        }
+        if self.position + tokens.len() > self.opts.ctx_size {
+            return Err(Error::Invalid(format!(
+                "the sequence would hold {} tokens but the context holds {}; raise --ctx-size",
+                self.position + tokens.len(),
+                self.opts.ctx_size
+            )));
+        }
+        let chunks: Vec<&[u32]> = if tokens.len() == 1 { vec![tokens] } else { tokens.chunks(self.opts.chunk).collect() };
+        let n_chunks = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let decode = tokens.len() == 1;
+            let n = chunk.len();
+            let step = StepParams { pos: self.position as u32, n_tokens: n as u32, kv_len: (self.position + n) as u32, _pad: 0 };
+            self.gpu.queue.write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&step));
+            let mut rows = vec![0f32; n * self.config.hidden_size];
+            for (t, row) in chunk.iter().zip(rows.chunks_mut(self.config.hidden_size)) {
+                self.weights.embedding_row(*t, row)?;
+            }
+            self.gpu.queue.write_buffer(&self.act.x, 0, bytemuck::cast_slice(&rows));
+
+            let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+            let layers = if decode { &self.decode_layers } else { &self.prefill_layers };
+            for (l, dispatches) in layers.iter().enumerate() {
+                if let LayerHome::Streamed { staging, slot } = &self.homes[l] {
+                    enc.copy_buffer_to_buffer(staging, 0, &self.ring[*slot], 0, self.pack.bytes);
+                }
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layer"), timestamp_writes: None });
+                for d in dispatches {
+                    d.encode(&mut pass);
+                }
+            }
+            let last_chunk = i + 1 == n_chunks;
+            if last_chunk {
+                if decode {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("head"), timestamp_writes: None });
+                    self.decode_final_norm.encode(&mut pass);
+                } else {
+                    {
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("final norm"), timestamp_writes: None });
+                        self.prefill_final_norm.encode(&mut pass);
+                    }
+                    let row = f32_bytes(self.config.hidden_size);
+                    enc.copy_buffer_to_buffer(&self.act.h, (n as u64 - 1) * row, &self.act.last, 0, row);
+                }
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("lm_head"), timestamp_writes: None });
+                for d in &self.head {
+                    d.encode(&mut pass);
+                }
+                if let Some((params, history, step_no)) = sample {
+                    let recent = &history[history.len().saturating_sub(MAX_HISTORY)..];
+                    self.gpu.queue.write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
+                    let p = SampleParams {
+                        temperature: params.temperature,
+                        top_k: params.top_k,
+                        top_p: params.top_p,
+                        repeat_penalty: params.repeat_penalty,
+                        repeat_last_n: params.repeat_last_n,
+                        seed: params.seed,
+                    };
+                    self.sampler.write_params(&self.gpu.queue, &p, step_no, recent.len())?;
+                    self.sampler.encode(&mut pass);
+                }
+            }
+            if last_chunk && sample.is_some() {
+                enc.copy_buffer_to_buffer(&self.sample_out, 0, &self.readback, 0, self.sample_out.size());
+            }
+            self.gpu.queue.submit([enc.finish()]);
+            self.position += n;
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for GpuModel<'_> {
+    fn step(&mut self, tokens: &[u32], params: &SamplingParams, history: &[u32], step: u32, top_logprobs: Option<usize>) -> Result<StepOutput> {
+        let top_n = top_logprobs.unwrap_or(0).min(self.opts.max_top_logprobs);
+        self.forward(tokens, Some((params, history, step)))?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.gpu.map_and_read(&self.readback, self.readback.size())?);
+        let r = sample::parse_result(&words)?;
+        let logprobs = top_logprobs.map(|_| TokenLogprobs { token: r.token, logprob: r.logprob, top: r.top.into_iter().take(top_n).collect() });
+        Ok(StepOutput { token: r.token, logprobs })
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn context_size(&self) -> usize {
+        self.opts.ctx_size
+    }
+}
+
+/// One layer's four INT4 matrices (q|k|v and gate|up fused by rows) in the `LayerPack` layout.
+/// Quantization is per row, so concatenating rows of quantized matrices is exact.
+fn pack_layer(weights: &ModelWeights, pack: &LayerPack, layer: usize) -> Result<Vec<u8>> {
+    let [q, k, v, o, gate, up, down] = ModelConfig::layer_linear_names(layer);
+    let mut bytes = vec![0u8; pack.bytes as usize];
+    let mut put = |m: &PackedMatrix, parts: &[QView]| -> Result<()> {
+        let (mut qo, mut so) = (m.qweight_offset as usize, m.scales_offset as usize);
+        for p in parts {
+            if p.cols != m.cols {
+                return Err(Error::Config(format!("layer {layer}: a matrix has {} columns, expected {}", p.cols, m.cols)));
+            }
+            let qb: &[u8] = bytemuck::cast_slice(p.qweight);
+            let sb: &[u8] = bytemuck::cast_slice(p.scales);
+            bytes[qo..qo + qb.len()].copy_from_slice(qb);
+            bytes[so..so + sb.len()].copy_from_slice(sb);
+            qo += qb.len();
+            so += sb.len();
+        }
+        if qo - m.qweight_offset as usize != m.qweight_bytes as usize {
+            return Err(Error::Config(format!("layer {layer}: matrix rows do not match the config")));
+        }
+        Ok(())
+    };
+    put(&pack.qkv, &[weights.q4(&q)?, weights.q4(&k)?, weights.q4(&v)?])?;
+    put(&pack.o, &[weights.q4(&o)?])?;
+    put(&pack.gate_up, &[weights.q4(&gate)?, weights.q4(&up)?])?;
+    put(&pack.down, &[weights.q4(&down)?])?;
+    Ok(bytes)
+}
+
+fn layer_small(gpu: &Gpu, weights: &ModelWeights, c: &ModelConfig, l: usize) -> Result<LayerSmall> {
+    let p = format!("model.layers.{l}");
+    let dense = |name: String| -> Result<wgpu::Buffer> { Ok(gpu.storage_from(&name, &weights.dense_f32(&name)?.1)) };
+    let qkv_bias = if c.qkv_bias() {
+        let mut b = weights.dense_f32(&format!("{p}.self_attn.q_proj.bias"))?.1;
+        b.extend(weights.dense_f32(&format!("{p}.self_attn.k_proj.bias"))?.1);
+        b.extend(weights.dense_f32(&format!("{p}.self_attn.v_proj.bias"))?.1);
+        Some(gpu.storage_from(&format!("{p} qkv bias"), &b))
+    } else {
+        None
+    };
+    let o_bias = if c.o_bias() { Some(dense(format!("{p}.self_attn.o_proj.bias"))?) } else { None };
+    Ok(LayerSmall {
+        input_norm: dense(format!("{p}.input_layernorm.weight"))?,
+        post_norm: dense(format!("{p}.post_attention_layernorm.weight"))?,
+        qkv_bias,
+        o_bias,
+    })
+}
+
+/// A buffer in host memory that copies can read from (DESIGN.md §2: MAP_READ | COPY_SRC buffers
+/// are placed in host-cached system memory; MAP_WRITE ones land in VRAM on resizable-BAR cards).
+fn host_staging(gpu: &Gpu, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+    let usage = if gpu.caps.mappable_primary_buffers {
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE
+    } else {
+        wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC
+    };
+    let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (bytes.len() as u64).next_multiple_of(4),
+        usage,
+        mapped_at_creation: true,
+    });
+    {
+        let mut view = buf
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Gpu(format!("mapping {label}: {e}")))?;
+        view.slice(..bytes.len()).copy_from_slice(bytes);
+    }
+    buf.unmap();
+    Ok(buf)
+}
