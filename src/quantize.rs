@@ -14,7 +14,7 @@ use crate::formats::hf::CONFIG_FILE;
 use crate::formats::q4::{is_q4_folder, write_config, Q4Writer, TensorSpec, Q4_WEIGHTS_FILE};
 use crate::quant::QMatrix;
 use crate::weights::{
-    is_quantized_name, DenseDtype, F32Tensor, ModelWeights, Weight, WeightSource,
+    is_quantized_name, Blob, DenseDtype, F32Tensor, ModelWeights, Weight, WeightSource,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,9 +73,26 @@ pub fn quantize_tensor(name: &str, t: F32Tensor) -> Result<Weight> {
         };
         Ok(Weight::from_qmatrix(QMatrix::quantize(&t.data, rows, cols)))
     } else if name == EMBED {
-        Ok(Weight::dense_bf16(t.shape, &t.data))
+        Ok(bf16_weight(t.shape, &t.data))
     } else {
         Ok(Weight::dense_f32(t.shape, &t.data))
+    }
+}
+
+/// A BF16 dense weight built straight into its blob's words (two values per little-endian word),
+/// so a large embedding table is not copied twice on the way.
+fn bf16_weight(shape: Vec<usize>, data: &[f32]) -> Weight {
+    use rayon::prelude::*;
+    let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+    let mut words = vec![0u32; data.len().div_ceil(2)];
+    words
+        .par_iter_mut()
+        .zip(data.par_chunks(2))
+        .for_each(|(w, pair)| *w = bits(pair[0]) | pair.get(1).map_or(0, |&v| bits(v) << 16));
+    Weight::Dense {
+        shape,
+        dtype: DenseDtype::BF16,
+        data: Blob::Owned(std::sync::Arc::new(words), data.len() * 2),
     }
 }
 
@@ -195,7 +212,7 @@ impl Plan {
             largest = largest.max(bytes);
             if self.tied && name == EMBED {
                 let (rows, cols) = (shape[0], shape[1]);
-                emit(EMBED, Weight::dense_bf16(t.shape.clone(), &t.data))?;
+                emit(EMBED, bf16_weight(t.shape.clone(), &t.data))?;
                 emit(
                     LM_HEAD,
                     Weight::from_qmatrix(QMatrix::quantize(&t.data, rows, cols)),

@@ -426,3 +426,43 @@ fn quantize_tensor_keeps_dense_kinds() {
     ));
     assert!(err.contains("up_proj"), "{err}");
 }
+
+#[test]
+fn writer_refuses_colliding_names_and_incomplete_files() {
+    use q4wgpu::formats::q4::{Q4Writer, TensorSpec};
+    use q4wgpu::weights::DenseDtype;
+    let dir = TempDir::new("writer");
+    std::fs::create_dir_all(dir.path()).expect("mkdir");
+    let path = dir.join(Q4_WEIGHTS_FILE);
+    // An INT4 "w" is stored as "w.qweight"; a dense tensor of that name would collide.
+    let specs = [
+        ("w".to_string(), TensorSpec::Q4 { rows: 3, cols: 130 }),
+        (
+            "w.qweight".to_string(),
+            TensorSpec::Dense {
+                shape: vec![4],
+                dtype: DenseDtype::F32,
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let err = error_of(Q4Writer::create(&path, &specs));
+    assert!(err.contains("w.qweight"), "{err}");
+
+    let specs = [("w".to_string(), TensorSpec::Q4 { rows: 3, cols: 130 })]
+        .into_iter()
+        .collect();
+    let writer = Q4Writer::create(&path, &specs).expect("create");
+    let err = error_of(writer.finish());
+    assert!(
+        err.contains("never written") && err.contains("\"w\""),
+        "{err}"
+    );
+    assert!(
+        !path.exists(),
+        "an incomplete file is never renamed into place"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+    assert!(leftovers.is_empty(), "the temporary file is removed");
+}

@@ -67,41 +67,51 @@ impl TensorSpec {
         }
     }
 
-    /// The file's tensors for this spec: (name suffix, dtype, shape, bytes).
-    fn parts(&self) -> Vec<(&'static str, Dtype, Vec<usize>, u64)> {
+    /// The file's tensors for this spec, in the order `Weight` holds their data.
+    fn parts(&self) -> Vec<Part> {
         match self {
             TensorSpec::Q4 { rows, cols } => {
                 let blocks = blocks_per_row(*cols);
+                let words = blocks * WORDS_PER_BLOCK;
                 vec![
-                    (
-                        ".qweight",
-                        Dtype::U32,
-                        vec![*rows, blocks * WORDS_PER_BLOCK],
-                        (rows * blocks * WORDS_PER_BLOCK * 4) as u64,
-                    ),
-                    (
-                        ".scales",
-                        Dtype::BF16,
-                        vec![*rows, blocks],
-                        (rows * blocks * 2) as u64,
-                    ),
+                    Part {
+                        suffix: ".qweight",
+                        dtype: Dtype::U32,
+                        shape: vec![*rows, words],
+                        bytes: (rows * words * 4) as u64,
+                    },
+                    Part {
+                        suffix: ".scales",
+                        dtype: Dtype::BF16,
+                        shape: vec![*rows, blocks],
+                        bytes: (rows * blocks * 2) as u64,
+                    },
                 ]
             }
             TensorSpec::Dense { shape, dtype } => {
                 let n: usize = shape.iter().product();
-                vec![(
-                    "",
-                    dense_dtype(*dtype),
-                    shape.clone(),
-                    (n * dtype.size()) as u64,
-                )]
+                vec![Part {
+                    suffix: "",
+                    dtype: dense_dtype(*dtype),
+                    shape: shape.clone(),
+                    bytes: (n * dtype.size()) as u64,
+                }]
             }
         }
     }
 
     pub fn byte_len(&self) -> u64 {
-        self.parts().iter().map(|p| p.3).sum()
+        self.parts().iter().map(|p| p.bytes).sum()
     }
+}
+
+/// One safetensors tensor of the file: an INT4 matrix has two, a dense tensor one.
+struct Part {
+    /// Appended to the weight's name to name the stored tensor.
+    suffix: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: u64,
 }
 
 fn dense_dtype(d: DenseDtype) -> Dtype {
@@ -121,13 +131,20 @@ fn dtype_group(d: Dtype) -> u8 {
     }
 }
 
+/// Where one declared weight goes in the file.
+struct Slot {
+    spec: TensorSpec,
+    /// Absolute file offset of each of its parts.
+    offsets: Vec<u64>,
+    written: bool,
+}
+
 /// Streams the tensors of one `model.q4.safetensors` to disk.
 pub struct Q4Writer {
     path: PathBuf,
     tmp: PathBuf,
     file: File,
-    /// Name → spec, absolute file offsets of its parts, whether it has been written.
-    slots: BTreeMap<String, (TensorSpec, Vec<u64>, bool)>,
+    slots: BTreeMap<String, Slot>,
     total: u64,
     scratch: Scratch,
 }
@@ -135,33 +152,30 @@ pub struct Q4Writer {
 impl Q4Writer {
     /// Lays out the file for `specs` and writes its header to `path.tmp`.
     pub fn create(path: &Path, specs: &BTreeMap<String, TensorSpec>) -> Result<Q4Writer> {
-        let mut parts = Vec::new();
+        // Every stored tensor: (group, stored name, owning weight, part index, part).
+        let mut layout = Vec::new();
         let mut q4_shapes = BTreeMap::new();
         for (name, spec) in specs {
             if let TensorSpec::Q4 { rows, cols } = spec {
                 q4_shapes.insert(name.clone(), [*rows, *cols]);
             }
-            for (part, (suffix, dtype, shape, bytes)) in spec.parts().into_iter().enumerate() {
-                parts.push((
-                    dtype_group(dtype),
-                    format!("{name}{suffix}"),
-                    dtype,
-                    shape,
-                    bytes,
-                    name.clone(),
+            for (i, part) in spec.parts().into_iter().enumerate() {
+                layout.push((
+                    dtype_group(part.dtype),
+                    format!("{name}{}", part.suffix),
+                    name,
+                    i,
                     part,
                 ));
             }
         }
-        parts.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        let mut names = std::collections::HashSet::new();
-        for p in &parts {
-            if !names.insert(&p.1) {
-                return Err(Error::Invalid(format!(
-                    "two tensors would both be stored as {:?}",
-                    p.1
-                )));
-            }
+        layout.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut stored = std::collections::HashSet::new();
+        if let Some(dup) = layout.iter().find(|l| !stored.insert(&l.1)) {
+            return Err(Error::Invalid(format!(
+                "two tensors would both be stored as {:?}",
+                dup.1
+            )));
         }
         let q4_shapes =
             serde_json::to_string(&q4_shapes).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -171,32 +185,37 @@ impl Q4Writer {
             ("format_version".to_string(), FORMAT_VERSION.to_string()),
             ("q4_shapes".to_string(), q4_shapes),
         ];
-        let entries: Vec<HeaderEntry> = parts
+        let entries: Vec<HeaderEntry> = layout
             .iter()
-            .map(|p| HeaderEntry {
-                name: p.1.clone(),
-                dtype: dtype_name(p.2),
-                shape: p.3.clone(),
-                bytes: p.4,
+            .map(|(_, stored, _, _, part)| HeaderEntry {
+                name: stored.clone(),
+                dtype: dtype_name(part.dtype),
+                shape: part.shape.clone(),
+                bytes: part.bytes,
             })
             .collect();
         let header = encode_header(&metadata, &entries, DATA_ALIGN);
 
-        let mut slots: BTreeMap<String, (TensorSpec, Vec<u64>, bool)> = specs
+        let mut slots: BTreeMap<String, Slot> = specs
             .iter()
             .map(|(name, spec)| {
+                let offsets = vec![0; spec.parts().len()];
                 (
                     name.clone(),
-                    (spec.clone(), vec![0; spec.parts().len()], false),
+                    Slot {
+                        spec: spec.clone(),
+                        offsets,
+                        written: false,
+                    },
                 )
             })
             .collect();
         let mut offset = header.len() as u64;
-        for p in &parts {
-            if let Some(slot) = slots.get_mut(&p.5) {
-                slot.1[p.6] = offset;
+        for (_, _, owner, i, part) in &layout {
+            if let Some(slot) = slots.get_mut(*owner) {
+                slot.offsets[*i] = offset;
             }
-            offset += p.4;
+            offset += part.bytes;
         }
 
         let tmp = tmp_path(path);
@@ -225,13 +244,13 @@ impl Q4Writer {
             ))
         })?;
         let spec = TensorSpec::of(weight);
-        if spec != slot.0 {
+        if spec != slot.spec {
             return Err(Error::Invalid(format!(
                 "tensor {name:?} is {spec:?}, but was declared as {:?}",
-                slot.0
+                slot.spec
             )));
         }
-        if slot.2 {
+        if slot.written {
             return Err(Error::Invalid(format!("tensor {name:?} was written twice")));
         }
         let blobs: Vec<&Blob> = match weight {
@@ -240,13 +259,13 @@ impl Q4Writer {
             } => vec![qweight, scales],
             Weight::Dense { data, .. } => vec![data],
         };
-        for ((blob, &offset), part) in blobs.iter().zip(&slot.1).zip(spec.parts()) {
-            if blob.bytes().len() as u64 != part.3 {
+        for ((blob, &offset), part) in blobs.iter().zip(&slot.offsets).zip(spec.parts()) {
+            if blob.bytes().len() as u64 != part.bytes {
                 return Err(Error::Invalid(format!(
                     "tensor {name:?}{}: {} bytes of data, its shape needs {}",
-                    part.0,
+                    part.suffix,
                     blob.bytes().len(),
-                    part.3
+                    part.bytes
                 )));
             }
             self.file
@@ -256,7 +275,7 @@ impl Q4Writer {
                 .write_all(blob.bytes())
                 .map_err(|e| Error::io("writing", &self.tmp, e))?;
         }
-        slot.2 = true;
+        slot.written = true;
         Ok(())
     }
 
@@ -265,7 +284,7 @@ impl Q4Writer {
         let missing: Vec<&String> = self
             .slots
             .iter()
-            .filter(|(_, s)| !s.2)
+            .filter(|(_, s)| !s.written)
             .map(|(n, _)| n)
             .collect();
         if !missing.is_empty() {
