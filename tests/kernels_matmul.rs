@@ -37,7 +37,11 @@ impl Placed {
         let total = offset as usize + data.len().next_multiple_of(4) + 256;
         let mut bytes: Vec<u8> = (0..total).map(|_| rng.next_u64() as u8).collect();
         bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        Placed { buffer: g.storage_from_bytes(label, &bytes), offset, size: data.len() as u64 }
+        Placed {
+            buffer: g.storage_from_bytes(label, &bytes),
+            offset,
+            size: data.len() as u64,
+        }
     }
 
     fn f32s(g: &Gpu, rng: &mut Rng, label: &str, data: &[f32], offset: u64) -> Placed {
@@ -45,11 +49,18 @@ impl Placed {
     }
 
     fn range(&self) -> BufRange<'_> {
-        BufRange { buffer: &self.buffer, offset: self.offset, size: self.size }
+        BufRange {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: self.size,
+        }
     }
 
     fn read_f32(&self, g: &Gpu) -> Vec<f32> {
-        bytemuck::pod_collect_to_vec(&g.read_bytes(&self.buffer, self.offset, self.size).expect("read back"))
+        bytemuck::pod_collect_to_vec(
+            &g.read_bytes(&self.buffer, self.offset, self.size)
+                .expect("read back"),
+        )
     }
 }
 
@@ -72,14 +83,26 @@ impl GpuMatrix {
     }
 
     fn q4ref(&self) -> Q4Ref<'_> {
-        Q4Ref { rows: self.rows, cols: self.cols, qweight: self.qweight.range(), scales: self.scales.range() }
+        Q4Ref {
+            rows: self.rows,
+            cols: self.cols,
+            qweight: self.qweight.range(),
+            scales: self.scales.range(),
+        }
     }
 }
 
 fn run(g: &Gpu, dispatches: &[Dispatch]) {
-    let mut enc = g.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("test") });
+    let mut enc = g
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("test"),
+        });
     {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("test"), timestamp_writes: None });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("test"),
+            timestamp_writes: None,
+        });
         for d in dispatches {
             d.encode(&mut pass);
         }
@@ -110,7 +133,14 @@ struct GemvCase {
 
 impl GemvCase {
     fn new(rows: usize, cols: usize) -> Self {
-        GemvCase { rows, cols, bias: false, mode: Epilogue::Store, offset: 0, opts: GemvOptions::default() }
+        GemvCase {
+            rows,
+            cols,
+            bias: false,
+            mode: Epilogue::Store,
+            offset: 0,
+            opts: GemvOptions::default(),
+        }
     }
 
     /// Runs the case and compares with the CPU; returns the number of dispatches.
@@ -121,17 +151,32 @@ impl GemvCase {
         let x = rng.vec(self.cols, 1.0);
         let xb = Placed::f32s(g, rng, "x", &x, self.offset);
         let bias = self.bias.then(|| rng.vec(self.rows, 1.0));
-        let bb = bias.as_ref().map(|b| Placed::f32s(g, rng, "bias", b, self.offset));
+        let bb = bias
+            .as_ref()
+            .map(|b| Placed::f32s(g, rng, "bias", b, self.offset));
         let y_init = match self.mode {
             Epilogue::Store => vec![f32::NAN; self.rows],
             Epilogue::Accumulate => rng.vec(self.rows, 4.0),
         };
         let yb = Placed::f32s(g, rng, "y", &y_init, self.offset);
         let dispatches = kernel
-            .bind_with(g, w.q4ref(), xb.range(), yb.range(), bb.as_ref().map(Placed::range), self.mode, &self.opts)
+            .bind_with(
+                g,
+                w.q4ref(),
+                xb.range(),
+                yb.range(),
+                bb.as_ref().map(Placed::range),
+                self.mode,
+                &self.opts,
+            )
             .expect("bind");
         run(g, &dispatches);
-        let want = reference(&m, &x, bias.as_deref(), (self.mode == Epilogue::Accumulate).then_some(&y_init[..]));
+        let want = reference(
+            &m,
+            &x,
+            bias.as_deref(),
+            (self.mode == Epilogue::Accumulate).then_some(&y_init[..]),
+        );
         let what = format!(
             "gemv {}x{} bias {} {:?} offset {} {:?}",
             self.rows, self.cols, self.bias, self.mode, self.offset, self.opts
@@ -159,9 +204,19 @@ fn gemv_bias_and_accumulate_inside_bigger_buffers() {
     let kernel = GemvQ4::new(g).expect("gemv compiles");
     let mut rng = Rng::fresh("gemv epilogues");
     for (rows, cols) in [(33, 200), (300, 576), (7, 1000)] {
-        for (bias, mode) in [(true, Epilogue::Store), (false, Epilogue::Accumulate), (true, Epilogue::Accumulate)] {
+        for (bias, mode) in [
+            (true, Epilogue::Store),
+            (false, Epilogue::Accumulate),
+            (true, Epilogue::Accumulate),
+        ] {
             for offset in [0, 256, 768] {
-                GemvCase { bias, mode, offset, ..GemvCase::new(rows, cols) }.check(&kernel, &mut rng);
+                GemvCase {
+                    bias,
+                    mode,
+                    offset,
+                    ..GemvCase::new(rows, cols)
+                }
+                .check(&kernel, &mut rng);
             }
         }
     }
@@ -175,15 +230,26 @@ fn gemv_every_workgroup_shape() {
     let kernel = GemvQ4::new(g).expect("gemv compiles");
     let mut rng = Rng::fresh("gemv workgroup shapes");
     let min_wg = g.caps.subgroup_max_size.max(32).next_power_of_two();
-    let reductions: &[bool] = if g.caps.subgroups { &[true, false] } else { &[false] };
+    let reductions: &[bool] = if g.caps.subgroups {
+        &[true, false]
+    } else {
+        &[false]
+    };
     for &subgroups in reductions {
         for wg in [min_wg, 128, 256] {
             for rows in [1, 3, 8] {
-                let config = Some(GemvConfig { wg, rows, subgroups });
+                let config = Some(GemvConfig {
+                    wg,
+                    rows,
+                    subgroups,
+                });
                 let case = GemvCase {
                     bias: true,
                     mode: Epilogue::Accumulate,
-                    opts: GemvOptions { config, ..Default::default() },
+                    opts: GemvOptions {
+                        config,
+                        ..Default::default()
+                    },
                     ..GemvCase::new(37, 1000)
                 };
                 case.check(&kernel, &mut rng);
@@ -201,8 +267,15 @@ fn gemv_split_k_for_few_rows() {
     let (rows, cols) = (33, 4096);
     let many = kernel.config_for(65536, cols);
     let few = kernel.config_for(rows, cols);
-    assert!(few.wg > many.wg, "few rows should get wider workgroups: {few:?} vs {many:?}");
-    GemvCase { bias: true, ..GemvCase::new(rows, cols) }.check(&kernel, &mut rng);
+    assert!(
+        few.wg > many.wg,
+        "few rows should get wider workgroups: {few:?} vs {many:?}"
+    );
+    GemvCase {
+        bias: true,
+        ..GemvCase::new(rows, cols)
+    }
+    .check(&kernel, &mut rng);
 }
 
 /// A matrix larger than the binding limit is cut into row ranges (forced here with a small limit).
@@ -212,10 +285,22 @@ fn gemv_splits_rows_over_the_binding_limit() {
     let kernel = GemvQ4::new(g).expect("gemv compiles");
     let mut rng = Rng::fresh("gemv row ranges");
     for (rows, cols, limit) in [(300, 576, 40_000), (1001, 200, 8_192), (77, 1000, 20_000)] {
-        let opts = GemvOptions { max_binding_bytes: Some(limit), ..Default::default() };
-        let case = GemvCase { bias: true, mode: Epilogue::Accumulate, offset: 256, opts, ..GemvCase::new(rows, cols) };
+        let opts = GemvOptions {
+            max_binding_bytes: Some(limit),
+            ..Default::default()
+        };
+        let case = GemvCase {
+            bias: true,
+            mode: Epilogue::Accumulate,
+            offset: 256,
+            opts,
+            ..GemvCase::new(rows, cols)
+        };
         let n = case.check(&kernel, &mut rng);
-        assert!(n > 1, "{rows}x{cols} under a {limit}-byte limit should take several dispatches, took {n}");
+        assert!(
+            n > 1,
+            "{rows}x{cols} under a {limit}-byte limit should take several dispatches, took {n}"
+        );
     }
 }
 
@@ -231,21 +316,37 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
     let y = Placed::f32s(g, &mut rng, "y", &[0.0; 8], 0);
     let err = |r: q4wgpu::Result<Vec<Dispatch>>| r.expect_err("must be rejected").to_string();
 
-    let short_x = BufRange { size: 255 * 4, ..x.range() };
+    let short_x = BufRange {
+        size: 255 * 4,
+        ..x.range()
+    };
     let e = err(kernel.bind(g, w.q4ref(), short_x, y.range(), None, Epilogue::Store));
     assert!(e.contains("x needs 1024 bytes"), "{e}");
 
-    let short_w = Q4Ref { qweight: BufRange { size: 64, ..w.qweight.range() }, ..w.q4ref() };
+    let short_w = Q4Ref {
+        qweight: BufRange {
+            size: 64,
+            ..w.qweight.range()
+        },
+        ..w.q4ref()
+    };
     let e = err(kernel.bind(g, short_w, x.range(), y.range(), None, Epilogue::Store));
     assert!(e.contains("qweight") && e.contains("8x256"), "{e}");
 
-    let odd = Q4Ref { cols: 255, ..w.q4ref() };
+    let odd = Q4Ref {
+        cols: 255,
+        ..w.q4ref()
+    };
     let e = err(kernel.bind(g, odd, x.range(), y.range(), None, Epilogue::Store));
     assert!(e.contains("multiple of 4"), "{e}");
 
     let align = g.limits.min_storage_buffer_offset_alignment as u64;
     if align > 4 {
-        let shifted = BufRange { offset: 4, size: 8 * 4, ..y.range() };
+        let shifted = BufRange {
+            offset: 4,
+            size: 8 * 4,
+            ..y.range()
+        };
         let e = err(kernel.bind(g, w.q4ref(), x.range(), shifted, None, Epilogue::Store));
         assert!(e.contains("alignment"), "{e}");
     }
@@ -253,9 +354,24 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
     let e = err(kernel.bind(g, w.q4ref(), x.range(), x.range(), None, Epilogue::Store));
     assert!(e.contains("different buffers"), "{e}");
 
-    let cfg = GemvConfig { wg: 48, rows: 4, subgroups: false };
-    let opts = GemvOptions { config: Some(cfg), ..Default::default() };
-    let e = err(kernel.bind_with(g, w.q4ref(), x.range(), y.range(), None, Epilogue::Store, &opts));
+    let cfg = GemvConfig {
+        wg: 48,
+        rows: 4,
+        subgroups: false,
+    };
+    let opts = GemvOptions {
+        config: Some(cfg),
+        ..Default::default()
+    };
+    let e = err(kernel.bind_with(
+        g,
+        w.q4ref(),
+        x.range(),
+        y.range(),
+        None,
+        Epilogue::Store,
+        &opts,
+    ));
     assert!(e.contains("power of two"), "{e}");
 }
 
@@ -297,22 +413,55 @@ impl GemmCase {
         };
         y_init.resize(self.m_max * n, f32::NAN);
         let yb = Placed::f32s(g, rng, "y", &y_init, 256);
-        let step = g.uniform("step", &StepParams { pos: 3, n_tokens: m as u32, kv_len: 3 + m as u32, _pad: 0 });
-        let opts = GemmOptions { variant: Some(variant), max_binding_bytes: self.max_binding_bytes };
+        let step = g.uniform(
+            "step",
+            &StepParams {
+                pos: 3,
+                n_tokens: m as u32,
+                kv_len: 3 + m as u32,
+                _pad: 0,
+            },
+        );
+        let opts = GemmOptions {
+            variant: Some(variant),
+            max_binding_bytes: self.max_binding_bytes,
+        };
         let dispatches = kernel
-            .bind_with(g, w.q4ref(), xb.range(), yb.range(), bb.as_ref().map(Placed::range), self.mode, self.m_max, &step, &opts)
+            .bind_with(
+                g,
+                w.q4ref(),
+                xb.range(),
+                yb.range(),
+                bb.as_ref().map(Placed::range),
+                self.mode,
+                self.m_max,
+                &step,
+                &opts,
+            )
             .expect("bind");
         run(g, &dispatches);
         let got = yb.read_f32(g);
-        let what = format!("gemm {variant:?} m {m}/{} {n}x{k} bias {} {:?}", self.m_max, self.bias, self.mode);
+        let what = format!(
+            "gemm {variant:?} m {m}/{} {n}x{k} bias {} {:?}",
+            self.m_max, self.bias, self.mode
+        );
         let mut want = Vec::with_capacity(m * n);
         for t in 0..m {
             let init = (self.mode == Epilogue::Accumulate).then(|| &y_init[t * n..(t + 1) * n]);
-            want.extend(reference(&w_host, &x[t * k..(t + 1) * k], bias.as_deref(), init));
+            want.extend(reference(
+                &w_host,
+                &x[t * k..(t + 1) * k],
+                bias.as_deref(),
+                init,
+            ));
         }
         assert_close(&what, &got[..m * n], &want, tol);
         if let Some(i) = got[m * n..].iter().position(|v| !v.is_nan()) {
-            panic!("{what}: row {} past n_tokens was written ({})", m + i / n, got[m * n + i]);
+            panic!(
+                "{what}: row {} past n_tokens was written ({})",
+                m + i / n,
+                got[m * n + i]
+            );
         }
         dispatches.len()
     }
@@ -327,8 +476,20 @@ fn gemm_matches_cpu_and_leaves_rows_past_n_tokens() {
     for (variant, tol) in gemm_variants(&kernel) {
         for (i, m) in [1usize, 5, 17, 64].into_iter().enumerate() {
             for (j, &(rows, cols)) in shapes.iter().enumerate() {
-                let mode = if (i + j) % 2 == 0 { Epilogue::Store } else { Epilogue::Accumulate };
-                let case = GemmCase { m, m_max: m + 1 + 13 * j, rows, cols, bias: j % 2 == 1, mode, max_binding_bytes: None };
+                let mode = if (i + j) % 2 == 0 {
+                    Epilogue::Store
+                } else {
+                    Epilogue::Accumulate
+                };
+                let case = GemmCase {
+                    m,
+                    m_max: m + 1 + 13 * j,
+                    rows,
+                    cols,
+                    bias: j % 2 == 1,
+                    mode,
+                    max_binding_bytes: None,
+                };
                 case.check(&kernel, variant, tol, &mut rng);
             }
         }
@@ -370,13 +531,43 @@ fn gemm_and_gemv_agree_at_one_token() {
     let bias = Placed::f32s(g, &mut rng, "bias", &bias_host, 0);
     let y1 = poisoned(g, "y gemv", rows);
     let y2 = poisoned(g, "y gemm", rows);
-    let step = g.uniform("step", &StepParams { pos: 0, n_tokens: 1, kv_len: 1, _pad: 0 });
-    let mut d = gemv.bind(g, w.q4ref(), x.range(), BufRange::whole(&y1), Some(bias.range()), Epilogue::Store).expect("bind gemv");
+    let step = g.uniform(
+        "step",
+        &StepParams {
+            pos: 0,
+            n_tokens: 1,
+            kv_len: 1,
+            _pad: 0,
+        },
+    );
+    let mut d = gemv
+        .bind(
+            g,
+            w.q4ref(),
+            x.range(),
+            BufRange::whole(&y1),
+            Some(bias.range()),
+            Epilogue::Store,
+        )
+        .expect("bind gemv");
     for (variant, tol) in gemm_variants(&gemm) {
-        let opts = GemmOptions { variant: Some(variant), ..Default::default() };
+        let opts = GemmOptions {
+            variant: Some(variant),
+            ..Default::default()
+        };
         d.extend(
-            gemm.bind_with(g, w.q4ref(), x.range(), BufRange::whole(&y2), Some(bias.range()), Epilogue::Store, 1, &step, &opts)
-                .expect("bind gemm"),
+            gemm.bind_with(
+                g,
+                w.q4ref(),
+                x.range(),
+                BufRange::whole(&y2),
+                Some(bias.range()),
+                Epilogue::Store,
+                1,
+                &step,
+                &opts,
+            )
+            .expect("bind gemm"),
         );
         run(g, &d);
         let a = g.read_f32(&y1, rows).expect("read");
@@ -394,17 +585,37 @@ fn matmul_shaders_compile_to_spirv() {
     let sum_shared = include_str!("../shaders/gemv_q4_sum_shared.wgsl");
     let gemv = include_str!("../shaders/gemv_q4.wgsl");
     let shaders = [
-        ("gemv_q4 subgroup", format!("{sum_sub}\n{gemv}"), vec![("WG", 64.0), ("ROWS", 4.0)]),
-        ("gemv_q4 shared", format!("{sum_shared}\n{gemv}"), vec![("WG", 256.0), ("ROWS", 8.0)]),
-        ("gemm_q4", include_str!("../shaders/gemm_q4.wgsl").to_string(), vec![]),
-        ("gemm_q4_coop", include_str!("../shaders/gemm_q4_coop.wgsl").to_string(), vec![("WG", 128.0)]),
+        (
+            "gemv_q4 subgroup",
+            format!("{sum_sub}\n{gemv}"),
+            vec![("WG", 64.0), ("ROWS", 4.0)],
+        ),
+        (
+            "gemv_q4 shared",
+            format!("{sum_shared}\n{gemv}"),
+            vec![("WG", 256.0), ("ROWS", 8.0)],
+        ),
+        (
+            "gemm_q4",
+            include_str!("../shaders/gemm_q4.wgsl").to_string(),
+            vec![],
+        ),
+        (
+            "gemm_q4_coop",
+            include_str!("../shaders/gemm_q4_coop.wgsl").to_string(),
+            vec![("WG", 128.0)],
+        ),
     ];
     for (name, kernel, overrides) in shaders {
         let src = q4wgpu::gpu::shader_source(&kernel);
-        let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-            .validate(&module)
+        let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         let mut constants = naga::back::PipelineConstants::default();
         for (k, v) in overrides {
             constants.insert(k.to_string(), v);
@@ -416,8 +627,14 @@ fn matmul_shaders_compile_to_spirv() {
             &constants,
         )
         .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
-        let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
-        let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
+        let options = naga::back::spv::Options {
+            lang_version: (1, 6),
+            ..Default::default()
+        };
+        let pipeline = naga::back::spv::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: "main".into(),
+        };
         let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
             .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
         assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");

@@ -80,7 +80,11 @@ impl GemmQ4 {
     /// subgroups, and one fixed subgroup size (the kernel's workgroup is exactly 4 subgroups).
     pub fn coop_supported(gpu: &Gpu) -> bool {
         let c = &gpu.caps;
-        c.coop_matrix_f16 && c.subgroups && c.shader_f16 && c.subgroup_min_size == c.subgroup_max_size && c.subgroup_max_size > 0
+        c.coop_matrix_f16
+            && c.subgroups
+            && c.shader_f16
+            && c.subgroup_min_size == c.subgroup_max_size
+            && c.subgroup_max_size > 0
     }
 
     /// The kernel [`bind`](Self::bind) uses.
@@ -107,7 +111,17 @@ impl GemmQ4 {
         m_max: usize,
         step: &wgpu::Buffer,
     ) -> Result<Vec<Dispatch>> {
-        self.bind_with(gpu, w, x, y, bias, mode, m_max, step, &GemmOptions::default())
+        self.bind_with(
+            gpu,
+            w,
+            x,
+            y,
+            bias,
+            mode,
+            m_max,
+            step,
+            &GemmOptions::default(),
+        )
     }
 
     /// [`bind`](Self::bind) with a chosen kernel or binding limit.
@@ -136,10 +150,15 @@ impl GemmQ4 {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
         }
         if x.buffer == y.buffer {
-            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+            return Err(Error::Invalid(format!(
+                "{what}: x and y must be different buffers (y is written)"
+            )));
         }
         if m * (w.cols.max(w.rows) as u64) > u32::MAX as u64 {
-            return Err(Error::Unsupported(format!("{what}: {m_max}x{} too large for 32-bit indexing", w.cols.max(w.rows))));
+            return Err(Error::Unsupported(format!(
+                "{what}: {m_max}x{} too large for 32-bit indexing",
+                w.cols.max(w.rows)
+            )));
         }
         let (pipeline, name) = match opts.variant.unwrap_or(self.variant()) {
             GemmVariant::Tiled => (&self.tiled, "tiled"),
@@ -152,16 +171,27 @@ impl GemmQ4 {
                 }
             },
         };
-        let max_binding = opts.max_binding_bytes.unwrap_or(gpu.limits.max_storage_buffer_binding_size);
+        let max_binding = opts
+            .max_binding_bytes
+            .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
         let bpr = blocks_per_row(w.cols);
         let bias_range = bias.unwrap_or(x);
-        let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { x.size.min(w.cols as u64 * 4) };
+        let bias_bytes = if bias.is_some() {
+            w.rows as u64 * 4
+        } else {
+            x.size.min(w.cols as u64 * 4)
+        };
         let m_groups = m_max.div_ceil(TILE_M) as u32;
         let mut out = Vec::new();
         for c in row_chunks(gpu, what, &w, max_binding)? {
             let n_groups = c.rows.div_ceil(TILE_N) as u32;
-            if n_groups > gpu.limits.max_compute_workgroups_per_dimension || m_groups > gpu.limits.max_compute_workgroups_per_dimension {
-                return Err(Error::Unsupported(format!("{what}: {m_max}x{} needs too many workgroups", c.rows)));
+            if n_groups > gpu.limits.max_compute_workgroups_per_dimension
+                || m_groups > gpu.limits.max_compute_workgroups_per_dimension
+            {
+                return Err(Error::Unsupported(format!(
+                    "{what}: {m_max}x{} needs too many workgroups",
+                    c.rows
+                )));
             }
             let params = Params {
                 n: c.rows as u32,
@@ -173,14 +203,24 @@ impl GemmQ4 {
                 accumulate: (mode == Epilogue::Accumulate) as u32,
                 has_bias: bias.is_some() as u32,
             };
-            let label = format!("gemm_q4/{name} {}x{} rows {}..{} m_max {m_max}", w.rows, w.cols, c.row0, c.row0 + c.rows);
+            let label = format!(
+                "gemm_q4/{name} {}x{} rows {}..{} m_max {m_max}",
+                w.rows,
+                w.cols,
+                c.row0,
+                c.row0 + c.rows
+            );
             let params_buf = gpu.uniform(&label, &params);
             let bind_group = gpu.bind_group_ranges(
                 &label,
                 pipeline,
                 &[
                     (&params_buf, 0, None),
-                    (step, 0, Some(std::mem::size_of::<super::StepParams>() as u64)),
+                    (
+                        step,
+                        0,
+                        Some(std::mem::size_of::<super::StepParams>() as u64),
+                    ),
                     (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
                     (w.scales.buffer, c.scales.0, Some(c.scales.1)),
                     (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),

@@ -89,10 +89,12 @@ impl GemvQ4 {
     }
 
     /// The workgroup shape used for a `rows x cols` matrix: 4 rows per workgroup (each x load
-    /// shared by 4 rows), and the smallest workgroup (64..=256 threads) that puts about
+    /// shared by 4 rows; 8 for very tall matrices), and the smallest workgroup (64..=256 threads) that puts about
     /// `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks.
     pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        let rows_per_group = 4u32;
+        // Measured on the H100 (benches/kernels.rs --sweep): 8 rows win on N >= 55296
+        // (gate_up 1242 vs 1108 GB/s, lm_head 1391 vs 1188), 4 rows on N = 5120..7168.
+        let rows_per_group = if rows >= 32768 { 8u32 } else { 4 };
         let groups = rows.div_ceil(rows_per_group as usize).max(1);
         let quarters = blocks_per_row(cols) * 4;
         let mut wg = 64usize;
@@ -100,27 +102,44 @@ impl GemvQ4 {
             wg *= 2;
         }
         let wg = (wg as u32).max(self.subgroup_max.next_power_of_two());
-        GemvConfig { wg, rows: rows_per_group, subgroups: self.subgroups }
+        GemvConfig {
+            wg,
+            rows: rows_per_group,
+            subgroups: self.subgroups,
+        }
     }
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
-        if !cfg.wg.is_power_of_two() || !(32..=1024).contains(&cfg.wg) || cfg.wg < self.subgroup_max {
+        if !cfg.wg.is_power_of_two() || !(32..=1024).contains(&cfg.wg) || cfg.wg < self.subgroup_max
+        {
             return Err(Error::Invalid(format!(
                 "gemv_q4: workgroup size {} must be a power of two in 32..=1024 and at least the subgroup size {}",
                 cfg.wg, self.subgroup_max
             )));
         }
         if !(1..=MAX_ROWS).contains(&cfg.rows) {
-            return Err(Error::Invalid(format!("gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}", cfg.rows)));
+            return Err(Error::Invalid(format!(
+                "gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}",
+                cfg.rows
+            )));
         }
         if cfg.subgroups && !self.subgroups {
-            return Err(Error::Unsupported("gemv_q4: the adapter has no subgroup operations".into()));
+            return Err(Error::Unsupported(
+                "gemv_q4: the adapter has no subgroup operations".into(),
+            ));
         }
-        let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("gemv_q4: pipeline cache poisoned".into()))?;
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu("gemv_q4: pipeline cache poisoned".into()))?;
         if let Some(p) = cache.get(&cfg) {
             return Ok(p.clone());
         }
-        let (sum, kind) = if cfg.subgroups { (SUM_SUBGROUP, "subgroup") } else { (SUM_SHARED, "shared") };
+        let (sum, kind) = if cfg.subgroups {
+            (SUM_SUBGROUP, "subgroup")
+        } else {
+            (SUM_SHARED, "shared")
+        };
         let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
         let source = format!("{sum}\n{SOURCE}");
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
@@ -169,15 +188,25 @@ impl GemvQ4 {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
         }
         if x.buffer == y.buffer {
-            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+            return Err(Error::Invalid(format!(
+                "{what}: x and y must be different buffers (y is written)"
+            )));
         }
-        let cfg = opts.config.unwrap_or_else(|| self.config_for(w.rows, w.cols));
+        let cfg = opts
+            .config
+            .unwrap_or_else(|| self.config_for(w.rows, w.cols));
         let pipeline = self.pipeline(gpu, cfg)?;
-        let max_binding = opts.max_binding_bytes.unwrap_or(gpu.limits.max_storage_buffer_binding_size);
+        let max_binding = opts
+            .max_binding_bytes
+            .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
         let bpr = blocks_per_row(w.cols);
         // Without a bias the binding still needs a buffer: x, which is never read through it.
         let bias_range = bias.unwrap_or(x);
-        let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { x.size.min(w.cols as u64 * 4) };
+        let bias_bytes = if bias.is_some() {
+            w.rows as u64 * 4
+        } else {
+            x.size.min(w.cols as u64 * 4)
+        };
         let chunks = row_chunks(gpu, what, &w, max_binding)?;
         let mut out = Vec::with_capacity(chunks.len());
         for c in &chunks {
@@ -189,7 +218,13 @@ impl GemvQ4 {
                 accumulate: (mode == Epilogue::Accumulate) as u32,
                 has_bias: bias.is_some() as u32,
             };
-            let label = format!("gemv_q4 {}x{} rows {}..{}", w.rows, w.cols, c.row0, c.row0 + c.rows);
+            let label = format!(
+                "gemv_q4 {}x{} rows {}..{}",
+                w.rows,
+                w.cols,
+                c.row0,
+                c.row0 + c.rows
+            );
             let params_buf = gpu.uniform(&label, &params);
             let bind_group = gpu.bind_group_ranges(
                 &label,
@@ -204,7 +239,13 @@ impl GemvQ4 {
                 ],
             );
             let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
-            out.push(Dispatch { label, pipeline: pipeline.clone(), bind_group, workgroups: [gx, gy, 1], params: Some(params_buf) });
+            out.push(Dispatch {
+                label,
+                pipeline: pipeline.clone(),
+                bind_group,
+                workgroups: [gx, gy, 1],
+                params: Some(params_buf),
+            });
         }
         Ok(out)
     }
@@ -229,7 +270,12 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// Cuts `w` into row ranges whose word binding fits `max_binding` bytes. Range starts are chosen
 /// so both bindings begin at offsets aligned to `min_storage_buffer_offset_alignment`.
-pub(crate) fn row_chunks(gpu: &Gpu, what: &str, w: &Q4Ref, max_binding: u64) -> Result<Vec<RowChunk>> {
+pub(crate) fn row_chunks(
+    gpu: &Gpu,
+    what: &str,
+    w: &Q4Ref,
+    max_binding: u64,
+) -> Result<Vec<RowChunk>> {
     let bpr = blocks_per_row(w.cols) as u64;
     let row_bytes = bpr * WORDS_PER_BLOCK as u64 * 4;
     let align = gpu.limits.min_storage_buffer_offset_alignment.max(4) as u64;
@@ -266,7 +312,12 @@ pub(crate) fn row_chunks(gpu: &Gpu, what: &str, w: &Q4Ref, max_binding: u64) -> 
                 w.scales.buffer.size()
             )));
         }
-        chunks.push(RowChunk { row0, rows, qweight: (q_off, rows as u64 * row_bytes), scales: (s_off, s_size) });
+        chunks.push(RowChunk {
+            row0,
+            rows,
+            qweight: (q_off, rows as u64 * row_bytes),
+            scales: (s_off, s_size),
+        });
         row0 += rows;
     }
     Ok(chunks)
@@ -294,13 +345,21 @@ fn check_range(gpu: &Gpu, what: &str, name: &str, r: &BufRange) -> Result<()> {
 /// Checks a matrix's ranges against its shape.
 pub(crate) fn check_matrix(gpu: &Gpu, what: &str, w: &Q4Ref) -> Result<()> {
     if w.rows == 0 || w.cols == 0 {
-        return Err(Error::Invalid(format!("{what}: empty matrix {}x{}", w.rows, w.cols)));
+        return Err(Error::Invalid(format!(
+            "{what}: empty matrix {}x{}",
+            w.rows, w.cols
+        )));
     }
     let bpr = blocks_per_row(w.cols) as u64;
     let rows = w.rows as u64;
-    for (name, r, need) in
-        [("qweight", &w.qweight, rows * bpr * WORDS_PER_BLOCK as u64 * 4), ("scales", &w.scales, rows * bpr * 2)]
-    {
+    for (name, r, need) in [
+        (
+            "qweight",
+            &w.qweight,
+            rows * bpr * WORDS_PER_BLOCK as u64 * 4,
+        ),
+        ("scales", &w.scales, rows * bpr * 2),
+    ] {
         check_range(gpu, what, name, r)?;
         if r.size < need {
             return Err(Error::Invalid(format!(
@@ -309,17 +368,31 @@ pub(crate) fn check_matrix(gpu: &Gpu, what: &str, w: &Q4Ref) -> Result<()> {
             )));
         }
     }
-    if (w.cols as u64) > u32::MAX as u64 / 8 || rows * bpr * WORDS_PER_BLOCK as u64 / 4 > u32::MAX as u64 {
-        return Err(Error::Unsupported(format!("{what}: matrix {}x{} too large for 32-bit indexing", w.rows, w.cols)));
+    if (w.cols as u64) > u32::MAX as u64 / 8
+        || rows * bpr * WORDS_PER_BLOCK as u64 / 4 > u32::MAX as u64
+    {
+        return Err(Error::Unsupported(format!(
+            "{what}: matrix {}x{} too large for 32-bit indexing",
+            w.rows, w.cols
+        )));
     }
     Ok(())
 }
 
 /// Checks an activation range: aligned, inside its buffer, at least `need` bytes, and bindable.
-pub(crate) fn check_vector(gpu: &Gpu, what: &str, name: &str, r: &BufRange, need: u64) -> Result<()> {
+pub(crate) fn check_vector(
+    gpu: &Gpu,
+    what: &str,
+    name: &str,
+    r: &BufRange,
+    need: u64,
+) -> Result<()> {
     check_range(gpu, what, name, r)?;
     if r.size < need {
-        return Err(Error::Invalid(format!("{what}: {name} needs {need} bytes, the range has {}", r.size)));
+        return Err(Error::Invalid(format!(
+            "{what}: {name} needs {need} bytes, the range has {}",
+            r.size
+        )));
     }
     if need > gpu.limits.max_storage_buffer_binding_size {
         return Err(Error::Unsupported(format!(

@@ -1,0 +1,580 @@
+//! Kernel benchmarks: INT4 GEMV bandwidth (decode) and GEMM throughput (prompt processing) on the
+//! 32B model's shapes, against a plain streaming kernel measured in the same run.
+//!
+//! `cargo bench --bench kernels` runs the DeepSeek-R1-Distill-Qwen-32B shapes (needs a big GPU).
+//! `Q4WGPU_BENCH_SMALL=1` (or the argument `--small`) runs small shapes, for lavapipe.
+//! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
+//! `GemvQ4::config_for`.
+//!
+//! GEMV GB/s = (qweight + scales + x bytes) / median time; weights rotate over enough copies
+//! that they cannot stay in the GPU's L2 cache between runs. Times come from timestamp queries
+//! around a pass of `REPS` products when the adapter has them, else from the wall clock around
+//! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
+
+use q4wgpu::gpu::Gpu;
+use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
+use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
+use q4wgpu::quant::blocks_per_row;
+use std::time::Instant;
+
+const SAMPLES: usize = 21;
+const WARMUP: usize = 3;
+
+/// Reads (and, for the copy entry point, writes) a buffer of vec4<u32> with a grid-stride loop.
+const STREAM: &str = r#"
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+
+@compute @workgroup_size(256)
+fn stream_read(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * 256u;
+    var acc = vec4<u32>(0u);
+    for (var i = gid.x; i < arrayLength(&src); i += stride) {
+        acc ^= src[i];
+    }
+    // Never true for this data; keeps the loads alive.
+    if (all(acc == vec4<u32>(0x12345678u))) {
+        dst[gid.x] = acc;
+    }
+}
+
+@compute @workgroup_size(256)
+fn stream_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let stride = nwg.x * 256u;
+    for (var i = gid.x; i < arrayLength(&src); i += stride) {
+        dst[i] = src[i];
+    }
+}
+"#;
+
+/// One thread per row, one word at a time: the baseline a GEMV kernel should beat.
+const NAIVE_GEMV: &str = r#"
+struct Params { rows: u32, k: u32, bpr: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> qw: array<u32>;
+@group(0) @binding(2) var<storage, read> scales: array<u32>;
+@group(0) @binding(3) var<storage, read> x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let row = gid.x + gid.y * nwg.x * 64u;
+    if (row >= p.rows) {
+        return;
+    }
+    var acc = 0.0;
+    for (var c = 0u; c < p.k; c++) {
+        let si = row * p.bpr + c / 128u;
+        let sw = scales[si / 2u];
+        let s = select(bf16_lo(sw), bf16_hi(sw), (si & 1u) == 1u);
+        acc += q4_level(qw[row * p.bpr * 16u + c / 8u], c % 8u) * s * x[c];
+    }
+    y[row] = acc;
+}
+"#;
+
+struct Shape {
+    name: &'static str,
+    k: usize,
+    n: usize,
+}
+
+struct Settings {
+    shapes: Vec<Shape>,
+    /// Weights rotate over copies totalling at least this many bytes (defeats the L2 cache).
+    rotate_bytes: u64,
+    stream_bytes: u64,
+    gemm_m: usize,
+    reps: usize,
+    naive: bool,
+    sweep: bool,
+}
+
+fn settings() -> Settings {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |arg: &str, env: &str| {
+        args.iter().any(|a| a == arg) || std::env::var(env).is_ok_and(|v| v != "0")
+    };
+    let sweep = flag("--sweep", "Q4WGPU_BENCH_SWEEP");
+    if flag("--small", "Q4WGPU_BENCH_SMALL") {
+        // SmolLM2-135M's shapes (hidden 576, 3 KV heads of 64, FFN 1536), small enough for lavapipe.
+        let shapes = vec![
+            Shape {
+                name: "qkv",
+                k: 576,
+                n: 576 + 2 * 192,
+            },
+            Shape {
+                name: "o",
+                k: 576,
+                n: 576,
+            },
+            Shape {
+                name: "gate_up",
+                k: 576,
+                n: 2 * 1536,
+            },
+            Shape {
+                name: "down",
+                k: 1536,
+                n: 576,
+            },
+        ];
+        Settings {
+            shapes,
+            rotate_bytes: 0,
+            stream_bytes: 16 << 20,
+            gemm_m: 32,
+            reps: 1,
+            naive: true,
+            sweep,
+        }
+    } else {
+        let (h, kv, ffn, vocab) = (5120, 1024, 27648, 152064);
+        let shapes = vec![
+            Shape {
+                name: "qkv",
+                k: h,
+                n: h + 2 * kv,
+            },
+            Shape {
+                name: "o",
+                k: h,
+                n: h,
+            },
+            Shape {
+                name: "gate_up",
+                k: h,
+                n: 2 * ffn,
+            },
+            Shape {
+                name: "down",
+                k: ffn,
+                n: h,
+            },
+            Shape {
+                name: "lm_head",
+                k: h,
+                n: vocab,
+            },
+        ];
+        Settings {
+            shapes,
+            rotate_bytes: 256 << 20,
+            stream_bytes: 1 << 30,
+            gemm_m: 512,
+            reps: 10,
+            naive: false,
+            sweep,
+        }
+    }
+}
+
+/// Three significant digits (lavapipe's numbers are small, the H100's large).
+fn sig(v: f64) -> String {
+    let decimals = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else if v >= 1.0 {
+        2
+    } else {
+        3 + (-v.log10()).floor().max(0.0) as usize
+    };
+    format!("{v:.decimals$}")
+}
+
+/// Times passes of `reps` calls of `encode(pass, call_index)`; returns the median seconds per call.
+fn time_per_call(
+    gpu: &Gpu,
+    reps: usize,
+    encode: &dyn Fn(&mut wgpu::ComputePass<'_>, usize),
+) -> f64 {
+    let passes = WARMUP + SAMPLES;
+    let mut times = Vec::with_capacity(SAMPLES);
+    if gpu.caps.timestamps {
+        let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * SAMPLES as u32,
+        });
+        let bytes = 16 * SAMPLES as u64;
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for s in 0..passes {
+            let timestamp_writes =
+                s.checked_sub(WARMUP)
+                    .map(|i| wgpu::ComputePassTimestampWrites {
+                        query_set: &queries,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench"),
+                timestamp_writes,
+            });
+            for r in 0..reps {
+                encode(&mut pass, s * reps + r);
+            }
+        }
+        enc.resolve_query_set(&queries, 0..2 * SAMPLES as u32, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+        gpu.queue.submit([enc.finish()]);
+        let raw = gpu
+            .map_and_read(&readback, bytes)
+            .expect("reading timestamps");
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period = gpu.queue.get_timestamp_period() as f64 * 1e-9;
+        for pair in ticks.chunks(2) {
+            times.push(pair[1].wrapping_sub(pair[0]) as f64 * period / reps as f64);
+        }
+    } else {
+        for s in 0..passes {
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for r in 0..reps {
+                    encode(&mut pass, s * reps + r);
+                }
+            }
+            let t = Instant::now();
+            gpu.queue.submit([enc.finish()]);
+            gpu.wait().expect("GPU work finishes");
+            if s >= WARMUP {
+                times.push(t.elapsed().as_secs_f64() / reps as f64);
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// A fast deterministic filler (xorshift) for large random buffers.
+fn random_words(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 16) as u32
+        })
+        .collect()
+}
+
+/// A random INT4 matrix on the GPU: words, and scales as bf16 in [2^-8, 2^-6).
+struct Matrix {
+    rows: usize,
+    cols: usize,
+    qweight: wgpu::Buffer,
+    scales: wgpu::Buffer,
+}
+
+impl Matrix {
+    fn random(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Matrix {
+        let bpr = blocks_per_row(cols);
+        let words = random_words(rows * bpr * 16, seed);
+        let scales: Vec<u16> = random_words(rows * bpr, seed + 1)
+            .iter()
+            .map(|w| 0x3b80 + (w & 0xff) as u16)
+            .collect();
+        Matrix {
+            rows,
+            cols,
+            qweight: gpu.storage_from("bench qweight", &words),
+            scales: gpu.storage_from_bytes("bench scales", bytemuck::cast_slice(&scales)),
+        }
+    }
+
+    fn q4ref(&self) -> Q4Ref<'_> {
+        Q4Ref {
+            rows: self.rows,
+            cols: self.cols,
+            qweight: BufRange::whole(&self.qweight),
+            scales: BufRange::whole(&self.scales),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        let bpr = blocks_per_row(self.cols) as u64;
+        self.rows as u64 * bpr * (64 + 2)
+    }
+}
+
+fn encode_all(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch]) {
+    for d in dispatches {
+        d.encode(pass);
+    }
+}
+
+/// Median seconds of one GEMV, rotating over the copies.
+fn time_gemv(
+    gpu: &Gpu,
+    s: &Settings,
+    kernel: &GemvQ4,
+    copies: &[Matrix],
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    cfg: Option<GemvConfig>,
+) -> Option<f64> {
+    let opts = GemvOptions {
+        config: cfg,
+        ..Default::default()
+    };
+    let mut bound = Vec::new();
+    for m in copies {
+        match kernel.bind_with(
+            gpu,
+            m.q4ref(),
+            BufRange::whole(x),
+            BufRange::whole(y),
+            None,
+            Epilogue::Store,
+            &opts,
+        ) {
+            Ok(d) => bound.push(d),
+            Err(e) => {
+                eprintln!("  gemv {cfg:?}: {e}");
+                return None;
+            }
+        }
+    }
+    Some(time_per_call(gpu, s.reps, &|pass, i| {
+        encode_all(pass, &bound[i % bound.len()])
+    }))
+}
+
+fn stream_bandwidth(gpu: &Gpu, s: &Settings) -> (f64, f64) {
+    let bytes = s
+        .stream_bytes
+        .min(gpu.limits.max_storage_buffer_binding_size / 2 & !15);
+    let src = gpu.storage_buffer("stream src", bytes);
+    let dst = gpu.storage_buffer("stream dst", bytes);
+    let groups = 132 * 8 * 4;
+    let mut out = [0.0; 2];
+    for (i, entry) in ["stream_read", "stream_copy"].into_iter().enumerate() {
+        let pipeline = gpu
+            .compute_pipeline(&format!("bench/{entry}"), STREAM, entry, &[])
+            .expect("stream kernel");
+        let bind_group = gpu.bind_group(&format!("bench/{entry}"), &pipeline, &[&src, &dst]);
+        let d = Dispatch {
+            label: entry.into(),
+            pipeline,
+            bind_group,
+            workgroups: [groups, 1, 1],
+            params: None,
+        };
+        let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+        let moved = if entry == "stream_copy" {
+            2 * bytes
+        } else {
+            bytes
+        };
+        out[i] = moved as f64 / t / 1e9;
+    }
+    (out[0], out[1])
+}
+
+fn naive_gemv_gbs(gpu: &Gpu, s: &Settings, m: &Matrix, x: &wgpu::Buffer, y: &wgpu::Buffer) -> f64 {
+    let pipeline = gpu
+        .compute_pipeline("bench/naive_gemv", NAIVE_GEMV, "main", &[])
+        .expect("naive gemv");
+    let params = [
+        m.rows as u32,
+        m.cols as u32,
+        blocks_per_row(m.cols) as u32,
+        0,
+    ];
+    let pbuf = gpu.uniform("naive params", &params);
+    let bind_group = gpu.bind_group(
+        "bench/naive_gemv",
+        &pipeline,
+        &[&pbuf, &m.qweight, &m.scales, x, y],
+    );
+    let (gx, gy) = q4wgpu::gpu::dispatch_2d(m.rows.div_ceil(64) as u32);
+    let d = Dispatch {
+        label: "naive".into(),
+        pipeline,
+        bind_group,
+        workgroups: [gx, gy, 1],
+        params: Some(pbuf),
+    };
+    let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+    (m.bytes() + m.cols as u64 * 4) as f64 / t / 1e9
+}
+
+fn main() {
+    let gpu = match Gpu::new(None) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("kernels bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    let s = settings();
+    println!("# q4wgpu kernel bench\n\nadapter: {}\n", gpu.describe());
+    println!(
+        "timing: {}, median of {SAMPLES} passes of {} calls after {WARMUP} warm-up passes\n",
+        if gpu.caps.timestamps {
+            "timestamp queries"
+        } else {
+            "wall clock"
+        },
+        s.reps
+    );
+    let (read_gbs, copy_gbs) = stream_bandwidth(&gpu, &s);
+    println!(
+        "streaming vec4<u32>: read {} GB/s, copy {} GB/s (read + written bytes)\n",
+        sig(read_gbs),
+        sig(copy_gbs)
+    );
+
+    let gemv = GemvQ4::new(&gpu).expect("gemv compiles");
+    let gemm = GemmQ4::new(&gpu).expect("gemm compiles");
+    println!("## GEMV (M = 1)\n");
+    println!(
+        "| matrix | K | N | MB | µs | GB/s | of stream read | config |{}",
+        if s.naive { " naive GB/s |" } else { "" }
+    );
+    println!(
+        "| --- | --- | --- | --- | --- | --- | --- | --- |{}",
+        if s.naive { " --- |" } else { "" }
+    );
+    let mut sweeps = Vec::new();
+    for (i, shape) in s.shapes.iter().enumerate() {
+        let first = Matrix::random(&gpu, shape.n, shape.k, 7 + i as u64);
+        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
+        let mut copies = vec![first];
+        for c in 1..n_copies {
+            copies.push(Matrix::random(
+                &gpu,
+                shape.n,
+                shape.k,
+                1000 * c as u64 + i as u64,
+            ));
+        }
+        let x_host: Vec<f32> = random_words(shape.k, 3)
+            .iter()
+            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+            .collect();
+        let x = gpu.storage_from("bench x", &x_host);
+        let y = gpu.storage_buffer("bench y", shape.n as u64 * 4);
+        let bytes = copies[0].bytes() + shape.k as u64 * 4;
+        let cfg = gemv.config_for(shape.n, shape.k);
+        let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, None) else {
+            continue;
+        };
+        let gbs = bytes as f64 / t / 1e9;
+        let naive = if s.naive {
+            format!(" {} |", sig(naive_gemv_gbs(&gpu, &s, &copies[0], &x, &y)))
+        } else {
+            String::new()
+        };
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} |{naive}",
+            shape.name,
+            shape.k,
+            shape.n,
+            bytes as f64 / 1e6,
+            sig(t * 1e6),
+            sig(gbs),
+            gbs / read_gbs,
+            cfg.wg,
+            cfg.rows
+        );
+        if s.sweep {
+            for wg in [64, 128, 256, 512] {
+                for rows in [1, 2, 4, 8] {
+                    let cfg = GemvConfig {
+                        wg,
+                        rows,
+                        subgroups: gpu.caps.subgroups,
+                    };
+                    if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
+                        sweeps.push((shape.name, wg, rows, bytes as f64 / t / 1e9));
+                    }
+                }
+            }
+        }
+    }
+    if s.sweep {
+        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
+        for (name, wg, rows, gbs) in &sweeps {
+            println!("| {name} | {wg} | {rows} | {} |", sig(*gbs));
+        }
+    }
+
+    let m = s.gemm_m;
+    println!("\n## GEMM (M = {m})\n");
+    println!("| matrix | K | N | variant | ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- |");
+    let step = gpu.uniform(
+        "bench step",
+        &StepParams {
+            pos: 0,
+            n_tokens: m as u32,
+            kv_len: m as u32,
+            _pad: 0,
+        },
+    );
+    let mut variants = vec![GemmVariant::Tiled];
+    if gemm.variant() == GemmVariant::Coop {
+        variants.insert(0, GemmVariant::Coop);
+    }
+    for (i, shape) in s.shapes.iter().enumerate() {
+        let w = Matrix::random(&gpu, shape.n, shape.k, 99 + i as u64);
+        let x_host: Vec<f32> = random_words(m * shape.k, 5)
+            .iter()
+            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+            .collect();
+        let x = gpu.storage_from("bench X", &x_host);
+        let y = gpu.storage_buffer("bench Y", (m * shape.n * 4) as u64);
+        for &variant in &variants {
+            let opts = GemmOptions {
+                variant: Some(variant),
+                ..Default::default()
+            };
+            let bound = match gemm.bind_with(
+                &gpu,
+                w.q4ref(),
+                BufRange::whole(&x),
+                BufRange::whole(&y),
+                None,
+                Epilogue::Store,
+                m,
+                &step,
+                &opts,
+            ) {
+                Ok(d) => d,
+                Err(e) => {
+                    println!(
+                        "| {} | {} | {} | {variant:?} | — | {e} |",
+                        shape.name, shape.k, shape.n
+                    );
+                    continue;
+                }
+            };
+            let t = time_per_call(&gpu, 1, &|pass, _| encode_all(pass, &bound));
+            let flops = 2.0 * m as f64 * shape.n as f64 * shape.k as f64;
+            println!(
+                "| {} | {} | {} | {variant:?} | {} | {} |",
+                shape.name,
+                shape.k,
+                shape.n,
+                sig(t * 1e3),
+                sig(flops / t / 1e12)
+            );
+        }
+    }
+}
