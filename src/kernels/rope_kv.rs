@@ -55,7 +55,11 @@ impl RopeKv {
         m_max: usize,
         step: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        if head_dim == 0 || head_dim % 2 != 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || n_kv_heads == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             return Err(Error::Invalid(format!(
                 "rope_kv: head_dim {head_dim} must be even and n_heads {n_heads} a multiple of n_kv_heads {n_kv_heads}"
             )));

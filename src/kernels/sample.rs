@@ -115,6 +115,7 @@ impl Sample {
 
     /// `logits`: f32 [vocab]; `history`: u32 [max_history] recent token ids (written by the engine,
     /// oldest first); `out`: at least [`out_words`]`(top_n)` u32 words.
+    #[allow(clippy::too_many_arguments)]
     pub fn bind(
         &self,
         gpu: &Gpu,
@@ -256,10 +257,9 @@ impl SampleDispatch {
                 self.max_history
             )));
         }
-        if !p.temperature.is_finite()
-            || !p.top_p.is_finite()
-            || !(p.repeat_penalty.is_finite() && p.repeat_penalty > 0.0)
-        {
+        let finite =
+            p.temperature.is_finite() && p.top_p.is_finite() && p.repeat_penalty.is_finite();
+        if !(finite && p.repeat_penalty > 0.0) {
             return Err(Error::Invalid(format!(
                 "sampling parameters must be finite with a positive repeat penalty: {p:?}"
             )));
