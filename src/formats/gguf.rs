@@ -677,7 +677,7 @@ const ELEMENTS_PER_TASK: usize = 1 << 16;
 /// Decodes `n_elements` values of type `ty` from `bytes` (which must hold exactly that many).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>> {
     let (bs, bb) = (ty.block_size(), ty.block_bytes());
-    if n_elements % bs != 0 {
+    if !n_elements.is_multiple_of(bs) {
         return Err(Error::Invalid(format!(
             "{n_elements} elements are not a whole number of {} blocks of {bs}",
             ty.name()
@@ -918,23 +918,31 @@ pub fn config_from_gguf(h: &GgufHeader) -> Result<ModelConfig> {
         )));
     }
 
-    let mut vocab_size = match h
+    // The tokenizer's token count (or {arch}.vocab_size) must match the embedding table, as
+    // llama.cpp requires; with neither, the table decides.
+    let embd_rows = h
+        .tensor("token_embd.weight")
+        .map(|t| t.dims.get(1).copied().unwrap_or(1) as usize);
+    let listed = match h
         .meta("tokenizer.ggml.tokens")
         .and_then(MetaValue::as_array)
     {
-        Some(tokens) => tokens.len(),
-        None => need_usize(&key("vocab_size"))?,
+        Some(tokens) => Some(tokens.len()),
+        None => get_usize(&key("vocab_size"))?,
     };
-    if let Some(embd) = h.tensor("token_embd.weight") {
-        let rows = embd.dims.get(1).copied().unwrap_or(0) as usize;
-        if h.meta("tokenizer.ggml.tokens").is_none() && h.meta(&key("vocab_size")).is_none() {
-            vocab_size = rows;
-        } else if rows != vocab_size {
+    let vocab_size = match (listed, embd_rows) {
+        (Some(v), Some(rows)) if v != rows => {
             return Err(Error::Config(format!(
-                "the vocabulary has {vocab_size} tokens but token_embd.weight has {rows} rows"
-            )));
+                "the vocabulary has {v} tokens but token_embd.weight has {rows} rows"
+            )))
         }
-    }
+        (Some(v), _) | (None, Some(v)) => v,
+        (None, None) => {
+            return Err(Error::Config(format!(
+                "GGUF metadata has neither tokenizer.ggml.tokens nor {arch}.vocab_size"
+            )))
+        }
+    };
 
     if h.tensor("rope_freqs.weight").is_some() {
         return Err(Error::Unsupported(
@@ -989,7 +997,7 @@ pub fn config_from_gguf(h: &GgufHeader) -> Result<ModelConfig> {
 
 /// For each (head, i < hd/2, half s): the Hugging Face row and the row llama.cpp stores it at.
 fn rope_row_pairs(rows: usize, heads: usize) -> Result<impl Iterator<Item = (usize, usize)>> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::Config(format!(
             "{rows} rows cannot be split into {heads} heads of even size"
         )));
