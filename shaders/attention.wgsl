@@ -8,12 +8,14 @@
 //
 // Entry points:
 //   decode_partial  one token, flash-decoding. Workgroup (KV head × head batch, split) covers a
-//                   chunk of positions for up to GB query heads of one KV group, so each K/V row is
-//                   loaded once for all of them. Tiles of 64 positions: one thread per position
-//                   scores it for every head (q in workgroup memory), then each thread accumulates
-//                   8 output dims over a strided subset of the tile's positions. Writes the split's
-//                   running max m, sum l and unnormalised output to scratch.
-//   decode_combine  one workgroup per query head: rescales the splits to a common max and divides.
+//                   chunk of positions for up to 8 query heads of one KV group, so each K/V row is
+//                   loaded once for all of them; heads are vec4 lanes (two quads), so per-thread
+//                   state needs no arrays. Tiles of 64 positions: one thread per position scores it
+//                   for every head (q in workgroup memory), then each thread accumulates 8 output
+//                   dims for every head over a strided subset of the tile's positions. Writes the
+//                   split's running max m, sum l and unnormalised output to scratch.
+//   decode_combine  one workgroup per query head: rescales the splits to a common max and divides;
+//                   threads split the splits between them (tree reductions for max and sum).
 //   prefill         a chunk of tokens. Workgroup = 32 (token, head) rows of one KV group; tiles of
 //                   BK keys are unpacked once into workgroup memory and used by all 32 rows.
 //                   Per tile: scores (thread: 4 rows × BK/16 keys), online softmax (4 threads per

@@ -173,7 +173,7 @@ impl Attention {
                 "attention with head_dim {head_dim}: the kernels support head_dim {SUPPORTED_HEAD_DIMS:?}"
             )));
         }
-        if n_kv_heads == 0 || n_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_kv_heads == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::Invalid(format!(
                 "attention: {n_heads} query heads cannot be shared evenly by {n_kv_heads} KV heads"
             )));
@@ -184,7 +184,7 @@ impl Attention {
             )));
         }
         let limits = &gpu.limits;
-        let binding_limit = limits.max_storage_buffer_binding_size as u64;
+        let binding_limit = limits.max_storage_buffer_binding_size;
         let rows_bytes = (m_max * n_heads * head_dim * 4) as u64;
         let cache_bytes = (n_kv_heads * ctx * head_dim * 2) as u64;
         for (name, buf, need) in [
