@@ -8,12 +8,14 @@
 //
 // Entry points:
 //   decode_partial  one token, flash-decoding. Workgroup (KV head × head batch, split) covers a
-//                   chunk of positions for up to GB query heads of one KV group, so each K/V row is
-//                   loaded once for all of them. Tiles of 64 positions: one thread per position
-//                   scores it for every head (q in workgroup memory), then each thread accumulates
-//                   8 output dims over a strided subset of the tile's positions. Writes the split's
-//                   running max m, sum l and unnormalised output to scratch.
-//   decode_combine  one workgroup per query head: rescales the splits to a common max and divides.
+//                   chunk of positions for up to 8 query heads of one KV group, so each K/V row is
+//                   loaded once for all of them; heads are vec4 lanes (two quads), so per-thread
+//                   state needs no arrays. Tiles of 64 positions: one thread per position scores it
+//                   for every head (q in workgroup memory), then each thread accumulates 8 output
+//                   dims for every head over a strided subset of the tile's positions. Writes the
+//                   split's running max m, sum l and unnormalised output to scratch.
+//   decode_combine  one workgroup per query head: rescales the splits to a common max and divides;
+//                   threads split the splits between them (tree reductions for max and sum).
 //   prefill         a chunk of tokens. Workgroup = 32 (token, head) rows of one KV group; tiles of
 //                   BK keys are unpacked once into workgroup memory and used by all 32 rows.
 //                   Per tile: scores (thread: 4 rows × BK/16 keys), online softmax (4 threads per
@@ -37,20 +39,20 @@ struct Params {
     max_splits: u32,
     // Decode: workgroups per KV head, each for up to GB query heads.
     head_batches: u32,
-    _pad0: u32,
+    // Most tokens per step (rows of q and out).
+    m_max: u32,
     _pad1: u32,
 }
 
 // Head dimension: 32, 64 or 128.
 override HD: u32 = 128u;
-// Decode: query heads handled by one workgroup (at most MAX_GB).
+// Decode: query heads handled by one workgroup (1 to 8).
 override GB: u32 = 1u;
 // Prefill: keys per tile (16 or 32, chosen from the workgroup memory limit).
 override BK: u32 = 32u;
 
 // A finite stand-in for -infinity: exp(NEG - m) is 0, and NEG - NEG is not NaN.
 const NEG: f32 = -3.0e38;
-const MAX_GB: u32 = 8u;
 // Decode: positions per tile = threads per workgroup.
 const DEC_TILE: u32 = 64u;
 // Decode combine: threads per workgroup, most splits (the bind-time bound never exceeds it).
@@ -88,16 +90,37 @@ fn decode_chunk(kv_len: u32) -> u32 {
     return max(DEC_TILE, (per_split + DEC_TILE - 1u) / DEC_TILE * DEC_TILE);
 }
 
-var<workgroup> dq_s: array<vec4<f32>, GB * (HD / 4u)>;
-// Scores, then probabilities, of the tile: [head][position].
-var<workgroup> de_s: array<f32, GB * DEC_TILE>;
-var<workgroup> dmax_s: array<f32, MAX_GB * 8u>;
-var<workgroup> dsum_o: array<vec4<f32>, 2u * DEC_TILE>;
-var<workgroup> dsum_l: array<f32, DEC_TILE>;
+// Query head quads per decode workgroup: heads are handled four at a time as vec4 lanes.
+override NQ: u32 = (GB + 3u) / 4u;
+
+var<workgroup> dq_s: array<vec4<f32>, NQ * HD>;
+// Scores, then probabilities, of the tile: [position][quad].
+var<workgroup> de_s: array<vec4<f32>, 2u * DEC_TILE>;
+var<workgroup> dmax_s: array<vec4<f32>, 32u>;
+// Each thread's accumulators for the phase sum: [thread][head][dims 0..3, 4..7].
+var<workgroup> dsum_o: array<vec4<f32>, 16u * DEC_TILE>;
+var<workgroup> dsum_l: array<vec4<f32>, 2u * DEC_TILE>;
+
+// Score of query head j (of the batch) against eight key dims 8w..8w+8.
+fn qk(j: u32, w: u32, ka: vec4<f32>, kb: vec4<f32>) -> f32 {
+    let base = j * (HD / 4u) + 2u * w;
+    return dot(dq_s[base], ka) + dot(dq_s[base + 1u], kb);
+}
+
+// Accumulates probability e (one lane per head) times eight value dims into two matrices whose
+// column j holds head j's dims 0..3 (a) and 4..7 (b).
+fn accumulate(a: ptr<function, mat4x4<f32>>, b: ptr<function, mat4x4<f32>>, e: vec4<f32>, va: vec4<f32>, vb: vec4<f32>) {
+    *a += mat4x4<f32>(va * e.x, va * e.y, va * e.z, va * e.w);
+    *b += mat4x4<f32>(vb * e.x, vb * e.y, vb * e.z, vb * e.w);
+}
+
+fn rescale(m: mat4x4<f32>, f: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(m[0] * f.x, m[1] * f.y, m[2] * f.z, m[3] * f.w);
+}
 
 @compute @workgroup_size(64)
 fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let kv_len = step.kv_len;
+    let kv_len = min(step.kv_len, params.ctx);
     let chunk = decode_chunk(kv_len);
     let split = wid.y;
     let start = split * chunk;
@@ -113,11 +136,11 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let hd8 = HD / 8u;
     let scale = inverseSqrt(f32(HD));
 
-    // Queries of the batch, pre-scaled; heads past the group's end score 0 and are not written.
-    for (var it = 0u; it < (GB * hd4 + DEC_TILE - 1u) / DEC_TILE; it++) {
+    // Queries of the batch, pre-scaled; padding heads are 0 and never written out.
+    for (var it = 0u; it < (NQ * HD + DEC_TILE - 1u) / DEC_TILE; it++) {
         let idx = it * DEC_TILE + lid;
         let j = idx / hd4;
-        if idx < GB * hd4 {
+        if idx < NQ * HD {
             var qv = vec4<f32>(0.0);
             if j < n_here {
                 qv = q[(head0 + j) * hd4 + idx % hd4] * scale;
@@ -126,124 +149,122 @@ fn decode_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
         }
     }
 
-    // P·V mapping: thread owns dims 8*dgi..8*dgi+8 over positions ph, ph + nph, ...
+    // P·V mapping: thread owns dims 8*dgi..8*dgi+8 over positions ph, ph + nph, ... of a tile.
     let dgi = lid % hd8;
     let ph = lid / hd8;
     let nph = DEC_TILE / hd8;
-    var m: array<f32, MAX_GB>;
-    var l: array<f32, MAX_GB>;
-    var acc: array<vec4<f32>, 16>;
-    for (var j = 0u; j < GB; j++) {
-        m[j] = NEG;
-        l[j] = 0.0;
-        acc[2u * j] = vec4<f32>(0.0);
-        acc[2u * j + 1u] = vec4<f32>(0.0);
-    }
+    var m_lo = vec4<f32>(NEG);
+    var m_hi = vec4<f32>(NEG);
+    var l_lo = vec4<f32>(0.0);
+    var l_hi = vec4<f32>(0.0);
+    var a_lo = mat4x4<f32>();
+    var b_lo = mat4x4<f32>();
+    var a_hi = mat4x4<f32>();
+    var b_hi = mat4x4<f32>();
     workgroupBarrier();
 
     for (var t0 = start; t0 < end; t0 += DEC_TILE) {
-        // All of the tile's loads first, with fixed trip counts so they are in flight together.
-        // Positions past the end are clamped to the last one (finite data) and masked below.
+        // Scores of this thread's position (clamped to a valid row, masked below) for every head.
         let p = t0 + lid;
         let krow = (kvh * params.ctx + min(p, end - 1u)) * hd8;
-        var kr: array<vec4<u32>, 16>;
+        var s_lo = vec4<f32>(0.0);
+        var s_hi = vec4<f32>(0.0);
         for (var w = 0u; w < hd8; w++) {
-            kr[w] = k_cache[krow + w];
+            let kw = k_cache[krow + w];
+            let ka = unpack_lo(kw);
+            let kb = unpack_hi(kw);
+            s_lo += vec4<f32>(qk(0u, w, ka, kb), qk(1u, w, ka, kb), qk(2u, w, ka, kb), qk(3u, w, ka, kb));
+            if NQ > 1u {
+                s_hi += vec4<f32>(qk(4u, w, ka, kb), qk(5u, w, ka, kb), qk(6u, w, ka, kb), qk(7u, w, ka, kb));
+            }
         }
-        var vr: array<vec4<u32>, 16>;
+        if p >= end {
+            s_lo = vec4<f32>(NEG);
+            s_hi = vec4<f32>(NEG);
+        }
+        de_s[2u * lid] = s_lo;
+        de_s[2u * lid + 1u] = s_hi;
+        workgroupBarrier();
+
+        // Tile max per head: thread (quad, part) over four positions, then all threads over parts.
+        if lid < 32u {
+            let quad = lid / 16u;
+            let p4 = (lid % 16u) * 4u;
+            dmax_s[lid] = max(max(de_s[2u * p4 + quad], de_s[2u * (p4 + 1u) + quad]), max(de_s[2u * (p4 + 2u) + quad], de_s[2u * (p4 + 3u) + quad]));
+        }
+        workgroupBarrier();
+        var t_lo = vec4<f32>(NEG);
+        var t_hi = vec4<f32>(NEG);
+        for (var i = 0u; i < 16u; i++) {
+            t_lo = max(t_lo, dmax_s[i]);
+            t_hi = max(t_hi, dmax_s[16u + i]);
+        }
+        let mn_lo = max(m_lo, t_lo);
+        let mn_hi = max(m_hi, t_hi);
+        let f_lo = exp(m_lo - mn_lo);
+        let f_hi = exp(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        de_s[2u * lid] = exp(s_lo - m_lo);
+        de_s[2u * lid + 1u] = exp(s_hi - m_hi);
+        workgroupBarrier();
+
+        a_lo = rescale(a_lo, f_lo);
+        b_lo = rescale(b_lo, f_lo);
+        l_lo *= f_lo;
+        if NQ > 1u {
+            a_hi = rescale(a_hi, f_hi);
+            b_hi = rescale(b_hi, f_hi);
+            l_hi *= f_hi;
+        }
+        let vbase = kvh * params.ctx * hd8 + dgi;
         for (var i = 0u; i < hd8; i++) {
-            let pv = min(t0 + ph + i * nph, end - 1u);
-            vr[i] = v_cache[(kvh * params.ctx + pv) * hd8 + dgi];
-        }
-
-        // Scores: this thread's position against every head of the batch.
-        var s: array<f32, MAX_GB>;
-        for (var j = 0u; j < GB; j++) {
-            s[j] = 0.0;
-        }
-        for (var w = 0u; w < hd8; w++) {
-            let ka = unpack_lo(kr[w]);
-            let kb = unpack_hi(kr[w]);
-            for (var j = 0u; j < GB; j++) {
-                s[j] += dot(dq_s[j * hd4 + 2u * w], ka) + dot(dq_s[j * hd4 + 2u * w + 1u], kb);
-            }
-        }
-        for (var j = 0u; j < GB; j++) {
-            if p >= end {
-                s[j] = NEG;
-            }
-            de_s[j * DEC_TILE + lid] = s[j];
-        }
-        workgroupBarrier();
-
-        // Tile max per head: 8 threads per head, 8 positions each.
-        let mj = lid / 8u;
-        if mj < GB {
-            var mx = NEG;
-            for (var i = 0u; i < 8u; i++) {
-                mx = max(mx, de_s[mj * DEC_TILE + (lid % 8u) * 8u + i]);
-            }
-            dmax_s[lid] = mx;
-        }
-        workgroupBarrier();
-
-        // New running max (every thread computes the same), probabilities of this thread's position
-        // (0 for masked positions).
-        var f: array<f32, MAX_GB>;
-        for (var j = 0u; j < GB; j++) {
-            var tmax = NEG;
-            for (var i = 0u; i < 8u; i++) {
-                tmax = max(tmax, dmax_s[j * 8u + i]);
-            }
-            let m_new = max(m[j], tmax);
-            f[j] = exp(m[j] - m_new);
-            m[j] = m_new;
-            de_s[j * DEC_TILE + lid] = exp(s[j] - m_new);
-        }
-        workgroupBarrier();
-
-        for (var j = 0u; j < GB; j++) {
-            acc[2u * j] *= f[j];
-            acc[2u * j + 1u] *= f[j];
-            l[j] *= f[j];
-        }
-        for (var i = 0u; i < hd8; i++) {
-            let va = unpack_lo(vr[i]);
-            let vb = unpack_hi(vr[i]);
             let pp = ph + i * nph;
-            for (var j = 0u; j < GB; j++) {
-                let e = de_s[j * DEC_TILE + pp];
-                acc[2u * j] += e * va;
-                acc[2u * j + 1u] += e * vb;
-                l[j] += e;
+            let vw = v_cache[vbase + min(t0 + pp, end - 1u) * hd8];
+            let va = unpack_lo(vw);
+            let vb = unpack_hi(vw);
+            let e_lo = de_s[2u * pp];
+            accumulate(&a_lo, &b_lo, e_lo, va, vb);
+            l_lo += e_lo;
+            if NQ > 1u {
+                let e_hi = de_s[2u * pp + 1u];
+                accumulate(&a_hi, &b_hi, e_hi, va, vb);
+                l_hi += e_hi;
             }
         }
         workgroupBarrier();
     }
 
-    // Sum the position phases, one head at a time, and write the split's partial result.
-    for (var j = 0u; j < GB; j++) {
-        dsum_o[2u * lid] = acc[2u * j];
-        dsum_o[2u * lid + 1u] = acc[2u * j + 1u];
-        dsum_l[lid] = l[j];
-        workgroupBarrier();
-        if lid < hd8 && j < n_here {
+    // Sum the position phases and write the split's partial result per head.
+    for (var c = 0u; c < 4u; c++) {
+        dsum_o[16u * lid + 2u * c] = a_lo[c];
+        dsum_o[16u * lid + 2u * c + 1u] = b_lo[c];
+        dsum_o[16u * lid + 8u + 2u * c] = a_hi[c];
+        dsum_o[16u * lid + 9u + 2u * c] = b_hi[c];
+    }
+    dsum_l[2u * lid] = l_lo;
+    dsum_l[2u * lid + 1u] = l_hi;
+    workgroupBarrier();
+    for (var idx = lid; idx < GB * hd8; idx += DEC_TILE) {
+        let j = idx / hd8;
+        let d = idx % hd8;
+        if j < n_here {
             var oa = vec4<f32>(0.0);
             var ob = vec4<f32>(0.0);
             var ll = 0.0;
             for (var k = 0u; k < nph; k++) {
-                oa += dsum_o[2u * (k * hd8 + lid)];
-                ob += dsum_o[2u * (k * hd8 + lid) + 1u];
-                ll += dsum_l[k * hd8];
+                let t = k * hd8 + d;
+                oa += dsum_o[16u * t + 2u * j];
+                ob += dsum_o[16u * t + 2u * j + 1u];
+                ll += dsum_l[2u * k * hd8 + j / 4u][j % 4u];
             }
             let slot = (head0 + j) * params.max_splits + split;
-            part_o[slot * hd4 + 2u * lid] = oa;
-            part_o[slot * hd4 + 2u * lid + 1u] = ob;
-            if lid == 0u {
-                part_ml[slot] = vec2<f32>(m[j], ll);
+            part_o[slot * hd4 + 2u * d] = oa;
+            part_o[slot * hd4 + 2u * d + 1u] = ob;
+            if d == 0u {
+                part_ml[slot] = vec2<f32>(select(m_hi[j % 4u], m_lo[j % 4u], j < 4u), ll);
             }
         }
-        workgroupBarrier();
     }
 }
 
@@ -271,7 +292,7 @@ fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
 fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd4 = HD / 4u;
     let head = wid.x;
-    let kv_len = step.kv_len;
+    let kv_len = min(step.kv_len, params.ctx);
     let chunk = decode_chunk(kv_len);
     let n_splits = (kv_len + chunk - 1u) / chunk;
     let first = head * params.max_splits;
@@ -332,7 +353,12 @@ var<workgroup> row_f: array<f32, PF_ROWS>;
 // Position of flattened row rg = token * group + head_in_group; rows past the step's tokens
 // take the last token's position, so every row sees position 0 and its max stays finite.
 fn row_position(rg: u32) -> u32 {
-    return step.pos + min(rg / params.group, step.n_tokens - 1u);
+    return step.pos + min(rg / params.group, prefill_tokens() - 1u);
+}
+
+// The step's tokens, bounded by the bound rows and the cache (a bad step reads nothing outside).
+fn prefill_tokens() -> u32 {
+    return min(min(step.n_tokens, params.m_max), params.ctx - min(step.pos, params.ctx));
 }
 
 // A prefill K or V tile (BK positions from kt) in registers: word idx = it * PF_THREADS + lid of
@@ -372,7 +398,7 @@ fn store_tile(r: array<vec4<u32>, TILE_LOADS>, lid: u32) {
 @compute @workgroup_size(128)
 fn prefill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = params.group;
-    let n_rows = step.n_tokens * g;
+    let n_rows = prefill_tokens() * g;
     let r_base = wid.x * PF_ROWS;
     if r_base >= n_rows {
         return;

@@ -188,11 +188,41 @@ impl Gpu {
         entry_point: &str,
         overrides: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline_with_checks(label, source, entry_point, overrides, wgpu::ShaderRuntimeChecks::checked())
+    }
+
+    /// Like `compute_pipeline`, without the checks naga otherwise adds to the shader: index
+    /// clamping on every buffer access and a counter that bounds every loop. The counter keeps the
+    /// driver from unrolling loops, so per-thread arrays go to local memory: on the H100 a tiled
+    /// attention kernel ran 6.5 times faster without the checks (2.2 → 14 TFLOP/s).
+    /// Only for kernels whose indices stay in bounds by construction (shapes checked at bind
+    /// time, per-step values clamped in the shader) and whose loops all terminate.
+    pub fn compute_pipeline_unchecked(
+        &self,
+        label: &str,
+        source: &str,
+        entry_point: &str,
+        overrides: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline_with_checks(label, source, entry_point, overrides, wgpu::ShaderRuntimeChecks::unchecked())
+    }
+
+    fn pipeline_with_checks(
+        &self,
+        label: &str,
+        source: &str,
+        entry_point: &str,
+        overrides: &[(&str, f64)],
+        checks: wgpu::ShaderRuntimeChecks,
+    ) -> Result<wgpu::ComputePipeline> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let desc = wgpu::ShaderModuleDescriptor {
             label: Some(label),
             source: wgpu::ShaderSource::Wgsl(shader_source(source).into()),
-        });
+        };
+        // SAFETY: with `checked()` this is `create_shader_module`; otherwise the caller's kernel
+        // stays in bounds and terminates (see `compute_pipeline_unchecked`).
+        let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let constants: Vec<(&str, f64)> = overrides.to_vec();
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(label),
