@@ -12,4 +12,6 @@ pub use error::{Error, Result};
 pub mod gpu;
 pub mod formats;
 pub mod kernels;
+pub mod fetch;
+pub mod scheduler;
 pub mod tokenizer;
