@@ -279,45 +279,84 @@ fn stream_decoder_skips_special_tokens_and_flushes_incomplete_bytes() {
     assert!(rest.ends_with('\u{fffd}'));
 }
 
-/// A tiny byte-level vocabulary: "a", "b", "ab", "<eos>" and "<s>" (control), no BOS id.
+/// Ids of the tiny vocabulary: the 256 byte tokens (id = byte value), then "ab", "<eos>", "<s>".
+const AB: u32 = 256;
+const EOS: u32 = 257;
+const S: u32 = 258;
+
+/// GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the others for
+/// U+0100 onwards in byte order.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
+    if printable(b) {
+        b as char
+    } else {
+        let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+        char::from_u32(256 + rank).unwrap()
+    }
+}
+
+/// A tiny byte-level vocabulary with one merge ("a b") and two control tokens, no BOS id.
 fn tiny_metadata(model: &str, pre: &str) -> BTreeMap<String, MetaValue> {
-    let strings =
-        |v: &[&str]| MetaValue::Array(v.iter().map(|s| MetaValue::String(s.to_string())).collect());
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+    tokens.extend(["ab", "<eos>", "<s>"].map(String::from));
+    let mut types = vec![MetaValue::I32(1); 257];
+    types.extend([MetaValue::I32(3), MetaValue::I32(3)]);
+    let string = |s: &str| MetaValue::String(s.to_string());
     BTreeMap::from([
-        (
-            "tokenizer.ggml.model".to_string(),
-            MetaValue::String(model.into()),
-        ),
-        (
-            "tokenizer.ggml.pre".to_string(),
-            MetaValue::String(pre.into()),
-        ),
+        ("tokenizer.ggml.model".to_string(), string(model)),
+        ("tokenizer.ggml.pre".to_string(), string(pre)),
         (
             "tokenizer.ggml.tokens".to_string(),
-            strings(&["a", "b", "ab", "<eos>", "<s>"]),
+            MetaValue::Array(tokens.iter().map(|t| string(t)).collect()),
         ),
         (
             "tokenizer.ggml.token_type".to_string(),
-            MetaValue::Array([1, 1, 1, 3, 3].map(MetaValue::I32).to_vec()),
+            MetaValue::Array(types),
         ),
-        ("tokenizer.ggml.merges".to_string(), strings(&["a b"])),
-        ("tokenizer.ggml.eos_token_id".to_string(), MetaValue::U32(3)),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            MetaValue::Array(vec![string("a b")]),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".to_string(),
+            MetaValue::U32(EOS),
+        ),
     ])
 }
 
 #[test]
 fn tiny_vocabulary_merges_and_has_no_template() {
     let tok = Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", "gpt2")).unwrap();
-    assert_eq!(tok.encode("abab<eos>", true).unwrap(), [2, 2, 3]);
-    assert_eq!(tok.eos_ids(), [3]);
+    assert_eq!(tok.encode("abab<eos>", true).unwrap(), [AB, AB, EOS]);
+    assert_eq!(tok.eos_ids(), [EOS]);
     assert_eq!(tok.bos_id(), None);
     let err = tok.apply_chat_template(&user("x"), true).unwrap_err();
     assert!(
         matches!(err, Error::Template(ref m) if m.contains("no chat template")),
         "{err}"
     );
-    let err = tok.decode(&[5], false).unwrap_err();
+    let err = tok.decode(&[S + 1], false).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn every_supported_pre_tokenizer_builds_and_round_trips() {
+    for pre in [
+        "qwen2",
+        "deepseek-r1-qwen",
+        "llama-bpe",
+        "llama3",
+        "smollm",
+        "gpt2",
+        "default",
+    ] {
+        let tok = Tokenizer::from_gguf_metadata(&tiny_metadata("gpt2", pre)).unwrap();
+        let text = "ab I'M 1234 \u{a0}\r\n  \t中 🐍<eos>";
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), text, "{pre}");
+        assert_eq!(ids[0], AB, "{pre}: \"ab\" is merged");
+    }
 }
 
 #[test]
@@ -390,12 +429,12 @@ fn folder_config_variants_are_understood() {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
     std::fs::write(
         dir.join("generation_config.json"),
-        r#"{"eos_token_id": [3, 1]}"#,
+        format!("{{\"eos_token_id\": [{EOS}, 1]}}"),
     )
     .unwrap();
     let tok = Tokenizer::from_folder(&dir).unwrap();
-    assert_eq!(tok.bos_id(), Some(0));
-    assert_eq!(tok.eos_ids(), [3, 1]);
+    assert_eq!(tok.bos_id(), Some(b'a' as u32));
+    assert_eq!(tok.eos_ids(), [EOS, 1]);
     assert!(
         !tok.add_bos(),
         "no add_bos_token and no post-processor adding BOS"
@@ -433,7 +472,7 @@ fn bos_from_the_post_processor_when_config_is_silent() {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [4], "tokens": ["<s>"]}},
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [S], "tokens": ["<s>"]}},
     });
     std::fs::write(&path, json.to_string()).unwrap();
     std::fs::write(
@@ -442,10 +481,10 @@ fn bos_from_the_post_processor_when_config_is_silent() {
     )
     .unwrap();
     let tok = Tokenizer::from_folder(&dir).unwrap();
-    assert_eq!(tok.bos_id(), Some(4));
+    assert_eq!(tok.bos_id(), Some(S));
     assert!(tok.add_bos());
-    assert_eq!(tok.encode("ab", true).unwrap(), [4, 2]);
-    assert_eq!(tok.encode("ab", false).unwrap(), [2]);
-    assert_eq!(tok.encode("<s>ab", true).unwrap(), [4, 2], "no second BOS");
+    assert_eq!(tok.encode("ab", true).unwrap(), [S, AB]);
+    assert_eq!(tok.encode("ab", false).unwrap(), [AB]);
+    assert_eq!(tok.encode("<s>ab", true).unwrap(), [S, AB], "no second BOS");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -201,7 +201,7 @@ pub(super) fn build(
         eos_token: eos_ids.first().map(|&id| tokens[id as usize].to_string()),
         eos_ids,
         // Without the key, llama.cpp adds BOS only for Llama 3 among the vocabularies we support.
-        add_bos: Some(add_bos.unwrap_or(matches!(pre, "llama-bpe" | "llama3"))),
+        add_bos: Some(add_bos.unwrap_or(bos_id.is_some() && matches!(pre, "llama-bpe" | "llama3"))),
     };
     let template = meta
         .get("tokenizer.chat_template")
