@@ -87,6 +87,9 @@ pub fn find_known(name: &str) -> Option<&'static KnownModel> {
 
 /// The local path of a known model, fetching and verifying it first if needed.
 pub fn ensure(model: &KnownModel) -> Result<PathBuf> {
+    // Tests in one process may ask for the same model at once; one fetches, the others wait.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCHING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = cache_dir().join("models");
     let path = dir.join(model.file_name);
     let marker = dir.join(format!("{}.verified", model.file_name));

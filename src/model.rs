@@ -49,6 +49,8 @@ pub fn resolve(arg: Option<&str>) -> Result<PathBuf> {
 
 /// A known model, fetched and quantized once into the cache.
 fn cached_quantized(known: &fetch::KnownModel) -> Result<PathBuf> {
+    static QUANTIZING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = QUANTIZING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let folder = fetch::cache_dir().join("quantized").join(known.name);
     if q4::is_q4_folder(&folder) {
         return Ok(folder);

@@ -205,11 +205,15 @@ pub fn tiny_tokenizer_config_json() -> serde_json::Value {
 
 /// Writes a complete tiny Hugging Face model folder: config, BF16 safetensors, tokenizer files.
 pub fn write_tiny_hf_model(dir: &Path, arch: Arch, seed: u64) -> Result<()> {
-    let config = tiny_config(arch);
-    let tensors = random_tensors(&config, seed);
+    write_hf_model(dir, &tiny_config(arch), seed)
+}
+
+/// Writes a random checkpoint of any (small) config with the tiny tokenizer, in the Hugging Face layout.
+pub fn write_hf_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    let tensors = random_tensors(config, seed);
     write_hf_folder(
         dir,
-        &config,
+        config,
         &mut tensors.into_iter().map(Ok),
         HfDtype::BF16,
         u64::MAX,

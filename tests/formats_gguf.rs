@@ -12,16 +12,13 @@ use rand::{Rng, RngCore};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// A real model file from the local cache; missing is a failure that says how to get it.
+/// A real model file, fetched into the cache (once) by the same fetcher the CLI uses.
 fn real_model(name: &str) -> PathBuf {
-    let home = std::env::var_os("HOME").expect("HOME must be set to find ~/.cache/q4wgpu");
-    let path = Path::new(&home).join(".cache/q4wgpu/models").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: download {name} into ~/.cache/q4wgpu/models/ (see README, `q4wgpu fetch`)",
-        path.display()
-    );
-    path
+    let known = q4wgpu::fetch::KNOWN_MODELS
+        .iter()
+        .find(|m| m.file_name == name)
+        .unwrap_or_else(|| panic!("{name} is not a model the fetcher knows"));
+    q4wgpu::fetch::ensure(known).unwrap_or_else(|e| panic!("fetching {name}: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
