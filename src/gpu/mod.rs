@@ -181,6 +181,9 @@ impl Gpu {
 
     /// Compiles a kernel: `shaders/common.wgsl` followed by the kernel's own file, with
     /// `override` constants set. Validation errors come back as `Error::Gpu` naming the kernel.
+    /// Buffer accesses stay bounds-checked; naga's loop counter is left out, because it keeps the
+    /// driver from unrolling loops (see `compute_pipeline_unchecked`) and every loop of our kernels
+    /// is bounded by its shape parameters.
     pub fn compute_pipeline(
         &self,
         label: &str,
@@ -188,7 +191,8 @@ impl Gpu {
         entry_point: &str,
         overrides: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline_with_checks(label, source, entry_point, overrides, wgpu::ShaderRuntimeChecks::checked())
+        let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
+        self.pipeline_with_checks(label, source, entry_point, overrides, checks)
     }
 
     /// Like `compute_pipeline`, without the checks naga otherwise adds to the shader: index
