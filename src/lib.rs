@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the design in one page.
 
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod quant;
 pub mod quantize;
 pub mod sampling;
 pub mod scheduler;
+pub mod synthetic;
 pub mod test_models;
 pub mod tokenizer;
 pub mod weights;

@@ -7,7 +7,7 @@ use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::sampling::SamplingParams;
 use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
-use q4wgpu::{model, scheduler, Error, Result};
+use q4wgpu::{bench, model, scheduler, synthetic, Error, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -31,6 +31,9 @@ enum Command {
         /// The folder to create.
         dst: PathBuf,
     },
+    /// Measure prompt processing and generation speed (llama-bench style) against bounds measured
+    /// in the same run.
+    Bench(BenchArgs),
     /// Show the GPU adapters, and a model's size and memory needs.
     Info {
         #[arg(long)]
@@ -95,11 +98,55 @@ struct RunArgs {
     vram_budget: Option<String>,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// A model as `run` takes it.
+    #[arg(long, conflicts_with = "synthetic")]
+    model: Option<String>,
+    /// A random-weight model of a known shape: tiny, qwen2-0.5b, qwen2-7b, qwen2-32b, llama-70b.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Prompt tokens of the prompt-processing test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Decode steps of the generation test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    gen_tokens: usize,
+    /// Timed repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// KV cache positions (default: what the tests need).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Most prompt tokens per forward pass.
+    #[arg(long, default_value_t = EngineOptions::default().chunk)]
+    chunk: usize,
+    /// Comma-separated VRAM budgets, one set of rows each; "all" keeps every layer resident.
+    #[arg(long, default_value = "all")]
+    vram_budget: String,
+    /// Ring slots for streamed layers.
+    #[arg(long, default_value_t = EngineOptions::default().prefetch_depth)]
+    prefetch_depth: usize,
+    /// Part of the adapter's name to pick it (see `q4wgpu info`).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Buffer size of the bandwidth measurements.
+    #[arg(long, default_value = "256MiB")]
+    bandwidth_buffer: String,
+    /// Seed of the synthetic weights and the random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Quantize { src, dst } => quantize(src, dst),
+        Command::Bench(args) => bench(args),
         Command::Info { model, adapter, ctx_size, vram_budget } => info(model, adapter, ctx_size, vram_budget),
     };
     if let Err(e) = result {
@@ -202,6 +249,53 @@ fn run(args: RunArgs) -> Result<()> {
         "prompt: {} tokens, {:.1} tok/s; generated: {} tokens, {:.1} tok/s; stopped: {}",
         t.prompt_tokens, t.prompt_tokens_per_second, t.generated_tokens, t.decode_tokens_per_second, generation.finish_reason
     );
+    Ok(())
+}
+
+/// `q4wgpu bench`: the rows stream to stdout as a markdown table as they are measured.
+fn bench(args: BenchArgs) -> Result<()> {
+    let opts = bench::BenchOptions {
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repetitions: args.repetitions,
+        ctx_size: args.ctx_size,
+        chunk: args.chunk,
+        budgets: bench::parse_budgets(&args.vram_budget)?,
+        prefetch_depth: args.prefetch_depth,
+        bandwidth_bytes: scheduler::parse_size(&args.bandwidth_buffer)?,
+        seed: args.seed,
+    };
+    let load_start = Instant::now();
+    let (weights, name) = match (&args.synthetic, &args.model) {
+        (Some(shape), _) => (synthetic::synthetic_weights(&synthetic::synthetic_config(shape)?, args.seed), format!("{shape} (synthetic)")),
+        (None, model_arg) => {
+            let path = model::resolve(model_arg.as_deref())?;
+            let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+            (model::load(&path, true)?.weights, name)
+        }
+    };
+    eprintln!("{name}: {:.2} GB of weights ready in {:.1} s", weights.byte_len() as f64 / 1e9, load_start.elapsed().as_secs_f64());
+    let gpu = Gpu::new(args.adapter.as_deref())?;
+    eprintln!("adapter: {}", gpu.describe());
+    let mut header_printed = false;
+    let mut report = bench::run_bench(&gpu, &weights, &name, &opts, &mut |row| {
+        if !header_printed {
+            println!("{}", bench::TABLE_HEADER);
+            header_printed = true;
+        }
+        println!("{}", bench::table_line(row));
+        let _ = std::io::stdout().flush();
+    })?;
+    report.command = std::env::args().collect::<Vec<_>>().join(" ");
+    println!();
+    print!("{}", bench::preamble(&gpu.describe(), &report.bandwidth));
+    for s in &report.skipped {
+        println!("budget {} skipped: {}", bench::budget_label(s.budget), s.reason);
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(format!("serialising the results: {e}")))?;
+        std::fs::write(path, text).map_err(|e| Error::io("writing the results", path, e))?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,409 @@
+//! Synthetic models and `q4wgpu bench` on the tiny shape (lavapipe in CI).
+
+use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
+use q4wgpu::cpu::CpuModel;
+use q4wgpu::engine::{EngineOptions, GpuModel};
+use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
+use q4wgpu::quantize::expected_tensors;
+use q4wgpu::scheduler::LayerPack;
+use q4wgpu::synthetic::{synthetic_config, synthetic_weights, SYNTHETIC_NAMES};
+use q4wgpu::weights::{is_quantized_name, Blob, DenseDtype, ModelWeights, Weight};
+use q4wgpu::Arch;
+
+#[test]
+fn synthetic_configs_have_the_real_shapes_and_unknown_names_list_the_known_ones() {
+    for name in SYNTHETIC_NAMES {
+        let c = synthetic_config(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let c = synthetic_config("qwen2-32b").expect("known");
+    assert_eq!(c.arch().ok(), Some(Arch::Qwen2));
+    assert_eq!(
+        (c.hidden_size, c.num_hidden_layers, c.intermediate_size),
+        (5120, 64, 27648)
+    );
+    assert_eq!(
+        (
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.head_dim(),
+            c.vocab_size
+        ),
+        (40, 8, 128, 152064)
+    );
+    assert!(!c.tie_word_embeddings && c.qkv_bias());
+    assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-5));
+    // 16.49 GB of INT4 linear weights and lm_head per token (DESIGN.md §3).
+    let lm_head = c.vocab_size * c.hidden_size.div_ceil(128) * (64 + 2);
+    let bytes = LayerPack::new(&c).bytes * c.num_hidden_layers as u64 + lm_head as u64;
+    assert!((16.48e9..16.50e9).contains(&(bytes as f64)), "{bytes}");
+
+    let c = synthetic_config("llama-70b").expect("known");
+    assert_eq!(c.arch().ok(), Some(Arch::Llama));
+    assert_eq!(
+        (c.hidden_size, c.num_hidden_layers, c.intermediate_size),
+        (8192, 80, 28672)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_kv_heads(), c.vocab_size),
+        (64, 8, 128256)
+    );
+    assert!(!c.qkv_bias() && !c.o_bias() && !c.tie_word_embeddings);
+    let s = c.rope_scaling.as_ref().expect("llama3 scaling");
+    assert_eq!(
+        (
+            s.rope_type.as_str(),
+            s.factor,
+            s.original_max_position_embeddings
+        ),
+        ("llama3", 8.0, 8192)
+    );
+
+    let c = synthetic_config("qwen2-0.5b").expect("known");
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.vocab_size
+        ),
+        (896, 24, 14, 2, 151936)
+    );
+    assert!(c.tie_word_embeddings);
+    let c = synthetic_config("qwen2-7b").expect("known");
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.intermediate_size,
+            c.num_kv_heads()
+        ),
+        (3584, 28, 18944, 4)
+    );
+
+    let msg = synthetic_config("gpt-5").expect_err("unknown").to_string();
+    for name in SYNTHETIC_NAMES {
+        assert!(msg.contains(name), "{msg}");
+    }
+    assert!(msg.contains("gpt-5"), "{msg}");
+}
+
+fn owned_ptr(blob: &Blob) -> *const Vec<u32> {
+    match blob {
+        Blob::Owned(words, _) => std::sync::Arc::as_ptr(words),
+        Blob::Mapped { .. } => panic!("synthetic weights are owned"),
+    }
+}
+
+#[test]
+fn synthetic_weights_have_the_names_shapes_and_types_of_a_quantized_model_and_share_layers() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 7);
+    let mut want = expected_tensors(&config);
+    want.push((
+        "lm_head.weight".into(),
+        vec![config.vocab_size, config.hidden_size],
+    ));
+    let mut names: Vec<&String> = want.iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(w.tensors.keys().collect::<Vec<_>>(), names);
+    for (name, shape) in &want {
+        match w.get(name).expect("present") {
+            Weight::Q4 { rows, cols, .. } => {
+                assert!(is_quantized_name(name), "{name} should be dense");
+                assert_eq!(&vec![*rows, *cols], shape, "{name}");
+                let view = w.q4(name).expect("consistent INT4 data");
+                // Padding of the short last block (192 = 128 + 64) holds level 0, as the quantizer writes it.
+                let bpr = view.blocks_per_row();
+                for r in [0, view.rows / 2, view.rows - 1] {
+                    let last = &view.qweight[(r * bpr + bpr - 1) * 16..(r * bpr + bpr) * 16];
+                    let tail = view.cols % 128;
+                    if tail != 0 {
+                        for i in tail..128 {
+                            assert_eq!(
+                                (last[i / 8] >> (4 * (i % 8))) & 0xF,
+                                8,
+                                "{name} row {r} element {i}"
+                            );
+                        }
+                    }
+                }
+            }
+            Weight::Dense {
+                shape: s, dtype, ..
+            } => {
+                assert!(!is_quantized_name(name), "{name} should be INT4");
+                assert_eq!(s, shape, "{name}");
+                let expected = if name == "model.embed_tokens.weight" {
+                    DenseDtype::BF16
+                } else {
+                    DenseDtype::F32
+                };
+                assert_eq!(*dtype, expected, "{name}");
+                let (_, values) = w.dense_f32(name).expect("consistent dense data");
+                assert!(values.iter().all(|v| v.is_finite()), "{name}");
+                if name.ends_with("norm.weight") {
+                    assert!(values.iter().all(|&v| v == 1.0), "{name}");
+                }
+            }
+        }
+    }
+    // Layers share one allocation per kind: host memory is one layer's worth.
+    let blob = |w: &ModelWeights, name: &str| match w.get(name).expect("present") {
+        Weight::Q4 { qweight, .. } => owned_ptr(qweight),
+        Weight::Dense { data, .. } => owned_ptr(data),
+    };
+    for kind in [
+        "self_attn.q_proj.weight",
+        "mlp.down_proj.weight",
+        "self_attn.k_proj.bias",
+        "input_layernorm.weight",
+    ] {
+        let first = blob(&w, &format!("model.layers.0.{kind}"));
+        for l in 1..config.num_hidden_layers {
+            assert_eq!(
+                blob(&w, &format!("model.layers.{l}.{kind}")),
+                first,
+                "{kind} of layer {l}"
+            );
+        }
+    }
+    // The seed changes the values.
+    let other = synthetic_weights(&config, 8);
+    assert_ne!(
+        w.q4("lm_head.weight").expect("q4").qweight,
+        other.q4("lm_head.weight").expect("q4").qweight
+    );
+}
+
+/// Logits stay finite and of order one through every layer (the scales keep activations at unit
+/// RMS), and the GPU engine agrees with the CPU reference on them. Tolerance 1e-2 of the largest
+/// logit: the GPU keeps the KV cache in f16 (relative rounding 5e-4) and sums in another order.
+#[test]
+fn synthetic_tiny_model_gives_finite_logits_on_the_cpu_reference_and_the_gpu() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 11);
+    let mut rng = Rng::fresh("synthetic logits");
+    let tokens: Vec<u32> = (0..13)
+        .map(|_| rng.below(config.vocab_size) as u32)
+        .collect();
+    let cpu = CpuModel::new(&w).expect("cpu model");
+    let mut cache = cpu.new_cache(32);
+    let all = cpu.forward_all(&mut cache, &tokens).expect("cpu forward");
+    for (pos, logits) in all.iter().enumerate() {
+        assert!(
+            logits.iter().all(|v| v.is_finite()),
+            "position {pos}: non-finite logits"
+        );
+        let rms = (logits.iter().map(|v| v * v).sum::<f32>() / logits.len() as f32).sqrt();
+        assert!(
+            (0.05..50.0).contains(&rms),
+            "position {pos}: logits RMS {rms} is not of order one"
+        );
+    }
+    let mut engine = GpuModel::new(
+        gpu(),
+        &w,
+        EngineOptions {
+            ctx_size: 32,
+            chunk: 5,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
+    let got = engine.logits(&tokens).expect("gpu forward");
+    assert_close("synthetic tiny logits", &got, &all[all.len() - 1], 1e-2);
+}
+
+fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
+    BenchOptions {
+        prompt_tokens: 9,
+        gen_tokens: 5,
+        repetitions: 2,
+        ctx_size: None,
+        chunk: 4,
+        budgets,
+        prefetch_depth: 1,
+        bandwidth_bytes: 4 << 20,
+        seed: 3,
+    }
+}
+
+fn rel_eq(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+#[test]
+fn bench_rows_have_positive_speeds_and_consistent_byte_counts_resident_and_streamed() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 5);
+    let opts = small_options(vec![None]);
+    // A budget with room for the fixed buffers and two and a half layers: with one ring slot,
+    // one layer stays resident and the other three stream.
+    let fixed = {
+        let engine = GpuModel::new(
+            gpu(),
+            &w,
+            EngineOptions {
+                ctx_size: opts.needed_ctx(),
+                chunk: opts.chunk,
+                ..Default::default()
+            },
+        )
+        .expect("engine");
+        engine.plan().fixed_bytes
+    };
+    let pack = LayerPack::new(&config);
+    let budget = fixed + 2 * pack.bytes + pack.bytes / 2;
+    let opts = small_options(vec![None, Some(budget), Some(fixed / 2)]);
+    let mut seen = 0;
+    let report =
+        bench::run_bench(gpu(), &w, "tiny", &opts, &mut |_| seen += 1).expect("bench runs");
+    assert_eq!(report.rows.len(), 4, "pp and tg at two budgets");
+    assert_eq!(seen, 4);
+    assert_eq!(
+        report.skipped.len(),
+        1,
+        "a budget below the fixed buffers is skipped"
+    );
+    assert!(
+        report.skipped[0].reason.contains("minimum"),
+        "{}",
+        report.skipped[0].reason
+    );
+    let bw = &report.bandwidth;
+    assert!(bw.read > 0.0 && bw.upload > 0.0, "{bw:?}");
+
+    let lm = w.q4("lm_head.weight").expect("lm_head");
+    let lm_bytes = (lm.qweight.len() * 4 + lm.scales.len() * 2) as f64;
+    let weights_pass = (config.num_hidden_layers as u64 * pack.bytes) as f64;
+    let kv_per_pos = (config.num_hidden_layers * 2 * config.kv_dim() * 2) as f64;
+    let (p, n, chunk) = (opts.prompt_tokens, opts.gen_tokens, opts.chunk);
+    let passes = p.div_ceil(chunk);
+    for r in &report.rows {
+        let what = format!("{} at {}", r.test, bench::budget_label(r.budget));
+        assert_eq!(r.samples.len(), opts.repetitions, "{what}");
+        assert!(
+            r.samples.iter().all(|&s| s > 0.0 && s.is_finite()),
+            "{what}: {:?}",
+            r.samples
+        );
+        assert!(
+            r.tokens_per_second_min <= r.tokens_per_second
+                && r.tokens_per_second <= r.tokens_per_second_max,
+            "{what}"
+        );
+        assert_eq!(r.layer_bytes, pack.bytes, "{what}");
+        assert_eq!(
+            r.resident_layers + r.streamed_layers,
+            config.num_hidden_layers,
+            "{what}"
+        );
+        let streamed_pass = (r.streamed_layers as u64 * pack.bytes) as f64;
+        let (bytes, streamed) = if r.test == format!("tg{n}") {
+            let mean_kv = TG_PROMPT as f64 + (n as f64 + 1.0) / 2.0;
+            assert_eq!(r.generated.len(), n, "{what}");
+            assert!(
+                r.generated
+                    .iter()
+                    .all(|&t| (t as usize) < config.vocab_size),
+                "{what}"
+            );
+            (
+                weights_pass + lm_bytes + mean_kv * kv_per_pos,
+                streamed_pass,
+            )
+        } else {
+            assert_eq!(r.test, format!("pp{p}"));
+            let kv: f64 = (1..=passes)
+                .map(|c| (c * chunk).min(p) as f64 * kv_per_pos)
+                .sum();
+            (
+                (passes as f64 * weights_pass + lm_bytes + kv) / p as f64,
+                passes as f64 * streamed_pass / p as f64,
+            )
+        };
+        assert!(
+            rel_eq(r.bytes_per_token, bytes),
+            "{what}: {} bytes/token, expected {bytes}",
+            r.bytes_per_token
+        );
+        assert!(
+            rel_eq(r.streamed_bytes_per_token, streamed),
+            "{what}: {} streamed, expected {streamed}",
+            r.streamed_bytes_per_token
+        );
+        assert!(
+            rel_eq(r.achieved_bytes_per_second, bytes * r.tokens_per_second),
+            "{what}"
+        );
+        let limit = 1.0 / ((bytes - streamed) / bw.read + streamed / bw.upload);
+        assert!(rel_eq(r.memory_limit_tokens_per_second, limit), "{what}");
+        assert!(
+            rel_eq(r.fraction_of_memory_limit, r.tokens_per_second / limit),
+            "{what}"
+        );
+        match r.budget {
+            None => {
+                assert_eq!(r.streamed_layers, 0, "{what}");
+                assert!(
+                    r.pcie_bound_tokens_per_second.is_none() && r.fraction_of_pcie_bound.is_none(),
+                    "{what}"
+                );
+            }
+            Some(b) => {
+                assert_eq!(b, budget);
+                assert_eq!((r.resident_layers, r.streamed_layers), (1, 3), "{what}");
+                let bound = r
+                    .pcie_bound_tokens_per_second
+                    .expect("streamed rows have a PCIe bound");
+                assert!(rel_eq(bound, bw.upload / streamed), "{what}");
+                assert!(
+                    rel_eq(
+                        r.fraction_of_pcie_bound.expect("ratio"),
+                        r.tokens_per_second / bound
+                    ),
+                    "{what}"
+                );
+            }
+        }
+    }
+    // Streaming changes where weights live, not the arithmetic: the same greedy tokens.
+    let tg: Vec<&bench::BenchRow> = report
+        .rows
+        .iter()
+        .filter(|r| r.test.starts_with("tg"))
+        .collect();
+    assert_eq!(
+        tg[0].generated, tg[1].generated,
+        "resident and streamed runs generate the same tokens"
+    );
+
+    let md = bench::markdown(&report);
+    assert_eq!(
+        md.lines().filter(|l| l.starts_with("| tiny |")).count(),
+        4,
+        "{md}"
+    );
+    let json = serde_json::to_value(&report).expect("serialises");
+    assert_eq!(json["rows"].as_array().map(Vec::len), Some(4));
+}
+
+#[test]
+fn budget_lists_parse() {
+    let b = bench::parse_budgets("all, 24GB,8GiB").expect("valid");
+    assert_eq!(b, vec![None, Some(24_000_000_000), Some(8 << 30)]);
+    assert!(bench::parse_budgets("all,lots").is_err());
+    assert!(bench::run_bench(
+        gpu(),
+        &synthetic_weights(&synthetic_config("tiny").expect("known"), 1),
+        "tiny",
+        &BenchOptions {
+            repetitions: 0,
+            ..small_options(vec![None])
+        },
+        &mut |_| {}
+    )
+    .is_err());
+}
