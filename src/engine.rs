@@ -30,7 +30,7 @@ pub struct EngineOptions {
     pub ctx_size: usize,
     /// Most prompt tokens processed per forward pass.
     pub chunk: usize,
-    /// VRAM budget in bytes; `None` keeps every layer resident.
+    /// VRAM budget in bytes; `None` takes the adapter's device-local memory less a margin.
     pub vram_budget: Option<u64>,
     /// Ring slots for streamed layers.
     pub prefetch_depth: usize,
@@ -79,6 +79,7 @@ pub struct GpuModel<'w> {
     config: ModelConfig,
     opts: EngineOptions,
     plan: ResidencyPlan,
+    budget_source: String,
     pack: LayerPack,
     homes: Vec<LayerHome>,
     ring: Vec<wgpu::Buffer>,
@@ -127,8 +128,14 @@ impl<'w> GpuModel<'w> {
         let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
         let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
         let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20);
-        let budget = opts.vram_budget.unwrap_or(u64::MAX);
+        let (budget, budget_source) = match opts.vram_budget {
+            Some(b) => (b, "--vram-budget".to_string()),
+            None => gpu
+                .default_vram_budget()
+                .unwrap_or((u64::MAX, "unlimited: the adapter reports no memory heaps".to_string())),
+        };
         let plan = scheduler::plan(budget, fixed, pack.bytes, c.num_hidden_layers, opts.prefetch_depth)?;
+        scheduler::check_host_memory(&plan)?;
         if pack.bytes > gpu.limits.max_buffer_size {
             return Err(Error::Gpu(format!(
                 "one layer's weights take {} bytes, more than the adapter's largest buffer ({})",
@@ -267,6 +274,7 @@ impl<'w> GpuModel<'w> {
             config: c,
             opts,
             plan,
+            budget_source,
             pack,
             homes,
             ring,
@@ -289,6 +297,11 @@ impl<'w> GpuModel<'w> {
 
     pub fn plan(&self) -> &ResidencyPlan {
         &self.plan
+    }
+
+    /// Where the VRAM budget came from (the flag, or the adapter's memory heaps).
+    pub fn budget_source(&self) -> &str {
+        &self.budget_source
     }
 
     /// Bytes this model holds on the GPU (weights, ring, KV cache, activations).

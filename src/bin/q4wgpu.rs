@@ -34,6 +34,10 @@ enum Command {
     /// Measure prompt processing and generation speed (llama-bench style) against bounds measured
     /// in the same run.
     Bench(BenchArgs),
+    /// Fetch known models into the cache (all of them when no name is given); verified by SHA-256.
+    Fetch {
+        names: Vec<String>,
+    },
     /// Show the GPU adapters, and a model's size and memory needs.
     Info {
         #[arg(long)]
@@ -93,9 +97,13 @@ struct RunArgs {
     /// Part of the adapter's name to pick it (see `q4wgpu info`).
     #[arg(long)]
     adapter: Option<String>,
-    /// GPU memory to use, e.g. 24GB or 8GiB; layers beyond it stream from host memory.
+    /// GPU memory to use, e.g. 24GB or 8GiB; layers beyond it stream from host memory
+    /// (default: the adapter's device-local memory less a margin).
     #[arg(long)]
     vram_budget: Option<String>,
+    /// Ring slots for streamed layers (copies of the next layers queued ahead).
+    #[arg(long, default_value_t = 2)]
+    prefetch_depth: usize,
 }
 
 #[derive(Args)]
@@ -147,12 +155,34 @@ fn main() {
         Command::Run(args) => run(args),
         Command::Quantize { src, dst } => quantize(src, dst),
         Command::Bench(args) => bench(args),
+        Command::Fetch { names } => fetch(names),
         Command::Info { model, adapter, ctx_size, vram_budget } => info(model, adapter, ctx_size, vram_budget),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn fetch(names: Vec<String>) -> Result<()> {
+    let models: Vec<&q4wgpu::fetch::KnownModel> = if names.is_empty() {
+        q4wgpu::fetch::KNOWN_MODELS.to_vec()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                q4wgpu::fetch::find_known(n).ok_or_else(|| {
+                    let known: Vec<&str> = q4wgpu::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                    Error::Invalid(format!("unknown model {n:?}; known: {}", known.join(", ")))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    for m in models {
+        let path = q4wgpu::fetch::ensure(m)?;
+        println!("{}: {}", m.name, path.display());
+    }
+    Ok(())
 }
 
 fn quantize(src: PathBuf, dst: PathBuf) -> Result<()> {
@@ -224,11 +254,11 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         let gpu = Gpu::new(args.adapter.as_deref())?;
         let budget = args.vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
-        let engine_opts = EngineOptions { ctx_size: ctx, vram_budget: budget, ..Default::default() };
+        let engine_opts = EngineOptions { ctx_size: ctx, vram_budget: budget, prefetch_depth: args.prefetch_depth, ..Default::default() };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
         let load_s = load_start.elapsed().as_secs_f64();
         eprintln!("adapter: {}", gpu.describe());
-        eprintln!("plan: {}", engine.plan().describe());
+        eprintln!("plan: {} (budget from {})", engine.plan().describe(), engine.budget_source());
         eprintln!("loaded {} in {load_s:.1} s; {:.2} GB on the GPU", path.display(), engine.device_bytes() as f64 / 1e9);
         extra.insert("load_seconds".into(), load_s.into());
         extra.insert("adapter".into(), gpu.info.name.clone().into());
@@ -325,7 +355,7 @@ fn info(model_arg: Option<String>, adapter: Option<String>, ctx_size: usize, vra
         println!("model: {} ({:?}), {} layers, hidden {}, {} weight bytes", path.display(), c.architectures, c.num_hidden_layers, c.hidden_size, loaded.weights.byte_len());
         let budget = vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
         let engine = GpuModel::new(&gpu, &loaded.weights, EngineOptions { ctx_size, vram_budget: budget, ..Default::default() })?;
-        println!("plan: {}", engine.plan().describe());
+        println!("plan: {} (budget from {})", engine.plan().describe(), engine.budget_source());
         println!("GPU memory needed at --ctx-size {ctx_size}: {:.3} GB", engine.device_bytes() as f64 / 1e9);
     }
     Ok(())

@@ -20,6 +20,7 @@ pub struct Caps {
 }
 
 pub struct Gpu {
+    pub adapter: wgpu::Adapter,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
@@ -130,7 +131,32 @@ impl Gpu {
             mappable_primary_buffers: features.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
-        Ok(Gpu { device, queue, info, limits, features, caps })
+        Ok(Gpu { adapter, device, queue, info, limits, features, caps })
+    }
+
+    /// The size of the largest device-local memory heap, from Vulkan's memory properties
+    /// (`None` on other backends). On a CPU driver this is system memory.
+    pub fn device_local_bytes(&self) -> Option<u64> {
+        // SAFETY: the raw handles are only used for a read-only query while the adapter lives.
+        unsafe {
+            let hal = self.adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+            let instance = hal.shared_instance().raw_instance();
+            let props = instance.get_physical_device_memory_properties(hal.raw_physical_device());
+            props.memory_heaps[..props.memory_heap_count as usize]
+                .iter()
+                .filter(|h| h.flags.contains(ash::vk::MemoryHeapFlags::DEVICE_LOCAL))
+                .map(|h| h.size)
+                .max()
+        }
+    }
+
+    /// The VRAM budget when none is given: the device-local heap less a margin of 10 % (at least
+    /// 512 MiB) for the driver, other programs and transient upload buffers. Says where it came from.
+    pub fn default_vram_budget(&self) -> Option<(u64, String)> {
+        let heap = self.device_local_bytes()?;
+        let margin = (heap / 10).max(512 << 20);
+        let budget = heap.saturating_sub(margin);
+        Some((budget, format!("device-local heap of {:.2} GB (Vulkan memory properties) less a {:.2} GB margin", heap as f64 / 1e9, margin as f64 / 1e9)))
     }
 
     /// One line naming the adapter, for stderr and `info`.

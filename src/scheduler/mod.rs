@@ -108,6 +108,14 @@ impl ResidencyPlan {
 
     pub fn describe(&self) -> String {
         let gb = |b: u64| b as f64 / 1e9;
+        let expected = if self.streamed_layers() > 0 {
+            format!(
+                "; expected ≈ {:.1} tok/s at 3.0 TB/s device and 50 GB/s PCIe (H100 figures; `q4wgpu bench` measures yours)",
+                self.expected_tokens_per_second(3.0e12, 50e9)
+            )
+        } else {
+            String::new()
+        };
         format!(
             "budget {:.2} GB: fixed {:.2} GB, {} of {} layers resident ({:.2} GB), {} streamed ({:.2} GB per token) through {} ring slot(s) of {:.3} GB",
             gb(self.budget),
@@ -119,7 +127,7 @@ impl ResidencyPlan {
             gb(self.streamed_bytes()),
             self.ring_slots,
             gb(self.layer_bytes)
-        )
+        ) + &expected
     }
 }
 
@@ -145,6 +153,30 @@ pub fn plan(budget: u64, fixed_bytes: u64, layer_bytes: u64, layers: usize, pref
     let ring_slots = ring_slots.min(((budget - fixed_bytes) / layer_bytes) as usize).max(1);
     let resident_layers = (((budget - fixed_bytes) / layer_bytes) as usize).saturating_sub(ring_slots).min(layers);
     Ok(ResidencyPlan { budget, fixed_bytes, layer_bytes, layers, resident_layers, ring_slots })
+}
+
+/// Host memory the streamed layers need (they are copied into host-visible staging buffers at
+/// load) must be available: a model larger than host RAM is refused up front with the numbers.
+pub fn check_host_memory(plan: &ResidencyPlan) -> Result<()> {
+    let Some(available) = host_memory_available() else { return Ok(()) };
+    let needed = plan.streamed_bytes();
+    if needed > available {
+        return Err(Error::Invalid(format!(
+            "{} streamed layers need {:.2} GB of host memory but only {:.2} GB is available; raise --vram-budget, free memory, or use a machine with more RAM",
+            plan.streamed_layers(),
+            needed as f64 / 1e9,
+            available as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux); `None` elsewhere.
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Parses "24GB", "8GiB", "512MB", "1.5G", or a plain number of bytes.
