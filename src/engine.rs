@@ -116,6 +116,8 @@ impl<'w> GpuModel<'w> {
             return Err(Error::Invalid("--ctx-size and the prompt chunk must be positive".into()));
         }
         let ctx = opts.ctx_size;
+        // A prompt chunk never holds more tokens than the context.
+        let opts = EngineOptions { chunk: opts.chunk.min(ctx), ..opts };
         let m = opts.chunk;
         let (h, q_dim, kv_dim, ffn, vocab) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
         let qkv_dim = q_dim + 2 * kv_dim;
