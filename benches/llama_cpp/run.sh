@@ -35,13 +35,14 @@ do_build() {
   nvcc=$(find_nvcc) || { echo "llama.cpp: nvcc not found (PATH, /usr/local/cuda*/bin)" >&2; return 1; }
   echo "llama.cpp: building $(cat "$src/LLAMA_CPP_PYTHON_VERSION" 2>/dev/null | sed 's/^/llama-cpp-python /') with $nvcc ($("$nvcc" --version | tail -1))"
   local start=$SECONDS
+  mkdir -p "$build"
   cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc" -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF >"$build.configure.log" 2>&1 ||
-    { tail -30 "$build.configure.log" >&2; return 1; }
-  cmake --build "$build" --target llama-bench -j "${JOBS:-$(nproc)}" >"$build.build.log" 2>&1 ||
-    { tail -40 "$build.build.log" >&2; return 1; }
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF >"$build/configure.log" 2>&1 ||
+    { tail -30 "$build/configure.log" >&2; return 1; }
+  cmake --build "$build" --target llama-bench -j "${JOBS:-$(nproc)}" >"$build/build.log" 2>&1 ||
+    { tail -40 "$build/build.log" >&2; return 1; }
   echo "llama.cpp: built in $((SECONDS - start)) s"
 }
 
