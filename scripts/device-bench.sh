@@ -99,7 +99,7 @@ else
     log "q4wgpu: no NVIDIA adapter by default; VK_DRIVER_FILES=$VK_DRIVER_FILES"
   fi
   "$Q4WGPU" info >"$OUT/q4wgpu_info.log" 2>&1
-  bench=("$Q4WGPU" bench --adapter nvidia "${chunk[@]}")
+  bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB "${chunk[@]}")
   part q4wgpu_32b_resident 120 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
     --vram-budget all,24GB --json "$OUT/q4wgpu_32b_resident.json"
   part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
