@@ -13,7 +13,9 @@
 #
 # Prepare here: `cargo build --release && mkdir -p .device-bin && strip -o .device-bin/q4wgpu
 # target/release/q4wgpu`, `../shared/device/fetch-gl.sh` (.gl), `benches/llama_cpp/prepare.sh`
-# (.llama). Run with carry [".gl", ".device-bin", ".llama"] and command `scripts/device-bench.sh`.
+# (.llama, about 21 MB). Run with carry [".gl", ".device-bin/q4wgpu", ".llama"] (not all of
+# .device-bin: it may hold test binaries; the whole carry must stay under 64 MiB) and command
+# `scripts/device-bench.sh`.
 #
 # Environment: OUT (default ./bench-out), Q4WGPU (binary), DEADLINE (seconds, 570), LLAMA=0 (skip
 # llama.cpp), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu prompts),

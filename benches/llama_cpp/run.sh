@@ -39,7 +39,9 @@ do_build() {
   cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc" -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF >"$build/configure.log" 2>&1 ||
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_COMMIT="llama-cpp-python-$(cat "$src/LLAMA_CPP_PYTHON_VERSION" 2>/dev/null)" -DLLAMA_BUILD_NUMBER=0 \
+    >"$build/configure.log" 2>&1 ||
     { tail -30 "$build/configure.log" >&2; return 1; }
   cmake --build "$build" --target llama-bench -j "${JOBS:-$(nproc)}" >"$build/build.log" 2>&1 ||
     { tail -40 "$build/build.log" >&2; return 1; }
