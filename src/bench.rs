@@ -54,7 +54,7 @@ pub struct BenchOptions {
     pub repetitions: usize,
     /// KV cache positions; `None`: just what the tests need.
     pub ctx_size: Option<usize>,
-    /// Most prompt tokens per forward pass.
+    /// Most prompt tokens per forward pass (at most the context).
     pub chunk: usize,
     /// One row set per budget; `None` keeps every layer resident.
     pub budgets: Vec<Option<u64>>,
@@ -268,8 +268,7 @@ pub fn measure_read_bandwidth_with(gpu: &Gpu, bytes: u64) -> Result<f64> {
         &[],
     )?;
     let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment).max(256);
-    let max_binding =
-        (u64::from(gpu.limits.max_storage_buffer_binding_size) / align * align).max(align);
+    let max_binding = (gpu.limits.max_storage_buffer_binding_size / align * align).max(align);
     let mut groups = Vec::new();
     let mut offset = 0;
     while offset < size {
@@ -497,6 +496,14 @@ pub fn run_bench(
             opts.needed_ctx()
         )));
     }
+    // A prompt chunk never holds more tokens than the context (the engine refuses that).
+    let chunk = opts.chunk.min(ctx);
+    let used = BenchOptions {
+        ctx_size: Some(ctx),
+        chunk,
+        ..opts.clone()
+    };
+    let opts = &used;
     let bandwidth = measure_bandwidths(gpu, opts.bandwidth_bytes)?;
     let lm_head = weights.q4("lm_head.weight")?;
     let lm_head_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
@@ -515,13 +522,15 @@ pub fn run_bench(
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
-            Err(e) => {
+            // A budget too small for the model is a result to report, not a failure of the run.
+            Err(e) if budget.is_some() => {
                 skipped.push(SkippedBudget {
                     budget,
                     reason: e.to_string(),
                 });
                 continue;
             }
+            Err(e) => return Err(e),
         };
         let plan = engine.plan().clone();
         let bytes = ByteModel::new(config, &plan, lm_head_bytes);

@@ -391,19 +391,37 @@ fn bench_rows_have_positive_speeds_and_consistent_byte_counts_resident_and_strea
 }
 
 #[test]
-fn budget_lists_parse() {
+fn budget_lists_parse_and_options_are_checked() {
     let b = bench::parse_budgets("all, 24GB,8GiB").expect("valid");
     assert_eq!(b, vec![None, Some(24_000_000_000), Some(8 << 30)]);
     assert!(bench::parse_budgets("all,lots").is_err());
-    assert!(bench::run_bench(
-        gpu(),
-        &synthetic_weights(&synthetic_config("tiny").expect("known"), 1),
-        "tiny",
-        &BenchOptions {
-            repetitions: 0,
-            ..small_options(vec![None])
-        },
-        &mut |_| {}
-    )
-    .is_err());
+    let w = synthetic_weights(&synthetic_config("tiny").expect("known"), 1);
+    let no_reps = BenchOptions {
+        repetitions: 0,
+        ..small_options(vec![None])
+    };
+    assert!(bench::run_bench(gpu(), &w, "tiny", &no_reps, &mut |_| {}).is_err());
+    let short_ctx = BenchOptions {
+        ctx_size: Some(5),
+        ..small_options(vec![None])
+    };
+    let err = bench::run_bench(gpu(), &w, "tiny", &short_ctx, &mut |_| {})
+        .expect_err("ctx too small")
+        .to_string();
+    assert!(err.contains("--ctx-size"), "{err}");
+    // A chunk longer than the context is cut to it (the engine refuses a chunk beyond the context).
+    let long_chunk = BenchOptions {
+        prompt_tokens: 5,
+        gen_tokens: 0,
+        repetitions: 1,
+        chunk: 64,
+        ..small_options(vec![None])
+    };
+    let report = bench::run_bench(gpu(), &w, "tiny", &long_chunk, &mut |_| {}).expect("runs");
+    assert_eq!(
+        (report.options.chunk, report.options.ctx_size),
+        (5, Some(5))
+    );
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.rows[0].test, "pp5");
 }

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Every end-to-end benchmark in ONE call on the GPU machine (≤ 10 minutes), so that the ratios
+# between systems come from one run on one machine:
+#   1. q4wgpu, 32B shape: all resident and at 24 GB; then at 12, 8 and 4 GB (streamed, fewer tokens)
+#   2. q4wgpu, 70B shape at 24 GB (most of it streamed; PCIe bound ≈ 1.4 tok/s)
+#   3. the CUDA path (benches/cuda_path): resident, then streamed from pinned memory
+#   4. llama.cpp CUDA (benches/llama_cpp/run.sh): llama-bench on a random Q4_0 GGUF of the 32B shape
+# llama.cpp is built (about 4 minutes) and its GGUF written in the background at nice 19 with
+# two cores left free while parts 1–3 use the GPU; SERIAL=1 builds first instead (may not fit).
+# Each part runs under its own time limit, cut to what is left of DEADLINE; a failed part does
+# not stop the others. Logs: $OUT/<part>.log; results: $OUT/*.json; then, here:
+#   python3 scripts/bench-report.py <files_at>/ > BENCHMARKS.md
+#
+# Prepare here: `cargo build --release && mkdir -p .device-bin && strip -o .device-bin/q4wgpu
+# target/release/q4wgpu`, `../shared/device/fetch-gl.sh` (.gl), `benches/llama_cpp/prepare.sh`
+# (.llama, about 21 MB). Run with carry [".gl", ".device-bin/q4wgpu", ".llama"] (not all of
+# .device-bin: it may hold test binaries; the whole carry must stay under 64 MiB) and command
+# `scripts/device-bench.sh`.
+#
+# Environment: OUT (default ./bench-out), Q4WGPU (binary), DEADLINE (seconds, 570), LLAMA=0 (skip
+# llama.cpp), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu prompts),
+# QUICK=1 (a smoke run: fewer tokens and repetitions everywhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-570}
+start=$SECONDS
+
+Q4WGPU=${Q4WGPU:-}
+if [ -z "$Q4WGPU" ]; then
+  for c in .device-bin/q4wgpu target/release/q4wgpu; do
+    [ -x "$c" ] && { Q4WGPU=$c; break; }
+  done
+fi
+chunk=()
+[ -n "${Q4_CHUNK:-}" ] && chunk=(--chunk "$Q4_CHUNK")
+if [ "${QUICK:-0}" = 1 ]; then
+  tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2
+  export LLAMA_N=32 LLAMA_R=2
+else
+  tg=128 tg_streamed=32 tg_70b=32 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8
+fi
+
+log() { echo "[device-bench $((SECONDS - start)) s] $*" | tee -a "$OUT/device-bench.log"; }
+
+# part NAME LIMIT_SECONDS COMMAND...: runs under min(LIMIT, time left), output tee'd to $OUT/NAME.log.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((DEADLINE - (SECONDS - start) - 5))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    log "$name: skipped, ${left} s left"
+    return 0
+  fi
+  log "$name: $* (limit $limit s)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  log "$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')"
+  return "$rc"
+}
+
+# The Vulkan loader the machine lacks (shared/device/README.md).
+for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done
+ldconfig 2>/dev/null || true
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "host: $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  echo "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+llama_pid=
+llama_ok=1
+if [ "${LLAMA:-1}" != 0 ]; then
+  jobs=$(($(nproc) - 2))
+  [ "$jobs" -lt 1 ] && jobs=1
+  if [ "${SERIAL:-0}" = 1 ]; then
+    part llama_build 300 env JOBS="$(nproc)" benches/llama_cpp/run.sh build &&
+      part llama_model 60 benches/llama_cpp/run.sh model || llama_ok=0
+  else
+    log "llama.cpp: build and GGUF in the background (nice 19, $jobs jobs)"
+    # Job control on: the background job gets its own process group, which can be stopped whole.
+    set -m
+    JOBS=$jobs nice -n 19 bash -c "benches/llama_cpp/run.sh build && benches/llama_cpp/run.sh model" \
+      >"$OUT/llama_build.log" 2>&1 &
+    llama_pid=$!
+    set +m
+  fi
+fi
+
+if [ -z "$Q4WGPU" ]; then
+  log "q4wgpu: no binary (.device-bin/q4wgpu or target/release/q4wgpu); set Q4WGPU"
+else
+  if ! "$Q4WGPU" info 2>&1 | grep -qi nvidia; then
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    log "q4wgpu: no NVIDIA adapter by default; VK_DRIVER_FILES=$VK_DRIVER_FILES"
+  fi
+  "$Q4WGPU" info >"$OUT/q4wgpu_info.log" 2>&1
+  bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB "${chunk[@]}")
+  part q4wgpu_32b_resident 120 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
+    --vram-budget all,24GB --json "$OUT/q4wgpu_32b_resident.json"
+  part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
+    --vram-budget 12GB,8GB,4GB --json "$OUT/q4wgpu_32b_streamed.json"
+  part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
+    --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
+fi
+
+if [ "${CUDA:-1}" != 0 ]; then
+  part cuda_path_resident 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode resident \
+    -n "$cuda_n" -r "$reps" --json "$OUT/cuda_path_resident.json"
+  part cuda_path_streamed 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode streamed \
+    -n "$cuda_streamed_n" -r 2 --json "$OUT/cuda_path_streamed.json"
+fi
+
+if [ -n "$llama_pid" ]; then
+  left=$((DEADLINE - (SECONDS - start) - 60))
+  log "llama.cpp: waiting for the background build (up to $left s)"
+  while kill -0 "$llama_pid" 2>/dev/null && [ $((DEADLINE - (SECONDS - start))) -gt 60 ]; do sleep 2; done
+  if kill -0 "$llama_pid" 2>/dev/null; then
+    log "llama.cpp: build not finished in time; stopping it (a warm machine keeps .llama-build for the next call)"
+    kill -- -"$llama_pid" 2>/dev/null
+    llama_ok=0
+  else
+    wait "$llama_pid"
+    rc=$?
+    log "llama.cpp: background build exit $rc"
+    [ "$rc" = 0 ] || llama_ok=0
+  fi
+  tail -5 "$OUT/llama_build.log"
+fi
+if [ "${LLAMA:-1}" != 0 ] && [ "$llama_ok" = 1 ]; then
+  part llama_bench 150 benches/llama_cpp/run.sh bench "$OUT"
+  rm -f /tmp/llama-*-q4_0.gguf
+fi
+log "done; results in $OUT"
+ls -la "$OUT"
