@@ -483,7 +483,7 @@ fn main() {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} |{naive}",
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} unroll {} |{naive}",
             shape.name,
             shape.k,
             shape.n,
@@ -492,27 +492,37 @@ fn main() {
             sig(gbs),
             gbs / read_gbs,
             cfg.wg,
-            cfg.rows
+            cfg.rows,
+            cfg.unroll
         );
         if s.sweep {
-            for wg in [64, 128, 256, 512] {
-                for rows in [1, 2, 4, 8] {
-                    let cfg = GemvConfig {
-                        wg,
-                        rows,
-                        subgroups: gpu.caps.subgroups,
-                    };
-                    if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
-                        sweeps.push((shape.name, wg, rows, bytes as f64 / t / 1e9));
+            for wg in [32, 64, 128, 256] {
+                for rows in [2, 4, 8, 16] {
+                    for unroll in [1, 2, 4] {
+                        let cfg = GemvConfig {
+                            wg,
+                            rows,
+                            unroll,
+                            subgroups: gpu.caps.subgroups,
+                        };
+                        if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
+                            sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                        }
                     }
                 }
             }
         }
     }
     if s.sweep {
-        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
-        for (name, wg, rows, gbs) in &sweeps {
-            println!("| {name} | {wg} | {rows} | {} |", sig(*gbs));
+        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | GB/s |\n| --- | --- | --- | --- | --- |");
+        for (name, cfg, gbs) in &sweeps {
+            println!(
+                "| {name} | {} | {} | {} | {} |",
+                cfg.wg,
+                cfg.rows,
+                cfg.unroll,
+                sig(*gbs)
+            );
         }
     }
 

@@ -7,7 +7,7 @@
 use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
-use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4::{self, Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
 use q4wgpu::quant::QMatrix;
 
@@ -222,8 +222,8 @@ fn gemv_bias_and_accumulate_inside_bigger_buffers() {
     }
 }
 
-/// Every reduction path and workgroup shape gives the same sums, including the workgroup-memory
-/// tree used on adapters without subgroups.
+/// Every reduction path and workgroup shape (rows per workgroup, unrolled steps) gives the same
+/// sums, including the workgroup-memory tree used on adapters without subgroups.
 #[test]
 fn gemv_every_workgroup_shape() {
     let g = gpu();
@@ -236,24 +236,33 @@ fn gemv_every_workgroup_shape() {
         &[false]
     };
     for &subgroups in reductions {
-        for wg in [min_wg, 128, 256] {
-            for rows in [1, 3, 8] {
-                let config = Some(GemvConfig {
-                    wg,
-                    rows,
-                    subgroups,
-                });
-                let case = GemvCase {
-                    bias: true,
-                    mode: Epilogue::Accumulate,
-                    opts: GemvOptions {
-                        config,
-                        ..Default::default()
-                    },
-                    ..GemvCase::new(37, 1000)
-                };
-                case.check(&kernel, &mut rng);
-            }
+        for (wg, rows, unroll) in [
+            (min_wg, 1, 1),
+            (min_wg, 3, 2),
+            (min_wg, 16, 4),
+            (128, 8, 1),
+            (128, 1, 3),
+            (256, 3, 1),
+            (256, 8, 2),
+        ] {
+            let config = Some(GemvConfig {
+                wg,
+                rows,
+                unroll,
+                subgroups,
+            });
+            let case = GemvCase {
+                bias: true,
+                mode: Epilogue::Accumulate,
+                opts: GemvOptions {
+                    config,
+                    ..Default::default()
+                },
+                // 94 quarters, the last block part padding: whole unrolled steps, single
+                // quarters after them, and threads with no quarter at all.
+                ..GemvCase::new(37, 3000)
+            };
+            case.check(&kernel, &mut rng);
         }
     }
 }
@@ -357,6 +366,7 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
     let cfg = GemvConfig {
         wg: 48,
         rows: 4,
+        unroll: 1,
         subgroups: false,
     };
     let opts = GemvOptions {
@@ -581,18 +591,23 @@ fn gemm_and_gemv_agree_at_one_token() {
 #[test]
 fn matmul_shaders_compile_to_spirv() {
     use wgpu::naga;
-    let sum_sub = include_str!("../shaders/gemv_q4_sum_subgroup.wgsl");
-    let sum_shared = include_str!("../shaders/gemv_q4_sum_shared.wgsl");
-    let gemv = include_str!("../shaders/gemv_q4.wgsl");
+    let gemv = |wg, rows, unroll, subgroups| {
+        gemv_q4::shader(&GemvConfig {
+            wg,
+            rows,
+            unroll,
+            subgroups,
+        })
+    };
     let shaders = [
         (
             "gemv_q4 subgroup",
-            format!("{sum_sub}\n{gemv}"),
+            gemv(64, 4, 2, true),
             vec![("WG", 64.0), ("ROWS", 4.0)],
         ),
         (
             "gemv_q4 shared",
-            format!("{sum_shared}\n{gemv}"),
+            gemv(256, 8, 1, false),
             vec![("WG", 256.0), ("ROWS", 8.0)],
         ),
         (

@@ -25,7 +25,9 @@ const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl
 const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
 
 /// Most rows one workgroup may compute (`MAX_ROWS` in the shader).
-pub const MAX_ROWS: u32 = 8;
+pub const MAX_ROWS: u32 = 16;
+/// Most quarters per thread and step (`MAX_UNROLL` in the shader).
+pub const MAX_UNROLL: u32 = 4;
 /// Threads the heuristic aims to have in flight over the whole GPU (tuned on the H100 with
 /// benches/kernels.rs; enough 16-byte loads in flight to cover memory latency).
 const TARGET_THREADS: usize = 1 << 16;
@@ -46,6 +48,8 @@ pub struct GemvConfig {
     pub wg: u32,
     /// Rows per workgroup, 1..=[`MAX_ROWS`].
     pub rows: u32,
+    /// Quarters (16-byte loads) per row that a thread loads before using them, 1..=[`MAX_UNROLL`].
+    pub unroll: u32,
     /// Reduce with subgroup operations (needs `gpu.caps.subgroups`).
     pub subgroups: bool,
 }
@@ -105,6 +109,7 @@ impl GemvQ4 {
         GemvConfig {
             wg,
             rows: rows_per_group,
+            unroll: 1,
             subgroups: self.subgroups,
         }
     }
@@ -123,6 +128,19 @@ impl GemvQ4 {
                 cfg.rows
             )));
         }
+        if !(1..=MAX_UNROLL).contains(&cfg.unroll) {
+            return Err(Error::Invalid(format!(
+                "gemv_q4: unroll {} must be in 1..={MAX_UNROLL}",
+                cfg.unroll
+            )));
+        }
+        let shared_bytes = cfg.rows as u64 * cfg.wg as u64 * 4;
+        if shared_bytes > gpu.limits.max_compute_workgroup_storage_size as u64 {
+            return Err(Error::Unsupported(format!(
+                "gemv_q4: {} rows x {} threads need {shared_bytes} bytes of workgroup memory, the adapter has {}",
+                cfg.rows, cfg.wg, gpu.limits.max_compute_workgroup_storage_size
+            )));
+        }
         if cfg.subgroups && !self.subgroups {
             return Err(Error::Unsupported(
                 "gemv_q4: the adapter has no subgroup operations".into(),
@@ -135,13 +153,12 @@ impl GemvQ4 {
         if let Some(p) = cache.get(&cfg) {
             return Ok(p.clone());
         }
-        let (sum, kind) = if cfg.subgroups {
-            (SUM_SUBGROUP, "subgroup")
-        } else {
-            (SUM_SHARED, "shared")
-        };
-        let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
-        let source = format!("{sum}\n{SOURCE}");
+        let kind = if cfg.subgroups { "subgroup" } else { "shared" };
+        let label = format!(
+            "gemv_q4/wg{}_rows{}_unroll{}_{kind}",
+            cfg.wg, cfg.rows, cfg.unroll
+        );
+        let source = shader(&cfg);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
         let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
         cache.insert(cfg, pipeline.clone());
@@ -249,6 +266,16 @@ impl GemvQ4 {
         }
         Ok(out)
     }
+}
+
+/// The WGSL of `cfg`'s kernel (before gpu::shader_source); WG and ROWS are overrides.
+pub fn shader(cfg: &GemvConfig) -> String {
+    let sum = if cfg.subgroups {
+        SUM_SUBGROUP
+    } else {
+        SUM_SHARED
+    };
+    format!("const UNROLL: u32 = {}u;\n{sum}\n{SOURCE}", cfg.unroll)
 }
 
 /// One row range of a matrix and its two bindings, `(offset, size)` in bytes.
