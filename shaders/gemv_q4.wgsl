@@ -8,8 +8,8 @@
 //! Thread mapping: one workgroup of WG threads computes ROWS consecutive rows. Thread t walks the
 //! quarters t, t + WG, ... of K (K is split across the workgroup), UNROLL quarters per step: it
 //! first issues all UNROLL x ROWS 16-byte weight loads of the step (loads in flight are what
-//! hides memory latency), then, per quarter, loads the 32 values of x once and uses them for
-//! every row. Consecutive threads read consecutive 16-byte pieces of a row, so loads coalesce.
+//! hides memory latency; with UNROLL x WG >= quarters a thread has one step and one round trip
+//! to memory), then, per quarter, loads the 32 values of x once and uses them for every row. Consecutive threads read consecutive 16-byte pieces of a row, so loads coalesce.
 //! `workgroup_sums` (prepended from gemv_q4_sum_subgroup.wgsl or gemv_q4_sum_shared.wgsl) adds
 //! the partial sums over the workgroup and thread r writes row r. Rows past the end read the last
 //! row (clamped) and are not written. One dispatch covers `rows` rows starting at row `row_base`
@@ -111,26 +111,21 @@ fn main(
         rows[r] = min(row0 + r, p.rows - 1u);
     }
     var acc: array<f32, MAX_ROWS>;
-    var q = lid;
-    // Whole steps: UNROLL quarters per row, all their weight loads issued before any is used.
-    for (; q + (UNROLL - 1u) * WG < quarters; q += UNROLL * WG) {
+    // Steps of UNROLL quarters per row, all their weight loads issued before any is used. Quarters
+    // past the end of the row (last step only) load the last quarter again and are skipped.
+    for (var q = lid; q < quarters; q += UNROLL * WG) {
         var w: array<array<vec4<u32>, MAX_ROWS>, MAX_UNROLL>;
         for (var u = 0u; u < UNROLL; u++) {
+            let qu = min(q + u * WG, quarters - 1u);
             for (var r = 0u; r < ROWS; r++) {
-                w[u][r] = qw[rows[r] * quarters + q + u * WG];
+                w[u][r] = qw[rows[r] * quarters + qu];
             }
         }
         for (var u = 0u; u < UNROLL; u++) {
-            accumulate_quarter(q + u * WG, w[u], rows, &acc);
+            if (q + u * WG < quarters) {
+                accumulate_quarter(q + u * WG, w[u], rows, &acc);
+            }
         }
-    }
-    // The last quarters of K, one at a time (fewer than UNROLL steps are left).
-    for (; q < quarters; q += WG) {
-        var w: array<vec4<u32>, MAX_ROWS>;
-        for (var r = 0u; r < ROWS; r++) {
-            w[r] = qw[rows[r] * quarters + q];
-        }
-        accumulate_quarter(q, w, rows, &acc);
     }
     let total = 16.0 * workgroup_sums(acc, lid);
     if (lid < ROWS && row0 + lid < p.rows) {
