@@ -496,9 +496,9 @@ fn main() {
             cfg.unroll
         );
         if s.sweep {
-            for wg in [32, 64, 128, 256] {
-                for rows in [2, 4, 8, 16] {
-                    for unroll in [1, 2, 4] {
+            for wg in [32, 64, 96, 128, 160, 192, 256, 288, 320] {
+                for rows in [4, 8] {
+                    for unroll in [1, 2] {
                         let cfg = GemvConfig {
                             wg,
                             rows,

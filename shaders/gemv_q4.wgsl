@@ -53,30 +53,11 @@ fn units(w: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(n | vec4<u32>(0x3f800000u));
 }
 
-// sum(u * x) over one quarter (x: its 32 values as 8 vec4).
-fn quarter_dot(w: vec4<u32>, xq: array<vec4<f32>, 8>) -> f32 {
-    let a = dot(units(w.x), xq[0]) + dot(units(w.x >> 16u), xq[1]);
-    let b = dot(units(w.y), xq[2]) + dot(units(w.y >> 16u), xq[3]);
-    let c = dot(units(w.z), xq[4]) + dot(units(w.z >> 16u), xq[5]);
-    let d = dot(units(w.w), xq[6]) + dot(units(w.w >> 16u), xq[7]);
-    return (a + b) + (c + d);
-}
-
-// The 32 values of x under quarter q, zero past the end of x (the padding of the last block has
-// level 0, but x there is not ours to read).
-fn x_quarter(q: u32) -> array<vec4<f32>, 8> {
-    var xq: array<vec4<f32>, 8>;
+// x[4v .. 4v+4], zero past the end of x (the padding of the last block has level 0, but x there
+// is not ours to read).
+fn x4(v: u32) -> vec4<f32> {
     let n = p.k / 4u;
-    if ((q + 1u) * 8u <= n) {
-        for (var i = 0u; i < 8u; i++) {
-            xq[i] = x[q * 8u + i];
-        }
-    } else {
-        for (var i = 0u; i < 8u; i++) {
-            xq[i] = select(vec4<f32>(0.0), x[min(q * 8u + i, n - 1u)], q * 8u + i < n);
-        }
-    }
-    return xq;
+    return select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
 }
 
 fn scale(i: u32) -> f32 {
@@ -84,14 +65,22 @@ fn scale(i: u32) -> f32 {
     return select(bf16_lo(w), bf16_hi(w), (i & 1u) == 1u);
 }
 
-// Adds quarter q of every row (weights already loaded in w[0..ROWS]) to acc.
-fn accumulate_quarter(q: u32, w: array<vec4<u32>, MAX_ROWS>, rows: array<u32, MAX_ROWS>, acc: ptr<function, array<f32, MAX_ROWS>>) {
-    let xq = x_quarter(q);
-    let s = xq[0] + xq[1] + xq[2] + xq[3] + xq[4] + xq[5] + xq[6] + xq[7];
-    let offset = 1.5 * dot(s, vec4<f32>(1.0));
-    let block = q / 4u;
+// Adds quarter q of every row to acc, given the rows' weights w and block scales s. Word by word,
+// so that only 8 values of x are live at a time.
+fn accumulate_quarter(q: u32, w: array<vec4<u32>, MAX_ROWS>, s: array<f32, MAX_ROWS>, acc: ptr<function, array<f32, MAX_ROWS>>) {
+    var part: array<f32, MAX_ROWS>;
+    var xsum = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let xa = x4(q * 8u + 2u * j);
+        let xb = x4(q * 8u + 2u * j + 1u);
+        xsum += xa + xb;
+        for (var r = 0u; r < ROWS; r++) {
+            part[r] += dot(units(w[r][j]), xa) + dot(units(w[r][j] >> 16u), xb);
+        }
+    }
+    let offset = 1.5 * dot(xsum, vec4<f32>(1.0));
     for (var r = 0u; r < ROWS; r++) {
-        (*acc)[r] = fma(quarter_dot(w[r], xq) - offset, scale(rows[r] * p.bpr + block), (*acc)[r]);
+        (*acc)[r] = fma(part[r] - offset, s[r], (*acc)[r]);
     }
 }
 
@@ -111,19 +100,22 @@ fn main(
         rows[r] = min(row0 + r, p.rows - 1u);
     }
     var acc: array<f32, MAX_ROWS>;
-    // Steps of UNROLL quarters per row, all their weight loads issued before any is used. Quarters
+    // Steps of UNROLL quarters per row, all their weight and scale loads issued
+    // before any is used. Quarters
     // past the end of the row (last step only) load the last quarter again and are skipped.
     for (var q = lid; q < quarters; q += UNROLL * WG) {
         var w: array<array<vec4<u32>, MAX_ROWS>, MAX_UNROLL>;
+        var sc: array<array<f32, MAX_ROWS>, MAX_UNROLL>;
         for (var u = 0u; u < UNROLL; u++) {
             let qu = min(q + u * WG, quarters - 1u);
             for (var r = 0u; r < ROWS; r++) {
                 w[u][r] = qw[rows[r] * quarters + qu];
+                sc[u][r] = scale(rows[r] * p.bpr + qu / 4u);
             }
         }
         for (var u = 0u; u < UNROLL; u++) {
             if (q + u * WG < quarters) {
-                accumulate_quarter(q + u * WG, w[u], rows, &acc);
+                accumulate_quarter(q + u * WG, w[u], sc[u], &acc);
             }
         }
     }

@@ -44,7 +44,7 @@ pub enum Epilogue {
 /// Shape of the GEMV workgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemvConfig {
-    /// Threads per workgroup: a power of two, 32..=1024, at least the subgroup size.
+    /// Threads per workgroup: 32..=1024, a multiple of 32 and of the subgroup size.
     pub wg: u32,
     /// Rows per workgroup, 1..=[`MAX_ROWS`].
     pub rows: u32,
@@ -98,14 +98,14 @@ impl GemvQ4 {
     pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
         // Measured on the H100 (benches/kernels.rs --sweep): 8 rows win on N >= 55296
         // (gate_up 1242 vs 1108 GB/s, lm_head 1391 vs 1188), 4 rows on N = 5120..7168.
-        let rows_per_group = if rows >= 32768 { 8u32 } else { 4 };
+        let rows_per_group = 8u32;
         let groups = rows.div_ceil(rows_per_group as usize).max(1);
         let quarters = blocks_per_row(cols) * 4;
-        let mut wg = 64usize;
+        let mut wg = 32usize;
         while wg < 256 && groups * wg < TARGET_THREADS && wg < quarters {
             wg *= 2;
         }
-        let wg = (wg as u32).max(self.subgroup_max.next_power_of_two());
+        let wg = (wg as u32).max(self.subgroup_max.max(32));
         GemvConfig {
             wg,
             rows: rows_per_group,
@@ -115,10 +115,10 @@ impl GemvQ4 {
     }
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
-        if !cfg.wg.is_power_of_two() || !(32..=1024).contains(&cfg.wg) || cfg.wg < self.subgroup_max
-        {
+        let unit = self.subgroup_max.max(32);
+        if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
             return Err(Error::Invalid(format!(
-                "gemv_q4: workgroup size {} must be a power of two in 32..=1024 and at least the subgroup size {}",
+                "gemv_q4: workgroup size {} must be in 32..=1024 and a multiple of {unit} (32 and the subgroup size {})",
                 cfg.wg, self.subgroup_max
             )));
         }
