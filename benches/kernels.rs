@@ -483,7 +483,7 @@ fn main() {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} unroll {} |{naive}",
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} unroll {} prefetch {} |{naive}",
             shape.name,
             shape.k,
             shape.n,
@@ -493,16 +493,18 @@ fn main() {
             gbs / read_gbs,
             cfg.wg,
             cfg.rows,
-            cfg.unroll
+            cfg.unroll,
+            cfg.prefetch
         );
         if s.sweep {
-            for wg in [32, 64, 96, 128, 160, 192, 256, 288, 320] {
-                for rows in [4, 8] {
-                    for unroll in [1, 2] {
+            for wg in [32, 64, 96, 128, 256] {
+                for rows in [4, 6, 8, 10, 12] {
+                    for prefetch in [false, true] {
                         let cfg = GemvConfig {
                             wg,
                             rows,
-                            unroll,
+                            unroll: 1,
+                            prefetch,
                             subgroups: gpu.caps.subgroups,
                         };
                         if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
@@ -514,13 +516,14 @@ fn main() {
         }
     }
     if s.sweep {
-        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | GB/s |\n| --- | --- | --- | --- | --- |");
+        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | prefetch | GB/s |\n| --- | --- | --- | --- | --- | --- |");
         for (name, cfg, gbs) in &sweeps {
             println!(
-                "| {name} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} |",
                 cfg.wg,
                 cfg.rows,
                 cfg.unroll,
+                cfg.prefetch,
                 sig(*gbs)
             );
         }

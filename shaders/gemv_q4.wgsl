@@ -26,8 +26,8 @@ const MAX_ROWS: u32 = 16u;
 const MAX_UNROLL: u32 = 4u;
 override WG: u32 = 64u;
 override ROWS: u32 = 4u;
-// UNROLL (quarters per thread and step) is a `const` prepended by src/kernels/gemv_q4.rs: naga 30
-// panics processing a third override used only inside functions.
+// UNROLL (quarters per thread and step) and PREFETCH (bool) are `const`s prepended by
+// src/kernels/gemv_q4.rs: naga 30 panics processing a third override used only inside functions.
 
 struct Params {
     rows: u32,
@@ -84,6 +84,25 @@ fn accumulate_quarter(q: u32, w: array<vec4<u32>, MAX_ROWS>, s: array<f32, MAX_R
     }
 }
 
+// The weights and block scales of quarters q, q + WG, ... (UNROLL of them) of every row. Quarters
+// past the end of the row (last step only) load the last quarter again; they are skipped.
+struct Step {
+    w: array<array<vec4<u32>, MAX_ROWS>, MAX_UNROLL>,
+    s: array<array<f32, MAX_ROWS>, MAX_UNROLL>,
+}
+
+fn load_step(q: u32, rows: ptr<function, array<u32, MAX_ROWS>>, quarters: u32) -> Step {
+    var step: Step;
+    for (var u = 0u; u < UNROLL; u++) {
+        let qu = min(q + u * WG, quarters - 1u);
+        for (var r = 0u; r < ROWS; r++) {
+            step.w[u][r] = qw[(*rows)[r] * quarters + qu];
+            step.s[u][r] = scale((*rows)[r] * p.bpr + qu / 4u);
+        }
+    }
+    return step;
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -100,24 +119,24 @@ fn main(
         rows[r] = min(row0 + r, p.rows - 1u);
     }
     var acc: array<f32, MAX_ROWS>;
-    // Steps of UNROLL quarters per row, all their weight and scale loads issued
-    // before any is used. Quarters
-    // past the end of the row (last step only) load the last quarter again and are skipped.
+    // Steps of UNROLL quarters per row, all their weight and scale loads issued before any is
+    // used; with PREFETCH, the next step's loads are issued before the current step is computed.
+    var step = load_step(lid, &rows, quarters);
     for (var q = lid; q < quarters; q += UNROLL * WG) {
-        var w: array<array<vec4<u32>, MAX_ROWS>, MAX_UNROLL>;
-        var sc: array<array<f32, MAX_ROWS>, MAX_UNROLL>;
-        for (var u = 0u; u < UNROLL; u++) {
-            let qu = min(q + u * WG, quarters - 1u);
-            for (var r = 0u; r < ROWS; r++) {
-                w[u][r] = qw[rows[r] * quarters + qu];
-                sc[u][r] = scale(rows[r] * p.bpr + qu / 4u);
-            }
+        let q_next = q + UNROLL * WG;
+        var next: Step;
+        if (PREFETCH && q_next < quarters) {
+            next = load_step(q_next, &rows, quarters);
         }
         for (var u = 0u; u < UNROLL; u++) {
             if (q + u * WG < quarters) {
-                accumulate_quarter(q + u * WG, w[u], sc[u], &acc);
+                accumulate_quarter(q + u * WG, step.w[u], step.s[u], &acc);
             }
         }
+        if (!PREFETCH && q_next < quarters) {
+            next = load_step(q_next, &rows, quarters);
+        }
+        step = next;
     }
     let total = 16.0 * workgroup_sums(acc, lid);
     if (lid < ROWS && row0 + lid < p.rows) {

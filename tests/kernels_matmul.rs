@@ -236,21 +236,23 @@ fn gemv_every_workgroup_shape() {
         &[false]
     };
     for &subgroups in reductions {
-        for (wg, rows, unroll) in [
-            (min_wg, 1, 1),
-            (min_wg, 3, 2),
-            (min_wg, 16, 4),
-            (128, 8, 1),
-            (128, 1, 3),
-            (160, 8, 1),
-            (96, 5, 2),
-            (256, 3, 1),
-            (256, 8, 2),
+        for (wg, rows, unroll, prefetch) in [
+            (min_wg, 1, 1, false),
+            (min_wg, 3, 2, true),
+            (min_wg, 16, 4, false),
+            (min_wg, 8, 1, true),
+            (128, 8, 1, false),
+            (128, 1, 3, true),
+            (160, 8, 1, false),
+            (96, 5, 2, true),
+            (256, 3, 1, false),
+            (256, 8, 2, true),
         ] {
             let config = Some(GemvConfig {
                 wg,
                 rows,
                 unroll,
+                prefetch,
                 subgroups,
             });
             let case = GemvCase {
@@ -369,6 +371,7 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
         wg: 100,
         rows: 4,
         unroll: 1,
+        prefetch: false,
         subgroups: false,
     };
     let opts = GemvOptions {
@@ -598,6 +601,7 @@ fn matmul_shaders_compile_to_spirv() {
             wg,
             rows,
             unroll,
+            prefetch: subgroups,
             subgroups,
         })
     };

@@ -50,6 +50,8 @@ pub struct GemvConfig {
     pub rows: u32,
     /// Quarters (16-byte loads) per row that a thread loads before using them, 1..=[`MAX_UNROLL`].
     pub unroll: u32,
+    /// Issue the next step's loads before computing the current one (double buffering).
+    pub prefetch: bool,
     /// Reduce with subgroup operations (needs `gpu.caps.subgroups`).
     pub subgroups: bool,
 }
@@ -92,24 +94,29 @@ impl GemvQ4 {
         Ok(kernel)
     }
 
-    /// The workgroup shape used for a `rows x cols` matrix: 4 rows per workgroup (each x load
-    /// shared by 4 rows; 8 for very tall matrices), and the smallest workgroup (64..=256 threads) that puts about
-    /// `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks.
+    /// The workgroup shape used for a `rows x cols` matrix: 8 rows per workgroup (each x load
+    /// shared by 8 rows), and the smallest workgroup (a multiple of 32 threads, at most 256) that
+    /// puts about `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks:
+    /// tall matrices get one subgroup per workgroup, short ones with a long K split K over more
+    /// threads.
     pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        // Measured on the H100 (benches/kernels.rs --sweep): 8 rows win on N >= 55296
-        // (gate_up 1242 vs 1108 GB/s, lm_head 1391 vs 1188), 4 rows on N = 5120..7168.
+        // Measured on the H100 (benches/kernels.rs --sweep): 8 rows and 32 threads win on
+        // N >= 55296 (gate_up 1893 GB/s, lm_head 2198), 8 rows and 128 threads on
+        // down (N = 5120, K = 27648: 1635 GB/s; 32 threads: 888).
         let rows_per_group = 8u32;
         let groups = rows.div_ceil(rows_per_group as usize).max(1);
         let quarters = blocks_per_row(cols) * 4;
-        let mut wg = 32usize;
-        while wg < 256 && groups * wg < TARGET_THREADS && wg < quarters {
-            wg *= 2;
-        }
-        let wg = (wg as u32).max(self.subgroup_max.max(32));
+        let unit = self.subgroup_max.max(32) as usize;
+        let wg = TARGET_THREADS
+            .div_ceil(groups)
+            .min(quarters)
+            .clamp(unit, 256)
+            .next_multiple_of(unit) as u32;
         GemvConfig {
             wg,
             rows: rows_per_group,
             unroll: 1,
+            prefetch: false,
             subgroups: self.subgroups,
         }
     }
@@ -155,8 +162,8 @@ impl GemvQ4 {
         }
         let kind = if cfg.subgroups { "subgroup" } else { "shared" };
         let label = format!(
-            "gemv_q4/wg{}_rows{}_unroll{}_{kind}",
-            cfg.wg, cfg.rows, cfg.unroll
+            "gemv_q4/wg{}_rows{}_unroll{}_prefetch{}_{kind}",
+            cfg.wg, cfg.rows, cfg.unroll, cfg.prefetch
         );
         let source = shader(&cfg);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
@@ -275,7 +282,10 @@ pub fn shader(cfg: &GemvConfig) -> String {
     } else {
         SUM_SHARED
     };
-    format!("const UNROLL: u32 = {}u;\n{sum}\n{SOURCE}", cfg.unroll)
+    format!(
+        "const UNROLL: u32 = {}u;\nconst PREFETCH: bool = {};\n{sum}\n{SOURCE}",
+        cfg.unroll, cfg.prefetch
+    )
 }
 
 /// One row range of a matrix and its two bindings, `(offset, size)` in bytes.
