@@ -483,7 +483,7 @@ fn main() {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} unroll {} prefetch {} |{naive}",
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} |{naive}",
             shape.name,
             shape.k,
             shape.n,
@@ -492,40 +492,27 @@ fn main() {
             sig(gbs),
             gbs / read_gbs,
             cfg.wg,
-            cfg.rows,
-            cfg.unroll,
-            cfg.prefetch
+            cfg.rows
         );
         if s.sweep {
             for wg in [32, 64, 96, 128, 256] {
-                for rows in [4, 6, 8, 10, 12] {
-                    for prefetch in [false, true] {
-                        let cfg = GemvConfig {
-                            wg,
-                            rows,
-                            unroll: 1,
-                            prefetch,
-                            subgroups: gpu.caps.subgroups,
-                        };
-                        if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
-                            sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
-                        }
+                for rows in [4, 6, 8, 10] {
+                    let cfg = GemvConfig {
+                        wg,
+                        rows,
+                        subgroups: gpu.caps.subgroups,
+                    };
+                    if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
+                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
                     }
                 }
             }
         }
     }
     if s.sweep {
-        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | prefetch | GB/s |\n| --- | --- | --- | --- | --- | --- |");
+        println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
         for (name, cfg, gbs) in &sweeps {
-            println!(
-                "| {name} | {} | {} | {} | {} | {} |",
-                cfg.wg,
-                cfg.rows,
-                cfg.unroll,
-                cfg.prefetch,
-                sig(*gbs)
-            );
+            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
         }
     }
 

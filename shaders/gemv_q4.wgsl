@@ -6,10 +6,10 @@
 //! bf16 pairs in u32 words, row-major [rows, bpr].
 //!
 //! Thread mapping: one workgroup of WG threads computes ROWS consecutive rows. Thread t walks the
-//! quarters t, t + WG, ... of K (K is split across the workgroup), UNROLL quarters per step: it
-//! first issues all UNROLL x ROWS 16-byte weight loads of the step (loads in flight are what
-//! hides memory latency; with UNROLL x WG >= quarters a thread has one step and one round trip
-//! to memory), then, per quarter, loads the 32 values of x once and uses them for every row. Consecutive threads read consecutive 16-byte pieces of a row, so loads coalesce.
+//! quarters t, t + WG, ... of K (K is split across the workgroup). Per quarter it first issues the
+//! ROWS 16-byte weight loads and ROWS scale loads (independent loads in flight are what hides
+//! memory latency), then loads the 32 values of x once, 8 at a time, and uses them for every row.
+//! Consecutive threads read consecutive 16-byte pieces of a row, so loads coalesce.
 //! `workgroup_sums` (prepended from gemv_q4_sum_subgroup.wgsl or gemv_q4_sum_shared.wgsl) adds
 //! the partial sums over the workgroup and thread r writes row r. Rows past the end read the last
 //! row (clamped) and are not written. One dispatch covers `rows` rows starting at row `row_base`
@@ -21,13 +21,11 @@
 //! one multiply-add per weight, and the x-only term sum(x) is computed once per quarter for all
 //! ROWS rows. The products stay exact up to f32 rounding (u has 5 significant bits).
 
-// Upper bounds of ROWS and UNROLL: per-thread arrays have fixed sizes (unused entries are dead).
+override WG: u32 = 32u;
+override ROWS: u32 = 8u;
+// Upper bound of ROWS: per-thread arrays have a fixed size (unused entries are dead). On the H100
+// more than 10 rows spill registers.
 const MAX_ROWS: u32 = 16u;
-const MAX_UNROLL: u32 = 4u;
-override WG: u32 = 64u;
-override ROWS: u32 = 4u;
-// UNROLL (quarters per thread and step) and PREFETCH (bool) are `const`s prepended by
-// src/kernels/gemv_q4.rs: naga 30 panics processing a third override used only inside functions.
 
 struct Params {
     rows: u32,
@@ -84,25 +82,6 @@ fn accumulate_quarter(q: u32, w: array<vec4<u32>, MAX_ROWS>, s: array<f32, MAX_R
     }
 }
 
-// The weights and block scales of quarters q, q + WG, ... (UNROLL of them) of every row. Quarters
-// past the end of the row (last step only) load the last quarter again; they are skipped.
-struct Step {
-    w: array<array<vec4<u32>, MAX_ROWS>, MAX_UNROLL>,
-    s: array<array<f32, MAX_ROWS>, MAX_UNROLL>,
-}
-
-fn load_step(q: u32, rows: ptr<function, array<u32, MAX_ROWS>>, quarters: u32) -> Step {
-    var step: Step;
-    for (var u = 0u; u < UNROLL; u++) {
-        let qu = min(q + u * WG, quarters - 1u);
-        for (var r = 0u; r < ROWS; r++) {
-            step.w[u][r] = qw[(*rows)[r] * quarters + qu];
-            step.s[u][r] = scale((*rows)[r] * p.bpr + qu / 4u);
-        }
-    }
-    return step;
-}
-
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -119,24 +98,14 @@ fn main(
         rows[r] = min(row0 + r, p.rows - 1u);
     }
     var acc: array<f32, MAX_ROWS>;
-    // Steps of UNROLL quarters per row, all their weight and scale loads issued before any is
-    // used; with PREFETCH, the next step's loads are issued before the current step is computed.
-    var step = load_step(lid, &rows, quarters);
-    for (var q = lid; q < quarters; q += UNROLL * WG) {
-        let q_next = q + UNROLL * WG;
-        var next: Step;
-        if (PREFETCH && q_next < quarters) {
-            next = load_step(q_next, &rows, quarters);
+    for (var q = lid; q < quarters; q += WG) {
+        var w: array<vec4<u32>, MAX_ROWS>;
+        var sc: array<f32, MAX_ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            w[r] = qw[rows[r] * quarters + q];
+            sc[r] = scale(rows[r] * p.bpr + q / 4u);
         }
-        for (var u = 0u; u < UNROLL; u++) {
-            if (q + u * WG < quarters) {
-                accumulate_quarter(q + u * WG, step.w[u], step.s[u], &acc);
-            }
-        }
-        if (!PREFETCH && q_next < quarters) {
-            next = load_step(q_next, &rows, quarters);
-        }
-        step = next;
+        accumulate_quarter(q, w, sc, &acc);
     }
     let total = 16.0 * workgroup_sums(acc, lid);
     if (lid < ROWS && row0 + lid < p.rows) {

@@ -26,8 +26,6 @@ const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
 
 /// Most rows one workgroup may compute (`MAX_ROWS` in the shader).
 pub const MAX_ROWS: u32 = 16;
-/// Most quarters per thread and step (`MAX_UNROLL` in the shader).
-pub const MAX_UNROLL: u32 = 4;
 /// Threads the heuristic aims to have in flight over the whole GPU (tuned on the H100 with
 /// benches/kernels.rs; enough 16-byte loads in flight to cover memory latency).
 const TARGET_THREADS: usize = 1 << 16;
@@ -48,10 +46,6 @@ pub struct GemvConfig {
     pub wg: u32,
     /// Rows per workgroup, 1..=[`MAX_ROWS`].
     pub rows: u32,
-    /// Quarters (16-byte loads) per row that a thread loads before using them, 1..=[`MAX_UNROLL`].
-    pub unroll: u32,
-    /// Issue the next step's loads before computing the current one (double buffering).
-    pub prefetch: bool,
     /// Reduce with subgroup operations (needs `gpu.caps.subgroups`).
     pub subgroups: bool,
 }
@@ -115,8 +109,6 @@ impl GemvQ4 {
         GemvConfig {
             wg,
             rows: rows_per_group,
-            unroll: 1,
-            prefetch: false,
             subgroups: self.subgroups,
         }
     }
@@ -133,12 +125,6 @@ impl GemvQ4 {
             return Err(Error::Invalid(format!(
                 "gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}",
                 cfg.rows
-            )));
-        }
-        if !(1..=MAX_UNROLL).contains(&cfg.unroll) {
-            return Err(Error::Invalid(format!(
-                "gemv_q4: unroll {} must be in 1..={MAX_UNROLL}",
-                cfg.unroll
             )));
         }
         let shared_bytes = cfg.rows as u64 * cfg.wg as u64 * 4;
@@ -161,10 +147,7 @@ impl GemvQ4 {
             return Ok(p.clone());
         }
         let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!(
-            "gemv_q4/wg{}_rows{}_unroll{}_prefetch{}_{kind}",
-            cfg.wg, cfg.rows, cfg.unroll, cfg.prefetch
-        );
+        let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
         let source = shader(&cfg);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
         let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
@@ -282,10 +265,7 @@ pub fn shader(cfg: &GemvConfig) -> String {
     } else {
         SUM_SHARED
     };
-    format!(
-        "const UNROLL: u32 = {}u;\nconst PREFETCH: bool = {};\n{sum}\n{SOURCE}",
-        cfg.unroll, cfg.prefetch
-    )
+    format!("{sum}\n{SOURCE}")
 }
 
 /// One row range of a matrix and its two bindings, `(offset, size)` in bytes.
