@@ -5,8 +5,9 @@
 //! serves `rows` rows and each thread keeps `rows` weight loads in flight. Partial sums are
 //! reduced with subgroup operations where the adapter has them (shaders/gemv_q4_sum_subgroup.wgsl),
 //! otherwise through a tree in workgroup memory (shaders/gemv_q4_sum_shared.wgsl). Weights are
-//! dequantized in 3 instructions each (see the shader's header), which is what the H100 needs:
-//! the kernel is bound by instructions and latency, not by the 3 TB/s of memory.
+//! dequantized in 3 instructions each (see the shader's header): on the H100 fewer instructions
+//! per weight and more rows per x load raised GB/s, more loads in flight per thread (unrolled or
+//! prefetched steps) did not.
 //!
 //! Splitting K across a workgroup is this kernel's split-K: for a small N (few rows, too few
 //! workgroups to fill the GPU) [`GemvQ4::config_for`] gives each workgroup more threads, so there
