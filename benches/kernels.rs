@@ -495,15 +495,15 @@ fn main() {
             cfg.rows
         );
         if s.sweep {
-            for wg in [64, 128, 256, 512] {
-                for rows in [1, 2, 4, 8] {
+            for wg in [32, 64, 96, 128, 256] {
+                for rows in [4, 6, 8, 10] {
                     let cfg = GemvConfig {
                         wg,
                         rows,
                         subgroups: gpu.caps.subgroups,
                     };
                     if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
-                        sweeps.push((shape.name, wg, rows, bytes as f64 / t / 1e9));
+                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
                     }
                 }
             }
@@ -511,8 +511,8 @@ fn main() {
     }
     if s.sweep {
         println!("\n### GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
-        for (name, wg, rows, gbs) in &sweeps {
-            println!("| {name} | {wg} | {rows} | {} |", sig(*gbs));
+        for (name, cfg, gbs) in &sweeps {
+            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
         }
     }
 

@@ -1,24 +1,31 @@
-// gemv_q4: y = W x (+ bias), or y += W x (+ bias), for an INT4 block-128 matrix W[rows, k] and an
-// f32 vector x[k] (decode: one token).
-//
-// Layout (src/quant.rs): each row is `bpr` blocks of 128; a block is 4 vec4<u32> ("quarters" of 32
-// elements); element i of a quarter is nibble i % 8 of word i / 8, stored as level + 8. Scales are
-// bf16 pairs in u32 words, row-major [rows, bpr].
-//
-// Thread mapping: one workgroup of WG threads computes ROWS consecutive rows. Thread t walks the
-// quarters t, t + WG, ... of K (K is split across the workgroup: fewer rows means more threads
-// per row) and, for each quarter, loads the 32 values of x once and the quarter of all ROWS rows
-// (ROWS independent 16-byte loads in flight), keeping ROWS partial sums. Consecutive threads read
-// consecutive 16-byte pieces of a row, so loads coalesce. `workgroup_sums` (prepended from
-// gemv_q4_sum_subgroup.wgsl or gemv_q4_sum_shared.wgsl) adds the partial sums over the workgroup
-// and thread r writes row r. Rows past the end read the last row (clamped) and are not written.
-// One dispatch covers `rows` rows starting at row `row_base` of y and bias (a matrix larger than
-// a storage binding is split into row ranges, one dispatch each).
+//! gemv_q4: y = W x (+ bias), or y += W x (+ bias), for an INT4 block-128 matrix W[rows, k] and an
+//! f32 vector x[k] (decode: one token).
+//!
+//! Layout (src/quant.rs): each row is `bpr` blocks of 128; a block is 4 vec4<u32> ("quarters" of 32
+//! elements); element i of a quarter is nibble i % 8 of word i / 8, stored as level + 8. Scales are
+//! bf16 pairs in u32 words, row-major [rows, bpr].
+//!
+//! Thread mapping: one workgroup of WG threads computes ROWS consecutive rows. Thread t walks the
+//! quarters t, t + WG, ... of K (K is split across the workgroup). Per quarter it first issues the
+//! ROWS 16-byte weight loads and ROWS scale loads (independent loads in flight are what hides
+//! memory latency), then loads the 32 values of x once, 8 at a time, and uses them for every row.
+//! Consecutive threads read consecutive 16-byte pieces of a row, so loads coalesce.
+//! `workgroup_sums` (prepended from gemv_q4_sum_subgroup.wgsl or gemv_q4_sum_shared.wgsl) adds
+//! the partial sums over the workgroup and thread r writes row r. Rows past the end read the last
+//! row (clamped) and are not written. One dispatch covers `rows` rows starting at row `row_base`
+//! of y and bias (a matrix larger than a storage binding is split into row ranges).
+//!
+//! Dequantization, 3 instructions per weight: a nibble n shifted to the top of an f32 mantissa
+//! under the exponent of 1.0 reads as u = 1 + n/16 (shift, then one and-or), so
+//! level = n - 8 = 16 (u - 1.5) and, per quarter, sum(level * x) = 16 (sum(u * x) - 1.5 sum(x)):
+//! one multiply-add per weight, and the x-only term sum(x) is computed once per quarter for all
+//! ROWS rows. The products stay exact up to f32 rounding (u has 5 significant bits).
 
-override WG: u32 = 64u;
-override ROWS: u32 = 4u;
-// Upper bound of ROWS: per-thread accumulators live in a fixed-size private array.
-const MAX_ROWS: u32 = 8u;
+override WG: u32 = 32u;
+override ROWS: u32 = 8u;
+// Upper bound of ROWS: per-thread arrays have a fixed size (unused entries are dead). On the H100
+// more than 10 rows spill registers.
+const MAX_ROWS: u32 = 16u;
 
 struct Params {
     rows: u32,
@@ -38,31 +45,41 @@ struct Params {
 
 var<workgroup> red: array<f32, ROWS * WG>;
 
-// Levels (nibble - 8) of four nibbles, each in the low bits of a lane: 2^23 + n built by OR-ing
-// the exponent bits, then one subtraction (cheaper than an int-to-float conversion).
-fn levels(n: vec4<u32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>((n & vec4<u32>(15u)) | vec4<u32>(0x4b000000u)) - vec4<f32>(8388616.0);
-}
-
-// Sum over the 8 elements of one word times x[0..4] (xa) and x[4..8] (xb).
-fn dot_word(w: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
-    let lo = levels(vec4<u32>(w) >> vec4<u32>(0u, 4u, 8u, 12u));
-    let hi = levels(vec4<u32>(w) >> vec4<u32>(16u, 20u, 24u, 28u));
-    return dot(lo, xa) + dot(hi, xb);
+// u = 1 + n/16 for the four nibbles in the low 16 bits of w (each moved to mantissa bits 19..22).
+fn units(w: u32) -> vec4<f32> {
+    let n = (vec4<u32>(w) << vec4<u32>(19u, 15u, 11u, 7u)) & vec4<u32>(0x780000u);
+    return bitcast<vec4<f32>>(n | vec4<u32>(0x3f800000u));
 }
 
 // x[4v .. 4v+4], zero past the end of x (the padding of the last block has level 0, but x there
 // is not ours to read).
 fn x4(v: u32) -> vec4<f32> {
-    if (v < p.k / 4u) {
-        return x[v];
-    }
-    return vec4<f32>(0.0);
+    let n = p.k / 4u;
+    return select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
 }
 
 fn scale(i: u32) -> f32 {
     let w = scales[i / 2u];
     return select(bf16_lo(w), bf16_hi(w), (i & 1u) == 1u);
+}
+
+// Adds quarter q of every row to acc, given the rows' weights w and block scales s. Word by word,
+// so that only 8 values of x are live at a time.
+fn accumulate_quarter(q: u32, w: array<vec4<u32>, MAX_ROWS>, s: array<f32, MAX_ROWS>, acc: ptr<function, array<f32, MAX_ROWS>>) {
+    var part: array<f32, MAX_ROWS>;
+    var xsum = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let xa = x4(q * 8u + 2u * j);
+        let xb = x4(q * 8u + 2u * j + 1u);
+        xsum += xa + xb;
+        for (var r = 0u; r < ROWS; r++) {
+            part[r] += dot(units(w[r][j]), xa) + dot(units(w[r][j] >> 16u), xb);
+        }
+    }
+    let offset = 1.5 * dot(xsum, vec4<f32>(1.0));
+    for (var r = 0u; r < ROWS; r++) {
+        (*acc)[r] = fma(part[r] - offset, s[r], (*acc)[r]);
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -76,25 +93,21 @@ fn main(
         return;
     }
     let quarters = p.bpr * 4u;
+    var rows: array<u32, MAX_ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        rows[r] = min(row0 + r, p.rows - 1u);
+    }
     var acc: array<f32, MAX_ROWS>;
     for (var q = lid; q < quarters; q += WG) {
-        let x0 = x4(q * 8u);
-        let x1 = x4(q * 8u + 1u);
-        let x2 = x4(q * 8u + 2u);
-        let x3 = x4(q * 8u + 3u);
-        let x4_ = x4(q * 8u + 4u);
-        let x5 = x4(q * 8u + 5u);
-        let x6 = x4(q * 8u + 6u);
-        let x7 = x4(q * 8u + 7u);
-        let block = q / 4u;
+        var w: array<vec4<u32>, MAX_ROWS>;
+        var sc: array<f32, MAX_ROWS>;
         for (var r = 0u; r < ROWS; r++) {
-            let row = min(row0 + r, p.rows - 1u);
-            let w = qw[row * quarters + q];
-            let s = dot_word(w.x, x0, x1) + dot_word(w.y, x2, x3) + dot_word(w.z, x4_, x5) + dot_word(w.w, x6, x7);
-            acc[r] += s * scale(row * p.bpr + block);
+            w[r] = qw[rows[r] * quarters + q];
+            sc[r] = scale(rows[r] * p.bpr + q / 4u);
         }
+        accumulate_quarter(q, w, sc, &acc);
     }
-    let total = workgroup_sums(acc, lid);
+    let total = 16.0 * workgroup_sums(acc, lid);
     if (lid < ROWS && row0 + lid < p.rows) {
         let out = p.row_base + row0 + lid;
         var v = total;

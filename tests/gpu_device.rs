@@ -15,7 +15,13 @@ fn opens_an_adapter_and_round_trips_a_buffer() {
 
 #[test]
 fn an_invalid_shader_is_an_error_that_names_the_kernel() {
-    let err = gpu().compute_pipeline("broken/kernel", "@compute @workgroup_size(1) fn main() { let x: f32 = 1u; }", "main", &[])
+    let err = gpu()
+        .compute_pipeline(
+            "broken/kernel",
+            "@compute @workgroup_size(1) fn main() { let x: f32 = 1u; }",
+            "main",
+            &[],
+        )
         .expect_err("must not compile");
     assert!(err.to_string().contains("broken/kernel"), "{err}");
 }

@@ -16,7 +16,10 @@ fn tiny_model(arch: Arch, seed: u64) -> LoadedModel {
 }
 
 fn tiny_model_with_layers(arch: Arch, seed: u64, layers: usize) -> LoadedModel {
-    let dir = std::env::temp_dir().join(format!("q4wgpu-model-gpu-{arch:?}-{seed}-{layers}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "q4wgpu-model-gpu-{arch:?}-{seed}-{layers}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = test_models::tiny_config(arch);
     config.num_hidden_layers = layers;
@@ -28,11 +31,24 @@ fn tiny_model_with_layers(arch: Arch, seed: u64, layers: usize) -> LoadedModel {
 
 fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    got.iter().zip(want).map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY }).fold(0.0, f32::max)
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            if g.is_finite() {
+                (g - w).abs() / scale
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0.0, f32::max)
 }
 
 fn options(chunk: usize) -> EngineOptions {
-    EngineOptions { ctx_size: 256, chunk, ..Default::default() }
+    EngineOptions {
+        ctx_size: 256,
+        chunk,
+        ..Default::default()
+    }
 }
 
 /// Prompt in chunks (one longer than the chunk size, so it is split), then single-token decode
@@ -49,13 +65,19 @@ fn gpu_matches_cpu(arch: Arch) {
     let want = cpu.forward(&mut cache, &prompt).expect("cpu prompt");
     let got = engine.logits(&prompt).expect("gpu prompt");
     let err = max_rel_err(&got, &want);
-    assert!(err <= LOGIT_TOLERANCE, "{arch:?} prompt logits: max relative error {err:e}");
+    assert!(
+        err <= LOGIT_TOLERANCE,
+        "{arch:?} prompt logits: max relative error {err:e}"
+    );
     for step in 0..6 {
         let token = rng.below(vocab) as u32;
         let want = cpu.forward(&mut cache, &[token]).expect("cpu step");
         let got = engine.logits(&[token]).expect("gpu step");
         let err = max_rel_err(&got, &want);
-        assert!(err <= LOGIT_TOLERANCE, "{arch:?} decode step {step}: max relative error {err:e}");
+        assert!(
+            err <= LOGIT_TOLERANCE,
+            "{arch:?} decode step {step}: max relative error {err:e}"
+        );
     }
 }
 
@@ -78,8 +100,16 @@ fn logits_are_bit_identical_when_layers_stream() {
     let prompt: Vec<u32> = (0..11).map(|_| rng.below(vocab) as u32).collect();
     let next = rng.below(vocab) as u32;
     let run = |budget: Option<u64>| {
-        let mut e = GpuModel::new(gpu(), &loaded.weights, EngineOptions { vram_budget: budget, prefetch_depth: 1, ..options(4) })
-            .expect("engine under budget");
+        let mut e = GpuModel::new(
+            gpu(),
+            &loaded.weights,
+            EngineOptions {
+                vram_budget: budget,
+                prefetch_depth: 1,
+                ..options(4)
+            },
+        )
+        .expect("engine under budget");
         let plan = e.plan().clone();
         let a = e.logits(&prompt).expect("prompt");
         let b = e.logits(&[next]).expect("decode");
@@ -92,28 +122,63 @@ fn logits_are_bit_identical_when_layers_stream() {
     for resident in [layers - 2, 1, 0] {
         let budget = all.fixed_bytes + (resident as u64 + 1) * all.layer_bytes;
         let (plan, got_prompt, got_decode) = run(Some(budget));
-        assert_eq!(plan.resident_layers, resident, "budget {budget}: {}", plan.describe());
+        assert_eq!(
+            plan.resident_layers,
+            resident,
+            "budget {budget}: {}",
+            plan.describe()
+        );
         assert_eq!(plan.streamed_layers(), layers - resident);
-        assert!(got_prompt == want_prompt, "prompt logits differ with {} streamed layers", layers - resident);
-        assert!(got_decode == want_decode, "decode logits differ with {} streamed layers", layers - resident);
+        assert!(
+            got_prompt == want_prompt,
+            "prompt logits differ with {} streamed layers",
+            layers - resident
+        );
+        assert!(
+            got_decode == want_decode,
+            "decode logits differ with {} streamed layers",
+            layers - resident
+        );
     }
 }
 
 #[test]
 fn a_budget_below_the_minimum_is_a_clear_error() {
     let loaded = tiny_model(Arch::Llama, 3);
-    let err = GpuModel::new(gpu(), &loaded.weights, EngineOptions { vram_budget: Some(1000), ..options(4) })
-        .err()
-        .expect("a 1000-byte budget cannot work");
+    let err = GpuModel::new(
+        gpu(),
+        &loaded.weights,
+        EngineOptions {
+            vram_budget: Some(1000),
+            ..options(4)
+        },
+    )
+    .err()
+    .expect("a 1000-byte budget cannot work");
     let msg = err.to_string();
-    assert!(msg.contains("minimum is") && msg.contains("--vram-budget"), "{msg}");
+    assert!(
+        msg.contains("minimum is") && msg.contains("--vram-budget"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_sequence_longer_than_the_context_is_refused() {
     let loaded = tiny_model(Arch::Qwen2, 5);
-    let mut engine = GpuModel::new(gpu(), &loaded.weights, EngineOptions { ctx_size: 16, chunk: 4, ..Default::default() }).expect("engine");
-    let err = engine.logits(&[1u32; 17]).err().expect("17 tokens do not fit 16");
+    let mut engine = GpuModel::new(
+        gpu(),
+        &loaded.weights,
+        EngineOptions {
+            ctx_size: 16,
+            chunk: 4,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
+    let err = engine
+        .logits(&[1u32; 17])
+        .err()
+        .expect("17 tokens do not fit 16");
     assert!(err.to_string().contains("--ctx-size"), "{err}");
     // Nothing was consumed: a prompt that fits still runs from position 0.
     engine.logits(&[1u32; 16]).expect("16 tokens fit");

@@ -14,7 +14,10 @@ const TOKENS: usize = 32;
 fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
-        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
         stop_strings: vec![],
         logprobs: None,
     }
@@ -26,36 +29,78 @@ fn gpu_greedy_continuation_equals_the_cpu_reference() {
     let path = model::resolve(None).expect("fetch and quantize the default model");
     let loaded = model::load(&path, false).expect("load");
     let cpu = CpuModel::new(&loaded.weights).expect("cpu");
-    let mut engine = GpuModel::new(gpu(), &loaded.weights, EngineOptions { ctx_size: 512, ..Default::default() }).expect("gpu");
+    let mut engine = GpuModel::new(
+        gpu(),
+        &loaded.weights,
+        EngineOptions {
+            ctx_size: 512,
+            ..Default::default()
+        },
+    )
+    .expect("gpu");
     let prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
-    let ids = loaded.tokenizer.encode(prompt, loaded.tokenizer.add_bos()).expect("encode");
+    let ids = loaded
+        .tokenizer
+        .encode(prompt, loaded.tokenizer.add_bos())
+        .expect("encode");
     let opts = greedy(TOKENS);
-    let on_gpu = generate(&mut engine, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("gpu generate");
+    let on_gpu =
+        generate(&mut engine, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("gpu generate");
     let mut decoder = CpuDecoder::new(&cpu, 512);
-    let on_cpu = generate(&mut decoder, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("cpu generate");
-    assert_eq!(on_cpu.generated_token_ids.len(), TOKENS, "the CPU stopped early: {:?}", on_cpu.text);
-    assert_eq!(on_gpu.generated_token_ids, on_cpu.generated_token_ids, "GPU text {:?}\nCPU text {:?}", on_gpu.text, on_cpu.text);
+    let on_cpu =
+        generate(&mut decoder, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("cpu generate");
+    assert_eq!(
+        on_cpu.generated_token_ids.len(),
+        TOKENS,
+        "the CPU stopped early: {:?}",
+        on_cpu.text
+    );
+    assert_eq!(
+        on_gpu.generated_token_ids, on_cpu.generated_token_ids,
+        "GPU text {:?}\nCPU text {:?}",
+        on_gpu.text, on_cpu.text
+    );
 }
 
 fn q4wgpu(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_q4wgpu")).args(args).output().expect("run the q4wgpu binary");
+    let out = Command::new(env!("CARGO_BIN_EXE_q4wgpu"))
+        .args(args)
+        .output()
+        .expect("run the q4wgpu binary");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "q4wgpu {args:?} failed:\n{stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("q4wgpu {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "q4wgpu {args:?}: stdout is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// The README's command, on the GPU (lavapipe in CI) and on the CPU reference: the model answers 3.4.
 #[test]
 fn the_cli_answers_the_readme_question_on_gpu_and_cpu() {
     for backend in [None, Some("--cpu")] {
-        let mut args = vec!["run", "--chat", "--prompt", "1.1+2.3=?", "--max-tokens", "40", "--json"];
+        let mut args = vec![
+            "run",
+            "--chat",
+            "--prompt",
+            "1.1+2.3=?",
+            "--max-tokens",
+            "40",
+            "--json",
+        ];
         args.extend(backend);
         let v = q4wgpu(&args);
         let text = v["text"].as_str().expect("text");
         assert!(text.contains("3.4"), "{backend:?}: answered {text:?}");
         assert_eq!(v["finish_reason"], "eos", "{backend:?}: {v}");
         let prompt_ids = v["prompt_token_ids"].as_array().expect("prompt ids");
-        assert_eq!(prompt_ids.first().and_then(|x| x.as_u64()), Some(151644), "the chat prompt starts with <|im_start|>");
+        assert_eq!(
+            prompt_ids.first().and_then(|x| x.as_u64()),
+            Some(151644),
+            "the chat prompt starts with <|im_start|>"
+        );
         assert!(!v["generated_token_ids"].as_array().expect("ids").is_empty());
     }
 }
@@ -69,5 +114,8 @@ fn a_prompt_longer_than_the_context_is_a_clear_error() {
         .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--ctx-size") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("--ctx-size") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

@@ -12,17 +12,31 @@ pub struct CpuDecoder<'m, 'w> {
 
 impl<'m, 'w> CpuDecoder<'m, 'w> {
     pub fn new(model: &'m CpuModel<'w>, ctx: usize) -> Self {
-        CpuDecoder { model, cache: model.new_cache(ctx) }
+        CpuDecoder {
+            model,
+            cache: model.new_cache(ctx),
+        }
     }
 }
 
 impl Decoder for CpuDecoder<'_, '_> {
-    fn step(&mut self, tokens: &[u32], params: &SamplingParams, history: &[u32], step: u32, top_logprobs: Option<usize>) -> Result<StepOutput> {
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        params: &SamplingParams,
+        history: &[u32],
+        step: u32,
+        top_logprobs: Option<usize>,
+    ) -> Result<StepOutput> {
         let logits = self.model.forward(&mut self.cache, tokens)?;
         let token = sampling::sample_at(params, &logits, history, step);
         let logprobs = top_logprobs.map(|n| {
             let lp = sampling::logprobs(&logits, token, n);
-            TokenLogprobs { token: lp.token, logprob: lp.logprob, top: lp.top }
+            TokenLogprobs {
+                token: lp.token,
+                logprob: lp.logprob,
+                top: lp.top,
+            }
         });
         Ok(StepOutput { token, logprobs })
     }

@@ -23,9 +23,15 @@ pub struct Rng(u64);
 impl Rng {
     /// Seeded from the clock: inputs are fresh each run. The seed is printed so a failure can be replayed.
     pub fn fresh(what: &str) -> Rng {
-        let seed = std::env::var("Q4WGPU_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-        });
+        let seed = std::env::var("Q4WGPU_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
         eprintln!("{what}: Q4WGPU_TEST_SEED={seed}");
         Rng(seed | 1)
     }

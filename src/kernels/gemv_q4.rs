@@ -4,7 +4,10 @@
 //! its threads split K (quarter blocks of 32 weights, one 16-byte load each), so every load of x
 //! serves `rows` rows and each thread keeps `rows` weight loads in flight. Partial sums are
 //! reduced with subgroup operations where the adapter has them (shaders/gemv_q4_sum_subgroup.wgsl),
-//! otherwise through a tree in workgroup memory (shaders/gemv_q4_sum_shared.wgsl).
+//! otherwise through a tree in workgroup memory (shaders/gemv_q4_sum_shared.wgsl). Weights are
+//! dequantized in 3 instructions each (see the shader's header): on the H100 fewer instructions
+//! per weight and more rows per x load raised GB/s, more loads in flight per thread (unrolled or
+//! prefetched steps) did not.
 //!
 //! Splitting K across a workgroup is this kernel's split-K: for a small N (few rows, too few
 //! workgroups to fill the GPU) [`GemvQ4::config_for`] gives each workgroup more threads, so there
@@ -25,7 +28,7 @@ const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl
 const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
 
 /// Most rows one workgroup may compute (`MAX_ROWS` in the shader).
-pub const MAX_ROWS: u32 = 8;
+pub const MAX_ROWS: u32 = 16;
 /// Threads the heuristic aims to have in flight over the whole GPU (tuned on the H100 with
 /// benches/kernels.rs; enough 16-byte loads in flight to cover memory latency).
 const TARGET_THREADS: usize = 1 << 16;
@@ -42,7 +45,7 @@ pub enum Epilogue {
 /// Shape of the GEMV workgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemvConfig {
-    /// Threads per workgroup: a power of two, 32..=1024, at least the subgroup size.
+    /// Threads per workgroup: 32..=1024, a multiple of 32 and of the subgroup size.
     pub wg: u32,
     /// Rows per workgroup, 1..=[`MAX_ROWS`].
     pub rows: u32,
@@ -88,20 +91,24 @@ impl GemvQ4 {
         Ok(kernel)
     }
 
-    /// The workgroup shape used for a `rows x cols` matrix: 4 rows per workgroup (each x load
-    /// shared by 4 rows; 8 for very tall matrices), and the smallest workgroup (64..=256 threads) that puts about
-    /// `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks.
+    /// The workgroup shape used for a `rows x cols` matrix: 8 rows per workgroup (each x load
+    /// shared by 8 rows), and the smallest workgroup (a multiple of 32 threads, at most 256) that
+    /// puts about `TARGET_THREADS` threads on the GPU, no wider than a row has quarter blocks:
+    /// tall matrices get one subgroup per workgroup, short ones with a long K split K over more
+    /// threads.
     pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        // Measured on the H100 (benches/kernels.rs --sweep): 8 rows win on N >= 55296
-        // (gate_up 1242 vs 1108 GB/s, lm_head 1391 vs 1188), 4 rows on N = 5120..7168.
-        let rows_per_group = if rows >= 32768 { 8u32 } else { 4 };
+        // Measured on the H100 (benches/kernels.rs --sweep): 8 rows and 32 threads win on
+        // N >= 55296 (gate_up 1893 GB/s, lm_head 2198), 8 rows and 128 threads on
+        // down (N = 5120, K = 27648: 1635 GB/s; 32 threads: 888).
+        let rows_per_group = 8u32;
         let groups = rows.div_ceil(rows_per_group as usize).max(1);
         let quarters = blocks_per_row(cols) * 4;
-        let mut wg = 64usize;
-        while wg < 256 && groups * wg < TARGET_THREADS && wg < quarters {
-            wg *= 2;
-        }
-        let wg = (wg as u32).max(self.subgroup_max.next_power_of_two());
+        let unit = self.subgroup_max.max(32) as usize;
+        let wg = TARGET_THREADS
+            .div_ceil(groups)
+            .min(quarters)
+            .clamp(unit, 256)
+            .next_multiple_of(unit) as u32;
         GemvConfig {
             wg,
             rows: rows_per_group,
@@ -110,10 +117,10 @@ impl GemvQ4 {
     }
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
-        if !cfg.wg.is_power_of_two() || !(32..=1024).contains(&cfg.wg) || cfg.wg < self.subgroup_max
-        {
+        let unit = self.subgroup_max.max(32);
+        if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
             return Err(Error::Invalid(format!(
-                "gemv_q4: workgroup size {} must be a power of two in 32..=1024 and at least the subgroup size {}",
+                "gemv_q4: workgroup size {} must be in 32..=1024 and a multiple of {unit} (32 and the subgroup size {})",
                 cfg.wg, self.subgroup_max
             )));
         }
@@ -121,6 +128,13 @@ impl GemvQ4 {
             return Err(Error::Invalid(format!(
                 "gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}",
                 cfg.rows
+            )));
+        }
+        let shared_bytes = cfg.rows as u64 * cfg.wg as u64 * 4;
+        if shared_bytes > gpu.limits.max_compute_workgroup_storage_size as u64 {
+            return Err(Error::Unsupported(format!(
+                "gemv_q4: {} rows x {} threads need {shared_bytes} bytes of workgroup memory, the adapter has {}",
+                cfg.rows, cfg.wg, gpu.limits.max_compute_workgroup_storage_size
             )));
         }
         if cfg.subgroups && !self.subgroups {
@@ -135,13 +149,9 @@ impl GemvQ4 {
         if let Some(p) = cache.get(&cfg) {
             return Ok(p.clone());
         }
-        let (sum, kind) = if cfg.subgroups {
-            (SUM_SUBGROUP, "subgroup")
-        } else {
-            (SUM_SHARED, "shared")
-        };
+        let kind = if cfg.subgroups { "subgroup" } else { "shared" };
         let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
-        let source = format!("{sum}\n{SOURCE}");
+        let source = shader(&cfg);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
         let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
         cache.insert(cfg, pipeline.clone());
@@ -249,6 +259,16 @@ impl GemvQ4 {
         }
         Ok(out)
     }
+}
+
+/// The WGSL of `cfg`'s kernel (before gpu::shader_source); WG and ROWS are overrides.
+pub fn shader(cfg: &GemvConfig) -> String {
+    let sum = if cfg.subgroups {
+        SUM_SUBGROUP
+    } else {
+        SUM_SHARED
+    };
+    format!("{sum}\n{SOURCE}")
 }
 
 /// One row range of a matrix and its two bindings, `(offset, size)` in bytes.

@@ -52,7 +52,11 @@ pub struct BufRange<'a> {
 
 impl<'a> BufRange<'a> {
     pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
-        BufRange { buffer, offset: 0, size: buffer.size() }
+        BufRange {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
     }
 }
 

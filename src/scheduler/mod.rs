@@ -41,7 +41,14 @@ impl LayerPack {
             let bpr = blocks_per_row(cols);
             let qweight_bytes = (rows * bpr * WORDS_PER_BLOCK * 4) as u64;
             let scales_bytes = (rows * bpr * 2) as u64;
-            let m = PackedMatrix { rows, cols, qweight_offset: at, qweight_bytes, scales_offset: align(at + qweight_bytes), scales_bytes };
+            let m = PackedMatrix {
+                rows,
+                cols,
+                qweight_offset: at,
+                qweight_bytes,
+                scales_offset: align(at + qweight_bytes),
+                scales_bytes,
+            };
             at = align(m.scales_offset + scales_bytes);
             m
         };
@@ -50,7 +57,13 @@ impl LayerPack {
         let o = place(h, c.q_dim());
         let gate_up = place(2 * c.intermediate_size, h);
         let down = place(h, c.intermediate_size);
-        LayerPack { qkv, o, gate_up, down, bytes: at }
+        LayerPack {
+            qkv,
+            o,
+            gate_up,
+            down,
+            bytes: at,
+        }
     }
 
     pub fn matrices(&self) -> [&PackedMatrix; 4] {
@@ -95,7 +108,11 @@ impl ResidencyPlan {
 
     /// DESIGN.md §5: copies and kernels serialize on one queue, so time per token is the sum of
     /// reading what is resident (and fixed) at device bandwidth and copying what streams over PCIe.
-    pub fn expected_tokens_per_second(&self, device_bytes_per_s: f64, pcie_bytes_per_s: f64) -> f64 {
+    pub fn expected_tokens_per_second(
+        &self,
+        device_bytes_per_s: f64,
+        pcie_bytes_per_s: f64,
+    ) -> f64 {
         let t = (self.resident_bytes() + self.fixed_read_bytes()) as f64 / device_bytes_per_s
             + self.streamed_bytes() as f64 / pcie_bytes_per_s;
         1.0 / t
@@ -133,10 +150,23 @@ impl ResidencyPlan {
 
 /// Plans residency: fixed buffers first, then as many layers as fit; if not all fit, the rest
 /// stream through `prefetch_depth` ring slots (at least one). Refuses a budget below the minimum.
-pub fn plan(budget: u64, fixed_bytes: u64, layer_bytes: u64, layers: usize, prefetch_depth: usize) -> Result<ResidencyPlan> {
+pub fn plan(
+    budget: u64,
+    fixed_bytes: u64,
+    layer_bytes: u64,
+    layers: usize,
+    prefetch_depth: usize,
+) -> Result<ResidencyPlan> {
     let all = fixed_bytes + layers as u64 * layer_bytes;
     if budget >= all {
-        return Ok(ResidencyPlan { budget, fixed_bytes, layer_bytes, layers, resident_layers: layers, ring_slots: 0 });
+        return Ok(ResidencyPlan {
+            budget,
+            fixed_bytes,
+            layer_bytes,
+            layers,
+            resident_layers: layers,
+            ring_slots: 0,
+        });
     }
     let ring_slots = prefetch_depth.clamp(1, layers);
     let minimum = fixed_bytes + layer_bytes;
@@ -150,9 +180,20 @@ pub fn plan(budget: u64, fixed_bytes: u64, layer_bytes: u64, layers: usize, pref
         )));
     }
     // Fewer slots than asked if the budget only has room for those.
-    let ring_slots = ring_slots.min(((budget - fixed_bytes) / layer_bytes) as usize).max(1);
-    let resident_layers = (((budget - fixed_bytes) / layer_bytes) as usize).saturating_sub(ring_slots).min(layers);
-    Ok(ResidencyPlan { budget, fixed_bytes, layer_bytes, layers, resident_layers, ring_slots })
+    let ring_slots = ring_slots
+        .min(((budget - fixed_bytes) / layer_bytes) as usize)
+        .max(1);
+    let resident_layers = (((budget - fixed_bytes) / layer_bytes) as usize)
+        .saturating_sub(ring_slots)
+        .min(layers);
+    Ok(ResidencyPlan {
+        budget,
+        fixed_bytes,
+        layer_bytes,
+        layers,
+        resident_layers,
+        ring_slots,
+    })
 }
 
 /// Host memory the streamed layers need (they are copied into host-visible staging buffers at
@@ -182,11 +223,15 @@ pub fn host_memory_available() -> Option<u64> {
 /// Parses "24GB", "8GiB", "512MB", "1.5G", or a plain number of bytes.
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| Error::Invalid(format!("{text:?} is not a size; write e.g. 24GB, 8GiB or 512MB")))?;
+    let value: f64 = num.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "{text:?} is not a size; write e.g. 24GB, 8GiB or 512MB"
+        ))
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -197,7 +242,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "tib" => 1024f64.powi(4),
-        other => return Err(Error::Invalid(format!("unknown size unit {other:?} in {text:?}; use B, KB, MB, GB, KiB, MiB or GiB"))),
+        other => {
+            return Err(Error::Invalid(format!(
+                "unknown size unit {other:?} in {text:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+            )))
+        }
     };
     Ok((value * mult) as u64)
 }
