@@ -80,6 +80,9 @@ fn q4wgpu(args: &[&str]) -> serde_json::Value {
 /// The README's command, on the GPU (lavapipe in CI) and on the CPU reference: the model answers 3.4.
 #[test]
 fn the_cli_answers_the_readme_question_on_gpu_and_cpu() {
+    // Fetch and quantize in this process first (serialized with the other test), so the CLI
+    // processes find the cached model instead of racing to create it.
+    model::resolve(None).expect("fetch and quantize the default model");
     for backend in [None, Some("--cpu")] {
         let mut args = vec![
             "run",
@@ -107,6 +110,7 @@ fn the_cli_answers_the_readme_question_on_gpu_and_cpu() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
+    model::resolve(None).expect("fetch and quantize the default model");
     let long = "word ".repeat(200);
     let out = Command::new(env!("CARGO_BIN_EXE_q4wgpu"))
         .args(["run", "--prompt", &long, "--ctx-size", "64", "--cpu"])
