@@ -40,7 +40,13 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { ctx_size: 4096, chunk: 64, vram_budget: None, prefetch_depth: 2, max_top_logprobs: 20 }
+        EngineOptions {
+            ctx_size: 4096,
+            chunk: 64,
+            vram_budget: None,
+            prefetch_depth: 2,
+            max_top_logprobs: 20,
+        }
     }
 }
 
@@ -48,7 +54,10 @@ impl Default for EngineOptions {
 enum LayerHome {
     Resident(wgpu::Buffer),
     /// In host memory; copied into ring slot `slot` before the layer runs.
-    Streamed { staging: wgpu::Buffer, slot: usize },
+    Streamed {
+        staging: wgpu::Buffer,
+        slot: usize,
+    },
 }
 
 /// Small per-layer tensors, always resident.
@@ -113,13 +122,24 @@ impl<'w> GpuModel<'w> {
     pub fn new(gpu: &'w Gpu, weights: &'w ModelWeights, opts: EngineOptions) -> Result<Self> {
         let c = weights.config.clone();
         if opts.ctx_size == 0 || opts.chunk == 0 {
-            return Err(Error::Invalid("--ctx-size and the prompt chunk must be positive".into()));
+            return Err(Error::Invalid(
+                "--ctx-size and the prompt chunk must be positive".into(),
+            ));
         }
         let ctx = opts.ctx_size;
         // A prompt chunk never holds more tokens than the context.
-        let opts = EngineOptions { chunk: opts.chunk.min(ctx), ..opts };
+        let opts = EngineOptions {
+            chunk: opts.chunk.min(ctx),
+            ..opts
+        };
         let m = opts.chunk;
-        let (h, q_dim, kv_dim, ffn, vocab) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.vocab_size);
+        let (h, q_dim, kv_dim, ffn, vocab) = (
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
         let qkv_dim = q_dim + 2 * kv_dim;
         let pack = LayerPack::new(&c);
         let lm_head = weights.q4("lm_head.weight")?;
@@ -132,11 +152,18 @@ impl<'w> GpuModel<'w> {
         let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20);
         let (budget, budget_source) = match opts.vram_budget {
             Some(b) => (b, "--vram-budget".to_string()),
-            None => gpu
-                .default_vram_budget()
-                .unwrap_or((u64::MAX, "unlimited: the adapter reports no memory heaps".to_string())),
+            None => gpu.default_vram_budget().unwrap_or((
+                u64::MAX,
+                "unlimited: the adapter reports no memory heaps".to_string(),
+            )),
         };
-        let plan = scheduler::plan(budget, fixed, pack.bytes, c.num_hidden_layers, opts.prefetch_depth)?;
+        let plan = scheduler::plan(
+            budget,
+            fixed,
+            pack.bytes,
+            c.num_hidden_layers,
+            opts.prefetch_depth,
+        )?;
         scheduler::check_host_memory(&plan)?;
         if pack.bytes > gpu.limits.max_buffer_size {
             return Err(Error::Gpu(format!(
@@ -156,11 +183,16 @@ impl<'w> GpuModel<'w> {
         for l in 0..c.num_hidden_layers {
             let bytes = pack_layer(weights, &pack, l)?;
             if plan.is_resident(l) {
-                homes.push(LayerHome::Resident(gpu.storage_from_bytes(&format!("layer {l}"), &bytes)));
+                homes.push(LayerHome::Resident(
+                    gpu.storage_from_bytes(&format!("layer {l}"), &bytes),
+                ));
                 device_bytes += pack.bytes;
             } else {
                 let slot = (l - plan.resident_layers) % plan.ring_slots;
-                homes.push(LayerHome::Streamed { staging: host_staging(gpu, &format!("layer {l} (host)"), &bytes)?, slot });
+                homes.push(LayerHome::Streamed {
+                    staging: host_staging(gpu, &format!("layer {l} (host)"), &bytes)?,
+                    slot,
+                });
             }
             // Bound the transient upload buffers wgpu keeps until the next submit.
             gpu.queue.submit([]);
@@ -187,7 +219,10 @@ impl<'w> GpuModel<'w> {
         let kv: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.num_hidden_layers)
             .map(|l| {
                 let words = (c.num_kv_heads() * ctx * c.head_dim() / 2 * 4) as u64;
-                (gpu.storage_buffer(&format!("k cache {l}"), words), gpu.storage_buffer(&format!("v cache {l}"), words))
+                (
+                    gpu.storage_buffer(&format!("k cache {l}"), words),
+                    gpu.storage_buffer(&format!("v cache {l}"), words),
+                )
             })
             .collect();
         device_bytes += fixed;
@@ -202,7 +237,12 @@ impl<'w> GpuModel<'w> {
 
         let mut decode_layers = Vec::new();
         let mut prefill_layers = Vec::new();
-        let mut keep = vec![lm_q.clone(), lm_s.clone(), final_norm.clone(), inv_freq.clone()];
+        let mut keep = vec![
+            lm_q.clone(),
+            lm_s.clone(),
+            final_norm.clone(),
+            inv_freq.clone(),
+        ];
         for l in 0..c.num_hidden_layers {
             let buf = match &homes[l] {
                 LayerHome::Resident(b) => b,
@@ -212,56 +252,191 @@ impl<'w> GpuModel<'w> {
             let w = |p: &PackedMatrix| Q4Ref {
                 rows: p.rows,
                 cols: p.cols,
-                qweight: BufRange { buffer: buf, offset: p.qweight_offset, size: p.qweight_bytes },
-                scales: BufRange { buffer: buf, offset: p.scales_offset, size: p.scales_bytes.next_multiple_of(4) },
+                qweight: BufRange {
+                    buffer: buf,
+                    offset: p.qweight_offset,
+                    size: p.qweight_bytes,
+                },
+                scales: BufRange {
+                    buffer: buf,
+                    offset: p.scales_offset,
+                    size: p.scales_bytes.next_multiple_of(4),
+                },
             };
             let whole = BufRange::whole;
             let (k_cache, v_cache) = (&kv[l].0, &kv[l].1);
             let attn: AttentionDispatches = attention.bind(
-                gpu, &act.q, k_cache, v_cache, &act.attn,
-                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, m, &step_buf,
+                gpu,
+                &act.q,
+                k_cache,
+                v_cache,
+                &act.attn,
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim(),
+                ctx,
+                m,
+                &step_buf,
             )?;
             let qkv_bias = s.qkv_bias.as_ref().map(whole);
             let o_bias = s.o_bias.as_ref().map(whole);
 
             let mut d = Vec::new();
             d.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, 1, &step_buf)?);
-            d.extend(gemv.bind(gpu, w(&pack.qkv), whole(&act.h), whole(&act.qkv), qkv_bias, Epilogue::Store)?);
-            d.push(rope.bind(gpu, &act.qkv, &inv_freq, &act.q, k_cache, v_cache,
-                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, 1, &step_buf)?);
+            d.extend(gemv.bind(
+                gpu,
+                w(&pack.qkv),
+                whole(&act.h),
+                whole(&act.qkv),
+                qkv_bias,
+                Epilogue::Store,
+            )?);
+            d.push(rope.bind(
+                gpu,
+                &act.qkv,
+                &inv_freq,
+                &act.q,
+                k_cache,
+                v_cache,
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim(),
+                ctx,
+                1,
+                &step_buf,
+            )?);
             d.extend(attn.decode.iter().cloned());
-            d.extend(gemv.bind(gpu, w(&pack.o), whole(&act.attn), whole(&act.x), o_bias, Epilogue::Accumulate)?);
+            d.extend(gemv.bind(
+                gpu,
+                w(&pack.o),
+                whole(&act.attn),
+                whole(&act.x),
+                o_bias,
+                Epilogue::Accumulate,
+            )?);
             d.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, 1, &step_buf)?);
-            d.extend(gemv.bind(gpu, w(&pack.gate_up), whole(&act.h), whole(&act.gate_up), None, Epilogue::Store)?);
+            d.extend(gemv.bind(
+                gpu,
+                w(&pack.gate_up),
+                whole(&act.h),
+                whole(&act.gate_up),
+                None,
+                Epilogue::Store,
+            )?);
             d.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?);
-            d.extend(gemv.bind(gpu, w(&pack.down), whole(&act.act), whole(&act.x), None, Epilogue::Accumulate)?);
+            d.extend(gemv.bind(
+                gpu,
+                w(&pack.down),
+                whole(&act.act),
+                whole(&act.x),
+                None,
+                Epilogue::Accumulate,
+            )?);
             decode_layers.push(d);
 
             let mut p = Vec::new();
             p.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, m, &step_buf)?);
-            p.extend(gemm.bind(gpu, w(&pack.qkv), whole(&act.h), whole(&act.qkv), qkv_bias, Epilogue::Store, m, &step_buf)?);
-            p.push(rope.bind(gpu, &act.qkv, &inv_freq, &act.q, k_cache, v_cache,
-                c.num_attention_heads, c.num_kv_heads(), c.head_dim(), ctx, m, &step_buf)?);
+            p.extend(gemm.bind(
+                gpu,
+                w(&pack.qkv),
+                whole(&act.h),
+                whole(&act.qkv),
+                qkv_bias,
+                Epilogue::Store,
+                m,
+                &step_buf,
+            )?);
+            p.push(rope.bind(
+                gpu,
+                &act.qkv,
+                &inv_freq,
+                &act.q,
+                k_cache,
+                v_cache,
+                c.num_attention_heads,
+                c.num_kv_heads(),
+                c.head_dim(),
+                ctx,
+                m,
+                &step_buf,
+            )?);
             p.extend(attn.prefill.iter().cloned());
-            p.extend(gemm.bind(gpu, w(&pack.o), whole(&act.attn), whole(&act.x), o_bias, Epilogue::Accumulate, m, &step_buf)?);
+            p.extend(gemm.bind(
+                gpu,
+                w(&pack.o),
+                whole(&act.attn),
+                whole(&act.x),
+                o_bias,
+                Epilogue::Accumulate,
+                m,
+                &step_buf,
+            )?);
             p.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, m, &step_buf)?);
-            p.extend(gemm.bind(gpu, w(&pack.gate_up), whole(&act.h), whole(&act.gate_up), None, Epilogue::Store, m, &step_buf)?);
+            p.extend(gemm.bind(
+                gpu,
+                w(&pack.gate_up),
+                whole(&act.h),
+                whole(&act.gate_up),
+                None,
+                Epilogue::Store,
+                m,
+                &step_buf,
+            )?);
             p.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, m, &step_buf)?);
-            p.extend(gemm.bind(gpu, w(&pack.down), whole(&act.act), whole(&act.x), None, Epilogue::Accumulate, m, &step_buf)?);
+            p.extend(gemm.bind(
+                gpu,
+                w(&pack.down),
+                whole(&act.act),
+                whole(&act.x),
+                None,
+                Epilogue::Accumulate,
+                m,
+                &step_buf,
+            )?);
             prefill_layers.push(p);
-            keep.extend([s.input_norm.clone(), s.post_norm.clone(), k_cache.clone(), v_cache.clone()]);
+            keep.extend([
+                s.input_norm.clone(),
+                s.post_norm.clone(),
+                k_cache.clone(),
+                v_cache.clone(),
+            ]);
             keep.extend(s.qkv_bias.iter().cloned());
             keep.extend(s.o_bias.iter().cloned());
         }
 
         let whole = BufRange::whole;
-        let decode_final_norm = norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
-        let prefill_final_norm = norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
-        let lm = Q4Ref { rows: lm_head.rows, cols: lm_head.cols, qweight: whole(&lm_q), scales: whole(&lm_s) };
-        let head = gemv.bind(gpu, lm, whole(&act.last), whole(&act.logits), None, Epilogue::Store)?;
+        let decode_final_norm =
+            norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
+        let prefill_final_norm =
+            norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
+        let lm = Q4Ref {
+            rows: lm_head.rows,
+            cols: lm_head.cols,
+            qweight: whole(&lm_q),
+            scales: whole(&lm_s),
+        };
+        let head = gemv.bind(
+            gpu,
+            lm,
+            whole(&act.last),
+            whole(&act.logits),
+            None,
+            Epilogue::Store,
+        )?;
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
-        let sample_out = gpu.storage_buffer("sample out", (sample::out_words(opts.max_top_logprobs) * 4) as u64);
-        let sampler = Sample::new(gpu)?.bind(gpu, &act.logits, &history, &sample_out, vocab, MAX_HISTORY, opts.max_top_logprobs)?;
+        let sample_out = gpu.storage_buffer(
+            "sample out",
+            (sample::out_words(opts.max_top_logprobs) * 4) as u64,
+        );
+        let sampler = Sample::new(gpu)?.bind(
+            gpu,
+            &act.logits,
+            &history,
+            &sample_out,
+            vocab,
+            MAX_HISTORY,
+            opts.max_top_logprobs,
+        )?;
         // One read-back buffer for the whole run: a decoded token costs one small map, no allocation.
         let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("sample readback"),
@@ -324,7 +499,11 @@ impl<'w> GpuModel<'w> {
 
     /// Appends `tokens`, leaving the last token's logits in `act.logits`; with `sample`, also
     /// samples on the GPU within the same submission.
-    fn forward(&mut self, tokens: &[u32], sample: Option<(&SamplingParams, &[u32], u32)>) -> Result<()> {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        sample: Option<(&SamplingParams, &[u32], u32)>,
+    ) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to process".into()));
         }
@@ -335,26 +514,51 @@ impl<'w> GpuModel<'w> {
                 self.opts.ctx_size
             )));
         }
-        let chunks: Vec<&[u32]> = if tokens.len() == 1 { vec![tokens] } else { tokens.chunks(self.opts.chunk).collect() };
+        let chunks: Vec<&[u32]> = if tokens.len() == 1 {
+            vec![tokens]
+        } else {
+            tokens.chunks(self.opts.chunk).collect()
+        };
         let n_chunks = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let decode = tokens.len() == 1;
             let n = chunk.len();
-            let step = StepParams { pos: self.position as u32, n_tokens: n as u32, kv_len: (self.position + n) as u32, _pad: 0 };
-            self.gpu.queue.write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&step));
+            let step = StepParams {
+                pos: self.position as u32,
+                n_tokens: n as u32,
+                kv_len: (self.position + n) as u32,
+                _pad: 0,
+            };
+            self.gpu
+                .queue
+                .write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&step));
             let mut rows = vec![0f32; n * self.config.hidden_size];
             for (t, row) in chunk.iter().zip(rows.chunks_mut(self.config.hidden_size)) {
                 self.weights.embedding_row(*t, row)?;
             }
-            self.gpu.queue.write_buffer(&self.act.x, 0, bytemuck::cast_slice(&rows));
+            self.gpu
+                .queue
+                .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&rows));
 
-            let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-            let layers = if decode { &self.decode_layers } else { &self.prefill_layers };
+            let mut enc = self
+                .gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                });
+            let layers = if decode {
+                &self.decode_layers
+            } else {
+                &self.prefill_layers
+            };
             for (l, dispatches) in layers.iter().enumerate() {
                 if let LayerHome::Streamed { staging, slot } = &self.homes[l] {
                     enc.copy_buffer_to_buffer(staging, 0, &self.ring[*slot], 0, self.pack.bytes);
                 }
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layer"), timestamp_writes: None });
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("layer"),
+                    timestamp_writes: None,
+                });
                 for d in dispatches {
                     d.encode(&mut pass);
                 }
@@ -362,23 +566,40 @@ impl<'w> GpuModel<'w> {
             let last_chunk = i + 1 == n_chunks;
             if last_chunk {
                 if decode {
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("head"), timestamp_writes: None });
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("head"),
+                        timestamp_writes: None,
+                    });
                     self.decode_final_norm.encode(&mut pass);
                 } else {
                     {
-                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("final norm"), timestamp_writes: None });
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some("final norm"),
+                            timestamp_writes: None,
+                        });
                         self.prefill_final_norm.encode(&mut pass);
                     }
                     let row = f32_bytes(self.config.hidden_size);
-                    enc.copy_buffer_to_buffer(&self.act.h, (n as u64 - 1) * row, &self.act.last, 0, row);
+                    enc.copy_buffer_to_buffer(
+                        &self.act.h,
+                        (n as u64 - 1) * row,
+                        &self.act.last,
+                        0,
+                        row,
+                    );
                 }
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("lm_head"), timestamp_writes: None });
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("lm_head"),
+                    timestamp_writes: None,
+                });
                 for d in &self.head {
                     d.encode(&mut pass);
                 }
                 if let Some((params, history, step_no)) = sample {
                     let recent = &history[history.len().saturating_sub(MAX_HISTORY)..];
-                    self.gpu.queue.write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
+                    self.gpu
+                        .queue
+                        .write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
                     let p = SampleParams {
                         temperature: params.temperature,
                         top_k: params.top_k,
@@ -387,12 +608,19 @@ impl<'w> GpuModel<'w> {
                         repeat_last_n: params.repeat_last_n,
                         seed: params.seed,
                     };
-                    self.sampler.write_params(&self.gpu.queue, &p, step_no, recent.len())?;
+                    self.sampler
+                        .write_params(&self.gpu.queue, &p, step_no, recent.len())?;
                     self.sampler.encode(&mut pass);
                 }
             }
             if last_chunk && sample.is_some() {
-                enc.copy_buffer_to_buffer(&self.sample_out, 0, &self.readback, 0, self.sample_out.size());
+                enc.copy_buffer_to_buffer(
+                    &self.sample_out,
+                    0,
+                    &self.readback,
+                    0,
+                    self.sample_out.size(),
+                );
             }
             self.gpu.queue.submit([enc.finish()]);
             self.position += n;
@@ -402,13 +630,31 @@ impl<'w> GpuModel<'w> {
 }
 
 impl Decoder for GpuModel<'_> {
-    fn step(&mut self, tokens: &[u32], params: &SamplingParams, history: &[u32], step: u32, top_logprobs: Option<usize>) -> Result<StepOutput> {
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        params: &SamplingParams,
+        history: &[u32],
+        step: u32,
+        top_logprobs: Option<usize>,
+    ) -> Result<StepOutput> {
         let top_n = top_logprobs.unwrap_or(0).min(self.opts.max_top_logprobs);
         self.forward(tokens, Some((params, history, step)))?;
-        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&self.gpu.map_and_read(&self.readback, self.readback.size())?);
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(
+            &self
+                .gpu
+                .map_and_read(&self.readback, self.readback.size())?,
+        );
         let r = sample::parse_result(&words)?;
-        let logprobs = top_logprobs.map(|_| TokenLogprobs { token: r.token, logprob: r.logprob, top: r.top.into_iter().take(top_n).collect() });
-        Ok(StepOutput { token: r.token, logprobs })
+        let logprobs = top_logprobs.map(|_| TokenLogprobs {
+            token: r.token,
+            logprob: r.logprob,
+            top: r.top.into_iter().take(top_n).collect(),
+        });
+        Ok(StepOutput {
+            token: r.token,
+            logprobs,
+        })
     }
 
     fn position(&self) -> usize {
@@ -429,7 +675,10 @@ fn pack_layer(weights: &ModelWeights, pack: &LayerPack, layer: usize) -> Result<
         let (mut qo, mut so) = (m.qweight_offset as usize, m.scales_offset as usize);
         for p in parts {
             if p.cols != m.cols {
-                return Err(Error::Config(format!("layer {layer}: a matrix has {} columns, expected {}", p.cols, m.cols)));
+                return Err(Error::Config(format!(
+                    "layer {layer}: a matrix has {} columns, expected {}",
+                    p.cols, m.cols
+                )));
             }
             let qb: &[u8] = bytemuck::cast_slice(p.qweight);
             let sb: &[u8] = bytemuck::cast_slice(p.scales);
@@ -439,11 +688,16 @@ fn pack_layer(weights: &ModelWeights, pack: &LayerPack, layer: usize) -> Result<
             so += sb.len();
         }
         if qo - m.qweight_offset as usize != m.qweight_bytes as usize {
-            return Err(Error::Config(format!("layer {layer}: matrix rows do not match the config")));
+            return Err(Error::Config(format!(
+                "layer {layer}: matrix rows do not match the config"
+            )));
         }
         Ok(())
     };
-    put(&pack.qkv, &[weights.q4(&q)?, weights.q4(&k)?, weights.q4(&v)?])?;
+    put(
+        &pack.qkv,
+        &[weights.q4(&q)?, weights.q4(&k)?, weights.q4(&v)?],
+    )?;
     put(&pack.o, &[weights.q4(&o)?])?;
     put(&pack.gate_up, &[weights.q4(&gate)?, weights.q4(&up)?])?;
     put(&pack.down, &[weights.q4(&down)?])?;
@@ -452,7 +706,9 @@ fn pack_layer(weights: &ModelWeights, pack: &LayerPack, layer: usize) -> Result<
 
 fn layer_small(gpu: &Gpu, weights: &ModelWeights, c: &ModelConfig, l: usize) -> Result<LayerSmall> {
     let p = format!("model.layers.{l}");
-    let dense = |name: String| -> Result<wgpu::Buffer> { Ok(gpu.storage_from(&name, &weights.dense_f32(&name)?.1)) };
+    let dense = |name: String| -> Result<wgpu::Buffer> {
+        Ok(gpu.storage_from(&name, &weights.dense_f32(&name)?.1))
+    };
     let qkv_bias = if c.qkv_bias() {
         let mut b = weights.dense_f32(&format!("{p}.self_attn.q_proj.bias"))?.1;
         b.extend(weights.dense_f32(&format!("{p}.self_attn.k_proj.bias"))?.1);
@@ -461,7 +717,11 @@ fn layer_small(gpu: &Gpu, weights: &ModelWeights, c: &ModelConfig, l: usize) -> 
     } else {
         None
     };
-    let o_bias = if c.o_bias() { Some(dense(format!("{p}.self_attn.o_proj.bias"))?) } else { None };
+    let o_bias = if c.o_bias() {
+        Some(dense(format!("{p}.self_attn.o_proj.bias"))?)
+    } else {
+        None
+    };
     Ok(LayerSmall {
         input_norm: dense(format!("{p}.input_layernorm.weight"))?,
         post_norm: dense(format!("{p}.post_attention_layernorm.weight"))?,

@@ -14,7 +14,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "q4wgpu", version, about = "Run INT4 language models on any GPU through Vulkan")]
+#[command(
+    name = "q4wgpu",
+    version,
+    about = "Run INT4 language models on any GPU through Vulkan"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,9 +39,7 @@ enum Command {
     /// in the same run.
     Bench(BenchArgs),
     /// Fetch known models into the cache (all of them when no name is given); verified by SHA-256.
-    Fetch {
-        names: Vec<String>,
-    },
+    Fetch { names: Vec<String> },
     /// Show the GPU adapters, and a model's size and memory needs.
     Info {
         #[arg(long)]
@@ -156,7 +158,12 @@ fn main() {
         Command::Quantize { src, dst } => quantize(src, dst),
         Command::Bench(args) => bench(args),
         Command::Fetch { names } => fetch(names),
-        Command::Info { model, adapter, ctx_size, vram_budget } => info(model, adapter, ctx_size, vram_budget),
+        Command::Info {
+            model,
+            adapter,
+            ctx_size,
+            vram_budget,
+        } => info(model, adapter, ctx_size, vram_budget),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -172,7 +179,8 @@ fn fetch(names: Vec<String>) -> Result<()> {
             .iter()
             .map(|n| {
                 q4wgpu::fetch::find_known(n).ok_or_else(|| {
-                    let known: Vec<&str> = q4wgpu::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                    let known: Vec<&str> =
+                        q4wgpu::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
                     Error::Invalid(format!("unknown model {n:?}; known: {}", known.join(", ")))
                 })
             })
@@ -188,7 +196,11 @@ fn fetch(names: Vec<String>) -> Result<()> {
 fn quantize(src: PathBuf, dst: PathBuf) -> Result<()> {
     let start = Instant::now();
     let report = model::quantize_path(&src, &dst, true)?;
-    eprintln!("wrote {} in {:.1} s ({report:?})", dst.display(), start.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} in {:.1} s ({report:?})",
+        dst.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -196,9 +208,15 @@ fn build_prompt(tokenizer: &Tokenizer, args: &RunArgs) -> Result<Vec<u32>> {
     if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
         let text = tokenizer.apply_chat_template(&messages, true)?;
         // The template writes BOS itself where the model wants one.
         tokenizer.encode(&text, false)
@@ -229,7 +247,9 @@ fn run(args: RunArgs) -> Result<()> {
         stop_strings: args.stop.clone(),
         logprobs: args.logprobs,
     };
-    let ctx = args.ctx_size.min(loaded.weights.config.max_position_embeddings);
+    let ctx = args
+        .ctx_size
+        .min(loaded.weights.config.max_position_embeddings);
     if prompt_ids.len() >= ctx {
         return Err(Error::Invalid(format!(
             "the prompt has {} tokens but the context holds {ctx}; raise --ctx-size (this model allows up to {})",
@@ -249,25 +269,59 @@ fn run(args: RunArgs) -> Result<()> {
     if args.cpu {
         let cpu = CpuModel::new(&loaded.weights)?;
         let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
-        eprintln!("loaded {} in {:.1} s; running on the CPU reference", path.display(), load_start.elapsed().as_secs_f64());
-        generation = generate(&mut decoder, &loaded.tokenizer, &prompt_ids, &opts, &mut print)?;
+        eprintln!(
+            "loaded {} in {:.1} s; running on the CPU reference",
+            path.display(),
+            load_start.elapsed().as_secs_f64()
+        );
+        generation = generate(
+            &mut decoder,
+            &loaded.tokenizer,
+            &prompt_ids,
+            &opts,
+            &mut print,
+        )?;
     } else {
         let gpu = Gpu::new(args.adapter.as_deref())?;
-        let budget = args.vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
-        let engine_opts = EngineOptions { ctx_size: ctx, vram_budget: budget, prefetch_depth: args.prefetch_depth, ..Default::default() };
+        let budget = args
+            .vram_budget
+            .as_deref()
+            .map(scheduler::parse_size)
+            .transpose()?;
+        let engine_opts = EngineOptions {
+            ctx_size: ctx,
+            vram_budget: budget,
+            prefetch_depth: args.prefetch_depth,
+            ..Default::default()
+        };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
         let load_s = load_start.elapsed().as_secs_f64();
         eprintln!("adapter: {}", gpu.describe());
-        eprintln!("plan: {} (budget from {})", engine.plan().describe(), engine.budget_source());
-        eprintln!("loaded {} in {load_s:.1} s; {:.2} GB on the GPU", path.display(), engine.device_bytes() as f64 / 1e9);
+        eprintln!(
+            "plan: {} (budget from {})",
+            engine.plan().describe(),
+            engine.budget_source()
+        );
+        eprintln!(
+            "loaded {} in {load_s:.1} s; {:.2} GB on the GPU",
+            path.display(),
+            engine.device_bytes() as f64 / 1e9
+        );
         extra.insert("load_seconds".into(), load_s.into());
         extra.insert("adapter".into(), gpu.info.name.clone().into());
         extra.insert("gpu_bytes".into(), engine.device_bytes().into());
-        generation = generate(&mut engine, &loaded.tokenizer, &prompt_ids, &opts, &mut print)?;
+        generation = generate(
+            &mut engine,
+            &loaded.tokenizer,
+            &prompt_ids,
+            &opts,
+            &mut print,
+        )?;
     }
     let t = &generation.timings;
     if json {
-        let mut value = serde_json::to_value(&generation).map_err(|e| Error::Invalid(format!("serialising the result: {e}")))?;
+        let mut value = serde_json::to_value(&generation)
+            .map_err(|e| Error::Invalid(format!("serialising the result: {e}")))?;
         if let Some(obj) = value.as_object_mut() {
             obj.extend(extra);
         }
@@ -277,7 +331,11 @@ fn run(args: RunArgs) -> Result<()> {
     }
     eprintln!(
         "prompt: {} tokens, {:.1} tok/s; generated: {} tokens, {:.1} tok/s; stopped: {}",
-        t.prompt_tokens, t.prompt_tokens_per_second, t.generated_tokens, t.decode_tokens_per_second, generation.finish_reason
+        t.prompt_tokens,
+        t.prompt_tokens_per_second,
+        t.generated_tokens,
+        t.decode_tokens_per_second,
+        generation.finish_reason
     );
     Ok(())
 }
@@ -297,14 +355,24 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {
-        (Some(shape), _) => (synthetic::synthetic_weights(&synthetic::synthetic_config(shape)?, args.seed), format!("{shape} (synthetic)")),
+        (Some(shape), _) => (
+            synthetic::synthetic_weights(&synthetic::synthetic_config(shape)?, args.seed),
+            format!("{shape} (synthetic)"),
+        ),
         (None, model_arg) => {
             let path = model::resolve(model_arg.as_deref())?;
-            let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
             (model::load(&path, true)?.weights, name)
         }
     };
-    eprintln!("{name}: {:.2} GB of weights ready in {:.1} s", weights.byte_len() as f64 / 1e9, load_start.elapsed().as_secs_f64());
+    eprintln!(
+        "{name}: {:.2} GB of weights ready in {:.1} s",
+        weights.byte_len() as f64 / 1e9,
+        load_start.elapsed().as_secs_f64()
+    );
     let gpu = Gpu::new(args.adapter.as_deref())?;
     eprintln!("adapter: {}", gpu.describe());
     let mut header_printed = false;
@@ -320,22 +388,35 @@ fn bench(args: BenchArgs) -> Result<()> {
     println!();
     print!("{}", bench::preamble(&gpu.describe(), &report.bandwidth));
     for s in &report.skipped {
-        println!("budget {} skipped: {}", bench::budget_label(s.budget), s.reason);
+        println!(
+            "budget {} skipped: {}",
+            bench::budget_label(s.budget),
+            s.reason
+        );
     }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(format!("serialising the results: {e}")))?;
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Invalid(format!("serialising the results: {e}")))?;
         std::fs::write(path, text).map_err(|e| Error::io("writing the results", path, e))?;
     }
     Ok(())
 }
 
-fn info(model_arg: Option<String>, adapter: Option<String>, ctx_size: usize, vram_budget: Option<String>) -> Result<()> {
+fn info(
+    model_arg: Option<String>,
+    adapter: Option<String>,
+    ctx_size: usize,
+    vram_budget: Option<String>,
+) -> Result<()> {
     let adapters = q4wgpu::gpu::list_adapters();
     if adapters.is_empty() {
         println!("adapters: none");
     }
     for a in &adapters {
-        println!("adapter: {} ({:?}, {:?}, driver {} {})", a.name, a.device_type, a.backend, a.driver, a.driver_info);
+        println!(
+            "adapter: {} ({:?}, {:?}, driver {} {})",
+            a.name, a.device_type, a.backend, a.driver, a.driver_info
+        );
     }
     let gpu = Gpu::new(adapter.as_deref())?;
     println!("using: {}", gpu.describe());
@@ -352,11 +433,36 @@ fn info(model_arg: Option<String>, adapter: Option<String>, ctx_size: usize, vra
         let path = model::resolve(Some(&m))?;
         let loaded = model::load(&path, true)?;
         let c = &loaded.weights.config;
-        println!("model: {} ({:?}), {} layers, hidden {}, {} weight bytes", path.display(), c.architectures, c.num_hidden_layers, c.hidden_size, loaded.weights.byte_len());
-        let budget = vram_budget.as_deref().map(scheduler::parse_size).transpose()?;
-        let engine = GpuModel::new(&gpu, &loaded.weights, EngineOptions { ctx_size, vram_budget: budget, ..Default::default() })?;
-        println!("plan: {} (budget from {})", engine.plan().describe(), engine.budget_source());
-        println!("GPU memory needed at --ctx-size {ctx_size}: {:.3} GB", engine.device_bytes() as f64 / 1e9);
+        println!(
+            "model: {} ({:?}), {} layers, hidden {}, {} weight bytes",
+            path.display(),
+            c.architectures,
+            c.num_hidden_layers,
+            c.hidden_size,
+            loaded.weights.byte_len()
+        );
+        let budget = vram_budget
+            .as_deref()
+            .map(scheduler::parse_size)
+            .transpose()?;
+        let engine = GpuModel::new(
+            &gpu,
+            &loaded.weights,
+            EngineOptions {
+                ctx_size,
+                vram_budget: budget,
+                ..Default::default()
+            },
+        )?;
+        println!(
+            "plan: {} (budget from {})",
+            engine.plan().describe(),
+            engine.budget_source()
+        );
+        println!(
+            "GPU memory needed at --ctx-size {ctx_size}: {:.3} GB",
+            engine.device_bytes() as f64 / 1e9
+        );
     }
     Ok(())
 }

@@ -29,7 +29,8 @@ pub struct Gpu {
     pub caps: Caps,
 }
 
-const NO_ADAPTER_HELP: &str = "no Vulkan adapter found. Install a Vulkan driver: your GPU vendor's \
+const NO_ADAPTER_HELP: &str =
+    "no Vulkan adapter found. Install a Vulkan driver: your GPU vendor's \
 driver (NVIDIA, AMD, Intel), or Mesa's CPU driver for testing (Debian/Ubuntu: \
 `apt-get install mesa-vulkan-drivers`), and the loader (`libvulkan1`). `vulkaninfo --summary` \
 should list a device.";
@@ -79,7 +80,9 @@ impl Gpu {
                 adapters
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&f_low))
-                    .ok_or_else(|| Error::Gpu(format!("no adapter matches {f:?}; available: {names:?}")))?
+                    .ok_or_else(|| {
+                        Error::Gpu(format!("no adapter matches {f:?}; available: {names:?}"))
+                    })?
             }
             None => adapters.remove(0),
         };
@@ -131,7 +134,15 @@ impl Gpu {
             mappable_primary_buffers: features.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
-        Ok(Gpu { adapter, device, queue, info, limits, features, caps })
+        Ok(Gpu {
+            adapter,
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            caps,
+        })
     }
 
     /// The size of the largest device-local memory heap, from Vulkan's memory properties
@@ -156,14 +167,25 @@ impl Gpu {
         let heap = self.device_local_bytes()?;
         let margin = (heap / 10).max(512 << 20);
         let budget = heap.saturating_sub(margin);
-        Some((budget, format!("device-local heap of {:.2} GB (Vulkan memory properties) less a {:.2} GB margin", heap as f64 / 1e9, margin as f64 / 1e9)))
+        Some((
+            budget,
+            format!(
+                "device-local heap of {:.2} GB (Vulkan memory properties) less a {:.2} GB margin",
+                heap as f64 / 1e9,
+                margin as f64 / 1e9
+            ),
+        ))
     }
 
     /// One line naming the adapter, for stderr and `info`.
     pub fn describe(&self) -> String {
         format!(
             "{} ({:?}, {:?}, driver {} {})",
-            self.info.name, self.info.device_type, self.info.backend, self.info.driver, self.info.driver_info
+            self.info.name,
+            self.info.device_type,
+            self.info.backend,
+            self.info.driver,
+            self.info.driver_info
         )
     }
 
@@ -172,20 +194,34 @@ impl Gpu {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: size.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         })
     }
 
     /// A storage buffer filled with `data` (padded to a multiple of 4 bytes).
     pub fn storage_from_bytes(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
         if data.len() % 4 == 0 && !data.is_empty() {
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: data, usage })
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: data,
+                    usage,
+                })
         } else {
             let mut padded = data.to_vec();
             padded.resize(data.len().next_multiple_of(4).max(4), 0);
-            self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: &padded, usage })
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: &padded,
+                    usage,
+                })
         }
     }
 
@@ -198,11 +234,12 @@ impl Gpu {
         let bytes = bytemuck::bytes_of(value);
         let mut padded = bytes.to_vec();
         padded.resize(bytes.len().next_multiple_of(16).max(16), 0);
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: &padded,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &padded,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     /// Compiles a kernel: `shaders/common.wgsl` followed by the kernel's own file, with
@@ -217,7 +254,10 @@ impl Gpu {
         entry_point: &str,
         overrides: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
+        let checks = wgpu::ShaderRuntimeChecks {
+            force_loop_bounding: false,
+            ..wgpu::ShaderRuntimeChecks::checked()
+        };
         self.pipeline_with_checks(label, source, entry_point, overrides, checks)
     }
 
@@ -234,7 +274,13 @@ impl Gpu {
         entry_point: &str,
         overrides: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline_with_checks(label, source, entry_point, overrides, wgpu::ShaderRuntimeChecks::unchecked())
+        self.pipeline_with_checks(
+            label,
+            source,
+            entry_point,
+            overrides,
+            wgpu::ShaderRuntimeChecks::unchecked(),
+        )
     }
 
     fn pipeline_with_checks(
@@ -254,14 +300,19 @@ impl Gpu {
         // stays in bounds and terminates (see `compute_pipeline_unchecked`).
         let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let constants: Vec<(&str, f64)> = overrides.to_vec();
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(label),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry_point),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
-            cache: None,
-        });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(label),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry_point),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("compiling kernel {label}: {err}")));
         }
@@ -269,11 +320,19 @@ impl Gpu {
     }
 
     /// A bind group over `buffers` bound at 0, 1, 2, ... of group 0 (whole buffers).
-    pub fn bind_group(&self, label: &str, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    pub fn bind_group(
+        &self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
             .collect();
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(label),
@@ -324,7 +383,11 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         self.queue.submit([enc.finish()]);
         self.map_and_read(&staging, size)
@@ -363,8 +426,15 @@ impl Gpu {
 /// The shared helpers (`shaders/common.wgsl`) followed by a kernel's source. A kernel's `enable`
 /// directives must open the module, so they are moved before the helpers.
 pub fn shader_source(kernel: &str) -> String {
-    let (enables, body): (Vec<&str>, Vec<&str>) = kernel.lines().partition(|l| l.trim_start().starts_with("enable "));
-    format!("{}\n{}\n{}", enables.join("\n"), include_str!("../../shaders/common.wgsl"), body.join("\n"))
+    let (enables, body): (Vec<&str>, Vec<&str>) = kernel
+        .lines()
+        .partition(|l| l.trim_start().starts_with("enable "));
+    format!(
+        "{}\n{}\n{}",
+        enables.join("\n"),
+        include_str!("../../shaders/common.wgsl"),
+        body.join("\n")
+    )
 }
 
 /// Workgroup count for `n` items at `per_group` each.

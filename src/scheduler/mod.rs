@@ -199,7 +199,9 @@ pub fn plan(
 /// Host memory the streamed layers need (they are copied into host-visible staging buffers at
 /// load) must be available: a model larger than host RAM is refused up front with the numbers.
 pub fn check_host_memory(plan: &ResidencyPlan) -> Result<()> {
-    let Some(available) = host_memory_available() else { return Ok(()) };
+    let Some(available) = host_memory_available() else {
+        return Ok(());
+    };
     let needed = plan.streamed_bytes();
     if needed > available {
         return Err(Error::Invalid(format!(
