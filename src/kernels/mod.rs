@@ -75,3 +75,18 @@ pub mod rmsnorm;
 pub mod rope_kv;
 pub mod sample;
 pub mod swiglu;
+
+/// Fails unless `buffer` holds at least `bytes` bytes.
+pub(crate) fn check_size(
+    what: &str,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+) -> crate::error::Result<()> {
+    if buffer.size() < bytes {
+        return Err(crate::error::Error::Invalid(format!(
+            "{what}: buffer holds {} bytes, the shape needs {bytes}",
+            buffer.size()
+        )));
+    }
+    Ok(())
+}

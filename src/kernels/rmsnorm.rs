@@ -1,7 +1,7 @@
 //! RMSNorm over the rows of an f32 activation matrix (`shaders/rmsnorm.wgsl`): one workgroup per
 //! row, a workgroup tree reduction of the squares, then `x * w / sqrt(mean(x²) + eps)`.
 
-use super::Dispatch;
+use super::{check_size, Dispatch};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
@@ -66,15 +66,4 @@ impl RmsNorm {
             params: Some(params),
         })
     }
-}
-
-/// Fails unless `buffer` holds at least `bytes` bytes.
-pub(crate) fn check_size(what: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-    if buffer.size() < bytes {
-        return Err(Error::Invalid(format!(
-            "{what}: buffer holds {} bytes, the shape needs {bytes}",
-            buffer.size()
-        )));
-    }
-    Ok(())
 }

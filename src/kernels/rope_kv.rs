@@ -5,7 +5,7 @@
 //! attention kernel reads it): f16 packed two per u32 with `pack2x16float`, word index
 //! `(kv_head * ctx + position) * (head_dim / 2) + i`. Positions at or past `ctx` are not written.
 
-use super::rmsnorm::check_size;
+use super::check_size;
 use super::Dispatch;
 use crate::error::{Error, Result};
 use crate::gpu::{groups, Gpu};

@@ -22,7 +22,7 @@
 //! Greedy without `top_n` only reduces (max, sum of exp, argmax) per slice of 4096 entries and
 //! merges the partials; the selections run only when asked for (see the shader's doc).
 
-use super::rmsnorm::check_size;
+use super::check_size;
 use super::Dispatch;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

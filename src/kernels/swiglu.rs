@@ -1,7 +1,7 @@
 //! SwiGLU over the fused gate/up projection (`shaders/swiglu.wgsl`): row t of the input is
 //! `[gate (ffn) | up (ffn)]`, row t of the output `silu(gate) * up`; one thread per output element.
 
-use super::rmsnorm::check_size;
+use super::check_size;
 use super::Dispatch;
 use crate::error::{Error, Result};
 use crate::gpu::{dispatch_2d, groups, Gpu};
