@@ -10,7 +10,7 @@ use q4wgpu::weights::WeightSource;
 use q4wgpu::{Error, ModelConfig};
 use rand::{Rng, RngCore};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A real model file, fetched into the cache (once) by the same fetcher the CLI uses.
 fn real_model(name: &str) -> PathBuf {
