@@ -29,7 +29,7 @@
 //! - PCIe bound (streamed rows) = upload bandwidth / streamed bytes per token.
 
 use crate::config::ModelConfig;
-use crate::engine::{EngineOptions, GpuModel};
+use crate::engine::{DispatchTime, EngineOptions, GpuModel, StreamRead};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -58,11 +58,15 @@ pub struct BenchOptions {
     pub chunk: usize,
     /// One row set per budget; `None` keeps every layer resident.
     pub budgets: Vec<Option<u64>>,
+    /// At each budget that streams, one row set per way of reading streamed layers.
+    pub stream_reads: Vec<StreamRead>,
     pub prefetch_depth: usize,
     /// Size of the buffers the bandwidth measurements move.
     pub bandwidth_bytes: u64,
     /// Seed of the random prompt tokens.
     pub seed: u64,
+    /// Also time every dispatch of a decode step (needs timestamp queries).
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
@@ -75,9 +79,11 @@ impl Default for BenchOptions {
             ctx_size: None,
             chunk: engine.chunk,
             budgets: vec![None],
+            stream_reads: vec![StreamRead::Ring],
             prefetch_depth: engine.prefetch_depth,
             bandwidth_bytes: 256 << 20,
             seed: 0,
+            profile: false,
         }
     }
 }
@@ -113,6 +119,8 @@ pub struct BenchRow {
     pub model: String,
     /// Bytes; `None`: all resident.
     pub budget: Option<u64>,
+    /// How streamed layers were read (meaningless when none streams).
+    pub stream_read: StreamRead,
     pub layers: usize,
     pub resident_layers: usize,
     pub streamed_layers: usize,
@@ -163,7 +171,19 @@ pub struct BenchReport {
     pub bandwidth: Bandwidths,
     pub rows: Vec<BenchRow>,
     pub skipped: Vec<SkippedBudget>,
+    pub profiles: Vec<DecodeProfile>,
 }
+
+/// GPU time per dispatch role in a decode step, averaged over [`PROFILE_STEPS`] steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeProfile {
+    pub budget: Option<u64>,
+    /// Seconds per step, by role, in the order the step runs them.
+    pub dispatches: Vec<DispatchTime>,
+}
+
+/// Decode steps averaged in a profile.
+pub const PROFILE_STEPS: usize = 3;
 
 /// Copies per submit in the upload measurement (DESIGN.md §2: fewer per submit leave PCIe idle).
 pub const UPLOAD_COPIES_PER_SUBMIT: usize = 8;
@@ -354,14 +374,6 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn greedy() -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        repeat_penalty: 1.0,
-        ..SamplingParams::default()
-    }
-}
-
 /// Byte counts that do not depend on the run: per layer, lm_head, KV cache per position.
 struct ByteModel {
     layers: usize,
@@ -423,7 +435,7 @@ fn time_prompt(
     chunk: usize,
     reps: usize,
 ) -> Result<Timed> {
-    let params = greedy();
+    let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
     for rep in 0..=reps {
         // The warm-up run is one chunk: first-use costs, not a full measurement.
@@ -447,7 +459,7 @@ fn time_prompt(
 }
 
 fn time_decode(engine: &mut GpuModel<'_>, prompt: &[u32], n: usize, reps: usize) -> Result<Timed> {
-    let params = greedy();
+    let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
     let mut generated = Vec::new();
     for rep in 0..=reps {
@@ -480,6 +492,11 @@ pub fn run_bench(
     opts: &BenchOptions,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<BenchReport> {
+    if opts.stream_reads.is_empty() {
+        return Err(Error::Invalid(
+            "no way of reading streamed layers given".into(),
+        ));
+    }
     if opts.repetitions == 0 || opts.chunk == 0 {
         return Err(Error::Invalid("-r and --chunk must be positive".into()));
     }
@@ -512,27 +529,41 @@ pub fn run_bench(
 
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for &budget in &opts.budgets {
+    let mut profiles = Vec::new();
+    let runs = opts.budgets.iter().flat_map(|&b| {
+        opts.stream_reads
+            .iter()
+            .enumerate()
+            .map(move |(i, &r)| (b, i, r))
+    });
+    for (budget, read_index, stream_read) in runs {
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             chunk: opts.chunk,
             vram_budget: budget,
             prefetch_depth: opts.prefetch_depth,
             max_top_logprobs: 0,
+            decode_reads: stream_read,
+            prompt_reads: stream_read,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
             // A budget too small for the model is a result to report, not a failure of the run.
             Err(e) if budget.is_some() => {
-                skipped.push(SkippedBudget {
-                    budget,
-                    reason: e.to_string(),
-                });
+                if read_index == 0 {
+                    skipped.push(SkippedBudget {
+                        budget,
+                        reason: e.to_string(),
+                    });
+                }
                 continue;
             }
             Err(e) => return Err(e),
         };
         let plan = engine.plan().clone();
+        if read_index > 0 && plan.streamed_layers() == 0 {
+            continue; // nothing streams: the way of reading streamed layers changes nothing
+        }
         let bytes = ByteModel::new(config, &plan, lm_head_bytes);
         let mut tests = Vec::new();
         if opts.prompt_tokens > 0 {
@@ -561,6 +592,7 @@ pub fn run_bench(
             let row = BenchRow {
                 model: model.to_string(),
                 budget,
+                stream_read,
                 layers: plan.layers,
                 resident_layers: plan.resident_layers,
                 streamed_layers: plan.streamed_layers(),
@@ -585,6 +617,9 @@ pub fn run_bench(
             on_row(&row);
             rows.push(row);
         }
+        if opts.profile {
+            profiles.push(profile_decode(&mut engine, &tg_prompt, budget)?);
+        }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
         drop(engine);
         gpu.queue.submit([]);
@@ -606,7 +641,57 @@ pub fn run_bench(
         bandwidth,
         rows,
         skipped,
+        profiles,
     })
+}
+
+/// Times every dispatch of [`PROFILE_STEPS`] decode steps after a short prompt (after a warm-up
+/// step) and averages them.
+fn profile_decode(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    budget: Option<u64>,
+) -> Result<DecodeProfile> {
+    engine.reset();
+    let params = SamplingParams::greedy();
+    let token = engine.step(prompt, &params, prompt, 0, None)?.token;
+    engine.profile_decode_step(token)?;
+    let mut total: Vec<DispatchTime> = Vec::new();
+    for _ in 0..PROFILE_STEPS {
+        for d in engine.profile_decode_step(token)? {
+            match total.iter_mut().find(|t| t.label == d.label) {
+                Some(t) => t.seconds += d.seconds,
+                None => total.push(d),
+            }
+        }
+    }
+    for t in &mut total {
+        t.seconds /= PROFILE_STEPS as f64;
+    }
+    Ok(DecodeProfile {
+        budget,
+        dispatches: total,
+    })
+}
+
+/// A profile as a markdown table: role, dispatches per step, µs per step, share of the sum.
+pub fn profile_markdown(p: &DecodeProfile) -> String {
+    let sum: f64 = p.dispatches.iter().map(|d| d.seconds).sum();
+    let mut out = format!(
+        "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
+        budget_label(p.budget),
+        sum * 1e6
+    );
+    for d in &p.dispatches {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} % |\n",
+            d.label,
+            d.count,
+            d.seconds * 1e6,
+            100.0 * d.seconds / sum.max(f64::MIN_POSITIVE)
+        ));
+    }
+    out
 }
 
 /// "all" for no budget, else gigabytes.
@@ -647,7 +732,11 @@ pub fn table_line(r: &BenchRow) -> String {
     format!(
         "| {} | {} | {}/{} | {} | {:.2} | {:.2}–{:.2} | {} | {} | {} | {:.2} | {:.0} % | {} | {} |",
         r.model,
-        budget_label(r.budget),
+        if r.streamed_layers > 0 {
+            format!("{}, {}", budget_label(r.budget), r.stream_read.name())
+        } else {
+            budget_label(r.budget)
+        },
         r.resident_layers,
         r.streamed_layers,
         r.test,
@@ -699,6 +788,10 @@ pub fn markdown(report: &BenchReport) -> String {
             budget_label(s.budget),
             s.reason
         ));
+    }
+    for p in &report.profiles {
+        out.push('\n');
+        out.push_str(&profile_markdown(p));
     }
     out
 }

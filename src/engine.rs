@@ -36,6 +36,41 @@ pub struct EngineOptions {
     pub prefetch_depth: usize,
     /// Most alternatives `--logprobs` may ask for.
     pub max_top_logprobs: usize,
+    /// How a decode step reads streamed layers.
+    pub decode_reads: StreamRead,
+    /// How a prompt chunk reads streamed layers.
+    pub prompt_reads: StreamRead,
+}
+
+/// How kernels read the weights of a streamed layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamRead {
+    /// Copied into a device ring slot before the layer runs: each weight crosses PCIe once per
+    /// pass, however often the kernels read it.
+    Ring,
+    /// Read by the kernels straight from host memory ("zero-copy"; needs
+    /// MAPPABLE_PRIMARY_BUFFERS): no copy, but a weight read twice crosses PCIe twice.
+    ZeroCopy,
+}
+
+impl StreamRead {
+    pub fn parse(text: &str) -> Result<StreamRead> {
+        match text {
+            "ring" => Ok(StreamRead::Ring),
+            "zero-copy" => Ok(StreamRead::ZeroCopy),
+            _ => Err(Error::Invalid(format!(
+                "unknown way to read streamed layers {text:?}: use ring or zero-copy"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamRead::Ring => "ring",
+            StreamRead::ZeroCopy => "zero-copy",
+        }
+    }
 }
 
 impl Default for EngineOptions {
@@ -46,6 +81,8 @@ impl Default for EngineOptions {
             vram_budget: None,
             prefetch_depth: 2,
             max_top_logprobs: 20,
+            decode_reads: StreamRead::Ring,
+            prompt_reads: StreamRead::Ring,
         }
     }
 }
@@ -110,6 +147,14 @@ pub struct GpuModel<'w> {
     _keep: Vec<wgpu::Buffer>,
 }
 
+/// GPU time of every dispatch with one label during a profiled step.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DispatchTime {
+    pub label: String,
+    pub count: usize,
+    pub seconds: f64,
+}
+
 /// Recent tokens the repetition penalty can see.
 const MAX_HISTORY: usize = 1024;
 
@@ -165,6 +210,13 @@ impl<'w> GpuModel<'w> {
             opts.prefetch_depth,
         )?;
         scheduler::check_host_memory(&plan)?;
+        let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
+        if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {
+            return Err(Error::Invalid(format!(
+                "{} cannot read host memory from kernels (no MAPPABLE_PRIMARY_BUFFERS): use the ring for streamed layers",
+                gpu.info.name
+            )));
+        }
         if pack.bytes > gpu.limits.max_buffer_size {
             return Err(Error::Gpu(format!(
                 "one layer's weights take {} bytes, more than the adapter's largest buffer ({})",
@@ -244,25 +296,16 @@ impl<'w> GpuModel<'w> {
             inv_freq.clone(),
         ];
         for l in 0..c.num_hidden_layers {
-            let buf = match &homes[l] {
-                LayerHome::Resident(b) => b,
-                LayerHome::Streamed { slot, .. } => &ring[*slot],
+            // Where each phase's kernels read this layer's weights.
+            let source = |reads: StreamRead| match (&homes[l], reads) {
+                (LayerHome::Resident(b), _) => b,
+                (LayerHome::Streamed { slot, .. }, StreamRead::Ring) => &ring[*slot],
+                (LayerHome::Streamed { staging, .. }, StreamRead::ZeroCopy) => staging,
             };
+            let (decode_buf, prompt_buf) = (source(opts.decode_reads), source(opts.prompt_reads));
             let s = &small[l];
-            let w = |p: &PackedMatrix| Q4Ref {
-                rows: p.rows,
-                cols: p.cols,
-                qweight: BufRange {
-                    buffer: buf,
-                    offset: p.qweight_offset,
-                    size: p.qweight_bytes,
-                },
-                scales: BufRange {
-                    buffer: buf,
-                    offset: p.scales_offset,
-                    size: p.scales_bytes.next_multiple_of(4),
-                },
-            };
+            let wd = |p: &PackedMatrix| packed_in(decode_buf, p);
+            let wp = |p: &PackedMatrix| packed_in(prompt_buf, p);
             let whole = BufRange::whole;
             let (k_cache, v_cache) = (&kv[l].0, &kv[l].1);
             let attn: AttentionDispatches = attention.bind(
@@ -282,63 +325,90 @@ impl<'w> GpuModel<'w> {
             let o_bias = s.o_bias.as_ref().map(whole);
 
             let mut d = Vec::new();
-            d.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, 1, &step_buf)?);
-            d.extend(gemv.bind(
-                gpu,
-                w(&pack.qkv),
-                whole(&act.h),
-                whole(&act.qkv),
-                qkv_bias,
-                Epilogue::Store,
-            )?);
-            d.push(rope.bind(
-                gpu,
-                &act.qkv,
-                &inv_freq,
-                &act.q,
-                k_cache,
-                v_cache,
-                c.num_attention_heads,
-                c.num_kv_heads(),
-                c.head_dim(),
-                ctx,
-                1,
-                &step_buf,
-            )?);
-            d.extend(attn.decode.iter().cloned());
-            d.extend(gemv.bind(
-                gpu,
-                w(&pack.o),
-                whole(&act.attn),
-                whole(&act.x),
-                o_bias,
-                Epilogue::Accumulate,
-            )?);
-            d.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, 1, &step_buf)?);
-            d.extend(gemv.bind(
-                gpu,
-                w(&pack.gate_up),
-                whole(&act.h),
-                whole(&act.gate_up),
-                None,
-                Epilogue::Store,
-            )?);
-            d.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?);
-            d.extend(gemv.bind(
-                gpu,
-                w(&pack.down),
-                whole(&act.act),
-                whole(&act.x),
-                None,
-                Epilogue::Accumulate,
-            )?);
+            let mut add = |role: &str, dispatches: Vec<Dispatch>| {
+                d.extend(dispatches.into_iter().map(|x| x.with_role(role)))
+            };
+            add(
+                "input norm",
+                vec![norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, 1, &step_buf)?],
+            );
+            add(
+                "qkv",
+                gemv.bind(
+                    gpu,
+                    wd(&pack.qkv),
+                    whole(&act.h),
+                    whole(&act.qkv),
+                    qkv_bias,
+                    Epilogue::Store,
+                )?,
+            );
+            add(
+                "rope + kv write",
+                vec![rope.bind(
+                    gpu,
+                    &act.qkv,
+                    &inv_freq,
+                    &act.q,
+                    k_cache,
+                    v_cache,
+                    c.num_attention_heads,
+                    c.num_kv_heads(),
+                    c.head_dim(),
+                    ctx,
+                    1,
+                    &step_buf,
+                )?],
+            );
+            add("attention", attn.decode.clone());
+            add(
+                "o (+residual)",
+                gemv.bind(
+                    gpu,
+                    wd(&pack.o),
+                    whole(&act.attn),
+                    whole(&act.x),
+                    o_bias,
+                    Epilogue::Accumulate,
+                )?,
+            );
+            add(
+                "post norm",
+                vec![norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, 1, &step_buf)?],
+            );
+            add(
+                "gate|up",
+                gemv.bind(
+                    gpu,
+                    wd(&pack.gate_up),
+                    whole(&act.h),
+                    whole(&act.gate_up),
+                    None,
+                    Epilogue::Store,
+                )?,
+            );
+            add(
+                "swiglu",
+                vec![swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?],
+            );
+            add(
+                "down (+residual)",
+                gemv.bind(
+                    gpu,
+                    wd(&pack.down),
+                    whole(&act.act),
+                    whole(&act.x),
+                    None,
+                    Epilogue::Accumulate,
+                )?,
+            );
             decode_layers.push(d);
 
             let mut p = Vec::new();
             p.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, m, &step_buf)?);
             p.extend(gemm.bind(
                 gpu,
-                w(&pack.qkv),
+                wp(&pack.qkv),
                 whole(&act.h),
                 whole(&act.qkv),
                 qkv_bias,
@@ -363,7 +433,7 @@ impl<'w> GpuModel<'w> {
             p.extend(attn.prefill.iter().cloned());
             p.extend(gemm.bind(
                 gpu,
-                w(&pack.o),
+                wp(&pack.o),
                 whole(&act.attn),
                 whole(&act.x),
                 o_bias,
@@ -374,7 +444,7 @@ impl<'w> GpuModel<'w> {
             p.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, m, &step_buf)?);
             p.extend(gemm.bind(
                 gpu,
-                w(&pack.gate_up),
+                wp(&pack.gate_up),
                 whole(&act.h),
                 whole(&act.gate_up),
                 None,
@@ -385,7 +455,7 @@ impl<'w> GpuModel<'w> {
             p.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, m, &step_buf)?);
             p.extend(gemm.bind(
                 gpu,
-                w(&pack.down),
+                wp(&pack.down),
                 whole(&act.act),
                 whole(&act.x),
                 None,
@@ -405,8 +475,9 @@ impl<'w> GpuModel<'w> {
         }
 
         let whole = BufRange::whole;
-        let decode_final_norm =
-            norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
+        let decode_final_norm = norm
+            .bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?
+            .with_role("final norm");
         let prefill_final_norm =
             norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
         let lm = Q4Ref {
@@ -415,14 +486,18 @@ impl<'w> GpuModel<'w> {
             qweight: whole(&lm_q),
             scales: whole(&lm_s),
         };
-        let head = gemv.bind(
-            gpu,
-            lm,
-            whole(&act.last),
-            whole(&act.logits),
-            None,
-            Epilogue::Store,
-        )?;
+        let head: Vec<Dispatch> = gemv
+            .bind(
+                gpu,
+                lm,
+                whole(&act.last),
+                whole(&act.logits),
+                None,
+                Epilogue::Store,
+            )?
+            .into_iter()
+            .map(|d| d.with_role("lm_head"))
+            .collect();
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
             "sample out",
@@ -497,6 +572,121 @@ impl<'w> GpuModel<'w> {
         self.gpu.read_f32(&self.act.logits, self.config.vocab_size)
     }
 
+    /// Records the copy of streamed layer `l` into its ring slot (nothing for a resident layer).
+    fn copy_to_ring(&self, enc: &mut wgpu::CommandEncoder, l: usize) {
+        if let LayerHome::Streamed { staging, slot } = &self.homes[l] {
+            enc.copy_buffer_to_buffer(staging, 0, &self.ring[*slot], 0, self.pack.bytes);
+        }
+    }
+
+    /// Writes a chunk's step parameters and embedding rows (the step starts at `position`).
+    fn stage_chunk(&self, chunk: &[u32]) -> Result<()> {
+        let n = chunk.len();
+        let step = StepParams {
+            pos: self.position as u32,
+            n_tokens: n as u32,
+            kv_len: (self.position + n) as u32,
+            _pad: 0,
+        };
+        self.gpu
+            .queue
+            .write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&step));
+        let mut rows = vec![0f32; n * self.config.hidden_size];
+        for (t, row) in chunk.iter().zip(rows.chunks_mut(self.config.hidden_size)) {
+            self.weights.embedding_row(*t, row)?;
+        }
+        self.gpu
+            .queue
+            .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&rows));
+        Ok(())
+    }
+
+    /// Runs one decode step of `token` with GPU timestamps around every dispatch, each in a pass
+    /// of its own (which adds a little barrier time to each), and returns the GPU time per role,
+    /// summed over the layers timed, in the order first seen. Needs TIMESTAMP_QUERY; at most
+    /// `MAX_PROFILED` dispatches are timed, the rest run untimed. Streamed layers are copied as in
+    /// a normal step, untimed. Appends the token like a normal step.
+    pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<DispatchTime>> {
+        const MAX_PROFILED: usize = 2048;
+        if !self.gpu.caps.timestamps {
+            return Err(Error::Invalid(
+                "this adapter has no timestamp queries: cannot profile".into(),
+            ));
+        }
+        if self.position + 1 > self.opts.ctx_size {
+            return Err(Error::Invalid("the context is full: cannot profile".into()));
+        }
+        self.stage_chunk(&[token])?;
+        let ordered: Vec<&Dispatch> = self
+            .decode_layers
+            .iter()
+            .flatten()
+            .chain(std::iter::once(&self.decode_final_norm))
+            .chain(self.head.iter())
+            .collect();
+        let timed = ordered.len().min(MAX_PROFILED);
+        let queries = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: (2 * timed) as u32,
+        });
+        let bytes = (2 * timed * 8) as u64;
+        let resolved = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let per_layer = self.decode_layers.first().map_or(0, Vec::len);
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("profile step"),
+            });
+        for (i, d) in ordered.iter().enumerate() {
+            let layer = if per_layer > 0 { i / per_layer } else { 0 };
+            if i % per_layer.max(1) == 0
+                && layer < self.homes.len()
+                && self.opts.decode_reads == StreamRead::Ring
+            {
+                self.copy_to_ring(&mut enc, layer);
+            }
+            let timestamp_writes = (i < timed).then(|| wgpu::ComputePassTimestampWrites {
+                query_set: &queries,
+                beginning_of_pass_write_index: Some((2 * i) as u32),
+                end_of_pass_write_index: Some((2 * i + 1) as u32),
+            });
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&d.label),
+                timestamp_writes,
+            });
+            d.encode(&mut pass);
+        }
+        enc.resolve_query_set(&queries, 0..(2 * timed) as u32, &resolved, 0);
+        self.gpu.queue.submit([enc.finish()]);
+        self.position += 1;
+        let ticks: Vec<u64> =
+            bytemuck::pod_collect_to_vec(&self.gpu.read_bytes(&resolved, 0, bytes)?);
+        let ns_per_tick = f64::from(self.gpu.queue.get_timestamp_period());
+        let mut out: Vec<DispatchTime> = Vec::new();
+        for (d, t) in ordered.iter().zip(ticks.chunks_exact(2)) {
+            let seconds = t[1].saturating_sub(t[0]) as f64 * ns_per_tick * 1e-9;
+            match out.iter_mut().find(|o| o.label == d.label) {
+                Some(o) => {
+                    o.count += 1;
+                    o.seconds += seconds;
+                }
+                None => out.push(DispatchTime {
+                    label: d.label.clone(),
+                    count: 1,
+                    seconds,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
     /// Appends `tokens`, leaving the last token's logits in `act.logits`; with `sample`, also
     /// samples on the GPU within the same submission.
     fn forward(
@@ -523,22 +713,7 @@ impl<'w> GpuModel<'w> {
         for (i, chunk) in chunks.into_iter().enumerate() {
             let decode = tokens.len() == 1;
             let n = chunk.len();
-            let step = StepParams {
-                pos: self.position as u32,
-                n_tokens: n as u32,
-                kv_len: (self.position + n) as u32,
-                _pad: 0,
-            };
-            self.gpu
-                .queue
-                .write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&step));
-            let mut rows = vec![0f32; n * self.config.hidden_size];
-            for (t, row) in chunk.iter().zip(rows.chunks_mut(self.config.hidden_size)) {
-                self.weights.embedding_row(*t, row)?;
-            }
-            self.gpu
-                .queue
-                .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&rows));
+            self.stage_chunk(chunk)?;
 
             let mut enc = self
                 .gpu
@@ -551,9 +726,14 @@ impl<'w> GpuModel<'w> {
             } else {
                 &self.prefill_layers
             };
+            let reads = if decode {
+                self.opts.decode_reads
+            } else {
+                self.opts.prompt_reads
+            };
             for (l, dispatches) in layers.iter().enumerate() {
-                if let LayerHome::Streamed { staging, slot } = &self.homes[l] {
-                    enc.copy_buffer_to_buffer(staging, 0, &self.ring[*slot], 0, self.pack.bytes);
+                if reads == StreamRead::Ring {
+                    self.copy_to_ring(&mut enc, l);
                 }
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("layer"),
@@ -732,6 +912,24 @@ fn layer_small(gpu: &Gpu, weights: &ModelWeights, c: &ModelConfig, l: usize) -> 
 
 /// A buffer in host memory that copies can read from (DESIGN.md §2: MAP_READ | COPY_SRC buffers
 /// are placed in host-cached system memory; MAP_WRITE ones land in VRAM on resizable-BAR cards).
+/// A packed matrix inside the buffer holding its layer.
+fn packed_in<'b>(buf: &'b wgpu::Buffer, p: &PackedMatrix) -> Q4Ref<'b> {
+    Q4Ref {
+        rows: p.rows,
+        cols: p.cols,
+        qweight: BufRange {
+            buffer: buf,
+            offset: p.qweight_offset,
+            size: p.qweight_bytes,
+        },
+        scales: BufRange {
+            buffer: buf,
+            offset: p.scales_offset,
+            size: p.scales_bytes.next_multiple_of(4),
+        },
+    }
+}
+
 fn host_staging(gpu: &Gpu, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let usage = if gpu.caps.mappable_primary_buffers {
         wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE

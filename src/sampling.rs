@@ -50,6 +50,15 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The most likely token each step, no penalty.
+    pub fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: 1.0,
+            ..SamplingParams::default()
+        }
+    }
+
     /// The 32-bit seed both samplers feed to [`rng_uniform`]: the two halves of `seed` xor-ed.
     pub fn seed32(&self) -> u32 {
         self.seed as u32 ^ (self.seed >> 32) as u32

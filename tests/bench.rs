@@ -2,7 +2,8 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel};
+use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
+use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
 use q4wgpu::quantize::expected_tensors;
 use q4wgpu::scheduler::LayerPack;
@@ -224,10 +225,116 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         ctx_size: None,
         chunk: 4,
         budgets,
+        stream_reads: vec![StreamRead::Ring],
         prefetch_depth: 1,
         bandwidth_bytes: 4 << 20,
         seed: 3,
+        profile: false,
     }
+}
+
+#[test]
+fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 7);
+    let prompt = [3u32, 1, 4, 1, 5];
+    let params = q4wgpu::sampling::SamplingParams::greedy();
+    let opts = EngineOptions {
+        ctx_size: 16,
+        chunk: 8,
+        ..Default::default()
+    };
+    let mut engine = GpuModel::new(gpu(), &w, opts).expect("engine");
+    let first = engine
+        .step(&prompt, &params, &prompt, 0, None)
+        .expect("prompt")
+        .token;
+    if !gpu().caps.timestamps {
+        let err = engine
+            .profile_decode_step(first)
+            .expect_err("no timestamps");
+        assert!(err.to_string().contains("timestamp"), "{err}");
+        return;
+    }
+    // A profiled step appends its token like a normal step: the greedy token after it is the
+    // one a plain second step gives.
+    engine.profile_decode_step(first).expect("profile");
+    let mut history = prompt.to_vec();
+    history.push(first);
+    let after_profile = engine
+        .step(&[first], &params, &history, 2, None)
+        .expect("step")
+        .token;
+    engine.reset();
+    let again = engine
+        .step(&prompt, &params, &prompt, 0, None)
+        .expect("prompt")
+        .token;
+    assert_eq!(again, first);
+    engine
+        .step(&[first], &params, &history, 1, None)
+        .expect("step");
+    let plain = engine
+        .step(&[first], &params, &history, 2, None)
+        .expect("step")
+        .token;
+    assert_eq!(after_profile, plain);
+
+    let report = bench::run_bench(
+        gpu(),
+        &w,
+        "tiny",
+        &BenchOptions {
+            profile: true,
+            ..small_options(vec![None])
+        },
+        &mut |_| {},
+    )
+    .expect("bench with profile");
+    assert_eq!(report.profiles.len(), 1);
+    let p = &report.profiles[0];
+    let layers = config.num_hidden_layers;
+    for role in [
+        "input norm",
+        "qkv",
+        "rope + kv write",
+        "attention",
+        "o (+residual)",
+        "post norm",
+        "gate|up",
+        "swiglu",
+        "down (+residual)",
+        "final norm",
+        "lm_head",
+    ] {
+        let count: usize = p
+            .dispatches
+            .iter()
+            .filter(|d| d.label.starts_with(role))
+            .map(|d| d.count)
+            .sum();
+        let per_model = if role == "final norm" || role == "lm_head" {
+            1
+        } else {
+            layers
+        };
+        assert!(
+            count >= per_model && count % per_model == 0,
+            "{role}: {count} dispatches"
+        );
+    }
+    assert!(
+        p.dispatches
+            .iter()
+            .all(|d| d.seconds >= 0.0 && d.seconds.is_finite()),
+        "{p:?}"
+    );
+    assert!(
+        p.dispatches.iter().map(|d| d.seconds).sum::<f64>() > 0.0,
+        "{p:?}"
+    );
+    let table = bench::profile_markdown(p);
+    assert!(table.contains("| qkv: "), "{table}");
 }
 
 fn rel_eq(a: f64, b: f64) -> bool {

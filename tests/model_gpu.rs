@@ -2,7 +2,7 @@
 //! checkpoints written in the Hugging Face layout, quantized on load; and streaming under budgets.
 
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel};
+use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
 use q4wgpu::gpu::testing::{gpu, Rng};
 use q4wgpu::model::{self, LoadedModel};
 use q4wgpu::{test_models, Arch};
@@ -99,13 +99,15 @@ fn logits_are_bit_identical_when_layers_stream() {
     let vocab = loaded.weights.config.vocab_size;
     let prompt: Vec<u32> = (0..11).map(|_| rng.below(vocab) as u32).collect();
     let next = rng.below(vocab) as u32;
-    let run = |budget: Option<u64>| {
+    let run_reading = |budget: Option<u64>, reads: StreamRead| {
         let mut e = GpuModel::new(
             gpu(),
             &loaded.weights,
             EngineOptions {
                 vram_budget: budget,
                 prefetch_depth: 1,
+                decode_reads: reads,
+                prompt_reads: reads,
                 ..options(4)
             },
         )
@@ -115,13 +117,41 @@ fn logits_are_bit_identical_when_layers_stream() {
         let b = e.logits(&[next]).expect("decode");
         (plan, a, b)
     };
-    let (all, want_prompt, want_decode) = run(None);
+    let (all, want_prompt, want_decode) = run_reading(None, StreamRead::Ring);
     assert_eq!(all.streamed_layers(), 0);
     let layers = all.layers;
-    // Some, most and all layers streamed, through one ring slot.
-    for resident in [layers - 2, 1, 0] {
+    // Zero-copy reads of host memory need MAPPABLE_PRIMARY_BUFFERS (lavapipe and NVIDIA have it);
+    // without it they are refused with a clear error.
+    let zero_copy = gpu().caps.mappable_primary_buffers;
+    if !zero_copy {
+        let err = GpuModel::new(
+            gpu(),
+            &loaded.weights,
+            EngineOptions {
+                vram_budget: Some(all.fixed_bytes + all.layer_bytes),
+                decode_reads: StreamRead::ZeroCopy,
+                ..options(4)
+            },
+        )
+        .err()
+        .expect("zero-copy refused");
+        assert!(
+            err.to_string().contains("MAPPABLE_PRIMARY_BUFFERS"),
+            "{err}"
+        );
+    }
+    let reads: &[StreamRead] = if zero_copy {
+        &[StreamRead::Ring, StreamRead::ZeroCopy]
+    } else {
+        &[StreamRead::Ring]
+    };
+    // Some, most and all layers streamed, through one ring slot or read from host memory.
+    let configs = [layers - 2, 1, 0]
+        .into_iter()
+        .flat_map(|r| reads.iter().map(move |&m| (r, m)));
+    for (resident, reads) in configs {
         let budget = all.fixed_bytes + (resident as u64 + 1) * all.layer_bytes;
-        let (plan, got_prompt, got_decode) = run(Some(budget));
+        let (plan, got_prompt, got_decode) = run_reading(Some(budget), reads);
         assert_eq!(
             plan.resident_layers,
             resident,
@@ -131,12 +161,12 @@ fn logits_are_bit_identical_when_layers_stream() {
         assert_eq!(plan.streamed_layers(), layers - resident);
         assert!(
             got_prompt == want_prompt,
-            "prompt logits differ with {} streamed layers",
+            "prompt logits differ with {} streamed layers read by {reads:?}",
             layers - resident
         );
         assert!(
             got_decode == want_decode,
-            "decode logits differ with {} streamed layers",
+            "decode logits differ with {} streamed layers read by {reads:?}",
             layers - resident
         );
     }

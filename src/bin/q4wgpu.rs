@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel};
+use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::sampling::SamplingParams;
@@ -106,6 +106,13 @@ struct RunArgs {
     /// Ring slots for streamed layers (copies of the next layers queued ahead).
     #[arg(long, default_value_t = 2)]
     prefetch_depth: usize,
+    /// How decode steps read streamed layers: ring (copied into device slots) or zero-copy
+    /// (kernels read host memory directly).
+    #[arg(long, default_value = EngineOptions::default().decode_reads.name())]
+    decode_reads: String,
+    /// How prompt chunks read streamed layers: ring or zero-copy.
+    #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
+    prompt_reads: String,
 }
 
 #[derive(Args)]
@@ -137,6 +144,10 @@ struct BenchArgs {
     /// Ring slots for streamed layers.
     #[arg(long, default_value_t = EngineOptions::default().prefetch_depth)]
     prefetch_depth: usize,
+    /// Comma-separated ways of reading streamed layers (ring, zero-copy), one row set each at
+    /// budgets that stream.
+    #[arg(long, default_value = "ring")]
+    stream_read: String,
     /// Part of the adapter's name to pick it (see `q4wgpu info`).
     #[arg(long)]
     adapter: Option<String>,
@@ -149,6 +160,9 @@ struct BenchArgs {
     /// Seed of the synthetic weights and the random prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time every dispatch of a decode step at each budget (needs timestamp queries).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn main() {
@@ -292,6 +306,8 @@ fn run(args: RunArgs) -> Result<()> {
             ctx_size: ctx,
             vram_budget: budget,
             prefetch_depth: args.prefetch_depth,
+            decode_reads: StreamRead::parse(&args.decode_reads)?,
+            prompt_reads: StreamRead::parse(&args.prompt_reads)?,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
@@ -349,9 +365,15 @@ fn bench(args: BenchArgs) -> Result<()> {
         ctx_size: args.ctx_size,
         chunk: args.chunk,
         budgets: bench::parse_budgets(&args.vram_budget)?,
+        stream_reads: args
+            .stream_read
+            .split(',')
+            .map(|t| StreamRead::parse(t.trim()))
+            .collect::<Result<_>>()?,
         prefetch_depth: args.prefetch_depth,
         bandwidth_bytes: scheduler::parse_size(&args.bandwidth_buffer)?,
         seed: args.seed,
+        profile: args.profile,
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {
@@ -393,6 +415,10 @@ fn bench(args: BenchArgs) -> Result<()> {
             bench::budget_label(s.budget),
             s.reason
         );
+    }
+    for p in &report.profiles {
+        println!();
+        print!("{}", bench::profile_markdown(p));
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)

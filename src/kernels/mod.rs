@@ -40,6 +40,12 @@ impl Dispatch {
         let [x, y, z] = self.workgroups;
         pass.dispatch_workgroups(x, y, z);
     }
+
+    /// The same dispatch, its label prefixed with the role it plays in a model (for profiles).
+    pub fn with_role(mut self, role: &str) -> Self {
+        self.label = format!("{role}: {}", self.label);
+        self
+    }
 }
 
 /// A range of a buffer (a tensor inside a larger buffer: a ring slot, a packed layer).
