@@ -144,6 +144,8 @@ pub struct GpuModel<'w> {
     readback: wgpu::Buffer,
     position: usize,
     device_bytes: u64,
+    /// The next decode step's commands, recorded ahead (see `forward`).
+    next_decode: Option<wgpu::CommandBuffer>,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -543,6 +545,7 @@ impl<'w> GpuModel<'w> {
             readback,
             position: 0,
             device_bytes,
+            next_decode: None,
             _keep: keep,
         })
     }
@@ -687,6 +690,86 @@ impl<'w> GpuModel<'w> {
         Ok(out)
     }
 
+    /// Records one forward pass over `n` staged tokens (decode: one token through the GEMV
+    /// dispatches): the layers, then, for the last chunk, the final norm and lm_head, and with
+    /// `sample` the sampler and the copy of its result to the read-back buffer.
+    fn encode_chunk(
+        &self,
+        decode: bool,
+        n: usize,
+        last_chunk: bool,
+        sample: bool,
+    ) -> wgpu::CommandBuffer {
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("step"),
+            });
+        let (layers, reads) = if decode {
+            (&self.decode_layers, self.opts.decode_reads)
+        } else {
+            (&self.prefill_layers, self.opts.prompt_reads)
+        };
+        for (l, dispatches) in layers.iter().enumerate() {
+            if reads == StreamRead::Ring {
+                self.copy_to_ring(&mut enc, l);
+            }
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("layer"),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                d.encode(&mut pass);
+            }
+        }
+        if last_chunk {
+            if decode {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("head"),
+                    timestamp_writes: None,
+                });
+                self.decode_final_norm.encode(&mut pass);
+            } else {
+                {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("final norm"),
+                        timestamp_writes: None,
+                    });
+                    self.prefill_final_norm.encode(&mut pass);
+                }
+                let row = f32_bytes(self.config.hidden_size);
+                enc.copy_buffer_to_buffer(
+                    &self.act.h,
+                    (n as u64 - 1) * row,
+                    &self.act.last,
+                    0,
+                    row,
+                );
+            }
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("lm_head"),
+                timestamp_writes: None,
+            });
+            for d in &self.head {
+                d.encode(&mut pass);
+            }
+            if sample {
+                self.sampler.encode(&mut pass);
+            }
+        }
+        if last_chunk && sample {
+            enc.copy_buffer_to_buffer(
+                &self.sample_out,
+                0,
+                &self.readback,
+                0,
+                self.sample_out.size(),
+            );
+        }
+        enc.finish()
+    }
+
     /// Appends `tokens`, leaving the last token's logits in `act.logits`; with `sample`, also
     /// samples on the GPU within the same submission.
     fn forward(
@@ -712,97 +795,39 @@ impl<'w> GpuModel<'w> {
         let n_chunks = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let decode = tokens.len() == 1;
+            let last_chunk = i + 1 == n_chunks;
             let n = chunk.len();
             self.stage_chunk(chunk)?;
-
-            let mut enc = self
-                .gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("step"),
-                });
-            let layers = if decode {
-                &self.decode_layers
+            let sample_here = sample.filter(|_| last_chunk);
+            if let Some((params, history, step_no)) = sample_here {
+                let recent = &history[history.len().saturating_sub(MAX_HISTORY)..];
+                self.gpu
+                    .queue
+                    .write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
+                let p = SampleParams {
+                    temperature: params.temperature,
+                    top_k: params.top_k,
+                    top_p: params.top_p,
+                    repeat_penalty: params.repeat_penalty,
+                    repeat_last_n: params.repeat_last_n,
+                    seed: params.seed,
+                };
+                self.sampler
+                    .write_params(&self.gpu.queue, &p, step_no, recent.len())?;
+            }
+            if decode && sample_here.is_some() {
+                // The decode step's commands never change: record the next step's while the GPU
+                // runs this one, so recording (hundreds of dispatches) is off the critical path.
+                let commands = match self.next_decode.take() {
+                    Some(c) => c,
+                    None => self.encode_chunk(true, n, true, true),
+                };
+                self.gpu.queue.submit([commands]);
+                self.next_decode = Some(self.encode_chunk(true, n, true, true));
             } else {
-                &self.prefill_layers
-            };
-            let reads = if decode {
-                self.opts.decode_reads
-            } else {
-                self.opts.prompt_reads
-            };
-            for (l, dispatches) in layers.iter().enumerate() {
-                if reads == StreamRead::Ring {
-                    self.copy_to_ring(&mut enc, l);
-                }
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("layer"),
-                    timestamp_writes: None,
-                });
-                for d in dispatches {
-                    d.encode(&mut pass);
-                }
+                let commands = self.encode_chunk(decode, n, last_chunk, sample_here.is_some());
+                self.gpu.queue.submit([commands]);
             }
-            let last_chunk = i + 1 == n_chunks;
-            if last_chunk {
-                if decode {
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("head"),
-                        timestamp_writes: None,
-                    });
-                    self.decode_final_norm.encode(&mut pass);
-                } else {
-                    {
-                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                            label: Some("final norm"),
-                            timestamp_writes: None,
-                        });
-                        self.prefill_final_norm.encode(&mut pass);
-                    }
-                    let row = f32_bytes(self.config.hidden_size);
-                    enc.copy_buffer_to_buffer(
-                        &self.act.h,
-                        (n as u64 - 1) * row,
-                        &self.act.last,
-                        0,
-                        row,
-                    );
-                }
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("lm_head"),
-                    timestamp_writes: None,
-                });
-                for d in &self.head {
-                    d.encode(&mut pass);
-                }
-                if let Some((params, history, step_no)) = sample {
-                    let recent = &history[history.len().saturating_sub(MAX_HISTORY)..];
-                    self.gpu
-                        .queue
-                        .write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
-                    let p = SampleParams {
-                        temperature: params.temperature,
-                        top_k: params.top_k,
-                        top_p: params.top_p,
-                        repeat_penalty: params.repeat_penalty,
-                        repeat_last_n: params.repeat_last_n,
-                        seed: params.seed,
-                    };
-                    self.sampler
-                        .write_params(&self.gpu.queue, &p, step_no, recent.len())?;
-                    self.sampler.encode(&mut pass);
-                }
-            }
-            if last_chunk && sample.is_some() {
-                enc.copy_buffer_to_buffer(
-                    &self.sample_out,
-                    0,
-                    &self.readback,
-                    0,
-                    self.sample_out.size(),
-                );
-            }
-            self.gpu.queue.submit([enc.finish()]);
             self.position += n;
         }
         Ok(())
