@@ -15,6 +15,13 @@
 //! row (clamped) and are not written. One dispatch covers `rows` rows starting at row `row_base`
 //! of y and bias (a matrix larger than a storage binding is split into row ranges).
 //!
+//! Input (INPUT): the kernel may compute x on the fly from what the step before a
+//! projection would have written, saving that step's dispatch (on the H200 each small dispatch of a
+//! decode step cost 6-12 µs): INPUT_RMSNORM reads the residual stream r and uses x = r * norm_w,
+//! accumulating sum(r²) as it goes and scaling the row sums by 1/sqrt(mean(r²) + eps) at the end
+//! (the norm is a scalar per token, so W (r * w * s) = s * W (r * w)); INPUT_SWIGLU reads
+//! [gate | up] (2K values) and uses x = silu(gate) * up.
+//!
 //! Dequantization, 3 instructions per weight: a nibble n shifted to the top of an f32 mantissa
 //! under the exponent of 1.0 reads as u = 1 + n/16 (shift, then one and-or), so
 //! level = n - 8 = 16 (u - 1.5) and, per quarter, sum(level * x) = 16 (sum(u * x) - 1.5 sum(x)):
@@ -23,6 +30,11 @@
 
 override WG: u32 = 32u;
 override ROWS: u32 = 8u;
+// INPUT (one of the three below) is a `const` the wrapper prepends: naga 30 panics on an
+// `override` compared inside a function ("process_override" handle order).
+const INPUT_PLAIN: u32 = 0u;
+const INPUT_RMSNORM: u32 = 1u;
+const INPUT_SWIGLU: u32 = 2u;
 // Upper bound of ROWS: per-thread arrays have a fixed size (unused entries are dead). On the H100
 // more than 10 rows spill registers.
 const MAX_ROWS: u32 = 16u;
@@ -34,6 +46,8 @@ struct Params {
     row_base: u32,
     accumulate: u32,
     has_bias: u32,
+    // INPUT_RMSNORM's epsilon.
+    eps: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,8 +56,13 @@ struct Params {
 @group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+// INPUT_RMSNORM's weight (K values); another binding, never read, otherwise.
+@group(0) @binding(6) var<storage, read> norm_w: array<vec4<f32>>;
 
 var<workgroup> red: array<f32, ROWS * WG>;
+var<workgroup> red_sq: array<f32, WG>;
+// INPUT_RMSNORM: this thread's sum of squares of the residual values it has read.
+var<private> sum_sq: f32;
 
 // u = 1 + n/16 for the four nibbles in the low 16 bits of w (each moved to mantissa bits 19..22).
 fn units(w: u32) -> vec4<f32> {
@@ -51,11 +70,41 @@ fn units(w: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(n | vec4<u32>(0x3f800000u));
 }
 
-// x[4v .. 4v+4], zero past the end of x (the padding of the last block has level 0, but x there
-// is not ours to read).
+// x[4v .. 4v+4] as INPUT defines it, zero past the end of x (the padding of the last block has
+// level 0, but x there is not ours to read). Each value of x is read once per thread.
 fn x4(v: u32) -> vec4<f32> {
     let n = p.k / 4u;
-    return select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
+    let inside = v < n;
+    let i = min(v, n - 1u);
+    if (INPUT == INPUT_SWIGLU) {
+        let g = x[i];
+        return select(vec4<f32>(0.0), g / (1.0 + exp(-g)) * x[i + n], inside);
+    }
+    let r = select(vec4<f32>(0.0), x[i], inside);
+    if (INPUT == INPUT_RMSNORM) {
+        sum_sq += dot(r, r);
+        return r * norm_w[i];
+    }
+    return r;
+}
+
+// The factor on every row's sum: 1/sqrt(mean(r²) + eps) for INPUT_RMSNORM (sum_sq added over the
+// workgroup, whose threads together read all of K), else 1. Called by every thread.
+fn input_scale(lid: u32) -> f32 {
+    if (INPUT != INPUT_RMSNORM) {
+        return 1.0;
+    }
+    red_sq[lid] = sum_sq;
+    workgroupBarrier();
+    // Halve the live range [0, n) until one value is left (n need not be a power of two).
+    for (var n = WG; n > 1u; n = (n + 1u) / 2u) {
+        let half = (n + 1u) / 2u;
+        if (lid < n - half) {
+            red_sq[lid] += red_sq[lid + half];
+        }
+        workgroupBarrier();
+    }
+    return inverseSqrt(red_sq[0] / f32(p.k) + p.eps);
 }
 
 fn scale(i: u32) -> f32 {
@@ -107,7 +156,7 @@ fn main(
         }
         accumulate_quarter(q, w, sc, &acc);
     }
-    let total = 16.0 * workgroup_sums(acc, lid);
+    let total = 16.0 * workgroup_sums(acc, lid) * input_scale(lid);
     if (lid < ROWS && row0 + lid < p.rows) {
         let out = p.row_base + row0 + lid;
         var v = total;

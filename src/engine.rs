@@ -13,7 +13,7 @@ use crate::generate::{Decoder, StepOutput, TokenLogprobs};
 use crate::gpu::Gpu;
 use crate::kernels::attention::{Attention, AttentionDispatches};
 use crate::kernels::gemm_q4::GemmQ4;
-use crate::kernels::gemv_q4::{Epilogue, GemvQ4};
+use crate::kernels::gemv_q4::{Epilogue, GemvInput, GemvQ4};
 use crate::kernels::rmsnorm::RmsNorm;
 use crate::kernels::rope_kv::RopeKv;
 use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
@@ -326,23 +326,25 @@ impl<'w> GpuModel<'w> {
             let qkv_bias = s.qkv_bias.as_ref().map(whole);
             let o_bias = s.o_bias.as_ref().map(whole);
 
+            // Decode: the norms and SwiGLU are computed inside the projections that read them
+            // (GemvInput), three dispatches fewer per layer.
             let mut d = Vec::new();
             let mut add = |role: &str, dispatches: Vec<Dispatch>| {
                 d.extend(dispatches.into_iter().map(|x| x.with_role(role)))
             };
             add(
-                "input norm",
-                vec![norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, 1, &step_buf)?],
-            );
-            add(
-                "qkv",
-                gemv.bind(
+                "input norm + qkv",
+                gemv.bind_input(
                     gpu,
                     wd(&pack.qkv),
-                    whole(&act.h),
+                    whole(&act.x),
                     whole(&act.qkv),
                     qkv_bias,
                     Epilogue::Store,
+                    GemvInput::RmsNorm {
+                        weight: whole(&s.input_norm),
+                        eps,
+                    },
                 )?,
             );
             add(
@@ -375,33 +377,30 @@ impl<'w> GpuModel<'w> {
                 )?,
             );
             add(
-                "post norm",
-                vec![norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, 1, &step_buf)?],
-            );
-            add(
-                "gate|up",
-                gemv.bind(
+                "post norm + gate|up",
+                gemv.bind_input(
                     gpu,
                     wd(&pack.gate_up),
-                    whole(&act.h),
+                    whole(&act.x),
                     whole(&act.gate_up),
                     None,
                     Epilogue::Store,
+                    GemvInput::RmsNorm {
+                        weight: whole(&s.post_norm),
+                        eps,
+                    },
                 )?,
             );
             add(
-                "swiglu",
-                vec![swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?],
-            );
-            add(
-                "down (+residual)",
-                gemv.bind(
+                "swiglu + down (+residual)",
+                gemv.bind_input(
                     gpu,
                     wd(&pack.down),
-                    whole(&act.act),
+                    whole(&act.gate_up),
                     whole(&act.x),
                     None,
                     Epilogue::Accumulate,
+                    GemvInput::SwiGlu,
                 )?,
             );
             decode_layers.push(d);

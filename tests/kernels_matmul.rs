@@ -7,7 +7,9 @@
 use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
-use q4wgpu::kernels::gemv_q4::{self, Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4::{
+    self, Epilogue, GemvConfig, GemvInput, GemvInputKind, GemvOptions, GemvQ4,
+};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
 use q4wgpu::quant::QMatrix;
 
@@ -224,6 +226,100 @@ fn gemv_bias_and_accumulate_inside_bigger_buffers() {
 
 /// Every reduction path and workgroup shape (threads, rows per workgroup) gives the same sums,
 /// including the workgroup-memory tree used on adapters without subgroups.
+/// The fused inputs (RMSNorm of the bound vector with its weight and eps; SwiGLU of [gate | up])
+/// against the unfused steps computed on the CPU in f64, on odd shapes, with bias, both epilogues.
+#[test]
+fn gemv_fused_rmsnorm_and_swiglu_inputs_match_cpu() {
+    let g = gpu();
+    let kernel = GemvQ4::new(g).expect("gemv compiles");
+    let mut rng = Rng::fresh("gemv fused inputs");
+    let eps = 1e-5f32;
+    let cases = [(1, 64), (37, 300), (300, 576), (129, 1000), (4864, 896)];
+    for (i, (rows, cols)) in cases.into_iter().enumerate() {
+        for swiglu in [false, true] {
+            let mode = if i % 2 == 0 {
+                Epilogue::Store
+            } else {
+                Epilogue::Accumulate
+            };
+            let m = random_matrix(&mut rng, rows, cols);
+            let w = GpuMatrix::upload(g, &mut rng, &m, 256);
+            let raw = rng.vec(if swiglu { 2 * cols } else { cols }, 2.0);
+            let raw_buf = Placed::f32s(g, &mut rng, "input", &raw, 256);
+            let norm_w = rng.vec(cols, 1.0);
+            let norm_buf = Placed::f32s(g, &mut rng, "norm weight", &norm_w, 512);
+            let x: Vec<f32> = if swiglu {
+                (0..cols)
+                    .map(|j| {
+                        let (gate, up) = (raw[j] as f64, raw[cols + j] as f64);
+                        (gate / (1.0 + (-gate).exp()) * up) as f32
+                    })
+                    .collect()
+            } else {
+                let mean_sq = raw.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+                let s = 1.0 / (mean_sq + eps as f64).sqrt();
+                raw.iter()
+                    .zip(&norm_w)
+                    .map(|(&v, &w)| (v as f64 * s * w as f64) as f32)
+                    .collect()
+            };
+            let bias = rng.vec(rows, 1.0);
+            let bias_buf = Placed::f32s(g, &mut rng, "bias", &bias, 256);
+            let y_init = match mode {
+                Epilogue::Store => vec![f32::NAN; rows],
+                Epilogue::Accumulate => rng.vec(rows, 4.0),
+            };
+            let y_buf = Placed::f32s(g, &mut rng, "y", &y_init, 256);
+            let input = if swiglu {
+                GemvInput::SwiGlu
+            } else {
+                GemvInput::RmsNorm {
+                    weight: norm_buf.range(),
+                    eps,
+                }
+            };
+            let dispatches = kernel
+                .bind_input(
+                    g,
+                    w.q4ref(),
+                    raw_buf.range(),
+                    y_buf.range(),
+                    Some(bias_buf.range()),
+                    mode,
+                    input,
+                )
+                .expect("bind");
+            run(g, &dispatches);
+            let want = reference(
+                &m,
+                &x,
+                Some(&bias),
+                (mode == Epilogue::Accumulate).then_some(&y_init[..]),
+            );
+            let what = format!("gemv {rows}x{cols} {mode:?} with {input:?}");
+            assert_close(&what, &y_buf.read_f32(g), &want, TOL);
+        }
+    }
+    // SwiGLU reads 2K values: a K-long vector is refused.
+    let m = random_matrix(&mut rng, 8, 128);
+    let w = GpuMatrix::upload(g, &mut rng, &m, 0);
+    let gate_only = rng.vec(128, 1.0);
+    let short = Placed::f32s(g, &mut rng, "x", &gate_only, 0);
+    let y = Placed::f32s(g, &mut rng, "y", &[0.0; 8], 0);
+    let err = kernel
+        .bind_input(
+            g,
+            w.q4ref(),
+            short.range(),
+            y.range(),
+            None,
+            Epilogue::Store,
+            GemvInput::SwiGlu,
+        )
+        .expect_err("too short for gate and up");
+    assert!(err.to_string().contains("x"), "{err}");
+}
+
 #[test]
 fn gemv_every_workgroup_shape() {
     let g = gpu();
@@ -589,23 +685,36 @@ fn gemm_and_gemv_agree_at_one_token() {
 #[test]
 fn matmul_shaders_compile_to_spirv() {
     use wgpu::naga;
-    let gemv = |wg, rows, subgroups| {
-        gemv_q4::shader(&GemvConfig {
-            wg,
-            rows,
-            subgroups,
-        })
+    let gemv = |wg, rows, subgroups, input| {
+        gemv_q4::shader(
+            &GemvConfig {
+                wg,
+                rows,
+                subgroups,
+            },
+            input,
+        )
     };
     let shaders = [
         (
             "gemv_q4 subgroup",
-            gemv(96, 4, true),
+            gemv(96, 4, true, GemvInputKind::Plain),
             vec![("WG", 96.0), ("ROWS", 4.0)],
         ),
         (
             "gemv_q4 shared",
-            gemv(256, 8, false),
+            gemv(256, 8, false, GemvInputKind::Plain),
             vec![("WG", 256.0), ("ROWS", 8.0)],
+        ),
+        (
+            "gemv_q4 rmsnorm input",
+            gemv(128, 8, true, GemvInputKind::RmsNorm),
+            vec![("WG", 128.0), ("ROWS", 8.0)],
+        ),
+        (
+            "gemv_q4 swiglu input",
+            gemv(96, 8, false, GemvInputKind::SwiGlu),
+            vec![("WG", 96.0), ("ROWS", 8.0)],
         ),
         (
             "gemm_q4",

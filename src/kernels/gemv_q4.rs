@@ -42,6 +42,47 @@ pub enum Epilogue {
     Accumulate,
 }
 
+/// What the kernel reads as x: the vector itself, or one it computes on the fly from the input
+/// of the elementwise step before a projection (that step's dispatch is saved).
+#[derive(Clone, Copy, Debug)]
+pub enum GemvInput<'a> {
+    /// x as bound.
+    Plain,
+    /// The bound vector is the residual stream r; x = RMSNorm(r) with `weight` (K f32) and `eps`.
+    RmsNorm { weight: BufRange<'a>, eps: f32 },
+    /// The bound vector is [gate (K) | up (K)]; x = silu(gate) * up.
+    SwiGlu,
+}
+
+/// [`GemvInput`] without its operands: what selects the kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemvInputKind {
+    Plain,
+    RmsNorm,
+    SwiGlu,
+}
+
+impl GemvInput<'_> {
+    pub fn kind(&self) -> GemvInputKind {
+        match self {
+            GemvInput::Plain => GemvInputKind::Plain,
+            GemvInput::RmsNorm { .. } => GemvInputKind::RmsNorm,
+            GemvInput::SwiGlu => GemvInputKind::SwiGlu,
+        }
+    }
+}
+
+impl GemvInputKind {
+    /// The shader's INPUT constant.
+    fn code(self) -> u32 {
+        match self {
+            GemvInputKind::Plain => 0,
+            GemvInputKind::RmsNorm => 1,
+            GemvInputKind::SwiGlu => 2,
+        }
+    }
+}
+
 /// Shape of the GEMV workgroups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemvConfig {
@@ -71,12 +112,14 @@ struct Params {
     row_base: u32,
     accumulate: u32,
     has_bias: u32,
+    eps: f32,
 }
 
 pub struct GemvQ4 {
     subgroups: bool,
     subgroup_max: u32,
-    pipelines: Mutex<HashMap<GemvConfig, wgpu::ComputePipeline>>,
+    /// By workgroup shape and INPUT code.
+    pipelines: Mutex<HashMap<(GemvConfig, GemvInputKind), wgpu::ComputePipeline>>,
 }
 
 impl GemvQ4 {
@@ -87,7 +130,7 @@ impl GemvQ4 {
             subgroup_max: gpu.caps.subgroup_max_size.max(1),
             pipelines: Mutex::new(HashMap::new()),
         };
-        kernel.pipeline(gpu, kernel.config_for(4096, 4096))?;
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096), GemvInputKind::Plain)?;
         Ok(kernel)
     }
 
@@ -116,7 +159,12 @@ impl GemvQ4 {
         }
     }
 
-    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(
+        &self,
+        gpu: &Gpu,
+        cfg: GemvConfig,
+        input: GemvInputKind,
+    ) -> Result<wgpu::ComputePipeline> {
         let unit = self.subgroup_max.max(32);
         if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
             return Err(Error::Invalid(format!(
@@ -130,7 +178,7 @@ impl GemvQ4 {
                 cfg.rows
             )));
         }
-        let shared_bytes = cfg.rows as u64 * cfg.wg as u64 * 4;
+        let shared_bytes = (cfg.rows as u64 + 1) * cfg.wg as u64 * 4;
         if shared_bytes > gpu.limits.max_compute_workgroup_storage_size as u64 {
             return Err(Error::Unsupported(format!(
                 "gemv_q4: {} rows x {} threads need {shared_bytes} bytes of workgroup memory, the adapter has {}",
@@ -146,15 +194,15 @@ impl GemvQ4 {
             .pipelines
             .lock()
             .map_err(|_| Error::Gpu("gemv_q4: pipeline cache poisoned".into()))?;
-        if let Some(p) = cache.get(&cfg) {
+        if let Some(p) = cache.get(&(cfg, input)) {
             return Ok(p.clone());
         }
         let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!("gemv_q4/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
-        let source = shader(&cfg);
+        let label = format!("gemv_q4/wg{}_rows{}_{kind}_{input:?}", cfg.wg, cfg.rows);
+        let source = shader(&cfg, input);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
         let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
-        cache.insert(cfg, pipeline.clone());
+        cache.insert((cfg, input), pipeline.clone());
         Ok(pipeline)
     }
 
@@ -172,6 +220,21 @@ impl GemvQ4 {
         self.bind_with(gpu, w, x, y, bias, mode, &GemvOptions::default())
     }
 
+    /// [`bind`](Self::bind) with x computed from `x` as `input` says (see [`GemvInput`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_input(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: BufRange,
+        y: BufRange,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+        input: GemvInput,
+    ) -> Result<Vec<Dispatch>> {
+        self.bind_full(gpu, w, x, y, bias, mode, input, &GemvOptions::default())
+    }
+
     /// [`bind`](Self::bind) with a chosen workgroup shape or binding limit.
     #[allow(clippy::too_many_arguments)]
     pub fn bind_with(
@@ -184,6 +247,21 @@ impl GemvQ4 {
         mode: Epilogue,
         opts: &GemvOptions,
     ) -> Result<Vec<Dispatch>> {
+        self.bind_full(gpu, w, x, y, bias, mode, GemvInput::Plain, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_full(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: BufRange,
+        y: BufRange,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+        input: GemvInput,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
         let what = "gemv_q4";
         check_matrix(gpu, what, &w)?;
         if w.cols % 4 != 0 {
@@ -192,7 +270,20 @@ impl GemvQ4 {
                 w.cols
             )));
         }
-        check_vector(gpu, what, "x", &x, w.cols as u64 * 4)?;
+        // SwiGLU reads gate and up: twice K values.
+        let x_bytes = match input {
+            GemvInput::SwiGlu => 2 * w.cols as u64 * 4,
+            _ => w.cols as u64 * 4,
+        };
+        check_vector(gpu, what, "x", &x, x_bytes)?;
+        let (norm_range, norm_bytes, eps) = match input {
+            GemvInput::RmsNorm { weight, eps } => {
+                check_vector(gpu, what, "norm weight", &weight, w.cols as u64 * 4)?;
+                (weight, w.cols as u64 * 4, eps)
+            }
+            // The binding still needs a buffer: x, never read through it.
+            _ => (x, w.cols as u64 * 4, 0.0),
+        };
         check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
@@ -205,7 +296,7 @@ impl GemvQ4 {
         let cfg = opts
             .config
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
-        let pipeline = self.pipeline(gpu, cfg)?;
+        let pipeline = self.pipeline(gpu, cfg, input.kind())?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
@@ -227,9 +318,15 @@ impl GemvQ4 {
                 row_base: c.row0 as u32,
                 accumulate: (mode == Epilogue::Accumulate) as u32,
                 has_bias: bias.is_some() as u32,
+                eps,
+            };
+            let fused = match input {
+                GemvInput::Plain => "",
+                GemvInput::RmsNorm { .. } => " (rmsnorm fused)",
+                GemvInput::SwiGlu => " (swiglu fused)",
             };
             let label = format!(
-                "gemv_q4 {}x{} rows {}..{}",
+                "gemv_q4 {}x{} rows {}..{}{fused}",
                 w.rows,
                 w.cols,
                 c.row0,
@@ -243,9 +340,10 @@ impl GemvQ4 {
                     (&params_buf, 0, None),
                     (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
                     (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                    (x.buffer, x.offset, Some(w.cols as u64 * 4)),
+                    (x.buffer, x.offset, Some(x_bytes)),
                     (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
                     (y.buffer, y.offset, Some(w.rows as u64 * 4)),
+                    (norm_range.buffer, norm_range.offset, Some(norm_bytes)),
                 ],
             );
             let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
@@ -261,14 +359,15 @@ impl GemvQ4 {
     }
 }
 
-/// The WGSL of `cfg`'s kernel (before gpu::shader_source); WG and ROWS are overrides.
-pub fn shader(cfg: &GemvConfig) -> String {
+/// The WGSL of `cfg`'s kernel reading `input` (before gpu::shader_source); WG and ROWS are
+/// overrides.
+pub fn shader(cfg: &GemvConfig, input: GemvInputKind) -> String {
     let sum = if cfg.subgroups {
         SUM_SUBGROUP
     } else {
         SUM_SHARED
     };
-    format!("{sum}\n{SOURCE}")
+    format!("const INPUT: u32 = {}u;\n{sum}\n{SOURCE}", input.code())
 }
 
 /// One row range of a matrix and its two bindings, `(offset, size)` in bytes.
