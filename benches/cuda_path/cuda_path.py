@@ -191,7 +191,7 @@ class Model:
             pin = dev != "cpu"  # pinning needs CUDA; the CPU smoke test only walks the code path
             arenas = (PinnedArena(layers * sum(w for w, _ in sizes), torch.int32, pin),
                       PinnedArena(layers * sum(s for _, s in sizes), torch.bfloat16, pin))
-            self.pinned_bytes = sum(a.buf.numel() * a.buf.element_size() for a in arenas)
+            self.pinned_bytes = sum(a.buf.numel() * a.buf.element_size() for a in arenas) if pin else 0
         self.embed = (torch.rand(vocab, h, device=dev) * 2 - 1).to(torch.bfloat16)
         self.layers = []
         for _ in range(layers):
@@ -242,6 +242,11 @@ class Model:
             x = x + F.linear(g * u, L["down"].weight(s))
         logits = F.linear(rms_norm(x, self.norm, self.eps), self.lm_head.weight(self.scratch))
         return logits.float().argmax(-1)[0]
+
+
+def progress(msg):
+    """A line on stderr at once (the device run keeps the log of a part that runs out of time)."""
+    print(f"cuda_path: {msg}", file=sys.stderr, flush=True)
 
 
 def check_dequant(device, shapes):
@@ -316,6 +321,9 @@ def main():
     model = Model(args.shape, args.mode, ctx, device)
     sync()
     load_s = time.perf_counter() - t0
+    progress(f"{args.shape} {args.mode}: model ready in {load_s:.1f} s"
+             + (f", {torch.cuda.memory_allocated() / 1e9:.2f} GB on the GPU" if device == "cuda" else "")
+             + (f", {model.pinned_bytes / 1e9:.2f} GB pinned" if model.pinned_bytes else ""))
     prompt = torch.randint(0, vocab, (args.prompt,)).tolist()
     generated = []
 
@@ -333,8 +341,13 @@ def main():
         first = 0
         for p, t in enumerate(prompt):
             first = model.step(t, p).item()
-        run(args.n, keep=True)  # warm-up (Triton compile, cuBLAS heuristics, allocator), untimed
-        rates = [run(args.n) for _ in range(args.r)]
+        progress(f"prompt of {args.prompt} decoded")
+        warm = run(args.n, keep=True)  # warm-up (Triton compile, cuBLAS heuristics, allocator), untimed
+        progress(f"warm-up: {warm:.2f} tok/s")
+        rates = []
+        for _ in range(args.r):
+            rates.append(run(args.n))
+            progress(f"repetition {len(rates)}: {rates[-1]:.2f} tok/s")
     if device == "cuda":
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
         gpu = torch.cuda.get_device_name()
