@@ -1,30 +1,35 @@
 #!/usr/bin/env python3
 """Turns the results of scripts/device-bench.sh into BENCHMARKS.md tables and a plot.
 
-  python3 scripts/bench-report.py RESULTS_DIR [--plot bench-budget.png] > BENCHMARKS.md
+  python3 scripts/bench-report.py RESULTS [RESULTS...] [--plot bench-budget.png] > BENCHMARKS.md
 
-RESULTS_DIR holds what the device run wrote under $OUT: machine.txt, q4wgpu_*.json (`q4wgpu bench
---json`), cuda_path_*.json (one JSON object each), llama_bench.json (llama-bench -o json). Missing
-parts are left out of the tables with a note. The plot (tokens/s against VRAM budget, with the
-PCIe bound and the memory model of DESIGN.md §5) needs matplotlib; without it the report says so.
+RESULTS: folders (or single files) of what the device run wrote under $OUT: machine.txt, the
+JSON results, logs.tar.gz (read in place: the part logs, with each line's arrival time, and
+vram.log, nvidia-smi's samples of the GPU's memory use). JSON files are recognised by content,
+whatever their names: `q4wgpu bench --json` reports, benches/cuda_path/cuda_path.py results (one
+object each) and llama-bench -o json lists. Missing or unreadable parts are left out with a note.
+The plot (decode tokens/s against the VRAM budget, with the PCIe bound) needs matplotlib; without
+it the report says so.
 """
 
 import argparse
-import glob
+import datetime
+import io
 import json
 import os
+import re
 import statistics
 import sys
+import tarfile
 
-
-def load_json(path):
-    with open(path) as fh:
-        text = fh.read().strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        # cuda_path.py writes one JSON line; tolerate a log with the line at the end.
-        return json.loads(text.splitlines()[-1])
+# DESIGN.md §6 targets, quoted next to the measured ratios.
+TARGET_RESIDENT_FRACTION = 0.70
+TARGET_VS_LLAMA = 1.35
+TARGET_VS_CUDA = 7.0
+TARGET_FRACTION_OF_MODEL = 0.90
+# The 32B shape (DESIGN.md §3), for the llama.cpp byte estimate when no q4wgpu report gives it.
+QWEN2_32B = {"hidden_size": 5120, "vocab_size": 152064, "num_hidden_layers": 64,
+             "num_attention_heads": 40, "num_key_value_heads": 8}
 
 
 def gb(b):
@@ -43,29 +48,134 @@ def ratio(a, b):
     return "—" if a is None or not b else f"{a / b:.2f}×"
 
 
+def spread(lo, hi, digits=2):
+    return "—" if lo is None else f"{lo:.{digits}f}–{hi:.{digits}f}"
+
+
 def budget_label(b):
     return "all" if b is None else f"{gb(b):.0f} GB"
 
 
+def short_model(name):
+    return name.replace(" (synthetic)", "")
+
+
+# ---------------------------------------------------------------- reading the results
+
+
+def gather(paths, notes):
+    """{base name: bytes}: files in the folders given (or the files themselves), then the members
+    of any .tar.gz among them; a name seen first wins."""
+    files = {}
+    tars = []
+
+    def add(path):
+        name = os.path.basename(path)
+        if name.endswith((".tar.gz", ".tgz")):
+            tars.append(path)
+        elif name not in files:
+            with open(path, "rb") as fh:
+                files[name] = fh.read()
+
+    for p in paths:
+        if os.path.isdir(p):
+            for name in sorted(os.listdir(p)):
+                full = os.path.join(p, name)
+                if os.path.isfile(full):
+                    add(full)
+        elif os.path.isfile(p):
+            add(p)
+        else:
+            notes.append(f"{p}: not found")
+    for t in tars:
+        try:
+            with tarfile.open(t) as tf:
+                for m in tf.getmembers():
+                    name = os.path.basename(m.name)
+                    if m.isfile() and name and name not in files:
+                        files[name] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError) as e:
+            notes.append(f"{os.path.basename(t)}: unreadable ({e})")
+    return files
+
+
+def parse_json(text):
+    text = text.strip()
+    if not text:
+        raise ValueError("empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        # cuda_path.py prints its JSON as the last line: tolerate a log that ends with it.
+        return json.loads(text.splitlines()[-1])
+
+
+def stamped_lines(data):
+    """(epoch seconds, text) for each line of a part log that device-bench.sh timestamped."""
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        head, _, rest = line.partition(" ")
+        try:
+            out.append((float(head), rest))
+        except ValueError:
+            continue
+    return out
+
+
 class Results:
-    def __init__(self, root):
-        self.root = root
+    def __init__(self, paths):
         self.notes = []
-        path = os.path.join(root, "machine.txt")
-        self.machine = open(path).read().strip() if os.path.exists(path) else ""
-        self.q4 = [load_json(p) for p in sorted(glob.glob(os.path.join(root, "q4wgpu_*.json")))]
+        files = gather(paths, self.notes)
+        self.files = files
+        self.machine = self.read_machine(files)
+        self.q4 = []
         self.cuda = {}
-        for p in sorted(glob.glob(os.path.join(root, "cuda_path_*.json"))):
-            r = load_json(p)
-            self.cuda[r["mode"]] = r
-        path = os.path.join(root, "llama_bench.json")
-        self.llama = load_json(path) if os.path.exists(path) else []
+        self.llama = []
+        for name in sorted(n for n in files if n.endswith(".json")):
+            try:
+                data = parse_json(files[name].decode("utf-8", "replace"))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                self.notes.append(f"{name}: not readable as JSON ({e}); left out")
+                continue
+            if isinstance(data, dict) and "rows" in data and "bandwidth" in data:
+                data["_file"] = name
+                self.q4.append(data)
+            elif isinstance(data, dict) and data.get("system") == "cuda_path":
+                if data.get("smoke_test"):
+                    self.notes.append(f"{name}: a CPU smoke test of cuda_path.py, not a measurement; left out")
+                elif data["mode"] in self.cuda:
+                    self.notes.append(f"{name}: a second CUDA-path {data['mode']} result; left out")
+                else:
+                    self.cuda[data["mode"]] = data
+            elif isinstance(data, list) and data and all(isinstance(r, dict) and "avg_ts" in r for r in data):
+                self.llama += data
+            elif isinstance(data, list) and not data:
+                self.notes.append(f"{name}: empty list (llama-bench measured nothing?); left out")
+            else:
+                self.notes.append(f"{name}: not a result this report knows; left out")
         if not self.q4:
-            self.notes.append("no q4wgpu results (q4wgpu_*.json)")
+            self.notes.append("no q4wgpu results")
         if not self.cuda:
-            self.notes.append("no CUDA-path results (cuda_path_*.json)")
+            self.notes.append("no CUDA-path results")
         if not self.llama:
-            self.notes.append("no llama.cpp results (llama_bench.json)")
+            self.notes.append("no llama.cpp results")
+        self.vram = VramLog(files, self.notes)
+
+    @staticmethod
+    def read_machine(files):
+        if "machine.txt" in files:
+            pairs = []
+            for line in files["machine.txt"].decode("utf-8", "replace").splitlines():
+                key, sep, value = line.partition(":")
+                if sep:
+                    pairs.append((key.strip(), value.strip()))
+            return pairs
+        if "gpu.txt" in files:  # older runs
+            lines = files["gpu.txt"].decode("utf-8", "replace").strip().splitlines()
+            return [("gpu", lines[-1])] if lines else []
+        return []
+
+    # q4wgpu rows, each with its report (bandwidth, command)
 
     def q4_rows(self, shape=None):
         for rep in self.q4:
@@ -73,129 +183,366 @@ class Results:
                 if shape is None or row["model"].startswith(shape):
                     yield rep, row
 
-    def q4_row(self, shape, test_prefix, budget_resident=True):
-        """The first row of `shape` whose test starts with `test_prefix`, all layers resident."""
+    def q4_resident(self, shape, test_prefix):
+        """The row of `shape` with no budget (else the first all-resident one) whose test starts so."""
+        best = None
         for rep, row in self.q4_rows(shape):
-            if row["test"].startswith(test_prefix) and (row["streamed_layers"] == 0) == budget_resident:
+            if not row["test"].startswith(test_prefix) or row["streamed_layers"] != 0:
+                continue
+            if row["budget"] is None:
                 return rep, row
+            best = best or (rep, row)
+        return best or (None, None)
+
+    def q4_budget_pairs(self):
+        """(report, decode row, prompt row) for each model and budget, in the order measured."""
+        seen = {}
+        for rep, row in self.q4_rows():
+            key = (row["model"], row["budget"])
+            entry = seen.setdefault(key, [rep, None, None])
+            if row["test"].startswith("tg"):
+                entry[1] = row
+            elif row["test"].startswith("pp"):
+                entry[2] = row
+        return [tuple(v) for v in seen.values()]
+
+    def bandwidth(self):
+        """(read, upload) bytes/s measured by q4wgpu in this run (the first report's)."""
+        for rep in self.q4:
+            bw = rep["bandwidth"]
+            return bw["read"], bw["upload"]
         return None, None
+
+    def config_32b(self):
+        for rep in self.q4:
+            if rep["model"].startswith("qwen2-32b"):
+                return rep["config"]
+        return QWEN2_32B
+
+    # llama.cpp
 
     def llama_row(self, gen, ngl=99):
         for r in self.llama:
-            if (r["n_gen"] > 0) == gen and r.get("n_gpu_layers") == ngl:
+            if (r.get("n_gen", 0) > 0) == gen and r.get("n_gpu_layers") == ngl:
                 return r
         return None
 
 
+def llama_rate(r):
+    """(median, min, max) tokens/s of a llama-bench row (avg_ts when it has no samples)."""
+    samples = r.get("samples_ts") or []
+    if samples:
+        return statistics.median(samples), min(samples), max(samples)
+    return r["avg_ts"], None, None
+
+
+def llama_bytes_per_token(r, cfg):
+    """≈ what one decoded token reads: the model file less the embedding table (one row of it is
+    read), plus the mean KV cache (f16) over the test. An estimate: llama-bench does not say."""
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    layers = cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * (cfg.get("head_dim") or h // cfg["num_attention_heads"])
+    embed = vocab * h * 18 / 32  # Q4_0: 18 bytes per 32 weights
+    mean_ctx = r.get("n_depth", 0) + (r.get("n_gen", 0) + 1) / 2
+    return r["model_size"] - embed + layers * 2 * kv * 2 * mean_ctx
+
+
+# ---------------------------------------------------------------- VRAM samples
+
+
+class VramLog:
+    """nvidia-smi's memory.used samples (vram.log), per part, and each budget's peak: the budget's
+    interval runs from the previous budget's last result line in the part log (or the part's
+    start) to its own last one."""
+
+    def __init__(self, files, notes):
+        self.parts = {}  # name -> {"start", "end", "samples": [(t, MiB)], "total": MiB}
+        self.notes = notes
+        if "vram.log" not in files:
+            return
+        current = None
+        for line in files["vram.log"].decode("utf-8", "replace").splitlines():
+            if line.startswith("# start "):
+                _, _, name, t = line.split()[:4]
+                current = self.parts.setdefault(name, {"start": float(t), "end": None, "samples": [], "total": None})
+            elif line.startswith("# end ") and current is not None:
+                current["end"] = float(line.split()[3])
+                current = None
+            elif current is not None:
+                cells = [c.strip() for c in line.split(",")]
+                try:
+                    t = datetime.datetime.strptime(cells[0], "%Y/%m/%d %H:%M:%S.%f")
+                    t = t.replace(tzinfo=datetime.timezone.utc).timestamp()
+                    used = float(cells[1])
+                except (ValueError, IndexError):
+                    continue
+                current["samples"].append((t, used))
+                if len(cells) > 2:
+                    try:
+                        current["total"] = float(cells[2])
+                    except ValueError:
+                        pass
+        for name, p in self.parts.items():
+            if p["samples"]:
+                # nvidia-smi was asked for UTC; if it printed local time after all, the first sample
+                # is off from the part's start by whole quarter hours: take that offset out.
+                off = p["start"] - p["samples"][0][0]
+                if abs(off) > 60:
+                    shift = round(off / 900) * 900
+                    p["samples"] = [(t + shift, u) for t, u in p["samples"]]
+                    notes.append(f"vram.log: {name}'s samples shifted by {shift / 3600:+.2f} h (time zone)")
+
+    def budget_peaks(self, files):
+        """{(part, model, budget label in GB or None): (peak MiB, idle MiB, samples)}."""
+        out = {}
+        for name, p in self.parts.items():
+            if not p["samples"]:
+                continue
+            idle = min(u for _, u in p["samples"])
+            # The last result line of each (model, budget) in the part's log.
+            last = {}
+            order = []
+            for t, text in stamped_lines(files.get(f"{name}.log", b"")):
+                cells = [c.strip() for c in text.strip().strip("|").split("|")]
+                if len(cells) < 5 or not re.match(r"^(pp|tg)\d+$", cells[3]):
+                    continue
+                key = (short_model(cells[0]), None if cells[1] == "all" else float(cells[1].split()[0]))
+                if key not in last:
+                    order.append(key)
+                last[key] = t
+            begin = p["start"]
+            for key in order:
+                window = [u for t, u in p["samples"] if begin <= t <= last[key]]
+                if window:
+                    out[(name,) + key] = (max(window), idle, len(window))
+                begin = last[key]
+            if not order:  # no result line to split it by: the whole part
+                out[(name, "(whole part)", None)] = (max(u for _, u in p["samples"]), idle, len(p["samples"]))
+        return out
+
+
+# ---------------------------------------------------------------- sections
+
+
 def machine_section(res):
     out = ["## Machine and run", ""]
-    out += [f"    {line}" for line in res.machine.splitlines()] or ["    (machine.txt missing)"]
-    out.append("")
+    out.append("| what | |")
+    out.append("| --- | --- |")
+    for key, value in res.machine:
+        out.append(f"| {key} | {value.replace('|', '/')} |")
+    if not res.machine:
+        out.append("| machine | (machine.txt missing) |")
     for rep in res.q4[:1]:
         bw = rep["bandwidth"]
-        out.append(f"- q4wgpu adapter: {rep['adapter']} ({rep['backend']}, driver {rep['driver']})")
-        out.append(f"- measured in the same run: device read {gb(bw['read']):.0f} GB/s (streaming-read kernel, "
-                   f"{bw['buffer_bytes'] >> 20} MiB), host→device copies {gb(bw['upload']):.1f} GB/s "
-                   f"(8 per submit, from {'host memory' if bw['upload_from_host_memory'] else 'a MAP_WRITE buffer'})")
+        out.append(f"| q4wgpu adapter | {rep['adapter']} ({rep['backend']}, driver {rep['driver']}) |")
+        out.append(f"| measured read bandwidth | {gb(bw['read']):.0f} GB/s (q4wgpu's streaming-read kernel, "
+                   f"{bw['buffer_bytes'] >> 20} MiB) |")
+        out.append(f"| measured upload bandwidth | {gb(bw['upload']):.1f} GB/s (q4wgpu: 8 copies per submit, from "
+                   f"{'host memory' if bw['upload_from_host_memory'] else 'a MAP_WRITE buffer'}) |")
+        out.append(f"| q4wgpu run at | {datetime.datetime.fromtimestamp(rep['unix_time'], datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |")
     for mode, r in sorted(res.cuda.items()):
-        out.append(f"- CUDA path ({mode}): torch {r['torch']}, CUDA {r['cuda']}, Triton {r['triton']} on {r['gpu']}")
+        out.append(f"| CUDA path ({mode}) | torch {r['torch']}, CUDA {r['cuda']}, Triton {r['triton']} on {r['gpu']} |")
     if res.llama:
         r = res.llama[0]
-        out.append(f"- llama.cpp: build {r.get('build_commit')} ({r.get('backends')}), {r.get('gpu_info')}, "
-                   f"model {gb(r.get('model_size', 0)):.2f} GB Q4_0, flash attention {r.get('flash_attn')}")
-    out.append("")
-    out.append("Commands:")
-    out.append("")
+        out.append(f"| llama.cpp | build {r.get('build_commit')} ({r.get('backends')}) on {r.get('gpu_info')}; "
+                   f"{r.get('model_type')}, {gb(r.get('model_size', 0)):.2f} GB; flash attention {r.get('flash_attn')} |")
+    out += ["", "Commands:", ""]
     for rep in res.q4:
         out.append(f"    {rep['command']}")
     for mode, r in sorted(res.cuda.items()):
         out.append(f"    {r['command']}")
     if res.llama:
         r = res.llama[0]
-        out.append(f"    llama-bench -m <random Q4_0 {r.get('model_type')}> -p {statistics_first(res.llama, 'n_prompt')} "
-                   f"-n {statistics_first(res.llama, 'n_gen')} -fa 1 -ngl {r.get('n_gpu_layers')} -o json")
+        tests = ", ".join(f"pp{x['n_prompt']}" if x.get("n_gen", 0) == 0 else f"tg{x['n_gen']}" for x in res.llama)
+        reps = len(r.get("samples_ts") or []) or "?"
+        out.append(f"    llama-bench -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> ({tests}; "
+                   f"{reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')}) -o json")
     out.append("")
     return out
 
 
-def statistics_first(rows, key):
-    vals = [r[key] for r in rows if r.get(key)]
-    return vals[0] if vals else 0
-
-
-def decode_section(res):
-    out = ["## 32B shape, all weights resident", ""]
-    rep, tg = res.q4_row("qwen2-32b", "tg")
-    _, pp = res.q4_row("qwen2-32b", "pp")
+def resident_section(res):
+    read_bw, _ = res.bandwidth()
+    rep, tg = res.q4_resident("qwen2-32b", "tg")
+    _, pp = res.q4_resident("qwen2-32b", "pp")
     cuda = res.cuda.get("resident")
-    llama_tg = res.llama_row(gen=True)
-    llama_pp = res.llama_row(gen=False)
+    ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
+    cfg = res.config_32b()
     q4 = tg["tokens_per_second"] if tg else None
-    limit = tg["memory_limit_tokens_per_second"] if tg else None
-    out.append("| system | decode tok/s | spread | q4wgpu ÷ system | % of memory limit |")
-    out.append("| --- | ---: | ---: | ---: | ---: |")
-    if tg:
-        out.append(f"| memory limit: {gb(tg['bytes_per_token']):.2f} GB/token at the measured read bandwidth "
-                   f"| {limit:.1f} | — | {ratio(q4, limit)} | 100 % |")
-        out.append(f"| q4wgpu ({tg['test']}) | {q4:.2f} | {tg['tokens_per_second_min']:.2f}–{tg['tokens_per_second_max']:.2f} "
-                   f"| 1.00× | {100 * q4 / limit:.0f} % |")
-    if cuda:
-        c = cuda["tokens_per_second"]
-        out.append(f"| CUDA path, resident ({cuda['test']}) | {c:.2f} | {cuda['tokens_per_second_min']:.2f}–"
-                   f"{cuda['tokens_per_second_max']:.2f} | {ratio(q4, c)} | {pct(c / limit if limit else None)} |")
-    if llama_tg:
-        l = llama_tg["avg_ts"]
-        out.append(f"| llama.cpp CUDA Q4_0 (tg{llama_tg['n_gen']}) | {l:.2f} | ± {llama_tg['stddev_ts']:.2f} "
-                   f"| {ratio(q4, l)} | {pct(l / limit if limit else None)} |")
+    q4pp = pp["tokens_per_second"] if pp else None
+    out = ["## 32B shape, all weights resident", ""]
+    out.append("Decode: median of the repetitions (llama.cpp: of its samples), spread min–max. GB/token: what one "
+               "decoded token reads (INT4 weights with scales, plus the KV cache). Memory limit: GB/token at the "
+               "read bandwidth q4wgpu measured in the same run.")
     out.append("")
-    out.append("| system | prompt tok/s | spread | q4wgpu ÷ system |")
-    out.append("| --- | ---: | ---: | ---: |")
-    qpp = pp["tokens_per_second"] if pp else None
-    if pp:
-        out.append(f"| q4wgpu ({pp['test']}) | {qpp:.1f} | {pp['tokens_per_second_min']:.1f}–{pp['tokens_per_second_max']:.1f} | 1.00× |")
-    if llama_pp:
-        out.append(f"| llama.cpp CUDA Q4_0 (pp{llama_pp['n_prompt']}) | {llama_pp['avg_ts']:.1f} | ± {llama_pp['stddev_ts']:.1f} "
-                   f"| {ratio(qpp, llama_pp['avg_ts'])} |")
+    out.append("| system | decode tok/s | spread | prompt tok/s | spread | GB/token | achieved GB/s | memory limit tok/s "
+               "| % of limit | q4wgpu ÷ system, decode | q4wgpu ÷ system, prompt |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def line(name, rate, lo, hi, prate, plo, phi, bytes_, ratio_pp=True):
+        limit = read_bw / bytes_ if read_bw and bytes_ else None
+        achieved = f"{gb(bytes_ * rate):.0f}" if bytes_ and rate else "—"
+        out.append(f"| {name} | {fmt(rate)} | {spread(lo, hi)} | {fmt(prate, 1)} | {spread(plo, phi, 1)} "
+                   f"| {fmt(gb(bytes_) if bytes_ else None, 2)} | {achieved} | {fmt(limit, 1)} "
+                   f"| {pct(rate / limit if limit and rate else None)} | {ratio(q4, rate)} "
+                   f"| {ratio(q4pp, prate) if ratio_pp else '—'} |")
+
+    if tg:
+        line(f"q4wgpu ({tg['test']}, {pp['test'] if pp else 'no pp'})", q4, tg["tokens_per_second_min"],
+             tg["tokens_per_second_max"], q4pp, pp and pp["tokens_per_second_min"], pp and pp["tokens_per_second_max"],
+             tg["bytes_per_token"])
+    if cuda:
+        line(f"CUDA path: Triton dequant to bf16 + F.linear ({cuda['test']})", cuda["tokens_per_second"],
+             cuda["tokens_per_second_min"], cuda["tokens_per_second_max"], None, None, None,
+             cuda["int4_bytes_per_token"], ratio_pp=False)
+    if ltg or lpp:
+        rate, lo, hi = llama_rate(ltg) if ltg else (None, None, None)
+        prate, plo, phi = llama_rate(lpp) if lpp else (None, None, None)
+        tests = ", ".join(t for t in (ltg and f"tg{ltg['n_gen']}", lpp and f"pp{lpp['n_prompt']}") if t)
+        line(f"llama.cpp CUDA, Q4_0 ({tests})", rate, lo, hi, prate, plo, phi,
+             llama_bytes_per_token(ltg, cfg) if ltg else None)
+    out.append("")
+    if ltg:
+        out.append("llama.cpp's GB/token is estimated (its file less the embedding table, plus the KV cache): Q4_0 "
+                   "stores 4.5 bits per weight against 4.125 here.")
+    if cuda:
+        out.append("The CUDA path's GB/token counts the INT4 weights it reads; it also writes and reads each weight "
+                   "again as bf16 (4× the INT4 bytes), which is why it runs far below the limit.")
     out.append("")
     return out
 
 
-def budget_section(res):
-    out = ["## Under a VRAM budget", ""]
-    out.append("Memory model (DESIGN.md §5): 1 / (resident bytes / read bandwidth + streamed bytes / upload bandwidth); "
-               "PCIe bound: upload bandwidth / streamed bytes per token.")
-    out.append("")
-    out.append("| model | budget | layers res/str | test | tok/s | streamed GB/token | PCIe bound tok/s | % of PCIe bound | memory model tok/s | % of model |")
-    out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for _, r in res.q4_rows():
-        out.append(f"| {r['model']} | {budget_label(r['budget'])} | {r['resident_layers']}/{r['streamed_layers']} | {r['test']} "
-                   f"| {r['tokens_per_second']:.2f} | {gb(r['streamed_bytes_per_token']):.2f} "
-                   f"| {fmt(r['pcie_bound_tokens_per_second'])} "
-                   f"| {pct(r['fraction_of_pcie_bound'])} "
-                   f"| {r['memory_limit_tokens_per_second']:.2f} | {100 * r['fraction_of_memory_limit']:.0f} % |")
+def budget_section(res, peaks):
+    read_bw, up_bw = res.bandwidth()
     cuda = res.cuda.get("streamed")
+    out = ["## Under a VRAM budget", ""]
+    out.append("PCIe bound: q4wgpu's measured upload bandwidth ÷ the bytes streamed per decoded token (the most "
+               "tokens/s that streaming allows). Memory model (DESIGN.md §5): 1 / (resident bytes ÷ read bandwidth + "
+               "streamed bytes ÷ upload bandwidth). Peak VRAM: nvidia-smi's memory.used over the budget's tests, "
+               "less the part's idle reading (see Peak VRAM below).")
+    out.append("")
+    out.append("| system | budget | layers res/str | decode tok/s | spread | prompt tok/s | streamed GB/token "
+               "| PCIe bound tok/s | % of PCIe bound | memory model tok/s | % of model | peak VRAM GB | ÷ CUDA path streamed |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    c = cuda["tokens_per_second"] if cuda else None
+    for rep, tg, pp in res.q4_budget_pairs():
+        row = tg or pp
+        if row["budget"] is None:
+            continue
+        peak = peak_for(peaks, row)
+        out.append(f"| q4wgpu, {short_model(row['model'])} | {budget_label(row['budget'])} "
+                   f"| {row['resident_layers']}/{row['streamed_layers']} "
+                   f"| {fmt(tg and tg['tokens_per_second'])} "
+                   f"| {spread(tg and tg['tokens_per_second_min'], tg and tg['tokens_per_second_max'])} "
+                   f"| {fmt(pp and pp['tokens_per_second'], 1)} "
+                   f"| {fmt(tg and gb(tg['streamed_bytes_per_token']))} "
+                   f"| {fmt(tg and tg['pcie_bound_tokens_per_second'])} | {pct(tg and tg['fraction_of_pcie_bound'])} "
+                   f"| {fmt(tg and tg['memory_limit_tokens_per_second'])} | {pct(tg and tg['fraction_of_memory_limit'])} "
+                   f"| {fmt(peak)} "
+                   f"| {ratio(tg and tg['tokens_per_second'], c) if row['model'].startswith('qwen2-32b') and row['streamed_layers'] else '—'} |")
     if cuda:
+        streamed = cuda["streamed_bytes_per_token"]
+        bound = up_bw / streamed if up_bw and streamed else None
+        resident = cuda["int4_bytes_per_token"] - streamed
+        model = 1 / (resident / read_bw + streamed / up_bw) if read_bw and up_bw else None
+        out.append(f"| CUDA path, 32B, from pinned memory ({cuda['test']}) | every layer streamed | 0/all "
+                   f"| {fmt(c)} | {spread(cuda['tokens_per_second_min'], cuda['tokens_per_second_max'])} | — "
+                   f"| {fmt(gb(streamed))} | {fmt(bound)} | {pct(c / bound if bound else None)} "
+                   f"| {fmt(model)} | {pct(c / model if model else None)} "
+                   f"| {fmt(cuda.get('peak_gpu_memory_gb'))} | 1.00× |")
+    out.append("")
+    if cuda:
+        out.append("The CUDA path streams every layer (it has no budget), so its fairest q4wgpu counterpart is the "
+                   "smallest budget. Its PCIe bound uses q4wgpu's measured upload bandwidth; its peak VRAM is "
+                   "PyTorch's max_memory_allocated.")
         out.append("")
-        _, tg = res.q4_row("qwen2-32b", "tg", budget_resident=False)
-        up = res.q4[0]["bandwidth"]["upload"] if res.q4 else None
-        bound = up / cuda["streamed_bytes_per_token"] if up else None
-        out.append(f"CUDA path with every layer streamed from pinned memory: {cuda['tokens_per_second']:.2f} tok/s "
-                   f"({gb(cuda['streamed_bytes_per_token']):.2f} GB/token; the same bytes at q4wgpu's measured upload bandwidth "
-                   f"allow {fmt(bound)} tok/s).")
+    return out
+
+
+def peak_for(peaks, row):
+    """Peak GB above idle for a q4wgpu row's model and budget, if vram.log covered it."""
+    want = (short_model(row["model"]), None if row["budget"] is None else round(gb(row["budget"]), 1))
+    for (part, model, budget), (peak, idle, _) in peaks.items():
+        if (model, None if budget is None else round(budget, 1)) == want:
+            return (peak - idle) * 2**20 / 1e9
+    return None
+
+
+def vram_section(res, peaks):
+    if not peaks:
+        return ["## Peak VRAM", "", "(no vram.log samples in these results)", ""]
+    rows = {}
+    for rep, row in res.q4_rows():
+        rows.setdefault((short_model(row["model"]), None if row["budget"] is None else round(gb(row["budget"]), 1)), row)
+    out = ["## Peak VRAM (nvidia-smi, every 200 ms)", ""]
+    out.append("Idle: the lowest reading in the part (the sampler starts before the program). Peak − idle includes "
+               "the driver's own allocations for the process, so it is a strict test of the budget.")
+    out.append("")
+    out.append("| part | model | budget | samples | idle GB | peak GB | peak − idle GB "
+               "| q4wgpu's own buffers GB | within the budget |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for (part, model, budget), (peak, idle, n) in peaks.items():
+        row = rows.get((model, None if budget is None else round(budget, 1)))
+        above = (peak - idle) * 2**20 / 1e9
+        ok = "—" if budget is None or model == "(whole part)" else ("yes" if above <= budget else f"**no** (+{above - budget:.2f} GB)")
+        label = "—" if model == "(whole part)" else "all" if budget is None else f"{budget:g} GB"
+        out.append(f"| {part} | {model} | {label} | {n} "
+                   f"| {idle * 2**20 / 1e9:.2f} | {peak * 2**20 / 1e9:.2f} | {above:.2f} "
+                   f"| {fmt(row and gb(row['device_bytes']))} | {ok} |")
+    out.append("")
+    return out
+
+
+def ratios_section(res):
+    _, tg = res.q4_resident("qwen2-32b", "tg")
+    _, pp = res.q4_resident("qwen2-32b", "pp")
+    cuda_r, cuda_s = res.cuda.get("resident"), res.cuda.get("streamed")
+    ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
+    read_bw, _ = res.bandwidth()
+    out = ["## Ratios (32B shape)", ""]
+    if tg:
+        q4 = tg["tokens_per_second"]
+        limit = read_bw / tg["bytes_per_token"] if read_bw else None
+        if limit:
+            out.append(f"- q4wgpu decode, all resident: {100 * q4 / limit:.0f} % of the memory limit "
+                       f"(target ≥ {100 * TARGET_RESIDENT_FRACTION:.0f} %)")
+        if cuda_r:
+            out.append(f"- q4wgpu ÷ CUDA path, decode, all resident: {ratio(q4, cuda_r['tokens_per_second'])} "
+                       f"(target ≥ {TARGET_VS_CUDA:g}×)")
+        if ltg:
+            out.append(f"- q4wgpu ÷ llama.cpp CUDA, decode, all resident: {ratio(q4, llama_rate(ltg)[0])} "
+                       f"(target ≥ {TARGET_VS_LLAMA:g}×)")
+    if pp and lpp:
+        out.append(f"- q4wgpu ÷ llama.cpp CUDA, prompt ({pp['test']} against pp{lpp['n_prompt']}): "
+                   f"{ratio(pp['tokens_per_second'], llama_rate(lpp)[0])} (target ≥ 1×)")
+    streamed = [(tg_, rep) for rep, tg_, _ in res.q4_budget_pairs()
+                if tg_ and tg_["model"].startswith("qwen2-32b") and tg_["streamed_layers"] > 0]
+    if streamed:
+        smallest, _ = min(streamed, key=lambda x: x[0]["budget"])
+        worst = min(r["fraction_of_memory_limit"] for r, _ in streamed)
+        out.append(f"- q4wgpu under a budget: {100 * worst:.0f} % of the memory model at worst "
+                   f"(target ≥ {100 * TARGET_FRACTION_OF_MODEL:.0f} %)")
+        if cuda_s:
+            out.append(f"- q4wgpu at {budget_label(smallest['budget'])} ÷ CUDA path with every layer streamed: "
+                       f"{ratio(smallest['tokens_per_second'], cuda_s['tokens_per_second'])}")
+    if len(out) == 2:
+        out.append("(not enough results for ratios)")
     out.append("")
     return out
 
 
 def all_rows_section(res):
     out = ["## All q4wgpu rows", ""]
-    out.append("| model | budget | layers res/str | test | tok/s | min–max | GB/token | streamed GB/token | GB/s | memory limit tok/s | % of limit |")
-    out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out.append("| model | budget | layers res/str | test | tok/s | min–max | GB/token | streamed GB/token | GB/s "
+               "| memory model tok/s | % of model | PCIe bound tok/s | % of PCIe bound |")
+    out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for _, r in res.q4_rows():
-        out.append(f"| {r['model']} | {budget_label(r['budget'])} | {r['resident_layers']}/{r['streamed_layers']} | {r['test']} "
-                   f"| {r['tokens_per_second']:.2f} | {r['tokens_per_second_min']:.2f}–{r['tokens_per_second_max']:.2f} "
+        out.append(f"| {short_model(r['model'])} | {budget_label(r['budget'])} | {r['resident_layers']}/{r['streamed_layers']} "
+                   f"| {r['test']} | {r['tokens_per_second']:.2f} | {spread(r['tokens_per_second_min'], r['tokens_per_second_max'])} "
                    f"| {gb(r['bytes_per_token']):.3f} | {gb(r['streamed_bytes_per_token']):.3f} "
                    f"| {gb(r['achieved_bytes_per_second']):.1f} | {r['memory_limit_tokens_per_second']:.2f} "
-                   f"| {100 * r['fraction_of_memory_limit']:.0f} % |")
+                   f"| {pct(r['fraction_of_memory_limit'])} | {fmt(r['pcie_bound_tokens_per_second'])} "
+                   f"| {pct(r['fraction_of_pcie_bound'])} |")
     for rep in res.q4:
         for s in rep.get("skipped", []):
             out.append(f"\n{rep['model']}: budget {budget_label(s['budget'])} skipped: {s['reason']}")
@@ -210,61 +557,106 @@ def plot(res, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return f"(plot skipped: matplotlib is not installed here; `pip install matplotlib` and rerun with --plot {path})"
-    rows = [r for _, r in res.q4_rows("qwen2-32b") if r["test"].startswith("tg")]
-    if not rows or not res.q4:
+    rows = {}
+    for _, r in res.q4_rows("qwen2-32b"):
+        if r["test"].startswith("tg"):
+            rows.setdefault(r["budget"], r)  # the first decode row of each budget
+    if not rows:
         return "(plot skipped: no 32B decode rows)"
-    bw = res.q4[0]["bandwidth"]
-    full = max(r["fixed_bytes"] + r["layers"] * r["layer_bytes"] for r in rows)
+    read_bw, up_bw = res.bandwidth()
+    budgets = sorted(b for b in rows if b is not None)
+    top = gb(budgets[-1]) if budgets else 16.0
+    all_x = top * 1.25 + 2
 
-    def x_of(r):
-        return gb(r["budget"]) if r["budget"] is not None else gb(full)
+    def x_of(b):
+        return all_x if b is None else gb(b)
 
-    rows.sort(key=x_of)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([x_of(r) for r in rows], [r["tokens_per_second"] for r in rows], "o-", label="q4wgpu decode")
-    ax.plot([x_of(r) for r in rows], [r["memory_limit_tokens_per_second"] for r in rows], "--",
-            label="memory model (HBM + PCIe, measured)")
-    streamed = [r for r in rows if r["pcie_bound_tokens_per_second"]]
-    if streamed:
-        ax.plot([x_of(r) for r in streamed], [r["pcie_bound_tokens_per_second"] for r in streamed], ":x",
-                label=f"PCIe bound ({gb(bw['upload']):.0f} GB/s)")
+    order = budgets + ([None] if None in rows else [])
+    xs = [x_of(b) for b in order]
+    fig, ax = plt.subplots(figsize=(8, 6))
+    tps = [rows[b]["tokens_per_second"] for b in order]
+    ax.plot(xs, tps, "o-", color="C0", lw=2, label="q4wgpu decode (median)", zorder=5)
+    for x, b in zip(xs, order):
+        r = rows[b]
+        frac = r["fraction_of_pcie_bound"] or r["fraction_of_memory_limit"]
+        what = "PCIe bound" if r["fraction_of_pcie_bound"] else "HBM limit"
+        ax.annotate(f"{r['tokens_per_second']:.1f}\n{100 * frac:.0f} % of {what}", (x, r["tokens_per_second"]),
+                    textcoords="offset points", xytext=(0, -10), ha="center", va="top", fontsize=7, color="C0")
+    # The bound as a function of the budget: the layers that fit stay resident (the planner's
+    # overhead beyond fixed + resident layers, as measured, taken as constant), the rest stream.
+    if read_bw and up_bw:
+        r0 = rows[order[0]]
+        layers, layer_bytes, fixed = r0["layers"], r0["layer_bytes"], r0["fixed_bytes"]
+        overheads = [b - fixed - rows[b]["resident_layers"] * layer_bytes for b in budgets
+                     if rows[b]["streamed_layers"] > 0]
+        overhead = statistics.median(overheads) if overheads else 0
+        all_bytes = r0["bytes_per_token"]  # one decoded token's reads with every layer resident
+        bx, by = [], []
+        lo = max(0.5, gb(fixed + overhead + layer_bytes) - 0.5)
+        steps = 400
+        for i in range(steps + 1):
+            b = (lo + (top - lo) * i / steps) * 1e9
+            res_layers = max(0, min(layers, int((b - fixed - overhead) // layer_bytes)))
+            streamed = (layers - res_layers) * layer_bytes
+            bx.append(gb(b))
+            # Each is an upper bound, so is the smaller: PCIe alone overshoots once one layer streams.
+            by.append(min(up_bw / streamed, read_bw / all_bytes) if streamed else read_bw / all_bytes)
+        if None in rows:
+            bx.append(all_x)
+            by.append(read_bw / rows[None]["bytes_per_token"])
+        ax.plot(bx, by, ":", color="C3", lw=1.5,
+                label=f"bound: PCIe ({gb(up_bw):.0f} GB/s) for the layers that do not fit, HBM ({gb(read_bw):.0f} GB/s) once all fit")
+        ax.plot(xs, [rows[b]["pcie_bound_tokens_per_second"] or read_bw / rows[b]["bytes_per_token"] for b in order],
+                "s", color="C3", ms=4)
+    ax.plot(xs, [rows[b]["memory_limit_tokens_per_second"] for b in order], "x", color="C1", ms=7,
+            label="memory model at the measured budgets (HBM + PCIe in series)")
     if "resident" in res.cuda:
-        ax.axhline(res.cuda["resident"]["tokens_per_second"], color="gray", lw=0.8, label="CUDA path, resident")
+        ax.axhline(res.cuda["resident"]["tokens_per_second"], color="gray", lw=1,
+                   label=f"CUDA path, resident ({res.cuda['resident']['tokens_per_second']:.1f})")
     if "streamed" in res.cuda:
-        ax.axhline(res.cuda["streamed"]["tokens_per_second"], color="gray", ls="-.", lw=0.8, label="CUDA path, streamed")
+        ax.axhline(res.cuda["streamed"]["tokens_per_second"], color="gray", ls="-.", lw=1,
+                   label=f"CUDA path, all streamed ({res.cuda['streamed']['tokens_per_second']:.2f})")
     lt = res.llama_row(gen=True)
     if lt:
-        ax.axhline(lt["avg_ts"], color="green", lw=0.8, label="llama.cpp CUDA, resident")
-    ax.set_xlabel("VRAM budget (GB); rightmost point: all resident")
-    ax.set_ylabel("decode tokens/s")
+        ax.axhline(llama_rate(lt)[0], color="C2", lw=1, label=f"llama.cpp CUDA, resident ({llama_rate(lt)[0]:.1f})")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{gb(b):g}" if b is not None else "all" for b in order])
+    ax.set_xlim(0, all_x * 1.08)
+    ax.set_xlabel("VRAM budget (GB)")
+    ax.set_ylabel("decode tokens/s (log scale)")
     ax.set_yscale("log")
-    ax.set_title("32B shape (random INT4 weights), decode speed against VRAM budget")
+    ax.set_title("32B shape (random INT4 weights): decode speed against the VRAM budget", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
     return f"![decode tokens/s against VRAM budget]({os.path.basename(path)})"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="the directory the device run wrote ($OUT)")
+    ap.add_argument("results", nargs="+", help="folders (or files) the device run wrote ($OUT)")
     ap.add_argument("--plot", default="bench-budget.png", help="PNG to write (next to BENCHMARKS.md)")
     args = ap.parse_args()
     res = Results(args.results)
+    peaks = res.vram.budget_peaks(res.files)
     out = ["# Benchmarks", ""]
     out.append("Written by scripts/bench-report.py from one run of scripts/device-bench.sh: every system measured "
                "in the same call on the same machine, synthetic (random) weights of the real shapes.")
     out.append("")
     out += machine_section(res)
-    out += decode_section(res)
-    out += budget_section(res)
+    out += resident_section(res)
+    out += budget_section(res, peaks)
+    out += ratios_section(res)
     out.append(plot(res, args.plot))
     out.append("")
+    out += vram_section(res, peaks)
     out += all_rows_section(res)
     if res.notes:
-        out.append("Missing: " + "; ".join(res.notes) + ".")
+        out.append("Notes: " + "; ".join(res.notes) + ".")
     print("\n".join(out))
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@
 # llama.cpp is built (about 4 minutes) and its GGUF written in the background at nice 19 with
 # two cores left free while parts 1–3 use the GPU; SERIAL=1 builds first instead (may not fit).
 # Each part runs under its own time limit, cut to what is left of DEADLINE; a failed part does
-# not stop the others. Logs: $OUT/<part>.log; results: $OUT/*.json; then, here:
+# not stop the others. Only 8 files come back from $OUT, so $OUT holds the results (*.json) and
+# machine.txt only; logs are written to $WORK and packed into $OUT/logs.tar.gz at the end (if the
+# run is killed before that, the output tail still shows device-bench's own log). Each line of a
+# part's log starts with the time it was printed (epoch seconds), and while the q4wgpu parts run
+# nvidia-smi samples the GPU's memory use into vram.log every 200 ms (VRAM_LOG=0: not), so the
+# report can give the peak VRAM of each budget. Then, here:
 #   python3 scripts/bench-report.py <files_at>/ > BENCHMARKS.md
 #
 # Prepare here: `cargo build --release && mkdir -p .device-bin && strip -o .device-bin/q4wgpu
@@ -24,8 +29,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-bench.XXXXXX")
 DEADLINE=${DEADLINE:-570}
 start=$SECONDS
+export PYTHONUNBUFFERED=1
 
 Q4WGPU=${Q4WGPU:-}
 if [ -z "$Q4WGPU" ]; then
@@ -39,12 +46,64 @@ if [ "${QUICK:-0}" = 1 ]; then
   tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2
   export LLAMA_N=32 LLAMA_R=2
 else
-  tg=128 tg_streamed=32 tg_70b=32 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8
+  # 70B: 16 tokens, as the bound there is near 1.4 tok/s: 3 × 32 tokens alone would take about
+  # 70 s of the part's 120.
+  tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8
 fi
 
-log() { echo "[device-bench $((SECONDS - start)) s] $*" | tee -a "$OUT/device-bench.log"; }
+log() { echo "[device-bench $((SECONDS - start)) s] $*" | tee -a "$WORK/device-bench.log"; }
 
-# part NAME LIMIT_SECONDS COMMAND...: runs under min(LIMIT, time left), output tee'd to $OUT/NAME.log.
+now() { echo "${EPOCHREALTIME:-$(date +%s.%N)}"; }
+
+# stamp FILE: copies standard input to standard output, and to FILE with each line prefixed by the
+# time it arrived (programs here print their result rows as they are measured).
+stamp() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    printf '%s %s\n' "$(now)" "$line" >>"$1"
+  done
+}
+
+# The GPU memory sampler (nvidia-smi every 200 ms into $WORK/vram.log), around the parts named in
+# VRAM_PARTS (shell patterns). Samples carry nvidia-smi's timestamp in UTC; each run of the
+# sampler is framed by '# start NAME EPOCH' and '# end NAME EPOCH' lines, written while it is stopped.
+VRAM_PARTS=${VRAM_PARTS:-q4wgpu_*}
+vram_pid=
+vram_start() {
+  [ "${VRAM_LOG:-1}" = 0 ] && return 0
+  command -v nvidia-smi >/dev/null || return 0
+  local pat pats match=0
+  read -ra pats <<<"$VRAM_PARTS" # not a bare $VRAM_PARTS: that would expand q4wgpu_* against file names
+  for pat in "${pats[@]}"; do
+    # shellcheck disable=SC2254
+    case $1 in $pat) match=1 ;; esac
+  done
+  [ "$match" = 1 ] || return 0
+  echo "# start $1 $(now)" >>"$WORK/vram.log"
+  local buf=()
+  command -v stdbuf >/dev/null && buf=(stdbuf -oL)
+  TZ=UTC ${buf[@]+"${buf[@]}"} nvidia-smi --query-gpu=timestamp,memory.used,memory.total --format=csv,noheader,nounits \
+    -lms 200 >>"$WORK/vram.log" 2>&1 &
+  vram_pid=$!
+}
+vram_stop() {
+  [ -n "$vram_pid" ] || return 0
+  # TERM, not INT: background jobs of a script ignore SIGINT. Lines are flushed one by one (stdbuf).
+  kill -TERM "$vram_pid" 2>/dev/null
+  local i
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    kill -0 "$vram_pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL "$vram_pid" 2>/dev/null
+  wait "$vram_pid" 2>/dev/null
+  vram_pid=
+  echo "# end $1 $(now)" >>"$WORK/vram.log"
+}
+
+# part NAME LIMIT_SECONDS COMMAND...: runs under min(LIMIT, time left); output on stdout and, with
+# each line's time, in $WORK/NAME.log.
 part() {
   local name=$1 limit=$2
   shift 2
@@ -56,11 +115,46 @@ part() {
   fi
   log "$name: $* (limit $limit s)"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "$(now) # part $name start: $*" >"$WORK/$name.log"
+  vram_start "$name"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | stamp "$WORK/$name.log"
   local rc=${PIPESTATUS[0]}
+  vram_stop "$name"
+  echo "$(now) # part $name end: exit $rc" >>"$WORK/$name.log"
   log "$name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')"
   return "$rc"
 }
+
+# At most 8 files come back from $OUT: the results (*.json) and machine.txt stay there, everything
+# else goes into logs.tar.gz. Runs once, at the end or on an early exit.
+finished=0
+finish() {
+  [ "$finished" = 1 ] && return 0
+  finished=1
+  vram_stop sampler
+  if [ -n "${llama_pid:-}" ] && kill -0 "$llama_pid" 2>/dev/null; then
+    kill -- -"$llama_pid" 2>/dev/null
+  fi
+  log "done; results in $OUT"
+  local f keep=0
+  # Anything else in $OUT joins the logs; so do results beyond 7 (the tarball is the 8th file).
+  for f in "$OUT"/*; do
+    [ -f "$f" ] || continue
+    case ${f##*/} in
+      logs.tar.gz) ;;
+      machine.txt | *.json)
+        keep=$((keep + 1))
+        [ "$keep" -gt 7 ] && mv "$f" "$WORK/" ;;
+      *) mv "$f" "$WORK/" ;;
+    esac
+  done
+  tar czf "$OUT/logs.tar.gz" -C "$WORK" . && rm -rf "$WORK"
+  ls -la "$OUT"
+  echo "device-bench: $(find "$OUT" -type f | wc -l) files in $OUT (at most 8 come back)"
+}
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 # The Vulkan loader the machine lacks (shared/device/README.md).
 for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done
@@ -69,8 +163,13 @@ ldconfig 2>/dev/null || true
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   echo "host: $(hostname)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-  echo "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  # MemTotal grows as memory is used on these machines: at the start it says less than there is.
+  echo "memory: MemTotal $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo) at the start"
+  echo "kernel: $(uname -r)"
+  echo "python: $(python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)' 2>&1 | tail -1)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -87,7 +186,7 @@ if [ "${LLAMA:-1}" != 0 ]; then
     # Job control on: the background job gets its own process group, which can be stopped whole.
     set -m
     JOBS=$jobs nice -n 19 bash -c "benches/llama_cpp/run.sh build && benches/llama_cpp/run.sh model" \
-      >"$OUT/llama_build.log" 2>&1 &
+      >"$WORK/llama_build.log" 2>&1 &
     llama_pid=$!
     set +m
   fi
@@ -96,12 +195,17 @@ fi
 if [ -z "$Q4WGPU" ]; then
   log "q4wgpu: no binary (.device-bin/q4wgpu or target/release/q4wgpu); set Q4WGPU"
 else
-  if ! "$Q4WGPU" info 2>&1 | grep -qi nvidia; then
-    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  # Not `info | grep -q`: under pipefail, grep leaving early can fail the pipeline.
+  info=$("$Q4WGPU" info 2>&1)
+  icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  if ! grep -qi nvidia <<<"$info" && [ -f "$icd" ]; then
+    export VK_DRIVER_FILES=$icd
     log "q4wgpu: no NVIDIA adapter by default; VK_DRIVER_FILES=$VK_DRIVER_FILES"
+    info=$("$Q4WGPU" info 2>&1)
   fi
-  "$Q4WGPU" info >"$OUT/q4wgpu_info.log" 2>&1
-  bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB "${chunk[@]}")
+  echo "$info" >"$WORK/q4wgpu_info.log"
+  grep -qi nvidia <<<"$info" || log "q4wgpu: still no NVIDIA adapter: $(tail -3 <<<"$info")"
+  bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB ${chunk[@]+"${chunk[@]}"})
   part q4wgpu_32b_resident 120 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
     --vram-budget all,24GB --json "$OUT/q4wgpu_32b_resident.json"
   part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
@@ -131,11 +235,12 @@ if [ -n "$llama_pid" ]; then
     log "llama.cpp: background build exit $rc"
     [ "$rc" = 0 ] || llama_ok=0
   fi
-  tail -5 "$OUT/llama_build.log"
+  tail -5 "$WORK/llama_build.log"
 fi
 if [ "${LLAMA:-1}" != 0 ] && [ "$llama_ok" = 1 ]; then
-  part llama_bench 150 benches/llama_cpp/run.sh bench "$OUT"
+  # run.sh writes llama_bench.json, llama_gpu.txt and llama_bench.stderr.log into the folder given.
+  part llama_bench 150 benches/llama_cpp/run.sh bench "$WORK"
+  [ -s "$WORK/llama_bench.json" ] && mv "$WORK/llama_bench.json" "$OUT/"
   rm -f /tmp/llama-*-q4_0.gguf
 fi
-log "done; results in $OUT"
-ls -la "$OUT"
+finish
