@@ -29,7 +29,7 @@
 //! - PCIe bound (streamed rows) = upload bandwidth / streamed bytes per token.
 
 use crate::config::ModelConfig;
-use crate::engine::{DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::engine::{DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -67,6 +67,7 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also time every dispatch of a decode step (needs timestamp queries).
     pub profile: bool,
+    pub decode_fusion: DecodeFusion,
 }
 
 impl Default for BenchOptions {
@@ -84,6 +85,7 @@ impl Default for BenchOptions {
             bandwidth_bytes: 256 << 20,
             seed: 0,
             profile: false,
+            decode_fusion: DecodeFusion::default(),
         }
     }
 }
@@ -543,6 +545,7 @@ pub fn run_bench(
             vram_budget: budget,
             prefetch_depth: opts.prefetch_depth,
             max_top_logprobs: 0,
+            decode_fusion: opts.decode_fusion,
             decode_reads: stream_read,
             prompt_reads: stream_read,
         };

@@ -36,10 +36,65 @@ pub struct EngineOptions {
     pub prefetch_depth: usize,
     /// Most alternatives `--logprobs` may ask for.
     pub max_top_logprobs: usize,
+    /// Which elementwise steps of a decode step run inside the projection after them.
+    pub decode_fusion: DecodeFusion,
     /// How a decode step reads streamed layers.
     pub decode_reads: StreamRead,
     /// How a prompt chunk reads streamed layers.
     pub prompt_reads: StreamRead,
+}
+
+/// Elementwise steps of a decode step that the following GEMV can compute on the fly
+/// ([`GemvInput`]): fused, a step saves its dispatch, but every workgroup of the GEMV redoes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeFusion {
+    /// The attention norm, inside the qkv projection.
+    pub input_norm: bool,
+    /// The MLP norm, inside the gate|up projection.
+    pub post_norm: bool,
+    /// SwiGLU, inside the down projection.
+    pub swiglu: bool,
+}
+
+impl DecodeFusion {
+    pub const NONE: DecodeFusion = DecodeFusion {
+        input_norm: false,
+        post_norm: false,
+        swiglu: false,
+    };
+
+    /// A comma-separated list of input-norm, post-norm and swiglu, or "none".
+    pub fn parse(text: &str) -> Result<DecodeFusion> {
+        let mut f = DecodeFusion::NONE;
+        for item in text.split(',').map(str::trim) {
+            match item {
+                "none" => {}
+                "input-norm" => f.input_norm = true,
+                "post-norm" => f.post_norm = true,
+                "swiglu" => f.swiglu = true,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm and swiglu"
+                    )))
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+impl Default for DecodeFusion {
+    /// Fused, each workgroup of the GEMV makes a pass over the step's input: on the H200's
+    /// 32B-shaped decode step that paid for itself in the qkv projection (896 workgroups) and cost
+    /// more than the saved dispatch in gate|up (6912 workgroups) and down (an input twice as long)
+    /// (benchmarks/runs/2026-11-30-h200-fusion).
+    fn default() -> Self {
+        DecodeFusion {
+            input_norm: true,
+            post_norm: false,
+            swiglu: false,
+        }
+    }
 }
 
 /// How kernels read the weights of a streamed layer.
@@ -81,6 +136,7 @@ impl Default for EngineOptions {
             vram_budget: None,
             prefetch_depth: 2,
             max_top_logprobs: 20,
+            decode_fusion: DecodeFusion::default(),
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
         }
@@ -326,27 +382,58 @@ impl<'w> GpuModel<'w> {
             let qkv_bias = s.qkv_bias.as_ref().map(whole);
             let o_bias = s.o_bias.as_ref().map(whole);
 
-            // Decode: the norms and SwiGLU are computed inside the projections that read them
-            // (GemvInput), three dispatches fewer per layer.
-            let mut d = Vec::new();
+            // Decode: each of the two norms and SwiGLU either runs as its own dispatch or is
+            // computed inside the projection that reads it (GemvInput), per `opts.decode_fusion`.
+            let fuse = opts.decode_fusion;
+            let mut d: Vec<Dispatch> = Vec::new();
             let mut add = |role: &str, dispatches: Vec<Dispatch>| {
                 d.extend(dispatches.into_iter().map(|x| x.with_role(role)))
             };
-            add(
-                "input norm + qkv",
-                gemv.bind_input(
-                    gpu,
-                    wd(&pack.qkv),
-                    whole(&act.x),
-                    whole(&act.qkv),
-                    qkv_bias,
-                    Epilogue::Store,
-                    GemvInput::RmsNorm {
-                        weight: whole(&s.input_norm),
+            // A projection of the normalised residual stream, with its norm fused or before it.
+            let project_normed = |add: &mut dyn FnMut(&str, Vec<Dispatch>),
+                                  role: &str,
+                                  fused: bool,
+                                  norm_weight: &wgpu::Buffer,
+                                  m: Q4Ref,
+                                  out: &wgpu::Buffer,
+                                  bias: Option<BufRange>|
+             -> Result<()> {
+                if fused {
+                    let input = GemvInput::RmsNorm {
+                        weight: BufRange::whole(norm_weight),
                         eps,
-                    },
-                )?,
-            );
+                    };
+                    let x = BufRange::whole(&act.x);
+                    let dispatches = gemv.bind_input(
+                        gpu,
+                        m,
+                        x,
+                        BufRange::whole(out),
+                        bias,
+                        Epilogue::Store,
+                        input,
+                    )?;
+                    add(&format!("norm + {role}"), dispatches);
+                } else {
+                    let n = norm.bind(gpu, &act.x, norm_weight, &act.h, h, eps, 1, &step_buf)?;
+                    add("norm", vec![n]);
+                    let x = BufRange::whole(&act.h);
+                    add(
+                        role,
+                        gemv.bind(gpu, m, x, BufRange::whole(out), bias, Epilogue::Store)?,
+                    );
+                }
+                Ok(())
+            };
+            project_normed(
+                &mut add,
+                "qkv",
+                fuse.input_norm,
+                &s.input_norm,
+                wd(&pack.qkv),
+                &act.qkv,
+                qkv_bias,
+            )?;
             add(
                 "rope + kv write",
                 vec![rope.bind(
@@ -376,24 +463,17 @@ impl<'w> GpuModel<'w> {
                     Epilogue::Accumulate,
                 )?,
             );
-            add(
-                "post norm + gate|up",
-                gemv.bind_input(
-                    gpu,
-                    wd(&pack.gate_up),
-                    whole(&act.x),
-                    whole(&act.gate_up),
-                    None,
-                    Epilogue::Store,
-                    GemvInput::RmsNorm {
-                        weight: whole(&s.post_norm),
-                        eps,
-                    },
-                )?,
-            );
-            add(
-                "swiglu + down (+residual)",
-                gemv.bind_input(
+            project_normed(
+                &mut add,
+                "gate|up",
+                fuse.post_norm,
+                &s.post_norm,
+                wd(&pack.gate_up),
+                &act.gate_up,
+                None,
+            )?;
+            if fuse.swiglu {
+                let dispatches = gemv.bind_input(
                     gpu,
                     wd(&pack.down),
                     whole(&act.gate_up),
@@ -401,8 +481,21 @@ impl<'w> GpuModel<'w> {
                     None,
                     Epilogue::Accumulate,
                     GemvInput::SwiGlu,
-                )?,
-            );
+                )?;
+                add("swiglu + down (+residual)", dispatches);
+            } else {
+                let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
+                add("swiglu", vec![sw]);
+                let dispatches = gemv.bind(
+                    gpu,
+                    wd(&pack.down),
+                    whole(&act.act),
+                    whole(&act.x),
+                    None,
+                    Epilogue::Accumulate,
+                )?;
+                add("down (+residual)", dispatches);
+            }
             decode_layers.push(d);
 
             let mut p = Vec::new();

@@ -2,7 +2,7 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
 use q4wgpu::quantize::expected_tensors;
@@ -230,6 +230,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         bandwidth_bytes: 4 << 20,
         seed: 3,
         profile: false,
+        decode_fusion: Default::default(),
     }
 }
 
@@ -280,58 +281,84 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         .token;
     assert_eq!(after_profile, plain);
 
-    let report = bench::run_bench(
-        gpu(),
-        &w,
-        "tiny",
-        &BenchOptions {
+    // Every step of a decode step appears, separate or fused, once per layer.
+    let all = DecodeFusion {
+        input_norm: true,
+        post_norm: true,
+        swiglu: true,
+    };
+    let separate: &[&str] = &[
+        "norm: ",
+        "qkv: ",
+        "rope + kv write: ",
+        "attention: ",
+        "o (+residual): ",
+        "gate|up: ",
+        "swiglu: ",
+        "down (+residual): ",
+    ];
+    let fused: &[&str] = &[
+        "norm + qkv: ",
+        "rope + kv write: ",
+        "attention: ",
+        "o (+residual): ",
+        "norm + gate|up: ",
+        "swiglu + down (+residual): ",
+    ];
+    for (fusion, roles) in [(DecodeFusion::NONE, separate), (all, fused)] {
+        let opts = BenchOptions {
             profile: true,
+            decode_fusion: fusion,
             ..small_options(vec![None])
-        },
-        &mut |_| {},
-    )
-    .expect("bench with profile");
-    assert_eq!(report.profiles.len(), 1);
-    let p = &report.profiles[0];
-    let layers = config.num_hidden_layers;
-    for role in [
-        "input norm + qkv",
-        "rope + kv write",
-        "attention",
-        "o (+residual)",
-        "post norm + gate|up",
-        "swiglu + down (+residual)",
-        "final norm",
-        "lm_head",
-    ] {
-        let count: usize = p
-            .dispatches
-            .iter()
-            .filter(|d| d.label.starts_with(role))
-            .map(|d| d.count)
-            .sum();
-        let per_model = if role == "final norm" || role == "lm_head" {
-            1
-        } else {
-            layers
         };
-        assert!(
-            count >= per_model && count % per_model == 0,
-            "{role}: {count} dispatches"
+        let report =
+            bench::run_bench(gpu(), &w, "tiny", &opts, &mut |_| {}).expect("bench with profile");
+        assert_eq!(report.profiles.len(), 1);
+        let p = &report.profiles[0];
+        let layers = config.num_hidden_layers;
+        let count = |prefix: &str| -> usize {
+            p.dispatches
+                .iter()
+                .filter(|d| d.label.starts_with(prefix))
+                .map(|d| d.count)
+                .sum()
+        };
+        for role in roles {
+            // Two norms per layer when separate.
+            let per_layer = if *role == "norm: " { 2 } else { 1 };
+            let n = count(role);
+            assert!(
+                n >= per_layer * layers && n % (per_layer * layers) == 0,
+                "{fusion:?} {role}: {n} dispatches"
+            );
+        }
+        for role in ["final norm: ", "lm_head: "] {
+            assert!(count(role) >= 1, "{role}");
+        }
+        let roles_seen = p.dispatches.iter().filter(|d| {
+            roles
+                .iter()
+                .chain(&["final norm: ", "lm_head: "])
+                .any(|r| d.label.starts_with(r))
+        });
+        assert_eq!(
+            roles_seen.count(),
+            p.dispatches.len(),
+            "unexpected roles in {p:?}"
         );
+        assert!(
+            p.dispatches
+                .iter()
+                .all(|d| d.seconds >= 0.0 && d.seconds.is_finite()),
+            "{p:?}"
+        );
+        assert!(
+            p.dispatches.iter().map(|d| d.seconds).sum::<f64>() > 0.0,
+            "{p:?}"
+        );
+        let table = bench::profile_markdown(p);
+        assert!(table.contains(&format!("| {}", roles[0])), "{table}");
     }
-    assert!(
-        p.dispatches
-            .iter()
-            .all(|d| d.seconds >= 0.0 && d.seconds.is_finite()),
-        "{p:?}"
-    );
-    assert!(
-        p.dispatches.iter().map(|d| d.seconds).sum::<f64>() > 0.0,
-        "{p:?}"
-    );
-    let table = bench::profile_markdown(p);
-    assert!(table.contains("| input norm + qkv: "), "{table}");
 }
 
 fn rel_eq(a: f64, b: f64) -> bool {

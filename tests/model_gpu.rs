@@ -2,7 +2,7 @@
 //! checkpoints written in the Hugging Face layout, quantized on load; and streaming under budgets.
 
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::gpu::testing::{gpu, Rng};
 use q4wgpu::model::{self, LoadedModel};
 use q4wgpu::{test_models, Arch};
@@ -58,26 +58,38 @@ fn gpu_matches_cpu(arch: Arch) {
     let loaded = tiny_model(arch, rng.next_u64() % 1000);
     let vocab = loaded.weights.config.vocab_size;
     let prompt: Vec<u32> = (0..21).map(|_| rng.below(vocab) as u32).collect();
+    let steps: Vec<u32> = (0..6).map(|_| rng.below(vocab) as u32).collect();
     let cpu = CpuModel::new(&loaded.weights).expect("cpu model");
-    let mut cache = cpu.new_cache(256);
-    let mut engine = GpuModel::new(gpu(), &loaded.weights, options(8)).expect("gpu model");
-
-    let want = cpu.forward(&mut cache, &prompt).expect("cpu prompt");
-    let got = engine.logits(&prompt).expect("gpu prompt");
-    let err = max_rel_err(&got, &want);
-    assert!(
-        err <= LOGIT_TOLERANCE,
-        "{arch:?} prompt logits: max relative error {err:e}"
-    );
-    for step in 0..6 {
-        let token = rng.below(vocab) as u32;
-        let want = cpu.forward(&mut cache, &[token]).expect("cpu step");
-        let got = engine.logits(&[token]).expect("gpu step");
+    // Decode with every elementwise step separate, with all of them fused into the GEMVs, and as
+    // the engine chooses by default.
+    let all = DecodeFusion {
+        input_norm: true,
+        post_norm: true,
+        swiglu: true,
+    };
+    for fusion in [DecodeFusion::NONE, all, DecodeFusion::default()] {
+        let mut cache = cpu.new_cache(256);
+        let opts = EngineOptions {
+            decode_fusion: fusion,
+            ..options(8)
+        };
+        let mut engine = GpuModel::new(gpu(), &loaded.weights, opts).expect("gpu model");
+        let want = cpu.forward(&mut cache, &prompt).expect("cpu prompt");
+        let got = engine.logits(&prompt).expect("gpu prompt");
         let err = max_rel_err(&got, &want);
         assert!(
             err <= LOGIT_TOLERANCE,
-            "{arch:?} decode step {step}: max relative error {err:e}"
+            "{arch:?} prompt logits: max relative error {err:e}"
         );
+        for (step, &token) in steps.iter().enumerate() {
+            let want = cpu.forward(&mut cache, &[token]).expect("cpu step");
+            let got = engine.logits(&[token]).expect("gpu step");
+            let err = max_rel_err(&got, &want);
+            assert!(
+                err <= LOGIT_TOLERANCE,
+                "{arch:?} decode step {step} with {fusion:?}: max relative error {err:e}"
+            );
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::sampling::SamplingParams;
@@ -163,6 +163,10 @@ struct BenchArgs {
     /// Also time every dispatch of a decode step at each budget (needs timestamp queries).
     #[arg(long)]
     profile: bool,
+    /// Decode steps computed inside the projection after them: none, or a list of input-norm,
+    /// post-norm and swiglu (default: input-norm).
+    #[arg(long)]
+    decode_fusion: Option<String>,
 }
 
 fn main() {
@@ -374,6 +378,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         bandwidth_bytes: scheduler::parse_size(&args.bandwidth_buffer)?,
         seed: args.seed,
         profile: args.profile,
+        decode_fusion: match &args.decode_fusion {
+            Some(text) => DecodeFusion::parse(text)?,
+            None => DecodeFusion::default(),
+        },
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {
