@@ -213,6 +213,15 @@ pub struct DispatchTime {
     pub seconds: f64,
 }
 
+/// VRAM a budget keeps for the driver (its per-process context and internal allocations), on top
+/// of two layers' load-time upload buffers (wgpu releases one at a poll after its copy, so two
+/// can be alive). nvidia-smi on the H200 (benchmarks/runs/2026-11-30-h200-vram): with no allowance
+/// peaks were 0.35-1.2 GB above the engine's buffers; with 512 MiB + one layer, 70B at 24 GB
+/// peaked at 23.4 GB and 32B at 4 GB at 3.75 GB, but 32B at 12 GB at 12.33 GB: about 1.1 GB
+/// beyond the engine's buffers, which this allowance (about 1.3 GB on the 32B shape) covers.
+/// Not re-measured at this value.
+const DRIVER_ALLOWANCE: u64 = 768 << 20;
+
 /// Recent tokens the repetition penalty can see.
 const MAX_HISTORY: usize = 1024;
 
@@ -252,7 +261,10 @@ impl<'w> GpuModel<'w> {
         let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
         let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
         let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
-        let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20);
+        // Kept free inside the budget: the driver's own memory for the process and the upload
+        // buffers layers go through while loading (see DRIVER_ALLOWANCE).
+        let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
+        let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
         let (budget, budget_source) = match opts.vram_budget {
             Some(b) => (b, "--vram-budget".to_string()),
             None => gpu.default_vram_budget().unwrap_or((
@@ -335,7 +347,7 @@ impl<'w> GpuModel<'w> {
                 )
             })
             .collect();
-        device_bytes += fixed;
+        device_bytes += fixed - allowance;
 
         let gemv = GemvQ4::new(gpu)?;
         let gemm = GemmQ4::new(gpu)?;

@@ -172,7 +172,7 @@ pub fn plan(
     let minimum = fixed_bytes + layer_bytes;
     if budget < minimum {
         return Err(Error::Invalid(format!(
-            "a VRAM budget of {:.2} GB cannot run this model: the fixed buffers (KV cache, activations, lm_head) take {:.2} GB and one streamed layer {:.2} GB, so the minimum is {:.2} GB; raise --vram-budget or lower --ctx-size",
+            "a VRAM budget of {:.2} GB cannot run this model: the fixed buffers (KV cache, activations, lm_head, and room for the driver and load-time uploads) take {:.2} GB and one streamed layer {:.2} GB, so the minimum is {:.2} GB; raise --vram-budget or lower --ctx-size",
             budget as f64 / 1e9,
             fixed_bytes as f64 / 1e9,
             layer_bytes as f64 / 1e9,
