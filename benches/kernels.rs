@@ -1,7 +1,9 @@
 //! Kernel benchmarks: INT4 GEMV bandwidth (decode) and GEMM throughput (prompt processing) on the
 //! 32B model's shapes, against a plain streaming kernel measured in the same run.
 //!
-//! `cargo bench --bench kernels` runs the DeepSeek-R1-Distill-Qwen-32B shapes (needs a big GPU).
+//! `cargo bench --bench kernels` runs the DeepSeek-R1-Distill-Qwen-32B shapes (needs a big GPU):
+//! INT4 GEMV (decode), INT4 GEMM (prompt) and decode attention over the KV cache at several
+//! context lengths.
 //! `Q4WGPU_BENCH_SMALL=1` (or the argument `--small`) runs small shapes, for lavapipe.
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`.
@@ -12,6 +14,7 @@
 //! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
 
 use q4wgpu::gpu::Gpu;
+use q4wgpu::kernels::attention::Attention;
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
@@ -86,6 +89,9 @@ struct Settings {
     rotate_bytes: u64,
     stream_bytes: u64,
     gemm_m: usize,
+    /// Decode attention: (query heads, KV heads, head dim) and the context lengths timed.
+    attention: (usize, usize, usize),
+    contexts: Vec<usize>,
     reps: usize,
     naive: bool,
     sweep: bool,
@@ -126,6 +132,8 @@ fn settings() -> Settings {
             rotate_bytes: 0,
             stream_bytes: 16 << 20,
             gemm_m: 32,
+            attention: (9, 3, 64),
+            contexts: vec![64, 512],
             reps: 1,
             naive: true,
             sweep,
@@ -164,6 +172,8 @@ fn settings() -> Settings {
             rotate_bytes: 256 << 20,
             stream_bytes: 1 << 30,
             gemm_m: 512,
+            attention: (40, 8, 128),
+            contexts: vec![512, 2048, 8192, 32768],
             reps: 10,
             naive: false,
             sweep,
@@ -576,5 +586,57 @@ fn main() {
                 sig(flops / t / 1e12)
             );
         }
+    }
+    attention_decode(&gpu, &s, read_gbs);
+}
+
+/// Decode attention (split over the sequence, then combined) of one token over a full KV cache
+/// of each context length: µs per layer and GB/s of KV cache read (f16 K and V).
+fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
+    let (heads, kv_heads, hd) = s.attention;
+    println!("\n## Attention, decode ({heads} query heads, {kv_heads} KV heads, head dim {hd})\n");
+    println!("| context | µs | KV GB/s | of stream read |\n| --- | --- | --- | --- |");
+    let attention = Attention::new(gpu).expect("attention compiles");
+    for &ctx in &s.contexts {
+        let q_host: Vec<f32> = random_words(heads * hd, 11)
+            .iter()
+            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+            .collect();
+        let q = gpu.storage_from("bench q", &q_host);
+        let out = gpu.storage_buffer("bench attention out", (heads * hd * 4) as u64);
+        // f16 values in [-1, 1): an exponent field below 15 keeps every value finite.
+        let cache_words: Vec<u32> = random_words(kv_heads * ctx * hd / 2, 13)
+            .iter()
+            .map(|w| w & 0xBBFF_BBFF)
+            .collect();
+        let k_cache = gpu.storage_from("bench k cache", &cache_words);
+        let v_cache = gpu.storage_from("bench v cache", &cache_words);
+        let step = gpu.uniform(
+            "bench step",
+            &StepParams {
+                pos: ctx as u32 - 1,
+                n_tokens: 1,
+                kv_len: ctx as u32,
+                _pad: 0,
+            },
+        );
+        let bound = match attention.bind(
+            gpu, &q, &k_cache, &v_cache, &out, heads, kv_heads, hd, ctx, 1, &step,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("| {ctx} | — | {e} | |");
+                continue;
+            }
+        };
+        let t = time_per_call(gpu, s.reps, &|pass, _| encode_all(pass, &bound.decode));
+        let kv_bytes = (2 * kv_heads * ctx * hd * 2) as f64;
+        let gbs = kv_bytes / t / 1e9;
+        println!(
+            "| {ctx} | {} | {} | {:.2} |",
+            sig(t * 1e6),
+            sig(gbs),
+            gbs / read_gbs
+        );
     }
 }
