@@ -404,6 +404,7 @@ fn bench_rows_have_positive_speeds_and_consistent_byte_counts_resident_and_strea
         report.skipped[0].reason
     );
     let bw = &report.bandwidth;
+    // The read bandwidth comes from shaders/stream_read.wgsl.
     assert!(bw.read > 0.0 && bw.upload > 0.0, "{bw:?}");
 
     let lm = w.q4("lm_head.weight").expect("lm_head");

@@ -320,6 +320,8 @@ fn gemv_fused_rmsnorm_and_swiglu_inputs_match_cpu() {
     assert!(err.to_string().contains("x"), "{err}");
 }
 
+/// Both workgroup reductions (shaders/gemv_q4_sum_subgroup.wgsl where the adapter has subgroups,
+/// and shaders/gemv_q4_sum_shared.wgsl) at every workgroup shape, against the CPU.
 #[test]
 fn gemv_every_workgroup_shape() {
     let g = gpu();
