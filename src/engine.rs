@@ -378,6 +378,23 @@ impl<'w> GpuModel<'w> {
             let wp = |p: &PackedMatrix| packed_in(prompt_buf, p);
             let whole = BufRange::whole;
             let (k_cache, v_cache) = (&kv[l].0, &kv[l].1);
+            // RoPE of q and k and the KV-cache write, for steps of up to `tokens` tokens.
+            let bind_rope = |tokens: usize| {
+                rope.bind(
+                    gpu,
+                    &act.qkv,
+                    &inv_freq,
+                    &act.q,
+                    k_cache,
+                    v_cache,
+                    c.num_attention_heads,
+                    c.num_kv_heads(),
+                    c.head_dim(),
+                    ctx,
+                    tokens,
+                    &step_buf,
+                )
+            };
             let attn: AttentionDispatches = attention.bind(
                 gpu,
                 &act.q,
@@ -396,117 +413,87 @@ impl<'w> GpuModel<'w> {
 
             // Decode: each of the two norms and SwiGLU either runs as its own dispatch or is
             // computed inside the projection that reads it (GemvInput), per `opts.decode_fusion`.
+            // Dispatches are labelled with their role (for `bench --profile`).
             let fuse = opts.decode_fusion;
-            let mut d: Vec<Dispatch> = Vec::new();
-            let mut add = |role: &str, dispatches: Vec<Dispatch>| {
-                d.extend(dispatches.into_iter().map(|x| x.with_role(role)))
+            let role = |name: &str, dispatches: Vec<Dispatch>| -> Vec<Dispatch> {
+                dispatches.into_iter().map(|x| x.with_role(name)).collect()
             };
             // A projection of the normalised residual stream, with its norm fused or before it.
-            let project_normed = |add: &mut dyn FnMut(&str, Vec<Dispatch>),
-                                  role: &str,
+            let project_normed = |name: &str,
                                   fused: bool,
                                   norm_weight: &wgpu::Buffer,
                                   m: Q4Ref,
                                   out: &wgpu::Buffer,
                                   bias: Option<BufRange>|
-             -> Result<()> {
+             -> Result<Vec<Dispatch>> {
+                let out = BufRange::whole(out);
                 if fused {
                     let input = GemvInput::RmsNorm {
                         weight: BufRange::whole(norm_weight),
                         eps,
                     };
                     let x = BufRange::whole(&act.x);
-                    let dispatches = gemv.bind_input(
-                        gpu,
-                        m,
-                        x,
-                        BufRange::whole(out),
-                        bias,
-                        Epilogue::Store,
-                        input,
-                    )?;
-                    add(&format!("norm + {role}"), dispatches);
+                    let ds = gemv.bind_input(gpu, m, x, out, bias, Epilogue::Store, input)?;
+                    Ok(role(&format!("norm + {name}"), ds))
                 } else {
                     let n = norm.bind(gpu, &act.x, norm_weight, &act.h, h, eps, 1, &step_buf)?;
-                    add("norm", vec![n]);
                     let x = BufRange::whole(&act.h);
-                    add(
-                        role,
-                        gemv.bind(gpu, m, x, BufRange::whole(out), bias, Epilogue::Store)?,
-                    );
+                    let mut ds = role("norm", vec![n]);
+                    ds.extend(role(
+                        name,
+                        gemv.bind(gpu, m, x, out, bias, Epilogue::Store)?,
+                    ));
+                    Ok(ds)
                 }
-                Ok(())
             };
-            project_normed(
-                &mut add,
+            let qkv = wd(&pack.qkv);
+            let mut d = project_normed(
                 "qkv",
                 fuse.input_norm,
                 &s.input_norm,
-                wd(&pack.qkv),
+                qkv,
                 &act.qkv,
                 qkv_bias,
             )?;
-            add(
-                "rope + kv write",
-                vec![rope.bind(
-                    gpu,
-                    &act.qkv,
-                    &inv_freq,
-                    &act.q,
-                    k_cache,
-                    v_cache,
-                    c.num_attention_heads,
-                    c.num_kv_heads(),
-                    c.head_dim(),
-                    ctx,
-                    1,
-                    &step_buf,
-                )?],
-            );
-            add("attention", attn.decode.clone());
-            add(
-                "o (+residual)",
-                gemv.bind(
-                    gpu,
-                    wd(&pack.o),
-                    whole(&act.attn),
-                    whole(&act.x),
-                    o_bias,
-                    Epilogue::Accumulate,
-                )?,
-            );
-            project_normed(
-                &mut add,
+            d.extend(role("rope + kv write", vec![bind_rope(1)?]));
+            d.extend(role("attention", attn.decode.clone()));
+            let o = gemv.bind(
+                gpu,
+                wd(&pack.o),
+                whole(&act.attn),
+                whole(&act.x),
+                o_bias,
+                Epilogue::Accumulate,
+            )?;
+            d.extend(role("o (+residual)", o));
+            let gate_up = wd(&pack.gate_up);
+            d.extend(project_normed(
                 "gate|up",
                 fuse.post_norm,
                 &s.post_norm,
-                wd(&pack.gate_up),
+                gate_up,
                 &act.gate_up,
                 None,
-            )?;
+            )?);
+            let down = wd(&pack.down);
             if fuse.swiglu {
-                let dispatches = gemv.bind_input(
+                let x = whole(&act.gate_up);
+                let ds = gemv.bind_input(
                     gpu,
-                    wd(&pack.down),
-                    whole(&act.gate_up),
+                    down,
+                    x,
                     whole(&act.x),
                     None,
                     Epilogue::Accumulate,
                     GemvInput::SwiGlu,
                 )?;
-                add("swiglu + down (+residual)", dispatches);
+                d.extend(role("swiglu + down (+residual)", ds));
             } else {
                 let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
-                add("swiglu", vec![sw]);
-                let dispatches = gemv.bind(
-                    gpu,
-                    wd(&pack.down),
-                    whole(&act.act),
-                    whole(&act.x),
-                    None,
-                    Epilogue::Accumulate,
-                )?;
-                add("down (+residual)", dispatches);
+                d.extend(role("swiglu", vec![sw]));
+                let x = whole(&act.act);
+                let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
+                d.extend(role("down (+residual)", ds));
             }
             decode_layers.push(d);
 
@@ -522,20 +509,7 @@ impl<'w> GpuModel<'w> {
                 m,
                 &step_buf,
             )?);
-            p.push(rope.bind(
-                gpu,
-                &act.qkv,
-                &inv_freq,
-                &act.q,
-                k_cache,
-                v_cache,
-                c.num_attention_heads,
-                c.num_kv_heads(),
-                c.head_dim(),
-                ctx,
-                m,
-                &step_buf,
-            )?);
+            p.push(bind_rope(m)?);
             p.extend(attn.prefill.iter().cloned());
             p.extend(gemm.bind(
                 gpu,
