@@ -29,7 +29,7 @@
 //! - PCIe bound (streamed rows) = upload bandwidth / streamed bytes per token.
 
 use crate::config::ModelConfig;
-use crate::engine::{DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::engine::{add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -659,13 +659,11 @@ fn profile_decode(
     let params = SamplingParams::greedy();
     let token = engine.step(prompt, &params, prompt, 0, None)?.token;
     engine.profile_decode_step(token)?;
-    let mut total: Vec<DispatchTime> = Vec::new();
-    for _ in 0..PROFILE_STEPS {
+    let mut total = engine.profile_decode_step(token)?;
+    for _ in 1..PROFILE_STEPS {
         for d in engine.profile_decode_step(token)? {
-            match total.iter_mut().find(|t| t.label == d.label) {
-                Some(t) => t.seconds += d.seconds,
-                None => total.push(d),
-            }
+            // Every step has the same dispatches: counts stay per step.
+            add_time(&mut total, &d.label, 0, d.seconds);
         }
     }
     for t in &mut total {

@@ -222,6 +222,22 @@ pub struct DispatchTime {
 /// Not re-measured at this value.
 const DRIVER_ALLOWANCE: u64 = 768 << 20;
 
+/// Adds `count` dispatches taking `seconds` to the entry of `label` (appended if new, so the
+/// order stays that of first appearance).
+pub fn add_time(times: &mut Vec<DispatchTime>, label: &str, count: usize, seconds: f64) {
+    match times.iter_mut().find(|t| t.label == label) {
+        Some(t) => {
+            t.count += count;
+            t.seconds += seconds;
+        }
+        None => times.push(DispatchTime {
+            label: label.to_string(),
+            count,
+            seconds,
+        }),
+    }
+}
+
 /// Recent tokens the repetition penalty can see.
 const MAX_HISTORY: usize = 1024;
 
@@ -698,13 +714,16 @@ impl<'w> GpuModel<'w> {
             return Err(Error::Invalid("the context is full: cannot profile".into()));
         }
         self.stage_chunk(&[token])?;
-        let ordered: Vec<&Dispatch> = self
-            .decode_layers
-            .iter()
-            .flatten()
-            .chain(std::iter::once(&self.decode_final_norm))
-            .chain(self.head.iter())
-            .collect();
+        // The step's dispatches in order, each with the layer whose copy into the ring precedes it.
+        let mut ordered: Vec<(Option<usize>, &Dispatch)> = Vec::new();
+        for (l, dispatches) in self.decode_layers.iter().enumerate() {
+            let copy_first = self.opts.decode_reads == StreamRead::Ring;
+            for (i, d) in dispatches.iter().enumerate() {
+                ordered.push(((i == 0 && copy_first).then_some(l), d));
+            }
+        }
+        ordered.push((None, &self.decode_final_norm));
+        ordered.extend(self.head.iter().map(|d| (None, d)));
         let timed = ordered.len().min(MAX_PROFILED);
         let queries = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
@@ -718,20 +737,15 @@ impl<'w> GpuModel<'w> {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let per_layer = self.decode_layers.first().map_or(0, Vec::len);
         let mut enc = self
             .gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("profile step"),
             });
-        for (i, d) in ordered.iter().enumerate() {
-            let layer = if per_layer > 0 { i / per_layer } else { 0 };
-            if i % per_layer.max(1) == 0
-                && layer < self.homes.len()
-                && self.opts.decode_reads == StreamRead::Ring
-            {
-                self.copy_to_ring(&mut enc, layer);
+        for (i, (copy_layer, d)) in ordered.iter().enumerate() {
+            if let Some(l) = copy_layer {
+                self.copy_to_ring(&mut enc, *l);
             }
             let timestamp_writes = (i < timed).then(|| wgpu::ComputePassTimestampWrites {
                 query_set: &queries,
@@ -750,20 +764,10 @@ impl<'w> GpuModel<'w> {
         let ticks: Vec<u64> =
             bytemuck::pod_collect_to_vec(&self.gpu.read_bytes(&resolved, 0, bytes)?);
         let ns_per_tick = f64::from(self.gpu.queue.get_timestamp_period());
-        let mut out: Vec<DispatchTime> = Vec::new();
-        for (d, t) in ordered.iter().zip(ticks.chunks_exact(2)) {
+        let mut out = Vec::new();
+        for ((_, d), t) in ordered.iter().zip(ticks.chunks_exact(2)) {
             let seconds = t[1].saturating_sub(t[0]) as f64 * ns_per_tick * 1e-9;
-            match out.iter_mut().find(|o| o.label == d.label) {
-                Some(o) => {
-                    o.count += 1;
-                    o.seconds += seconds;
-                }
-                None => out.push(DispatchTime {
-                    label: d.label.clone(),
-                    count: 1,
-                    seconds,
-                }),
-            }
+            add_time(&mut out, &d.label, 1, seconds);
         }
         Ok(out)
     }
