@@ -13,7 +13,7 @@
 //!
 //! [`StepParams`]: super::StepParams
 
-use super::gemv_q4::{check_matrix, check_vector, row_chunks, Epilogue};
+use super::gemv_q4::{check_matrix, check_operands, check_vector, row_chunks, Epilogue};
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -144,15 +144,16 @@ impl GemmQ4 {
             return Err(Error::Invalid(format!("{what}: m_max must be at least 1")));
         }
         let m = m_max as u64;
-        check_vector(gpu, what, "x", &x, m * w.cols as u64 * 4)?;
-        check_vector(gpu, what, "y", &y, m * w.rows as u64 * 4)?;
+        check_operands(
+            gpu,
+            what,
+            &x,
+            m * w.cols as u64 * 4,
+            &y,
+            m * w.rows as u64 * 4,
+        )?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
-        }
-        if x.buffer == y.buffer {
-            return Err(Error::Invalid(format!(
-                "{what}: x and y must be different buffers (y is written)"
-            )));
         }
         if m * (w.cols.max(w.rows) as u64) > u32::MAX as u64 {
             return Err(Error::Unsupported(format!(

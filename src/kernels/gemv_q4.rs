@@ -275,7 +275,10 @@ impl GemvQ4 {
             GemvInput::SwiGlu => 2 * w.cols as u64 * 4,
             _ => w.cols as u64 * 4,
         };
-        check_vector(gpu, what, "x", &x, x_bytes)?;
+        check_operands(gpu, what, &x, x_bytes, &y, w.rows as u64 * 4)?;
+        if let Some(b) = &bias {
+            check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
+        }
         let (norm_range, norm_bytes, eps) = match input {
             GemvInput::RmsNorm { weight, eps } => {
                 check_vector(gpu, what, "norm weight", &weight, w.cols as u64 * 4)?;
@@ -284,15 +287,6 @@ impl GemvQ4 {
             // The binding still needs a buffer: x, never read through it.
             _ => (x, w.cols as u64 * 4, 0.0),
         };
-        check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
-        if let Some(b) = &bias {
-            check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
-        }
-        if x.buffer == y.buffer {
-            return Err(Error::Invalid(format!(
-                "{what}: x and y must be different buffers (y is written)"
-            )));
-        }
         let cfg = opts
             .config
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
@@ -499,6 +493,25 @@ pub(crate) fn check_matrix(gpu: &Gpu, what: &str, w: &Q4Ref) -> Result<()> {
 }
 
 /// Checks an activation range: aligned, inside its buffer, at least `need` bytes, and bindable.
+/// Checks the operands of a product: `x` (read) and `y` (written, so not in x's buffer).
+pub(crate) fn check_operands(
+    gpu: &Gpu,
+    what: &str,
+    x: &BufRange,
+    x_bytes: u64,
+    y: &BufRange,
+    y_bytes: u64,
+) -> Result<()> {
+    check_vector(gpu, what, "x", x, x_bytes)?;
+    check_vector(gpu, what, "y", y, y_bytes)?;
+    if x.buffer == y.buffer {
+        return Err(Error::Invalid(format!(
+            "{what}: x and y must be different buffers (y is written)"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_vector(
     gpu: &Gpu,
     what: &str,
