@@ -527,6 +527,21 @@ fn budget_lists_parse_and_options_are_checked() {
     let b = bench::parse_budgets("all, 24GB,8GiB").expect("valid");
     assert_eq!(b, vec![None, Some(24_000_000_000), Some(8 << 30)]);
     assert!(bench::parse_budgets("all,lots").is_err());
+    assert_eq!(StreamRead::parse("ring").expect("ring"), StreamRead::Ring);
+    assert_eq!(
+        StreamRead::parse("zero-copy").expect("zero-copy"),
+        StreamRead::ZeroCopy
+    );
+    let err = StreamRead::parse("pinned").expect_err("unknown");
+    assert!(err.to_string().contains("ring or zero-copy"), "{err}");
+    assert_eq!(
+        DecodeFusion::parse("none").expect("none"),
+        DecodeFusion::NONE
+    );
+    let f = DecodeFusion::parse("input-norm, swiglu").expect("list");
+    assert!(f.input_norm && !f.post_norm && f.swiglu, "{f:?}");
+    let err = DecodeFusion::parse("input-norm,rope").expect_err("unknown");
+    assert!(err.to_string().contains("\"rope\""), "{err}");
     let w = synthetic_weights(&synthetic_config("tiny").expect("known"), 1);
     let no_reps = BenchOptions {
         repetitions: 0,
