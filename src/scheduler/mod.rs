@@ -134,7 +134,7 @@ impl ResidencyPlan {
             String::new()
         };
         format!(
-            "budget {:.2} GB: fixed {:.2} GB, {} of {} layers resident ({:.2} GB), {} streamed ({:.2} GB per token) through {} ring slot(s) of {:.3} GB",
+            "budget {:.2} GB: fixed {:.2} GB (buffers, and room for the driver and load-time uploads), {} of {} layers resident ({:.2} GB), {} streamed ({:.2} GB per token) through {} ring slot(s) of {:.3} GB",
             gb(self.budget),
             gb(self.fixed_bytes),
             self.resident_layers,
