@@ -7,6 +7,7 @@ use q4wgpu::generate::{generate, GenerateOptions};
 use q4wgpu::gpu::testing::gpu;
 use q4wgpu::model;
 use q4wgpu::sampling::SamplingParams;
+use q4wgpu::tokenizer::ChatMessage;
 use std::process::Command;
 
 const TOKENS: usize = 32;
@@ -23,7 +24,8 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
     }
 }
 
-/// Greedy decoding of 32 tokens: the GPU picks the same tokens as the CPU reference.
+/// Greedy decoding of 32 tokens from several prompts (code, a chat turn, prose): the GPU picks
+/// the same tokens as the CPU reference.
 #[test]
 fn gpu_greedy_continuation_equals_the_cpu_reference() {
     let path = model::resolve(None).expect("fetch and quantize the default model");
@@ -38,28 +40,46 @@ fn gpu_greedy_continuation_equals_the_cpu_reference() {
         },
     )
     .expect("gpu");
-    let prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
-    let ids = loaded
-        .tokenizer
-        .encode(prompt, loaded.tokenizer.add_bos())
-        .expect("encode");
+    let tok = &loaded.tokenizer;
+    let chat = tok
+        .apply_chat_template(
+            &[ChatMessage::new(
+                "user",
+                "Write a Python function that checks whether a number is prime, with a docstring.",
+            )],
+            true,
+        )
+        .expect("chat template");
+    let prompts = [
+        (
+            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n".to_string(),
+            tok.add_bos(),
+        ),
+        (chat, false),
+        (
+            "The three most important ideas in the history of computing are".to_string(),
+            tok.add_bos(),
+        ),
+    ];
     let opts = greedy(TOKENS);
-    let on_gpu =
-        generate(&mut engine, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("gpu generate");
-    let mut decoder = CpuDecoder::new(&cpu, 512);
-    let on_cpu =
-        generate(&mut decoder, &loaded.tokenizer, &ids, &opts, &mut |_| {}).expect("cpu generate");
-    assert_eq!(
-        on_cpu.generated_token_ids.len(),
-        TOKENS,
-        "the CPU stopped early: {:?}",
-        on_cpu.text
-    );
-    assert_eq!(
-        on_gpu.generated_token_ids, on_cpu.generated_token_ids,
-        "GPU text {:?}\nCPU text {:?}",
-        on_gpu.text, on_cpu.text
-    );
+    for (prompt, add_bos) in &prompts {
+        let ids = tok.encode(prompt, *add_bos).expect("encode");
+        engine.reset();
+        let on_gpu = generate(&mut engine, tok, &ids, &opts, &mut |_| {}).expect("gpu generate");
+        let mut decoder = CpuDecoder::new(&cpu, 512);
+        let on_cpu = generate(&mut decoder, tok, &ids, &opts, &mut |_| {}).expect("cpu generate");
+        assert_eq!(
+            on_cpu.generated_token_ids.len(),
+            TOKENS,
+            "the CPU stopped early on {prompt:?}: {:?}",
+            on_cpu.text
+        );
+        assert_eq!(
+            on_gpu.generated_token_ids, on_cpu.generated_token_ids,
+            "prompt {prompt:?}\nGPU text {:?}\nCPU text {:?}",
+            on_gpu.text, on_cpu.text
+        );
+    }
 }
 
 fn q4wgpu(args: &[&str]) -> serde_json::Value {
