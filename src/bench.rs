@@ -180,6 +180,8 @@ pub struct BenchReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeProfile {
     pub budget: Option<u64>,
+    /// How streamed layers were read (meaningless when none streams).
+    pub stream_read: StreamRead,
     /// Seconds per step, by role, in the order the step runs them.
     pub dispatches: Vec<DispatchTime>,
 }
@@ -621,7 +623,12 @@ pub fn run_bench(
             rows.push(row);
         }
         if opts.profile {
-            profiles.push(profile_decode(&mut engine, &tg_prompt, budget)?);
+            profiles.push(profile_decode(
+                &mut engine,
+                &tg_prompt,
+                budget,
+                stream_read,
+            )?);
         }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
         drop(engine);
@@ -654,6 +661,7 @@ fn profile_decode(
     engine: &mut GpuModel<'_>,
     prompt: &[u32],
     budget: Option<u64>,
+    stream_read: StreamRead,
 ) -> Result<DecodeProfile> {
     engine.reset();
     let params = SamplingParams::greedy();
@@ -671,6 +679,7 @@ fn profile_decode(
     }
     Ok(DecodeProfile {
         budget,
+        stream_read,
         dispatches: total,
     })
 }
@@ -680,7 +689,10 @@ pub fn profile_markdown(p: &DecodeProfile) -> String {
     let sum: f64 = p.dispatches.iter().map(|d| d.seconds).sum();
     let mut out = format!(
         "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
-        budget_label(p.budget),
+        match p.budget {
+            Some(_) => format!("{}, {}", budget_label(p.budget), p.stream_read.name()),
+            None => budget_label(p.budget),
+        },
         sum * 1e6
     );
     for d in &p.dispatches {
