@@ -5,6 +5,7 @@ use q4wgpu::cpu::CpuModel;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::gpu::testing::{gpu, Rng};
 use q4wgpu::model::{self, LoadedModel};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::{test_models, Arch};
 
 /// GPU and CPU differ by accumulation order and by the f16 KV cache (the CPU keeps f32):
@@ -59,18 +60,32 @@ fn gpu_matches_cpu(arch: Arch) {
     let vocab = loaded.weights.config.vocab_size;
     let prompt: Vec<u32> = (0..21).map(|_| rng.below(vocab) as u32).collect();
     let steps: Vec<u32> = (0..6).map(|_| rng.below(vocab) as u32).collect();
-    let cpu = CpuModel::new(&loaded.weights).expect("cpu model");
-    // Decode with every elementwise step separate, with all of them fused into the GEMVs, and as
-    // the engine chooses by default.
+    // Decode with int8 activations (the CPU reference quantizes them the same way), and with f32
+    // activations with every elementwise step separate, with all of them fused into the GEMVs,
+    // and as the engine chooses by default.
     let all = DecodeFusion {
         input_norm: true,
         post_norm: true,
         swiglu: true,
     };
-    for fusion in [DecodeFusion::NONE, all, DecodeFusion::default()] {
-        let mut cache = cpu.new_cache(256);
+    let variants = [
+        (DecodeActivations::Int8, DecodeFusion::default()),
+        (DecodeActivations::F32, DecodeFusion::NONE),
+        (DecodeActivations::F32, all),
+        (DecodeActivations::F32, DecodeFusion::default()),
+    ];
+    for (activations, fusion) in variants {
+        let cpu = CpuModel::new(&loaded.weights)
+            .expect("cpu model")
+            .with_decode_activations(activations);
+        // An f16 cache as the GPU's: int8 rounding would magnify the f32 cache's differences.
+        let mut cache = match activations {
+            DecodeActivations::Int8 => cpu.new_cache(256).with_f16_values(),
+            DecodeActivations::F32 => cpu.new_cache(256),
+        };
         let opts = EngineOptions {
             decode_fusion: fusion,
+            decode_activations: activations,
             ..options(8)
         };
         let mut engine = GpuModel::new(gpu(), &loaded.weights, opts).expect("gpu model");
@@ -87,7 +102,7 @@ fn gpu_matches_cpu(arch: Arch) {
             let err = max_rel_err(&got, &want);
             assert!(
                 err <= LOGIT_TOLERANCE,
-                "{arch:?} decode step {step} with {fusion:?}: max relative error {err:e}"
+                "{arch:?} decode step {step} with {activations:?} activations, {fusion:?}: max relative error {err:e}"
             );
         }
     }

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::CpuModel;
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
 use q4wgpu::gpu::Gpu;
@@ -113,6 +114,9 @@ struct RunArgs {
     /// How prompt chunks read streamed layers: ring or zero-copy.
     #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
     prompt_reads: String,
+    /// Activations of decode steps: int8 (quantized once per input, integer dot products) or f32.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
 }
 
 #[derive(Args)]
@@ -167,6 +171,9 @@ struct BenchArgs {
     /// post-norm and swiglu (default: input-norm).
     #[arg(long)]
     decode_fusion: Option<String>,
+    /// Comma-separated decode activations (int8, f32), one set of generation rows each.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
 }
 
 fn main() {
@@ -285,7 +292,8 @@ fn run(args: RunArgs) -> Result<()> {
     let generation: Generation;
     let mut extra = serde_json::Map::new();
     if args.cpu {
-        let cpu = CpuModel::new(&loaded.weights)?;
+        let cpu = CpuModel::new(&loaded.weights)?
+            .with_decode_activations(DecodeActivations::parse(&args.decode_activations)?);
         let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
         eprintln!(
             "loaded {} in {:.1} s; running on the CPU reference",
@@ -312,6 +320,7 @@ fn run(args: RunArgs) -> Result<()> {
             prefetch_depth: args.prefetch_depth,
             decode_reads: StreamRead::parse(&args.decode_reads)?,
             prompt_reads: StreamRead::parse(&args.prompt_reads)?,
+            decode_activations: DecodeActivations::parse(&args.decode_activations)?,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
@@ -382,6 +391,11 @@ fn bench(args: BenchArgs) -> Result<()> {
             Some(text) => DecodeFusion::parse(text)?,
             None => DecodeFusion::default(),
         },
+        decode_activations: args
+            .decode_activations
+            .split(',')
+            .map(|t| DecodeActivations::parse(t.trim()))
+            .collect::<Result<_>>()?,
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {
