@@ -240,3 +240,31 @@ fn a_sequence_longer_than_the_context_is_refused() {
     // Nothing was consumed: a prompt that fits still runs from position 0.
     engine.logits(&[1u32; 16]).expect("16 tokens fit");
 }
+
+/// `eval`'s figures on a tiny model: the f32 engine's perplexity of a random text equals the one
+/// computed here from the CPU reference's logits; agreement and KL are in range, and KL is not
+/// zero (int8 rounding moves the logits).
+#[test]
+fn eval_compares_int8_with_f32_decode_activations() {
+    let mut rng = Rng::fresh("eval");
+    let loaded = tiny_model(Arch::Qwen2, rng.next_u64() % 1000);
+    let vocab = loaded.weights.config.vocab_size;
+    let tokens: Vec<u32> = (0..24).map(|_| rng.below(vocab) as u32).collect();
+    let q = q4wgpu::eval::compare_decode_activations(gpu(), &loaded.weights, &tokens, &options(8))
+        .expect("eval");
+    let cpu = CpuModel::new(&loaded.weights).expect("cpu model");
+    let mut cache = cpu.new_cache(64);
+    let mut nll = 0.0f64;
+    for i in 0..tokens.len() - 1 {
+        let logits = cpu.forward(&mut cache, &tokens[i..=i]).expect("cpu step");
+        let max = logits.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+        let z: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+        nll -= logits[tokens[i + 1] as usize] as f64 - max - z.ln();
+    }
+    let ppl = (nll / (tokens.len() - 1) as f64).exp();
+    assert_eq!(q.steps, tokens.len() - 1);
+    assert!((q.perplexity_f32 / ppl - 1.0).abs() < 1e-3, "GPU f32 perplexity {} vs CPU {ppl}", q.perplexity_f32);
+    assert!((q.perplexity_int8 / ppl - 1.0).abs() < 0.05, "int8 perplexity {} vs f32 {ppl}", q.perplexity_int8);
+    assert!((0.0..=1.0).contains(&q.top1_agreement));
+    assert!(q.mean_kl > 0.0 && q.mean_kl < 0.05 && q.max_kl >= q.mean_kl, "{q:?}");
+}

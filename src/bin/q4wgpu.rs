@@ -41,6 +41,24 @@ enum Command {
     Bench(BenchArgs),
     /// Fetch known models into the cache (all of them when no name is given); verified by SHA-256.
     Fetch { names: Vec<String> },
+    /// Quality of int8 decode activations against f32 on a text: top-1 agreement, KL divergence
+    /// and perplexity, one token per step (teacher-forced).
+    Eval {
+        /// A model as `run` takes it.
+        #[arg(long)]
+        model: Option<String>,
+        /// The text (UTF-8).
+        #[arg(long)]
+        file: PathBuf,
+        /// Tokens of the text to use (from its start).
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: usize,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Show the GPU adapters, and a model's size and memory needs.
     Info {
         #[arg(long)]
@@ -183,6 +201,13 @@ fn main() {
         Command::Quantize { src, dst } => quantize(src, dst),
         Command::Bench(args) => bench(args),
         Command::Fetch { names } => fetch(names),
+        Command::Eval {
+            model,
+            file,
+            max_tokens,
+            adapter,
+            json,
+        } => eval(model, file, max_tokens, adapter, json),
         Command::Info {
             model,
             adapter,
@@ -194,6 +219,45 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn eval(
+    model_arg: Option<String>,
+    file: PathBuf,
+    max_tokens: usize,
+    adapter: Option<String>,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| Error::Invalid(format!("reading {}: {e}", file.display())))?;
+    let path = model::resolve(model_arg.as_deref())?;
+    let loaded = model::load(&path, true)?;
+    let mut tokens = loaded.tokenizer.encode(&text, loaded.tokenizer.add_bos())?;
+    tokens.truncate(max_tokens);
+    let gpu = Gpu::new(adapter.as_deref())?;
+    eprintln!("adapter: {}\n{} tokens of {}", gpu.describe(), tokens.len(), file.display());
+    let opts = EngineOptions::default();
+    let q = q4wgpu::eval::compare_decode_activations(&gpu, &loaded.weights, &tokens, &opts)?;
+    println!(
+        "int8 against f32 decode activations over {} steps: top-1 agreement {:.2} %, mean KL {:.5} nats (max {:.4}), perplexity {:.3} (f32) / {:.3} (int8)",
+        q.steps,
+        100.0 * q.top1_agreement,
+        q.mean_kl,
+        q.max_kl,
+        q.perplexity_f32,
+        q.perplexity_int8
+    );
+    if let Some(out) = json {
+        let v = serde_json::json!({
+            "model": path.display().to_string(),
+            "text": file.display().to_string(),
+            "adapter": gpu.info.name,
+            "quality": q,
+        });
+        std::fs::write(&out, serde_json::to_string_pretty(&v).unwrap_or_default())
+            .map_err(|e| Error::Invalid(format!("writing {}: {e}", out.display())))?;
+    }
+    Ok(())
 }
 
 fn fetch(names: Vec<String>) -> Result<()> {
