@@ -125,7 +125,7 @@ class Bench:
         self.vocab = SHAPES[args.shape][6]
         cuda = device == "cuda"
         t0 = time.perf_counter()
-        self.model = Model(args.shape, args.prompt + args.n + 1, device)
+        self.model = Model(args.shape, args.prompt + max(args.n, args.streamed_n) + 1, device)
         self.sync.synchronize()
         self.fixed_bytes = torch.cuda.memory_allocated() if cuda else self.fixed_tensor_bytes()
         self.store = HostStore(self.model.kinds, self.model.layers, device, pin=cuda)
@@ -196,6 +196,7 @@ class Bench:
         progress(f"{tag}: {cached(cache.entries, self.store.count, cache.slots_per_kind)}, "
                  f"{cache.nbytes / 1e9:.2f} GB of slots")
         prompt = torch.randint(0, self.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+        steps, reps = (args.n, args.r) if cache.resident else (args.streamed_n, args.streamed_r)
         generated = []
         with torch.inference_mode():
             first = 0
@@ -205,22 +206,22 @@ class Bench:
             def decode(keep=False):
                 tok = first
                 start = time.perf_counter()
-                for i in range(args.n):
+                for i in range(steps):
                     tok = model.step(tok, args.prompt + i, cache).item()
                     if keep:
                         generated.append(tok)
-                return args.n / (time.perf_counter() - start)
+                return steps / (time.perf_counter() - start)
 
             warm = decode(keep=True)  # also fills a resident cache; untimed
             progress(f"{tag}: warm-up {warm:.2f} tok/s")
             rates = []
             copied0 = cache.bytes_copied
-            for _ in range(args.r):
+            for _ in range(reps):
                 rates.append(decode())
                 progress(f"{tag}: repetition {len(rates)}: {rates[-1]:.2f} tok/s")
             copied = cache.bytes_copied - copied0
         cache.close()
-        result = self.result(cache, budget, rates, copied / (args.n * args.r), generated)
+        result = self.result(cache, budget, steps, rates, copied / (steps * reps), generated)
         del cache
         if cuda:
             result["max_memory_allocated"] = torch.cuda.max_memory_allocated()
@@ -232,11 +233,11 @@ class Bench:
             torch.cuda.empty_cache()
         return result
 
-    def result(self, cache, budget, rates, streamed, generated):
+    def result(self, cache, budget, steps, rates, streamed, generated):
         args, model, store = self.args, self.model, self.store
         tps = statistics.median(rates)
         weight_bytes = store.layers * store.layer_bytes + model.lm.nbytes
-        mean_kv = args.prompt + (args.n + 1) / 2
+        mean_kv = args.prompt + (steps + 1) / 2
         bytes_per_token = weight_bytes + mean_kv * model.kv_bytes_per_position
         elements = store.layers * sum(p.rows * p.cols for p in model.kinds.values()) + model.vocab * model.h
         traffic = bytes_per_token + 2 * 2 * elements  # + bf16 written by the dequant, read by F.linear
@@ -255,10 +256,10 @@ class Bench:
             "fixed_bytes": self.fixed_bytes,
             "context_bytes": self.context_bytes,
             "transient_bytes": self.transient_bytes,
-            "test": f"tg{args.n}",
-            "tokens": args.n,
+            "test": f"tg{steps}",
+            "tokens": steps,
             "prompt_tokens": args.prompt,
-            "repetitions": args.r,
+            "repetitions": len(rates),
             "tokens_per_second": tps,
             "tokens_per_second_min": min(rates),
             "tokens_per_second_max": max(rates),
@@ -343,6 +344,8 @@ def main():
                        help="VRAM budgets, comma-separated (e.g. all,12GB,8GB,4GB); default all")
     ap.add_argument("-n", type=int, default=64, help="decode steps per repetition")
     ap.add_argument("-r", type=int, default=3, help="timed repetitions (after one warm-up)")
+    ap.add_argument("--streamed-n", type=int, help="-n for the runs that stream (default: -n)")
+    ap.add_argument("--streamed-r", type=int, help="-r for the runs that stream (default: -r)")
     ap.add_argument("--prompt", type=int, default=4, help="tokens decoded once before the warm-up")
     ap.add_argument("--json", help="also write the results, a JSON list, to this file")
     ap.add_argument("--check", action="store_true",
@@ -351,8 +354,10 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="without CUDA, run on the CPU under TRITON_INTERPRET=1 (tiny shape only): tests the code, measures nothing")
     args = ap.parse_args()
-    if args.n < 1 or args.r < 1 or args.prompt < 1:
-        ap.error("-n, -r and --prompt must be at least 1")
+    args.streamed_n = args.streamed_n or args.n
+    args.streamed_r = args.streamed_r or args.r
+    if min(args.n, args.r, args.prompt, args.streamed_n, args.streamed_r) < 1:
+        ap.error("-n, -r, --streamed-n, --streamed-r and --prompt must be at least 1")
 
     if torch.cuda.is_available() and not args.cpu_smoke:
         device = "cuda"
@@ -418,8 +423,9 @@ def main():
             "command": " ".join(["cuda_path.py"] + sys.argv[1:]),
             "unix_time": int(time.time()),
         })
-        if results and r["generated"] != results[0]["generated"]:
-            r["generated_differs_from_first_run"] = True  # same weights and prompt: must not happen
+        k = min(len(r["generated"]), len(results[0]["generated"])) if results else 0
+        if k and r["generated"][:k] != results[0]["generated"][:k]:
+            r["generated_differs_from_first_run"] = True  # same weights, prompt and steps: must not happen
             progress(f"WARNING: {label(budget)} generated other tokens than the first run")
         results.append(r)
         print_row(r)

@@ -61,7 +61,7 @@ def git_info():
     """(commit, dirty): from GIT_COMMIT / GIT_DIRTY (scripts/device-bench.sh exports them once),
     else from git in this checkout; None where neither says."""
     commit = os.environ.get("GIT_COMMIT") or None
-    dirty = os.environ.get("GIT_DIRTY")
+    dirty = os.environ.get("GIT_DIRTY") or None  # empty: not known
     here = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args):
@@ -75,7 +75,7 @@ def git_info():
         commit = (git("rev-parse", "HEAD") or "").strip() or None
     if dirty is not None:
         dirty = dirty.strip().lower() in ("1", "true", "yes")
-    elif commit is not None and not os.environ.get("GIT_COMMIT"):
+    elif commit is not None and not os.environ.get("GIT_COMMIT"):  # both from this checkout
         status = git("status", "--porcelain")
         dirty = None if status is None else bool(status.strip())
     return commit, dirty
