@@ -110,6 +110,8 @@ class HostStore:
                 if p.padded > free:
                     left = (self.count - len(self.blobs)) * max(k.padded for k in kinds.values())
                     self.chunks.append(torch.empty(min(self.CHUNK, left), dtype=torch.uint8, pin_memory=pin))
+                    # Unpinned memory would make every copy synchronous: not the method measured.
+                    assert not pin or self.chunks[-1].is_pinned(), "pinned host memory was asked for, not given"
                     free = self.chunks[-1].numel()
                 chunk = self.chunks[-1]
                 at = chunk.numel() - free
