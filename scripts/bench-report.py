@@ -396,8 +396,9 @@ def machine_section(res):
         out.append(f"| CUDA path | torch {r['torch']}, CUDA {r['cuda']}, Triton {r['triton']} on {r['gpu']}; "
                    f"commit {commit[:12] + state if commit else 'not recorded'} |")
         if r.get("copy_bandwidth"):
-            out.append(f"| CUDA path's measured bandwidths | device copy {gb(r['copy_bandwidth']):.0f} GB/s (read + written, 1 GiB); "
-                       f"pinned upload {gb(r['upload_bandwidth']):.1f} GB/s (on a side stream) |")
+            size = f", {r['bandwidth_probe_bytes'] >> 20} MiB" if r.get("bandwidth_probe_bytes") else ""
+            out.append(f"| CUDA path's measured bandwidths | device copy {gb(r['copy_bandwidth']):.0f} GB/s (read + written{size}); "
+                       f"pinned upload {gb(r['upload_bandwidth']):.1f} GB/s (on a side stream{size}) |")
     if res.llama:
         r = res.llama[0]
         out.append(f"| llama.cpp | build {r.get('build_commit')} ({r.get('backends')}) on {r.get('gpu_info')}; "

@@ -40,10 +40,10 @@ def copy_bandwidth(sync, device, nbytes):
     return 2 * nbytes / t
 
 
-def upload_bandwidth(sync, store, device):
-    """Pinned host -> device, one copy of the host store's largest chunk, on a side stream as the
-    preload thread copies: bytes per second."""
-    src = max(store.chunks, key=lambda c: c.numel())
+def upload_bandwidth(sync, store, device, nbytes):
+    """Pinned host -> device, one copy of up to nbytes of the host store's largest chunk, on a side
+    stream as the preload thread copies: bytes per second."""
+    src = max(store.chunks, key=lambda c: c.numel())[:nbytes]
     dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
     t = median_seconds(sync, sync.stream(), lambda: dst.copy_(src, non_blocking=True))
     n = src.numel()

@@ -76,7 +76,8 @@ class Model:
         def small(n):
             return (torch.rand(n, device=dev) * 0.04 - 0.02).to(torch.bfloat16)
 
-        self.embed = (torch.rand(vocab, h, device=dev) * 2 - 1).to(torch.bfloat16)
+        # Made in place: no f32 temporaries (they would show in a small budget's VRAM samples).
+        self.embed = torch.empty(vocab, h, dtype=torch.bfloat16, device=dev).uniform_(-1, 1)
         self.per_layer = [{"bq": small(h) if bias else None, "bk": small(kv) if bias else None,
                            "bv": small(kv) if bias else None,
                            "n1": torch.ones(h, device=dev), "n2": torch.ones(h, device=dev)} for _ in range(layers)]

@@ -10,10 +10,11 @@ preload thread runs at most N weights ahead of the compute thread and makes its 
 for that event before it overwrites an entry; so copies of the next weights, across token
 boundaries too, overlap the compute of the current ones.
 
-N = every weight is the resident mode: the first pass fills the cache and later passes find each
-weight there and copy nothing. With N smaller than the layer stack, a weight is always evicted
-before its next use (forward order is a cycle longer than the cache), so every weight is uploaded
-once per token and N only sets how far ahead the copies run.
+N = every weight is the resident mode (so is any N whose slots, below, cover every layer): the
+first pass fills the cache, the preload thread then stops, and later passes look each weight up
+with no copy and no handshake. With fewer slots, a weight is always evicted before its next use
+(forward order is a cycle longer than the cache), so every weight is uploaded once per token and N
+only sets how far ahead the copies run.
 
 Entries are preallocated slots, one pool per weight kind (q, k, v, o, gate, up, down), each pool
 holding ceil(N / 7) weights: any N consecutive weights in forward order hold at most that many of
@@ -193,6 +194,8 @@ class WeightCache:
                         self.ready[pos] = (kind, s, event)
                         self.issued += 1
                         self.cond.notify_all()
+                    if self.resident and self.issued == self.store.count:
+                        return  # every weight has its own slot now; next() needs no more handshakes
         except BaseException as e:  # handed to the compute thread, which raises it
             with self.cond:
                 self.error = e
@@ -203,6 +206,14 @@ class WeightCache:
         """The next weight in forward order, which must be of `kind`: (qweight, scales) on the
         device, valid inside the block. Leave the block once its dequantization is queued."""
         pos = self.next_pos
+        if self.resident and pos >= self.store.count:
+            # After the first pass a resident cache holds every weight, each waited for at its
+            # first use, and nothing overwrites them: a plain lookup.
+            if self.store.kind_of(pos) != kind:
+                raise RuntimeError(f"weight {pos} in forward order is {self.store.kind_of(pos)}, but the model asked for {kind}")
+            self.next_pos += 1
+            yield self.views[kind][self.slot_of(pos)[1]]
+            return
         with self.cond:
             while pos not in self.ready and self.error is None:
                 self.cond.wait()
