@@ -141,10 +141,11 @@ class Results:
                 data["_file"] = name
                 self.q4.append(data)
             elif is_cuda_path(data):
-                for run in data if isinstance(data, list) else [data]:
-                    if run.get("smoke_test"):
-                        self.notes.append(f"{name}: a CPU smoke test of cuda_path.py, not a measurement; left out")
-                        continue
+                runs = data if isinstance(data, list) else [data]
+                if any(run.get("smoke_test") for run in runs):
+                    self.notes.append(f"{name}: a CPU smoke test of cuda_path.py, not a measurement; left out")
+                    continue
+                for run in runs:
                     run = cuda_run(run)
                     key = (run["shape"], run["budget"], run["cache_entries"], run["mode"])
                     if any((r["shape"], r["budget"], r["cache_entries"], r["mode"]) == key for r in self.cuda):

@@ -50,6 +50,7 @@ or events (streaming.py says why that still tests the cache):
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -64,7 +65,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dequant  # noqa: E402
 import measure  # noqa: E402
-from model import SHAPES, Model, kinds_of  # noqa: E402
+from model import SHAPES, Model  # noqa: E402
 from streaming import HostStore, Sync, WeightCache, cache_bytes, entries_for  # noqa: E402
 
 MiB = 1 << 20
@@ -164,6 +165,7 @@ class Bench:
         cache.close()
         self.transient_bytes = max(0, torch.cuda.max_memory_allocated() - self.fixed_bytes - cache.nbytes)
         del cache
+        gc.collect()
         torch.cuda.empty_cache()
         used, self.device_total = measure.device_used_bytes()
         self.fixed_reserved = torch.cuda.memory_reserved()
@@ -224,7 +226,8 @@ class Bench:
             copied = cache.bytes_copied - copied0
         cache.close()
         result = self.result(cache, budget, steps, rates, copied / (steps * reps), generated)
-        del cache
+        cache = None  # frees the slots (close() waited for their copies)
+        gc.collect()
         if cuda:
             result["max_memory_allocated"] = torch.cuda.max_memory_allocated()
             result["max_memory_reserved"] = torch.cuda.max_memory_reserved()
