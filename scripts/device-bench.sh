@@ -3,17 +3,23 @@
 # between systems come from one run on one machine:
 #   1. q4wgpu, 32B shape: all resident and at 24 GB; then at 12, 8 and 4 GB (streamed, fewer tokens)
 #   2. q4wgpu, 70B shape at 24 GB (most of it streamed; PCIe bound ≈ 1.4 tok/s)
-#   3. the CUDA path (benches/cuda_path): resident, then streamed from pinned memory
+#   3. the CUDA path (benches/cuda_path), 32B shape, in one process: every weight cached
+#      (resident), then at 12, 8 and 4 GB (an N-entry cache fed from pinned memory, fewer tokens)
 #   4. llama.cpp CUDA (benches/llama_cpp/run.sh): llama-bench on a random Q4_0 GGUF of the 32B shape
+#   5. the CUDA path, 70B shape at 24 GB (last: the part most likely to be cut by the deadline)
 # llama.cpp is built (about 4 minutes) and its GGUF written in the background at nice 19 with
 # two cores left free while parts 1–3 use the GPU; SERIAL=1 builds first instead (may not fit).
 # Each part runs under its own time limit, cut to what is left of DEADLINE; a failed part does
-# not stop the others. Only 8 files come back from $OUT, so $OUT holds the results (*.json) and
+# not stop the others. Times (H200, 2026-11-30 runs; the CUDA parts estimated from their token
+# counts): q4wgpu 32B resident 61 s, 32B streamed 124 s, 70B 61 s; CUDA path 32B ≈ 60 s (16.5 GB
+# of pinned weights made ≈ 10 s, 132 tokens resident at ≈ 17 tok/s, 3 × 28 tokens at ≤ 3.4 tok/s);
+# llama-bench ≈ 10 s; CUDA path 70B ≈ 45 s (35 GB pinned ≈ 20 s, 14 tokens at ≤ 1.6 tok/s).
+# In all ≈ 370 s of the 570. Only 8 files come back from $OUT, so $OUT holds the results (*.json) and
 # machine.txt only; logs are written to $WORK and packed into $OUT/logs.tar.gz at the end (if the
 # run is killed before that, the output tail still shows device-bench's own log). Each line of a
 # part's log starts with the time it was printed (epoch seconds), and while the q4wgpu parts run
 # nvidia-smi samples the GPU's memory use into vram.log every 200 ms (VRAM_LOG=0: not), so the
-# report can give the peak VRAM of each budget. Then, here:
+# report can give the peak VRAM of each budget (the CUDA path's parts too). Then, here:
 #   python3 scripts/bench-report.py <files_at>/ > BENCHMARKS.md
 #
 # Prepare here: `cargo build --release && mkdir -p .device-bin && strip -o .device-bin/q4wgpu
@@ -24,9 +30,17 @@
 #
 # Environment: OUT (default ./bench-out), Q4WGPU (binary), DEADLINE (seconds, 570), LLAMA=0 (skip
 # llama.cpp), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu prompts),
-# QUICK=1 (a smoke run: fewer tokens and repetitions everywhere).
+# QUICK=1 (a smoke run: fewer tokens and repetitions everywhere), GIT_COMMIT and GIT_DIRTY (0/1:
+# the commit measured, for a checkout without .git; else read from git here, and exported so that
+# every result can record it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Before anything is written here: the commit measured, and whether the tree differed from it.
+if [ -z "${GIT_COMMIT:-}" ] && GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+  GIT_DIRTY=0
+  git status --porcelain 2>/dev/null | grep -q . && GIT_DIRTY=1
+fi
+export GIT_COMMIT=${GIT_COMMIT:-} GIT_DIRTY=${GIT_DIRTY:-}
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-bench.XXXXXX")
@@ -43,12 +57,14 @@ fi
 chunk=()
 [ -n "${Q4_CHUNK:-}" ] && chunk=(--chunk "$Q4_CHUNK")
 if [ "${QUICK:-0}" = 1 ]; then
-  tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2
+  tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2 cuda_70b_n=2
   export LLAMA_N=32 LLAMA_R=2
 else
   # 70B: 16 tokens, as the bound there is near 1.4 tok/s: 3 × 32 tokens alone would take about
   # 70 s of the part's 120.
-  tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8
+  # The CUDA path streams every layer weight at each token whatever the budget (≤ 3.4 tok/s for
+  # 32B, ≤ 1.6 for 70B here; the original reports 0.70 tok/s on a 3090): few tokens there.
+  tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8 cuda_70b_n=4
 fi
 
 log() { echo "[device-bench $((SECONDS - start)) s] $*" | tee -a "$WORK/device-bench.log"; }
@@ -68,7 +84,7 @@ stamp() {
 # The GPU memory sampler (nvidia-smi every 200 ms into $WORK/vram.log), around the parts named in
 # VRAM_PARTS (shell patterns). Samples carry nvidia-smi's timestamp in UTC; each run of the
 # sampler is framed by '# start NAME EPOCH' and '# end NAME EPOCH' lines, written while it is stopped.
-VRAM_PARTS=${VRAM_PARTS:-q4wgpu_*}
+VRAM_PARTS=${VRAM_PARTS:-q4wgpu_* cuda_path_*}
 vram_pid=
 vram_start() {
   [ "${VRAM_LOG:-1}" = 0 ] && return 0
@@ -168,7 +184,12 @@ ldconfig 2>/dev/null || true
   echo "memory: MemTotal $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo) at the start"
   echo "kernel: $(uname -r)"
   echo "python: $(python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)' 2>&1 | tail -1)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+  case $GIT_DIRTY in
+    1) state=' (with uncommitted changes)' ;;
+    0) state='' ;;
+    *) state=' (tree state unknown)' ;;
+  esac
+  echo "git: ${GIT_COMMIT:-unknown}${GIT_COMMIT:+$state}"
   echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
@@ -215,10 +236,8 @@ else
 fi
 
 if [ "${CUDA:-1}" != 0 ]; then
-  part cuda_path_resident 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode resident \
-    -n "$cuda_n" -r "$reps" --json "$OUT/cuda_path_resident.json"
-  part cuda_path_streamed 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode streamed \
-    -n "$cuda_streamed_n" -r 2 --json "$OUT/cuda_path_streamed.json"
+  part cuda_path_32b 120 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --vram-budget all,12GB,8GB,4GB \
+    -n "$cuda_n" -r "$reps" --streamed-n "$cuda_streamed_n" --streamed-r 2 --json "$OUT/cuda_path_32b.json"
 fi
 
 if [ -n "$llama_pid" ]; then
@@ -242,5 +261,10 @@ if [ "${LLAMA:-1}" != 0 ] && [ "$llama_ok" = 1 ]; then
   part llama_bench 150 benches/llama_cpp/run.sh bench "$WORK"
   [ -s "$WORK/llama_bench.json" ] && mv "$WORK/llama_bench.json" "$OUT/"
   rm -f /tmp/llama-*-q4_0.gguf
+fi
+
+if [ "${CUDA:-1}" != 0 ]; then
+  part cuda_path_70b 90 python3 benches/cuda_path/cuda_path.py --shape llama-70b --vram-budget 24GB --prompt 2 \
+    -n "$cuda_70b_n" -r 2 --json "$OUT/cuda_path_70b.json"
 fi
 finish
