@@ -51,19 +51,23 @@ impl GemvQ4Q8 {
         Ok(kernel)
     }
 
-    /// The workgroup shape for a `rows x cols` matrix: `rows_per_group` rows per workgroup and
-    /// enough threads per workgroup to put about 2^16 threads on the GPU, at most one per quarter
-    /// block of a row (the f32 kernel's rule; see benches/kernels.rs --sweep for the measurements).
+    /// The workgroup shape for a `rows x cols` matrix, from the H200 sweep of every shape
+    /// (benchmarks/runs/2026-11-30-h200-int8/kernels.log, GB/s):
+    /// - many rows (gate_up 55296, lm_head 152064): 32 threads x 4 rows (3800 and 4305; 1 row
+    ///   per workgroup loses a quarter: each x load serves fewer rows);
+    /// - few rows and a long K (down, 5120 x 27648): 128 threads x 1 row (3311; 64 x 4: 2540):
+    ///   the row's K loop spreads over more threads and every workgroup still has work;
+    /// - few rows and a short K (qkv, o): 32 threads x 2 rows (2001 and 1661; 64 x 4: 1766 and
+    ///   1364): more workgroups on a small matrix.
     pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        let rows_per_group = 4u32;
-        let groups = rows.div_ceil(rows_per_group as usize).max(1);
-        let quarters = blocks_per_row(cols) * 4;
-        let unit = self.subgroup_max.max(32) as usize;
-        let wg = (1usize << 16)
-            .div_ceil(groups)
-            .min(quarters)
-            .clamp(unit, 256)
-            .next_multiple_of(unit) as u32;
+        let unit = self.subgroup_max.max(32);
+        let (wg, rows_per_group) = if rows >= 32768 {
+            (unit, 4)
+        } else if cols > 8192 {
+            (128u32.next_multiple_of(unit), 1)
+        } else {
+            (unit, 2)
+        };
         GemvConfig {
             wg,
             rows: rows_per_group,
