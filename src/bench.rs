@@ -68,9 +68,9 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also time every dispatch of a decode step (needs timestamp queries).
     pub profile: bool,
-    pub decode_fusion: DecodeFusion,
-    /// One decode row set (and profile) per entry, at every budget; prompt rows for the first only
-    /// (prompts do not use them).
+    /// One decode row set (and profile) per fusion and per activation kind, at every budget;
+    /// prompt rows for the first of each only (prompts use neither).
+    pub decode_fusion: Vec<DecodeFusion>,
     pub decode_activations: Vec<DecodeActivations>,
 }
 
@@ -89,7 +89,7 @@ impl Default for BenchOptions {
             bandwidth_bytes: 256 << 20,
             seed: 0,
             profile: false,
-            decode_fusion: DecodeFusion::default(),
+            decode_fusion: vec![DecodeFusion::default()],
             decode_activations: vec![DecodeActivations::default()],
         }
     }
@@ -130,6 +130,7 @@ pub struct BenchRow {
     pub stream_read: StreamRead,
     /// Activations of decode steps (tg rows; prompts use f32/f16 whatever this says).
     pub decode_activations: DecodeActivations,
+    pub decode_fusion: DecodeFusion,
     pub layers: usize,
     pub resident_layers: usize,
     pub streamed_layers: usize,
@@ -190,6 +191,7 @@ pub struct DecodeProfile {
     /// How streamed layers were read (meaningless when none streams).
     pub stream_read: StreamRead,
     pub decode_activations: DecodeActivations,
+    pub decode_fusion: DecodeFusion,
     /// Seconds per step, by role, in the order the step runs them.
     pub dispatches: Vec<DispatchTime>,
 }
@@ -504,8 +506,8 @@ pub fn run_bench(
     opts: &BenchOptions,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<BenchReport> {
-    if opts.decode_activations.is_empty() {
-        return Err(Error::Invalid("no decode activations given".into()));
+    if opts.decode_activations.is_empty() || opts.decode_fusion.is_empty() {
+        return Err(Error::Invalid("no decode activations or fusion given".into()));
     }
     if opts.stream_reads.is_empty() {
         return Err(Error::Invalid(
@@ -547,17 +549,18 @@ pub fn run_bench(
     let mut profiles = Vec::new();
     let runs = opts.budgets.iter().flat_map(|&b| {
         opts.stream_reads.iter().enumerate().flat_map(move |(i, &r)| {
-            opts.decode_activations.iter().enumerate().map(move |(j, &a)| (b, i, r, j, a))
+            let decode = opts.decode_fusion.iter().flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)));
+            decode.enumerate().map(move |(j, (f, a))| (b, i, r, j, f, a))
         })
     });
-    for (budget, read_index, stream_read, act_index, decode_activations) in runs {
+    for (budget, read_index, stream_read, act_index, decode_fusion, decode_activations) in runs {
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             chunk: opts.chunk,
             vram_budget: budget,
             prefetch_depth: opts.prefetch_depth,
             max_top_logprobs: 0,
-            decode_fusion: opts.decode_fusion,
+            decode_fusion,
             decode_reads: stream_read,
             prompt_reads: stream_read,
             decode_activations,
@@ -610,6 +613,7 @@ pub fn run_bench(
                 budget,
                 stream_read,
                 decode_activations,
+                decode_fusion,
                 layers: plan.layers,
                 resident_layers: plan.resident_layers,
                 streamed_layers: plan.streamed_layers(),
@@ -640,7 +644,7 @@ pub fn run_bench(
                 &tg_prompt,
                 budget,
                 stream_read,
-                decode_activations,
+                (decode_activations, decode_fusion),
             )?);
         }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
@@ -675,7 +679,7 @@ fn profile_decode(
     prompt: &[u32],
     budget: Option<u64>,
     stream_read: StreamRead,
-    decode_activations: DecodeActivations,
+    (decode_activations, decode_fusion): (DecodeActivations, DecodeFusion),
 ) -> Result<DecodeProfile> {
     engine.reset();
     let params = SamplingParams::greedy();
@@ -695,6 +699,7 @@ fn profile_decode(
         budget,
         stream_read,
         decode_activations,
+        decode_fusion,
         dispatches: total,
     })
 }
@@ -705,8 +710,8 @@ pub fn profile_markdown(p: &DecodeProfile) -> String {
     let mut out = format!(
         "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
         match p.budget {
-            Some(_) => format!("{}, {}, {} activations", budget_label(p.budget), p.stream_read.name(), p.decode_activations.name()),
-            None => format!("{}, {} activations", budget_label(p.budget), p.decode_activations.name()),
+            Some(_) => format!("{}, {}, {} activations, fusion {}", budget_label(p.budget), p.stream_read.name(), p.decode_activations.name(), p.decode_fusion.name()),
+            None => format!("{}, {} activations, fusion {}", budget_label(p.budget), p.decode_activations.name(), p.decode_fusion.name()),
         },
         sum * 1e6
     );
@@ -768,7 +773,7 @@ pub fn table_line(r: &BenchRow) -> String {
         r.resident_layers,
         r.streamed_layers,
         if r.test.starts_with("tg") {
-            format!("{} ({})", r.test, r.decode_activations.name())
+            format!("{} ({}; {})", r.test, r.decode_activations.name(), r.decode_fusion.name())
         } else {
             r.test.clone()
         },

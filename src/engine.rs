@@ -79,6 +79,22 @@ impl DecodeFusion {
         attention_output: true,
     };
 
+    /// The names [`parse`](Self::parse) takes, comma-separated ("none" if none).
+    pub fn name(&self) -> String {
+        let names = [
+            (self.input_norm, "input-norm"),
+            (self.post_norm, "post-norm"),
+            (self.swiglu, "swiglu"),
+            (self.attention_output, "attention-output"),
+        ];
+        let on: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
+        if on.is_empty() {
+            "none".into()
+        } else {
+            on.join(",")
+        }
+    }
+
     /// A comma-separated list of input-norm, post-norm, swiglu and attention-output, or "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;

@@ -231,7 +231,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         bandwidth_bytes: 4 << 20,
         seed: 3,
         profile: false,
-        decode_fusion: Default::default(),
+        decode_fusion: vec![Default::default()],
         decode_activations: vec![DecodeActivations::Int8],
     }
 }
@@ -323,7 +323,7 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     for (activations, fusion, roles) in cases {
         let opts = BenchOptions {
             profile: true,
-            decode_fusion: fusion,
+            decode_fusion: vec![fusion],
             decode_activations: vec![activations],
             ..small_options(vec![None])
         };

@@ -186,7 +186,8 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Decode steps computed inside the projection after them: none, or a list of input-norm,
-    /// post-norm and swiglu (default: input-norm).
+    /// post-norm, swiglu and attention-output (default: input-norm,attention-output); several
+    /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,
     /// Comma-separated decode activations (int8, f32), one set of generation rows each.
@@ -452,8 +453,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         profile: args.profile,
         decode_fusion: match &args.decode_fusion {
-            Some(text) => DecodeFusion::parse(text)?,
-            None => DecodeFusion::default(),
+            Some(text) => text.split('/').map(DecodeFusion::parse).collect::<Result<_>>()?,
+            None => vec![DecodeFusion::default()],
         },
         decode_activations: args
             .decode_activations
