@@ -501,7 +501,7 @@ def llama_section(res):
     def cell(rate, lo, hi, digits):
         return "—" if rate is None else f"{rate:.{digits}f}" + (f" ({lo:.{digits}f}–{hi:.{digits}f})" if lo is not None else "")
 
-    out = ["## llama.cpp: CUDA and Vulkan on the same GPU (32B shape, random Q4_0 GGUF)", ""]
+    out = ["## llama.cpp by test (32B shape, random Q4_0 GGUF, same GPU and run)", ""]
     out.append("tok/s, median of llama-bench's repetitions (min–max). `@ dN`: N positions already in the KV cache "
                "when the test starts. Vulkan configurations: the default (NVIDIA's coopmat2 extension), "
                "`GGML_VK_DISABLE_COOPMAT2=1` (KHR cooperative matrix only: the path wgpu exposes) and "

@@ -313,6 +313,7 @@ if [ "$cuda_go" = 1 ] || [ "$vk_go" = 1 ]; then
   # All llama.cpp rows in one file (8 files come back); the .jsonl files stay in the logs.
   python3 benches/llama_cpp/results.py merge "$OUT/llama_bench.json" "$WORK"/llama_*.jsonl 2>&1 |
     tee -a "$WORK/device-bench.log"
-  rm -f /tmp/llama-*-q4_0.gguf
+  # The 18 GB GGUF this run wrote (not one given in LLAMA_MODEL).
+  [ -z "${LLAMA_MODEL:-}" ] && rm -f "/tmp/llama-${SHAPE:-qwen2-32b}-q4_0.gguf"
 fi
 finish
