@@ -211,6 +211,7 @@ llama_pid=
 if [ ${#llama_steps[@]} -gt 0 ]; then
   jobs=$(($(nproc) - 2))
   [ "$jobs" -lt 1 ] && jobs=1
+  [ "${SERIAL:-0}" = 1 ] && jobs=$(nproc) # nothing else runs then
   [ "${LLAMA:-1}" != 0 ] && llama_steps+=("llama_build env JOBS=$jobs benches/llama_cpp/run.sh build")
   if [ "${SERIAL:-0}" = 1 ]; then
     for step in "${llama_steps[@]}"; do
@@ -220,7 +221,7 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
       echo $? >"$WORK/$name.rc"
     done
   else
-    log "llama.cpp: GGUF, Vulkan binary and CUDA build in the background (nice 19, $jobs jobs)"
+    log "llama.cpp: in the background (nice 19, $jobs jobs): $(printf '%s; ' "${llama_steps[@]}")"
     script=
     for step in "${llama_steps[@]}"; do
       read -r name cmd <<<"$step"
