@@ -159,6 +159,12 @@ class Results:
             self.notes.append("no q4wgpu results")
         if not self.cuda:
             self.notes.append("no CUDA-path results")
+        # Every table here is about the 32B shape (the GB/token estimate assumes it).
+        other = [r for r in self.llama if "32B" not in (r.get("model_type") or "")]
+        if other:
+            kinds = sorted({str(r.get("model_type")) for r in other})
+            self.notes.append(f"{len(other)} llama.cpp row(s) of another model ({', '.join(kinds)}) left out")
+            self.llama = [r for r in self.llama if r not in other]
         if not self.llama:
             self.notes.append("no llama.cpp results")
         self.vram = VramLog(files, self.notes)
@@ -413,7 +419,7 @@ def machine_section(res):
         r = rows[0]
         tests = ", ".join(llama_test(x) for x in sorted(rows, key=llama_test_order))
         reps = len(r.get("samples_ts") or []) or "?"
-        env = f"{r['vk_env']} " if r.get("vk_env") else ""
+        env = f"{r['vk_env']} " if r.get("vk_env") else "(no GGML_VK_* switch) " if r.get("vk_config") else ""
         out.append(f"    {env}llama-bench ({r.get('backends')}) -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> "
                    f"({tests}; {reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')})")
     out.append("")

@@ -207,6 +207,20 @@ class MismatchTest(unittest.TestCase):
         self.assertIn("llama.cpp Vulkan, KHR coopmat only (**matrix cores: none**, not KHR_coopmat)", md)
 
 
+class OtherModelTest(unittest.TestCase):
+    def test_rows_of_another_model_left_out_with_a_note(self):
+        # The tables are about the 32B shape: a tiny model's rows (a lavapipe smoke run) stay out.
+        with tempfile.TemporaryDirectory() as work:
+            tiny = dict(row("Vulkan", 64, 0, 0, [1.0, 2.0, 3.0]), model_type="qwen2 ?B Q4_0", vk_config="khr",
+                        vk_matrix_cores="none")
+            path = os.path.join(work, "tiny.json")
+            with open(path, "w") as fh:
+                json.dump([tiny], fh)
+            md = report(path)
+        self.assertIn("1 llama.cpp row(s) of another model (qwen2 ?B Q4_0) left out", md)
+        self.assertNotIn("pp64", md)
+
+
 class OldRunTest(unittest.TestCase):
     def test_cuda_only_run_unchanged(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,14 @@
 # ~/.cache/q4wgpu (the sdist, the .debs, the toolchain prefix, the build tree), so a second run
 # does nothing and an interrupted build resumes. The build takes 13+ minutes at -j2.
 #
+# Built so on 2026-11-30 (llama-cpp-python 0.3.36 = llama.cpp 0c1e570; sid glslc 2026.4-1 / glslang
+# 16.4.0, libvulkan-dev and spirv-headers 1.4.363.0; trixie libc6 2.41-12+deb13u5; gcc 12.2.0,
+# cmake 3.31 from a wheel): 1839 s at -j2 on the shared 2-core machine; stripped binary 56,148,432
+# bytes, sha256 04587c12c33f73b053a1c64a6efd61aa632a60987db128684f4eea35747c599c; .xz 8,051,972
+# bytes. Needs libvulkan.so.1 and glibc >= 2.36 only. The sha256 depends on the build paths
+# (assertion messages hold source file names), so another prefix gives another sum; sid moves on,
+# so a later run may get newer .debs (their names are printed).
+#
 # Usage: benches/llama_cpp/prepare_vulkan.sh [llama-cpp-python version]
 # Environment: JOBS (2), VKPREFIX (~/.cache/q4wgpu/llama-vulkan)
 set -euo pipefail

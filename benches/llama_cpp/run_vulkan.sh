@@ -72,7 +72,7 @@ do_bench() {
   mkdir -p "$out"
   do_unpack
   [ -f "$model" ] || SHAPE=$shape LLAMA_MODEL=$model "$top/benches/llama_cpp/run.sh" model
-  find_gpu >/dev/null
+  find_gpu
   local args=(-m "$model" -fa 1 -ngl 99 "$@")
   # Written first, so that rows of a run stopped by its time limit can still be tagged (merge).
   python3 -c 'import json, sys; print(json.dumps({"vk_config": sys.argv[1], "vk_env": sys.argv[2]}))' \
