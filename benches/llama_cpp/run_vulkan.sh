@@ -36,7 +36,11 @@ do_unpack() {
     return 0
   fi
   mkdir -p "$(dirname "$bin")"
-  xz -dc "$xz_file" >"$bin.part"
+  if command -v xz >/dev/null; then
+    xz -dc "$xz_file" >"$bin.part"
+  else # Python's lzma reads .xz too
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$xz_file" >"$bin.part"
+  fi
   local got
   got=$(sha256sum "$bin.part" | cut -d' ' -f1)
   [ "$got" = "$want" ] || { echo "llama.cpp Vulkan: sha256 $got, expected $want; rerun prepare_vulkan.sh" >&2; return 1; }
