@@ -17,8 +17,10 @@ use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::attention::Attention;
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4_q8::GemvQ4Q8;
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
-use q4wgpu::quant::blocks_per_row;
+use q4wgpu::quant::{blocks_per_row, ActQ8};
 use std::time::Instant;
 
 const SAMPLES: usize = 21;
@@ -526,6 +528,9 @@ fn main() {
         }
     }
 
+    gemv_int8(&gpu, &s, read_gbs);
+    barrier_cost(&gpu, &s);
+
     let m = s.gemm_m;
     println!("\n## GEMM (M = {m})\n");
     println!("| matrix | K | N | variant | ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- |");
@@ -639,4 +644,125 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             gbs / read_gbs
         );
     }
+}
+
+/// The int8-activation GEMV (gemv_q4_q8) on the same shapes, with its activation quantizer, and
+/// (with --sweep) every workgroup shape: GB/s of weights + quantized x.
+fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
+    let kernel = GemvQ4Q8::new(gpu).expect("gemv_q4_q8 compiles");
+    println!("\n## GEMV, int8 activations (M = 1)\n");
+    println!("| matrix | K | N | MB | µs | GB/s | of stream read | config |\n| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut sweeps = Vec::new();
+    for (i, shape) in s.shapes.iter().enumerate() {
+        let first = Matrix::random(gpu, shape.n, shape.k, 77 + i as u64);
+        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
+        let mut copies = vec![first];
+        for c in 1..n_copies {
+            copies.push(Matrix::random(gpu, shape.n, shape.k, 2000 * c as u64 + i as u64));
+        }
+        let x_host: Vec<f32> = random_words(shape.k, 3)
+            .iter()
+            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+            .collect();
+        let a = ActQ8::quantize(&x_host);
+        let x = ActQ8Buffers::new(gpu, "bench x", shape.k);
+        gpu.queue.write_buffer(&x.words, 0, bytemuck::cast_slice(&a.packed_words()));
+        gpu.queue.write_buffer(&x.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
+        let y = gpu.storage_buffer("bench y", shape.n as u64 * 4);
+        let bytes = copies[0].bytes() + shape.k as u64 + shape.k as u64 / 4;
+        let time = |cfg: Option<GemvConfig>| -> Option<f64> {
+            let opts = GemvOptions { config: cfg, ..Default::default() };
+            let mut bound = Vec::new();
+            for m in &copies {
+                match kernel.bind(gpu, m.q4ref(), &x, BufRange::whole(&y), None, Epilogue::Store, &opts) {
+                    Ok(d) => bound.push(d),
+                    Err(e) => {
+                        eprintln!("  gemv_q4_q8 {cfg:?}: {e}");
+                        return None;
+                    }
+                }
+            }
+            Some(time_per_call(gpu, s.reps, &|pass, i| encode_all(pass, &bound[i % bound.len()])))
+        };
+        let cfg = kernel.config_for(shape.n, shape.k);
+        let Some(t) = time(None) else { continue };
+        let gbs = bytes as f64 / t / 1e9;
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} |",
+            shape.name,
+            shape.k,
+            shape.n,
+            bytes as f64 / 1e6,
+            sig(t * 1e6),
+            sig(gbs),
+            gbs / read_gbs,
+            cfg.wg,
+            cfg.rows
+        );
+        if s.sweep {
+            for wg in [32, 64, 128, 256] {
+                for rows in [1, 2, 4, 8] {
+                    let cfg = GemvConfig { wg, rows, subgroups: gpu.caps.subgroups };
+                    if let Some(t) = time(Some(cfg)) {
+                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                    }
+                }
+            }
+        }
+    }
+    if s.sweep {
+        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
+        for (name, cfg, gbs) in &sweeps {
+            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
+        }
+    }
+    let quant = QuantAct::new(gpu).expect("quant_act compiles");
+    let (h, ffn) = (s.shapes[0].k, s.shapes[3].k);
+    let x = gpu.storage_from("bench act", &vec![0.25f32; 2 * ffn.max(h)]);
+    let w = gpu.storage_from("bench norm", &vec![1.0f32; h]);
+    let out = ActQ8Buffers::new(gpu, "bench act q8", ffn.max(h));
+    println!("\n| activation quantizer | K | µs |\n| --- | --- | --- |");
+    for (name, input, k) in [
+        ("rmsnorm", ActInput::RmsNorm { weight: &w, eps: 1e-5 }, h),
+        ("plain", ActInput::Plain, h),
+        ("swiglu", ActInput::SwiGlu, ffn),
+    ] {
+        let d = quant.bind(gpu, input, &x, k, &out).expect("quant_act binds");
+        let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+        println!("| {name} | {k} | {} |", sig(t * 1e6));
+    }
+}
+
+/// What a barrier costs: tiny dispatches that each write a buffer no other dispatch of the
+/// command buffer touches (wgpu records no barrier between them) against the same dispatches all
+/// writing one buffer (a barrier before each: read-write to read-write, KERNELS.md §3).
+fn barrier_cost(gpu: &Gpu, _s: &Settings) {
+    const TINY: &str = "@group(0) @binding(0) var<storage, read_write> v: array<u32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { v[g.x] = v[g.x] + 1u; }";
+    let pipeline = gpu.compute_pipeline("bench/tiny", TINY, "main", &[]).expect("tiny compiles");
+    const N: usize = 64;
+    // One pass of N dispatches per call, one call per pass: every dispatch of the command buffer
+    // gets its own buffer in the distinct case.
+    let calls = SAMPLES + WARMUP;
+    let buffers: Vec<wgpu::Buffer> =
+        (0..N * calls).map(|i| gpu.storage_buffer(&format!("tiny {i}"), 4096)).collect();
+    let groups: Vec<wgpu::BindGroup> =
+        buffers.iter().map(|b| gpu.bind_group("tiny", &pipeline, &[b])).collect();
+    let time = |distinct: bool| {
+        time_per_call(gpu, 1, &|pass, call| {
+            pass.set_pipeline(&pipeline);
+            for i in 0..N {
+                let g = if distinct { call * N + i } else { 0 };
+                pass.set_bind_group(0, &groups[g % groups.len()], &[]);
+                pass.dispatch_workgroups(16, 1, 1);
+            }
+        }) / N as f64
+    };
+    let (distinct, same) = (time(true), time(false));
+    println!(
+        "\n## Dispatch and barrier cost ({N} tiny dispatches per pass)\n\n| buffers | µs per dispatch |\n| --- | --- |\n| distinct (no barriers) | {} |\n| one read-write buffer (a barrier each) | {} |\n\nbarrier ≈ {} µs",
+        sig(distinct * 1e6),
+        sig(same * 1e6),
+        sig((same - distinct) * 1e6)
+    );
 }

@@ -30,6 +30,7 @@
 
 use crate::config::ModelConfig;
 use crate::engine::{add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::quant::DecodeActivations;
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -68,6 +69,9 @@ pub struct BenchOptions {
     /// Also time every dispatch of a decode step (needs timestamp queries).
     pub profile: bool,
     pub decode_fusion: DecodeFusion,
+    /// One decode row set (and profile) per entry, at every budget; prompt rows for the first only
+    /// (prompts do not use them).
+    pub decode_activations: Vec<DecodeActivations>,
 }
 
 impl Default for BenchOptions {
@@ -86,6 +90,7 @@ impl Default for BenchOptions {
             seed: 0,
             profile: false,
             decode_fusion: DecodeFusion::default(),
+            decode_activations: vec![DecodeActivations::default()],
         }
     }
 }
@@ -123,6 +128,8 @@ pub struct BenchRow {
     pub budget: Option<u64>,
     /// How streamed layers were read (meaningless when none streams).
     pub stream_read: StreamRead,
+    /// Activations of decode steps (tg rows; prompts use f32/f16 whatever this says).
+    pub decode_activations: DecodeActivations,
     pub layers: usize,
     pub resident_layers: usize,
     pub streamed_layers: usize,
@@ -182,6 +189,7 @@ pub struct DecodeProfile {
     pub budget: Option<u64>,
     /// How streamed layers were read (meaningless when none streams).
     pub stream_read: StreamRead,
+    pub decode_activations: DecodeActivations,
     /// Seconds per step, by role, in the order the step runs them.
     pub dispatches: Vec<DispatchTime>,
 }
@@ -496,6 +504,9 @@ pub fn run_bench(
     opts: &BenchOptions,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<BenchReport> {
+    if opts.decode_activations.is_empty() {
+        return Err(Error::Invalid("no decode activations given".into()));
+    }
     if opts.stream_reads.is_empty() {
         return Err(Error::Invalid(
             "no way of reading streamed layers given".into(),
@@ -535,12 +546,11 @@ pub fn run_bench(
     let mut skipped = Vec::new();
     let mut profiles = Vec::new();
     let runs = opts.budgets.iter().flat_map(|&b| {
-        opts.stream_reads
-            .iter()
-            .enumerate()
-            .map(move |(i, &r)| (b, i, r))
+        opts.stream_reads.iter().enumerate().flat_map(move |(i, &r)| {
+            opts.decode_activations.iter().enumerate().map(move |(j, &a)| (b, i, r, j, a))
+        })
     });
-    for (budget, read_index, stream_read) in runs {
+    for (budget, read_index, stream_read, act_index, decode_activations) in runs {
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             chunk: opts.chunk,
@@ -550,12 +560,13 @@ pub fn run_bench(
             decode_fusion: opts.decode_fusion,
             decode_reads: stream_read,
             prompt_reads: stream_read,
+            decode_activations,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
             // A budget too small for the model is a result to report, not a failure of the run.
             Err(e) if budget.is_some() => {
-                if read_index == 0 {
+                if read_index == 0 && act_index == 0 {
                     skipped.push(SkippedBudget {
                         budget,
                         reason: e.to_string(),
@@ -571,7 +582,7 @@ pub fn run_bench(
         }
         let bytes = ByteModel::new(config, &plan, lm_head_bytes);
         let mut tests = Vec::new();
-        if opts.prompt_tokens > 0 {
+        if opts.prompt_tokens > 0 && act_index == 0 {
             let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions)?;
             tests.push((
                 format!("pp{}", opts.prompt_tokens),
@@ -598,6 +609,7 @@ pub fn run_bench(
                 model: model.to_string(),
                 budget,
                 stream_read,
+                decode_activations,
                 layers: plan.layers,
                 resident_layers: plan.resident_layers,
                 streamed_layers: plan.streamed_layers(),
@@ -628,6 +640,7 @@ pub fn run_bench(
                 &tg_prompt,
                 budget,
                 stream_read,
+                decode_activations,
             )?);
         }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
@@ -662,6 +675,7 @@ fn profile_decode(
     prompt: &[u32],
     budget: Option<u64>,
     stream_read: StreamRead,
+    decode_activations: DecodeActivations,
 ) -> Result<DecodeProfile> {
     engine.reset();
     let params = SamplingParams::greedy();
@@ -680,6 +694,7 @@ fn profile_decode(
     Ok(DecodeProfile {
         budget,
         stream_read,
+        decode_activations,
         dispatches: total,
     })
 }
@@ -690,8 +705,8 @@ pub fn profile_markdown(p: &DecodeProfile) -> String {
     let mut out = format!(
         "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
         match p.budget {
-            Some(_) => format!("{}, {}", budget_label(p.budget), p.stream_read.name()),
-            None => budget_label(p.budget),
+            Some(_) => format!("{}, {}, {} activations", budget_label(p.budget), p.stream_read.name(), p.decode_activations.name()),
+            None => format!("{}, {} activations", budget_label(p.budget), p.decode_activations.name()),
         },
         sum * 1e6
     );
@@ -752,7 +767,11 @@ pub fn table_line(r: &BenchRow) -> String {
         },
         r.resident_layers,
         r.streamed_layers,
-        r.test,
+        if r.test.starts_with("tg") {
+            format!("{} ({})", r.test, r.decode_activations.name())
+        } else {
+            r.test.clone()
+        },
         r.tokens_per_second,
         r.tokens_per_second_min,
         r.tokens_per_second_max,

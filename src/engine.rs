@@ -19,7 +19,10 @@ use crate::kernels::rope_kv::RopeKv;
 use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
 use crate::kernels::swiglu::SwiGlu;
 use crate::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
-use crate::quant::QView;
+use crate::kernels::gemv_q4::GemvOptions;
+use crate::kernels::gemv_q4_q8::GemvQ4Q8;
+use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use crate::quant::{DecodeActivations, QView};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
@@ -42,6 +45,8 @@ pub struct EngineOptions {
     pub decode_reads: StreamRead,
     /// How a prompt chunk reads streamed layers.
     pub prompt_reads: StreamRead,
+    /// Activations of a decode step: int8 (integer dot products) or f32 (with `decode_fusion`).
+    pub decode_activations: DecodeActivations,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -139,6 +144,7 @@ impl Default for EngineOptions {
             decode_fusion: DecodeFusion::default(),
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
+            decode_activations: DecodeActivations::default(),
         }
     }
 }
@@ -190,10 +196,11 @@ pub struct GpuModel<'w> {
     /// Per layer: the dispatches of one decode step and of one prompt chunk.
     decode_layers: Vec<Vec<Dispatch>>,
     prefill_layers: Vec<Vec<Dispatch>>,
-    /// Final norm of row 0 (decode) or of every row (prefill; the last row is copied to `last`).
-    decode_final_norm: Dispatch,
+    /// Decode: the final norm and lm_head of row 0.
+    decode_head: Vec<Dispatch>,
+    /// Prefill: the final norm of every row, then (after the last row is copied to `last`) lm_head.
     prefill_final_norm: Dispatch,
-    head: Vec<Dispatch>,
+    prefill_head: Vec<Dispatch>,
     sampler: SampleDispatch,
     history: wgpu::Buffer,
     sample_out: wgpu::Buffer,
@@ -372,6 +379,15 @@ impl<'w> GpuModel<'w> {
         let swiglu = SwiGlu::new(gpu)?;
         let attention = Attention::new(gpu)?;
         let eps = c.rms_norm_eps;
+        // The int8 decode path: one quantized input buffer, reused by every projection in turn.
+        let int8 = match opts.decode_activations {
+            DecodeActivations::Int8 => Some((
+                QuantAct::new(gpu)?,
+                GemvQ4Q8::new(gpu)?,
+                ActQ8Buffers::new(gpu, "decode input", h.max(q_dim).max(ffn)),
+            )),
+            DecodeActivations::F32 => None,
+        };
 
         let mut decode_layers = Vec::new();
         let mut prefill_layers = Vec::new();
@@ -462,55 +478,79 @@ impl<'w> GpuModel<'w> {
                     Ok(ds)
                 }
             };
-            let qkv = wd(&pack.qkv);
-            let mut d = project_normed(
-                "qkv",
-                fuse.input_norm,
-                &s.input_norm,
-                qkv,
-                &act.qkv,
-                qkv_bias,
-            )?;
-            d.extend(role("rope + kv write", vec![bind_rope(1)?]));
-            d.extend(role("attention", attn.decode.clone()));
-            let o = gemv.bind(
-                gpu,
-                wd(&pack.o),
-                whole(&act.attn),
-                whole(&act.x),
-                o_bias,
-                Epilogue::Accumulate,
-            )?;
-            d.extend(role("o (+residual)", o));
-            let gate_up = wd(&pack.gate_up);
-            d.extend(project_normed(
-                "gate|up",
-                fuse.post_norm,
-                &s.post_norm,
-                gate_up,
-                &act.gate_up,
-                None,
-            )?);
-            let down = wd(&pack.down);
-            if fuse.swiglu {
-                let x = whole(&act.gate_up);
-                let ds = gemv.bind_input(
-                    gpu,
-                    down,
-                    x,
-                    whole(&act.x),
-                    None,
-                    Epilogue::Accumulate,
-                    GemvInput::SwiGlu,
+            let d = match &int8 {
+                Some((quant, gemv8, xq)) => {
+                    let proj = |m: Q4Ref, out: &wgpu::Buffer, bias, mode| {
+                        gemv8.bind(gpu, m, xq, BufRange::whole(out), bias, mode, &GemvOptions::default())
+                    };
+                    let q = |input, x: &wgpu::Buffer, k| quant.bind(gpu, input, x, k, xq);
+                    let input_norm = ActInput::RmsNorm { weight: &s.input_norm, eps };
+                    let post_norm = ActInput::RmsNorm { weight: &s.post_norm, eps };
+                    let mut d = role("norm (int8)", vec![q(input_norm, &act.x, h)?]);
+                    d.extend(role("qkv", proj(wd(&pack.qkv), &act.qkv, qkv_bias, Epilogue::Store)?));
+                    d.extend(role("rope + kv write", vec![bind_rope(1)?]));
+                    d.extend(role("attention", attn.decode.clone()));
+                    d.extend(role("attention output (int8)", vec![q(ActInput::Plain, &act.attn, q_dim)?]));
+                    d.extend(role("o (+residual)", proj(wd(&pack.o), &act.x, o_bias, Epilogue::Accumulate)?));
+                    d.extend(role("post norm (int8)", vec![q(post_norm, &act.x, h)?]));
+                    d.extend(role("gate|up", proj(wd(&pack.gate_up), &act.gate_up, None, Epilogue::Store)?));
+                    d.extend(role("swiglu (int8)", vec![q(ActInput::SwiGlu, &act.gate_up, ffn)?]));
+                    d.extend(role("down (+residual)", proj(wd(&pack.down), &act.x, None, Epilogue::Accumulate)?));
+                    d
+                }
+                None => {
+                let qkv = wd(&pack.qkv);
+                let mut d = project_normed(
+                    "qkv",
+                    fuse.input_norm,
+                    &s.input_norm,
+                    qkv,
+                    &act.qkv,
+                    qkv_bias,
                 )?;
-                d.extend(role("swiglu + down (+residual)", ds));
-            } else {
-                let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
-                d.extend(role("swiglu", vec![sw]));
-                let x = whole(&act.act);
-                let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
-                d.extend(role("down (+residual)", ds));
-            }
+                d.extend(role("rope + kv write", vec![bind_rope(1)?]));
+                d.extend(role("attention", attn.decode.clone()));
+                let o = gemv.bind(
+                    gpu,
+                    wd(&pack.o),
+                    whole(&act.attn),
+                    whole(&act.x),
+                    o_bias,
+                    Epilogue::Accumulate,
+                )?;
+                d.extend(role("o (+residual)", o));
+                let gate_up = wd(&pack.gate_up);
+                d.extend(project_normed(
+                    "gate|up",
+                    fuse.post_norm,
+                    &s.post_norm,
+                    gate_up,
+                    &act.gate_up,
+                    None,
+                )?);
+                let down = wd(&pack.down);
+                if fuse.swiglu {
+                    let x = whole(&act.gate_up);
+                    let ds = gemv.bind_input(
+                        gpu,
+                        down,
+                        x,
+                        whole(&act.x),
+                        None,
+                        Epilogue::Accumulate,
+                        GemvInput::SwiGlu,
+                    )?;
+                    d.extend(role("swiglu + down (+residual)", ds));
+                } else {
+                    let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
+                    d.extend(role("swiglu", vec![sw]));
+                    let x = whole(&act.act);
+                    let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
+                    d.extend(role("down (+residual)", ds));
+                }
+                    d
+                }
+            };
             decode_layers.push(d);
 
             let mut p = Vec::new();
@@ -571,9 +611,6 @@ impl<'w> GpuModel<'w> {
         }
 
         let whole = BufRange::whole;
-        let decode_final_norm = norm
-            .bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?
-            .with_role("final norm");
         let prefill_final_norm =
             norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
         let lm = Q4Ref {
@@ -582,7 +619,7 @@ impl<'w> GpuModel<'w> {
             qweight: whole(&lm_q),
             scales: whole(&lm_s),
         };
-        let head: Vec<Dispatch> = gemv
+        let prefill_head: Vec<Dispatch> = gemv
             .bind(
                 gpu,
                 lm,
@@ -594,6 +631,25 @@ impl<'w> GpuModel<'w> {
             .into_iter()
             .map(|d| d.with_role("lm_head"))
             .collect();
+        let decode_head: Vec<Dispatch> = match &int8 {
+            Some((quant, gemv8, xq)) => {
+                let input = ActInput::RmsNorm { weight: &final_norm, eps };
+                let mut d = vec![quant.bind(gpu, input, &act.x, h, xq)?.with_role("final norm (int8)")];
+                let opts = GemvOptions::default();
+                let lm_dispatches = gemv8.bind(gpu, lm, xq, whole(&act.logits), None, Epilogue::Store, &opts)?;
+                d.extend(lm_dispatches.into_iter().map(|d| d.with_role("lm_head")));
+                d
+            }
+            None => {
+                let n = norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
+                let mut d = vec![n.with_role("final norm")];
+                d.extend(prefill_head.iter().cloned());
+                d
+            }
+        };
+        if let Some((_, _, xq)) = &int8 {
+            keep.extend([xq.words.clone(), xq.scales.clone()]);
+        }
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
             "sample out",
@@ -630,9 +686,9 @@ impl<'w> GpuModel<'w> {
             step_buf,
             decode_layers,
             prefill_layers,
-            decode_final_norm,
+            decode_head,
             prefill_final_norm,
-            head,
+            prefill_head,
             sampler,
             history,
             sample_out,
@@ -722,8 +778,7 @@ impl<'w> GpuModel<'w> {
                 ordered.push(((i == 0 && copy_first).then_some(l), d));
             }
         }
-        ordered.push((None, &self.decode_final_norm));
-        ordered.extend(self.head.iter().map(|d| (None, d)));
+        ordered.extend(self.decode_head.iter().map(|d| (None, d)));
         let timed = ordered.len().min(MAX_PROFILED);
         let queries = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
@@ -806,12 +861,8 @@ impl<'w> GpuModel<'w> {
             }
         }
         if last_chunk {
-            if decode {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("head"),
-                    timestamp_writes: None,
-                });
-                self.decode_final_norm.encode(&mut pass);
+            let head = if decode {
+                &self.decode_head
             } else {
                 {
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -828,12 +879,13 @@ impl<'w> GpuModel<'w> {
                     0,
                     row,
                 );
-            }
+                &self.prefill_head
+            };
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("lm_head"),
+                label: Some("head"),
                 timestamp_writes: None,
             });
-            for d in &self.head {
+            for d in head {
                 d.encode(&mut pass);
             }
             if sample {

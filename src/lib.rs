@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod engine;
+pub mod eval;
 pub mod error;
 pub mod fetch;
 pub mod formats;

@@ -2,6 +2,7 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
@@ -231,6 +232,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         seed: 3,
         profile: false,
         decode_fusion: Default::default(),
+        decode_activations: vec![DecodeActivations::Int8],
     }
 }
 
@@ -305,10 +307,30 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         "norm + gate|up: ",
         "swiglu + down (+residual): ",
     ];
-    for (fusion, roles) in [(DecodeFusion::NONE, separate), (all, fused)] {
+    // With int8 activations each projection's input is quantized by a dispatch that also does
+    // the norm or SwiGLU before it.
+    let int8: &[&str] = &[
+        "norm (int8): ",
+        "qkv: ",
+        "rope + kv write: ",
+        "attention: ",
+        "attention output (int8): ",
+        "o (+residual): ",
+        "post norm (int8): ",
+        "gate|up: ",
+        "swiglu (int8): ",
+        "down (+residual): ",
+    ];
+    let cases = [
+        (DecodeActivations::F32, DecodeFusion::NONE, separate),
+        (DecodeActivations::F32, all, fused),
+        (DecodeActivations::Int8, DecodeFusion::default(), int8),
+    ];
+    for (activations, fusion, roles) in cases {
         let opts = BenchOptions {
             profile: true,
             decode_fusion: fusion,
+            decode_activations: vec![activations],
             ..small_options(vec![None])
         };
         let report =
@@ -332,13 +354,13 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
                 "{fusion:?} {role}: {n} dispatches"
             );
         }
-        for role in ["final norm: ", "lm_head: "] {
+        for role in ["final norm", "lm_head: "] {
             assert!(count(role) >= 1, "{role}");
         }
         let roles_seen = p.dispatches.iter().filter(|d| {
             roles
                 .iter()
-                .chain(&["final norm: ", "lm_head: "])
+                .chain(&["final norm", "lm_head: "])
                 .any(|r| d.label.starts_with(r))
         });
         assert_eq!(

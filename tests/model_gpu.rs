@@ -5,6 +5,7 @@ use q4wgpu::cpu::CpuModel;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::gpu::testing::{gpu, Rng};
 use q4wgpu::model::{self, LoadedModel};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::{test_models, Arch};
 
 /// GPU and CPU differ by accumulation order and by the f16 KV cache (the CPU keeps f32):
@@ -52,42 +53,66 @@ fn options(chunk: usize) -> EngineOptions {
 }
 
 /// Prompt in chunks (one longer than the chunk size, so it is split), then single-token decode
-/// steps: every step's logits must match the CPU reference's.
+/// steps: every step's logits must match the CPU reference's (with int8 decode activations the
+/// prompt is fed token by token, see below).
 fn gpu_matches_cpu(arch: Arch) {
     let mut rng = Rng::fresh("gpu vs cpu");
     let loaded = tiny_model(arch, rng.next_u64() % 1000);
     let vocab = loaded.weights.config.vocab_size;
     let prompt: Vec<u32> = (0..21).map(|_| rng.below(vocab) as u32).collect();
     let steps: Vec<u32> = (0..6).map(|_| rng.below(vocab) as u32).collect();
-    let cpu = CpuModel::new(&loaded.weights).expect("cpu model");
-    // Decode with every elementwise step separate, with all of them fused into the GEMVs, and as
-    // the engine chooses by default.
+    // Decode with int8 activations (the CPU reference quantizes them the same way), and with f32
+    // activations with every elementwise step separate, with all of them fused into the GEMVs,
+    // and as the engine chooses by default.
     let all = DecodeFusion {
         input_norm: true,
         post_norm: true,
         swiglu: true,
     };
-    for fusion in [DecodeFusion::NONE, all, DecodeFusion::default()] {
-        let mut cache = cpu.new_cache(256);
+    let variants = [
+        (DecodeActivations::Int8, DecodeFusion::default()),
+        (DecodeActivations::F32, DecodeFusion::NONE),
+        (DecodeActivations::F32, all),
+        (DecodeActivations::F32, DecodeFusion::default()),
+    ];
+    for (activations, fusion) in variants {
+        let cpu = CpuModel::new(&loaded.weights)
+            .expect("cpu model")
+            .with_decode_activations(activations);
+        // An f16 cache as the GPU's: int8 rounding would magnify the f32 cache's differences.
+        let mut cache = match activations {
+            DecodeActivations::Int8 => cpu.new_cache(256).with_f16_values(),
+            DecodeActivations::F32 => cpu.new_cache(256),
+        };
         let opts = EngineOptions {
             decode_fusion: fusion,
+            decode_activations: activations,
             ..options(8)
         };
         let mut engine = GpuModel::new(gpu(), &loaded.weights, opts).expect("gpu model");
-        let want = cpu.forward(&mut cache, &prompt).expect("cpu prompt");
-        let got = engine.logits(&prompt).expect("gpu prompt");
-        let err = max_rel_err(&got, &want);
-        assert!(
-            err <= LOGIT_TOLERANCE,
-            "{arch:?} prompt logits: max relative error {err:e}"
-        );
+        // With int8 activations the prompt goes through decode steps too: int8 rounding would
+        // magnify the f16 operands of a cooperative-matrix prompt GEMM (1e-3) into 1e-2, hiding
+        // what this checks; the f32 variants check the prompt path.
+        let prompt_calls: Vec<&[u32]> = match activations {
+            DecodeActivations::Int8 => prompt.chunks(1).collect(),
+            DecodeActivations::F32 => vec![&prompt[..]],
+        };
+        for call in prompt_calls {
+            let want = cpu.forward(&mut cache, call).expect("cpu prompt");
+            let got = engine.logits(call).expect("gpu prompt");
+            let err = max_rel_err(&got, &want);
+            assert!(
+                err <= LOGIT_TOLERANCE,
+                "{arch:?} prompt logits ({activations:?} activations): max relative error {err:e}"
+            );
+        }
         for (step, &token) in steps.iter().enumerate() {
             let want = cpu.forward(&mut cache, &[token]).expect("cpu step");
             let got = engine.logits(&[token]).expect("gpu step");
             let err = max_rel_err(&got, &want);
             assert!(
                 err <= LOGIT_TOLERANCE,
-                "{arch:?} decode step {step} with {fusion:?}: max relative error {err:e}"
+                "{arch:?} decode step {step} with {activations:?} activations, {fusion:?}: max relative error {err:e}"
             );
         }
     }
@@ -224,4 +249,32 @@ fn a_sequence_longer_than_the_context_is_refused() {
     assert!(err.to_string().contains("--ctx-size"), "{err}");
     // Nothing was consumed: a prompt that fits still runs from position 0.
     engine.logits(&[1u32; 16]).expect("16 tokens fit");
+}
+
+/// `eval`'s figures on a tiny model: the f32 engine's perplexity of a random text equals the one
+/// computed here from the CPU reference's logits; agreement and KL are in range, and KL is not
+/// zero (int8 rounding moves the logits).
+#[test]
+fn eval_compares_int8_with_f32_decode_activations() {
+    let mut rng = Rng::fresh("eval");
+    let loaded = tiny_model(Arch::Qwen2, rng.next_u64() % 1000);
+    let vocab = loaded.weights.config.vocab_size;
+    let tokens: Vec<u32> = (0..24).map(|_| rng.below(vocab) as u32).collect();
+    let q = q4wgpu::eval::compare_decode_activations(gpu(), &loaded.weights, &tokens, &options(8))
+        .expect("eval");
+    let cpu = CpuModel::new(&loaded.weights).expect("cpu model");
+    let mut cache = cpu.new_cache(64);
+    let mut nll = 0.0f64;
+    for i in 0..tokens.len() - 1 {
+        let logits = cpu.forward(&mut cache, &tokens[i..=i]).expect("cpu step");
+        let max = logits.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+        let z: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+        nll -= logits[tokens[i + 1] as usize] as f64 - max - z.ln();
+    }
+    let ppl = (nll / (tokens.len() - 1) as f64).exp();
+    assert_eq!(q.steps, tokens.len() - 1);
+    assert!((q.perplexity_f32 / ppl - 1.0).abs() < 1e-3, "GPU f32 perplexity {} vs CPU {ppl}", q.perplexity_f32);
+    assert!((q.perplexity_int8 / ppl - 1.0).abs() < 0.05, "int8 perplexity {} vs f32 {ppl}", q.perplexity_int8);
+    assert!((0.0..=1.0).contains(&q.top1_agreement));
+    assert!(q.mean_kl > 0.0 && q.mean_kl < 0.05 && q.max_kl >= q.mean_kl, "{q:?}");
 }

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::CpuModel;
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation, INTERRUPTED};
 use q4wgpu::gpu::Gpu;
@@ -40,6 +41,24 @@ enum Command {
     Bench(BenchArgs),
     /// Fetch known models into the cache (all of them when no name is given); verified by SHA-256.
     Fetch { names: Vec<String> },
+    /// Quality of int8 decode activations against f32 on a text: top-1 agreement, KL divergence
+    /// and perplexity, one token per step (teacher-forced).
+    Eval {
+        /// A model as `run` takes it.
+        #[arg(long)]
+        model: Option<String>,
+        /// The text (UTF-8).
+        #[arg(long)]
+        file: PathBuf,
+        /// Tokens of the text to use (from its start).
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: usize,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Show the GPU adapters, and a model's size and memory needs.
     Info {
         #[arg(long)]
@@ -113,6 +132,9 @@ struct RunArgs {
     /// How prompt chunks read streamed layers: ring or zero-copy.
     #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
     prompt_reads: String,
+    /// Activations of decode steps: int8 (quantized once per input, integer dot products) or f32.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
 }
 
 #[derive(Args)]
@@ -167,6 +189,9 @@ struct BenchArgs {
     /// post-norm and swiglu (default: input-norm).
     #[arg(long)]
     decode_fusion: Option<String>,
+    /// Comma-separated decode activations (int8, f32), one set of generation rows each.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
 }
 
 fn main() {
@@ -176,6 +201,13 @@ fn main() {
         Command::Quantize { src, dst } => quantize(src, dst),
         Command::Bench(args) => bench(args),
         Command::Fetch { names } => fetch(names),
+        Command::Eval {
+            model,
+            file,
+            max_tokens,
+            adapter,
+            json,
+        } => eval(model, file, max_tokens, adapter, json),
         Command::Info {
             model,
             adapter,
@@ -187,6 +219,45 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn eval(
+    model_arg: Option<String>,
+    file: PathBuf,
+    max_tokens: usize,
+    adapter: Option<String>,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| Error::Invalid(format!("reading {}: {e}", file.display())))?;
+    let path = model::resolve(model_arg.as_deref())?;
+    let loaded = model::load(&path, true)?;
+    let mut tokens = loaded.tokenizer.encode(&text, loaded.tokenizer.add_bos())?;
+    tokens.truncate(max_tokens);
+    let gpu = Gpu::new(adapter.as_deref())?;
+    eprintln!("adapter: {}\n{} tokens of {}", gpu.describe(), tokens.len(), file.display());
+    let opts = EngineOptions::default();
+    let q = q4wgpu::eval::compare_decode_activations(&gpu, &loaded.weights, &tokens, &opts)?;
+    println!(
+        "int8 against f32 decode activations over {} steps: top-1 agreement {:.2} %, mean KL {:.5} nats (max {:.4}), perplexity {:.3} (f32) / {:.3} (int8)",
+        q.steps,
+        100.0 * q.top1_agreement,
+        q.mean_kl,
+        q.max_kl,
+        q.perplexity_f32,
+        q.perplexity_int8
+    );
+    if let Some(out) = json {
+        let v = serde_json::json!({
+            "model": path.display().to_string(),
+            "text": file.display().to_string(),
+            "adapter": gpu.info.name,
+            "quality": q,
+        });
+        std::fs::write(&out, serde_json::to_string_pretty(&v).unwrap_or_default())
+            .map_err(|e| Error::Invalid(format!("writing {}: {e}", out.display())))?;
+    }
+    Ok(())
 }
 
 fn fetch(names: Vec<String>) -> Result<()> {
@@ -285,7 +356,8 @@ fn run(args: RunArgs) -> Result<()> {
     let generation: Generation;
     let mut extra = serde_json::Map::new();
     if args.cpu {
-        let cpu = CpuModel::new(&loaded.weights)?;
+        let cpu = CpuModel::new(&loaded.weights)?
+            .with_decode_activations(DecodeActivations::parse(&args.decode_activations)?);
         let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
         eprintln!(
             "loaded {} in {:.1} s; running on the CPU reference",
@@ -312,6 +384,7 @@ fn run(args: RunArgs) -> Result<()> {
             prefetch_depth: args.prefetch_depth,
             decode_reads: StreamRead::parse(&args.decode_reads)?,
             prompt_reads: StreamRead::parse(&args.prompt_reads)?,
+            decode_activations: DecodeActivations::parse(&args.decode_activations)?,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
@@ -382,6 +455,11 @@ fn bench(args: BenchArgs) -> Result<()> {
             Some(text) => DecodeFusion::parse(text)?,
             None => DecodeFusion::default(),
         },
+        decode_activations: args
+            .decode_activations
+            .split(',')
+            .map(|t| DecodeActivations::parse(t.trim()))
+            .collect::<Result<_>>()?,
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {

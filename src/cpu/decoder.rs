@@ -17,6 +17,12 @@ impl<'m, 'w> CpuDecoder<'m, 'w> {
             cache: model.new_cache(ctx),
         }
     }
+
+    /// The same decoder over an f16 KV cache, as the GPU holds it (see [`KvCache::with_f16_values`]).
+    pub fn with_f16_cache(mut self) -> Self {
+        self.cache = self.cache.with_f16_values();
+        self
+    }
 }
 
 impl Decoder for CpuDecoder<'_, '_> {

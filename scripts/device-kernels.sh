@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Kernel work on the GPU machine, in one call: the GPU test binaries (correctness first), the
+# kernel bench (GEMV f32 and int8 with a workgroup sweep, activation quantizer, barrier cost, GEMM,
+# decode attention) and a 32B decode A/B with per-dispatch profiles, printing short tables last.
+#
+# Prepare here: scripts/device-prepare.sh (.device-bin/q4wgpu, .device-bin/tests.tar.xz with the
+# test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
+# [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
+# Environment: TESTS=0 / KERNELS=0 / E2E=0 skip a part; ACTS (int8,f32) the decode activations
+# of the end-to-end A/B; SWEEP=0 skips the workgroup sweep.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+Q4WGPU=${Q4WGPU:-.device-bin/q4wgpu}
+start=$SECONDS
+log() { echo "[device-kernels $((SECONDS - start)) s] $*" | tee -a "$OUT/summary.log"; }
+
+for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done
+ldconfig 2>/dev/null || true
+if ! "$Q4WGPU" info 2>&1 | grep -qi nvidia; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "git: $(cat .device-bin/COMMIT 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+} | tee "$OUT/machine.txt"
+[ -f .device-bin/tests.tar.xz ] && xz -dc .device-bin/tests.tar.xz | tar -C .device-bin -xf -
+
+if [ "${TESTS:-1}" != 0 ]; then
+  for t in .device-bin/tests/*; do
+    [ -x "$t" ] || continue
+    name=$(basename "$t")
+    case $name in kernels-bench | real_model | bench) continue ;; esac
+    echo "== $name" >>"$OUT/tests.log"
+    Q4WGPU_REQUIRE_COOP=1 timeout 200 "$t" >>"$OUT/tests.log" 2>&1
+    log "test $name: exit $?"
+  done
+fi
+
+if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
+  log "kernels bench"
+  sweep=()
+  [ "${SWEEP:-1}" != 0 ] && sweep=(--sweep)
+  timeout 240 .device-bin/tests/kernels-bench ${sweep[@]+"${sweep[@]}"} >"$OUT/kernels.log" 2>&1
+  log "kernels bench: exit $?"
+fi
+
+if [ "${E2E:-1}" != 0 ]; then
+  log "32B decode A/B (${ACTS:-int8,f32}) with profiles"
+  timeout 200 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 128 -r 3 \
+    --decode-activations "${ACTS:-int8,f32}" --profile --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+  log "32B: exit $?"
+fi
+log "done"
+grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
+cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
+grep -E "^\|" "$OUT/e2e.log" 2>/dev/null | head -80
