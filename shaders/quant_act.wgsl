@@ -6,6 +6,9 @@
 //! of the residual stream x (times norm_w), or silu(gate) * up of x = [gate | up]. So the
 //! elementwise step before a projection costs no dispatch of its own.
 //!
+//! With INPUT_RMSNORM the blocks quantized are those of x * norm_w, and 1 / rms(x) multiplies
+//! their d (ActQ8::quantize_scaled): the same levels gemv_q4_q8 computes when it fuses the norm.
+//!
 //! Thread mapping: each thread quantizes one block of 32 (8 vec4 loads, the absmax, 8 packed
 //! words written as two vec4). Blocks past K (to whole weight blocks of 128) are written as zero.
 //! INPUT_RMSNORM needs the mean square of the whole vector first: one workgroup takes the whole
@@ -69,39 +72,21 @@ fn inverse_rms(lid: u32) -> f32 {
     return 1.0 / sqrt(red[0] / f32(p.k) + p.eps);
 }
 
+// Quantizes block b; RMSNorm's 1 / rms multiplies d (quantizing x * w and scaling d by the norm
+// is the spec's order: ActQ8::quantize_scaled).
 fn quantize_block(b: u32, inv_rms: f32) {
     var v: array<vec4<f32>, 8>;
-    var absmax = 0.0;
     for (var i = 0u; i < 8u; i++) {
         var t = load4(b * 8u + i);
         if (INPUT == INPUT_RMSNORM) {
-            t = t * inv_rms * norm_w[min(b * 8u + i, p.k / 4u - 1u)];
+            t = t * norm_w[min(b * 8u + i, p.k / 4u - 1u)];
         }
         v[i] = t;
-        let a = abs(t);
-        absmax = max(absmax, max(max(a.x, a.y), max(a.z, a.w)));
     }
-    let d = absmax / 127.0;
-    var q: array<vec4<i32>, 8>;
-    var total = 0;
-    for (var i = 0u; i < 8u; i++) {
-        var l = vec4<i32>(0);
-        if (d > 0.0) {
-            l = vec4<i32>(clamp(round(v[i] / d), vec4<f32>(-127.0), vec4<f32>(127.0)));
-        }
-        q[i] = l;
-        total += l.x + l.y + l.z + l.w;
-    }
-    var w: array<u32, 8>;
-    for (var j = 0u; j < 4u; j++) {
-        let a = q[2u * j];
-        let c = q[2u * j + 1u];
-        w[2u * j] = pack4xI8(vec4<i32>(a.x, a.z, c.x, c.z));
-        w[2u * j + 1u] = pack4xI8(vec4<i32>(a.y, a.w, c.y, c.w));
-    }
-    xq[2u * b] = vec4<u32>(w[0], w[1], w[2], w[3]);
-    xq[2u * b + 1u] = vec4<u32>(w[4], w[5], w[6], w[7]);
-    xd[b] = vec2<f32>(d, d * f32(total));
+    let q = quantize32(v);
+    xq[2u * b] = q.lo;
+    xq[2u * b + 1u] = q.hi;
+    xd[b] = vec2<f32>(q.d * inv_rms, q.dsum * inv_rms);
 }
 
 @compute @workgroup_size(WG)

@@ -20,7 +20,7 @@ use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
 use crate::kernels::swiglu::SwiGlu;
 use crate::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
 use crate::kernels::gemv_q4::GemvOptions;
-use crate::kernels::gemv_q4_q8::GemvQ4Q8;
+use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use crate::quant::{DecodeActivations, QView};
 use crate::sampling::SamplingParams;
@@ -59,6 +59,9 @@ pub struct DecodeFusion {
     pub post_norm: bool,
     /// SwiGLU, inside the down projection.
     pub swiglu: bool,
+    /// With int8 activations: the quantization of the attention output, inside the o projection
+    /// (the f32 GEMV reads it as it is).
+    pub attention_output: bool,
 }
 
 impl DecodeFusion {
@@ -66,9 +69,17 @@ impl DecodeFusion {
         input_norm: false,
         post_norm: false,
         swiglu: false,
+        attention_output: false,
     };
 
-    /// A comma-separated list of input-norm, post-norm and swiglu, or "none".
+    pub const ALL: DecodeFusion = DecodeFusion {
+        input_norm: true,
+        post_norm: true,
+        swiglu: true,
+        attention_output: true,
+    };
+
+    /// A comma-separated list of input-norm, post-norm, swiglu and attention-output, or "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;
         for item in text.split(',').map(str::trim) {
@@ -77,9 +88,10 @@ impl DecodeFusion {
                 "input-norm" => f.input_norm = true,
                 "post-norm" => f.post_norm = true,
                 "swiglu" => f.swiglu = true,
+                "attention-output" => f.attention_output = true,
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm and swiglu"
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu and attention-output"
                     )))
                 }
             }
@@ -98,6 +110,7 @@ impl Default for DecodeFusion {
             input_norm: true,
             post_norm: false,
             swiglu: false,
+            attention_output: true,
         }
     }
 }
@@ -480,22 +493,46 @@ impl<'w> GpuModel<'w> {
             };
             let d = match &int8 {
                 Some((quant, gemv8, xq)) => {
-                    let proj = |m: Q4Ref, out: &wgpu::Buffer, bias, mode| {
-                        gemv8.bind(gpu, m, xq, BufRange::whole(out), bias, mode, &GemvOptions::default())
+                    // A projection with int8 activations: its input quantized by a dispatch of
+                    // its own, or (fused) by the GEMV as it reads it.
+                    let project_q8 = |name: &str,
+                                      fused: bool,
+                                      input: ActInput,
+                                      x: &wgpu::Buffer,
+                                      k: usize,
+                                      m: Q4Ref,
+                                      out: &wgpu::Buffer,
+                                      bias: Option<BufRange>,
+                                      mode: Epilogue|
+                     -> Result<Vec<Dispatch>> {
+                        let (y, opts) = (BufRange::whole(out), GemvOptions::default());
+                        if fused {
+                            let x = BufRange::whole(x);
+                            let q8 = match input {
+                                ActInput::Plain => Q8Input::F32(x),
+                                ActInput::RmsNorm { weight, eps } => Q8Input::RmsNorm { x, weight, eps },
+                                ActInput::SwiGlu => Q8Input::SwiGlu(x),
+                            };
+                            let ds = gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?;
+                            return Ok(role(&format!("{name}, input quantized in"), ds));
+                        }
+                        let mut ds = role(&format!("{name} input (int8)"), vec![quant.bind(gpu, input, x, k, xq)?]);
+                        let q8 = Q8Input::Quantized(xq);
+                        ds.extend(role(name, gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?));
+                        Ok(ds)
                     };
-                    let q = |input, x: &wgpu::Buffer, k| quant.bind(gpu, input, x, k, xq);
                     let input_norm = ActInput::RmsNorm { weight: &s.input_norm, eps };
                     let post_norm = ActInput::RmsNorm { weight: &s.post_norm, eps };
-                    let mut d = role("norm (int8)", vec![q(input_norm, &act.x, h)?]);
-                    d.extend(role("qkv", proj(wd(&pack.qkv), &act.qkv, qkv_bias, Epilogue::Store)?));
+                    let (store, add) = (Epilogue::Store, Epilogue::Accumulate);
+                    let mut d = project_q8("qkv", fuse.input_norm, input_norm, &act.x, h, wd(&pack.qkv), &act.qkv, qkv_bias, store)?;
                     d.extend(role("rope + kv write", vec![bind_rope(1)?]));
                     d.extend(role("attention", attn.decode.clone()));
-                    d.extend(role("attention output (int8)", vec![q(ActInput::Plain, &act.attn, q_dim)?]));
-                    d.extend(role("o (+residual)", proj(wd(&pack.o), &act.x, o_bias, Epilogue::Accumulate)?));
-                    d.extend(role("post norm (int8)", vec![q(post_norm, &act.x, h)?]));
-                    d.extend(role("gate|up", proj(wd(&pack.gate_up), &act.gate_up, None, Epilogue::Store)?));
-                    d.extend(role("swiglu (int8)", vec![q(ActInput::SwiGlu, &act.gate_up, ffn)?]));
-                    d.extend(role("down (+residual)", proj(wd(&pack.down), &act.x, None, Epilogue::Accumulate)?));
+                    let o = wd(&pack.o);
+                    d.extend(project_q8("o (+residual)", fuse.attention_output, ActInput::Plain, &act.attn, q_dim, o, &act.x, o_bias, add)?);
+                    let gate_up = wd(&pack.gate_up);
+                    d.extend(project_q8("gate|up", fuse.post_norm, post_norm, &act.x, h, gate_up, &act.gate_up, None, store)?);
+                    let down = wd(&pack.down);
+                    d.extend(project_q8("down (+residual)", fuse.swiglu, ActInput::SwiGlu, &act.gate_up, ffn, down, &act.x, None, add)?);
                     d
                 }
                 None => {
@@ -636,7 +673,8 @@ impl<'w> GpuModel<'w> {
                 let input = ActInput::RmsNorm { weight: &final_norm, eps };
                 let mut d = vec![quant.bind(gpu, input, &act.x, h, xq)?.with_role("final norm (int8)")];
                 let opts = GemvOptions::default();
-                let lm_dispatches = gemv8.bind(gpu, lm, xq, whole(&act.logits), None, Epilogue::Store, &opts)?;
+                let x = Q8Input::Quantized(xq);
+                let lm_dispatches = gemv8.bind(gpu, lm, x, whole(&act.logits), None, Epilogue::Store, &opts)?;
                 d.extend(lm_dispatches.into_iter().map(|d| d.with_role("lm_head")));
                 d
             }

@@ -174,6 +174,8 @@ impl<'a> QView<'a> {
 /// Blocks of [`ACT_BLOCK`] = 32 consecutive values (a quarter of a weight block); the vector is
 /// zero-padded to whole weight blocks of 128. Per block: `d = absmax / 127` (f32 division),
 /// `q = clamp(round_half_even(x / d), -127, 127)` (all zero when `d = 0`), and `sum = d * Σq`.
+/// An RMSNorm input is quantized before its scalar `1 / rms` is applied, which then multiplies
+/// `d` ([`ActQ8::quantize_scaled`]).
 /// With the weight levels `n - 8` (n the stored nibble) a block's product is
 /// `Σ (n - 8) q d = d Σ n q - 8 sum`: an exact integer dot product of nibbles and int8 values,
 /// then two float operations; the weight block's bf16 scale multiplies the result.
@@ -224,24 +226,31 @@ impl DecodeActivations {
 
 impl ActQ8 {
     pub fn quantize(x: &[f32]) -> ActQ8 {
+        ActQ8::quantize_scaled(x, 1.0)
+    }
+
+    /// The vector `scale * x`, quantized as the levels of `x` with every block's `d` multiplied
+    /// by `scale`: how an RMSNorm input is quantized (`x` the residual times the norm weight,
+    /// `scale = 1 / rms`), so that a GEMV can apply the norm's scalar to its sums at the end.
+    pub fn quantize_scaled(x: &[f32], scale_by: f32) -> ActQ8 {
         let padded = blocks_per_row(x.len()) * BLOCK;
         let mut q = vec![0i8; padded];
         let mut d = vec![0.0f32; padded / ACT_BLOCK];
         let mut sum = vec![0.0f32; padded / ACT_BLOCK];
         for (b, block) in x.chunks(ACT_BLOCK).enumerate() {
             let absmax = block.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-            let scale = absmax / 127.0;
-            if scale == 0.0 {
+            let block_d = absmax / 127.0;
+            if block_d == 0.0 {
                 continue;
             }
             let mut total = 0i32;
             for (i, &v) in block.iter().enumerate() {
-                let level = ((v / scale).round_ties_even() as i32).clamp(-127, 127);
+                let level = ((v / block_d).round_ties_even() as i32).clamp(-127, 127);
                 q[b * ACT_BLOCK + i] = level as i8;
                 total += level;
             }
-            d[b] = scale;
-            sum[b] = scale * total as f32;
+            d[b] = block_d * scale_by;
+            sum[b] = d[b] * total as f32;
         }
         ActQ8 {
             len: x.len(),

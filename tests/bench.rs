@@ -284,11 +284,7 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     assert_eq!(after_profile, plain);
 
     // Every step of a decode step appears, separate or fused, once per layer.
-    let all = DecodeFusion {
-        input_norm: true,
-        post_norm: true,
-        swiglu: true,
-    };
+    let all = DecodeFusion::ALL;
     let separate: &[&str] = &[
         "norm: ",
         "qkv: ",
@@ -307,18 +303,16 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         "norm + gate|up: ",
         "swiglu + down (+residual): ",
     ];
-    // With int8 activations each projection's input is quantized by a dispatch that also does
-    // the norm or SwiGLU before it.
+    // With int8 activations each projection's input is quantized with the norm or SwiGLU before it
+    // (quantized by a dispatch of its own, or inside the GEMV).
     let int8: &[&str] = &[
-        "norm (int8): ",
-        "qkv: ",
+        "qkv, input quantized in: ",
         "rope + kv write: ",
         "attention: ",
-        "attention output (int8): ",
-        "o (+residual): ",
-        "post norm (int8): ",
+        "o (+residual), input quantized in: ",
+        "gate|up input (int8): ",
         "gate|up: ",
-        "swiglu (int8): ",
+        "down (+residual) input (int8): ",
         "down (+residual): ",
     ];
     let cases = [

@@ -6,7 +6,7 @@
 use q4wgpu::gpu::testing::{assert_close, compile_to_spirv, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions};
-use q4wgpu::kernels::gemv_q4_q8::GemvQ4Q8;
+use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref};
 use q4wgpu::quant::{ActQ8, QMatrix, ACT_BLOCK};
@@ -75,7 +75,8 @@ fn read_f32(g: &Gpu, b: &wgpu::Buffer, n: usize) -> Vec<f32> {
 /// The GPU's int8 values equal the spec's, except a value may round the other way where x / d
 /// lies within float error of a tie (the GPU's division and norm are not the CPU's to the bit);
 /// scales agree to float error.
-fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, want: &ActQ8, exact: &[f32]) {
+fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, exact: &[f32], scale: f32) {
+    let want = &ActQ8::quantize_scaled(exact, scale);
     let words = read_u32(g, &out.words);
     let want_words = want.packed_words();
     let blocks = want.d.len();
@@ -87,7 +88,7 @@ fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, want: &ActQ8, exact:
         if gq == wq {
             continue;
         }
-        let ratio = exact[i] / want.d[i / ACT_BLOCK];
+        let ratio = exact[i] * scale / want.d[i / ACT_BLOCK];
         let near_tie = (ratio - ratio.trunc()).abs() - 0.5;
         assert!(
             (gq as i32 - wq as i32).abs() == 1 && near_tie.abs() < 1e-3,
@@ -123,7 +124,8 @@ fn quant_act_matches_the_spec_for_every_input() {
         // The vector each input stands for, computed here from its definition.
         let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
-        let normed: Vec<f32> = x.iter().zip(&norm_w).map(|(v, w)| (*v as f64 * inv * *w as f64) as f32).collect();
+        // RMSNorm quantizes x * w and puts 1 / rms on d (ActQ8::quantize_scaled).
+        let xw: Vec<f32> = x.iter().zip(&norm_w).map(|(v, w)| v * w).collect();
         let swiglu: Vec<f32> = gate
             .iter()
             .zip(&x)
@@ -133,15 +135,15 @@ fn quant_act_matches_the_spec_for_every_input() {
         let w_buf = g.storage_from("norm w", &norm_w);
         let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
         let gu_buf = g.storage_from("gate|up", &gu);
-        let cases: [(&str, ActInput, &wgpu::Buffer, &Vec<f32>); 3] = [
-            ("plain", ActInput::Plain, &x_buf, &x),
-            ("rmsnorm", ActInput::RmsNorm { weight: &w_buf, eps }, &x_buf, &normed),
-            ("swiglu", ActInput::SwiGlu, &gu_buf, &swiglu),
+        let cases: [(&str, ActInput, &wgpu::Buffer, &Vec<f32>, f32); 3] = [
+            ("plain", ActInput::Plain, &x_buf, &x, 1.0),
+            ("rmsnorm", ActInput::RmsNorm { weight: &w_buf, eps }, &x_buf, &xw, inv as f32),
+            ("swiglu", ActInput::SwiGlu, &gu_buf, &swiglu, 1.0),
         ];
-        for (name, input, buf, exact) in cases {
+        for (name, input, buf, exact, scale) in cases {
             let out = poisoned_act(g, k);
             run(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
-            check_quantized(&format!("{name} K={k}"), g, &out, &ActQ8::quantize(exact), exact);
+            check_quantized(&format!("{name} K={k}"), g, &out, exact, scale);
         }
     }
 }
@@ -213,7 +215,7 @@ impl Case {
         };
         let bias_buf = bias.as_ref().map(|b| g.storage_from("bias", b));
         let ds = kernel
-            .bind(g, w, &x, BufRange::whole(&y), bias_buf.as_ref().map(BufRange::whole), self.mode, &self.opts)
+            .bind(g, w, Q8Input::Quantized(&x), BufRange::whole(&y), bias_buf.as_ref().map(BufRange::whole), self.mode, &self.opts)
             .expect("bind");
         run(g, &ds);
         let what = format!("gemv_q4_q8 {}x{} {:?} bias {} {:?}", self.rows, self.cols, self.mode, self.bias, self.opts.config);
@@ -285,7 +287,7 @@ fn gemv_q8_and_quant_act_reject_bad_shapes() {
     let w = Q4Ref { rows: 8, cols: 256, qweight: BufRange::whole(&qw), scales: BufRange::whole(&sc) };
     let y = g.storage_buffer("y", 32);
     let e = kernel
-        .bind(g, w, &small, BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default())
+        .bind(g, w, Q8Input::Quantized(&small), BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default())
         .err()
         .expect("K over the activation buffers");
     assert!(e.to_string().contains("exceeds"), "{e}");
@@ -296,15 +298,75 @@ fn gemv_q8_and_quant_act_reject_bad_shapes() {
 /// lavapipe runs the polyfill.
 #[test]
 fn q8_shaders_compile_to_spirv_with_packed_dot() {
-    let quant = format!("const INPUT: u32 = 1u;\n{}", include_str!("../shaders/quant_act.wgsl"));
-    compile_to_spirv("quant_act", &quant, &[]);
-    let gemv = format!(
-        "{}\n{}",
-        include_str!("../shaders/gemv_q4_sum_subgroup.wgsl"),
-        include_str!("../shaders/gemv_q4_q8.wgsl")
+    let quant = format!(
+        "const INPUT: u32 = 1u;\n{}\n{}",
+        include_str!("../shaders/q8_block.wgsl"),
+        include_str!("../shaders/quant_act.wgsl")
     );
+    compile_to_spirv("quant_act", &quant, &[]);
+    for input in 1..4 {
+        let fused = q4wgpu::kernels::gemv_q4_q8::shader(true, input);
+        compile_to_spirv(&format!("gemv_q4_q8 input {input}"), &fused, &[("WG", 64.0), ("ROWS", 4.0)]);
+    }
+    let gemv = q4wgpu::kernels::gemv_q4_q8::shader(true, 0);
     let words = compile_to_spirv("gemv_q4_q8", &gemv, &[("WG", 64.0), ("ROWS", 4.0)]);
     const OP_SDOT: u32 = 4450;
     let sdots = words.iter().filter(|&&w| w == (6 << 16 | OP_SDOT)).count();
     assert!(sdots >= 8, "gemv_q4_q8: {sdots} OpSDot instructions, want the 8 of a quarter's dot");
+}
+
+/// The fused inputs (f32 x, RMSNorm, SwiGLU quantized by the GEMV as it reads them) against the
+/// CPU spec; and the f32 input against quant_act + the quantized-input GEMV on the GPU, which
+/// quantize with the same arithmetic (so only the summation order differs).
+#[test]
+fn gemv_q8_fused_inputs_match_the_spec() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 fused inputs");
+    // A value may round the other way where x / d lies within float error of a tie (the GPU's
+    // exp, division and norm are not the CPU's to the bit): one level of one value moves a row
+    // sum by d |w|, about 1e-3 of these rows' largest sums.
+    const FUSED_TOL: f32 = 3e-3;
+    for (rows, cols) in [(37, 200), (300, 896), (5, 4864)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = random_activations(&mut rng, cols);
+        let gate = random_activations(&mut rng, cols);
+        let norm_w: Vec<f32> = (0..cols).map(|_| 0.5 + rng.uniform()).collect();
+        let eps = 1e-5;
+        let inv = q4wgpu::cpu::inverse_rms(&x, eps);
+        let xw: Vec<f32> = x.iter().zip(&norm_w).map(|(a, w)| a * w).collect();
+        let sw: Vec<f32> = gate.iter().zip(&x).map(|(gv, u)| q4wgpu::cpu::silu(*gv) * u).collect();
+        let spec = |a: ActQ8| {
+            let mut y = vec![0.0; rows];
+            m.view().matvec_q8(&a, &mut y);
+            y
+        };
+        let qweight = g.storage_from("qweight", &m.qweight);
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scales = g.storage_from_bytes("scales", &scale_bytes);
+        let w = Q4Ref { rows, cols, qweight: BufRange::whole(&qweight), scales: BufRange::whole(&scales) };
+        let x_buf = g.storage_from("x", &x);
+        let w_buf = g.storage_from("norm w", &norm_w);
+        let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
+        let gu_buf = g.storage_from("gate|up", &gu);
+        let opts = GemvOptions::default();
+        let run_input = |input: Q8Input| {
+            let y = poisoned(g, "y", rows);
+            run(g, &kernel.bind(g, w, input, BufRange::whole(&y), None, Epilogue::Store, &opts).expect("bind"));
+            read_f32(g, &y, rows)
+        };
+        let x_range = BufRange::whole(&x_buf);
+        let f32_in = run_input(Q8Input::F32(x_range));
+        assert_close(&format!("f32 input {rows}x{cols}"), &f32_in, &spec(ActQ8::quantize(&x)), FUSED_TOL);
+        let normed = run_input(Q8Input::RmsNorm { x: x_range, weight: &w_buf, eps });
+        assert_close(&format!("rmsnorm input {rows}x{cols}"), &normed, &spec(ActQ8::quantize_scaled(&xw, inv)), FUSED_TOL);
+        let swiglu = run_input(Q8Input::SwiGlu(BufRange::whole(&gu_buf)));
+        assert_close(&format!("swiglu input {rows}x{cols}"), &swiglu, &spec(ActQ8::quantize(&sw)), FUSED_TOL);
+        // The same quantizer on the GPU, as a dispatch of its own: equal to summation order.
+        let xq = poisoned_act(g, cols);
+        run(g, &[quant.bind(g, ActInput::Plain, &x_buf, cols, &xq).expect("quant")]);
+        let two_step = run_input(Q8Input::Quantized(&xq));
+        assert_close(&format!("f32 input vs quant_act {rows}x{cols}"), &f32_in, &two_step, TOL);
+    }
 }

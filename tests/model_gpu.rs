@@ -11,6 +11,13 @@ use q4wgpu::{test_models, Arch};
 /// GPU and CPU differ by accumulation order and by the f16 KV cache (the CPU keeps f32):
 /// measured ~1e-4 of the largest logit; this bound still catches a wrong epsilon, mask or head map.
 const LOGIT_TOLERANCE: f32 = 2e-3;
+/// With int8 decode activations GPU and CPU agree to ~2e-7 of the largest logit until a value
+/// whose x / d lies within float error of a rounding tie rounds the other way (the GPU's sums,
+/// exp and f16 cache rounding are not the CPU's to the bit); that happens within a few dozen
+/// steps, and in these 160-wide toy layers it moves every later step's logits by 2e-3 to 1.4e-2
+/// (measured on lavapipe). So int8 steps are held to 3e-2 here, which still fails a wrong scale,
+/// layout or norm; kernels_q8 checks the arithmetic itself tightly, flips excluded one by one.
+const INT8_LOGIT_TOLERANCE: f32 = 3e-2;
 
 fn tiny_model(arch: Arch, seed: u64) -> LoadedModel {
     tiny_model_with_layers(arch, seed, test_models::tiny_config(arch).num_hidden_layers)
@@ -61,16 +68,15 @@ fn gpu_matches_cpu(arch: Arch) {
     let vocab = loaded.weights.config.vocab_size;
     let prompt: Vec<u32> = (0..21).map(|_| rng.below(vocab) as u32).collect();
     let steps: Vec<u32> = (0..6).map(|_| rng.below(vocab) as u32).collect();
-    // Decode with int8 activations (the CPU reference quantizes them the same way), and with f32
+    // Decode with int8 activations (the CPU reference quantizes them the same way; quantized by
+    // dispatches of their own, in the GEMVs, and as by default), and with f32
     // activations with every elementwise step separate, with all of them fused into the GEMVs,
     // and as the engine chooses by default.
-    let all = DecodeFusion {
-        input_norm: true,
-        post_norm: true,
-        swiglu: true,
-    };
+    let all = DecodeFusion::ALL;
     let variants = [
         (DecodeActivations::Int8, DecodeFusion::default()),
+        (DecodeActivations::Int8, DecodeFusion::NONE),
+        (DecodeActivations::Int8, all),
         (DecodeActivations::F32, DecodeFusion::NONE),
         (DecodeActivations::F32, all),
         (DecodeActivations::F32, DecodeFusion::default()),
@@ -97,13 +103,17 @@ fn gpu_matches_cpu(arch: Arch) {
             DecodeActivations::Int8 => prompt.chunks(1).collect(),
             DecodeActivations::F32 => vec![&prompt[..]],
         };
+        let tolerance = match activations {
+            DecodeActivations::Int8 => INT8_LOGIT_TOLERANCE,
+            DecodeActivations::F32 => LOGIT_TOLERANCE,
+        };
         for call in prompt_calls {
             let want = cpu.forward(&mut cache, call).expect("cpu prompt");
             let got = engine.logits(call).expect("gpu prompt");
             let err = max_rel_err(&got, &want);
             assert!(
-                err <= LOGIT_TOLERANCE,
-                "{arch:?} prompt logits ({activations:?} activations): max relative error {err:e}"
+                err <= tolerance,
+                "{arch:?} prompt logits ({activations:?} activations, {fusion:?}): max relative error {err:e}"
             );
         }
         for (step, &token) in steps.iter().enumerate() {
@@ -111,10 +121,11 @@ fn gpu_matches_cpu(arch: Arch) {
             let got = engine.logits(&[token]).expect("gpu step");
             let err = max_rel_err(&got, &want);
             assert!(
-                err <= LOGIT_TOLERANCE,
+                err <= tolerance,
                 "{arch:?} decode step {step} with {activations:?} activations, {fusion:?}: max relative error {err:e}"
             );
         }
+
     }
 }
 

@@ -19,7 +19,9 @@ mod decoder;
 pub mod ops;
 
 pub use decoder::CpuDecoder;
-pub use ops::{add_in_place, apply_rope, attention, dot, rms_norm, silu, softmax_in_place, Heads};
+pub use ops::{
+    add_in_place, apply_rope, attention, dot, inverse_rms, rms_norm, silu, softmax_in_place, Heads,
+};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -32,14 +34,43 @@ struct Linear<'a> {
     bias: Option<Vec<f32>>,
 }
 
-impl Linear<'_> {
-    /// `W x (+ b)`; with `int8`, x is first quantized as [`ActQ8`] specifies.
-    fn apply(&self, x: &[f32], int8: bool) -> Vec<f32> {
-        let mut y = vec![0.0; self.weight.rows];
+/// What a projection multiplies: f32 values, or int8 blocks (decode steps with int8 activations).
+enum Input {
+    F32(Vec<f32>),
+    Int8(ActQ8),
+}
+
+impl Input {
+    /// `x` as it is, quantized with `int8`.
+    fn plain(x: &[f32], int8: bool) -> Input {
         if int8 {
-            self.weight.matvec_q8(&ActQ8::quantize(x), &mut y);
+            Input::Int8(ActQ8::quantize(x))
         } else {
-            self.weight.matvec(x, &mut y);
+            Input::F32(x.to_vec())
+        }
+    }
+
+    /// RMSNorm of `x` with `weight`; with `int8`, `x * weight` quantized with `1 / rms` on `d`,
+    /// the spec's order (see [`ActQ8::quantize_scaled`]).
+    fn normed(x: &[f32], weight: &[f32], eps: f32, int8: bool) -> Input {
+        if int8 {
+            let v: Vec<f32> = x.iter().zip(weight).map(|(a, w)| a * w).collect();
+            Input::Int8(ActQ8::quantize_scaled(&v, inverse_rms(x, eps)))
+        } else {
+            let mut h = vec![0.0; x.len()];
+            rms_norm(x, weight, eps, &mut h);
+            Input::F32(h)
+        }
+    }
+}
+
+impl Linear<'_> {
+    /// `W x (+ b)`.
+    fn apply(&self, x: &Input) -> Vec<f32> {
+        let mut y = vec![0.0; self.weight.rows];
+        match x {
+            Input::F32(v) => self.weight.matvec(v, &mut y),
+            Input::Int8(a) => self.weight.matvec_q8(a, &mut y),
         }
         if let Some(b) = &self.bias {
             add_in_place(&mut y, b);
@@ -292,11 +323,10 @@ impl<'a> CpuModel<'a> {
         int8: bool,
     ) {
         let eps = self.config.rms_norm_eps;
-        let mut h = vec![0.0; self.config.hidden_size];
         let mut queries = Vec::with_capacity(xs.len());
         for (t, x) in xs.iter().enumerate() {
-            rms_norm(x, &layer.input_norm, eps, &mut h);
-            let (mut q, mut k, v) = (layer.q.apply(&h, int8), layer.k.apply(&h, int8), layer.v.apply(&h, int8));
+            let h = Input::normed(x, &layer.input_norm, eps, int8);
+            let (mut q, mut k, v) = (layer.q.apply(&h), layer.k.apply(&h), layer.v.apply(&h));
             apply_rope(&mut q, start + t, &self.inv_freq);
             apply_rope(&mut k, start + t, &self.inv_freq);
             cache.write(l, start + t, &k, &v);
@@ -312,25 +342,19 @@ impl<'a> CpuModel<'a> {
                 cache.values(l, seen),
                 &mut a,
             );
-            add_in_place(x, &layer.o.apply(&a, int8));
+            add_in_place(x, &layer.o.apply(&Input::plain(&a, int8)));
         }
     }
 
     /// `x += down(silu(gate(h)) * up(h))` with `h = rmsnorm(x)`, for each token.
     fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>], int8: bool) {
-        let mut h = vec![0.0; self.config.hidden_size];
         for x in xs.iter_mut() {
-            rms_norm(
-                x,
-                &layer.post_attention_norm,
-                self.config.rms_norm_eps,
-                &mut h,
-            );
-            let mut act = layer.gate.apply(&h, int8);
-            for (g, u) in act.iter_mut().zip(layer.up.apply(&h, int8)) {
+            let h = Input::normed(x, &layer.post_attention_norm, self.config.rms_norm_eps, int8);
+            let mut act = layer.gate.apply(&h);
+            for (g, u) in act.iter_mut().zip(layer.up.apply(&h)) {
                 *g = silu(*g) * u;
             }
-            add_in_place(x, &layer.down.apply(&act, int8));
+            add_in_place(x, &layer.down.apply(&Input::plain(&act, int8)));
         }
     }
 
@@ -340,13 +364,10 @@ impl<'a> CpuModel<'a> {
     }
 
     fn logits(&self, x: &[f32], int8: bool) -> Vec<f32> {
-        let mut h = vec![0.0; x.len()];
-        rms_norm(x, &self.final_norm, self.config.rms_norm_eps, &mut h);
         let mut logits = vec![0.0; self.lm_head.rows];
-        if int8 {
-            self.lm_head.matvec_q8(&ActQ8::quantize(&h), &mut logits);
-        } else {
-            self.lm_head.matvec(&h, &mut logits);
+        match Input::normed(x, &self.final_norm, self.config.rms_norm_eps, int8) {
+            Input::F32(h) => self.lm_head.matvec(&h, &mut logits),
+            Input::Int8(a) => self.lm_head.matvec_q8(&a, &mut logits),
         }
         logits
     }

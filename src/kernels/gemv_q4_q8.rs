@@ -10,7 +10,7 @@
 //! [`GemvQ4`]: super::gemv_q4::GemvQ4
 
 use super::gemv_q4::{check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions, MAX_ROWS};
-use super::quant_act::ActQ8Buffers;
+use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
 use crate::gpu::{dispatch_2d, Gpu};
@@ -22,6 +22,39 @@ const SOURCE: &str = include_str!("../../shaders/gemv_q4_q8.wgsl");
 const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl");
 const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
 
+/// What the kernel reads as x.
+#[derive(Clone, Copy)]
+pub enum Q8Input<'a> {
+    /// x quantized beforehand ([`QuantAct`](super::quant_act::QuantAct)).
+    Quantized(&'a ActQ8Buffers),
+    /// An f32 vector (K values), quantized quarter by quarter as the kernel reads it.
+    F32(BufRange<'a>),
+    /// RMSNorm of the residual stream (K values) with `weight` and `eps`, quantized as it is read.
+    RmsNorm {
+        x: BufRange<'a>,
+        weight: &'a wgpu::Buffer,
+        eps: f32,
+    },
+    /// `silu(gate) * up` of `[gate | up]` (2K values), quantized as it is read.
+    SwiGlu(BufRange<'a>),
+}
+
+impl Q8Input<'_> {
+    /// The shader's INPUT constant.
+    fn code(&self) -> u32 {
+        match self {
+            Q8Input::Quantized(_) => 0,
+            Q8Input::F32(_) => 1,
+            Q8Input::RmsNorm { .. } => 2,
+            Q8Input::SwiGlu(_) => 3,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        ["", " (f32 x quantized in)", " (rmsnorm quantized in)", " (swiglu quantized in)"][self.code() as usize]
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -31,13 +64,15 @@ struct Params {
     row_base: u32,
     accumulate: u32,
     has_bias: u32,
-    pad: [u32; 2],
+    eps: f32,
+    pad: u32,
 }
 
 pub struct GemvQ4Q8 {
     subgroups: bool,
     subgroup_max: u32,
-    pipelines: Mutex<HashMap<GemvConfig, wgpu::ComputePipeline>>,
+    /// By workgroup shape and INPUT code.
+    pipelines: Mutex<HashMap<(GemvConfig, u32), wgpu::ComputePipeline>>,
 }
 
 impl GemvQ4Q8 {
@@ -47,7 +82,7 @@ impl GemvQ4Q8 {
             subgroup_max: gpu.caps.subgroup_max_size.max(1),
             pipelines: Mutex::new(HashMap::new()),
         };
-        kernel.pipeline(gpu, kernel.config_for(4096, 4096))?;
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0)?;
         Ok(kernel)
     }
 
@@ -75,7 +110,7 @@ impl GemvQ4Q8 {
         }
     }
 
-    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
         let unit = self.subgroup_max.max(32);
         if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) || !(1..=MAX_ROWS).contains(&cfg.rows) {
             return Err(Error::Invalid(format!(
@@ -90,27 +125,25 @@ impl GemvQ4Q8 {
             .pipelines
             .lock()
             .map_err(|_| Error::Gpu("gemv_q4_q8: pipeline cache poisoned".into()))?;
-        if let Some(p) = cache.get(&cfg) {
+        if let Some(p) = cache.get(&(cfg, input)) {
             return Ok(p.clone());
         }
-        let sum = if cfg.subgroups { SUM_SUBGROUP } else { SUM_SHARED };
         let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!("gemv_q4_q8/wg{}_rows{}_{kind}", cfg.wg, cfg.rows);
-        let source = format!("{sum}\n{SOURCE}");
+        let label = format!("gemv_q4_q8/wg{}_rows{}_{kind}_input{input}", cfg.wg, cfg.rows);
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
-        let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
-        cache.insert(cfg, pipeline.clone());
+        let pipeline = gpu.compute_pipeline_unchecked(&label, &shader(cfg.subgroups, input), "main", &overrides)?;
+        cache.insert((cfg, input), pipeline.clone());
         Ok(pipeline)
     }
 
-    /// Binds `y = W x` (see [`Epilogue`]) for x in `x` (quantized, `cols` values), `y, bias:
-    /// [rows]` f32. One dispatch per row range, to encode in order.
+    /// Binds `y = W x` (see [`Epilogue`]) for x as `x` says (`cols` values), `y, bias: [rows]`
+    /// f32. One dispatch per row range, to encode in order.
     #[allow(clippy::too_many_arguments)]
     pub fn bind(
         &self,
         gpu: &Gpu,
         w: Q4Ref,
-        x: &ActQ8Buffers,
+        x: Q8Input,
         y: BufRange,
         bias: Option<BufRange>,
         mode: Epilogue,
@@ -118,25 +151,51 @@ impl GemvQ4Q8 {
     ) -> Result<Vec<Dispatch>> {
         let what = "gemv_q4_q8";
         check_matrix(gpu, what, &w)?;
-        if w.cols > x.capacity {
-            return Err(Error::Invalid(format!(
-                "{what}: K = {} exceeds the quantized activation buffers' {} values",
-                w.cols, x.capacity
-            )));
+        let bpr = blocks_per_row(w.cols);
+        let x_blocks = (bpr * BLOCK / ACT_BLOCK) as u64;
+        let k_bytes = 4 * w.cols as u64;
+        if w.cols % 4 != 0 {
+            return Err(Error::Invalid(format!("{what}: K = {} must be a multiple of 4", w.cols)));
         }
+        // (words, scales, f32 x, norm weight) bindings; the unused ones get a buffer never read.
+        let (xq, xd, xf, norm, eps) = match x {
+            Q8Input::Quantized(a) => {
+                if w.cols > a.capacity {
+                    return Err(Error::Invalid(format!(
+                        "{what}: K = {} exceeds the quantized activation buffers' {} values",
+                        w.cols, a.capacity
+                    )));
+                }
+                let words = BufRange::whole(&a.words);
+                (words, BufRange::whole(&a.scales), words, &a.words, 0.0)
+            }
+            Q8Input::F32(v) | Q8Input::SwiGlu(v) => {
+                let need = if matches!(x, Q8Input::SwiGlu(_)) { 2 * k_bytes } else { k_bytes };
+                check_vector(gpu, what, "x", &v, need)?;
+                (v, v, BufRange { size: need, ..v }, v.buffer, 0.0)
+            }
+            Q8Input::RmsNorm { x: v, weight, eps } => {
+                check_vector(gpu, what, "x", &v, k_bytes)?;
+                check_vector(gpu, what, "norm weight", &BufRange::whole(weight), k_bytes)?;
+                (v, v, BufRange { size: k_bytes, ..v }, weight, eps)
+            }
+        };
+        if y.buffer == xf.buffer && !matches!(x, Q8Input::Quantized(_)) {
+            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+        }
+        let quantized = matches!(x, Q8Input::Quantized(_));
+        let (xq_bytes, xd_bytes) = if quantized { (x_blocks * 32, x_blocks * 8) } else { (16, 8) };
         check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
         }
         let cfg = opts.config.unwrap_or_else(|| self.config_for(w.rows, w.cols));
-        let pipeline = self.pipeline(gpu, cfg)?;
+        let pipeline = self.pipeline(gpu, cfg, x.code())?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
-        let bpr = blocks_per_row(w.cols);
-        let x_blocks = (bpr * BLOCK / ACT_BLOCK) as u64;
-        // Without a bias the binding still needs a buffer: x's scales, never read through it.
-        let bias_range = bias.unwrap_or(BufRange::whole(&x.scales));
+        // Without a bias the binding still needs a buffer: x's, never read through it.
+        let bias_range = bias.unwrap_or(xd);
         let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { 4 };
         let mut out = Vec::new();
         for c in &row_chunks(gpu, what, &w, max_binding)? {
@@ -147,9 +206,17 @@ impl GemvQ4Q8 {
                 row_base: c.row0 as u32,
                 accumulate: (mode == Epilogue::Accumulate) as u32,
                 has_bias: bias.is_some() as u32,
-                pad: [0; 2],
+                eps,
+                pad: 0,
             };
-            let label = format!("{what} {}x{} rows {}..{}", w.rows, w.cols, c.row0, c.row0 + c.rows);
+            let label = format!(
+                "{what} {}x{} rows {}..{}{}",
+                w.rows,
+                w.cols,
+                c.row0,
+                c.row0 + c.rows,
+                x.name()
+            );
             let params_buf = gpu.uniform(&label, &params);
             let bind_group = gpu.bind_group_ranges(
                 &label,
@@ -158,10 +225,12 @@ impl GemvQ4Q8 {
                     (&params_buf, 0, None),
                     (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
                     (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                    (&x.words, 0, Some(x_blocks * 32)),
-                    (&x.scales, 0, Some(x_blocks * 8)),
+                    (xq.buffer, xq.offset, Some(xq_bytes)),
+                    (xd.buffer, xd.offset, Some(xd_bytes)),
                     (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
                     (y.buffer, y.offset, Some(w.rows as u64 * 4)),
+                    (xf.buffer, xf.offset, Some(xf.size.max(16))),
+                    (norm, 0, Some(k_bytes.max(16).min(norm.size()))),
                 ],
             );
             let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
@@ -175,4 +244,10 @@ impl GemvQ4Q8 {
         }
         Ok(out)
     }
+}
+
+/// The WGSL of the kernel reading `input` (its INPUT code), before gpu::shader_source.
+pub fn shader(subgroups: bool, input: u32) -> String {
+    let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
+    format!("const INPUT: u32 = {input}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}")
 }

@@ -9,6 +9,8 @@ use crate::gpu::Gpu;
 use crate::quant::{blocks_per_row, ACT_BLOCK, BLOCK};
 
 const SOURCE: &str = include_str!("../../shaders/quant_act.wgsl");
+/// The block quantizer shared with the GEMV's fused inputs.
+pub(crate) const Q8_BLOCK: &str = include_str!("../../shaders/q8_block.wgsl");
 /// Threads per workgroup (the shader's WG).
 const WG: u32 = 256;
 
@@ -73,7 +75,7 @@ impl QuantAct {
             .iter()
             .enumerate()
             .map(|(code, name)| {
-                let source = format!("const INPUT: u32 = {code}u;\n{SOURCE}");
+                let source = format!("const INPUT: u32 = {code}u;\n{Q8_BLOCK}\n{SOURCE}");
                 gpu.compute_pipeline_unchecked(&format!("quant_act/{name}"), &source, "main", &[])
             })
             .collect::<Result<Vec<_>>>()?;
