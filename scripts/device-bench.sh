@@ -31,9 +31,11 @@
 # Each Vulkan call: about 5 s to start and to load the 18.4 GB GGUF from the page cache; a depth
 # part is mostly its two cache fills at prompt speed. In all ≈ 550 s of the 570: the last parts
 # are cut first if the estimates are off (llama-bench writes JSON lines, so finished rows are
-# kept). STREAMED=0 leaves ≈ 365 s. Only 8 files come back from $OUT, so $OUT holds the results (*.json) and
-# machine.txt only; logs are written to $WORK and packed into $OUT/logs.tar.gz at the end (if the
-# run is killed before that, the output tail still shows device-bench's own log). Each line of a
+# kept). STREAMED=0 leaves ≈ 365 s.
+# Only 8 files come back from $OUT, so $OUT holds the results (*.json; every llama.cpp row in
+# llama_bench.json) and machine.txt only; logs are written to $WORK and packed into
+# $OUT/logs.tar.gz at the end (if the run is killed before that, the output tail still shows
+# device-bench's own log). Each line of a
 # part's log starts with the time it was printed (epoch seconds), and while the q4wgpu parts run
 # nvidia-smi samples the GPU's memory use into vram.log every 200 ms (VRAM_LOG=0: not), so the
 # report can give the peak VRAM of each budget (the CUDA path's parts too). Then, here:
@@ -314,7 +316,7 @@ vk_configs=${LLAMA_VK_CONFIGS:-khr coopmat2 none}
 # pp4096 without cooperative matrices would cost about 25 s: only with the matrix paths.
 vk_pp() { [ "$1" = none ] && echo "$llama_pp" || echo "$llama_pp_long"; }
 # Short context first (the comparisons issues 9 and 10 are about), then the depth rows.
-# run.sh / run_vulkan.sh write NAME.jsonl and NAME.stderr.log into $WORK; merged below.
+# run.sh / run_vulkan.sh write NAME.jsonl and NAME.stderr.log into $WORK; finish() merges them.
 if [ "$cuda_go" = 1 ]; then
   part llama_bench 90 benches/llama_cpp/run.sh bench "$WORK" llama_bench \
     -p "$llama_pp_long" -n "$llama_n" -r "$llama_r"
