@@ -7,7 +7,10 @@ RESULTS: folders (or single files) of what the device run wrote under $OUT: mach
 JSON results, logs.tar.gz (read in place: the part logs, with each line's arrival time, and
 vram.log, nvidia-smi's samples of the GPU's memory use). JSON files are recognised by content,
 whatever their names: `q4wgpu bench --json` reports, benches/cuda_path/cuda_path.py results (a
-list of runs, one per cache size or budget; older files: one object) and llama-bench -o json lists. Missing or unreadable parts are left out with a note.
+list of runs, one per cache size or budget; older files: one object) and llama-bench -o json lists
+(device-bench.sh merges every llama.cpp row, CUDA and Vulkan, into llama_bench.json; Vulkan rows
+carry vk_config and the driver's matrix-core path, see benches/llama_cpp/results.py). Missing or
+unreadable parts are left out with a note.
 The plot (decode tokens/s against the VRAM budget, with the PCIe bound) needs matplotlib; without
 it the report says so.
 """
@@ -163,6 +166,12 @@ class Results:
             self.notes.append("no q4wgpu results")
         if not self.cuda:
             self.notes.append("no CUDA-path results")
+        # Every table here is about the 32B shape (the GB/token estimate assumes it).
+        other = [r for r in self.llama if "32B" not in (r.get("model_type") or "")]
+        if other:
+            kinds = sorted({str(r.get("model_type")) for r in other})
+            self.notes.append(f"{len(other)} llama.cpp row(s) of another model ({', '.join(kinds)}) left out")
+            self.llama = [r for r in self.llama if r not in other]
         if not self.llama:
             self.notes.append("no llama.cpp results")
         self.vram = VramLog(files, self.notes)
@@ -245,11 +254,63 @@ class Results:
 
     # llama.cpp
 
-    def llama_row(self, gen, ngl=99):
-        for r in self.llama:
-            if (r.get("n_gen", 0) > 0) == gen and r.get("n_gpu_layers") == ngl:
+    def llama_row(self, gen, ngl=99, system="llama.cpp CUDA"):
+        """The system's tg row (gen) or pp row at depth 0, preferring tg128 / pp512."""
+        found = [r for r in self.llama
+                 if llama_system(r) == system and r.get("n_gpu_layers") == ngl and not r.get("n_depth")
+                 and (r.get("n_gen", 0) > 0) == gen and (r.get("n_prompt", 0) > 0) != gen]
+        for r in found:
+            if (r.get("n_gen") if gen else r.get("n_prompt")) == (128 if gen else 512):
                 return r
-        return None
+        return found[0] if found else None
+
+    def llama_systems(self):
+        """{system name: [rows]}: llama.cpp CUDA, then the Vulkan configurations in VK_CONFIGS order."""
+        out = {}
+        for r in sorted(self.llama, key=llama_system_order):
+            out.setdefault(llama_system(r), []).append(r)
+        return out
+
+
+# Our names for the llama.cpp Vulkan runs (benches/llama_cpp/run_vulkan.sh): what to call them and
+# the `matrix cores:` value the driver should then report.
+VK_CONFIGS = {
+    "coopmat2": ("NV coopmat2 (default)", "NV_coopmat2"),
+    "khr": ("KHR coopmat only", "KHR_coopmat"),
+    "none": ("no coopmat (integer dot)", "none"),
+}
+
+
+def llama_system(r):
+    """The llama.cpp system a row measured: its backend and, for Vulkan, the configuration, with the
+    matrix-core path the driver reported (flagged when it is not the one asked for)."""
+    cfg = r.get("vk_config")
+    if not cfg:
+        return f"llama.cpp {r.get('backends') or '?'}"
+    label, want = VK_CONFIGS.get(cfg, (cfg, None))
+    got = r.get("vk_matrix_cores")
+    if got is None:
+        return f"llama.cpp Vulkan, {label} (matrix cores not logged)"
+    if want and not got.startswith(want):
+        return f"llama.cpp Vulkan, {label} (**matrix cores: {got}**, not {want})"
+    return f"llama.cpp Vulkan, {label} (matrix cores: {got})"
+
+
+def llama_system_order(r):
+    cfg = r.get("vk_config")
+    order = list(VK_CONFIGS)
+    return (1 if cfg or "Vulkan" in (r.get("backends") or "") else 0, order.index(cfg) if cfg in order else len(order))
+
+
+def llama_test(r):
+    """llama-bench's own test name: pp512, tg128, tg32 @ d4096."""
+    n_p, n_g, d = r.get("n_prompt", 0), r.get("n_gen", 0), r.get("n_depth", 0)
+    name = f"pp{n_p}+tg{n_g}" if n_p and n_g else f"tg{n_g}" if n_g else f"pp{n_p}"
+    return name + (f" @ d{d}" if d else "")
+
+
+def llama_test_order(r):
+    return (r.get("n_depth", 0), 1 if r.get("n_gen") else 0, r.get("n_prompt", 0), r.get("n_gen", 0))
 
 
 def is_cuda_path(data):
@@ -400,21 +461,26 @@ def machine_section(res):
             size = f", {r['bandwidth_probe_bytes'] >> 20} MiB" if r.get("bandwidth_probe_bytes") else ""
             out.append(f"| CUDA path's measured bandwidths | device copy {gb(r['copy_bandwidth']):.0f} GB/s (read + written{size}); "
                        f"pinned upload {gb(r['upload_bandwidth']):.1f} GB/s (on a side stream{size}) |")
-    if res.llama:
-        r = res.llama[0]
-        out.append(f"| llama.cpp | build {r.get('build_commit')} ({r.get('backends')}) on {r.get('gpu_info')}; "
-                   f"{r.get('model_type')}, {gb(r.get('model_size', 0)):.2f} GB; flash attention {r.get('flash_attn')} |")
+    for system, rows in res.llama_systems().items():
+        r = rows[0]
+        out.append(f"| {system.replace('|', '/')} | build {r.get('build_commit')} ({r.get('backends')}) on "
+                   f"{r.get('gpu_info')}; {r.get('model_type')}, {gb(r.get('model_size', 0)):.2f} GB; "
+                   f"flash attention {r.get('flash_attn')} |")
+        if r.get("vk_config"):
+            device = (r.get("vk_device") or "(not logged)").replace("|", "/")
+            out.append(f"| … its device line | ggml_vulkan: 0 = {device} |")
     out += ["", "Commands:", ""]
     for rep in res.q4:
         out.append(f"    {rep['command']}")
     for cmd in dict.fromkeys(r["command"] for r in res.cuda):
         out.append(f"    {cmd}")
-    if res.llama:
-        r = res.llama[0]
-        tests = ", ".join(f"pp{x['n_prompt']}" if x.get("n_gen", 0) == 0 else f"tg{x['n_gen']}" for x in res.llama)
+    for system, rows in res.llama_systems().items():
+        r = rows[0]
+        tests = ", ".join(llama_test(x) for x in sorted(rows, key=llama_test_order))
         reps = len(r.get("samples_ts") or []) or "?"
-        out.append(f"    llama-bench -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> ({tests}; "
-                   f"{reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')}) -o json")
+        env = f"{r['vk_env']} " if r.get("vk_env") else "(no GGML_VK_* switch) " if r.get("vk_config") else ""
+        out.append(f"    {env}llama-bench ({r.get('backends')}) -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> "
+                   f"({tests}; {reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')})")
     out.append("")
     return out
 
@@ -460,6 +526,16 @@ def resident_section(res):
         tests = ", ".join(t for t in (ltg and f"tg{ltg['n_gen']}", lpp and f"pp{lpp['n_prompt']}") if t)
         line(f"llama.cpp CUDA, Q4_0 ({tests})", rate, lo, hi, prate, plo, phi,
              llama_bytes_per_token(ltg, cfg) if ltg else None)
+    for system in res.llama_systems():
+        if system == "llama.cpp CUDA":
+            continue
+        vtg, vpp = res.llama_row(gen=True, system=system), res.llama_row(gen=False, system=system)
+        if not (vtg or vpp):
+            continue
+        rate, lo, hi = llama_rate(vtg) if vtg else (None, None, None)
+        prate, plo, phi = llama_rate(vpp) if vpp else (None, None, None)
+        tests = ", ".join(llama_test(t) for t in (vtg, vpp) if t)
+        line(f"{system}, Q4_0 ({tests})", rate, lo, hi, prate, plo, phi, llama_bytes_per_token(vtg, cfg) if vtg else None)
     out.append("")
     if ltg:
         out.append("llama.cpp's GB/token is estimated (its file less the embedding table, plus the KV cache): Q4_0 "
@@ -473,6 +549,65 @@ def resident_section(res):
                        f"measured ({gb(cuda['copy_bandwidth']):.0f} GB/s, read + written): how near this method is "
                        f"to its own limit.")
     out.append("")
+    return out
+
+
+def llama_section(res):
+    """Every llama.cpp row (CUDA and each Vulkan configuration) by test, with q4wgpu's all-resident
+    32B rows where it ran the same test, and q4wgpu ÷ each system."""
+    systems = res.llama_systems()
+    if not systems:
+        return []
+    tests = {}
+    for rows in systems.values():
+        for r in rows:
+            tests.setdefault(llama_test(r), llama_test_order(r))
+    cols = sorted(tests, key=tests.get)
+    q4 = {}
+    for _, row in res.q4_rows("qwen2-32b"):
+        if row["streamed_layers"] == 0:
+            d = row.get("depth") or row.get("n_depth") or 0
+            q4.setdefault(row["test"] + (f" @ d{d}" if d else ""), row)
+
+    def cell(rate, lo, hi, digits):
+        return "—" if rate is None else f"{rate:.{digits}f}" + (f" ({lo:.{digits}f}–{hi:.{digits}f})" if lo is not None else "")
+
+    out = ["## llama.cpp by test (32B shape, random Q4_0 GGUF, same GPU and run)", ""]
+    out.append("tok/s, median of llama-bench's repetitions (min–max). `@ dN`: N positions already in the KV cache "
+               "when the test starts. Vulkan configurations: the default (NVIDIA's coopmat2 extension), "
+               "`GGML_VK_DISABLE_COOPMAT2=1` (KHR cooperative matrix only: the path wgpu exposes) and "
+               "`GGML_VK_DISABLE_COOPMAT=1 GGML_VK_DISABLE_COOPMAT2=1` (no cooperative matrix); the matrix-core "
+               "path in each name is what the driver reported in that run.")
+    out.append("")
+    out.append("| system | " + " | ".join(cols) + " |")
+    out.append("| --- |" + " ---: |" * len(cols))
+    if any(t in q4 for t in cols):
+        cells = []
+        for t in cols:
+            r = q4.get(t)
+            cells.append(cell(r and r["tokens_per_second"], r and r["tokens_per_second_min"],
+                              r and r["tokens_per_second_max"], 1 if t.startswith("tg") else 0))
+        out.append("| q4wgpu, all resident | " + " | ".join(cells) + " |")
+    for system, rows in systems.items():
+        by_test = {llama_test(r): r for r in rows}
+        cells = []
+        for t in cols:
+            r = by_test.get(t)
+            cells.append(cell(*(llama_rate(r) if r else (None, None, None)), 1 if t.startswith("tg") else 0))
+        out.append(f"| {system} | " + " | ".join(cells) + " |")
+    out.append("")
+    shared = [t for t in cols if t in q4]
+    if shared:
+        out.append("q4wgpu ÷ system, same test:")
+        out.append("")
+        out.append("| system | " + " | ".join(shared) + " |")
+        out.append("| --- |" + " ---: |" * len(shared))
+        for system, rows in systems.items():
+            by_test = {llama_test(r): r for r in rows}
+            out.append(f"| {system} | " + " | ".join(
+                ratio(q4[t]["tokens_per_second"], by_test[t] and llama_rate(by_test[t])[0]) if by_test.get(t) else "—"
+                for t in shared) + " |")
+        out.append("")
     return out
 
 
@@ -600,6 +735,16 @@ def ratios_section(res):
     if pp and lpp:
         out.append(f"- q4wgpu ÷ llama.cpp CUDA, prompt ({pp['test']} against pp{lpp['n_prompt']}): "
                    f"{ratio(pp['tokens_per_second'], llama_rate(lpp)[0])} (target ≥ 1×)")
+    for system in res.llama_systems():
+        if system == "llama.cpp CUDA":
+            continue
+        vtg, vpp = res.llama_row(gen=True, system=system), res.llama_row(gen=False, system=system)
+        if tg and vtg:
+            out.append(f"- q4wgpu ÷ {system}, decode ({tg['test']} against {llama_test(vtg)}): "
+                       f"{ratio(tg['tokens_per_second'], llama_rate(vtg)[0])}")
+        if pp and vpp:
+            out.append(f"- q4wgpu ÷ {system}, prompt ({pp['test']} against {llama_test(vpp)}): "
+                       f"{ratio(pp['tokens_per_second'], llama_rate(vpp)[0])}")
     streamed = [(tg_, rep) for rep, tg_, _ in res.q4_budget_pairs()
                 if tg_ and tg_["model"].startswith("qwen2-32b") and tg_["streamed_layers"] > 0]
     if streamed:
@@ -743,6 +888,7 @@ def main():
     out.append("")
     out += machine_section(res)
     out += resident_section(res)
+    out += llama_section(res)
     out += budget_section(res, peaks)
     out += ratios_section(res)
     out.append(plot(res, args.plot))
