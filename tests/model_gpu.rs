@@ -37,12 +37,14 @@ fn tiny_model_with_layers(arch: Arch, seed: u64, layers: usize) -> LoadedModel {
     loaded
 }
 
+/// max |got - want| / max |want|; infinite when any value on either side is not finite.
 fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "logit counts differ");
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     got.iter()
         .zip(want)
         .map(|(g, w)| {
-            if g.is_finite() {
+            if g.is_finite() && w.is_finite() {
                 (g - w).abs() / scale
             } else {
                 f32::INFINITY
