@@ -16,6 +16,7 @@
 //! from each token reading only positions up to its own.
 
 mod decoder;
+pub mod fast;
 pub mod ops;
 
 pub use decoder::CpuDecoder;
@@ -64,19 +65,54 @@ impl Input {
     }
 }
 
+/// Which code multiplies int8 activations with INT4 weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// The scalar spec, [`QView::matvec_q8`] (one token at a time).
+    Reference,
+    /// [`fast::matmul`] with this instruction set: bit-identical to the spec, several tokens per
+    /// pass over the weights.
+    Fast(fast::Isa),
+}
+
 impl Linear<'_> {
-    /// `W x (+ b)`.
-    fn apply(&self, x: &Input) -> Vec<f32> {
+    /// `W x (+ b)` for each input.
+    fn apply_all(&self, xs: &[Input], kernel: Int8Kernel) -> Vec<Vec<f32>> {
+        let mut ys = match kernel {
+            Int8Kernel::Fast(isa) => match int8_inputs(xs) {
+                Some(packed) => {
+                    let refs: Vec<&fast::PackedAct> = packed.iter().collect();
+                    fast::matmul(isa, &self.weight, &refs)
+                }
+                None => xs.iter().map(|x| self.reference(x)).collect(),
+            },
+            Int8Kernel::Reference => xs.iter().map(|x| self.reference(x)).collect(),
+        };
+        if let Some(b) = &self.bias {
+            ys.iter_mut().for_each(|y| add_in_place(y, b));
+        }
+        ys
+    }
+
+    /// `W x` by the reference code, one input.
+    fn reference(&self, x: &Input) -> Vec<f32> {
         let mut y = vec![0.0; self.weight.rows];
         match x {
             Input::F32(v) => self.weight.matvec(v, &mut y),
             Input::Int8(a) => self.weight.matvec_q8(a, &mut y),
         }
-        if let Some(b) = &self.bias {
-            add_in_place(&mut y, b);
-        }
         y
     }
+}
+
+/// The inputs in the fast kernel's layout, if all of them are int8.
+fn int8_inputs(xs: &[Input]) -> Option<Vec<fast::PackedAct>> {
+    xs.iter()
+        .map(|x| match x {
+            Input::Int8(a) => Some(fast::PackedAct::new(a)),
+            Input::F32(_) => None,
+        })
+        .collect()
 }
 
 struct Layer<'a> {
@@ -102,6 +138,9 @@ pub struct CpuModel<'a> {
     lm_head: QView<'a>,
     /// Activations of one-token calls (decode steps), as the GPU's decode step has them.
     decode_activations: DecodeActivations,
+    /// Activations of calls of several tokens (prompts).
+    prompt_activations: DecodeActivations,
+    int8_kernel: Int8Kernel,
 }
 
 /// Keys and values of every layer, preallocated for `ctx` positions (never grown).
@@ -235,6 +274,8 @@ impl<'a> CpuModel<'a> {
             final_norm: vector(weights, "model.norm.weight", hidden)?,
             lm_head: matrix(weights, "lm_head.weight", config.vocab_size, hidden)?,
             decode_activations: DecodeActivations::F32,
+            prompt_activations: DecodeActivations::F32,
+            int8_kernel: Int8Kernel::Reference,
         })
     }
 
@@ -247,6 +288,27 @@ impl<'a> CpuModel<'a> {
     pub fn with_decode_activations(mut self, a: DecodeActivations) -> Self {
         self.decode_activations = a;
         self
+    }
+
+    /// The same model with calls of several tokens (prompts) using `a` (default f32).
+    pub fn with_prompt_activations(mut self, a: DecodeActivations) -> Self {
+        self.prompt_activations = a;
+        self
+    }
+
+    /// The same model computing int8 products with `kernel` (default the scalar spec).
+    pub fn with_int8_kernel(mut self, kernel: Int8Kernel) -> Self {
+        self.int8_kernel = kernel;
+        self
+    }
+
+    /// The fast CPU backend (`q4wgpu run --cpu`): int8 activations for prompts and decode steps,
+    /// multiplied by the SIMD kernel for `isa`. Not the oracle: tests compare it with the spec.
+    pub fn fast(weights: &'a ModelWeights, isa: fast::Isa) -> Result<Self> {
+        Ok(CpuModel::new(weights)?
+            .with_decode_activations(DecodeActivations::Int8)
+            .with_prompt_activations(DecodeActivations::Int8)
+            .with_int8_kernel(Int8Kernel::Fast(isa)))
     }
 
     /// An empty cache for up to `ctx` positions.
@@ -323,18 +385,23 @@ impl<'a> CpuModel<'a> {
         int8: bool,
     ) {
         let eps = self.config.rms_norm_eps;
-        let mut queries = Vec::with_capacity(xs.len());
-        for (t, x) in xs.iter().enumerate() {
-            let h = Input::normed(x, &layer.input_norm, eps, int8);
-            let (mut q, mut k, v) = (layer.q.apply(&h), layer.k.apply(&h), layer.v.apply(&h));
-            apply_rope(&mut q, start + t, &self.inv_freq);
+        let kernel = self.int8_kernel;
+        let hs: Vec<Input> = xs
+            .iter()
+            .map(|x| Input::normed(x, &layer.input_norm, eps, int8))
+            .collect();
+        let mut queries = layer.q.apply_all(&hs, kernel);
+        let keys = layer.k.apply_all(&hs, kernel);
+        let values = layer.v.apply_all(&hs, kernel);
+        for (t, ((q, mut k), v)) in queries.iter_mut().zip(keys).zip(values).enumerate() {
+            apply_rope(q, start + t, &self.inv_freq);
             apply_rope(&mut k, start + t, &self.inv_freq);
             cache.write(l, start + t, &k, &v);
-            queries.push(q);
         }
-        let mut a = vec![0.0; self.heads.q_dim()];
-        for (t, (x, q)) in xs.iter_mut().zip(&queries).enumerate() {
+        let mut outs = Vec::with_capacity(xs.len());
+        for (t, q) in queries.iter().enumerate() {
             let seen = start + t + 1;
+            let mut a = vec![0.0; self.heads.q_dim()];
             attention(
                 self.heads,
                 q,
@@ -342,34 +409,57 @@ impl<'a> CpuModel<'a> {
                 cache.values(l, seen),
                 &mut a,
             );
-            add_in_place(x, &layer.o.apply(&Input::plain(&a, int8)));
+            outs.push(Input::plain(&a, int8));
+        }
+        for (x, o) in xs.iter_mut().zip(layer.o.apply_all(&outs, kernel)) {
+            add_in_place(x, &o);
         }
     }
 
     /// `x += down(silu(gate(h)) * up(h))` with `h = rmsnorm(x)`, for each token.
     fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>], int8: bool) {
-        for x in xs.iter_mut() {
-            let h = Input::normed(x, &layer.post_attention_norm, self.config.rms_norm_eps, int8);
-            let mut act = layer.gate.apply(&h);
-            for (g, u) in act.iter_mut().zip(layer.up.apply(&h)) {
-                *g = silu(*g) * u;
-            }
-            add_in_place(x, &layer.down.apply(&Input::plain(&act, int8)));
+        let eps = self.config.rms_norm_eps;
+        let kernel = self.int8_kernel;
+        let hs: Vec<Input> = xs
+            .iter()
+            .map(|x| Input::normed(x, &layer.post_attention_norm, eps, int8))
+            .collect();
+        let ups = layer.up.apply_all(&hs, kernel);
+        let acts: Vec<Input> = layer
+            .gate
+            .apply_all(&hs, kernel)
+            .into_iter()
+            .zip(ups)
+            .map(|(mut act, up)| {
+                for (g, u) in act.iter_mut().zip(up) {
+                    *g = silu(*g) * u;
+                }
+                Input::plain(&act, int8)
+            })
+            .collect();
+        for (x, d) in xs.iter_mut().zip(layer.down.apply_all(&acts, kernel)) {
+            add_in_place(x, &d);
         }
     }
 
-    /// Whether a call of `tokens` tokens quantizes its activations (a decode step with int8).
+    /// Whether a call of `tokens` tokens quantizes its activations (decode step or prompt).
     fn int8(&self, tokens: usize) -> bool {
-        tokens == 1 && self.decode_activations == DecodeActivations::Int8
+        let a = if tokens == 1 {
+            self.decode_activations
+        } else {
+            self.prompt_activations
+        };
+        a == DecodeActivations::Int8
     }
 
     fn logits(&self, x: &[f32], int8: bool) -> Vec<f32> {
-        let mut logits = vec![0.0; self.lm_head.rows];
-        match Input::normed(x, &self.final_norm, self.config.rms_norm_eps, int8) {
-            Input::F32(h) => self.lm_head.matvec(&h, &mut logits),
-            Input::Int8(a) => self.lm_head.matvec_q8(&a, &mut logits),
-        }
-        logits
+        let h = Input::normed(x, &self.final_norm, self.config.rms_norm_eps, int8);
+        let lm_head = Linear {
+            weight: self.lm_head,
+            bias: None,
+        };
+        let mut logits = lm_head.apply_all(&[h], self.int8_kernel);
+        logits.swap_remove(0)
     }
 }
 

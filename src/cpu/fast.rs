@@ -1,0 +1,392 @@
+//! The fast CPU INT4 × int8 matmul: the spec of [`QView::matvec_q8`] (exact integer dot products
+//! per quarter block of 32, then per row `t = d * dot - 8 * sum`, `acc = t.mul_add(scale, acc)`
+//! in quarter order), computed with SIMD chosen at run time and rows split across rayon threads.
+//! The integer sums are exact and every row performs the same float operations in the same order,
+//! so results are bit-identical to `matvec_q8` on every instruction set (the tests check this).
+//!
+//! Up to [`MAX_TOKENS`] activation vectors share one pass over the weights (prompts): each block
+//! of weights is loaded and unpacked once, then multiplied with every token's values.
+//!
+//! Activations are repacked per weight block of 128 to match the nibble layout: byte `m` of a
+//! quarter's 16 weight bytes holds element `2m` (low nibble) and `2m + 1` (high nibble), so a
+//! block's values are stored as the even elements of its 4 quarters (64 bytes), then the odd ones.
+
+use crate::error::{Error, Result};
+use crate::quant::{ActQ8, QView, ACT_BLOCK, BLOCK, WORDS_PER_BLOCK};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Most activation vectors one pass over the weights serves.
+pub const MAX_TOKENS: usize = 8;
+/// Bytes of one weight block (128 nibbles).
+const BLOCK_BYTES: usize = WORDS_PER_BLOCK * 4;
+
+/// An instruction set the kernel can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isa {
+    /// Plain Rust (the compiler may vectorize it for the baseline target).
+    Portable,
+    /// x86-64 AVX2 + FMA: `maddubs` (unsigned nibbles × signed int8), `madd` to i32.
+    Avx2,
+    /// x86-64 AVX-512 BW + VNNI: `vpdpbusd` on 64 bytes at once.
+    Avx512Vnni,
+    /// aarch64 NEON: widening multiplies (`smull`/`smlal`) to i16, then a widening sum.
+    Neon,
+}
+
+const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon];
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// An instruction set by name; an error if unknown or not available on this CPU.
+    pub fn parse(text: &str) -> Result<Isa> {
+        let names: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+        match ALL.iter().find(|i| i.name() == text) {
+            Some(&isa) if isa.is_available() => Ok(isa),
+            Some(_) => Err(Error::Invalid(format!(
+                "this CPU lacks {text}; available: {}",
+                names.join(", ")
+            ))),
+            None => Err(Error::Invalid(format!(
+                "unknown instruction set {text:?}; available: {}",
+                names.join(", ")
+            ))),
+        }
+    }
+
+    /// Whether this CPU runs the kernel (detected at run time).
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU runs, slowest first.
+    pub fn available() -> Vec<Isa> {
+        ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The fastest instruction set this CPU runs.
+    pub fn best() -> Isa {
+        *Isa::available().last().unwrap_or(&Isa::Portable)
+    }
+}
+
+/// An [`ActQ8`] vector in the kernel's layout (see the module comment).
+#[derive(Clone, Debug)]
+pub struct PackedAct {
+    len: usize,
+    /// Per weight block: 64 even-element values (quarter by quarter), then 64 odd ones.
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+impl PackedAct {
+    pub fn new(x: &ActQ8) -> PackedAct {
+        let mut q = vec![0i8; x.q.len()];
+        for (out, block) in q.chunks_exact_mut(BLOCK).zip(x.q.chunks_exact(BLOCK)) {
+            for (k, quarter) in block.chunks_exact(ACT_BLOCK).enumerate() {
+                for i in 0..ACT_BLOCK / 2 {
+                    out[16 * k + i] = quarter[2 * i];
+                    out[64 + 16 * k + i] = quarter[2 * i + 1];
+                }
+            }
+        }
+        PackedAct {
+            len: x.len,
+            q,
+            d: x.d.clone(),
+            sum: x.sum.clone(),
+        }
+    }
+}
+
+/// The spec's float steps for one weight block: four quarters in order.
+#[inline(always)]
+fn epilogue(mut acc: f32, dots: [i32; 4], d: &[f32], sum: &[f32], scale: f32) -> f32 {
+    for k in 0..4 {
+        let t = d[k] * dots[k] as f32 - 8.0 * sum[k];
+        acc = t.mul_add(scale, acc);
+    }
+    acc
+}
+
+/// `y = W x` for one vector (a decode step).
+pub fn matvec(isa: Isa, w: &QView, x: &PackedAct, y: &mut [f32]) {
+    let mut outs = matmul(isa, w, &[x]);
+    y.copy_from_slice(&outs.swap_remove(0));
+}
+
+/// `W x` for each of `xs`, one output vector per input; several inputs share each pass over `W`.
+pub fn matmul(isa: Isa, w: &QView, xs: &[&PackedAct]) -> Vec<Vec<f32>> {
+    assert!(isa.is_available(), "{} is not available on this CPU", isa.name());
+    let bpr = w.blocks_per_row();
+    assert_eq!(w.qweight.len(), w.rows * bpr * WORDS_PER_BLOCK);
+    assert_eq!(w.scales.len(), w.rows * bpr);
+    for x in xs {
+        assert_eq!(x.len, w.cols, "activation length does not match the matrix");
+        assert_eq!(x.q.len(), bpr * BLOCK);
+    }
+    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; w.rows]; xs.len()];
+    for (group, out_group) in xs.chunks(MAX_TOKENS).zip(outs.chunks_mut(MAX_TOKENS)) {
+        let n = group.len();
+        // Rows × tokens, token fastest; rows split into chunks that keep every thread busy.
+        let mut inter = vec![0.0f32; w.rows * n];
+        let chunk_rows = (w.rows / (rayon::current_num_threads() * 8)).clamp(4, 64);
+        inter
+            .par_chunks_mut(chunk_rows * n)
+            .enumerate()
+            .for_each(|(c, out)| rows(isa, w, group, c * chunk_rows, out));
+        for (t, y) in out_group.iter_mut().enumerate() {
+            for (r, v) in y.iter_mut().enumerate() {
+                *v = inter[r * n + t];
+            }
+        }
+    }
+    outs
+}
+
+/// Rows `row0..` (as many as `out` holds, `out.len() / xs.len()`) for every input.
+fn rows(isa: Isa, w: &QView, xs: &[&PackedAct], row0: usize, out: &mut [f32]) {
+    let bytes: &[u8] = bytemuck::cast_slice(w.qweight);
+    let rows = RowSet {
+        bytes,
+        scales: w.scales,
+        bpr: w.blocks_per_row(),
+        row0,
+        xs,
+    };
+    match isa {
+        Isa::Portable => portable::rows(&rows, out),
+        // SAFETY: `matmul` checked that this CPU has the instruction set.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::rows_avx2(&rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { x86::rows_avx512vnni(&rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { arm::rows_neon(&rows, out) },
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("an unavailable instruction set passed the check"),
+    }
+}
+
+/// What one thread's share of the work reads.
+struct RowSet<'a> {
+    /// All of the matrix's weight bytes.
+    bytes: &'a [u8],
+    scales: &'a [u16],
+    bpr: usize,
+    row0: usize,
+    xs: &'a [&'a PackedAct],
+}
+
+impl<'a> RowSet<'a> {
+    /// Runs `block_dots(weight block bytes, activation block values) -> four quarter dots`
+    /// over the rows `out` covers and applies the spec's float steps.
+    #[inline(always)]
+    fn run<W: Copy>(
+        &self,
+        out: &mut [f32],
+        load: impl Fn(&'a [u8]) -> W,
+        block_dots: impl Fn(W, &[i8]) -> [i32; 4],
+    ) {
+        let n = self.xs.len();
+        for (i, out_row) in out.chunks_exact_mut(n).enumerate() {
+            let r = self.row0 + i;
+            let row = &self.bytes[r * self.bpr * BLOCK_BYTES..(r + 1) * self.bpr * BLOCK_BYTES];
+            let scales = &self.scales[r * self.bpr..(r + 1) * self.bpr];
+            let mut acc = [0.0f32; MAX_TOKENS];
+            for (b, (wb, &s)) in row.chunks_exact(BLOCK_BYTES).zip(scales).enumerate() {
+                let weights = load(wb);
+                let scale = bf16::from_bits(s).to_f32();
+                for (a, x) in acc.iter_mut().zip(self.xs) {
+                    let dots = block_dots(weights, &x.q[b * BLOCK..(b + 1) * BLOCK]);
+                    let (d, sum) = (&x.d[4 * b..4 * b + 4], &x.sum[4 * b..4 * b + 4]);
+                    *a = epilogue(*a, dots, d, sum, scale);
+                }
+            }
+            out_row.copy_from_slice(&acc[..n]);
+        }
+    }
+}
+
+mod portable {
+    use super::RowSet;
+
+    pub fn rows(rows: &RowSet, out: &mut [f32]) {
+        rows.run(out, |w| w, |w, a| {
+            let mut dots = [0i32; 4];
+            for (k, dot) in dots.iter_mut().enumerate() {
+                let (even, odd) = (&a[16 * k..16 * k + 16], &a[64 + 16 * k..64 + 16 * k + 16]);
+                for (i, &byte) in w[16 * k..16 * k + 16].iter().enumerate() {
+                    *dot += (byte & 0xF) as i32 * even[i] as i32 + (byte >> 4) as i32 * odd[i] as i32;
+                }
+            }
+            dots
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::RowSet;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_avx2(rows: &RowSet, out: &mut [f32]) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        rows.run(
+            out,
+            |w| {
+                // SAFETY: a weight block is 64 bytes; unaligned loads.
+                let (w01, w23) = unsafe {
+                    (
+                        _mm256_loadu_si256(w.as_ptr().cast()),
+                        _mm256_loadu_si256(w.as_ptr().add(32).cast()),
+                    )
+                };
+                [
+                    _mm256_and_si256(w01, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w01), mask),
+                    _mm256_and_si256(w23, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w23), mask),
+                ]
+            },
+            |[lo01, hi01, lo23, hi23], a| {
+                // SAFETY: an activation block is 128 bytes.
+                let p = a.as_ptr();
+                let (e01, e23, o01, o23) = unsafe {
+                    (
+                        _mm256_loadu_si256(p.cast()),
+                        _mm256_loadu_si256(p.add(32).cast()),
+                        _mm256_loadu_si256(p.add(64).cast()),
+                        _mm256_loadu_si256(p.add(96).cast()),
+                    )
+                };
+                // Pairs of u8 × i8 products fit i16: 2 · 2 · 15 · 127 < 2^15.
+                let p01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo01, e01),
+                    _mm256_maddubs_epi16(hi01, o01),
+                );
+                let p23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo23, e23),
+                    _mm256_maddubs_epi16(hi23, o23),
+                );
+                // i32 lanes 0..4: quarter 0 (resp. 2), lanes 4..8: quarter 1 (resp. 3).
+                let s01 = _mm256_madd_epi16(p01, ones);
+                let s23 = _mm256_madd_epi16(p23, ones);
+                let h = _mm256_hadd_epi32(s01, s23);
+                let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
+                let dots = _mm_unpacklo_epi32(
+                    _mm256_castsi256_si128(h),
+                    _mm256_extracti128_si256::<1>(h),
+                ); // [q0 q1 q2 q3]
+                let mut out = [0i32; 4];
+                // SAFETY: 16 bytes into a [i32; 4].
+                unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), dots) };
+                out
+            },
+        );
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW, VNNI and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    pub unsafe fn rows_avx512vnni(rows: &RowSet, out: &mut [f32]) {
+        let mask = _mm512_set1_epi8(0x0F);
+        // Lane 4k of the summed vector holds quarter k's total.
+        let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        rows.run(
+            out,
+            |w| {
+                // SAFETY: a weight block is 64 bytes.
+                let v = unsafe { _mm512_loadu_si512(w.as_ptr().cast()) };
+                (
+                    _mm512_and_si512(v, mask),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+                )
+            },
+            |(lo, hi), a| {
+                // SAFETY: an activation block is 128 bytes.
+                let (even, odd) = unsafe {
+                    (
+                        _mm512_loadu_si512(a.as_ptr().cast()),
+                        _mm512_loadu_si512(a.as_ptr().add(64).cast()),
+                    )
+                };
+                // 128-bit lane k: quarter k's four partial sums.
+                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even);
+                let s = _mm512_dpbusd_epi32(s, hi, odd);
+                let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0xB1>(s));
+                let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0x4E>(s));
+                let dots = _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s));
+                let mut out = [0i32; 4];
+                // SAFETY: 16 bytes into a [i32; 4].
+                unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), dots) };
+                out
+            },
+        );
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::RowSet;
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// The CPU must have NEON.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn rows_neon(rows: &RowSet, out: &mut [f32]) {
+        rows.run(
+            out,
+            |w| w,
+            |w, a| {
+                let mut dots = [0i32; 4];
+                for (k, dot) in dots.iter_mut().enumerate() {
+                    // SAFETY: 16 weight bytes and 2 × 16 activation bytes of quarter k.
+                    unsafe {
+                        let v = vld1q_u8(w.as_ptr().add(16 * k));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                        let even = vld1q_s8(a.as_ptr().add(16 * k));
+                        let odd = vld1q_s8(a.as_ptr().add(64 + 16 * k));
+                        // Four products per i16 lane: 4 · 15 · 127 < 2^15.
+                        let mut p = vmull_s8(vget_low_s8(lo), vget_low_s8(even));
+                        p = vmlal_s8(p, vget_high_s8(lo), vget_high_s8(even));
+                        p = vmlal_s8(p, vget_low_s8(hi), vget_low_s8(odd));
+                        p = vmlal_s8(p, vget_high_s8(hi), vget_high_s8(odd));
+                        *dot = vaddlvq_s16(p);
+                    }
+                }
+                dots
+            },
+        );
+    }
+}
