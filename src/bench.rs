@@ -376,7 +376,7 @@ pub fn measure_bandwidths(gpu: &Gpu, bytes: u64) -> Result<Bandwidths> {
 }
 
 /// Random token ids below `vocab` (xorshift, seeded).
-fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

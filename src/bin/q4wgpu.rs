@@ -1,6 +1,7 @@
 //! The command line: a thin layer over the library.
 
 use clap::{Args, Parser, Subcommand};
+use q4wgpu::cpu::fast::Isa;
 use q4wgpu::cpu::CpuModel;
 use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
@@ -112,9 +113,18 @@ struct RunArgs {
     /// Report each generated token's log-probability and this many alternatives (in --json).
     #[arg(long)]
     logprobs: Option<usize>,
-    /// Run the CPU reference instead of the GPU (slow; for checking).
+    /// Run on the CPU instead of the GPU: int8 activations and the SIMD kernel (with
+    /// --decode-activations f32: the f32 reference).
     #[arg(long)]
     cpu: bool,
+    /// Run the plain CPU reference (the tests' oracle; slow), with --decode-activations for
+    /// decode steps (prompts in f32).
+    #[arg(long)]
+    cpu_reference: bool,
+    /// Instruction set of the CPU kernel: portable, avx2, avx512vnni, neon (default: the best
+    /// this CPU has). Threads: RAYON_NUM_THREADS (default: every core).
+    #[arg(long)]
+    cpu_isa: Option<String>,
     /// Part of the adapter's name to pick it (see `q4wgpu info`).
     #[arg(long)]
     adapter: Option<String>,
@@ -193,6 +203,14 @@ struct BenchArgs {
     /// Comma-separated decode activations (int8, f32), one set of generation rows each.
     #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
     decode_activations: String,
+    /// Time the fast CPU backend instead of the GPU (threads: RAYON_NUM_THREADS, default every
+    /// core), after the kernel alone on one thread and on all.
+    #[arg(long)]
+    cpu: bool,
+    /// With --cpu: comma-separated instruction sets (portable, avx2, avx512vnni, neon, or "all"
+    /// available; default the best).
+    #[arg(long)]
+    cpu_isa: Option<String>,
 }
 
 fn main() {
@@ -220,6 +238,83 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// The model `bench` asked for (synthetic or loaded) and its name.
+fn bench_weights(args: &BenchArgs) -> Result<(q4wgpu::weights::ModelWeights, String)> {
+    let load_start = Instant::now();
+    let (weights, name) = match (&args.synthetic, &args.model) {
+        (Some(shape), _) => (
+            synthetic::synthetic_weights(&synthetic::synthetic_config(shape)?, args.seed),
+            format!("{shape} (synthetic)"),
+        ),
+        (None, model_arg) => {
+            let path = model::resolve(model_arg.as_deref())?;
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            (model::load(&path, true)?.weights, name)
+        }
+    };
+    eprintln!(
+        "{name}: {:.2} GB of weights ready in {:.1} s",
+        weights.byte_len() as f64 / 1e9,
+        load_start.elapsed().as_secs_f64()
+    );
+    Ok((weights, name))
+}
+
+/// `bench --cpu`: the kernel alone on one thread and on all, then prompt and decode speed.
+fn bench_cpu(args: BenchArgs) -> Result<()> {
+    use q4wgpu::cpu::bench as cb;
+    if args.repetitions == 0 {
+        return Err(Error::Invalid("-r must be positive".into()));
+    }
+    let isas = match args.cpu_isa.as_deref() {
+        None => vec![Isa::best()],
+        Some("all") => Isa::available(),
+        Some(list) => list.split(',').map(|t| Isa::parse(t.trim())).collect::<Result<_>>()?,
+    };
+    let (weights, name) = bench_weights(&args)?;
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| Error::Invalid(format!("starting a one-thread pool: {e}")))?;
+    let mut rows = Vec::new();
+    let mut print = |r: &cb::CpuBenchRow| {
+        println!("{}", cb::cpu_table_line(r));
+        let _ = std::io::stdout().flush();
+    };
+    println!("{}", cb::CPU_TABLE_HEADER);
+    for &isa in &isas {
+        // 280 MB of weights: more than any last-level cache, so memory bandwidth counts.
+        let (m, k) = (65536, 8192);
+        for r in [one.install(|| cb::bench_kernel(isa, m, k, 1, args.repetitions)),
+                  cb::bench_kernel(isa, m, k, 1, args.repetitions)] {
+            print(&r);
+            rows.push(r);
+        }
+        rows.extend(cb::bench_model(
+            &weights,
+            &name,
+            isa,
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.repetitions,
+            &mut print,
+        )?);
+    }
+    if let Some(out) = &args.json {
+        let v = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "model": name,
+            "rows": rows,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&v).unwrap_or_default())
+            .map_err(|e| Error::Invalid(format!("writing {}: {e}", out.display())))?;
+    }
+    Ok(())
 }
 
 fn eval(
@@ -315,6 +410,35 @@ fn build_prompt(tokenizer: &Tokenizer, args: &RunArgs) -> Result<Vec<u32>> {
     }
 }
 
+/// The CPU model `run` asked for, and its description.
+fn cpu_model<'w>(
+    weights: &'w q4wgpu::weights::ModelWeights,
+    args: &RunArgs,
+) -> Result<(CpuModel<'w>, String)> {
+    let decode = DecodeActivations::parse(&args.decode_activations)?;
+    if args.cpu_reference || decode == DecodeActivations::F32 {
+        if args.cpu_isa.is_some() {
+            return Err(Error::Invalid(
+                "--cpu-isa picks the fast CPU kernel: drop it, or --cpu-reference and \
+                 --decode-activations f32"
+                    .into(),
+            ));
+        }
+        let model = CpuModel::new(weights)?.with_decode_activations(decode);
+        return Ok((model, format!("CPU reference ({} decode activations)", decode.name())));
+    }
+    let isa = match &args.cpu_isa {
+        Some(name) => Isa::parse(name)?,
+        None => Isa::best(),
+    };
+    let description = format!(
+        "CPU (int8 activations, {}, {} threads)",
+        isa.name(),
+        rayon::current_num_threads()
+    );
+    Ok((CpuModel::fast(weights, isa)?, description))
+}
+
 fn run(args: RunArgs) -> Result<()> {
     if args.system.is_some() && !args.chat {
         return Err(Error::Invalid("--system needs --chat".into()));
@@ -356,15 +480,15 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let generation: Generation;
     let mut extra = serde_json::Map::new();
-    if args.cpu {
-        let cpu = CpuModel::new(&loaded.weights)?
-            .with_decode_activations(DecodeActivations::parse(&args.decode_activations)?);
+    if args.cpu || args.cpu_reference {
+        let (cpu, backend) = cpu_model(&loaded.weights, &args)?;
         let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
         eprintln!(
-            "loaded {} in {:.1} s; running on the CPU reference",
+            "loaded {} in {:.1} s; running on the {backend}",
             path.display(),
             load_start.elapsed().as_secs_f64()
         );
+        extra.insert("backend".into(), backend.into());
         generation = generate(
             &mut decoder,
             &loaded.tokenizer,
@@ -436,6 +560,9 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// `q4wgpu bench`: the rows stream to stdout as a markdown table as they are measured.
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.cpu {
+        return bench_cpu(args);
+    }
     let opts = bench::BenchOptions {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
@@ -462,26 +589,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             .map(|t| DecodeActivations::parse(t.trim()))
             .collect::<Result<_>>()?,
     };
-    let load_start = Instant::now();
-    let (weights, name) = match (&args.synthetic, &args.model) {
-        (Some(shape), _) => (
-            synthetic::synthetic_weights(&synthetic::synthetic_config(shape)?, args.seed),
-            format!("{shape} (synthetic)"),
-        ),
-        (None, model_arg) => {
-            let path = model::resolve(model_arg.as_deref())?;
-            let name = path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
-            (model::load(&path, true)?.weights, name)
-        }
-    };
-    eprintln!(
-        "{name}: {:.2} GB of weights ready in {:.1} s",
-        weights.byte_len() as f64 / 1e9,
-        load_start.elapsed().as_secs_f64()
-    );
+    let (weights, name) = bench_weights(&args)?;
     let gpu = Gpu::new(args.adapter.as_deref())?;
     eprintln!("adapter: {}", gpu.describe());
     let mut header_printed = false;

@@ -18,6 +18,8 @@ use rayon::prelude::*;
 
 /// Most activation vectors one pass over the weights serves.
 pub const MAX_TOKENS: usize = 8;
+/// Rows one thread walks through together.
+const ROWS: usize = 4;
 /// Bytes of one weight block (128 nibbles).
 const BLOCK_BYTES: usize = WORDS_PER_BLOCK * 4;
 
@@ -155,7 +157,7 @@ pub fn matmul(isa: Isa, w: &QView, xs: &[&PackedAct]) -> Vec<Vec<f32>> {
         let n = group.len();
         // Rows × tokens, token fastest; rows split into chunks that keep every thread busy.
         let mut inter = vec![0.0f32; w.rows * n];
-        let chunk_rows = (w.rows / (rayon::current_num_threads() * 8)).clamp(4, 64);
+        let chunk_rows = (w.rows / (rayon::current_num_threads() * 8)).clamp(8, 64) / 8 * 8;
         inter
             .par_chunks_mut(chunk_rows * n)
             .enumerate()
@@ -194,6 +196,7 @@ fn rows(isa: Isa, w: &QView, xs: &[&PackedAct], row0: usize, out: &mut [f32]) {
 }
 
 /// What one thread's share of the work reads.
+#[derive(Clone, Copy)]
 struct RowSet<'a> {
     /// All of the matrix's weight bytes.
     bytes: &'a [u8],
@@ -214,21 +217,30 @@ impl<'a> RowSet<'a> {
         block_dots: impl Fn(W, &[i8]) -> [i32; 4],
     ) {
         let n = self.xs.len();
-        for (i, out_row) in out.chunks_exact_mut(n).enumerate() {
-            let r = self.row0 + i;
-            let row = &self.bytes[r * self.bpr * BLOCK_BYTES..(r + 1) * self.bpr * BLOCK_BYTES];
-            let scales = &self.scales[r * self.bpr..(r + 1) * self.bpr];
-            let mut acc = [0.0f32; MAX_TOKENS];
-            for (b, (wb, &s)) in row.chunks_exact(BLOCK_BYTES).zip(scales).enumerate() {
-                let weights = load(wb);
-                let scale = bf16::from_bits(s).to_f32();
-                for (a, x) in acc.iter_mut().zip(self.xs) {
-                    let dots = block_dots(weights, &x.q[b * BLOCK..(b + 1) * BLOCK]);
-                    let (d, sum) = (&x.d[4 * b..4 * b + 4], &x.sum[4 * b..4 * b + 4]);
-                    *a = epilogue(*a, dots, d, sum, scale);
+        let row_bytes = self.bpr * BLOCK_BYTES;
+        // Rows in groups of ROWS, block by block: their float chains (one per row and token)
+        // are independent, so the CPU overlaps their latencies.
+        for (g, out_rows) in out.chunks_mut(ROWS * n).enumerate() {
+            let r0 = self.row0 + g * ROWS;
+            let group = out_rows.len() / n;
+            let mut acc = [[0.0f32; MAX_TOKENS]; ROWS];
+            for b in 0..self.bpr {
+                let xq = |x: &'a PackedAct| &x.q[b * BLOCK..(b + 1) * BLOCK];
+                for (j, acc_row) in acc.iter_mut().enumerate().take(group) {
+                    let r = r0 + j;
+                    let start = r * row_bytes + b * BLOCK_BYTES;
+                    let weights = load(&self.bytes[start..start + BLOCK_BYTES]);
+                    let scale = bf16::from_bits(self.scales[r * self.bpr + b]).to_f32();
+                    for (a, &x) in acc_row.iter_mut().zip(self.xs) {
+                        let dots = block_dots(weights, xq(x));
+                        let (d, sum) = (&x.d[4 * b..4 * b + 4], &x.sum[4 * b..4 * b + 4]);
+                        *a = epilogue(*a, dots, d, sum, scale);
+                    }
                 }
             }
-            out_row.copy_from_slice(&acc[..n]);
+            for (out_row, acc_row) in out_rows.chunks_exact_mut(n).zip(&acc) {
+                out_row.copy_from_slice(&acc_row[..n]);
+            }
         }
     }
 }
@@ -252,8 +264,102 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::RowSet;
+    use super::{RowSet, BLOCK, BLOCK_BYTES, MAX_TOKENS};
+    use half::bf16;
     use std::arch::x86_64::*;
+
+    /// Rows in groups of eight, the spec's float steps on eight rows at once (one row per lane:
+    /// each lane does the scalar steps, in the same order); the rows left over one at a time.
+    /// `block_dots` gives a block's four quarter dots as `[q0 q1 q2 q3]`.
+    /// Callers must have AVX2 and FMA (they are `target_feature` functions that inline this).
+    #[inline(always)]
+    fn by_eight<'a, W: Copy>(
+        rows: &RowSet<'a>,
+        out: &mut [f32],
+        load: impl Fn(&'a [u8]) -> W,
+        block_dots: impl Fn(W, &[i8]) -> __m128i,
+    ) {
+        let n = rows.xs.len();
+        let full = out.len() / (8 * n) * 8 * n;
+        let (eights, rest) = out.split_at_mut(full);
+        for (g, group) in eights.chunks_exact_mut(8 * n).enumerate() {
+            eight_rows(rows, rows.row0 + 8 * g, group, &load, &block_dots);
+        }
+        let rest_rows = RowSet {
+            row0: rows.row0 + full / n,
+            ..*rows
+        };
+        rest_rows.run(rest, &load, |w, a| {
+            let mut dots = [0i32; 4];
+            // SAFETY: 16 bytes into a [i32; 4].
+            unsafe { _mm_storeu_si128(dots.as_mut_ptr().cast(), block_dots(w, a)) };
+            dots
+        });
+    }
+
+    #[inline(always)]
+    fn eight_rows<'a, W: Copy>(
+        rows: &RowSet<'a>,
+        r0: usize,
+        out: &mut [f32],
+        load: &impl Fn(&'a [u8]) -> W,
+        block_dots: &impl Fn(W, &[i8]) -> __m128i,
+    ) {
+        let (bpr, n) = (rows.bpr, rows.xs.len());
+        // SAFETY (whole function): the callers have AVX2 and FMA.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); MAX_TOKENS];
+            for b in 0..bpr {
+                let scale: [f32; 8] =
+                    std::array::from_fn(|j| bf16::from_bits(rows.scales[(r0 + j) * bpr + b]).to_f32());
+                let scale = _mm256_loadu_ps(scale.as_ptr());
+                let w: [W; 8] = std::array::from_fn(|j| {
+                    let start = ((r0 + j) * bpr + b) * BLOCK_BYTES;
+                    load(&rows.bytes[start..start + BLOCK_BYTES])
+                });
+                for (a, x) in acc.iter_mut().zip(rows.xs) {
+                    let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
+                    let d: [__m128i; 8] = std::array::from_fn(|j| block_dots(w[j], xq));
+                    for (k, dots) in transpose(d).into_iter().enumerate() {
+                        let t = _mm256_sub_ps(
+                            _mm256_mul_ps(_mm256_set1_ps(x.d[4 * b + k]), _mm256_cvtepi32_ps(dots)),
+                            _mm256_set1_ps(8.0 * x.sum[4 * b + k]),
+                        );
+                        *a = _mm256_fmadd_ps(t, scale, *a);
+                    }
+                }
+            }
+            for (t, a) in acc.iter().take(n).enumerate() {
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                for (j, &v) in lanes.iter().enumerate() {
+                    out[j * n + t] = v;
+                }
+            }
+        }
+    }
+
+    /// Eight rows' `[q0 q1 q2 q3]` as four vectors, quarter k's dots of rows 0..8 in vector k.
+    #[inline(always)]
+    fn transpose(d: [__m128i; 8]) -> [__m256i; 4] {
+        // SAFETY: AVX2 (see `by_eight`).
+        unsafe {
+            let r04 = _mm256_set_m128i(d[4], d[0]);
+            let r15 = _mm256_set_m128i(d[5], d[1]);
+            let r26 = _mm256_set_m128i(d[6], d[2]);
+            let r37 = _mm256_set_m128i(d[7], d[3]);
+            let t0 = _mm256_unpacklo_epi32(r04, r15); // r0q0 r1q0 r0q1 r1q1 | rows 4, 5
+            let t1 = _mm256_unpackhi_epi32(r04, r15); // r0q2 r1q2 r0q3 r1q3 | rows 4, 5
+            let t2 = _mm256_unpacklo_epi32(r26, r37);
+            let t3 = _mm256_unpackhi_epi32(r26, r37);
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        }
+    }
 
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -261,7 +367,8 @@ mod x86 {
     pub unsafe fn rows_avx2(rows: &RowSet, out: &mut [f32]) {
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        rows.run(
+        by_eight(
+            rows,
             out,
             |w| {
                 // SAFETY: a weight block is 64 bytes; unaligned loads.
@@ -303,14 +410,10 @@ mod x86 {
                 let s23 = _mm256_madd_epi16(p23, ones);
                 let h = _mm256_hadd_epi32(s01, s23);
                 let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
-                let dots = _mm_unpacklo_epi32(
+                _mm_unpacklo_epi32(
                     _mm256_castsi256_si128(h),
                     _mm256_extracti128_si256::<1>(h),
-                ); // [q0 q1 q2 q3]
-                let mut out = [0i32; 4];
-                // SAFETY: 16 bytes into a [i32; 4].
-                unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), dots) };
-                out
+                ) // [q0 q1 q2 q3]
             },
         );
     }
@@ -322,7 +425,8 @@ mod x86 {
         let mask = _mm512_set1_epi8(0x0F);
         // Lane 4k of the summed vector holds quarter k's total.
         let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-        rows.run(
+        by_eight(
+            rows,
             out,
             |w| {
                 // SAFETY: a weight block is 64 bytes.
@@ -345,11 +449,7 @@ mod x86 {
                 let s = _mm512_dpbusd_epi32(s, hi, odd);
                 let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0xB1>(s));
                 let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0x4E>(s));
-                let dots = _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s));
-                let mut out = [0i32; 4];
-                // SAFETY: 16 bytes into a [i32; 4].
-                unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), dots) };
-                out
+                _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s))
             },
         );
     }

@@ -15,6 +15,7 @@
 //! GPU prefill does, so a token attends to cache entries written in the same call; causality comes
 //! from each token reading only positions up to its own.
 
+pub mod bench;
 mod decoder;
 pub mod fast;
 pub mod ops;
