@@ -50,7 +50,8 @@
 # Environment: OUT (default ./bench-out), Q4WGPU (binary), DEADLINE (seconds, 570), LLAMA=0 (skip
 # llama.cpp CUDA), LLAMA_VK=0 (skip llama.cpp Vulkan), LLAMA_VK_CONFIGS (which and in what order:
 # "khr coopmat2 none"), LLAMA_DEPTH=0 (skip the depth rows), LLAMA_DEPTHS ("4096,16384"),
-# LLAMA_PP_LONG (4096; 0: no long-prompt row), STREAMED=0 (skip q4wgpu's streamed 32B and 70B
+# LLAMA_PP_LONG (4096; 0: no long-prompt row), CPU_BENCH=1 (add q4wgpu CPU-only 32B rows, about
+# 60 s), LLAMA_CPU=1 (add llama.cpp -ngl 0 rows on every core, about 60 s), STREAMED=0 (skip q4wgpu's streamed 32B and 70B
 # parts: about 185 s), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu
 # prompts), QUICK=1 (a smoke run: fewer tokens and repetitions everywhere), GIT_COMMIT and
 # GIT_DIRTY (0/1: the commit measured, for a checkout without .git; else read from git here, and
@@ -224,7 +225,7 @@ ldconfig 2>/dev/null || true
     *) state=' (tree state unknown)' ;;
   esac
   echo "git: ${GIT_COMMIT:-unknown}${GIT_COMMIT:+$state}"
-  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} LLAMA_VK=${LLAMA_VK:-1} LLAMA_VK_CONFIGS='${LLAMA_VK_CONFIGS:-khr coopmat2 none}' LLAMA_DEPTH=${LLAMA_DEPTH:-1} STREAMED=${STREAMED:-1} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
+  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} LLAMA_VK=${LLAMA_VK:-1} LLAMA_VK_CONFIGS='${LLAMA_VK_CONFIGS:-khr coopmat2 none}' LLAMA_DEPTH=${LLAMA_DEPTH:-1} STREAMED=${STREAMED:-1} CPU_BENCH=${CPU_BENCH:-0} LLAMA_CPU=${LLAMA_CPU:-0} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -287,6 +288,11 @@ else
     part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
       --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
   fi
+  # CPU only, every core (issue 11 item 3); the JSON goes with the logs ($OUT holds 8 files).
+  if [ "${CPU_BENCH:-0}" = 1 ]; then
+    part q4wgpu_cpu_32b 120 env RAYON_NUM_THREADS="$(nproc)" "$Q4WGPU" bench --cpu --synthetic qwen2-32b \
+      -p 64 -n 16 -r 2 --json "$WORK/q4wgpu_cpu_32b.json"
+  fi
 fi
 
 if [ "${CUDA:-1}" != 0 ]; then
@@ -320,6 +326,12 @@ vk_pp() { [ "$1" = none ] && echo "$llama_pp" || echo "$llama_pp_long"; }
 if [ "$cuda_go" = 1 ]; then
   part llama_bench 90 benches/llama_cpp/run.sh bench "$WORK" llama_bench \
     -p "$llama_pp_long" -n "$llama_n" -r "$llama_r"
+fi
+# llama.cpp's CPU backend on the same cores and tests as q4wgpu_cpu_32b (CUDA devices hidden, so
+# no prompt matmul is offloaded); its rows join llama_bench.json.
+if [ "${LLAMA_CPU:-0}" = 1 ] && [ "$cuda_go" = 1 ]; then
+  part llama_cpu 120 env CUDA_VISIBLE_DEVICES= LLAMA_NGL=0 benches/llama_cpp/run.sh bench "$WORK" llama_cpu \
+    -p 64 -n 16 -r 2 -t "$(nproc)"
 fi
 if [ "$vk_go" = 1 ]; then
   for c in $vk_configs; do

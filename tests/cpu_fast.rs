@@ -58,12 +58,23 @@ fn check_matrix(rng: &mut Rng, m: &QMatrix, tokens: usize, what: &str) {
 fn fast_matmul_is_bit_identical_to_the_spec_on_every_instruction_set() {
     eprintln!(
         "instruction sets: {:?}",
-        Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>()
+        Isa::available()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>()
     );
     let mut rng = Rng::fresh("fast int8 matmul");
     // Columns not multiples of 128 (short last blocks, one short of a quarter), rows that are
     // not multiples of any chunk, token counts below, at and above one pass's MAX_TOKENS.
-    let shapes = [(1, 32), (7, 100), (13, 129), (67, 300), (130, 896), (301, 1000), (5, 1)];
+    let shapes = [
+        (1, 32),
+        (7, 100),
+        (13, 129),
+        (67, 300),
+        (130, 896),
+        (301, 1000),
+        (5, 1),
+    ];
     for (i, &(rows, cols)) in shapes.iter().enumerate() {
         let data = rng.vec(rows * cols, 1.0);
         let m = QMatrix::quantize(&data, rows, cols);
@@ -85,7 +96,10 @@ fn fast_matmul_is_exact_at_the_extreme_levels() {
     let x: Vec<f32> = (0..cols)
         .map(|i| if (i / 7) % 2 == 0 { 3.0 } else { -3.0 })
         .collect();
-    let xs = [ActQ8::quantize(&x), ActQ8::quantize(&x.iter().map(|v| -v).collect::<Vec<_>>())];
+    let xs = [
+        ActQ8::quantize(&x),
+        ActQ8::quantize(&x.iter().map(|v| -v).collect::<Vec<_>>()),
+    ];
     assert!(xs[0].q.iter().take(cols).all(|q| q.abs() == 127));
     for x in &xs {
         let mut want = vec![f32::NAN; rows];
@@ -135,9 +149,17 @@ fn fast_model_matches_the_reference_running_the_int8_spec() {
     }
     // The spec itself differs from the f32 oracle (int8 rounding) but stays close to it.
     let oracle = CpuModel::new(&weights).expect("valid");
-    let f32_logits = oracle.forward(&mut oracle.new_cache(32), &prompt).expect("oracle");
+    let f32_logits = oracle
+        .forward(&mut oracle.new_cache(32), &prompt)
+        .expect("oracle");
     let int8 = &want[prompt.len() - 1];
     let scale = f32_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = f32_logits.iter().zip(int8).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err > 0.0 && err < 0.1 * scale, "int8 vs f32 logits: max error {err}, scale {scale}");
+    let err = f32_logits
+        .iter()
+        .zip(int8)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err > 0.0 && err < 0.1 * scale,
+        "int8 vs f32 logits: max error {err}, scale {scale}"
+    );
 }

@@ -97,13 +97,19 @@ pub fn bench_model(
     let config = &weights.config;
     let per_token = weight_bytes_per_token(config);
     let params = SamplingParams::greedy();
-    let ctx = prompt_tokens.max(crate::bench::TG_PROMPT + gen_tokens).max(1);
+    let ctx = prompt_tokens
+        .max(crate::bench::TG_PROMPT + gen_tokens)
+        .max(1);
     let tokens = crate::bench::random_tokens(ctx, config.vocab_size, 0);
     let mut rows = Vec::new();
     if prompt_tokens > 0 {
         let mut rates = Vec::new();
         for rep in 0..=reps {
-            let run = if rep == 0 { &tokens[..prompt_tokens.min(8)] } else { &tokens[..prompt_tokens] };
+            let run = if rep == 0 {
+                &tokens[..prompt_tokens.min(8)]
+            } else {
+                &tokens[..prompt_tokens]
+            };
             let mut decoder = CpuDecoder::new(&cpu, ctx);
             let start = Instant::now();
             decoder.step(run, &params, &[], 0, None)?;
@@ -119,19 +125,31 @@ pub fn bench_model(
     if gen_tokens > 0 {
         let mut rates = Vec::new();
         for rep in 0..=reps {
-            let steps = if rep == 0 { gen_tokens.min(4) } else { gen_tokens };
+            let steps = if rep == 0 {
+                gen_tokens.min(4)
+            } else {
+                gen_tokens
+            };
             let mut decoder = CpuDecoder::new(&cpu, ctx);
             let prompt = &tokens[..crate::bench::TG_PROMPT];
             let mut token = decoder.step(prompt, &params, prompt, 0, None)?.token;
             let start = Instant::now();
             for i in 0..steps {
-                token = decoder.step(&[token], &params, &[], i as u32 + 1, None)?.token;
+                token = decoder
+                    .step(&[token], &params, &[], i as u32 + 1, None)?
+                    .token;
             }
             if rep > 0 {
                 rates.push(steps as f64 / start.elapsed().as_secs_f64());
             }
         }
-        rows.push(row(model, isa, format!("tg{gen_tokens}"), &rates, per_token));
+        rows.push(row(
+            model,
+            isa,
+            format!("tg{gen_tokens}"),
+            &rates,
+            per_token,
+        ));
         on_row(rows.last().expect("pushed"));
     }
     Ok(rows)
@@ -151,12 +169,20 @@ pub fn bench_kernel(isa: Isa, rows: usize, cols: usize, tokens: usize, reps: usi
     let m = QMatrix {
         rows,
         cols,
-        qweight: (0..rows * bpr * WORDS_PER_BLOCK).map(|_| next() as u32).collect(),
+        qweight: (0..rows * bpr * WORDS_PER_BLOCK)
+            .map(|_| next() as u32)
+            .collect(),
         // bf16 scales around 0.01.
-        scales: (0..rows * bpr).map(|_| 0x3C20 + (next() % 64) as u16).collect(),
+        scales: (0..rows * bpr)
+            .map(|_| 0x3C20 + (next() % 64) as u16)
+            .collect(),
     };
-    let x: Vec<f32> = (0..cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
-    let packed: Vec<PackedAct> = (0..tokens).map(|_| PackedAct::new(&ActQ8::quantize(&x))).collect();
+    let x: Vec<f32> = (0..cols)
+        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let packed: Vec<PackedAct> = (0..tokens)
+        .map(|_| PackedAct::new(&ActQ8::quantize(&x)))
+        .collect();
     let refs: Vec<&PackedAct> = packed.iter().collect();
     let view = m.view();
     let mut rates = Vec::new();

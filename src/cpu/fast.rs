@@ -144,27 +144,54 @@ pub fn matvec(isa: Isa, w: &QView, x: &PackedAct, y: &mut [f32]) {
 
 /// `W x` for each of `xs`, one output vector per input; several inputs share each pass over `W`.
 pub fn matmul(isa: Isa, w: &QView, xs: &[&PackedAct]) -> Vec<Vec<f32>> {
-    assert!(isa.is_available(), "{} is not available on this CPU", isa.name());
-    let bpr = w.blocks_per_row();
-    assert_eq!(w.qweight.len(), w.rows * bpr * WORDS_PER_BLOCK);
-    assert_eq!(w.scales.len(), w.rows * bpr);
-    for x in xs {
-        assert_eq!(x.len, w.cols, "activation length does not match the matrix");
-        assert_eq!(x.q.len(), bpr * BLOCK);
+    matmul_each(isa, &[w], xs).swap_remove(0)
+}
+
+/// [`matmul`] for several matrices of the same input width (q, k and v; gate and up) in one
+/// parallel section: one wait for the threads instead of one per matrix.
+/// Outputs: `[matrix][input][row]`.
+pub fn matmul_each(isa: Isa, ws: &[&QView], xs: &[&PackedAct]) -> Vec<Vec<Vec<f32>>> {
+    assert!(
+        isa.is_available(),
+        "{} is not available on this CPU",
+        isa.name()
+    );
+    for w in ws {
+        let bpr = w.blocks_per_row();
+        assert_eq!(w.qweight.len(), w.rows * bpr * WORDS_PER_BLOCK);
+        assert_eq!(w.scales.len(), w.rows * bpr);
+        for x in xs {
+            assert_eq!(x.len, w.cols, "activation length does not match the matrix");
+            assert_eq!(x.q.len(), bpr * BLOCK);
+        }
     }
-    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; w.rows]; xs.len()];
-    for (group, out_group) in xs.chunks(MAX_TOKENS).zip(outs.chunks_mut(MAX_TOKENS)) {
+    let mut outs: Vec<Vec<Vec<f32>>> = ws
+        .iter()
+        .map(|w| vec![vec![0.0; w.rows]; xs.len()])
+        .collect();
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+    // Rows split into chunks (multiples of 8) that keep every thread busy.
+    let chunk_rows = (total_rows / (rayon::current_num_threads() * 8)).clamp(8, 64) / 8 * 8;
+    for (g, group) in xs.chunks(MAX_TOKENS).enumerate() {
         let n = group.len();
-        // Rows × tokens, token fastest; rows split into chunks that keep every thread busy.
-        let mut inter = vec![0.0f32; w.rows * n];
-        let chunk_rows = (w.rows / (rayon::current_num_threads() * 8)).clamp(8, 64) / 8 * 8;
-        inter
-            .par_chunks_mut(chunk_rows * n)
-            .enumerate()
-            .for_each(|(c, out)| rows(isa, w, group, c * chunk_rows, out));
-        for (t, y) in out_group.iter_mut().enumerate() {
-            for (r, v) in y.iter_mut().enumerate() {
-                *v = inter[r * n + t];
+        // Per matrix: rows × tokens, token fastest.
+        let mut inter: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; w.rows * n]).collect();
+        let mut work: Vec<(&QView, usize, &mut [f32])> = Vec::new();
+        for (w, buf) in ws.iter().zip(inter.iter_mut()) {
+            for (c, out) in buf.chunks_mut(chunk_rows * n).enumerate() {
+                work.push((w, c * chunk_rows, out));
+            }
+        }
+        work.into_par_iter()
+            .for_each(|(w, row0, out)| rows(isa, w, group, row0, out));
+        for (out, buf) in outs.iter_mut().zip(&inter) {
+            for (t, y) in out[g * MAX_TOKENS..g * MAX_TOKENS + n]
+                .iter_mut()
+                .enumerate()
+            {
+                for (r, v) in y.iter_mut().enumerate() {
+                    *v = buf[r * n + t];
+                }
             }
         }
     }
@@ -249,16 +276,21 @@ mod portable {
     use super::RowSet;
 
     pub fn rows(rows: &RowSet, out: &mut [f32]) {
-        rows.run(out, |w| w, |w, a| {
-            let mut dots = [0i32; 4];
-            for (k, dot) in dots.iter_mut().enumerate() {
-                let (even, odd) = (&a[16 * k..16 * k + 16], &a[64 + 16 * k..64 + 16 * k + 16]);
-                for (i, &byte) in w[16 * k..16 * k + 16].iter().enumerate() {
-                    *dot += (byte & 0xF) as i32 * even[i] as i32 + (byte >> 4) as i32 * odd[i] as i32;
+        rows.run(
+            out,
+            |w| w,
+            |w, a| {
+                let mut dots = [0i32; 4];
+                for (k, dot) in dots.iter_mut().enumerate() {
+                    let (even, odd) = (&a[16 * k..16 * k + 16], &a[64 + 16 * k..64 + 16 * k + 16]);
+                    for (i, &byte) in w[16 * k..16 * k + 16].iter().enumerate() {
+                        *dot += (byte & 0xF) as i32 * even[i] as i32
+                            + (byte >> 4) as i32 * odd[i] as i32;
+                    }
                 }
-            }
-            dots
-        });
+                dots
+            },
+        );
     }
 }
 
@@ -310,8 +342,9 @@ mod x86 {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); MAX_TOKENS];
             for b in 0..bpr {
-                let scale: [f32; 8] =
-                    std::array::from_fn(|j| bf16::from_bits(rows.scales[(r0 + j) * bpr + b]).to_f32());
+                let scale: [f32; 8] = std::array::from_fn(|j| {
+                    bf16::from_bits(rows.scales[(r0 + j) * bpr + b]).to_f32()
+                });
                 let scale = _mm256_loadu_ps(scale.as_ptr());
                 let w: [W; 8] = std::array::from_fn(|j| {
                     let start = ((r0 + j) * bpr + b) * BLOCK_BYTES;
@@ -410,10 +443,8 @@ mod x86 {
                 let s23 = _mm256_madd_epi16(p23, ones);
                 let h = _mm256_hadd_epi32(s01, s23);
                 let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
-                _mm_unpacklo_epi32(
-                    _mm256_castsi256_si128(h),
-                    _mm256_extracti128_si256::<1>(h),
-                ) // [q0 q1 q2 q3]
+                _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+                // [q0 q1 q2 q3]
             },
         );
     }

@@ -79,18 +79,31 @@ pub enum Int8Kernel {
 impl Linear<'_> {
     /// `W x (+ b)` for each input.
     fn apply_all(&self, xs: &[Input], kernel: Int8Kernel) -> Vec<Vec<f32>> {
-        let mut ys = match kernel {
-            Int8Kernel::Fast(isa) => match int8_inputs(xs) {
-                Some(packed) => {
-                    let refs: Vec<&fast::PackedAct> = packed.iter().collect();
-                    fast::matmul(isa, &self.weight, &refs)
-                }
-                None => xs.iter().map(|x| self.reference(x)).collect(),
-            },
-            Int8Kernel::Reference => xs.iter().map(|x| self.reference(x)).collect(),
+        Linear::apply_each(&[self], xs, kernel).swap_remove(0)
+    }
+
+    /// [`apply_all`](Self::apply_all) for several linears of the same input (one parallel
+    /// section on the fast kernel). Outputs: `[linear][input]`.
+    fn apply_each(linears: &[&Self], xs: &[Input], kernel: Int8Kernel) -> Vec<Vec<Vec<f32>>> {
+        let packed = match kernel {
+            Int8Kernel::Fast(isa) => int8_inputs(xs).map(|p| (isa, p)),
+            Int8Kernel::Reference => None,
         };
-        if let Some(b) = &self.bias {
-            ys.iter_mut().for_each(|y| add_in_place(y, b));
+        let mut ys = match packed {
+            Some((isa, packed)) => {
+                let refs: Vec<&fast::PackedAct> = packed.iter().collect();
+                let ws: Vec<&QView> = linears.iter().map(|l| &l.weight).collect();
+                fast::matmul_each(isa, &ws, &refs)
+            }
+            None => linears
+                .iter()
+                .map(|l| xs.iter().map(|x| l.reference(x)).collect())
+                .collect(),
+        };
+        for (l, y) in linears.iter().zip(&mut ys) {
+            if let Some(b) = &l.bias {
+                y.iter_mut().for_each(|y| add_in_place(y, b));
+            }
         }
         ys
     }
@@ -391,9 +404,11 @@ impl<'a> CpuModel<'a> {
             .iter()
             .map(|x| Input::normed(x, &layer.input_norm, eps, int8))
             .collect();
-        let mut queries = layer.q.apply_all(&hs, kernel);
-        let keys = layer.k.apply_all(&hs, kernel);
-        let values = layer.v.apply_all(&hs, kernel);
+        let mut qkv = Linear::apply_each(&[&layer.q, &layer.k, &layer.v], &hs, kernel).into_iter();
+        let (mut queries, keys, values) = match (qkv.next(), qkv.next(), qkv.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => unreachable!("three linears give three outputs"),
+        };
         for (t, ((q, mut k), v)) in queries.iter_mut().zip(keys).zip(values).enumerate() {
             apply_rope(q, start + t, &self.inv_freq);
             apply_rope(&mut k, start + t, &self.inv_freq);
@@ -425,10 +440,12 @@ impl<'a> CpuModel<'a> {
             .iter()
             .map(|x| Input::normed(x, &layer.post_attention_norm, eps, int8))
             .collect();
-        let ups = layer.up.apply_all(&hs, kernel);
-        let acts: Vec<Input> = layer
-            .gate
-            .apply_all(&hs, kernel)
+        let mut gate_up = Linear::apply_each(&[&layer.gate, &layer.up], &hs, kernel).into_iter();
+        let (gates, ups) = match (gate_up.next(), gate_up.next()) {
+            (Some(g), Some(u)) => (g, u),
+            _ => unreachable!("two linears give two outputs"),
+        };
+        let acts: Vec<Input> = gates
             .into_iter()
             .zip(ups)
             .map(|(mut act, up)| {
