@@ -773,6 +773,19 @@ impl<'w> GpuModel<'w> {
         self.position = 0;
     }
 
+    /// Takes the first `position` KV-cache entries as filled, whatever they hold: for benchmarks
+    /// at a depth (`bench -d`), where the time of a step does not depend on the cached values.
+    pub fn skip_to(&mut self, position: usize) -> Result<()> {
+        if position >= self.opts.ctx_size {
+            return Err(Error::Invalid(format!(
+                "depth {position} leaves no room in a context of {}",
+                self.opts.ctx_size
+            )));
+        }
+        self.position = position;
+        Ok(())
+    }
+
     /// Runs `tokens` through the model and returns the logits of the last one (tests, `--cpu` checks).
     pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.forward(tokens, None)?;

@@ -190,6 +190,11 @@ struct BenchArgs {
     /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,
+    /// Comma-separated depths: positions already in the KV cache before each test (as
+    /// llama-bench's -d; the cached values are whatever the buffers hold: speed does not depend
+    /// on them).
+    #[arg(short = 'd', long = "n-depth", default_value = "0")]
+    depth: String,
     /// Comma-separated decode activations (int8, f32), one set of generation rows each.
     #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
     decode_activations: String,
@@ -456,6 +461,15 @@ fn bench(args: BenchArgs) -> Result<()> {
             Some(text) => text.split('/').map(DecodeFusion::parse).collect::<Result<_>>()?,
             None => vec![DecodeFusion::default()],
         },
+        depths: args
+            .depth
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("-d takes a comma-separated list of depths, not {t:?}")))
+            })
+            .collect::<Result<_>>()?,
         decode_activations: args
             .decode_activations
             .split(',')
