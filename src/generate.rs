@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The log-probability of a chosen token and its most likely alternatives (raw logits, full vocabulary).
@@ -14,6 +14,43 @@ pub struct TokenLogprobs {
     pub token: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+}
+
+/// A token as reported in `--json` with `--logprobs`: its id, its text, its log-probability.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenText {
+    pub token: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One generated token's report: the token and the most likely alternatives, each with its text.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogprobReport {
+    #[serde(flatten)]
+    pub chosen: TokenText,
+    pub top: Vec<TokenText>,
+}
+
+impl LogprobReport {
+    fn new(tokenizer: &Tokenizer, lp: TokenLogprobs) -> Result<LogprobReport> {
+        // Special tokens are shown too: an alternative may well be the end of the turn.
+        let text = |token: u32, logprob: f32| -> Result<TokenText> {
+            Ok(TokenText {
+                token,
+                text: tokenizer.decode(&[token], false)?,
+                logprob,
+            })
+        };
+        Ok(LogprobReport {
+            chosen: text(lp.token, lp.logprob)?,
+            top: lp
+                .top
+                .into_iter()
+                .map(|(t, l)| text(t, l))
+                .collect::<Result<_>>()?,
+        })
+    }
 }
 
 /// What a backend returns for one step: the sampled next token (and its log-probabilities if asked).
@@ -68,11 +105,11 @@ pub struct Generation {
     pub finish_reason: &'static str,
     pub timings: Timings,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<Vec<TokenLogprobs>>,
+    pub logprobs: Option<Vec<LogprobReport>>,
 }
 
 /// Set by the Ctrl-C handler; the loop stops at the next token and still reports its statistics.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub use crate::interrupt::INTERRUPTED;
 
 /// Generates from `prompt_ids`, calling `on_text` with each complete piece of text as it is made.
 pub fn generate(
@@ -124,7 +161,7 @@ pub fn generate(
         generated.push(token);
         history.push(token);
         if let (Some(all), Some(lp)) = (logprobs.as_mut(), out.logprobs.take()) {
-            all.push(lp);
+            all.push(LogprobReport::new(tokenizer, lp)?);
         }
         if let Some(piece) = stream.push(token)? {
             text.push_str(&piece);
