@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod formats;
 pub mod generate;
 pub mod gpu;
+pub mod interrupt;
 pub mod kernels;
 pub mod model;
 pub mod quant;
