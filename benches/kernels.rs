@@ -6,7 +6,9 @@
 //! context lengths.
 //! `Q4WGPU_BENCH_SMALL=1` (or the argument `--small`) runs small shapes, for lavapipe.
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
-//! `GemvQ4::config_for`.
+//! `GemvQ4::config_for`, and decode attention's split settings.
+//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and
+//! decode attention.
 //!
 //! GEMV GB/s = (qweight + scales + x bytes) / median time; weights rotate over enough copies
 //! that they cannot stay in the GPU's L2 cache between runs. Times come from timestamp queries
@@ -14,7 +16,7 @@
 //! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
 
 use q4wgpu::gpu::Gpu;
-use q4wgpu::kernels::attention::Attention;
+use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::gemv_q4_q8::GemvQ4Q8;
@@ -97,6 +99,8 @@ struct Settings {
     reps: usize,
     naive: bool,
     sweep: bool,
+    /// Only the streaming read and decode attention (`--attention-only`).
+    attention_only: bool,
 }
 
 fn settings() -> Settings {
@@ -105,6 +109,7 @@ fn settings() -> Settings {
         args.iter().any(|a| a == arg) || std::env::var(env).is_ok_and(|v| v != "0")
     };
     let sweep = flag("--sweep", "Q4WGPU_BENCH_SWEEP");
+    let attention_only = flag("--attention-only", "Q4WGPU_BENCH_ATTENTION_ONLY");
     if flag("--small", "Q4WGPU_BENCH_SMALL") {
         // SmolLM2-135M's shapes (hidden 576, 3 KV heads of 64, FFN 1536), small enough for lavapipe.
         let shapes = vec![
@@ -139,6 +144,7 @@ fn settings() -> Settings {
             reps: 1,
             naive: true,
             sweep,
+            attention_only,
         }
     } else {
         let (h, kv, ffn, vocab) = (5120, 1024, 27648, 152064);
@@ -175,10 +181,11 @@ fn settings() -> Settings {
             stream_bytes: 1 << 30,
             gemm_m: 512,
             attention: (40, 8, 128),
-            contexts: vec![512, 2048, 8192, 32768],
+            contexts: vec![512, 4096, 8192, 16384, 32768],
             reps: 10,
             naive: false,
             sweep,
+            attention_only,
         }
     }
 }
@@ -453,6 +460,10 @@ fn main() {
         sig(copy_gbs)
     );
 
+    if s.attention_only {
+        attention_decode(&gpu, &s, read_gbs);
+        return;
+    }
     let gemv = GemvQ4::new(&gpu).expect("gemv compiles");
     let gemm = GemmQ4::new(&gpu).expect("gemm compiles");
     println!("## GEMV (M = 1)\n");
@@ -596,12 +607,43 @@ fn main() {
 }
 
 /// Decode attention (split over the sequence, then combined) of one token over a full KV cache
-/// of each context length: µs per layer and GB/s of KV cache read (f16 K and V).
+/// of each context length: µs per layer and GB/s of KV cache read (f16 K and V), for the previous
+/// kernel ("legacy") and the grouped one; with `--sweep`, also the grouped kernel's split settings.
+/// Caches rotate over copies totalling `rotate_bytes` (as the layers of a model do), so a short
+/// context is not served from L2.
 fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     let (heads, kv_heads, hd) = s.attention;
     println!("\n## Attention, decode ({heads} query heads, {kv_heads} KV heads, head dim {hd})\n");
-    println!("| context | µs | KV GB/s | of stream read |\n| --- | --- | --- | --- |");
-    let attention = Attention::new(gpu).expect("attention compiles");
+    println!(
+        "| kernel | context | splits | µs | KV GB/s | of stream read |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let grouped = DecodeOptions::default();
+    let mut variants = vec![
+        (
+            "legacy".to_string(),
+            DecodeOptions {
+                kernel: DecodeKernel::Legacy,
+                ..grouped
+            },
+        ),
+        ("grouped".to_string(), grouped),
+    ];
+    if s.sweep {
+        for target in [256, 1024, 2048] {
+            for min in [32, 128] {
+                let o = DecodeOptions {
+                    min_split_positions: min,
+                    target_workgroups: target,
+                    ..grouped
+                };
+                variants.push((format!("grouped wg {target} min {min}"), o));
+            }
+        }
+    }
+    let kernels: Vec<(String, Attention)> = variants
+        .into_iter()
+        .map(|(name, o)| (name, Attention::with_decode(gpu, o).expect("attention compiles")))
+        .collect();
     for &ctx in &s.contexts {
         let q_host: Vec<f32> = random_words(heads * hd, 11)
             .iter()
@@ -609,13 +651,21 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             .collect();
         let q = gpu.storage_from("bench q", &q_host);
         let out = gpu.storage_buffer("bench attention out", (heads * hd * 4) as u64);
+        let kv_bytes = (2 * kv_heads * ctx * hd * 2) as u64;
         // f16 values in [-1, 1): an exponent field below 15 keeps every value finite.
         let cache_words: Vec<u32> = random_words(kv_heads * ctx * hd / 2, 13)
             .iter()
             .map(|w| w & 0xBBFF_BBFF)
             .collect();
-        let k_cache = gpu.storage_from("bench k cache", &cache_words);
-        let v_cache = gpu.storage_from("bench v cache", &cache_words);
+        let copies = s.rotate_bytes.div_ceil(kv_bytes).clamp(1, 128) as usize;
+        let caches: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..copies)
+            .map(|_| {
+                (
+                    gpu.storage_from("bench k cache", &cache_words),
+                    gpu.storage_from("bench v cache", &cache_words),
+                )
+            })
+            .collect();
         let step = gpu.uniform(
             "bench step",
             &StepParams {
@@ -625,24 +675,37 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                 _pad: 0,
             },
         );
-        let bound = match attention.bind(
-            gpu, &q, &k_cache, &v_cache, &out, heads, kv_heads, hd, ctx, 1, &step,
-        ) {
-            Ok(b) => b,
-            Err(e) => {
-                println!("| {ctx} | — | {e} | |");
-                continue;
-            }
-        };
-        let t = time_per_call(gpu, s.reps, &|pass, _| encode_all(pass, &bound.decode));
-        let kv_bytes = (2 * kv_heads * ctx * hd * 2) as f64;
-        let gbs = kv_bytes / t / 1e9;
-        println!(
-            "| {ctx} | {} | {} | {:.2} |",
-            sig(t * 1e6),
-            sig(gbs),
-            gbs / read_gbs
-        );
+        for (name, attention) in &kernels {
+            let bound: Result<Vec<_>, _> = caches
+                .iter()
+                .map(|(k, v)| {
+                    attention.bind(gpu, &q, k, v, &out, heads, kv_heads, hd, ctx, 1, &step)
+                })
+                .collect();
+            let bound = match bound {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("| {name} | {ctx} | | — | {e} | |");
+                    continue;
+                }
+            };
+            let splits = match name.as_str() {
+                "legacy" => bound[0].max_splits,
+                _ => attention
+                    .decode_layout(heads, kv_heads, hd, ctx)
+                    .map_or(0, |l| l.splits),
+            };
+            let t = time_per_call(gpu, s.reps, &|pass, i| {
+                encode_all(pass, &bound[i % bound.len()].decode)
+            });
+            let gbs = kv_bytes as f64 / t / 1e9;
+            println!(
+                "| {name} | {ctx} | {splits} | {} | {} | {:.2} |",
+                sig(t * 1e6),
+                sig(gbs),
+                gbs / read_gbs
+            );
+        }
     }
 }
 
