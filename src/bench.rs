@@ -550,6 +550,7 @@ pub fn run_bench(
             decode_fusion: opts.decode_fusion,
             decode_reads: stream_read,
             prompt_reads: stream_read,
+            kv_slots: 1,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,

@@ -24,6 +24,9 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
+mod kv_slots;
+pub use kv_slots::KvSlots;
+
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Most tokens the KV cache holds.
@@ -42,6 +45,9 @@ pub struct EngineOptions {
     pub decode_reads: StreamRead,
     /// How a prompt chunk reads streamed layers.
     pub prompt_reads: StreamRead,
+    /// Sequences whose KV caches the engine keeps (`serve --parallel`): above 1, each has a saved
+    /// copy of the cache that `select_kv_slot` swaps in (see `kv_slots.rs`).
+    pub kv_slots: usize,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -139,6 +145,7 @@ impl Default for EngineOptions {
             decode_fusion: DecodeFusion::default(),
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
+            kv_slots: 1,
         }
     }
 }
@@ -202,6 +209,9 @@ pub struct GpuModel<'w> {
     device_bytes: u64,
     /// The next decode step's commands, recorded ahead (see `forward`).
     next_decode: Option<wgpu::CommandBuffer>,
+    /// The working K and V caches of each layer, and the saved caches of other sequences.
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    slots: KvSlots,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -273,7 +283,8 @@ impl<'w> GpuModel<'w> {
         let lm_head = weights.q4("lm_head.weight")?;
 
         // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
-        let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64;
+        let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64
+            * (1 + KvSlots::saved_copies(opts.kv_slots) as u64);
         let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
         let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
         let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
@@ -364,6 +375,7 @@ impl<'w> GpuModel<'w> {
             })
             .collect();
         device_bytes += fixed - allowance;
+        let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
         let gemv = GemvQ4::new(gpu)?;
         let gemm = GemmQ4::new(gpu)?;
@@ -640,6 +652,8 @@ impl<'w> GpuModel<'w> {
             position: 0,
             device_bytes,
             next_decode: None,
+            kv,
+            slots,
             _keep: keep,
         })
     }
@@ -660,7 +674,7 @@ impl<'w> GpuModel<'w> {
 
     /// Forgets the sequence (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
-        self.position = 0;
+        self.truncate(0);
     }
 
     /// Runs `tokens` through the model and returns the logits of the last one (tests, `--cpu` checks).

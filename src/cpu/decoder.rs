@@ -17,6 +17,11 @@ impl<'m, 'w> CpuDecoder<'m, 'w> {
             cache: model.new_cache(ctx),
         }
     }
+
+    /// Keeps only the first `len` tokens of the sequence.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
 }
 
 impl Decoder for CpuDecoder<'_, '_> {
