@@ -577,6 +577,7 @@ pub fn run_bench(
             decode_reads: stream_read,
             prompt_reads: stream_read,
             decode_activations,
+            kv_slots: 1,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,

@@ -27,6 +27,9 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
+mod kv_slots;
+pub use kv_slots::KvSlots;
+
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Most tokens the KV cache holds.
@@ -47,6 +50,9 @@ pub struct EngineOptions {
     pub prompt_reads: StreamRead,
     /// Activations of a decode step: int8 (integer dot products) or f32 (with `decode_fusion`).
     pub decode_activations: DecodeActivations,
+    /// Sequences whose KV caches the engine keeps (`serve --parallel`): above 1, each has a saved
+    /// copy of the cache that `select_kv_slot` swaps in (see `kv_slots.rs`).
+    pub kv_slots: usize,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -174,6 +180,7 @@ impl Default for EngineOptions {
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
             decode_activations: DecodeActivations::default(),
+            kv_slots: 1,
         }
     }
 }
@@ -238,6 +245,9 @@ pub struct GpuModel<'w> {
     device_bytes: u64,
     /// The next decode step's commands, recorded ahead (see `forward`).
     next_decode: Option<wgpu::CommandBuffer>,
+    /// The working K and V caches of each layer, and the saved caches of other sequences.
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    slots: KvSlots,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -299,7 +309,9 @@ pub fn residency_plan(
     let qkv_dim = q_dim + 2 * kv_dim;
     let pack = LayerPack::new(c);
     // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
-    let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64;
+    // Each sequence beyond the first (`serve --parallel`) keeps a saved copy of the cache.
+    let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64
+        * (1 + KvSlots::saved_copies(opts.kv_slots) as u64);
     let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
     let blocks = h.div_ceil(crate::quant::BLOCK);
     let lm_bytes = (vocab * blocks * (crate::quant::WORDS_PER_BLOCK * 4 + 2)) as u64;
@@ -422,6 +434,7 @@ impl<'w> GpuModel<'w> {
             })
             .collect();
         device_bytes += plan.fixed_bytes - allowance;
+        let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
         let gemv = GemvQ4::new(gpu)?;
         let gemm = GemmQ4::new(gpu)?;
@@ -772,6 +785,8 @@ impl<'w> GpuModel<'w> {
             position: 0,
             device_bytes,
             next_decode: None,
+            kv,
+            slots,
             _keep: keep,
         })
     }
@@ -803,7 +818,7 @@ impl<'w> GpuModel<'w> {
 
     /// Forgets the sequence (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
-        self.position = 0;
+        self.truncate(0);
     }
 
     /// Takes the first `position` KV-cache entries as filled, whatever they hold: for benchmarks

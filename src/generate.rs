@@ -241,7 +241,7 @@ fn rate(n: usize, seconds: f64) -> f64 {
 }
 
 /// Length of the longest tail of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
         .flat_map(|s| {
@@ -257,7 +257,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 }
 
 /// Byte offset where the first stop string begins, if any has appeared.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(crate) fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

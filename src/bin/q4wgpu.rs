@@ -7,6 +7,8 @@ use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::interrupt;
+use q4wgpu::chat::ChatSettings;
+use q4wgpu::serve::{EngineSettings, ServeSettings};
 use q4wgpu::sampling::SamplingParams;
 use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
 use q4wgpu::{bench, model, scheduler, synthetic, Error, Result};
@@ -65,6 +67,10 @@ enum Command {
     },
     /// List the known models and what the cache holds of them.
     List,
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+    Serve(ServeArgs),
+    /// Talk with the model in the terminal (streamed answers; /reset, /system TEXT, /exit).
+    Chat(ChatArgs),
     /// Quality of int8 decode activations against f32 on a text: top-1 agreement, KL divergence
     /// and perplexity, one token per step (teacher-forced).
     Eval {
@@ -185,6 +191,102 @@ struct RunArgs {
     quiet: bool,
 }
 
+/// How `serve` and `chat` load and run the model.
+#[derive(Args)]
+struct EngineArgs {
+    /// A model as `run` takes it.
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokens each sequence holds (capped by the model's max_position_embeddings).
+    #[arg(long, default_value_t = 4096)]
+    ctx_size: usize,
+    /// Run the CPU reference instead of the GPU (slow; for checking).
+    #[arg(long)]
+    cpu: bool,
+    /// Part of the adapter's name to pick it (see `q4wgpu info`).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// GPU memory to use, as for `run`.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Ring slots for streamed layers.
+    #[arg(long, default_value_t = 2)]
+    prefetch_depth: usize,
+    /// How decode steps read streamed layers: ring or zero-copy.
+    #[arg(long, default_value = EngineOptions::default().decode_reads.name())]
+    decode_reads: String,
+    /// How prompt chunks read streamed layers: ring or zero-copy.
+    #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
+    prompt_reads: String,
+}
+
+impl EngineArgs {
+    fn settings(&self, parallel: usize) -> Result<EngineSettings> {
+        Ok(EngineSettings {
+            model: model::resolve(self.model.as_deref())?,
+            cpu: self.cpu,
+            parallel,
+            ctx_size: self.ctx_size,
+            adapter: self.adapter.clone(),
+            vram_budget: self
+                .vram_budget
+                .as_deref()
+                .map(scheduler::parse_size)
+                .transpose()?,
+            prefetch_depth: self.prefetch_depth,
+            decode_reads: StreamRead::parse(&self.decode_reads)?,
+            prompt_reads: StreamRead::parse(&self.prompt_reads)?,
+            verbose: true,
+        })
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Sequences decoded together, each with its own KV cache.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for a free sequence; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` (default: the Q4WGPU_API_KEY environment variable, if set).
+    #[arg(long, env = "Q4WGPU_API_KEY")]
+    api_key: Option<String>,
+    /// The model name /v1/models lists and requests give (default: the model folder's name).
+    #[arg(long)]
+    alias: Option<String>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, short = 'n', default_value_t = 1024)]
+    max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     /// A model as `run` takes it.
@@ -266,6 +368,8 @@ fn main() {
             json,
         } => eval(model, file, max_tokens, adapter, json),
         Command::List => list(),
+        Command::Serve(args) => serve(args),
+        Command::Chat(args) => chat(args),
         Command::Info {
             model,
             adapter,
@@ -322,6 +426,52 @@ fn eval(
         std::fs::write(&out, serde_json::to_string_pretty(&v).unwrap_or_default())
             .map_err(|e| Error::Invalid(format!("writing {}: {e}", out.display())))?;
     }
+    Ok(EXIT_OK)
+}
+
+fn serve(args: ServeArgs) -> Result<i32> {
+    let engine = args.engine.settings(args.parallel)?;
+    let model_id = match args.alias {
+        Some(a) => a,
+        None => engine.model.file_name().map_or_else(
+            || engine.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+    };
+    if args.queue == 0 {
+        return Err(Error::Invalid("--queue must be at least 1".into()));
+    }
+    q4wgpu::serve::serve(
+        engine,
+        ServeSettings {
+            host: args.host,
+            port: args.port,
+            api_key: args.api_key.filter(|k| !k.is_empty()),
+            queue: args.queue,
+            model_id,
+        },
+    )?;
+    Ok(EXIT_OK)
+}
+
+fn chat(args: ChatArgs) -> Result<i32> {
+    let engine = args.engine.settings(1)?;
+    q4wgpu::chat::chat(
+        engine,
+        ChatSettings {
+            system: args.system,
+            max_tokens: args.max_tokens,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                repeat_penalty: args.repeat_penalty,
+                repeat_last_n: 64,
+                seed: args.seed,
+                ..SamplingParams::default()
+            },
+        },
+    )?;
     Ok(EXIT_OK)
 }
 

@@ -23,6 +23,11 @@ impl<'m, 'w> CpuDecoder<'m, 'w> {
         self.cache = self.cache.with_f16_values();
         self
     }
+
+    /// Keeps only the first `len` tokens of the sequence.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
 }
 
 impl Decoder for CpuDecoder<'_, '_> {
