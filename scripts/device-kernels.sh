@@ -55,6 +55,15 @@ if [ "${E2E:-1}" != 0 ]; then
     --decode-activations "${ACTS:-int8,f32}" --decode-fusion "$fusions" --profile \
     --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
   log "32B: exit $?"
+  log "32B prompts: chunks of 64 and 512, and 4096 tokens"
+  for chunk in 64 512; do
+    timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 0 -r 3 --chunk $chunk \
+      --json "$OUT/pp512-chunk$chunk.json" >"$OUT/pp512-chunk$chunk.log" 2>&1
+    log "pp512 chunk $chunk: exit $?"
+  done
+  timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 4096 -n 0 -r 2 --chunk 512 \
+    --json "$OUT/pp4096.json" >"$OUT/pp4096.log" 2>&1
+  log "pp4096: exit $?"
   log "32B at depth"
   timeout 120 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 32 -r 2 -d 4096,16384 \
     --json "$OUT/depth.json" >"$OUT/depth.log" 2>&1
@@ -76,5 +85,5 @@ fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
-grep -E "^\|" "$OUT/e2e.log" "$OUT/depth.log" 2>/dev/null | head -120
+grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
 cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12
