@@ -72,6 +72,9 @@ pub struct BenchOptions {
     /// prompt rows for the first of each only (prompts use neither).
     pub decode_fusion: Vec<DecodeFusion>,
     pub decode_activations: Vec<DecodeActivations>,
+    /// Positions already in the KV cache before each test (llama-bench's `-d`): one set of rows
+    /// per depth.
+    pub depths: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -91,6 +94,7 @@ impl Default for BenchOptions {
             profile: false,
             decode_fusion: vec![DecodeFusion::default()],
             decode_activations: vec![DecodeActivations::default()],
+            depths: vec![0],
         }
     }
 }
@@ -103,7 +107,7 @@ impl BenchOptions {
         } else {
             0
         };
-        self.prompt_tokens.max(tg).max(1)
+        self.depths.iter().max().copied().unwrap_or(0) + self.prompt_tokens.max(tg).max(1)
     }
 }
 
@@ -448,6 +452,7 @@ fn time_prompt(
     tokens: &[u32],
     chunk: usize,
     reps: usize,
+    depth: usize,
 ) -> Result<Timed> {
     let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
@@ -459,6 +464,7 @@ fn time_prompt(
             tokens
         };
         engine.reset();
+        engine.skip_to(depth)?;
         let start = Instant::now();
         engine.step(run, &params, &[], 0, None)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -472,13 +478,20 @@ fn time_prompt(
     })
 }
 
-fn time_decode(engine: &mut GpuModel<'_>, prompt: &[u32], n: usize, reps: usize) -> Result<Timed> {
+fn time_decode(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    n: usize,
+    reps: usize,
+    depth: usize,
+) -> Result<Timed> {
     let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
     let mut generated = Vec::new();
     for rep in 0..=reps {
         let steps = if rep == 0 { n.min(WARMUP_STEPS) } else { n };
         engine.reset();
+        engine.skip_to(depth)?;
         let mut history = prompt.to_vec();
         let mut token = engine.step(prompt, &params, &history, 0, None)?.token;
         generated.clear();
@@ -564,6 +577,7 @@ pub fn run_bench(
             decode_reads: stream_read,
             prompt_reads: stream_read,
             decode_activations,
+            kv_slots: 1,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
@@ -585,23 +599,27 @@ pub fn run_bench(
         }
         let bytes = ByteModel::new(config, &plan, lm_head_bytes);
         let mut tests = Vec::new();
-        if opts.prompt_tokens > 0 && act_index == 0 {
-            let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions)?;
-            tests.push((
-                format!("pp{}", opts.prompt_tokens),
-                opts.prompt_tokens,
-                timed,
-                bytes.prompt(opts.prompt_tokens, opts.chunk),
-            ));
-        }
-        if opts.gen_tokens > 0 {
-            let timed = time_decode(&mut engine, &tg_prompt, opts.gen_tokens, opts.repetitions)?;
-            tests.push((
-                format!("tg{}", opts.gen_tokens),
-                opts.gen_tokens,
-                timed,
-                bytes.decode(TG_PROMPT, opts.gen_tokens),
-            ));
+        for &depth in &opts.depths {
+            // llama-bench's names: "pp512", "tg128 @ d4096".
+            let at = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
+            if opts.prompt_tokens > 0 && act_index == 0 {
+                let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions, depth)?;
+                tests.push((
+                    format!("pp{}{at}", opts.prompt_tokens),
+                    opts.prompt_tokens,
+                    timed,
+                    bytes.prompt(opts.prompt_tokens, opts.chunk),
+                ));
+            }
+            if opts.gen_tokens > 0 {
+                let timed = time_decode(&mut engine, &tg_prompt, opts.gen_tokens, opts.repetitions, depth)?;
+                tests.push((
+                    format!("tg{}{at}", opts.gen_tokens),
+                    opts.gen_tokens,
+                    timed,
+                    bytes.decode(TG_PROMPT + depth, opts.gen_tokens),
+                ));
+            }
         }
         for (test, tokens, timed, (per_token, streamed)) in tests {
             let tps = median(&timed.rates);

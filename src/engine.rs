@@ -27,6 +27,9 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
+mod kv_slots;
+pub use kv_slots::KvSlots;
+
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Most tokens the KV cache holds.
@@ -47,6 +50,9 @@ pub struct EngineOptions {
     pub prompt_reads: StreamRead,
     /// Activations of a decode step: int8 (integer dot products) or f32 (with `decode_fusion`).
     pub decode_activations: DecodeActivations,
+    /// Sequences whose KV caches the engine keeps (`serve --parallel`): above 1, each has a saved
+    /// copy of the cache that `select_kv_slot` swaps in (see `kv_slots.rs`).
+    pub kv_slots: usize,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -174,6 +180,7 @@ impl Default for EngineOptions {
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
             decode_activations: DecodeActivations::default(),
+            kv_slots: 1,
         }
     }
 }
@@ -238,6 +245,9 @@ pub struct GpuModel<'w> {
     device_bytes: u64,
     /// The next decode step's commands, recorded ahead (see `forward`).
     next_decode: Option<wgpu::CommandBuffer>,
+    /// The working K and V caches of each layer, and the saved caches of other sequences.
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    slots: KvSlots,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -281,6 +291,52 @@ fn f32_bytes(n: usize) -> u64 {
     (n * 4) as u64
 }
 
+/// The residency plan of a model of shape `c` under `opts` on `gpu`, and where the budget came
+/// from: needs only the config, so `info` can plan without loading the weights.
+pub fn residency_plan(
+    gpu: &Gpu,
+    c: &ModelConfig,
+    opts: &EngineOptions,
+) -> Result<(ResidencyPlan, String)> {
+    let (ctx, m) = (opts.ctx_size, opts.chunk.min(opts.ctx_size));
+    let (h, q_dim, kv_dim, ffn, vocab) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let pack = LayerPack::new(c);
+    // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
+    // Each sequence beyond the first (`serve --parallel`) keeps a saved copy of the cache.
+    let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64
+        * (1 + KvSlots::saved_copies(opts.kv_slots) as u64);
+    let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
+    let blocks = h.div_ceil(crate::quant::BLOCK);
+    let lm_bytes = (vocab * blocks * (crate::quant::WORDS_PER_BLOCK * 4 + 2)) as u64;
+    let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
+    // Kept free inside the budget: the driver's own memory for the process and the upload
+    // buffers layers go through while loading (see DRIVER_ALLOWANCE).
+    let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
+    let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
+    let (budget, budget_source) = match opts.vram_budget {
+        Some(b) => (b, "--vram-budget".to_string()),
+        None => gpu.default_vram_budget().unwrap_or((
+            u64::MAX,
+            "unlimited: the adapter reports no memory heaps".to_string(),
+        )),
+    };
+    let plan = scheduler::plan(
+        budget,
+        fixed,
+        pack.bytes,
+        c.num_hidden_layers,
+        opts.prefetch_depth,
+    )?;
+    Ok((plan, budget_source))
+}
+
 impl<'w> GpuModel<'w> {
     /// Uploads the weights (planning residency under the budget) and builds every dispatch.
     pub fn new(gpu: &'w Gpu, weights: &'w ModelWeights, opts: EngineOptions) -> Result<Self> {
@@ -307,30 +363,8 @@ impl<'w> GpuModel<'w> {
         let qkv_dim = q_dim + 2 * kv_dim;
         let pack = LayerPack::new(&c);
         let lm_head = weights.q4("lm_head.weight")?;
-
-        // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
-        let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64;
-        let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
-        let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
-        let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
-        // Kept free inside the budget: the driver's own memory for the process and the upload
-        // buffers layers go through while loading (see DRIVER_ALLOWANCE).
+        let (plan, budget_source) = residency_plan(gpu, &c, &opts)?;
         let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
-        let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
-        let (budget, budget_source) = match opts.vram_budget {
-            Some(b) => (b, "--vram-budget".to_string()),
-            None => gpu.default_vram_budget().unwrap_or((
-                u64::MAX,
-                "unlimited: the adapter reports no memory heaps".to_string(),
-            )),
-        };
-        let plan = scheduler::plan(
-            budget,
-            fixed,
-            pack.bytes,
-            c.num_hidden_layers,
-            opts.prefetch_depth,
-        )?;
         scheduler::check_host_memory(&plan)?;
         let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
         if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {
@@ -399,7 +433,8 @@ impl<'w> GpuModel<'w> {
                 )
             })
             .collect();
-        device_bytes += fixed - allowance;
+        device_bytes += plan.fixed_bytes - allowance;
+        let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
         let gemv = GemvQ4::new(gpu)?;
         let gemm = GemmQ4::new(gpu)?;
@@ -750,6 +785,8 @@ impl<'w> GpuModel<'w> {
             position: 0,
             device_bytes,
             next_decode: None,
+            kv,
+            slots,
             _keep: keep,
         })
     }
@@ -768,9 +805,33 @@ impl<'w> GpuModel<'w> {
         self.device_bytes
     }
 
+    /// Runs one decode step (and the sampler), then forgets it, so those kernels have run once
+    /// before the prompt: a driver that finishes compiling a kernel at its first dispatch does it
+    /// here, outside the prompt's time. (Not a prompt chunk: on lavapipe one costs as much as the
+    /// whole chunk of prompt tokens it is sized for, about a minute; see `generate::SHORT_PROMPT`.)
+    pub fn warm_up(&mut self) -> Result<()> {
+        let greedy = crate::sampling::SamplingParams::greedy();
+        self.step(&[0], &greedy, &[0], 0, None)?;
+        self.reset();
+        Ok(())
+    }
+
     /// Forgets the sequence (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
-        self.position = 0;
+        self.truncate(0);
+    }
+
+    /// Takes the first `position` KV-cache entries as filled, whatever they hold: for benchmarks
+    /// at a depth (`bench -d`), where the time of a step does not depend on the cached values.
+    pub fn skip_to(&mut self, position: usize) -> Result<()> {
+        if position >= self.opts.ctx_size {
+            return Err(Error::Invalid(format!(
+                "depth {position} leaves no room in a context of {}",
+                self.opts.ctx_size
+            )));
+        }
+        self.position = position;
+        Ok(())
     }
 
     /// Runs `tokens` through the model and returns the logits of the last one (tests, `--cpu` checks).
@@ -996,6 +1057,7 @@ impl<'w> GpuModel<'w> {
                     temperature: params.temperature,
                     top_k: params.top_k,
                     top_p: params.top_p,
+                    min_p: params.min_p,
                     repeat_penalty: params.repeat_penalty,
                     repeat_last_n: params.repeat_last_n,
                     seed: params.seed,
@@ -1032,7 +1094,13 @@ impl Decoder for GpuModel<'_> {
         top_logprobs: Option<usize>,
     ) -> Result<StepOutput> {
         let top_n = top_logprobs.unwrap_or(0).min(self.opts.max_top_logprobs);
-        self.forward(tokens, Some((params, history, step)))?;
+        // Short prompts run as decode steps (generate::SHORT_PROMPT); the last one samples.
+        let calls = crate::generate::forward_calls(tokens);
+        let (last, first) = calls.split_last().ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+        for call in first {
+            self.forward(call, None)?;
+        }
+        self.forward(last, Some((params, history, step)))?;
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
             &self
                 .gpu

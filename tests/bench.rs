@@ -233,6 +233,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         profile: false,
         decode_fusion: vec![Default::default()],
         decode_activations: vec![DecodeActivations::Int8],
+        depths: vec![0],
     }
 }
 
@@ -587,4 +588,25 @@ fn budget_lists_parse_and_options_are_checked() {
     );
     assert_eq!(report.rows.len(), 1);
     assert_eq!(report.rows[0].test, "pp5");
+}
+
+/// `-d`: each depth gets its own prompt and generation rows, named as llama-bench names them,
+/// with the KV bytes of the deeper cache counted; the context grows to hold the deepest tests.
+#[test]
+fn depth_rows_are_named_and_counted_like_llama_bench() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 5);
+    let opts = BenchOptions {
+        depths: vec![0, 24],
+        ..small_options(vec![None])
+    };
+    assert_eq!(opts.needed_ctx(), 24 + 9);
+    let report = bench::run_bench(gpu(), &w, "tiny", &opts, &mut |_| {}).expect("bench at depths");
+    let names: Vec<&str> = report.rows.iter().map(|r| r.test.as_str()).collect();
+    assert_eq!(names, ["pp9", "tg5", "pp9 @ d24", "tg5 @ d24"]);
+    assert!(report.rows[3].bytes_per_token > report.rows[1].bytes_per_token);
+    let mut engine = GpuModel::new(gpu(), &w, EngineOptions { ctx_size: 16, chunk: 4, ..Default::default() })
+        .expect("engine");
+    let err = engine.skip_to(16).expect_err("no room left");
+    assert!(err.to_string().contains("depth 16"), "{err}");
 }

@@ -291,3 +291,59 @@ fn eval_compares_int8_with_f32_decode_activations() {
     assert!((0.0..=1.0).contains(&q.top1_agreement));
     assert!(q.mean_kl > 0.0 && q.mean_kl < 0.05 && q.max_kl >= q.mean_kl, "{q:?}");
 }
+
+/// Prompts of 2-8 tokens go through decode steps (see generate::SHORT_PROMPT), longer ones through
+/// prompt chunks: either way the sampled token's log-probability after the prompt matches the CPU
+/// reference's, and so does the next step's, so the KV cache was filled right.
+#[test]
+fn short_prompts_through_decode_steps_match_the_cpu_reference() {
+    use q4wgpu::generate::Decoder;
+    use q4wgpu::sampling::{logprobs, SamplingParams};
+    let mut rng = Rng::fresh("short prompts");
+    let loaded = tiny_model(Arch::Llama, 17);
+    let vocab = loaded.weights.config.vocab_size;
+    // The CPU reference with the engine's default decode activations, fed as the engine is fed.
+    let activations = options(16).decode_activations;
+    let cpu = CpuModel::new(&loaded.weights)
+        .expect("cpu model")
+        .with_decode_activations(activations);
+    let mut engine = GpuModel::new(gpu(), &loaded.weights, options(16)).expect("gpu model");
+    let greedy = SamplingParams::greedy();
+    for n in [2, 5, 8, 9] {
+        engine.reset();
+        let prompt: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        let mut cache = cpu.new_cache(256).with_f16_values();
+        let mut history = prompt.clone();
+        let mut tokens = prompt.clone();
+        for step in 0..2u32 {
+            let out = engine
+                .step(&tokens, &greedy, &history, step, Some(2))
+                .expect("gpu step");
+            let mut want_logits = Vec::new();
+            for call in q4wgpu::generate::forward_calls(&tokens) {
+                want_logits = cpu.forward(&mut cache, call).expect("cpu step");
+            }
+            let scale = want_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let want = logprobs(&want_logits, out.token, 2);
+            let got = out.logprobs.expect("logprobs asked for");
+            let tolerance = match activations {
+                DecodeActivations::Int8 => INT8_LOGIT_TOLERANCE,
+                DecodeActivations::F32 => LOGIT_TOLERANCE,
+            };
+            let tol = 2.0 * tolerance * scale + 1e-4;
+            assert!(
+                (got.logprob - want.logprob).abs() <= tol,
+                "prompt of {n}, step {step}: logprob {} vs CPU {} (tolerance {tol})",
+                got.logprob,
+                want.logprob
+            );
+            // The greedy pick is the CPU's argmax unless the two best are within the tolerance.
+            let (best, second) = (want.top[0], want.top[1]);
+            if best.1 - second.1 > tol {
+                assert_eq!(out.token, best.0, "prompt of {n}, step {step}");
+            }
+            history.push(out.token);
+            tokens = vec![out.token];
+        }
+    }
+}
