@@ -49,7 +49,7 @@ if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
 fi
 
 if [ "${E2E:-1}" != 0 ]; then
-  fusions=${FUSIONS:-input-norm,attention-output/none/input-norm,attention-output,post-norm}
+  fusions=${FUSIONS:-none/input-norm}
   log "32B decode A/B (${ACTS:-int8,f32}; fusions $fusions) with profiles"
   timeout 240 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 128 -r 3 \
     --decode-activations "${ACTS:-int8,f32}" --decode-fusion "$fusions" --profile \

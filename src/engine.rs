@@ -123,17 +123,14 @@ impl DecodeFusion {
 }
 
 impl Default for DecodeFusion {
-    /// Fused, each workgroup of the GEMV makes a pass over the step's input: on the H200's
-    /// 32B-shaped decode step that paid for itself in the qkv projection (896 workgroups) and cost
-    /// more than the saved dispatch in gate|up (6912 workgroups) and down (an input twice as long)
-    /// (benchmarks/runs/2026-11-30-h200-fusion).
+    /// Nothing fused: each workgroup of a fused GEMV makes its own pass over the step's input, and
+    /// on the H200's 32B-shaped decode step (benchmarks/runs/2026-11-30-h200-round2-kernels) that
+    /// cost more than the dispatch it saves everywhere with int8 activations (none 93.4 tok/s;
+    /// input norm and attention output fused 78.4; also the MLP norm 50.1: each of thousands of
+    /// workgroups quantizes all of x again). With f32 activations fusing the input norm into qkv
+    /// still pays a little (68.4 against 66.2 tok/s): `--decode-fusion input-norm`.
     fn default() -> Self {
-        DecodeFusion {
-            input_norm: true,
-            post_norm: false,
-            swiglu: false,
-            attention_output: true,
-        }
+        DecodeFusion::NONE
     }
 }
 

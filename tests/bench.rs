@@ -307,19 +307,30 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     // With int8 activations each projection's input is quantized with the norm or SwiGLU before it
     // (quantized by a dispatch of its own, or inside the GEMV).
     let int8: &[&str] = &[
-        "qkv, input quantized in: ",
+        "qkv input (int8): ",
+        "qkv: ",
         "rope + kv write: ",
         "attention: ",
-        "o (+residual), input quantized in: ",
+        "o (+residual) input (int8): ",
+        "o (+residual): ",
         "gate|up input (int8): ",
         "gate|up: ",
         "down (+residual) input (int8): ",
         "down (+residual): ",
     ];
+    let int8_fused: &[&str] = &[
+        "qkv, input quantized in: ",
+        "rope + kv write: ",
+        "attention: ",
+        "o (+residual), input quantized in: ",
+        "gate|up, input quantized in: ",
+        "down (+residual), input quantized in: ",
+    ];
     let cases = [
         (DecodeActivations::F32, DecodeFusion::NONE, separate),
         (DecodeActivations::F32, all, fused),
-        (DecodeActivations::Int8, DecodeFusion::default(), int8),
+        (DecodeActivations::Int8, DecodeFusion::NONE, int8),
+        (DecodeActivations::Int8, all, int8_fused),
     ];
     for (activations, fusion, roles) in cases {
         let opts = BenchOptions {

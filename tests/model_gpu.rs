@@ -76,12 +76,12 @@ fn gpu_matches_cpu(arch: Arch) {
     // and as the engine chooses by default.
     let all = DecodeFusion::ALL;
     let variants = [
-        (DecodeActivations::Int8, DecodeFusion::default()),
         (DecodeActivations::Int8, DecodeFusion::NONE),
+        (DecodeActivations::Int8, DecodeFusion { input_norm: true, attention_output: true, ..DecodeFusion::NONE }),
         (DecodeActivations::Int8, all),
         (DecodeActivations::F32, DecodeFusion::NONE),
         (DecodeActivations::F32, all),
-        (DecodeActivations::F32, DecodeFusion::default()),
+        (DecodeActivations::F32, DecodeFusion { input_norm: true, ..DecodeFusion::NONE }),
     ];
     for (activations, fusion) in variants {
         let cpu = CpuModel::new(&loaded.weights)

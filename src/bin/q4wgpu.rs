@@ -336,7 +336,7 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Decode steps computed inside the projection after them: none, or a list of input-norm,
-    /// post-norm, swiglu and attention-output (default: input-norm,attention-output); several
+    /// post-norm, swiglu and attention-output (default: none); several
     /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,
