@@ -603,12 +603,13 @@ pub fn run_bench(
             // llama-bench's names: "pp512", "tg128 @ d4096".
             let at = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
             if opts.prompt_tokens > 0 && act_index == 0 {
-                let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions, depth)?;
+                let chunk = engine.chunk();
+                let timed = time_prompt(&mut engine, &prompt, chunk, opts.repetitions, depth)?;
                 tests.push((
                     format!("pp{}{at}", opts.prompt_tokens),
                     opts.prompt_tokens,
                     timed,
-                    bytes.prompt(opts.prompt_tokens, opts.chunk),
+                    bytes.prompt(opts.prompt_tokens, chunk),
                 ));
             }
             if opts.gen_tokens > 0 {

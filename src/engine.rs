@@ -34,7 +34,9 @@ pub use kv_slots::KvSlots;
 pub struct EngineOptions {
     /// Most tokens the KV cache holds.
     pub ctx_size: usize,
-    /// Most prompt tokens processed per forward pass.
+    /// Most prompt tokens processed per forward pass (each weight is read once per chunk). On a
+    /// CPU adapter (lavapipe) at most [`CPU_ADAPTER_CHUNK`]: there every workgroup of the
+    /// chunk-sized prompt dispatches costs, even those past a short prompt's tokens.
     pub chunk: usize,
     /// VRAM budget in bytes; `None` takes the adapter's device-local memory less a margin.
     pub vram_budget: Option<u64>,
@@ -169,7 +171,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ctx_size: 4096,
-            chunk: 64,
+            chunk: 512,
             vram_budget: None,
             prefetch_depth: 2,
             max_top_logprobs: 20,
@@ -288,6 +290,20 @@ fn f32_bytes(n: usize) -> u64 {
     (n * 4) as u64
 }
 
+/// Most prompt tokens per chunk on a CPU adapter (see [`EngineOptions::chunk`]).
+pub const CPU_ADAPTER_CHUNK: usize = 64;
+
+/// The chunk a model runs with: `opts.chunk`, at most the context (a chunk never holds more
+/// tokens than the context) and at most [`CPU_ADAPTER_CHUNK`] on a CPU adapter.
+fn effective_chunk(gpu: &Gpu, opts: &EngineOptions) -> usize {
+    let chunk = opts.chunk.min(opts.ctx_size);
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        chunk.min(CPU_ADAPTER_CHUNK)
+    } else {
+        chunk
+    }
+}
+
 /// The residency plan of a model of shape `c` under `opts` on `gpu`, and where the budget came
 /// from: needs only the config, so `info` can plan without loading the weights.
 pub fn residency_plan(
@@ -295,7 +311,7 @@ pub fn residency_plan(
     c: &ModelConfig,
     opts: &EngineOptions,
 ) -> Result<(ResidencyPlan, String)> {
-    let (ctx, m) = (opts.ctx_size, opts.chunk.min(opts.ctx_size));
+    let (ctx, m) = (opts.ctx_size, effective_chunk(gpu, opts));
     let (h, q_dim, kv_dim, ffn, vocab) = (
         c.hidden_size,
         c.q_dim(),
@@ -344,9 +360,8 @@ impl<'w> GpuModel<'w> {
             ));
         }
         let ctx = opts.ctx_size;
-        // A prompt chunk never holds more tokens than the context.
         let opts = EngineOptions {
-            chunk: opts.chunk.min(ctx),
+            chunk: effective_chunk(gpu, &opts),
             ..opts
         };
         let m = opts.chunk;
@@ -811,6 +826,11 @@ impl<'w> GpuModel<'w> {
         self.step(&[0], &greedy, &[0], 0, None)?;
         self.reset();
         Ok(())
+    }
+
+    /// Most prompt tokens per forward pass, as this model runs (see [`EngineOptions::chunk`]).
+    pub fn chunk(&self) -> usize {
+        self.opts.chunk
     }
 
     /// Forgets the sequence (the KV cache is overwritten from position 0).
