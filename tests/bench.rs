@@ -2,10 +2,10 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::quantize::expected_tensors;
 use q4wgpu::scheduler::LayerPack;
 use q4wgpu::synthetic::{synthetic_config, synthetic_weights, SYNTHETIC_NAMES};
@@ -616,8 +616,16 @@ fn depth_rows_are_named_and_counted_like_llama_bench() {
     let names: Vec<&str> = report.rows.iter().map(|r| r.test.as_str()).collect();
     assert_eq!(names, ["pp9", "tg5", "pp9 @ d24", "tg5 @ d24"]);
     assert!(report.rows[3].bytes_per_token > report.rows[1].bytes_per_token);
-    let mut engine = GpuModel::new(gpu(), &w, EngineOptions { ctx_size: 16, chunk: 4, ..Default::default() })
-        .expect("engine");
+    let mut engine = GpuModel::new(
+        gpu(),
+        &w,
+        EngineOptions {
+            ctx_size: 16,
+            chunk: 4,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
     let err = engine.skip_to(16).expect_err("no room left");
     assert!(err.to_string().contains("depth 16"), "{err}");
 }

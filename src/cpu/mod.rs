@@ -163,8 +163,12 @@ impl KvCache {
         self.values[start..start + self.kv_dim].copy_from_slice(v);
         if self.f16 {
             let round = |x: &mut f32| *x = half::f16::from_f32(*x).to_f32();
-            self.keys[start..start + self.kv_dim].iter_mut().for_each(round);
-            self.values[start..start + self.kv_dim].iter_mut().for_each(round);
+            self.keys[start..start + self.kv_dim]
+                .iter_mut()
+                .for_each(round);
+            self.values[start..start + self.kv_dim]
+                .iter_mut()
+                .for_each(round);
         }
     }
 }
@@ -349,7 +353,12 @@ impl<'a> CpuModel<'a> {
     /// `x += down(silu(gate(h)) * up(h))` with `h = rmsnorm(x)`, for each token.
     fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>], int8: bool) {
         for x in xs.iter_mut() {
-            let h = Input::normed(x, &layer.post_attention_norm, self.config.rms_norm_eps, int8);
+            let h = Input::normed(
+                x,
+                &layer.post_attention_norm,
+                self.config.rms_norm_eps,
+                int8,
+            );
             let mut act = layer.gate.apply(&h);
             for (g, u) in act.iter_mut().zip(layer.up.apply(&h)) {
                 *g = silu(*g) * u;
