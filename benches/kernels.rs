@@ -692,7 +692,12 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     }
     let kernels: Vec<(String, Attention)> = variants
         .into_iter()
-        .map(|(name, o)| (name, Attention::with_decode(gpu, o).expect("attention compiles")))
+        .map(|(name, o)| {
+            (
+                name,
+                Attention::with_decode(gpu, o).expect("attention compiles"),
+            )
+        })
         .collect();
     for &ctx in &s.contexts {
         let q_host: Vec<f32> = random_words(heads * hd, 11)
@@ -771,7 +776,12 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
         let mut copies = vec![first];
         for c in 1..n_copies {
-            copies.push(Matrix::random(gpu, shape.n, shape.k, 2000 * c as u64 + i as u64));
+            copies.push(Matrix::random(
+                gpu,
+                shape.n,
+                shape.k,
+                2000 * c as u64 + i as u64,
+            ));
         }
         let x_host: Vec<f32> = random_words(shape.k, 3)
             .iter()
@@ -779,15 +789,28 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             .collect();
         let a = ActQ8::quantize(&x_host);
         let x = ActQ8Buffers::new(gpu, "bench x", shape.k);
-        gpu.queue.write_buffer(&x.words, 0, bytemuck::cast_slice(&a.packed_words()));
-        gpu.queue.write_buffer(&x.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
+        gpu.queue
+            .write_buffer(&x.words, 0, bytemuck::cast_slice(&a.packed_words()));
+        gpu.queue
+            .write_buffer(&x.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
         let y = gpu.storage_buffer("bench y", shape.n as u64 * 4);
         let bytes = copies[0].bytes() + shape.k as u64 + shape.k as u64 / 4;
         let time = |cfg: Option<GemvConfig>| -> Option<f64> {
-            let opts = GemvOptions { config: cfg, ..Default::default() };
+            let opts = GemvOptions {
+                config: cfg,
+                ..Default::default()
+            };
             let mut bound = Vec::new();
             for m in &copies {
-                match kernel.bind(gpu, m.q4ref(), Q8Input::Quantized(&x), BufRange::whole(&y), None, Epilogue::Store, &opts) {
+                match kernel.bind(
+                    gpu,
+                    m.q4ref(),
+                    Q8Input::Quantized(&x),
+                    BufRange::whole(&y),
+                    None,
+                    Epilogue::Store,
+                    &opts,
+                ) {
                     Ok(d) => bound.push(d),
                     Err(e) => {
                         eprintln!("  gemv_q4_q8 {cfg:?}: {e}");
@@ -795,7 +818,9 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                     }
                 }
             }
-            Some(time_per_call(gpu, s.reps, &|pass, i| encode_all(pass, &bound[i % bound.len()])))
+            Some(time_per_call(gpu, s.reps, &|pass, i| {
+                encode_all(pass, &bound[i % bound.len()])
+            }))
         };
         let cfg = kernel.config_for(shape.n, shape.k);
         let Some(t) = time(None) else { continue };
@@ -807,13 +832,31 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         let fused_input = match shape.name {
             "o" => Q8Input::F32(BufRange::whole(&xf)),
             "down" => Q8Input::SwiGlu(BufRange::whole(&xf)),
-            _ => Q8Input::RmsNorm { x: BufRange::whole(&xf), weight: &norm, eps: 1e-5 },
+            _ => Q8Input::RmsNorm {
+                x: BufRange::whole(&xf),
+                weight: &norm,
+                eps: 1e-5,
+            },
         };
         let fused: Vec<Vec<Dispatch>> = copies
             .iter()
-            .filter_map(|m| kernel.bind(gpu, m.q4ref(), fused_input, BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default()).ok())
+            .filter_map(|m| {
+                kernel
+                    .bind(
+                        gpu,
+                        m.q4ref(),
+                        fused_input,
+                        BufRange::whole(&y),
+                        None,
+                        Epilogue::Store,
+                        &GemvOptions::default(),
+                    )
+                    .ok()
+            })
             .collect();
-        let t_fused = time_per_call(gpu, s.reps, &|pass, i| encode_all(pass, &fused[i % fused.len()]));
+        let t_fused = time_per_call(gpu, s.reps, &|pass, i| {
+            encode_all(pass, &fused[i % fused.len()])
+        });
         println!(
             "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} | {} |",
             shape.name,
@@ -830,7 +873,11 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         if s.sweep {
             for wg in [32, 64, 128, 256] {
                 for rows in [1, 2, 4, 8] {
-                    let cfg = GemvConfig { wg, rows, subgroups: gpu.caps.subgroups };
+                    let cfg = GemvConfig {
+                        wg,
+                        rows,
+                        subgroups: gpu.caps.subgroups,
+                    };
                     if let Some(t) = time(Some(cfg)) {
                         sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
                     }
@@ -851,11 +898,20 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     let out = ActQ8Buffers::new(gpu, "bench act q8", ffn.max(h));
     println!("\n| activation quantizer | K | µs |\n| --- | --- | --- |");
     for (name, input, k) in [
-        ("rmsnorm", ActInput::RmsNorm { weight: &w, eps: 1e-5 }, h),
+        (
+            "rmsnorm",
+            ActInput::RmsNorm {
+                weight: &w,
+                eps: 1e-5,
+            },
+            h,
+        ),
         ("plain", ActInput::Plain, h),
         ("swiglu", ActInput::SwiGlu, ffn),
     ] {
-        let d = quant.bind(gpu, input, &x, k, &out).expect("quant_act binds");
+        let d = quant
+            .bind(gpu, input, &x, k, &out)
+            .expect("quant_act binds");
         let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
         println!("| {name} | {k} | {} |", sig(t * 1e6));
     }
@@ -867,15 +923,20 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
 fn barrier_cost(gpu: &Gpu, _s: &Settings) {
     const TINY: &str = "@group(0) @binding(0) var<storage, read_write> v: array<u32>;
 @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { v[g.x] = v[g.x] + 1u; }";
-    let pipeline = gpu.compute_pipeline("bench/tiny", TINY, "main", &[]).expect("tiny compiles");
+    let pipeline = gpu
+        .compute_pipeline("bench/tiny", TINY, "main", &[])
+        .expect("tiny compiles");
     const N: usize = 64;
     // One pass of N dispatches per call, one call per pass: every dispatch of the command buffer
     // gets its own buffer in the distinct case.
     let calls = SAMPLES + WARMUP;
-    let buffers: Vec<wgpu::Buffer> =
-        (0..N * calls).map(|i| gpu.storage_buffer(&format!("tiny {i}"), 4096)).collect();
-    let groups: Vec<wgpu::BindGroup> =
-        buffers.iter().map(|b| gpu.bind_group("tiny", &pipeline, &[b])).collect();
+    let buffers: Vec<wgpu::Buffer> = (0..N * calls)
+        .map(|i| gpu.storage_buffer(&format!("tiny {i}"), 4096))
+        .collect();
+    let groups: Vec<wgpu::BindGroup> = buffers
+        .iter()
+        .map(|b| gpu.bind_group("tiny", &pipeline, &[b]))
+        .collect();
     let time = |distinct: bool| {
         time_per_call(gpu, 1, &|pass, call| {
             pass.set_pipeline(&pipeline);

@@ -202,7 +202,10 @@ class Results:
         """The row of `shape` with no budget (else the first all-resident one) whose test starts so."""
         best = None
         for rep, row in self.q4_rows(shape):
-            if not row["test"].startswith(test_prefix) or row["streamed_layers"] != 0:
+            # Not a depth row ("tg128 @ d4096"), and the default decode activations where a run
+            # measured several.
+            if (not row["test"].startswith(test_prefix) or row["streamed_layers"] != 0
+                    or "@" in row["test"] or row.get("decode_activations", "int8") != "int8"):
                 continue
             if row["budget"] is None:
                 return rep, row
@@ -213,6 +216,8 @@ class Results:
         """(report, decode row, prompt row) for each model and budget, in the order measured."""
         seen = {}
         for rep, row in self.q4_rows():
+            if "@" in row["test"] or row.get("decode_activations", "int8") != "int8":
+                continue
             key = (row["model"], row["budget"])
             entry = seen.setdefault(key, [rep, None, None])
             if row["test"].startswith("tg"):

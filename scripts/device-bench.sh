@@ -67,7 +67,7 @@ export GIT_COMMIT=${GIT_COMMIT:-} GIT_DIRTY=${GIT_DIRTY:-}
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-bench.XXXXXX")
-DEADLINE=${DEADLINE:-570}
+DEADLINE=${DEADLINE:-585}
 start=$SECONDS
 export PYTHONUNBUFFERED=1
 
@@ -90,7 +90,7 @@ else
   # 32B, ≤ 1.6 for 70B here; the original reports 0.70 tok/s on a 3090): few tokens there.
   tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8 cuda_70b_n=4
   # Depth rows: 32 tokens (at 16384 positions about 0.5 s per repetition).
-  llama_depth_n=32 llama_depths=${LLAMA_DEPTHS:-4096,16384}
+  llama_depth_n=$tg llama_depths=${LLAMA_DEPTHS:-4096,16384}
 fi
 llama_n=${LLAMA_N:-128} llama_r=${LLAMA_R:-3}
 llama_pp=${LLAMA_P:-512}
@@ -280,8 +280,12 @@ else
   echo "$info" >"$WORK/q4wgpu_info.log"
   grep -qi nvidia <<<"$info" || log "q4wgpu: still no NVIDIA adapter: $(tail -3 <<<"$info")"
   bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB ${chunk[@]+"${chunk[@]}"})
-  part q4wgpu_32b_resident 120 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
-    --vram-budget all,24GB --json "$OUT/q4wgpu_32b_resident.json"
+  # All resident (24 GB holds the whole 32B model too: the same plan), and with 4096 and 16384
+  # positions already in the KV cache (-d, as llama-bench's).
+  part q4wgpu_32b_resident 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
+    -d "0,${LLAMA_DEPTHS:-4096,16384}" --vram-budget all --json "$OUT/q4wgpu_32b_resident.json"
+  [ "${QUICK:-0}" = 1 ] || part q4wgpu_32b_pp4096 80 "${bench[@]}" --synthetic qwen2-32b -p 4096 -n 0 -r 2 \
+    --vram-budget all --json "$OUT/q4wgpu_32b_pp4096.json"
   if [ "${STREAMED:-1}" != 0 ]; then
     part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
       --vram-budget 12GB,8GB,4GB --json "$OUT/q4wgpu_32b_streamed.json"

@@ -49,7 +49,7 @@ if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
 fi
 
 if [ "${E2E:-1}" != 0 ]; then
-  fusions=${FUSIONS:-input-norm,attention-output/none/input-norm,attention-output,post-norm}
+  fusions=${FUSIONS:-none/input-norm}
   log "32B decode A/B (${ACTS:-int8,f32}; fusions $fusions) with profiles"
   timeout 240 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 128 -r 3 \
     --decode-activations "${ACTS:-int8,f32}" --decode-fusion "$fusions" --profile \
@@ -73,6 +73,9 @@ fi
 # The real model (on the machine already: earlier calls join its parts into $Q4WGPU_CACHE).
 if [ "${REAL:-1}" != 0 ] && [ -f "$Q4WGPU_CACHE/models/qwen2.5-coder-0.5b-instruct.gguf.verified" ]; then
   log "real model: tests, the README question, int8 quality"
+  # The CLI tests run the binary at the path cargo compiled into them (CARGO_BIN_EXE_q4wgpu).
+  bin=$(grep -ao -m1 '/[[:alnum:]/_.-]*/target/release/q4wgpu' .device-bin/tests/real_model | head -1)
+  [ -n "$bin" ] && mkdir -p "$(dirname "$bin")" && cp "$Q4WGPU" "$bin"
   echo "== real_model" >>"$OUT/tests.log"
   timeout 300 .device-bin/tests/real_model >>"$OUT/tests.log" 2>&1
   log "test real_model: exit $?"

@@ -30,10 +30,10 @@
 
 use crate::config::ModelConfig;
 use crate::engine::{add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
-use crate::quant::DecodeActivations;
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
+use crate::quant::DecodeActivations;
 use crate::sampling::SamplingParams;
 use crate::scheduler::ResidencyPlan;
 use crate::weights::ModelWeights;
@@ -520,7 +520,9 @@ pub fn run_bench(
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<BenchReport> {
     if opts.decode_activations.is_empty() || opts.decode_fusion.is_empty() {
-        return Err(Error::Invalid("no decode activations or fusion given".into()));
+        return Err(Error::Invalid(
+            "no decode activations or fusion given".into(),
+        ));
     }
     if opts.stream_reads.is_empty() {
         return Err(Error::Invalid(
@@ -561,10 +563,18 @@ pub fn run_bench(
     let mut skipped = Vec::new();
     let mut profiles = Vec::new();
     let runs = opts.budgets.iter().flat_map(|&b| {
-        opts.stream_reads.iter().enumerate().flat_map(move |(i, &r)| {
-            let decode = opts.decode_fusion.iter().flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)));
-            decode.enumerate().map(move |(j, (f, a))| (b, i, r, j, f, a))
-        })
+        opts.stream_reads
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, &r)| {
+                let decode = opts
+                    .decode_fusion
+                    .iter()
+                    .flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)));
+                decode
+                    .enumerate()
+                    .map(move |(j, (f, a))| (b, i, r, j, f, a))
+            })
     });
     for (budget, read_index, stream_read, act_index, decode_fusion, decode_activations) in runs {
         let engine_opts = EngineOptions {
@@ -601,18 +611,29 @@ pub fn run_bench(
         let mut tests = Vec::new();
         for &depth in &opts.depths {
             // llama-bench's names: "pp512", "tg128 @ d4096".
-            let at = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
+            let at = if depth > 0 {
+                format!(" @ d{depth}")
+            } else {
+                String::new()
+            };
             if opts.prompt_tokens > 0 && act_index == 0 {
-                let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions, depth)?;
+                let chunk = engine.chunk();
+                let timed = time_prompt(&mut engine, &prompt, chunk, opts.repetitions, depth)?;
                 tests.push((
                     format!("pp{}{at}", opts.prompt_tokens),
                     opts.prompt_tokens,
                     timed,
-                    bytes.prompt(opts.prompt_tokens, opts.chunk),
+                    bytes.prompt(opts.prompt_tokens, chunk),
                 ));
             }
             if opts.gen_tokens > 0 {
-                let timed = time_decode(&mut engine, &tg_prompt, opts.gen_tokens, opts.repetitions, depth)?;
+                let timed = time_decode(
+                    &mut engine,
+                    &tg_prompt,
+                    opts.gen_tokens,
+                    opts.repetitions,
+                    depth,
+                )?;
                 tests.push((
                     format!("tg{}{at}", opts.gen_tokens),
                     opts.gen_tokens,
@@ -791,7 +812,12 @@ pub fn table_line(r: &BenchRow) -> String {
         r.resident_layers,
         r.streamed_layers,
         if r.test.starts_with("tg") {
-            format!("{} ({}; {})", r.test, r.decode_activations.name(), r.decode_fusion.name())
+            format!(
+                "{} ({}; {})",
+                r.test,
+                r.decode_activations.name(),
+                r.decode_fusion.name()
+            )
         } else {
             r.test.clone()
         },

@@ -11,30 +11,26 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Decoder, StepOutput, TokenLogprobs};
 use crate::gpu::Gpu;
-use crate::kernels::attention::{Attention, AttentionDispatches};
-use crate::kernels::gemm_q4::GemmQ4;
-use crate::kernels::gemv_q4::{Epilogue, GemvInput, GemvQ4};
-use crate::kernels::rmsnorm::RmsNorm;
-use crate::kernels::rope_kv::RopeKv;
 use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
-use crate::kernels::swiglu::SwiGlu;
 use crate::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
-use crate::kernels::gemv_q4::GemvOptions;
-use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
-use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use crate::quant::{DecodeActivations, QView};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
 mod kv_slots;
+mod step;
+
 pub use kv_slots::KvSlots;
+use step::StepKernels;
 
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Most tokens the KV cache holds.
     pub ctx_size: usize,
-    /// Most prompt tokens processed per forward pass.
+    /// Most prompt tokens processed per forward pass (each weight is read once per chunk). On a
+    /// CPU adapter (lavapipe) at most [`CPU_ADAPTER_CHUNK`]: there every workgroup of the
+    /// chunk-sized prompt dispatches costs, even those past a short prompt's tokens.
     pub chunk: usize,
     /// VRAM budget in bytes; `None` takes the adapter's device-local memory less a margin.
     pub vram_budget: Option<u64>,
@@ -123,17 +119,14 @@ impl DecodeFusion {
 }
 
 impl Default for DecodeFusion {
-    /// Fused, each workgroup of the GEMV makes a pass over the step's input: on the H200's
-    /// 32B-shaped decode step that paid for itself in the qkv projection (896 workgroups) and cost
-    /// more than the saved dispatch in gate|up (6912 workgroups) and down (an input twice as long)
-    /// (benchmarks/runs/2026-11-30-h200-fusion).
+    /// Nothing fused: each workgroup of a fused GEMV makes its own pass over the step's input, and
+    /// on the H200's 32B-shaped decode step (benchmarks/runs/2026-11-30-h200-round2-kernels) that
+    /// cost more than the dispatch it saves everywhere with int8 activations (none 93.4 tok/s;
+    /// input norm and attention output fused 78.4; also the MLP norm 50.1: each of thousands of
+    /// workgroups quantizes all of x again). With f32 activations fusing the input norm into qkv
+    /// still pays a little (68.4 against 66.2 tok/s): `--decode-fusion input-norm`.
     fn default() -> Self {
-        DecodeFusion {
-            input_norm: true,
-            post_norm: false,
-            swiglu: false,
-            attention_output: true,
-        }
+        DecodeFusion::NONE
     }
 }
 
@@ -172,7 +165,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ctx_size: 4096,
-            chunk: 64,
+            chunk: 512,
             vram_budget: None,
             prefetch_depth: 2,
             max_top_logprobs: 20,
@@ -291,6 +284,20 @@ fn f32_bytes(n: usize) -> u64 {
     (n * 4) as u64
 }
 
+/// Most prompt tokens per chunk on a CPU adapter (see [`EngineOptions::chunk`]).
+pub const CPU_ADAPTER_CHUNK: usize = 64;
+
+/// The chunk a model runs with: `opts.chunk`, at most the context (a chunk never holds more
+/// tokens than the context) and at most [`CPU_ADAPTER_CHUNK`] on a CPU adapter.
+fn effective_chunk(gpu: &Gpu, opts: &EngineOptions) -> usize {
+    let chunk = opts.chunk.min(opts.ctx_size);
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        chunk.min(CPU_ADAPTER_CHUNK)
+    } else {
+        chunk
+    }
+}
+
 /// The residency plan of a model of shape `c` under `opts` on `gpu`, and where the budget came
 /// from: needs only the config, so `info` can plan without loading the weights.
 pub fn residency_plan(
@@ -298,7 +305,7 @@ pub fn residency_plan(
     c: &ModelConfig,
     opts: &EngineOptions,
 ) -> Result<(ResidencyPlan, String)> {
-    let (ctx, m) = (opts.ctx_size, opts.chunk.min(opts.ctx_size));
+    let (ctx, m) = (opts.ctx_size, effective_chunk(gpu, opts));
     let (h, q_dim, kv_dim, ffn, vocab) = (
         c.hidden_size,
         c.q_dim(),
@@ -347,9 +354,8 @@ impl<'w> GpuModel<'w> {
             ));
         }
         let ctx = opts.ctx_size;
-        // A prompt chunk never holds more tokens than the context.
         let opts = EngineOptions {
-            chunk: opts.chunk.min(ctx),
+            chunk: effective_chunk(gpu, &opts),
             ..opts
         };
         let m = opts.chunk;
@@ -436,23 +442,18 @@ impl<'w> GpuModel<'w> {
         device_bytes += plan.fixed_bytes - allowance;
         let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
-        let gemv = GemvQ4::new(gpu)?;
-        let gemm = GemmQ4::new(gpu)?;
-        let norm = RmsNorm::new(gpu)?;
-        let rope = RopeKv::new(gpu)?;
-        let swiglu = SwiGlu::new(gpu)?;
-        let attention = Attention::new(gpu)?;
-        let eps = c.rms_norm_eps;
-        // The int8 decode path: one quantized input buffer, reused by every projection in turn.
-        let int8 = match opts.decode_activations {
-            DecodeActivations::Int8 => Some((
-                QuantAct::new(gpu)?,
-                GemvQ4Q8::new(gpu)?,
-                ActQ8Buffers::new(gpu, "decode input", h.max(q_dim).max(ffn)),
-            )),
-            DecodeActivations::F32 => None,
+        let kernels = StepKernels::new(gpu, &c, opts.decode_activations)?;
+        let shared = step::Shared {
+            gpu,
+            config: &c,
+            act: &act,
+            step: &step_buf,
+            inv_freq: &inv_freq,
+            pack: &pack,
+            ctx,
+            chunk: m,
+            fusion: opts.decode_fusion,
         };
-
         let mut decode_layers = Vec::new();
         let mut prefill_layers = Vec::new();
         let mut keep = vec![
@@ -461,6 +462,7 @@ impl<'w> GpuModel<'w> {
             final_norm.clone(),
             inv_freq.clone(),
         ];
+        keep.extend(kernels.buffers());
         for l in 0..c.num_hidden_layers {
             // Where each phase's kernels read this layer's weights.
             let source = |reads: StreamRead| match (&homes[l], reads) {
@@ -468,277 +470,33 @@ impl<'w> GpuModel<'w> {
                 (LayerHome::Streamed { slot, .. }, StreamRead::Ring) => &ring[*slot],
                 (LayerHome::Streamed { staging, .. }, StreamRead::ZeroCopy) => staging,
             };
-            let (decode_buf, prompt_buf) = (source(opts.decode_reads), source(opts.prompt_reads));
+            let buffers = step::LayerBuffers {
+                decode_weights: source(opts.decode_reads),
+                prompt_weights: source(opts.prompt_reads),
+                small: &small[l],
+                k_cache: &kv[l].0,
+                v_cache: &kv[l].1,
+            };
+            let (decode, prefill) = kernels.layer(&shared, &buffers)?;
+            decode_layers.push(decode);
+            prefill_layers.push(prefill);
             let s = &small[l];
-            let wd = |p: &PackedMatrix| packed_in(decode_buf, p);
-            let wp = |p: &PackedMatrix| packed_in(prompt_buf, p);
-            let whole = BufRange::whole;
-            let (k_cache, v_cache) = (&kv[l].0, &kv[l].1);
-            // RoPE of q and k and the KV-cache write, for steps of up to `tokens` tokens.
-            let bind_rope = |tokens: usize| {
-                rope.bind(
-                    gpu,
-                    &act.qkv,
-                    &inv_freq,
-                    &act.q,
-                    k_cache,
-                    v_cache,
-                    c.num_attention_heads,
-                    c.num_kv_heads(),
-                    c.head_dim(),
-                    ctx,
-                    tokens,
-                    &step_buf,
-                )
-            };
-            let attn: AttentionDispatches = attention.bind(
-                gpu,
-                &act.q,
-                k_cache,
-                v_cache,
-                &act.attn,
-                c.num_attention_heads,
-                c.num_kv_heads(),
-                c.head_dim(),
-                ctx,
-                m,
-                &step_buf,
-            )?;
-            let qkv_bias = s.qkv_bias.as_ref().map(whole);
-            let o_bias = s.o_bias.as_ref().map(whole);
-
-            // Decode: each of the two norms and SwiGLU either runs as its own dispatch or is
-            // computed inside the projection that reads it (GemvInput), per `opts.decode_fusion`.
-            // Dispatches are labelled with their role (for `bench --profile`).
-            let fuse = opts.decode_fusion;
-            let role = |name: &str, dispatches: Vec<Dispatch>| -> Vec<Dispatch> {
-                dispatches.into_iter().map(|x| x.with_role(name)).collect()
-            };
-            // A projection of the normalised residual stream, with its norm fused or before it.
-            let project_normed = |name: &str,
-                                  fused: bool,
-                                  norm_weight: &wgpu::Buffer,
-                                  m: Q4Ref,
-                                  out: &wgpu::Buffer,
-                                  bias: Option<BufRange>|
-             -> Result<Vec<Dispatch>> {
-                let out = BufRange::whole(out);
-                if fused {
-                    let input = GemvInput::RmsNorm {
-                        weight: BufRange::whole(norm_weight),
-                        eps,
-                    };
-                    let x = BufRange::whole(&act.x);
-                    let ds = gemv.bind_input(gpu, m, x, out, bias, Epilogue::Store, input)?;
-                    Ok(role(&format!("norm + {name}"), ds))
-                } else {
-                    let n = norm.bind(gpu, &act.x, norm_weight, &act.h, h, eps, 1, &step_buf)?;
-                    let x = BufRange::whole(&act.h);
-                    let mut ds = role("norm", vec![n]);
-                    ds.extend(role(
-                        name,
-                        gemv.bind(gpu, m, x, out, bias, Epilogue::Store)?,
-                    ));
-                    Ok(ds)
-                }
-            };
-            let d = match &int8 {
-                Some((quant, gemv8, xq)) => {
-                    // A projection with int8 activations: its input quantized by a dispatch of
-                    // its own, or (fused) by the GEMV as it reads it.
-                    let project_q8 = |name: &str,
-                                      fused: bool,
-                                      input: ActInput,
-                                      x: &wgpu::Buffer,
-                                      k: usize,
-                                      m: Q4Ref,
-                                      out: &wgpu::Buffer,
-                                      bias: Option<BufRange>,
-                                      mode: Epilogue|
-                     -> Result<Vec<Dispatch>> {
-                        let (y, opts) = (BufRange::whole(out), GemvOptions::default());
-                        if fused {
-                            let x = BufRange::whole(x);
-                            let q8 = match input {
-                                ActInput::Plain => Q8Input::F32(x),
-                                ActInput::RmsNorm { weight, eps } => Q8Input::RmsNorm { x, weight, eps },
-                                ActInput::SwiGlu => Q8Input::SwiGlu(x),
-                            };
-                            let ds = gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?;
-                            return Ok(role(&format!("{name}, input quantized in"), ds));
-                        }
-                        let mut ds = role(&format!("{name} input (int8)"), vec![quant.bind(gpu, input, x, k, xq)?]);
-                        let q8 = Q8Input::Quantized(xq);
-                        ds.extend(role(name, gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?));
-                        Ok(ds)
-                    };
-                    let input_norm = ActInput::RmsNorm { weight: &s.input_norm, eps };
-                    let post_norm = ActInput::RmsNorm { weight: &s.post_norm, eps };
-                    let (store, add) = (Epilogue::Store, Epilogue::Accumulate);
-                    let mut d = project_q8("qkv", fuse.input_norm, input_norm, &act.x, h, wd(&pack.qkv), &act.qkv, qkv_bias, store)?;
-                    d.extend(role("rope + kv write", vec![bind_rope(1)?]));
-                    d.extend(role("attention", attn.decode.clone()));
-                    let o = wd(&pack.o);
-                    d.extend(project_q8("o (+residual)", fuse.attention_output, ActInput::Plain, &act.attn, q_dim, o, &act.x, o_bias, add)?);
-                    let gate_up = wd(&pack.gate_up);
-                    d.extend(project_q8("gate|up", fuse.post_norm, post_norm, &act.x, h, gate_up, &act.gate_up, None, store)?);
-                    let down = wd(&pack.down);
-                    d.extend(project_q8("down (+residual)", fuse.swiglu, ActInput::SwiGlu, &act.gate_up, ffn, down, &act.x, None, add)?);
-                    d
-                }
-                None => {
-                let qkv = wd(&pack.qkv);
-                let mut d = project_normed(
-                    "qkv",
-                    fuse.input_norm,
-                    &s.input_norm,
-                    qkv,
-                    &act.qkv,
-                    qkv_bias,
-                )?;
-                d.extend(role("rope + kv write", vec![bind_rope(1)?]));
-                d.extend(role("attention", attn.decode.clone()));
-                let o = gemv.bind(
-                    gpu,
-                    wd(&pack.o),
-                    whole(&act.attn),
-                    whole(&act.x),
-                    o_bias,
-                    Epilogue::Accumulate,
-                )?;
-                d.extend(role("o (+residual)", o));
-                let gate_up = wd(&pack.gate_up);
-                d.extend(project_normed(
-                    "gate|up",
-                    fuse.post_norm,
-                    &s.post_norm,
-                    gate_up,
-                    &act.gate_up,
-                    None,
-                )?);
-                let down = wd(&pack.down);
-                if fuse.swiglu {
-                    let x = whole(&act.gate_up);
-                    let ds = gemv.bind_input(
-                        gpu,
-                        down,
-                        x,
-                        whole(&act.x),
-                        None,
-                        Epilogue::Accumulate,
-                        GemvInput::SwiGlu,
-                    )?;
-                    d.extend(role("swiglu + down (+residual)", ds));
-                } else {
-                    let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
-                    d.extend(role("swiglu", vec![sw]));
-                    let x = whole(&act.act);
-                    let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
-                    d.extend(role("down (+residual)", ds));
-                }
-                    d
-                }
-            };
-            decode_layers.push(d);
-
-            let mut p = Vec::new();
-            p.push(norm.bind(gpu, &act.x, &s.input_norm, &act.h, h, eps, m, &step_buf)?);
-            p.extend(gemm.bind(
-                gpu,
-                wp(&pack.qkv),
-                whole(&act.h),
-                whole(&act.qkv),
-                qkv_bias,
-                Epilogue::Store,
-                m,
-                &step_buf,
-            )?);
-            p.push(bind_rope(m)?);
-            p.extend(attn.prefill.iter().cloned());
-            p.extend(gemm.bind(
-                gpu,
-                wp(&pack.o),
-                whole(&act.attn),
-                whole(&act.x),
-                o_bias,
-                Epilogue::Accumulate,
-                m,
-                &step_buf,
-            )?);
-            p.push(norm.bind(gpu, &act.x, &s.post_norm, &act.h, h, eps, m, &step_buf)?);
-            p.extend(gemm.bind(
-                gpu,
-                wp(&pack.gate_up),
-                whole(&act.h),
-                whole(&act.gate_up),
-                None,
-                Epilogue::Store,
-                m,
-                &step_buf,
-            )?);
-            p.push(swiglu.bind(gpu, &act.gate_up, &act.act, ffn, m, &step_buf)?);
-            p.extend(gemm.bind(
-                gpu,
-                wp(&pack.down),
-                whole(&act.act),
-                whole(&act.x),
-                None,
-                Epilogue::Accumulate,
-                m,
-                &step_buf,
-            )?);
-            prefill_layers.push(p);
             keep.extend([
                 s.input_norm.clone(),
                 s.post_norm.clone(),
-                k_cache.clone(),
-                v_cache.clone(),
+                kv[l].0.clone(),
+                kv[l].1.clone(),
             ]);
-            keep.extend(s.qkv_bias.iter().cloned());
-            keep.extend(s.o_bias.iter().cloned());
+            keep.extend(s.qkv_bias.iter().chain(&s.o_bias).cloned());
         }
-
-        let whole = BufRange::whole;
-        let prefill_final_norm =
-            norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
         let lm = Q4Ref {
             rows: lm_head.rows,
             cols: lm_head.cols,
-            qweight: whole(&lm_q),
-            scales: whole(&lm_s),
+            qweight: BufRange::whole(&lm_q),
+            scales: BufRange::whole(&lm_s),
         };
-        let prefill_head: Vec<Dispatch> = gemv
-            .bind(
-                gpu,
-                lm,
-                whole(&act.last),
-                whole(&act.logits),
-                None,
-                Epilogue::Store,
-            )?
-            .into_iter()
-            .map(|d| d.with_role("lm_head"))
-            .collect();
-        let decode_head: Vec<Dispatch> = match &int8 {
-            Some((quant, gemv8, xq)) => {
-                let input = ActInput::RmsNorm { weight: &final_norm, eps };
-                let mut d = vec![quant.bind(gpu, input, &act.x, h, xq)?.with_role("final norm (int8)")];
-                let opts = GemvOptions::default();
-                let x = Q8Input::Quantized(xq);
-                let lm_dispatches = gemv8.bind(gpu, lm, x, whole(&act.logits), None, Epilogue::Store, &opts)?;
-                d.extend(lm_dispatches.into_iter().map(|d| d.with_role("lm_head")));
-                d
-            }
-            None => {
-                let n = norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
-                let mut d = vec![n.with_role("final norm")];
-                d.extend(prefill_head.iter().cloned());
-                d
-            }
-        };
-        if let Some((_, _, xq)) = &int8 {
-            keep.extend([xq.words.clone(), xq.scales.clone()]);
-        }
+        let (decode_head, prefill_final_norm, prefill_head) =
+            kernels.heads(&shared, lm, &final_norm)?;
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
             "sample out",
@@ -814,6 +572,11 @@ impl<'w> GpuModel<'w> {
         self.step(&[0], &greedy, &[0], 0, None)?;
         self.reset();
         Ok(())
+    }
+
+    /// Most prompt tokens per forward pass, as this model runs (see [`EngineOptions::chunk`]).
+    pub fn chunk(&self) -> usize {
+        self.opts.chunk
     }
 
     /// Forgets the sequence (the KV cache is overwritten from position 0).
@@ -1096,7 +859,9 @@ impl Decoder for GpuModel<'_> {
         let top_n = top_logprobs.unwrap_or(0).min(self.opts.max_top_logprobs);
         // Short prompts run as decode steps (generate::SHORT_PROMPT); the last one samples.
         let calls = crate::generate::forward_calls(tokens);
-        let (last, first) = calls.split_last().ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+        let (last, first) = calls
+            .split_last()
+            .ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
         for call in first {
             self.forward(call, None)?;
         }
@@ -1193,24 +958,6 @@ fn layer_small(gpu: &Gpu, weights: &ModelWeights, c: &ModelConfig, l: usize) -> 
 
 /// A buffer in host memory that copies can read from (DESIGN.md §2: MAP_READ | COPY_SRC buffers
 /// are placed in host-cached system memory; MAP_WRITE ones land in VRAM on resizable-BAR cards).
-/// A packed matrix inside the buffer holding its layer.
-fn packed_in<'b>(buf: &'b wgpu::Buffer, p: &PackedMatrix) -> Q4Ref<'b> {
-    Q4Ref {
-        rows: p.rows,
-        cols: p.cols,
-        qweight: BufRange {
-            buffer: buf,
-            offset: p.qweight_offset,
-            size: p.qweight_bytes,
-        },
-        scales: BufRange {
-            buffer: buf,
-            offset: p.scales_offset,
-            size: p.scales_bytes.next_multiple_of(4),
-        },
-    }
-}
-
 fn host_staging(gpu: &Gpu, label: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
     let usage = if gpu.caps.mappable_primary_buffers {
         wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE

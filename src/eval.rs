@@ -33,7 +33,9 @@ pub fn compare_decode_activations(
     base: &EngineOptions,
 ) -> Result<ActivationQuality> {
     if tokens.len() < 2 {
-        return Err(Error::Invalid("eval needs a text of at least two tokens".into()));
+        return Err(Error::Invalid(
+            "eval needs a text of at least two tokens".into(),
+        ));
     }
     let engine = |a: DecodeActivations| {
         let opts = EngineOptions {
@@ -43,8 +45,12 @@ pub fn compare_decode_activations(
         };
         GpuModel::new(gpu, weights, opts)
     };
-    let (mut f32_engine, mut int8_engine) = (engine(DecodeActivations::F32)?, engine(DecodeActivations::Int8)?);
-    let (mut agree, mut kl_sum, mut max_kl, mut nll_f32, mut nll_int8) = (0usize, 0.0, 0.0f64, 0.0, 0.0);
+    let (mut f32_engine, mut int8_engine) = (
+        engine(DecodeActivations::F32)?,
+        engine(DecodeActivations::Int8)?,
+    );
+    let (mut agree, mut kl_sum, mut max_kl, mut nll_f32, mut nll_int8) =
+        (0usize, 0.0, 0.0f64, 0.0, 0.0);
     let steps = tokens.len() - 1;
     for i in 0..steps {
         let p = log_softmax(&f32_engine.logits(&tokens[i..=i])?);
@@ -68,15 +74,28 @@ pub fn compare_decode_activations(
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let log_sum = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let log_sum = logits
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&v| v as f64 - log_sum).collect()
 }
 
 fn argmax(v: &[f64]) -> usize {
     v.iter()
         .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+        .fold((0, f64::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
         .0
 }
 

@@ -291,7 +291,11 @@ impl ActQ8 {
 
     /// `(d, sum)` per block of 32, interleaved: the GPU layout.
     pub fn packed_scales(&self) -> Vec<f32> {
-        self.d.iter().zip(&self.sum).flat_map(|(&d, &s)| [d, s]).collect()
+        self.d
+            .iter()
+            .zip(&self.sum)
+            .flat_map(|(&d, &s)| [d, s])
+            .collect()
     }
 }
 

@@ -2,10 +2,10 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::quantize::expected_tensors;
 use q4wgpu::scheduler::LayerPack;
 use q4wgpu::synthetic::{synthetic_config, synthetic_weights, SYNTHETIC_NAMES};
@@ -307,19 +307,30 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     // With int8 activations each projection's input is quantized with the norm or SwiGLU before it
     // (quantized by a dispatch of its own, or inside the GEMV).
     let int8: &[&str] = &[
-        "qkv, input quantized in: ",
+        "qkv input (int8): ",
+        "qkv: ",
         "rope + kv write: ",
         "attention: ",
-        "o (+residual), input quantized in: ",
+        "o (+residual) input (int8): ",
+        "o (+residual): ",
         "gate|up input (int8): ",
         "gate|up: ",
         "down (+residual) input (int8): ",
         "down (+residual): ",
     ];
+    let int8_fused: &[&str] = &[
+        "qkv, input quantized in: ",
+        "rope + kv write: ",
+        "attention: ",
+        "o (+residual), input quantized in: ",
+        "gate|up, input quantized in: ",
+        "down (+residual), input quantized in: ",
+    ];
     let cases = [
         (DecodeActivations::F32, DecodeFusion::NONE, separate),
         (DecodeActivations::F32, all, fused),
-        (DecodeActivations::Int8, DecodeFusion::default(), int8),
+        (DecodeActivations::Int8, DecodeFusion::NONE, int8),
+        (DecodeActivations::Int8, all, int8_fused),
     ];
     for (activations, fusion, roles) in cases {
         let opts = BenchOptions {
@@ -605,8 +616,16 @@ fn depth_rows_are_named_and_counted_like_llama_bench() {
     let names: Vec<&str> = report.rows.iter().map(|r| r.test.as_str()).collect();
     assert_eq!(names, ["pp9", "tg5", "pp9 @ d24", "tg5 @ d24"]);
     assert!(report.rows[3].bytes_per_token > report.rows[1].bytes_per_token);
-    let mut engine = GpuModel::new(gpu(), &w, EngineOptions { ctx_size: 16, chunk: 4, ..Default::default() })
-        .expect("engine");
+    let mut engine = GpuModel::new(
+        gpu(),
+        &w,
+        EngineOptions {
+            ctx_size: 16,
+            chunk: 4,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
     let err = engine.skip_to(16).expect_err("no room left");
     assert!(err.to_string().contains("depth 16"), "{err}");
 }

@@ -84,7 +84,17 @@ const INTERESTING: [u64; 12] = [
 ];
 
 /// Numbers for JSON values: what configs must refuse (0, negatives, NaN-like, huge).
-const JSON_NUMBERS: [&str; 9] = ["0", "-1", "1", "3", "1e308", "-1e308", "4294967296", "0.5", "18446744073709551615"];
+const JSON_NUMBERS: [&str; 9] = [
+    "0",
+    "-1",
+    "1",
+    "3",
+    "1e308",
+    "-1e308",
+    "4294967296",
+    "0.5",
+    "18446744073709551615",
+];
 
 fn mutate(input: &[u8], rng: &mut Rng, others: &[Vec<u8>], json: bool) -> Vec<u8> {
     let mut b = input.to_vec();
@@ -226,8 +236,11 @@ fn hf_exec(dir: &Path, input: &[u8]) -> bool {
     let folder = dir.join("hf");
     if !folder.join("config.json").is_file() {
         std::fs::create_dir_all(&folder).expect("folder");
-        std::fs::copy(hf_seed_folder(dir).join("config.json"), folder.join("config.json"))
-            .expect("config");
+        std::fs::copy(
+            hf_seed_folder(dir).join("config.json"),
+            folder.join("config.json"),
+        )
+        .expect("config");
     }
     std::fs::write(folder.join("model.safetensors"), input).expect("write input");
     match hf::HfSource::open(&folder) {
@@ -253,8 +266,11 @@ fn q4_exec(dir: &Path, input: &[u8]) -> bool {
     let folder = dir.join("q4");
     if !folder.join("config.json").is_file() {
         std::fs::create_dir_all(&folder).expect("folder");
-        std::fs::copy(dir.join("seed-q4").join("config.json"), folder.join("config.json"))
-            .expect("config");
+        std::fs::copy(
+            dir.join("seed-q4").join("config.json"),
+            folder.join("config.json"),
+        )
+        .expect("config");
     }
     std::fs::write(folder.join(q4::Q4_WEIGHTS_FILE), input).expect("write input");
     match q4::open_q4_folder(&folder) {
@@ -291,7 +307,13 @@ fn config_exec(dir: &Path, input: &[u8]) -> bool {
     std::fs::write(&path, input).expect("write input");
     match ModelConfig::from_file(&path) {
         Ok(c) => {
-            let _ = (c.head_dim(), c.kv_groups(), c.q_dim(), c.kv_dim(), c.eos_token_ids());
+            let _ = (
+                c.head_dim(),
+                c.kv_groups(),
+                c.q_dim(),
+                c.kv_dim(),
+                c.eos_token_ids(),
+            );
             let _ = c.rope_inv_freq();
             let _ = q4wgpu::quantize::expected_tensors(&c);
             let _ = q4wgpu::scheduler::LayerPack::new(&c);
@@ -390,7 +412,10 @@ fn micro_gguf() -> Vec<u8> {
         ("tokenizer.ggml.model", String("gpt2".into())),
         ("tokenizer.ggml.pre", String("qwen2".into())),
         ("tokenizer.ggml.tokens", Array(byte_tokens)),
-        ("tokenizer.ggml.token_type", Array((0..n_tokens).map(|_| I32(1)).collect())),
+        (
+            "tokenizer.ggml.token_type",
+            Array((0..n_tokens).map(|_| I32(1)).collect()),
+        ),
         ("tokenizer.ggml.merges", Array(vec![])),
         ("tokenizer.ggml.bos_token_id", U32(1)),
         ("tokenizer.ggml.eos_token_id", U32(2)),
@@ -415,7 +440,9 @@ fn micro_gguf() -> Vec<u8> {
     ];
     let data = |n: u64, ty: GgmlType| -> Vec<u8> {
         match ty {
-            GgmlType::F32 => (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect(),
+            GgmlType::F32 => (0..n)
+                .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+                .collect(),
             GgmlType::F16 => (0..n)
                 .flat_map(|i| half::f16::from_f32(i as f32 * 0.01).to_le_bytes())
                 .collect(),
@@ -491,17 +518,44 @@ fn put_meta(out: &mut Vec<u8>, v: &MetaValue, with_type: bool) {
 }
 
 const TARGETS: [Target; 5] = [
-    Target { name: "gguf", json: false, seeds: gguf_seeds, exec: gguf_exec },
-    Target { name: "safetensors-hf", json: false, seeds: hf_seeds, exec: hf_exec },
-    Target { name: "safetensors-q4", json: false, seeds: q4_seeds, exec: q4_exec },
-    Target { name: "config-json", json: true, seeds: config_seeds, exec: config_exec },
-    Target { name: "tokenizer-chat-template", json: true, seeds: tokenizer_seeds, exec: tokenizer_exec },
+    Target {
+        name: "gguf",
+        json: false,
+        seeds: gguf_seeds,
+        exec: gguf_exec,
+    },
+    Target {
+        name: "safetensors-hf",
+        json: false,
+        seeds: hf_seeds,
+        exec: hf_exec,
+    },
+    Target {
+        name: "safetensors-q4",
+        json: false,
+        seeds: q4_seeds,
+        exec: q4_exec,
+    },
+    Target {
+        name: "config-json",
+        json: true,
+        seeds: config_seeds,
+        exec: config_exec,
+    },
+    Target {
+        name: "tokenizer-chat-template",
+        json: true,
+        seeds: tokenizer_seeds,
+        exec: tokenizer_exec,
+    },
 ];
 
 // ---- the campaign -------------------------------------------------------------------------
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus").join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_corpus")
+        .join(target)
 }
 
 /// Saved inputs of a target (regressions and kept seeds), sorted by name.
@@ -533,9 +587,9 @@ fn check_one(t: &Target, dir: &Path, input: &[u8], label: &str) -> bool {
     let problem = match &result {
         Err(_) => Some("panicked".to_string()),
         Ok(_) if elapsed > TIME_LIMIT => Some(format!("took {elapsed:?} (limit {TIME_LIMIT:?})")),
-        Ok(_) if largest > ALLOC_LIMIT => {
-            Some(format!("allocated {largest} bytes at once (limit {ALLOC_LIMIT})"))
-        }
+        Ok(_) if largest > ALLOC_LIMIT => Some(format!(
+            "allocated {largest} bytes at once (limit {ALLOC_LIMIT})"
+        )),
         Ok(_) => None,
     };
     if let Some(p) = problem {
@@ -580,7 +634,11 @@ fn campaign(t: &Target, execs: u64, seed: u64) {
             }
         }
         if last_report.elapsed() > Duration::from_secs(60) {
-            eprintln!("{}: {i} executions, {accepted} accepted, {:.0} s", t.name, start.elapsed().as_secs_f64());
+            eprintln!(
+                "{}: {i} executions, {accepted} accepted, {:.0} s",
+                t.name,
+                start.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
     }
@@ -593,15 +651,24 @@ fn campaign(t: &Target, execs: u64, seed: u64) {
 }
 
 fn execs() -> u64 {
-    std::env::var("FUZZ_EXECS").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    std::env::var("FUZZ_EXECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
 }
 
 fn seed() -> u64 {
-    std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+    std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 fn target(name: &str) -> &'static Target {
-    TARGETS.iter().find(|t| t.name == name).expect("a known target")
+    TARGETS
+        .iter()
+        .find(|t| t.name == name)
+        .expect("a known target")
 }
 
 #[test]

@@ -26,9 +26,17 @@ fn random_matrix(rng: &mut Rng, rows: usize, cols: usize) -> QMatrix {
 fn random_activations(rng: &mut Rng, k: usize) -> Vec<f32> {
     let mut x = Vec::with_capacity(k);
     for b in 0..k.div_ceil(ACT_BLOCK) {
-        let std = if b == 1 { 0.0 } else { 0.01 + 4.0 * rng.uniform().abs() };
+        let std = if b == 1 {
+            0.0
+        } else {
+            0.01 + 4.0 * rng.uniform().abs()
+        };
         for _ in 0..ACT_BLOCK {
-            x.push(if rng.below(17) == 0 { 0.0 } else { rng.normal(std) });
+            x.push(if rng.below(17) == 0 {
+                0.0
+            } else {
+                rng.normal(std)
+            });
         }
     }
     x.truncate(k);
@@ -51,16 +59,20 @@ fn run(g: &Gpu, dispatches: &[Dispatch]) {
 fn poisoned_act(g: &Gpu, k: usize) -> ActQ8Buffers {
     let out = ActQ8Buffers::new(g, "test act", k);
     let words = vec![u32::MAX; (out.words.size() / 4) as usize];
-    g.queue.write_buffer(&out.words, 0, bytemuck::cast_slice(&words));
+    g.queue
+        .write_buffer(&out.words, 0, bytemuck::cast_slice(&words));
     let nan = vec![f32::NAN; (out.scales.size() / 4) as usize];
-    g.queue.write_buffer(&out.scales, 0, bytemuck::cast_slice(&nan));
+    g.queue
+        .write_buffer(&out.scales, 0, bytemuck::cast_slice(&nan));
     out
 }
 
 fn upload_act(g: &Gpu, a: &ActQ8) -> ActQ8Buffers {
     let out = ActQ8Buffers::new(g, "test act", a.len);
-    g.queue.write_buffer(&out.words, 0, bytemuck::cast_slice(&a.packed_words()));
-    g.queue.write_buffer(&out.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
+    g.queue
+        .write_buffer(&out.words, 0, bytemuck::cast_slice(&a.packed_words()));
+    g.queue
+        .write_buffer(&out.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
     out
 }
 
@@ -81,7 +93,12 @@ fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, exact: &[f32], scale
     let want_words = want.packed_words();
     let blocks = want.d.len();
     let scales = read_f32(g, &out.scales, 2 * blocks);
-    assert_close(&format!("{what}: scales"), &scales, &want.packed_scales(), 1e-5);
+    assert_close(
+        &format!("{what}: scales"),
+        &scales,
+        &want.packed_scales(),
+        1e-5,
+    );
     let got_q: Vec<i8> = unpack(&words[..want_words.len()]);
     let mut flips = 0;
     for (i, (&gq, &wq)) in got_q.iter().zip(&want.q).enumerate() {
@@ -96,7 +113,10 @@ fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, exact: &[f32], scale
         );
         flips += 1;
     }
-    assert!(flips <= 2 + got_q.len() / 1000, "{what}: {flips} values differ from the spec");
+    assert!(
+        flips <= 2 + got_q.len() / 1000,
+        "{what}: {flips} values differ from the spec"
+    );
 }
 
 /// Inverse of `ActQ8::packed_words`, written from its documented layout.
@@ -137,7 +157,16 @@ fn quant_act_matches_the_spec_for_every_input() {
         let gu_buf = g.storage_from("gate|up", &gu);
         let cases: [(&str, ActInput, &wgpu::Buffer, &Vec<f32>, f32); 3] = [
             ("plain", ActInput::Plain, &x_buf, &x, 1.0),
-            ("rmsnorm", ActInput::RmsNorm { weight: &w_buf, eps }, &x_buf, &xw, inv as f32),
+            (
+                "rmsnorm",
+                ActInput::RmsNorm {
+                    weight: &w_buf,
+                    eps,
+                },
+                &x_buf,
+                &xw,
+                inv as f32,
+            ),
             ("swiglu", ActInput::SwiGlu, &gu_buf, &swiglu, 1.0),
         ];
         for (name, input, buf, exact, scale) in cases {
@@ -215,16 +244,33 @@ impl Case {
         };
         let bias_buf = bias.as_ref().map(|b| g.storage_from("bias", b));
         let ds = kernel
-            .bind(g, w, Q8Input::Quantized(&x), BufRange::whole(&y), bias_buf.as_ref().map(BufRange::whole), self.mode, &self.opts)
+            .bind(
+                g,
+                w,
+                Q8Input::Quantized(&x),
+                BufRange::whole(&y),
+                bias_buf.as_ref().map(BufRange::whole),
+                self.mode,
+                &self.opts,
+            )
             .expect("bind");
         run(g, &ds);
-        let what = format!("gemv_q4_q8 {}x{} {:?} bias {} {:?}", self.rows, self.cols, self.mode, self.bias, self.opts.config);
+        let what = format!(
+            "gemv_q4_q8 {}x{} {:?} bias {} {:?}",
+            self.rows, self.cols, self.mode, self.bias, self.opts.config
+        );
         assert_close(&what, &read_f32(g, &y, self.rows), &want, TOL);
     }
 }
 
 fn case(rows: usize, cols: usize) -> Case {
-    Case { rows, cols, bias: false, mode: Epilogue::Store, opts: GemvOptions::default() }
+    Case {
+        rows,
+        cols,
+        bias: false,
+        mode: Epilogue::Store,
+        opts: GemvOptions::default(),
+    }
 }
 
 #[test]
@@ -237,8 +283,21 @@ fn gemv_q8_matches_cpu_on_odd_shapes_and_epilogues() {
             kernel_case(g, &kernel, &mut rng, case(rows, cols));
         }
     }
-    for (bias, mode) in [(true, Epilogue::Store), (false, Epilogue::Accumulate), (true, Epilogue::Accumulate)] {
-        kernel_case(g, &kernel, &mut rng, Case { bias, mode, ..case(65, 576) });
+    for (bias, mode) in [
+        (true, Epilogue::Store),
+        (false, Epilogue::Accumulate),
+        (true, Epilogue::Accumulate),
+    ] {
+        kernel_case(
+            g,
+            &kernel,
+            &mut rng,
+            Case {
+                bias,
+                mode,
+                ..case(65, 576)
+            },
+        );
     }
 }
 
@@ -254,18 +313,42 @@ fn gemv_q8_every_workgroup_shape_and_row_split() {
     let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
     let mut rng = Rng::fresh("gemv_q4_q8 configs");
     let unit = g.caps.subgroup_max_size.max(32);
-    let reductions: &[bool] = if g.caps.subgroups { &[true, false] } else { &[false] };
+    let reductions: &[bool] = if g.caps.subgroups {
+        &[true, false]
+    } else {
+        &[false]
+    };
     for &subgroups in reductions {
         for wg in [unit, 2 * unit, 4 * unit] {
             for rows in [1, 3, 4, 8, 16] {
-                let config = Some(GemvConfig { wg, rows, subgroups });
-                let opts = GemvOptions { config, ..Default::default() };
-                Case { opts, ..case(37, 1000) }.check(g, &kernel, &mut rng);
+                let config = Some(GemvConfig {
+                    wg,
+                    rows,
+                    subgroups,
+                });
+                let opts = GemvOptions {
+                    config,
+                    ..Default::default()
+                };
+                Case {
+                    opts,
+                    ..case(37, 1000)
+                }
+                .check(g, &kernel, &mut rng);
             }
         }
     }
-    let opts = GemvOptions { max_binding_bytes: Some(64 * 1024), ..Default::default() };
-    Case { opts, bias: true, mode: Epilogue::Accumulate, ..case(1500, 896) }.check(g, &kernel, &mut rng);
+    let opts = GemvOptions {
+        max_binding_bytes: Some(64 * 1024),
+        ..Default::default()
+    };
+    Case {
+        opts,
+        bias: true,
+        mode: Epilogue::Accumulate,
+        ..case(1500, 896)
+    }
+    .check(g, &kernel, &mut rng);
 }
 
 #[test]
@@ -275,19 +358,41 @@ fn gemv_q8_and_quant_act_reject_bad_shapes() {
     let quant = QuantAct::new(g).expect("quant_act compiles");
     let small = ActQ8Buffers::new(g, "small", 128);
     let x = g.storage_buffer("x", 4 * 256);
-    let e = quant.bind(g, ActInput::Plain, &x, 256, &small).err().expect("K over capacity");
+    let e = quant
+        .bind(g, ActInput::Plain, &x, 256, &small)
+        .err()
+        .expect("K over capacity");
     assert!(e.to_string().contains("at most"), "{e}");
-    let e = quant.bind(g, ActInput::Plain, &x, 6, &small).err().expect("K not a multiple of 4");
+    let e = quant
+        .bind(g, ActInput::Plain, &x, 6, &small)
+        .err()
+        .expect("K not a multiple of 4");
     assert!(e.to_string().contains("multiple of 4"), "{e}");
-    let e = quant.bind(g, ActInput::SwiGlu, &x, 128, &small).map(|_| ()).err();
+    let e = quant
+        .bind(g, ActInput::SwiGlu, &x, 128, &small)
+        .map(|_| ())
+        .err();
     assert!(e.is_none(), "swiglu over 2K = 256 values fits x");
     let m = QMatrix::quantize(&vec![0.5; 8 * 256], 8, 256);
     let qw = g.storage_from("qw", &m.qweight);
     let sc = g.storage_from_bytes("sc", bytemuck::cast_slice(&m.scales));
-    let w = Q4Ref { rows: 8, cols: 256, qweight: BufRange::whole(&qw), scales: BufRange::whole(&sc) };
+    let w = Q4Ref {
+        rows: 8,
+        cols: 256,
+        qweight: BufRange::whole(&qw),
+        scales: BufRange::whole(&sc),
+    };
     let y = g.storage_buffer("y", 32);
     let e = kernel
-        .bind(g, w, Q8Input::Quantized(&small), BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default())
+        .bind(
+            g,
+            w,
+            Q8Input::Quantized(&small),
+            BufRange::whole(&y),
+            None,
+            Epilogue::Store,
+            &GemvOptions::default(),
+        )
         .err()
         .expect("K over the activation buffers");
     assert!(e.to_string().contains("exceeds"), "{e}");
@@ -306,13 +411,20 @@ fn q8_shaders_compile_to_spirv_with_packed_dot() {
     compile_to_spirv("quant_act", &quant, &[]);
     for input in 1..4 {
         let fused = q4wgpu::kernels::gemv_q4_q8::shader(true, input);
-        compile_to_spirv(&format!("gemv_q4_q8 input {input}"), &fused, &[("WG", 64.0), ("ROWS", 4.0)]);
+        compile_to_spirv(
+            &format!("gemv_q4_q8 input {input}"),
+            &fused,
+            &[("WG", 64.0), ("ROWS", 4.0)],
+        );
     }
     let gemv = q4wgpu::kernels::gemv_q4_q8::shader(true, 0);
     let words = compile_to_spirv("gemv_q4_q8", &gemv, &[("WG", 64.0), ("ROWS", 4.0)]);
     const OP_SDOT: u32 = 4450;
     let sdots = words.iter().filter(|&&w| w == (6 << 16 | OP_SDOT)).count();
-    assert!(sdots >= 8, "gemv_q4_q8: {sdots} OpSDot instructions, want the 8 of a quarter's dot");
+    assert!(
+        sdots >= 8,
+        "gemv_q4_q8: {sdots} OpSDot instructions, want the 8 of a quarter's dot"
+    );
 }
 
 /// The fused inputs (f32 x, RMSNorm, SwiGLU quantized by the GEMV as it reads them) against the
@@ -336,7 +448,11 @@ fn gemv_q8_fused_inputs_match_the_spec() {
         let eps = 1e-5;
         let inv = q4wgpu::cpu::inverse_rms(&x, eps);
         let xw: Vec<f32> = x.iter().zip(&norm_w).map(|(a, w)| a * w).collect();
-        let sw: Vec<f32> = gate.iter().zip(&x).map(|(gv, u)| q4wgpu::cpu::silu(*gv) * u).collect();
+        let sw: Vec<f32> = gate
+            .iter()
+            .zip(&x)
+            .map(|(gv, u)| q4wgpu::cpu::silu(*gv) * u)
+            .collect();
         let spec = |a: ActQ8| {
             let mut y = vec![0.0; rows];
             m.view().matvec_q8(&a, &mut y);
@@ -345,7 +461,12 @@ fn gemv_q8_fused_inputs_match_the_spec() {
         let qweight = g.storage_from("qweight", &m.qweight);
         let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
         let scales = g.storage_from_bytes("scales", &scale_bytes);
-        let w = Q4Ref { rows, cols, qweight: BufRange::whole(&qweight), scales: BufRange::whole(&scales) };
+        let w = Q4Ref {
+            rows,
+            cols,
+            qweight: BufRange::whole(&qweight),
+            scales: BufRange::whole(&scales),
+        };
         let x_buf = g.storage_from("x", &x);
         let w_buf = g.storage_from("norm w", &norm_w);
         let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
@@ -353,20 +474,62 @@ fn gemv_q8_fused_inputs_match_the_spec() {
         let opts = GemvOptions::default();
         let run_input = |input: Q8Input| {
             let y = poisoned(g, "y", rows);
-            run(g, &kernel.bind(g, w, input, BufRange::whole(&y), None, Epilogue::Store, &opts).expect("bind"));
+            run(
+                g,
+                &kernel
+                    .bind(
+                        g,
+                        w,
+                        input,
+                        BufRange::whole(&y),
+                        None,
+                        Epilogue::Store,
+                        &opts,
+                    )
+                    .expect("bind"),
+            );
             read_f32(g, &y, rows)
         };
         let x_range = BufRange::whole(&x_buf);
         let f32_in = run_input(Q8Input::F32(x_range));
-        assert_close(&format!("f32 input {rows}x{cols}"), &f32_in, &spec(ActQ8::quantize(&x)), FUSED_TOL);
-        let normed = run_input(Q8Input::RmsNorm { x: x_range, weight: &w_buf, eps });
-        assert_close(&format!("rmsnorm input {rows}x{cols}"), &normed, &spec(ActQ8::quantize_scaled(&xw, inv)), FUSED_TOL);
+        assert_close(
+            &format!("f32 input {rows}x{cols}"),
+            &f32_in,
+            &spec(ActQ8::quantize(&x)),
+            FUSED_TOL,
+        );
+        let normed = run_input(Q8Input::RmsNorm {
+            x: x_range,
+            weight: &w_buf,
+            eps,
+        });
+        assert_close(
+            &format!("rmsnorm input {rows}x{cols}"),
+            &normed,
+            &spec(ActQ8::quantize_scaled(&xw, inv)),
+            FUSED_TOL,
+        );
         let swiglu = run_input(Q8Input::SwiGlu(BufRange::whole(&gu_buf)));
-        assert_close(&format!("swiglu input {rows}x{cols}"), &swiglu, &spec(ActQ8::quantize(&sw)), FUSED_TOL);
+        assert_close(
+            &format!("swiglu input {rows}x{cols}"),
+            &swiglu,
+            &spec(ActQ8::quantize(&sw)),
+            FUSED_TOL,
+        );
         // The same quantizer on the GPU, as a dispatch of its own: equal to summation order.
         let xq = poisoned_act(g, cols);
-        run(g, &[quant.bind(g, ActInput::Plain, &x_buf, cols, &xq).expect("quant")]);
+        run(
+            g,
+            &[quant
+                .bind(g, ActInput::Plain, &x_buf, cols, &xq)
+                .expect("quant")],
+        );
         let two_step = run_input(Q8Input::Quantized(&xq));
-        assert_close(&format!("f32 input vs quant_act {rows}x{cols}"), &f32_in, &two_step, TOL);
+        assert_close(
+            &format!("f32 input vs quant_act {rows}x{cols}"),
+            &f32_in,
+            &two_step,
+            TOL,
+        );
     }
 }

@@ -15,7 +15,13 @@ fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     got.iter()
         .zip(want)
-        .map(|(g, w)| if g.is_finite() { (g - w).abs() / scale } else { f32::INFINITY })
+        .map(|(g, w)| {
+            if g.is_finite() {
+                (g - w).abs() / scale
+            } else {
+                f32::INFINITY
+            }
+        })
         .fold(0.0, f32::max)
 }
 
@@ -41,9 +47,8 @@ fn interleaved_slots_match_the_cpu_reference_and_a_lone_sequence() {
     let mut caches: Vec<_> = (0..3).map(|_| cpu.new_cache(64)).collect();
     // Slot 0's steps and logits, replayed on a one-sequence engine at the end.
     let mut slot0: Vec<(Option<usize>, Vec<u32>, Vec<f32>)> = Vec::new();
-    let random = |n: usize, rng: &mut Rng| -> Vec<u32> {
-        (0..n).map(|_| rng.below(vocab) as u32).collect()
-    };
+    let random =
+        |n: usize, rng: &mut Rng| -> Vec<u32> { (0..n).map(|_| rng.below(vocab) as u32).collect() };
     for round in 0..6 {
         let mut order = vec![0usize, 1, 2];
         for i in (1..3).rev() {
@@ -69,7 +74,10 @@ fn interleaved_slots_match_the_cpu_reference_and_a_lone_sequence() {
             let got = engine.logits(&tokens).expect("gpu step");
             let want = cpu.forward(&mut caches[s], &tokens).expect("cpu step");
             let err = max_rel_err(&got, &want);
-            assert!(err <= LOGIT_TOLERANCE, "round {round}, slot {s}: max relative error {err:e}");
+            assert!(
+                err <= LOGIT_TOLERANCE,
+                "round {round}, slot {s}: max relative error {err:e}"
+            );
             if s == 0 {
                 slot0.push((cut, tokens, got));
             }
@@ -82,7 +90,9 @@ fn interleaved_slots_match_the_cpu_reference_and_a_lone_sequence() {
         }
         let got = alone.logits(tokens).expect("lone step");
         assert!(
-            got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "step {i}: slot 0 differs from the same sequence run alone"
         );
     }

@@ -76,12 +76,25 @@ fn gpu_matches_cpu(arch: Arch) {
     // and as the engine chooses by default.
     let all = DecodeFusion::ALL;
     let variants = [
-        (DecodeActivations::Int8, DecodeFusion::default()),
         (DecodeActivations::Int8, DecodeFusion::NONE),
+        (
+            DecodeActivations::Int8,
+            DecodeFusion {
+                input_norm: true,
+                attention_output: true,
+                ..DecodeFusion::NONE
+            },
+        ),
         (DecodeActivations::Int8, all),
         (DecodeActivations::F32, DecodeFusion::NONE),
         (DecodeActivations::F32, all),
-        (DecodeActivations::F32, DecodeFusion::default()),
+        (
+            DecodeActivations::F32,
+            DecodeFusion {
+                input_norm: true,
+                ..DecodeFusion::NONE
+            },
+        ),
     ];
     for (activations, fusion) in variants {
         let cpu = CpuModel::new(&loaded.weights)
@@ -127,7 +140,6 @@ fn gpu_matches_cpu(arch: Arch) {
                 "{arch:?} decode step {step} with {activations:?} activations, {fusion:?}: max relative error {err:e}"
             );
         }
-
     }
 }
 
@@ -286,10 +298,21 @@ fn eval_compares_int8_with_f32_decode_activations() {
     }
     let ppl = (nll / (tokens.len() - 1) as f64).exp();
     assert_eq!(q.steps, tokens.len() - 1);
-    assert!((q.perplexity_f32 / ppl - 1.0).abs() < 1e-3, "GPU f32 perplexity {} vs CPU {ppl}", q.perplexity_f32);
-    assert!((q.perplexity_int8 / ppl - 1.0).abs() < 0.05, "int8 perplexity {} vs f32 {ppl}", q.perplexity_int8);
+    assert!(
+        (q.perplexity_f32 / ppl - 1.0).abs() < 1e-3,
+        "GPU f32 perplexity {} vs CPU {ppl}",
+        q.perplexity_f32
+    );
+    assert!(
+        (q.perplexity_int8 / ppl - 1.0).abs() < 0.05,
+        "int8 perplexity {} vs f32 {ppl}",
+        q.perplexity_int8
+    );
     assert!((0.0..=1.0).contains(&q.top1_agreement));
-    assert!(q.mean_kl > 0.0 && q.mean_kl < 0.05 && q.max_kl >= q.mean_kl, "{q:?}");
+    assert!(
+        q.mean_kl > 0.0 && q.mean_kl < 0.05 && q.max_kl >= q.mean_kl,
+        "{q:?}"
+    );
 }
 
 /// Prompts of 2-8 tokens go through decode steps (see generate::SHORT_PROMPT), longer ones through

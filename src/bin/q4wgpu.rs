@@ -2,15 +2,15 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::fast::Isa;
+use q4wgpu::chat::ChatSettings;
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::interrupt;
-use q4wgpu::chat::ChatSettings;
-use q4wgpu::serve::{EngineSettings, ServeSettings};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::sampling::SamplingParams;
+use q4wgpu::serve::{EngineSettings, ServeSettings};
 use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
 use q4wgpu::{bench, model, scheduler, synthetic, Error, Result};
 use std::io::{Read, Write};
@@ -20,7 +20,9 @@ use std::time::Instant;
 
 #[path = "q4wgpu_cli/values.rs"]
 mod cli_values;
-use cli_values::{gb, parse_min_p, parse_repeat_penalty, parse_seed, parse_temperature, parse_top_p, Seed};
+use cli_values::{
+    gb, parse_min_p, parse_repeat_penalty, parse_seed, parse_temperature, parse_top_p, Seed,
+};
 
 /// `--quiet`: status lines on stderr are left out (errors are not).
 static QUIET: AtomicBool = AtomicBool::new(false);
@@ -345,7 +347,7 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Decode steps computed inside the projection after them: none, or a list of input-norm,
-    /// post-norm, swiglu and attention-output (default: input-norm,attention-output); several
+    /// post-norm, swiglu and attention-output (default: none); several
     /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,
@@ -483,7 +485,6 @@ fn bench_cpu(args: BenchArgs) -> Result<i32> {
 /// Exit status of a command that ran to its end.
 const EXIT_OK: i32 = 0;
 
-
 fn eval(
     model_arg: Option<String>,
     file: PathBuf,
@@ -498,7 +499,12 @@ fn eval(
     let mut tokens = loaded.tokenizer.encode(&text, loaded.tokenizer.add_bos())?;
     tokens.truncate(max_tokens);
     let gpu = Gpu::new(adapter.as_deref())?;
-    eprintln!("adapter: {}\n{} tokens of {}", gpu.describe(), tokens.len(), file.display());
+    eprintln!(
+        "adapter: {}\n{} tokens of {}",
+        gpu.describe(),
+        tokens.len(),
+        file.display()
+    );
     let opts = EngineOptions::default();
     let q = q4wgpu::eval::compare_decode_activations(&gpu, &loaded.weights, &tokens, &opts)?;
     println!(
@@ -600,7 +606,11 @@ fn list() -> Result<i32> {
         let file = q4wgpu::fetch::cache_dir().join("models").join(m.file_name);
         let fetched = file.is_file();
         let quantized = cache.join("quantized").join(m.name);
-        let state = match (m.runnable, fetched, q4wgpu::formats::q4::is_q4_folder(&quantized)) {
+        let state = match (
+            m.runnable,
+            fetched,
+            q4wgpu::formats::q4::is_q4_folder(&quantized),
+        ) {
             (false, true, _) => "fetched (tokenizer only, not runnable)".to_string(),
             (false, false, _) => "not fetched (tokenizer only, not runnable)".to_string(),
             (true, _, true) => format!("ready: {}", quantized.display()),
@@ -654,9 +664,9 @@ fn prompt_text(args: &RunArgs) -> Result<String> {
     match (&args.prompt, &args.file) {
         (Some(p), None) if p == "-" => {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                Error::io("reading the prompt from standard input", "<stdin>", e)
-            })?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| Error::io("reading the prompt from standard input", "<stdin>", e))?;
             Ok(text)
         }
         (Some(p), None) => Ok(p.clone()),
@@ -934,16 +944,21 @@ fn bench(args: BenchArgs) -> Result<i32> {
         seed: args.seed,
         profile: args.profile,
         decode_fusion: match &args.decode_fusion {
-            Some(text) => text.split('/').map(DecodeFusion::parse).collect::<Result<_>>()?,
+            Some(text) => text
+                .split('/')
+                .map(DecodeFusion::parse)
+                .collect::<Result<_>>()?,
             None => vec![DecodeFusion::default()],
         },
         depths: args
             .depth
             .split(',')
             .map(|t| {
-                t.trim()
-                    .parse()
-                    .map_err(|_| Error::Invalid(format!("-d takes a comma-separated list of depths, not {t:?}")))
+                t.trim().parse().map_err(|_| {
+                    Error::Invalid(format!(
+                        "-d takes a comma-separated list of depths, not {t:?}"
+                    ))
+                })
             })
             .collect::<Result<_>>()?,
         decode_activations: args
@@ -1060,7 +1075,11 @@ fn info(
         c.vocab_size,
         c.max_position_embeddings,
         gb(summary.int4_bytes),
-        if summary.quantized { "" } else { " once quantized (on load)" }
+        if summary.quantized {
+            ""
+        } else {
+            " once quantized (on load)"
+        }
     );
     let budget = vram_budget
         .as_deref()

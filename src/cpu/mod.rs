@@ -216,8 +216,12 @@ impl KvCache {
         self.values[start..start + self.kv_dim].copy_from_slice(v);
         if self.f16 {
             let round = |x: &mut f32| *x = half::f16::from_f32(*x).to_f32();
-            self.keys[start..start + self.kv_dim].iter_mut().for_each(round);
-            self.values[start..start + self.kv_dim].iter_mut().for_each(round);
+            self.keys[start..start + self.kv_dim]
+                .iter_mut()
+                .for_each(round);
+            self.values[start..start + self.kv_dim]
+                .iter_mut()
+                .for_each(round);
         }
     }
 }

@@ -40,7 +40,9 @@ impl KvSlots {
         slots: usize,
     ) -> Result<KvSlots> {
         if slots == 0 {
-            return Err(Error::Invalid("the engine needs at least one KV slot".into()));
+            return Err(Error::Invalid(
+                "the engine needs at least one KV slot".into(),
+            ));
         }
         let saved = (0..Self::saved_copies(slots))
             .map(|s| {

@@ -140,9 +140,24 @@ mod tests {
         for (got, want, index, what) in [
             ([1.0, f32::NAN, 3.0, 0.5], want, 1, "not finite"),
             ([1.0, -2.0, f32::INFINITY, 0.5], want, 2, "not finite"),
-            (want, [1.0, -2.0, 3.0, f32::NAN], 3, "expected value is not finite"),
-            (want, [f32::NEG_INFINITY, -2.0, 3.0, 0.5], 0, "expected value is not finite"),
-            ([f32::NAN; 4], [f32::NAN; 4], 0, "expected value is not finite"),
+            (
+                want,
+                [1.0, -2.0, 3.0, f32::NAN],
+                3,
+                "expected value is not finite",
+            ),
+            (
+                want,
+                [f32::NEG_INFINITY, -2.0, 3.0, 0.5],
+                0,
+                "expected value is not finite",
+            ),
+            (
+                [f32::NAN; 4],
+                [f32::NAN; 4],
+                0,
+                "expected value is not finite",
+            ),
         ] {
             let msg = close_report(&got, &want, 1.0).expect("must fail");
             assert!(
@@ -161,7 +176,10 @@ mod tests {
         assert!(msg.contains("2 bad"), "{msg}");
         assert!(msg.contains("max abs error 1e0 at 3"), "{msg}");
         assert!(msg.contains("max relative error 2.5e-1"), "{msg}");
-        assert_eq!(close_report(&got[..3], &want, 1.0).map(|m| m.contains("length")), Some(true));
+        assert_eq!(
+            close_report(&got[..3], &want, 1.0).map(|m| m.contains("length")),
+            Some(true)
+        );
     }
 }
 

@@ -9,7 +9,9 @@
 //!
 //! [`GemvQ4`]: super::gemv_q4::GemvQ4
 
-use super::gemv_q4::{check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions, MAX_ROWS};
+use super::gemv_q4::{
+    check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions, MAX_ROWS,
+};
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
@@ -51,7 +53,12 @@ impl Q8Input<'_> {
     }
 
     fn name(&self) -> &'static str {
-        ["", " (f32 x quantized in)", " (rmsnorm quantized in)", " (swiglu quantized in)"][self.code() as usize]
+        [
+            "",
+            " (f32 x quantized in)",
+            " (rmsnorm quantized in)",
+            " (swiglu quantized in)",
+        ][self.code() as usize]
     }
 }
 
@@ -112,14 +119,19 @@ impl GemvQ4Q8 {
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
         let unit = self.subgroup_max.max(32);
-        if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) || !(1..=MAX_ROWS).contains(&cfg.rows) {
+        if cfg.wg % unit != 0
+            || !(32..=1024).contains(&cfg.wg)
+            || !(1..=MAX_ROWS).contains(&cfg.rows)
+        {
             return Err(Error::Invalid(format!(
                 "gemv_q4_q8: workgroup of {} threads x {} rows: threads must be in 32..=1024 and a multiple of {unit}, rows in 1..={MAX_ROWS}",
                 cfg.wg, cfg.rows
             )));
         }
         if cfg.subgroups && !self.subgroups {
-            return Err(Error::Unsupported("gemv_q4_q8: the adapter has no subgroup operations".into()));
+            return Err(Error::Unsupported(
+                "gemv_q4_q8: the adapter has no subgroup operations".into(),
+            ));
         }
         let mut cache = self
             .pipelines
@@ -129,9 +141,17 @@ impl GemvQ4Q8 {
             return Ok(p.clone());
         }
         let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!("gemv_q4_q8/wg{}_rows{}_{kind}_input{input}", cfg.wg, cfg.rows);
+        let label = format!(
+            "gemv_q4_q8/wg{}_rows{}_{kind}_input{input}",
+            cfg.wg, cfg.rows
+        );
         let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
-        let pipeline = gpu.compute_pipeline_unchecked(&label, &shader(cfg.subgroups, input), "main", &overrides)?;
+        let pipeline = gpu.compute_pipeline_unchecked(
+            &label,
+            &shader(cfg.subgroups, input),
+            "main",
+            &overrides,
+        )?;
         cache.insert((cfg, input), pipeline.clone());
         Ok(pipeline)
     }
@@ -155,7 +175,10 @@ impl GemvQ4Q8 {
         let x_blocks = (bpr * BLOCK / ACT_BLOCK) as u64;
         let k_bytes = 4 * w.cols as u64;
         if w.cols % 4 != 0 {
-            return Err(Error::Invalid(format!("{what}: K = {} must be a multiple of 4", w.cols)));
+            return Err(Error::Invalid(format!(
+                "{what}: K = {} must be a multiple of 4",
+                w.cols
+            )));
         }
         // (words, scales, f32 x, norm weight) bindings; the unused ones get a buffer never read.
         let (xq, xd, xf, norm, eps) = match x {
@@ -170,7 +193,11 @@ impl GemvQ4Q8 {
                 (words, BufRange::whole(&a.scales), words, &a.words, 0.0)
             }
             Q8Input::F32(v) | Q8Input::SwiGlu(v) => {
-                let need = if matches!(x, Q8Input::SwiGlu(_)) { 2 * k_bytes } else { k_bytes };
+                let need = if matches!(x, Q8Input::SwiGlu(_)) {
+                    2 * k_bytes
+                } else {
+                    k_bytes
+                };
                 check_vector(gpu, what, "x", &v, need)?;
                 (v, v, BufRange { size: need, ..v }, v.buffer, 0.0)
             }
@@ -181,15 +208,23 @@ impl GemvQ4Q8 {
             }
         };
         if y.buffer == xf.buffer && !matches!(x, Q8Input::Quantized(_)) {
-            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+            return Err(Error::Invalid(format!(
+                "{what}: x and y must be different buffers (y is written)"
+            )));
         }
         let quantized = matches!(x, Q8Input::Quantized(_));
-        let (xq_bytes, xd_bytes) = if quantized { (x_blocks * 32, x_blocks * 8) } else { (16, 8) };
+        let (xq_bytes, xd_bytes) = if quantized {
+            (x_blocks * 32, x_blocks * 8)
+        } else {
+            (16, 8)
+        };
         check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
         }
-        let cfg = opts.config.unwrap_or_else(|| self.config_for(w.rows, w.cols));
+        let cfg = opts
+            .config
+            .unwrap_or_else(|| self.config_for(w.rows, w.cols));
         let pipeline = self.pipeline(gpu, cfg, x.code())?;
         let max_binding = opts
             .max_binding_bytes

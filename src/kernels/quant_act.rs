@@ -28,7 +28,10 @@ impl ActQ8Buffers {
         let padded = blocks_per_row(capacity.max(1)) * BLOCK;
         ActQ8Buffers {
             words: gpu.storage_buffer(&format!("{label} (int8)"), padded as u64),
-            scales: gpu.storage_buffer(&format!("{label} (int8 scales)"), (padded / ACT_BLOCK * 8) as u64),
+            scales: gpu.storage_buffer(
+                &format!("{label} (int8 scales)"),
+                (padded / ACT_BLOCK * 8) as u64,
+            ),
             capacity,
         }
     }

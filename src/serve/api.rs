@@ -192,12 +192,18 @@ pub fn check_model(m: &Map<String, Value>, served: &str) -> ApiResult<()> {
 fn options(m: &Map<String, Value>, chat: bool) -> ApiResult<Options> {
     if let Some(n) = integer(m, "n", 0, u64::MAX)? {
         if n != 1 {
-            return Err(ApiError::param("n", format!("n must be 1 (one choice per request), got {n}")));
+            return Err(ApiError::param(
+                "n",
+                format!("n must be 1 (one choice per request), got {n}"),
+            ));
         }
     }
     for name in ["tools", "functions"] {
         if field(m, name).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(ApiError::param(name, format!("{name} are not supported by this server")));
+            return Err(ApiError::param(
+                name,
+                format!("{name} are not supported by this server"),
+            ));
         }
     }
     if let Some(rf) = field(m, "response_format") {
@@ -224,7 +230,12 @@ fn options(m: &Map<String, Value>, chat: bool) -> ApiResult<Options> {
         Some(v) => match (v.as_u64(), v.as_i64()) {
             (Some(u), _) => u,
             (None, Some(i)) => i as u64,
-            _ => return Err(ApiError::param("seed", format!("seed must be an integer, got {v}"))),
+            _ => {
+                return Err(ApiError::param(
+                    "seed",
+                    format!("seed must be an integer, got {v}"),
+                ))
+            }
         },
     };
     let sampling = SamplingParams {
@@ -262,7 +273,10 @@ fn options(m: &Map<String, Value>, chat: bool) -> ApiResult<Options> {
         match (boolean(m, "logprobs")?, top) {
             (true, top) => Some(top.unwrap_or(0) as usize),
             (false, Some(_)) => {
-                return Err(ApiError::param("top_logprobs", "top_logprobs needs logprobs: true"))
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ))
             }
             (false, None) => None,
         }
@@ -301,7 +315,10 @@ pub fn chat_request(m: &Map<String, Value>) -> ApiResult<ChatRequest> {
         Some(v) => {
             return Err(ApiError::param(
                 "messages",
-                format!("messages must be an array of messages, got {}", type_name(v)),
+                format!(
+                    "messages must be an array of messages, got {}",
+                    type_name(v)
+                ),
             ))
         }
     };
@@ -335,7 +352,10 @@ fn message(i: usize, v: &Value) -> ApiResult<ChatMessage> {
         Some(Value::Array(parts)) => {
             let mut text = String::new();
             for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => text.push_str(t),
                     _ => {
                         return Err(ApiError::param(

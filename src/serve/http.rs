@@ -57,7 +57,10 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method",
+    )
 }
 
 fn unix_now() -> u64 {
@@ -86,7 +89,10 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if g.trim() == key => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key").with_code("invalid_api_key")),
+        Some(_) => {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key")
+                .with_code("invalid_api_key"))
+        }
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing API key: send the header Authorization: Bearer KEY",
@@ -97,7 +103,10 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 
 fn loaded(state: &AppState) -> ApiResult<&Loaded> {
     state.loaded.get().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading; retry shortly")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model is still loading; retry shortly",
+        )
     })
 }
 
@@ -105,7 +114,10 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, format!("the body is larger than the limit of {MAX_BODY} bytes"))
+            ApiError::new(
+                status,
+                format!("the body is larger than the limit of {MAX_BODY} bytes"),
+            )
         } else {
             ApiError::new(status, format!("the body could not be read: {r}"))
         }
@@ -274,16 +286,19 @@ async fn submit(
                         "every slot is busy and the queue is full (--parallel, --queue); retry later",
                     )
                 }
-                TrySendError::Disconnected(_) => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the engine has stopped",
-                ),
+                TrySendError::Disconnected(_) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+                }
             });
         }
     }
     let answer = Answer {
         kind,
-        id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
+        id: new_id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
         created: unix_now(),
         model: state.model_id.clone(),
         tokenizer: loaded.tokenizer.clone(),
@@ -347,7 +362,11 @@ async fn tokenize(
         let add_special = match m.get("add_special") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(v) => return Err(ApiError::bad(format!("add_special must be true or false, got {v}"))),
+            Some(v) => {
+                return Err(ApiError::bad(format!(
+                    "add_special must be true or false, got {v}"
+                )))
+            }
         };
         let tok = &loaded.tokenizer;
         let ids = tok

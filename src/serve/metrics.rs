@@ -53,20 +53,78 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let getu = |a: &AtomicUsize| a.load(Ordering::Relaxed) as f64;
         let rows: [(&str, &str, &str, f64); 11] = [
-            ("q4wgpu_requests_total", "counter", "Requests that reached a slot.", get(&self.requests)),
-            ("q4wgpu_requests_rejected_total", "counter", "Requests refused with 429 (queue full).", get(&self.rejected)),
-            ("q4wgpu_requests_failed_total", "counter", "Requests answered with another error.", get(&self.errors)),
-            ("q4wgpu_requests_cancelled_total", "counter", "Requests dropped because the client disconnected.", get(&self.cancelled)),
-            ("q4wgpu_prompt_tokens_total", "counter", "Prompt tokens of requests.", get(&self.prompt_tokens)),
-            ("q4wgpu_prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's KV cache.", get(&self.cached_tokens)),
-            ("q4wgpu_generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens)),
-            ("q4wgpu_queue_depth", "gauge", "Requests waiting for a slot.", getu(&self.queued)),
-            ("q4wgpu_slots_busy", "gauge", "Slots generating now.", getu(&self.busy)),
-            ("q4wgpu_slots", "gauge", "Slots (--parallel).", getu(&self.slots)),
-            ("q4wgpu_generation_tokens_per_second", "gauge", "Tokens generated per second of engine time, recent rounds.", self.tokens_per_second()),
+            (
+                "q4wgpu_requests_total",
+                "counter",
+                "Requests that reached a slot.",
+                get(&self.requests),
+            ),
+            (
+                "q4wgpu_requests_rejected_total",
+                "counter",
+                "Requests refused with 429 (queue full).",
+                get(&self.rejected),
+            ),
+            (
+                "q4wgpu_requests_failed_total",
+                "counter",
+                "Requests answered with another error.",
+                get(&self.errors),
+            ),
+            (
+                "q4wgpu_requests_cancelled_total",
+                "counter",
+                "Requests dropped because the client disconnected.",
+                get(&self.cancelled),
+            ),
+            (
+                "q4wgpu_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of requests.",
+                get(&self.prompt_tokens),
+            ),
+            (
+                "q4wgpu_prompt_tokens_cached_total",
+                "counter",
+                "Prompt tokens reused from a slot's KV cache.",
+                get(&self.cached_tokens),
+            ),
+            (
+                "q4wgpu_generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                get(&self.generated_tokens),
+            ),
+            (
+                "q4wgpu_queue_depth",
+                "gauge",
+                "Requests waiting for a slot.",
+                getu(&self.queued),
+            ),
+            (
+                "q4wgpu_slots_busy",
+                "gauge",
+                "Slots generating now.",
+                getu(&self.busy),
+            ),
+            (
+                "q4wgpu_slots",
+                "gauge",
+                "Slots (--parallel).",
+                getu(&self.slots),
+            ),
+            (
+                "q4wgpu_generation_tokens_per_second",
+                "gauge",
+                "Tokens generated per second of engine time, recent rounds.",
+                self.tokens_per_second(),
+            ),
         ];
         for (name, kind, help, value) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         out
     }

@@ -91,7 +91,10 @@ fn engine_main(
         let cpu = CpuModel::new(&weights)?;
         let mut backend = CpuBackend::new(&cpu, s.parallel, ctx);
         if s.verbose {
-            eprintln!("running on the CPU reference, {} slots of {ctx} tokens", s.parallel);
+            eprintln!(
+                "running on the CPU reference, {} slots of {ctx} tokens",
+                s.parallel
+            );
         }
         announce();
         scheduler::run(&mut backend, &tokenizer, queue, metrics);
@@ -157,13 +160,18 @@ pub fn serve(engine: EngineSettings, settings: ServeSettings) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("starting the async runtime: {e}")))?;
     runtime.block_on(async move {
         let addr = format!("{}:{}", settings.host, settings.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|e| Error::Invalid(format!("cannot listen on {addr}: {e} (another server there? try --port)")))?;
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+            Error::Invalid(format!(
+                "cannot listen on {addr}: {e} (another server there? try --port)"
+            ))
+        })?;
         let local = listener
             .local_addr()
             .map_err(|e| Error::Invalid(format!("reading the bound address: {e}")))?;
-        eprintln!("q4wgpu serve: listening on http://{local} (model {:?})", settings.model_id);
+        eprintln!(
+            "q4wgpu serve: listening on http://{local} (model {:?})",
+            settings.model_id
+        );
         let _engine = spawn_engine(engine, queue_rx, metrics, ready_tx);
         let waiting = state.clone();
         // The load runs on the engine thread; this waits for its word without blocking the server.

@@ -61,8 +61,7 @@ impl Answer {
                     .iter()
                     .map(|l| {
                         let mut e = entry(l.token, l.logprob);
-                        e["top_logprobs"] =
-                            l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                        e["top_logprobs"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
                         e
                     })
                     .collect();

@@ -63,7 +63,10 @@ pub enum Event {
         text: String,
         logprobs: Vec<TokenLogprobs>,
     },
-    Done { finish: Finish, usage: Usage },
+    Done {
+        finish: Finish,
+        usage: Usage,
+    },
     Error(String),
 }
 
@@ -113,7 +116,11 @@ pub fn run(
             return;
         }
         for slot in &mut slots {
-            if slot.active.as_ref().is_some_and(|a| a.req.events.is_closed()) {
+            if slot
+                .active
+                .as_ref()
+                .is_some_and(|a| a.req.events.is_closed())
+            {
                 slot.active = None;
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             }
@@ -219,7 +226,11 @@ fn start<'t>(
         text: String::new(),
         emitted: 0,
         logprobs: Vec::new(),
-        eos: if req.ignore_eos { &[] } else { tokenizer.eos_ids() },
+        eos: if req.ignore_eos {
+            &[]
+        } else {
+            tokenizer.eos_ids()
+        },
         stopped: false,
         usage: Usage {
             prompt_tokens: req.prompt.len(),

@@ -31,7 +31,13 @@ impl SseStream {
     pub fn new(events: UnboundedReceiver<Event>, answer: Answer, include_usage: bool) -> Self {
         let mut out = VecDeque::new();
         if answer.kind == Kind::Chat {
-            out.push_back(data(&answer.chunk(Some("assistant"), "", None, None, include_usage)));
+            out.push_back(data(&answer.chunk(
+                Some("assistant"),
+                "",
+                None,
+                None,
+                include_usage,
+            )));
         }
         SseStream {
             events,
@@ -51,8 +57,13 @@ impl SseStream {
                     .push_back(data(&self.answer.chunk(None, &text, lp, None, usage)));
             }
             Some(Event::Done { finish, usage: u }) => {
-                self.out
-                    .push_back(data(&self.answer.chunk(None, "", None, Some(finish), usage)));
+                self.out.push_back(data(&self.answer.chunk(
+                    None,
+                    "",
+                    None,
+                    Some(finish),
+                    usage,
+                )));
                 if usage {
                     self.out.push_back(data(&self.answer.usage_chunk(&u)));
                 }

@@ -41,14 +41,27 @@ pub fn python_with_openai() -> &'static str {
 /// a fixed number of tokens is compared, so the run must make them all.
 pub fn run_json_text(model: &Path, cpu: bool, prompt: &str, n: usize) -> String {
     let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--json", "--temperature", "0", "-n", &n.to_string(), "--prompt", prompt])
-        .arg("--model")
-        .arg(model);
+    cmd.args([
+        "run",
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        &n.to_string(),
+        "--prompt",
+        prompt,
+    ])
+    .arg("--model")
+    .arg(model);
     if cpu {
         cmd.arg("--cpu");
     }
     let out = cmd.output().expect("run q4wgpu");
-    assert!(out.status.success(), "q4wgpu run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "q4wgpu run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("q4wgpu run --json prints JSON");
     assert_eq!(
