@@ -48,8 +48,9 @@ pub enum GemmVariant {
     /// The first cooperative-matrix kernel: 64x64 tiles, 2x2 accumulators per subgroup. Any K.
     Coop,
     /// Cooperative matrices, tiles of 32·tm tokens × 32·tn rows, tm × tn 16x16 accumulators per
-    /// subgroup; tm and tn are 1, 2 or 4. K a multiple of 4.
-    CoopTile { tm: u32, tn: u32 },
+    /// subgroup; tm and tn are 1, 2 or 4. With `prefetch`, the next K step's global loads
+    /// overlap the current step's multiplies (more registers). K a multiple of 4.
+    CoopTile { tm: u32, tn: u32, prefetch: bool },
 }
 
 impl GemmVariant {
@@ -58,7 +59,7 @@ impl GemmVariant {
         match self {
             GemmVariant::Tiled | GemmVariant::Coop => (TILE_M, TILE_N),
             GemmVariant::Reg { rm } => (16 * rm as usize, 128),
-            GemmVariant::CoopTile { tm, tn } => (32 * tm as usize, 32 * tn as usize),
+            GemmVariant::CoopTile { tm, tn, .. } => (32 * tm as usize, 32 * tn as usize),
         }
     }
 
@@ -80,7 +81,9 @@ impl GemmVariant {
     fn valid(self) -> bool {
         match self {
             GemmVariant::Reg { rm } => [2, 4, 8].contains(&rm),
-            GemmVariant::CoopTile { tm, tn } => [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn),
+            GemmVariant::CoopTile { tm, tn, .. } => {
+                [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn)
+            }
             _ => true,
         }
     }
@@ -113,6 +116,7 @@ impl GemmVariant {
                 GemmVariant::CoopTile {
                     tm: tile.0,
                     tn: tile.1,
+                    prefetch: true,
                 }
             }
             (true, false) => GemmVariant::Coop,
@@ -128,9 +132,12 @@ const FILL_GROUPS: usize = 256;
 
 /// The source of a [`GemmVariant::CoopTile`] kernel: tile constants, the matrix operations
 /// (cooperative matrices, or their plain-WGSL emulation, which needs `sg` = 32), the kernel.
-pub fn mma_shader(tm: u32, tn: u32, sg: u32, emulated: bool) -> String {
+pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
-    format!("const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n{ops}\n{MMA}")
+    format!(
+        "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
+         const PREFETCH: bool = {prefetch};\n{ops}\n{MMA}"
+    )
 }
 
 /// The source of a [`GemmVariant::Reg`] kernel.
@@ -341,7 +348,7 @@ impl GemmQ4 {
             GemmVariant::Reg { rm } => {
                 gpu.compute_pipeline_unchecked(&label, &reg_shader(rm), "main", &[])?
             }
-            GemmVariant::CoopTile { tm, tn } => {
+            GemmVariant::CoopTile { tm, tn, prefetch } => {
                 let (sg, emulated) = if hw {
                     (self.subgroup, false)
                 } else {
@@ -349,7 +356,7 @@ impl GemmQ4 {
                 };
                 gpu.compute_pipeline_unchecked(
                     &label,
-                    &mma_shader(tm, tn, sg, emulated),
+                    &mma_shader(tm, tn, prefetch, sg, emulated),
                     "main",
                     &[],
                 )?
