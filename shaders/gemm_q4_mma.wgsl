@@ -169,10 +169,10 @@ fn main(
     let sg = lid / SG;
     let qm = (sg / 2u) * 16u * TM;
     let qn = (sg % 2u) * 16u * TN;
-    var acc: array<Acc, TM * TN>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc[i] = acc_zero();
-    }
+    // The wrapper writes the TM x TN accumulators out as named variables acc_i_j: an array
+    // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
+    // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
+    //#ACC_DECL
     var next = load_step(0u, m0, n0, m_count, lid);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         if (!PREFETCH && k0 > 0u) {
@@ -184,44 +184,35 @@ fn main(
             next = load_step(k0 + BK, m0, n0, m_count, lid);
         }
         for (var kk = 0u; kk < BK / 2u; kk += 8u) {
-            // All B fragments, then one A fragment at a time: fewer live registers.
-            var b: array<Frag_B, TN>;
-            for (var j = 0u; j < TN; j++) {
-                b[j] = load_b((qn + 16u * j) * AS2 + kk);
-            }
-            for (var i = 0u; i < TM; i++) {
-                let a = load_a((qm + 16u * i) * AS2 + kk);
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] = mma(a, b[j], acc[i * TN + j]);
-                }
-            }
+            // Unrolled by the wrapper: B fragments b_j, then per row i of accumulators one A
+            // fragment and TN multiply-adds.
+            //#MMA_STEP
         }
         workgroupBarrier();
     }
-    // Epilogue: one row of TN accumulators at a time through the subgroup's staging tile;
-    // consecutive lanes write consecutive columns of Y.
-    for (var i = 0u; i < TM; i++) {
-        for (var j = 0u; j < TN; j++) {
-            store_acc(acc[i * TN + j], sg * 16u * SS + 16u * j);
-        }
-        workgroupBarrier();
-        for (var e = lane; e < 16u * 16u * TN; e += SG) {
-            let r = e / (16u * TN);
-            let c = e % (16u * TN);
-            let m = m0 + qm + 16u * i + r;
-            let n = n0 + qn + c;
-            if (m < m_count && n < p.n) {
-                let out = m * p.ldy + p.row_base + n;
-                var v = stage[sg * 16u * SS + r * SS + c];
-                if (p.has_bias != 0u) {
-                    v += bias[p.row_base + n];
-                }
-                if (p.accumulate != 0u) {
-                    v += y[out];
-                }
-                y[out] = v;
+    // Epilogue, unrolled by the wrapper: per row i of accumulators, store_acc of acc_i_j to the
+    // subgroup's staging tile, a barrier, write_stage, a barrier.
+    //#EPILOGUE
+}
+
+// Writes the subgroup's staging tile (16 rows x 16 TN columns) to Y rows m_base.., columns
+// n_base..: consecutive lanes write consecutive columns; bounds on M and N, bias, accumulate.
+fn write_stage(sg: u32, m_base: u32, n_base: u32, m_count: u32) {
+    for (var e = lane; e < 16u * 16u * TN; e += SG) {
+        let r = e / (16u * TN);
+        let c = e % (16u * TN);
+        let m = m_base + r;
+        let n = n_base + c;
+        if (m < m_count && n < p.n) {
+            let out = m * p.ldy + p.row_base + n;
+            var v = stage[sg * 16u * SS + r * SS + c];
+            if (p.has_bias != 0u) {
+                v += bias[p.row_base + n];
             }
+            if (p.accumulate != 0u) {
+                v += y[out];
+            }
+            y[out] = v;
         }
-        workgroupBarrier();
     }
 }

@@ -132,7 +132,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             ctx_size: 4096,
-            chunk: 512,
+            chunk: 64,
             vram_budget: None,
             prefetch_depth: 2,
             max_top_logprobs: 20,

@@ -134,9 +134,34 @@ const FILL_GROUPS: usize = 256;
 /// (cooperative matrices, or their plain-WGSL emulation, which needs `sg` = 32), the kernel.
 pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
+    // Accumulators and fragments as named variables, every index a constant, so the driver can
+    // keep them in registers (see the kernel's comment at acc_i_j).
+    let mut decl = String::new();
+    let mut step = String::new();
+    let mut epilogue = String::new();
+    for j in 0..tn {
+        step += &format!("let b_{j} = load_b((qn + {}u) * AS2 + kk);\n", 16 * j);
+    }
+    for i in 0..tm {
+        step += &format!("{{\nlet a = load_a((qm + {}u) * AS2 + kk);\n", 16 * i);
+        for j in 0..tn {
+            decl += &format!("var acc_{i}_{j} = acc_zero();\n");
+            step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
+            epilogue += &format!("store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n", 16 * j);
+        }
+        step += "}\n";
+        epilogue += &format!(
+            "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn, m_count);\nworkgroupBarrier();\n",
+            16 * i
+        );
+    }
+    let body = MMA
+        .replace("    //#ACC_DECL\n", &decl)
+        .replace("            //#MMA_STEP\n", &step)
+        .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\n{ops}\n{MMA}"
+         const PREFETCH: bool = {prefetch};\n{ops}\n{body}"
     )
 }
 
