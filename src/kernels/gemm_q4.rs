@@ -167,7 +167,29 @@ pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> 
 
 /// The source of a [`GemmVariant::Reg`] kernel.
 pub fn reg_shader(rm: u32) -> String {
-    format!("const RM: u32 = {rm}u;\n{REG}")
+    // Accumulators as named variables (see mma_shader).
+    let (mut decl, mut step, mut epilogue) = (String::new(), String::new(), String::new());
+    for i in 0..rm {
+        step += &format!("let x_{i} = xs[(l.y + {}u) * RS + kq];\n", 16 * i);
+    }
+    for j in 0..8 {
+        step += &format!("{{\nlet w = ws[(l.x + {}u) * RS + kq];\n", 16 * j);
+        for i in 0..rm {
+            decl += &format!("var acc_{i}_{j} = 0.0;\n");
+            step += &format!("acc_{i}_{j} = mac4(acc_{i}_{j}, x_{i}, w);\n");
+            epilogue += &format!(
+                "write_out(m0 + l.y + {}u, n0 + l.x + {}u, m_count, acc_{i}_{j});\n",
+                16 * i,
+                16 * j
+            );
+        }
+        step += "}\n";
+    }
+    let body = REG
+        .replace("    //#ACC_DECL\n", &decl)
+        .replace("            //#MAC_STEP\n", &step)
+        .replace("    //#EPILOGUE\n", &epilogue);
+    format!("const RM: u32 = {rm}u;\n{body}")
 }
 
 /// Overrides for [`GemmQ4::bind_with`].
