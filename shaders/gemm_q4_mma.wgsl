@@ -3,7 +3,8 @@
 // products accumulate in f32.
 //
 // The wrapper (src/kernels/gemm_q4.rs, `mma_shader`) puts before this file the tile constants
-// SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows)
+// SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows),
+// PREFETCH (whether the next step's global loads overlap this step's multiplies)
 // and the matrix operations `acc_zero`, `load_a`, `load_b`, `mma`, `store_acc` with the types
 // `Frag_A`, `Frag_B`, `Acc`: either cooperative matrices (shaders/gemm_q4_mma_coop.wgsl) or a
 // plain-WGSL emulation for adapters without them (shaders/gemm_q4_mma_emulated.wgsl, used by the
@@ -11,9 +12,9 @@
 //
 // Tiling: a workgroup of 4 subgroups computes a BM x BN tile of Y (BM = 32 TM tokens, BN = 32 TN
 // weight rows); subgroup s owns the (s / 2, s % 2) quarter, TM x TN accumulators. The K loop steps
-// BK = 32 elements (a quarter of a 128-block: one scale per row and step). Global loads for the
-// next step are issued into registers before the current step multiplies (register double
-// buffering). Then all threads store X as f16 and dequantize W (in f32, exact, then rounded once
+// BK = 32 elements (a quarter of a 128-block: one scale per row and step). With PREFETCH, global
+// loads for the next step are issued into registers before the current step multiplies
+// (register double buffering, at the cost of ~40 registers per thread). Then all threads store X as f16 and dequantize W (in f32, exact, then rounded once
 // to f16, as the first kernel did) into workgroup memory as f16 pairs, rows padded to 20 pairs
 // (80 bytes: an odd multiple of 16, so the 16x16 matrix loads do not conflict). The stores are
 // arranged so the 32 lanes of one store instruction hit 32 different banks (see x_row and
@@ -168,58 +169,50 @@ fn main(
     let sg = lid / SG;
     let qm = (sg / 2u) * 16u * TM;
     let qn = (sg % 2u) * 16u * TN;
-    var acc: array<Acc, TM * TN>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc[i] = acc_zero();
-    }
+    // The wrapper writes the TM x TN accumulators out as named variables acc_i_j: an array
+    // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
+    // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
+    //#ACC_DECL
     var next = load_step(0u, m0, n0, m_count, lid);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        if (!PREFETCH && k0 > 0u) {
+            next = load_step(k0, m0, n0, m_count, lid);
+        }
         store_step(next, lid);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (PREFETCH && k0 + BK < p.k) {
             next = load_step(k0 + BK, m0, n0, m_count, lid);
         }
         for (var kk = 0u; kk < BK / 2u; kk += 8u) {
-            var a: array<Frag_A, TM>;
-            var b: array<Frag_B, TN>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = load_a((qm + 16u * i) * AS2 + kk);
-            }
-            for (var j = 0u; j < TN; j++) {
-                b[j] = load_b((qn + 16u * j) * AS2 + kk);
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] = mma(a[i], b[j], acc[i * TN + j]);
-                }
-            }
+            // Unrolled by the wrapper: B fragments b_j, then per row i of accumulators one A
+            // fragment and TN multiply-adds.
+            //#MMA_STEP
         }
         workgroupBarrier();
     }
-    // Epilogue: one row of TN accumulators at a time through the subgroup's staging tile;
-    // consecutive lanes write consecutive columns of Y.
-    for (var i = 0u; i < TM; i++) {
-        for (var j = 0u; j < TN; j++) {
-            store_acc(acc[i * TN + j], sg * 16u * SS + 16u * j);
-        }
-        workgroupBarrier();
-        for (var e = lane; e < 16u * 16u * TN; e += SG) {
-            let r = e / (16u * TN);
-            let c = e % (16u * TN);
-            let m = m0 + qm + 16u * i + r;
-            let n = n0 + qn + c;
-            if (m < m_count && n < p.n) {
-                let out = m * p.ldy + p.row_base + n;
-                var v = stage[sg * 16u * SS + r * SS + c];
-                if (p.has_bias != 0u) {
-                    v += bias[p.row_base + n];
-                }
-                if (p.accumulate != 0u) {
-                    v += y[out];
-                }
-                y[out] = v;
+    // Epilogue, unrolled by the wrapper: per row i of accumulators, store_acc of acc_i_j to the
+    // subgroup's staging tile, a barrier, write_stage, a barrier.
+    //#EPILOGUE
+}
+
+// Writes the subgroup's staging tile (16 rows x 16 TN columns) to Y rows m_base.., columns
+// n_base..: consecutive lanes write consecutive columns; bounds on M and N, bias, accumulate.
+fn write_stage(sg: u32, m_base: u32, n_base: u32, m_count: u32) {
+    for (var e = lane; e < 16u * 16u * TN; e += SG) {
+        let r = e / (16u * TN);
+        let c = e % (16u * TN);
+        let m = m_base + r;
+        let n = n_base + c;
+        if (m < m_count && n < p.n) {
+            let out = m * p.ldy + p.row_base + n;
+            var v = stage[sg * 16u * SS + r * SS + c];
+            if (p.has_bias != 0u) {
+                v += bias[p.row_base + n];
             }
+            if (p.accumulate != 0u) {
+                v += y[out];
+            }
+            y[out] = v;
         }
-        workgroupBarrier();
     }
 }

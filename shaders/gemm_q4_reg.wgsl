@@ -137,7 +137,9 @@ fn main(
     if (m0 >= m_count || step.n_tokens <= p.m_lo || step.n_tokens > p.m_hi) {
         return;
     }
-    var acc: array<array<f32, 8>, RM>;
+    // The wrapper writes the RM x 8 accumulators out as named variables acc_i_j (every index a
+    // constant, so they stay in registers).
+    //#ACC_DECL
     var next = load_step(0u, m0, n0, m_count, lid);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         store_step(next, lid);
@@ -146,34 +148,26 @@ fn main(
             next = load_step(k0 + BK, m0, n0, m_count, lid);
         }
         for (var kq = 0u; kq < BK / 4u; kq++) {
-            var xv: array<vec4<f32>, RM>;
-            for (var i = 0u; i < RM; i++) {
-                xv[i] = xs[(l.y + 16u * i) * RS + kq];
-            }
-            for (var j = 0u; j < 8u; j++) {
-                let wv = ws[(l.x + 16u * j) * RS + kq];
-                for (var i = 0u; i < RM; i++) {
-                    acc[i][j] = mac4(acc[i][j], xv[i], wv);
-                }
-            }
+            // Unrolled by the wrapper: x_i = xs row ty + 16 i, then per column j: w = ws row
+            // tx + 16 j and acc_i_j = mac4(acc_i_j, x_i, w).
+            //#MAC_STEP
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < RM; i++) {
-        let m = m0 + l.y + 16u * i;
-        for (var j = 0u; j < 8u; j++) {
-            let n = n0 + l.x + 16u * j;
-            if (m < m_count && n < p.n) {
-                let out = m * p.ldy + p.row_base + n;
-                var v = acc[i][j];
-                if (p.has_bias != 0u) {
-                    v += bias[p.row_base + n];
-                }
-                if (p.accumulate != 0u) {
-                    v += y[out];
-                }
-                y[out] = v;
-            }
+    //#EPILOGUE
+}
+
+// Output (m0 + ty + 16 i, n0 + tx + 16 j) of thread (tx, ty): bounds, bias, store or accumulate.
+fn write_out(m: u32, n: u32, m_count: u32, acc: f32) {
+    if (m < m_count && n < p.n) {
+        let out = m * p.ldy + p.row_base + n;
+        var v = acc;
+        if (p.has_bias != 0u) {
+            v += bias[p.row_base + n];
         }
+        if (p.accumulate != 0u) {
+            v += y[out];
+        }
+        y[out] = v;
     }
 }

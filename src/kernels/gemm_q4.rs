@@ -48,8 +48,9 @@ pub enum GemmVariant {
     /// The first cooperative-matrix kernel: 64x64 tiles, 2x2 accumulators per subgroup. Any K.
     Coop,
     /// Cooperative matrices, tiles of 32·tm tokens × 32·tn rows, tm × tn 16x16 accumulators per
-    /// subgroup; tm and tn are 1, 2 or 4. K a multiple of 4.
-    CoopTile { tm: u32, tn: u32 },
+    /// subgroup; tm and tn are 1, 2 or 4. With `prefetch`, the next K step's global loads
+    /// overlap the current step's multiplies (more registers). K a multiple of 4.
+    CoopTile { tm: u32, tn: u32, prefetch: bool },
 }
 
 impl GemmVariant {
@@ -58,7 +59,7 @@ impl GemmVariant {
         match self {
             GemmVariant::Tiled | GemmVariant::Coop => (TILE_M, TILE_N),
             GemmVariant::Reg { rm } => (16 * rm as usize, 128),
-            GemmVariant::CoopTile { tm, tn } => (32 * tm as usize, 32 * tn as usize),
+            GemmVariant::CoopTile { tm, tn, .. } => (32 * tm as usize, 32 * tn as usize),
         }
     }
 
@@ -80,7 +81,9 @@ impl GemmVariant {
     fn valid(self) -> bool {
         match self {
             GemmVariant::Reg { rm } => [2, 4, 8].contains(&rm),
-            GemmVariant::CoopTile { tm, tn } => [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn),
+            GemmVariant::CoopTile { tm, tn, .. } => {
+                [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn)
+            }
             _ => true,
         }
     }
@@ -113,6 +116,7 @@ impl GemmVariant {
                 GemmVariant::CoopTile {
                     tm: tile.0,
                     tn: tile.1,
+                    prefetch: true,
                 }
             }
             (true, false) => GemmVariant::Coop,
@@ -128,14 +132,64 @@ const FILL_GROUPS: usize = 256;
 
 /// The source of a [`GemmVariant::CoopTile`] kernel: tile constants, the matrix operations
 /// (cooperative matrices, or their plain-WGSL emulation, which needs `sg` = 32), the kernel.
-pub fn mma_shader(tm: u32, tn: u32, sg: u32, emulated: bool) -> String {
+pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
-    format!("const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n{ops}\n{MMA}")
+    // Accumulators and fragments as named variables, every index a constant, so the driver can
+    // keep them in registers (see the kernel's comment at acc_i_j).
+    let mut decl = String::new();
+    let mut step = String::new();
+    let mut epilogue = String::new();
+    for j in 0..tn {
+        step += &format!("let b_{j} = load_b((qn + {}u) * AS2 + kk);\n", 16 * j);
+    }
+    for i in 0..tm {
+        step += &format!("{{\nlet a = load_a((qm + {}u) * AS2 + kk);\n", 16 * i);
+        for j in 0..tn {
+            decl += &format!("var acc_{i}_{j} = acc_zero();\n");
+            step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
+            epilogue += &format!("store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n", 16 * j);
+        }
+        step += "}\n";
+        epilogue += &format!(
+            "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn, m_count);\nworkgroupBarrier();\n",
+            16 * i
+        );
+    }
+    let body = MMA
+        .replace("    //#ACC_DECL\n", &decl)
+        .replace("            //#MMA_STEP\n", &step)
+        .replace("    //#EPILOGUE\n", &epilogue);
+    format!(
+        "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
+         const PREFETCH: bool = {prefetch};\n{ops}\n{body}"
+    )
 }
 
 /// The source of a [`GemmVariant::Reg`] kernel.
 pub fn reg_shader(rm: u32) -> String {
-    format!("const RM: u32 = {rm}u;\n{REG}")
+    // Accumulators as named variables (see mma_shader).
+    let (mut decl, mut step, mut epilogue) = (String::new(), String::new(), String::new());
+    for i in 0..rm {
+        step += &format!("let x_{i} = xs[(l.y + {}u) * RS + kq];\n", 16 * i);
+    }
+    for j in 0..8 {
+        step += &format!("{{\nlet w = ws[(l.x + {}u) * RS + kq];\n", 16 * j);
+        for i in 0..rm {
+            decl += &format!("var acc_{i}_{j} = 0.0;\n");
+            step += &format!("acc_{i}_{j} = mac4(acc_{i}_{j}, x_{i}, w);\n");
+            epilogue += &format!(
+                "write_out(m0 + l.y + {}u, n0 + l.x + {}u, m_count, acc_{i}_{j});\n",
+                16 * i,
+                16 * j
+            );
+        }
+        step += "}\n";
+    }
+    let body = REG
+        .replace("    //#ACC_DECL\n", &decl)
+        .replace("            //#MAC_STEP\n", &step)
+        .replace("    //#EPILOGUE\n", &epilogue);
+    format!("const RM: u32 = {rm}u;\n{body}")
 }
 
 /// Overrides for [`GemmQ4::bind_with`].
@@ -341,7 +395,7 @@ impl GemmQ4 {
             GemmVariant::Reg { rm } => {
                 gpu.compute_pipeline_unchecked(&label, &reg_shader(rm), "main", &[])?
             }
-            GemmVariant::CoopTile { tm, tn } => {
+            GemmVariant::CoopTile { tm, tn, prefetch } => {
                 let (sg, emulated) = if hw {
                     (self.subgroup, false)
                 } else {
@@ -349,7 +403,7 @@ impl GemmQ4 {
                 };
                 gpu.compute_pipeline_unchecked(
                     &label,
-                    &mma_shader(tm, tn, sg, emulated),
+                    &mma_shader(tm, tn, prefetch, sg, emulated),
                     "main",
                     &[],
                 )?
