@@ -2,14 +2,14 @@
 //! two turns with the second reusing the first from the KV cache, /reset, /system, Ctrl-C in the
 //! middle of an answer (the session continues), /exit.
 
-use q4wgpu::{test_models, Arch};
+mod serve_support;
+
 use std::process::Command;
 
 #[test]
 fn chat_repl_through_a_pseudo_terminal() {
     let dir = std::env::temp_dir().join(format!("q4wgpu-chat-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    test_models::write_tiny_hf_model(&dir, Arch::Qwen2, 11).expect("write tiny model");
+    serve_support::tiny_text_model(&dir, 11);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/chat_pty.py");
     let out = Command::new("python3")
         .arg(script)

@@ -11,6 +11,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_q4wgpu");
 
+/// A tiny random Qwen2 model in `dir` whose vocabulary is exactly the tiny tokenizer's (the
+/// stock tiny config has ids beyond it, which generation could pick and no one could decode).
+pub fn tiny_text_model(dir: &Path, seed: u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut config = q4wgpu::test_models::tiny_config(q4wgpu::Arch::Qwen2);
+    config.vocab_size = q4wgpu::test_models::special_token_id("<|im_end|>").expect("im_end") as usize + 1;
+    q4wgpu::test_models::write_hf_model(dir, &config, seed).expect("write tiny model");
+}
+
 /// `python3` with `openai` and `httpx` importable: installs them with pip when missing (CI has
 /// CPython and pip; the packages come from PyPI). Fails the test, never skips it.
 pub fn python_with_openai() -> &'static str {
