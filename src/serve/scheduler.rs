@@ -62,6 +62,8 @@ pub enum Event {
     Text {
         text: String,
         logprobs: Vec<TokenLogprobs>,
+        /// The tokens generated since the previous event (the chat keeps its history as tokens).
+        tokens: Vec<u32>,
     },
     Done { finish: Finish, usage: Usage },
     Error(String),
@@ -79,6 +81,8 @@ struct Active<'t> {
     text: String,
     emitted: usize,
     logprobs: Vec<TokenLogprobs>,
+    /// Generated tokens not yet sent.
+    unsent: Vec<u32>,
     usage: Usage,
     eos: &'t [u32],
     /// A stop string ended the text (nothing after it is decoded).
@@ -219,6 +223,7 @@ fn start<'t>(
         text: String::new(),
         emitted: 0,
         logprobs: Vec::new(),
+        unsent: Vec::new(),
         eos: if req.ignore_eos { &[] } else { tokenizer.eos_ids() },
         stopped: false,
         usage: Usage {
@@ -313,6 +318,7 @@ impl Active<'_> {
         self.generated += 1;
         self.usage.completion_tokens = self.generated;
         self.history.push(token);
+        self.unsent.push(token);
         self.logprobs.extend(out.logprobs);
         if let Some(piece) = self.decoder.push(token)? {
             self.text.push_str(&piece);
@@ -339,8 +345,13 @@ impl Active<'_> {
         let text = self.text[self.emitted..end].to_string();
         self.emitted = end;
         let logprobs = std::mem::take(&mut self.logprobs);
-        if !text.is_empty() || !logprobs.is_empty() {
-            let _ = self.req.events.send(Event::Text { text, logprobs });
+        let tokens = std::mem::take(&mut self.unsent);
+        if !text.is_empty() || !tokens.is_empty() {
+            let _ = self.req.events.send(Event::Text {
+                text,
+                logprobs,
+                tokens,
+            });
         }
     }
 

@@ -9,7 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_q4wgpu");
+/// The binary under test: cargo's, or `Q4WGPU_BIN` (a copy, where a shared target directory
+/// may be rebuilt by another checkout meanwhile).
+pub fn bin() -> String {
+    std::env::var("Q4WGPU_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_q4wgpu").to_string())
+}
 
 /// A tiny random Qwen2 model in `dir` whose vocabulary is exactly the tiny tokenizer's (the
 /// stock tiny config has ids beyond it, which generation could pick and no one could decode).
@@ -49,7 +53,7 @@ pub fn python_with_openai() -> &'static str {
 /// The text `q4wgpu run --json` generates greedily for `prompt`, never stopping at EOS early:
 /// a fixed number of tokens is compared, so the run must make them all.
 pub fn run_json_text(model: &Path, cpu: bool, prompt: &str, n: usize) -> String {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(["run", "--json", "--temperature", "0", "-n", &n.to_string(), "--prompt", prompt])
         .arg("--model")
         .arg(model);
@@ -81,7 +85,7 @@ pub struct Server {
 impl Server {
     /// Starts the server and waits until it is listening and has loaded the model.
     pub fn start(model: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["serve", "--port", "0"])
             .arg("--model")
             .arg(model)
