@@ -232,6 +232,8 @@ fn options(m: &Map<String, Value>, chat: bool) -> ApiResult<Options> {
         top_p: number(m, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32,
         // Not OpenAI's, but llama-server's and vLLM's: 0 = off.
         top_k: integer(m, "top_k", 0, u32::MAX as u64)?.unwrap_or(0) as usize,
+        // llama-server's and vLLM's: 0 = off.
+        min_p: number(m, "min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32,
         repeat_penalty: number(m, "repeat_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32,
         repeat_last_n: 64,
         seed,
