@@ -13,7 +13,7 @@ use crate::serve::{spawn_engine, EngineSettings, Loaded};
 use crate::tokenizer::ChatMessage;
 use rustyline::error::ReadlineError;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,8 @@ pub struct ChatSettings {
     pub sampling: SamplingParams,
 }
 
-/// Set by Ctrl-C while an answer streams.
-static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C while an answer streams (a second Ctrl-C during it quits).
+use crate::interrupt::INTERRUPTED as STOP_ANSWER;
 
 const HELP: &str = "commands: /reset (new conversation), /system TEXT (new system message and conversation), /exit; Ctrl-C stops an answer, Ctrl-D quits";
 
@@ -58,8 +58,7 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("starting the line editor: {e}")))?;
     // After the editor: it takes SIGINT for itself when created (its raw mode turns Ctrl-C into
     // a key while a line is read; during an answer the signal must reach this handler).
-    ctrlc::set_handler(|| STOP_ANSWER.store(true, Ordering::Relaxed))
-        .map_err(|e| Error::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
+    crate::interrupt::install();
     let mut system = settings.system.clone();
     let mut messages = fresh(&system);
     let mut history = History::default();
@@ -169,6 +168,7 @@ fn turn(
         events: tx,
     };
     STOP_ANSWER.store(false, Ordering::Relaxed);
+    crate::interrupt::set_graceful(true);
     queue
         .send(request)
         .map_err(|_| Error::Invalid("the engine has stopped".into()))?;
@@ -176,7 +176,7 @@ fn turn(
     let mut generated = Vec::new();
     let mut usage: Option<Usage> = None;
     let mut stdout = std::io::stdout();
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         loop {
             // Checked every event too: tokens can come faster than the timer below fires.
             if STOP_ANSWER.load(Ordering::Relaxed) {
@@ -199,7 +199,9 @@ fn turn(
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-    })?;
+    });
+    crate::interrupt::set_graceful(false);
+    outcome?;
     println!();
     let seconds = start.elapsed().as_secs_f64();
     match usage {

@@ -6,7 +6,7 @@
 mod serve_support;
 
 use serve_support::{python_with_openai, run_json_text, tiny_text_model, Server};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tiny_model(name: &str) -> PathBuf {
@@ -40,7 +40,7 @@ fn suite(mode: &str, server: &Server, expected: &serde_json::Value) {
     );
 }
 
-fn expected(model: &PathBuf, cpu: bool, prompts: &[&str]) -> serde_json::Value {
+fn expected(model: &Path, cpu: bool, prompts: &[&str]) -> serde_json::Value {
     let map: serde_json::Map<String, serde_json::Value> = prompts
         .iter()
         .map(|p| (p.to_string(), run_json_text(model, cpu, p, 16).into()))

@@ -74,11 +74,10 @@ send("hello there\r")
 turn3 = read_until(STATS + r".*" + PROMPT)
 p3 = re.search(STATS, turn3)
 print("after /reset:", p3.group(0).strip(), flush=True)
-# A fresh conversation: the same prompt as turn 1, so the same length, and the same answer.
+# A fresh conversation: the same prompt as turn 1, so the same length.
 assert p3.group(2) == p1.group(2), (p1.group(0), p3.group(0))
-# The answer: the text before the statistics line.
-answer = lambda t: t[: re.search(STATS, t).start()]
-assert answer(turn3) == answer(turn1), (turn1, turn3)
+# (The answers may differ: the cached prompt's last token goes through the decode step, whose
+# int8 activations round differently from the prompt path.)
 
 send("/system You are terse.\r")
 read_until(r"system message set")
