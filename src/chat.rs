@@ -1,6 +1,8 @@
 //! `q4wgpu chat`: a terminal conversation. It runs the server's engine thread with one slot, so
 //! the conversation stays in that slot's KV cache and each turn only processes what is new (the
-//! prompt cache finds the shared prefix). Ctrl-C during an answer drops the answer's receiver,
+//! prompt cache finds the shared prefix). The conversation is kept as the tokens the model saw
+//! and made, not re-tokenized from its text (a re-tokenized answer can differ from the tokens
+//! generated, and would miss the cache). Ctrl-C during an answer drops the answer's receiver,
 //! which the engine sees before its next step, the same path as a client disconnecting.
 
 use crate::error::{Error, Result};
@@ -11,7 +13,7 @@ use crate::serve::{spawn_engine, EngineSettings, Loaded};
 use crate::tokenizer::ChatMessage;
 use rustyline::error::ReadlineError;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +25,8 @@ pub struct ChatSettings {
     pub sampling: SamplingParams,
 }
 
-/// Set by Ctrl-C while an answer streams.
-static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C while an answer streams (a second Ctrl-C during it quits).
+use crate::interrupt::INTERRUPTED as STOP_ANSWER;
 
 const HELP: &str = "commands: /reset (new conversation), /system TEXT (new system message and conversation), /exit; Ctrl-C stops an answer, Ctrl-D quits";
 
@@ -48,16 +50,18 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
             "this model has no chat template; use `q4wgpu run --prompt` for raw text".into(),
         ));
     }
-    ctrlc::set_handler(|| STOP_ANSWER.store(true, Ordering::Relaxed))
-        .map_err(|e| Error::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .map_err(|e| Error::Invalid(format!("starting the async runtime: {e}")))?;
     let mut editor = rustyline::DefaultEditor::new()
         .map_err(|e| Error::Invalid(format!("starting the line editor: {e}")))?;
+    // After the editor: it takes SIGINT for itself when created (its raw mode turns Ctrl-C into
+    // a key while a line is read; during an answer the signal must reach this handler).
+    crate::interrupt::install();
     let mut system = settings.system.clone();
     let mut messages = fresh(&system);
+    let mut history = History::default();
     eprintln!("{HELP}");
     loop {
         let line = match editor.readline(">>> ") {
@@ -80,11 +84,13 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
                 "exit" | "quit" => break,
                 "reset" => {
                     messages = fresh(&system);
+                    history = History::default();
                     eprintln!("(new conversation)");
                 }
                 "system" if !arg.trim().is_empty() => {
                     system = Some(arg.trim().to_string());
                     messages = fresh(&system);
+                    history = History::default();
                     eprintln!("(system message set; new conversation)");
                 }
                 _ => eprintln!("({HELP})"),
@@ -92,7 +98,7 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
             continue;
         }
         messages.push(ChatMessage::new("user", line));
-        match turn(&runtime, &queue_tx, &loaded, &messages, &settings) {
+        match turn(&runtime, &queue_tx, &loaded, &messages, &mut history, &settings) {
             Ok(answer) => messages.push(ChatMessage::new("assistant", answer)),
             Err(e) => {
                 messages.pop();
@@ -101,6 +107,29 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The conversation so far as the model saw it: `text` is the template's rendering up to the end
+/// of the last answer, `tokens` the tokens of the prompts and answers behind it.
+#[derive(Default)]
+struct History {
+    text: String,
+    tokens: Vec<u32>,
+}
+
+impl History {
+    /// The prompt for `rendered` (the whole conversation with the new user turn): the history's
+    /// tokens and the new part's, or all of it tokenized if the template rewrote the past.
+    fn prompt(&self, loaded: &Loaded, rendered: &str) -> Result<Vec<u32>> {
+        match rendered.strip_prefix(self.text.as_str()) {
+            Some(new) if !self.tokens.is_empty() => {
+                let mut tokens = self.tokens.clone();
+                tokens.extend(loaded.tokenizer.encode(new, false)?);
+                Ok(tokens)
+            }
+            _ => loaded.tokenizer.encode(rendered, false),
+        }
+    }
 }
 
 fn fresh(system: &Option<String>) -> Vec<ChatMessage> {
@@ -116,10 +145,11 @@ fn turn(
     queue: &std::sync::mpsc::SyncSender<Request>,
     loaded: &Loaded,
     messages: &[ChatMessage],
+    history: &mut History,
     settings: &ChatSettings,
 ) -> Result<String> {
     let text = loaded.tokenizer.apply_chat_template(messages, true)?;
-    let prompt = loaded.tokenizer.encode(&text, false)?;
+    let prompt = history.prompt(loaded, &text)?;
     if prompt.len() + 1 >= loaded.ctx {
         return Err(Error::Invalid(format!(
             "the conversation has {} tokens and the context holds {}: /reset, or raise --ctx-size",
@@ -130,7 +160,7 @@ fn turn(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let request = Request {
         max_tokens: settings.max_tokens.min(loaded.ctx - prompt.len()),
-        prompt,
+        prompt: prompt.clone(),
         sampling: settings.sampling.clone(),
         stop: Vec::new(),
         logprobs: None,
@@ -138,19 +168,24 @@ fn turn(
         events: tx,
     };
     STOP_ANSWER.store(false, Ordering::Relaxed);
+    crate::interrupt::set_graceful(true);
     queue
         .send(request)
         .map_err(|_| Error::Invalid("the engine has stopped".into()))?;
     let start = Instant::now();
-    let mut answer = String::new();
+    let mut generated = Vec::new();
     let mut usage: Option<Usage> = None;
     let mut stdout = std::io::stdout();
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         loop {
+            // Checked every event too: tokens can come faster than the timer below fires.
+            if STOP_ANSWER.load(Ordering::Relaxed) {
+                break Ok(());
+            }
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(Event::Text { text, .. }) => {
-                        answer.push_str(&text);
+                    Some(Event::Text { text, tokens, .. }) => {
+                        generated.extend(tokens);
                         print!("{text}");
                         let _ = stdout.flush();
                     }
@@ -161,14 +196,12 @@ fn turn(
                     Some(Event::Error(e)) => break Err(Error::Invalid(e)),
                     None => break Err(Error::Invalid("the engine has stopped".into())),
                 },
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                    if STOP_ANSWER.load(Ordering::Relaxed) {
-                        break Ok(());
-                    }
-                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-    })?;
+    });
+    crate::interrupt::set_graceful(false);
+    outcome?;
     println!();
     let seconds = start.elapsed().as_secs_f64();
     match usage {
@@ -178,5 +211,10 @@ fn turn(
         ),
         None => eprintln!("(stopped)"),
     }
+    // The answer as its tokens decode, so the next rendering starts with exactly `history.text`.
+    let answer = loaded.tokenizer.decode(&generated, true)?;
+    history.text = text + &answer;
+    history.tokens = prompt;
+    history.tokens.extend(generated);
     Ok(answer)
 }

@@ -2,21 +2,22 @@
 //! two turns with the second reusing the first from the KV cache, /reset, /system, Ctrl-C in the
 //! middle of an answer (the session continues), /exit.
 
-use q4wgpu::{test_models, Arch};
+mod serve_support;
+
 use std::process::Command;
 
 #[test]
 fn chat_repl_through_a_pseudo_terminal() {
     let dir = std::env::temp_dir().join(format!("q4wgpu-chat-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    test_models::write_tiny_hf_model(&dir, Arch::Qwen2, 11).expect("write tiny model");
+    serve_support::tiny_text_model(&dir, 11);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/chat_pty.py");
     let out = Command::new("python3")
         .arg(script)
-        .arg(env!("CARGO_BIN_EXE_q4wgpu"))
+        .arg(serve_support::bin())
         .arg("--model")
         .arg(&dir)
-        .args(["--max-tokens", "4000", "--ctx-size", "8192"])
+        // On lavapipe an answer of 64 tokens takes about a second: long enough to be stopped.
+        .args(["--max-tokens", "64"])
         .output()
         .expect("python3 must be installed to run the chat test (./scripts/setup.sh)");
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,15 +5,13 @@
 
 mod serve_support;
 
-use q4wgpu::{test_models, Arch};
-use serve_support::{python_with_openai, run_json_text, Server};
-use std::path::PathBuf;
+use serve_support::{python_with_openai, run_json_text, tiny_text_model, Server};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tiny_model(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("q4wgpu-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    test_models::write_tiny_hf_model(&dir, Arch::Qwen2, 11).expect("write tiny model");
+    tiny_text_model(&dir, 11);
     dir
 }
 
@@ -42,7 +40,7 @@ fn suite(mode: &str, server: &Server, expected: &serde_json::Value) {
     );
 }
 
-fn expected(model: &PathBuf, cpu: bool, prompts: &[&str]) -> serde_json::Value {
+fn expected(model: &Path, cpu: bool, prompts: &[&str]) -> serde_json::Value {
     let map: serde_json::Map<String, serde_json::Value> = prompts
         .iter()
         .map(|p| (p.to_string(), run_json_text(model, cpu, p, 16).into()))

@@ -372,8 +372,11 @@ struct BenchArgs {
 fn main() {
     // Before any thread: it sets an environment variable (see the function).
     q4wgpu::gpu::quiet_device_select_layer();
-    interrupt::install();
     let cli = Cli::parse();
+    // `chat` installs it after its line editor, which takes SIGINT when created.
+    if !matches!(cli.command, Command::Chat(_)) {
+        interrupt::install();
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Quantize { src, dst } => quantize(src, dst),

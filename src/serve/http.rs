@@ -326,7 +326,9 @@ async fn whole_answer(
     let mut lps = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text { text: t, logprobs }) => {
+            Some(Event::Text {
+                text: t, logprobs, ..
+            }) => {
                 text.push_str(&t);
                 lps.extend(logprobs);
             }

@@ -62,6 +62,8 @@ pub enum Event {
     Text {
         text: String,
         logprobs: Vec<TokenLogprobs>,
+        /// The tokens generated since the previous event (the chat keeps its history as tokens).
+        tokens: Vec<u32>,
     },
     Done {
         finish: Finish,
@@ -82,6 +84,8 @@ struct Active<'t> {
     text: String,
     emitted: usize,
     logprobs: Vec<TokenLogprobs>,
+    /// Generated tokens not yet sent.
+    unsent: Vec<u32>,
     usage: Usage,
     eos: &'t [u32],
     /// A stop string ended the text (nothing after it is decoded).
@@ -226,11 +230,8 @@ fn start<'t>(
         text: String::new(),
         emitted: 0,
         logprobs: Vec::new(),
-        eos: if req.ignore_eos {
-            &[]
-        } else {
-            tokenizer.eos_ids()
-        },
+        unsent: Vec::new(),
+        eos: if req.ignore_eos { &[] } else { tokenizer.eos_ids() },
         stopped: false,
         usage: Usage {
             prompt_tokens: req.prompt.len(),
@@ -324,6 +325,7 @@ impl Active<'_> {
         self.generated += 1;
         self.usage.completion_tokens = self.generated;
         self.history.push(token);
+        self.unsent.push(token);
         self.logprobs.extend(out.logprobs);
         if let Some(piece) = self.decoder.push(token)? {
             self.text.push_str(&piece);
@@ -350,8 +352,13 @@ impl Active<'_> {
         let text = self.text[self.emitted..end].to_string();
         self.emitted = end;
         let logprobs = std::mem::take(&mut self.logprobs);
-        if !text.is_empty() || !logprobs.is_empty() {
-            let _ = self.req.events.send(Event::Text { text, logprobs });
+        let tokens = std::mem::take(&mut self.unsent);
+        if !text.is_empty() || !tokens.is_empty() {
+            let _ = self.req.events.send(Event::Text {
+                text,
+                logprobs,
+                tokens,
+            });
         }
     }
 

@@ -51,7 +51,7 @@ impl SseStream {
     fn handle(&mut self, event: Option<Event>) {
         let usage = self.include_usage;
         match event {
-            Some(Event::Text { text, logprobs }) => {
+            Some(Event::Text { text, logprobs, .. }) => {
                 let lp = self.answer.logprobs_json(&logprobs, &text);
                 self.out
                     .push_back(data(&self.answer.chunk(None, &text, lp, None, usage)));

@@ -9,7 +9,20 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_q4wgpu");
+/// The binary under test: cargo's, or `Q4WGPU_BIN` (a copy, where a shared target directory
+/// may be rebuilt by another checkout meanwhile).
+pub fn bin() -> String {
+    std::env::var("Q4WGPU_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_q4wgpu").to_string())
+}
+
+/// A tiny random Qwen2 model in `dir` whose vocabulary is exactly the tiny tokenizer's (the
+/// stock tiny config has ids beyond it, which generation could pick and no one could decode).
+pub fn tiny_text_model(dir: &Path, seed: u64) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut config = q4wgpu::test_models::tiny_config(q4wgpu::Arch::Qwen2);
+    config.vocab_size = q4wgpu::test_models::special_token_id("<|im_end|>").expect("im_end") as usize + 1;
+    q4wgpu::test_models::write_hf_model(dir, &config, seed).expect("write tiny model");
+}
 
 /// `python3` with `openai` and `httpx` importable: installs them with pip when missing (CI has
 /// CPython and pip; the packages come from PyPI). Fails the test, never skips it.
@@ -40,19 +53,10 @@ pub fn python_with_openai() -> &'static str {
 /// The text `q4wgpu run --json` generates greedily for `prompt`, never stopping at EOS early:
 /// a fixed number of tokens is compared, so the run must make them all.
 pub fn run_json_text(model: &Path, cpu: bool, prompt: &str, n: usize) -> String {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "run",
-        "--json",
-        "--temperature",
-        "0",
-        "-n",
-        &n.to_string(),
-        "--prompt",
-        prompt,
-    ])
-    .arg("--model")
-    .arg(model);
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--json", "--temperature", "0", "-n", &n.to_string(), "--prompt", prompt])
+        .arg("--model")
+        .arg(model);
     if cpu {
         cmd.arg("--cpu");
     }
@@ -85,7 +89,7 @@ pub struct Server {
 impl Server {
     /// Starts the server and waits until it is listening and has loaded the model.
     pub fn start(model: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["serve", "--port", "0"])
             .arg("--model")
             .arg(model)
