@@ -199,9 +199,21 @@ impl ModelConfig {
             }
         }
         let products = [
-            ("num_attention_heads x head_dim", self.num_attention_heads, self.head_dim()),
-            ("vocab_size x hidden_size", self.vocab_size, self.hidden_size),
-            ("intermediate_size x hidden_size", self.intermediate_size, self.hidden_size),
+            (
+                "num_attention_heads x head_dim",
+                self.num_attention_heads,
+                self.head_dim(),
+            ),
+            (
+                "vocab_size x hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size x hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
         ];
         for (what, a, b) in products {
             if (a as u64) * (b as u64) > 1 << 36 {

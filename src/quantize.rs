@@ -242,7 +242,11 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
 
 /// Bytes the INT4 weights of `source` take once quantized (from the shapes; nothing is read).
 pub fn planned_bytes(source: &dyn WeightSource) -> Result<u64> {
-    Ok(Plan::new(source)?.specs().values().map(TensorSpec::byte_len).sum())
+    Ok(Plan::new(source)?
+        .specs()
+        .values()
+        .map(TensorSpec::byte_len)
+        .sum())
 }
 
 /// Quantizes a whole model into memory (how `run` loads a Hugging Face folder or a GGUF file).

@@ -188,7 +188,11 @@ pub fn distribution(params: &SamplingParams, logits: &[f32], history: &[u32]) ->
     }
     if params.min_p > 0.0 {
         // Sorted descending, so the kept candidates are a prefix (the first has e = 1).
-        let keep = cand.iter().take_while(|c| c.1 >= params.min_p).count().max(1);
+        let keep = cand
+            .iter()
+            .take_while(|c| c.1 >= params.min_p)
+            .count()
+            .max(1);
         cand.truncate(keep);
     }
     let mut sum = 0.0f32;

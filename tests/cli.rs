@@ -37,7 +37,9 @@ fn work_dir(name: &str) -> PathBuf {
 fn tiny_model(name: &str) -> PathBuf {
     let probe = work_dir(name).join("probe");
     write_tiny_hf_model(&probe, Arch::Qwen2, 5).expect("tiny model");
-    let tokens = Tokenizer::from_folder(&probe).expect("tokenizer").vocab_size();
+    let tokens = Tokenizer::from_folder(&probe)
+        .expect("tokenizer")
+        .vocab_size();
     let dir = probe.with_file_name("model");
     let mut config = test_models::tiny_config(Arch::Qwen2);
     config.vocab_size = tokens;
@@ -47,7 +49,14 @@ fn tiny_model(name: &str) -> PathBuf {
 
 /// No panic, no Rust Debug dump of a struct in what the user sees.
 fn assert_clean(what: &str, s: &str) {
-    for bad in ["panicked", "RUST_BACKTRACE", "Features {", "Caps {", "Report {", "Params {"] {
+    for bad in [
+        "panicked",
+        "RUST_BACKTRACE",
+        "Features {",
+        "Caps {",
+        "Report {",
+        "Params {",
+    ] {
         assert!(!s.contains(bad), "{what}: {bad:?} in:\n{s}");
     }
 }
@@ -80,8 +89,14 @@ fn sampling_values_are_range_checked_when_arguments_are_parsed() {
         let out = run(&args);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
-        assert!(err.contains(option) && err.contains("range"), "{flags:?}: {err}");
-        assert!(!err.contains("nonexistent") && !err.contains("unexpected argument"), "{flags:?}: {err}");
+        assert!(
+            err.contains(option) && err.contains("range"),
+            "{flags:?}: {err}"
+        );
+        assert!(
+            !err.contains("nonexistent") && !err.contains("unexpected argument"),
+            "{flags:?}: {err}"
+        );
         assert_clean("sampling error", &err);
     }
 }
@@ -128,15 +143,28 @@ fn zero_kv_heads_in_config_json_is_an_error_not_a_panic() {
 
 #[test]
 fn the_tokenizer_only_file_is_not_offered_as_a_model() {
-    let out = run(&["run", "--cpu", "-m", "deepseek-r1-distill-qwen-tokenizer", "-p", "hi"]);
+    let out = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        "deepseek-r1-distill-qwen-tokenizer",
+        "-p",
+        "hi",
+    ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("tokenizer") && err.contains("qwen2.5-coder-0.5b-instruct"), "{err}");
+    assert!(
+        err.contains("tokenizer") && err.contains("qwen2.5-coder-0.5b-instruct"),
+        "{err}"
+    );
     assert!(!err.contains("truncated"), "{err}");
     // And it is not listed among the models that run.
     let out = run(&["run", "--cpu", "-m", "no-such-model", "-p", "hi"]);
     let err = text(&out.stderr);
-    assert!(err.contains("smollm2-135m-instruct") && !err.contains("deepseek"), "{err}");
+    assert!(
+        err.contains("smollm2-135m-instruct") && !err.contains("deepseek"),
+        "{err}"
+    );
 }
 
 // ---- item 6: noise ------------------------------------------------------------------------
@@ -148,7 +176,10 @@ fn info_prints_no_window_system_errors_and_no_debug_dumps() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
-    assert!(stdout.contains("adapter:") && stdout.contains("capabilities:"), "{stdout}");
+    assert!(
+        stdout.contains("adapter:") && stdout.contains("capabilities:"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("expected ≈"), "{stdout}");
     assert_clean("info", &stdout);
 }
@@ -163,25 +194,35 @@ fn info_sizes_a_model_without_quantizing_it_and_matches_what_quantize_writes() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("once quantized"), "{stdout}");
     let dst = model.parent().expect("parent").join("q4");
-    let q = run(&["quantize", model.to_str().expect("utf-8"), dst.to_str().expect("utf-8")]);
+    let q = run(&[
+        "quantize",
+        model.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    ]);
     let qerr = text(&q.stderr);
     assert!(q.status.success(), "{qerr}");
     assert!(qerr.contains("wrote") && qerr.contains("INT4"), "{qerr}");
     assert_clean("quantize", &qerr);
-    let file_bytes = std::fs::metadata(dst.join("model.q4.safetensors")).expect("q4 file").len();
+    let file_bytes = std::fs::metadata(dst.join("model.q4.safetensors"))
+        .expect("q4 file")
+        .len();
     // The figure `info` gives for the folder quantize wrote (mapped, its tensors summed) is the
     // one it gave before quantizing; the file adds its header, aligned to 4096 bytes.
     let figure = |out: &str| -> f64 {
         let at = out.find("INT4 weights ").expect("an INT4 size") + "INT4 weights ".len();
         let kb = out[at..].split(" KB").next().expect("KB");
-        kb.parse().unwrap_or_else(|_| panic!("a number of KB in {out}"))
+        kb.parse()
+            .unwrap_or_else(|_| panic!("a number of KB in {out}"))
     };
     let before = figure(&stdout);
     let out = run(&["info", "-m", dst.to_str().expect("utf-8")]);
     let after = figure(&text(&out.stdout));
     assert_eq!(before, after);
     let file_kb = file_bytes as f64 / 1e3;
-    assert!(before <= file_kb && file_kb - before < 16.0, "{before} KB vs a {file_kb} KB file");
+    assert!(
+        before <= file_kb && file_kb - before < 16.0,
+        "{before} KB vs a {file_kb} KB file"
+    );
 }
 
 // ---- item 7: bench that measures nothing ------------------------------------------------------
@@ -189,12 +230,26 @@ fn info_sizes_a_model_without_quantizing_it_and_matches_what_quantize_writes() {
 #[test]
 fn bench_with_a_budget_too_small_for_anything_fails_with_the_reason() {
     let out = run(&[
-        "bench", "--synthetic", "tiny", "-p", "8", "-n", "4", "-r", "1", "--vram-budget", "1KB",
-        "--bandwidth-buffer", "1MiB",
+        "bench",
+        "--synthetic",
+        "tiny",
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--vram-budget",
+        "1KB",
+        "--bandwidth-buffer",
+        "1MiB",
     ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("nothing was measured") && err.contains("minimum"), "{err}");
+    assert!(
+        err.contains("nothing was measured") && err.contains("minimum"),
+        "{err}"
+    );
 }
 
 // ---- item 8: context size -------------------------------------------------------------------
@@ -203,7 +258,16 @@ fn bench_with_a_budget_too_small_for_anything_fails_with_the_reason() {
 fn context_sizes_beyond_the_model_are_refused_with_advice_that_can_work() {
     let model = tiny_model("ctx");
     let m = model.to_str().expect("utf-8");
-    let out = run(&["run", "--cpu", "-m", m, "-p", "hi", "--ctx-size", "10000000"]);
+    let out = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--ctx-size",
+        "10000000",
+    ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("10000000") && err.contains("8192"), "{err}");
@@ -213,9 +277,21 @@ fn context_sizes_beyond_the_model_are_refused_with_advice_that_can_work() {
     let out = run(&["run", "--cpu", "-m", m, "-f", long.to_str().expect("utf-8")]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("at most 8192") && !err.contains("raise --ctx-size"), "{err}");
+    assert!(
+        err.contains("at most 8192") && !err.contains("raise --ctx-size"),
+        "{err}"
+    );
     // One that fits the model but not the asked context: raising it is the advice.
-    let out = run(&["run", "--cpu", "-m", m, "-p", &"a b ".repeat(20), "--ctx-size", "16"]);
+    let out = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        m,
+        "-p",
+        &"a b ".repeat(20),
+        "--ctx-size",
+        "16",
+    ]);
     let err = text(&out.stderr);
     assert!(err.contains("raise --ctx-size"), "{err}");
 }
@@ -233,7 +309,17 @@ fn prompt_from_stdin_file_and_flag_give_the_same_greedy_run_and_quiet_is_quiet()
     assert!(!by_flag.stdout.is_empty());
     let file = model.parent().expect("parent").join("prompt.txt");
     std::fs::write(&file, prompt).expect("prompt file");
-    let by_file = run(&["run", "--cpu", "-m", m, "-f", file.to_str().expect("utf-8"), "-n", "6", "-q"]);
+    let by_file = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        m,
+        "-f",
+        file.to_str().expect("utf-8"),
+        "-n",
+        "6",
+        "-q",
+    ]);
     assert_eq!(by_file.stdout, by_flag.stdout);
     let mut child = bin()
         .args(["run", "--cpu", "-m", m, "--prompt", "-", "-n", "6", "-q"])
@@ -242,7 +328,12 @@ fn prompt_from_stdin_file_and_flag_give_the_same_greedy_run_and_quiet_is_quiet()
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(prompt.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(prompt.as_bytes())
+        .expect("write stdin");
     let by_stdin = child.wait_with_output().expect("wait");
     assert!(by_stdin.status.success(), "{}", text(&by_stdin.stderr));
     assert_eq!(by_stdin.stdout, by_flag.stdout);
@@ -258,7 +349,23 @@ fn sampled_runs_get_a_random_printed_seed_that_repeats_the_run() {
     let model = tiny_model("seed");
     let m = model.to_str().expect("utf-8");
     let sampled = |extra: &[&str]| {
-        let mut args = vec!["run", "--cpu", "-m", m, "-p", "hi", "-n", "24", "--temperature", "1.5", "--top-k", "0", "--min-p", "0", "--json"];
+        let mut args = vec![
+            "run",
+            "--cpu",
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "-n",
+            "24",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "0",
+            "--min-p",
+            "0",
+            "--json",
+        ];
         args.extend(extra);
         json(&run(&args))
     };
@@ -269,26 +376,66 @@ fn sampled_runs_get_a_random_printed_seed_that_repeats_the_run() {
     let again = sampled(&["--seed", &seed]);
     assert_eq!(again["generated_token_ids"], a["generated_token_ids"]);
     // The seed is also printed for people.
-    let out = run(&["run", "--cpu", "-m", m, "-p", "hi", "-n", "2", "--temperature", "0.8", "--seed", "77"]);
-    assert!(text(&out.stderr).contains("seed: 77"), "{}", text(&out.stderr));
+    let out = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "77",
+    ]);
+    assert!(
+        text(&out.stderr).contains("seed: 77"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn logprobs_carry_the_token_text() {
     let model = tiny_model("logprobs");
     let m = model.to_str().expect("utf-8");
-    let v = json(&run(&["run", "--cpu", "-m", m, "-p", "hello", "-n", "3", "--json", "--logprobs", "2"]));
+    let v = json(&run(&[
+        "run",
+        "--cpu",
+        "-m",
+        m,
+        "-p",
+        "hello",
+        "-n",
+        "3",
+        "--json",
+        "--logprobs",
+        "2",
+    ]));
     let lps = v["logprobs"].as_array().expect("logprobs");
-    assert_eq!(lps.len(), v["generated_token_ids"].as_array().expect("ids").len());
+    assert_eq!(
+        lps.len(),
+        v["generated_token_ids"].as_array().expect("ids").len()
+    );
     let tok = Tokenizer::from_folder(&model).expect("tokenizer");
     for lp in lps {
         let id = lp["token"].as_u64().expect("token") as u32;
-        assert_eq!(lp["text"], tok.decode(&[id], false).expect("decode"), "{lp}");
+        assert_eq!(
+            lp["text"],
+            tok.decode(&[id], false).expect("decode"),
+            "{lp}"
+        );
         let top = lp["top"].as_array().expect("top");
         assert_eq!(top.len(), 2, "{lp}");
         for alt in top {
             let id = alt["token"].as_u64().expect("token") as u32;
-            assert_eq!(alt["text"], tok.decode(&[id], false).expect("decode"), "{alt}");
+            assert_eq!(
+                alt["text"],
+                tok.decode(&[id], false).expect("decode"),
+                "{alt}"
+            );
             assert!(alt["logprob"].as_f64().expect("logprob") <= 0.0);
         }
     }
@@ -309,7 +456,10 @@ fn a_broken_chat_template_only_blocks_chat() {
     let chat = run(&["run", "--cpu", "-m", m, "-p", "hi", "-n", "2", "--chat"]);
     let err = text(&chat.stderr);
     assert_eq!(chat.status.code(), Some(1), "{err}");
-    assert!(err.contains("chat template") && err.contains("without --chat"), "{err}");
+    assert!(
+        err.contains("chat template") && err.contains("without --chat"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -317,13 +467,24 @@ fn list_shows_the_known_models_and_other_cached_folders() {
     let cache = work_dir("list-cache");
     let model = tiny_model("list-model");
     let dst = cache.join("quantized").join("my-model");
-    let q = run(&["quantize", model.to_str().expect("utf-8"), dst.to_str().expect("utf-8")]);
+    let q = run(&[
+        "quantize",
+        model.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    ]);
     assert!(q.status.success(), "{}", text(&q.stderr));
-    let out = bin().arg("list").env("Q4WGPU_CACHE", &cache).output().expect("list");
+    let out = bin()
+        .arg("list")
+        .env("Q4WGPU_CACHE", &cache)
+        .output()
+        .expect("list");
     let stdout = text(&out.stdout);
     assert!(out.status.success());
     for name in ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"] {
-        assert!(stdout.contains(&format!("{name} ")) && stdout.contains("not fetched"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{name} ")) && stdout.contains("not fetched"),
+            "{stdout}"
+        );
     }
     assert!(stdout.contains("not runnable"), "{stdout}");
     assert!(stdout.contains(&dst.display().to_string()), "{stdout}");
@@ -365,7 +526,8 @@ fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
 /// Ctrl-C while the real model is being quantized: exit 130 at once, nothing left behind.
 #[test]
 fn ctrl_c_during_quantize_cleans_up_and_the_folder_is_reusable() {
-    let gguf = q4wgpu::fetch::ensure(&q4wgpu::fetch::QWEN25_CODER_05B).expect("fetch the 0.5B model");
+    let gguf =
+        q4wgpu::fetch::ensure(&q4wgpu::fetch::QWEN25_CODER_05B).expect("fetch the 0.5B model");
     let dir = work_dir("quantize-interrupt");
     let dst = dir.join("q4");
     let tmp = dst.join("model.q4.safetensors.tmp");
@@ -376,7 +538,9 @@ fn ctrl_c_during_quantize_cleans_up_and_the_folder_is_reusable() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn quantize");
-    wait_for("the temporary file", Duration::from_secs(120), || tmp.exists());
+    wait_for("the temporary file", Duration::from_secs(120), || {
+        tmp.exists()
+    });
     interrupt(&child);
     assert_eq!(exit_within(&mut child, Duration::from_secs(5)), Some(130));
     assert!(!tmp.exists(), "the temporary file was left behind");
@@ -387,15 +551,26 @@ fn ctrl_c_during_quantize_cleans_up_and_the_folder_is_reusable() {
     std::fs::create_dir_all(&dst).expect("dst");
     std::fs::write(&tmp, vec![0u8; 4096]).expect("leftover");
     std::fs::write(dst.join("config.json.tmp"), b"{").expect("leftover");
-    let out = run(&["quantize", tiny.to_str().expect("utf-8"), dst.to_str().expect("utf-8")]);
+    let out = run(&[
+        "quantize",
+        tiny.to_str().expect("utf-8"),
+        dst.to_str().expect("utf-8"),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!tmp.exists() && !dst.join("config.json.tmp").exists());
     let other = dir.join("other");
     std::fs::create_dir_all(&other).expect("other");
     std::fs::write(other.join("notes.txt"), b"mine").expect("user file");
-    let out = run(&["quantize", tiny.to_str().expect("utf-8"), other.to_str().expect("utf-8")]);
+    let out = run(&[
+        "quantize",
+        tiny.to_str().expect("utf-8"),
+        other.to_str().expect("utf-8"),
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(std::fs::read(other.join("notes.txt")).expect("kept"), b"mine");
+    assert_eq!(
+        std::fs::read(other.join("notes.txt")).expect("kept"),
+        b"mine"
+    );
 }
 
 /// On the real model (CPU reference): a Ctrl-C while tokens stream stops after the current token
@@ -403,7 +578,14 @@ fn ctrl_c_during_quantize_cleans_up_and_the_folder_is_reusable() {
 #[test]
 fn ctrl_c_during_a_run_exits_130_and_before_output_quits_at_once() {
     q4wgpu::model::resolve(None).expect("fetch and quantize the default model");
-    let args = ["run", "--cpu", "-p", "Write a long story about a lighthouse.", "-n", "2000"];
+    let args = [
+        "run",
+        "--cpu",
+        "-p",
+        "Write a long story about a lighthouse.",
+        "-n",
+        "2000",
+    ];
     let mut child = bin()
         .args(args)
         .stdout(Stdio::piped())
@@ -412,15 +594,27 @@ fn ctrl_c_during_a_run_exits_130_and_before_output_quits_at_once() {
         .expect("spawn run");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut first = [0u8; 1];
-    stdout.read_exact(&mut first).expect("the first output byte");
+    stdout
+        .read_exact(&mut first)
+        .expect("the first output byte");
     interrupt(&child);
     assert_eq!(exit_within(&mut child, Duration::from_secs(30)), Some(130));
     let mut err = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
     assert!(err.contains("stopped: interrupted"), "{err}");
 
     // Before any output (the model is still loading or reading the prompt): at once.
-    let mut child = bin().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child = bin()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     std::thread::sleep(Duration::from_millis(500));
     interrupt(&child);
     assert_eq!(exit_within(&mut child, Duration::from_secs(3)), Some(130));
@@ -431,7 +625,16 @@ fn ctrl_c_during_a_run_exits_130_and_before_output_quits_at_once() {
 #[test]
 fn a_finished_run_exits_0() {
     let model = tiny_model("exit0");
-    let out = run(&["run", "--cpu", "-m", model.to_str().expect("utf-8"), "-p", "hi", "-n", "2"]);
+    let out = run(&[
+        "run",
+        "--cpu",
+        "-m",
+        model.to_str().expect("utf-8"),
+        "-p",
+        "hi",
+        "-n",
+        "2",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(Path::new(&model).join("config.json").exists());
 }
@@ -444,7 +647,16 @@ fn a_gpu_run_warms_up_at_load_saves_the_pipeline_cache_and_names_a_cpu_driver() 
     let cache = work_dir("pipeline-cache");
     let gpu_run = || {
         bin()
-            .args(["run", "-m", model.to_str().expect("utf-8"), "-p", "hello there", "-n", "3", "--json"])
+            .args([
+                "run",
+                "-m",
+                model.to_str().expect("utf-8"),
+                "-p",
+                "hello there",
+                "-n",
+                "3",
+                "--json",
+            ])
             .env("Q4WGPU_CACHE", &cache)
             .output()
             .expect("run")
@@ -452,11 +664,17 @@ fn a_gpu_run_warms_up_at_load_saves_the_pipeline_cache_and_names_a_cpu_driver() 
     let out = gpu_run();
     let v = json(&out);
     let stderr = text(&out.stderr);
-    assert!(v["kernel_warm_up_seconds"].as_f64().expect("warm-up time") >= 0.0, "{v}");
+    assert!(
+        v["kernel_warm_up_seconds"].as_f64().expect("warm-up time") >= 0.0,
+        "{v}"
+    );
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
     let adapter = v["adapter"].as_str().expect("adapter").to_lowercase();
     if adapter.contains("llvmpipe") {
-        assert!(stderr.contains("CPU driver") && stderr.contains("--cpu"), "{stderr}");
+        assert!(
+            stderr.contains("CPU driver") && stderr.contains("--cpu"),
+            "{stderr}"
+        );
         // lavapipe offers Vulkan's pipeline cache: it is written for the next run.
         let saved: Vec<u64> = std::fs::read_dir(cache.join("pipelines"))
             .expect("a pipelines folder")

@@ -84,7 +84,17 @@ const INTERESTING: [u64; 12] = [
 ];
 
 /// Numbers for JSON values: what configs must refuse (0, negatives, NaN-like, huge).
-const JSON_NUMBERS: [&str; 9] = ["0", "-1", "1", "3", "1e308", "-1e308", "4294967296", "0.5", "18446744073709551615"];
+const JSON_NUMBERS: [&str; 9] = [
+    "0",
+    "-1",
+    "1",
+    "3",
+    "1e308",
+    "-1e308",
+    "4294967296",
+    "0.5",
+    "18446744073709551615",
+];
 
 fn mutate(input: &[u8], rng: &mut Rng, others: &[Vec<u8>], json: bool) -> Vec<u8> {
     let mut b = input.to_vec();
@@ -226,8 +236,11 @@ fn hf_exec(dir: &Path, input: &[u8]) -> Result<(), String> {
     let folder = dir.join("hf");
     if !folder.join("config.json").is_file() {
         std::fs::create_dir_all(&folder).expect("folder");
-        std::fs::copy(hf_seed_folder(dir).join("config.json"), folder.join("config.json"))
-            .expect("config");
+        std::fs::copy(
+            hf_seed_folder(dir).join("config.json"),
+            folder.join("config.json"),
+        )
+        .expect("config");
     }
     std::fs::write(folder.join("model.safetensors"), input).expect("write input");
     let source = hf::HfSource::open(&folder).map_err(|e| e.to_string())?;
@@ -249,8 +262,11 @@ fn q4_exec(dir: &Path, input: &[u8]) -> Result<(), String> {
     let folder = dir.join("q4");
     if !folder.join("config.json").is_file() {
         std::fs::create_dir_all(&folder).expect("folder");
-        std::fs::copy(dir.join("seed-q4").join("config.json"), folder.join("config.json"))
-            .expect("config");
+        std::fs::copy(
+            dir.join("seed-q4").join("config.json"),
+            folder.join("config.json"),
+        )
+        .expect("config");
     }
     std::fs::write(folder.join(q4::Q4_WEIGHTS_FILE), input).expect("write input");
     let w = q4::open_q4_folder(&folder).map_err(|e| e.to_string())?;
@@ -282,7 +298,13 @@ fn config_exec(dir: &Path, input: &[u8]) -> Result<(), String> {
     let path = dir.join("config.json");
     std::fs::write(&path, input).expect("write input");
     let c = ModelConfig::from_file(&path).map_err(|e| e.to_string())?;
-    let _ = (c.head_dim(), c.kv_groups(), c.q_dim(), c.kv_dim(), c.eos_token_ids());
+    let _ = (
+        c.head_dim(),
+        c.kv_groups(),
+        c.q_dim(),
+        c.kv_dim(),
+        c.eos_token_ids(),
+    );
     let _ = c.rope_inv_freq();
     let _ = q4wgpu::quantize::expected_tensors(&c);
     let _ = q4wgpu::scheduler::LayerPack::new(&c);
@@ -344,9 +366,15 @@ fn gguf_exec(dir: &Path, input: &[u8]) -> Result<(), String> {
     // Building a tokenizer takes milliseconds; most mutations leave its metadata as it was, and
     // the same metadata gives the same result, so it is rebuilt only when the metadata changed.
     let meta = &source.header().metadata;
-    let mut keys: Vec<&String> = meta.keys().filter(|k| k.starts_with("tokenizer.")).collect();
+    let mut keys: Vec<&String> = meta
+        .keys()
+        .filter(|k| k.starts_with("tokenizer."))
+        .collect();
     keys.sort();
-    let fingerprint = format!("{:?}", keys.iter().map(|k| (k, &meta[*k])).collect::<Vec<_>>());
+    let fingerprint = format!(
+        "{:?}",
+        keys.iter().map(|k| (k, &meta[*k])).collect::<Vec<_>>()
+    );
     thread_local!(static LAST: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) });
     if LAST.with(|l| *l.borrow() == fingerprint) {
         return Ok(());
@@ -383,7 +411,10 @@ fn micro_gguf() -> Vec<u8> {
         ("tokenizer.ggml.model", String("gpt2".into())),
         ("tokenizer.ggml.pre", String("qwen2".into())),
         ("tokenizer.ggml.tokens", Array(byte_tokens)),
-        ("tokenizer.ggml.token_type", Array((0..n_tokens).map(|_| I32(1)).collect())),
+        (
+            "tokenizer.ggml.token_type",
+            Array((0..n_tokens).map(|_| I32(1)).collect()),
+        ),
         ("tokenizer.ggml.merges", Array(vec![])),
         ("tokenizer.ggml.bos_token_id", U32(1)),
         ("tokenizer.ggml.eos_token_id", U32(2)),
@@ -409,7 +440,9 @@ fn micro_gguf() -> Vec<u8> {
     ];
     let data = |n: u64, ty: GgmlType| -> Vec<u8> {
         match ty {
-            GgmlType::F32 => (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect(),
+            GgmlType::F32 => (0..n)
+                .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+                .collect(),
             GgmlType::F16 => (0..n)
                 .flat_map(|i| half::f16::from_f32(i as f32 * 0.01).to_le_bytes())
                 .collect(),
@@ -485,17 +518,44 @@ fn put_meta(out: &mut Vec<u8>, v: &MetaValue, with_type: bool) {
 }
 
 const TARGETS: [Target; 5] = [
-    Target { name: "gguf", json: false, seeds: gguf_seeds, exec: gguf_exec },
-    Target { name: "safetensors-hf", json: false, seeds: hf_seeds, exec: hf_exec },
-    Target { name: "safetensors-q4", json: false, seeds: q4_seeds, exec: q4_exec },
-    Target { name: "config-json", json: true, seeds: config_seeds, exec: config_exec },
-    Target { name: "tokenizer-chat-template", json: true, seeds: tokenizer_seeds, exec: tokenizer_exec },
+    Target {
+        name: "gguf",
+        json: false,
+        seeds: gguf_seeds,
+        exec: gguf_exec,
+    },
+    Target {
+        name: "safetensors-hf",
+        json: false,
+        seeds: hf_seeds,
+        exec: hf_exec,
+    },
+    Target {
+        name: "safetensors-q4",
+        json: false,
+        seeds: q4_seeds,
+        exec: q4_exec,
+    },
+    Target {
+        name: "config-json",
+        json: true,
+        seeds: config_seeds,
+        exec: config_exec,
+    },
+    Target {
+        name: "tokenizer-chat-template",
+        json: true,
+        seeds: tokenizer_seeds,
+        exec: tokenizer_exec,
+    },
 ];
 
 // ---- the campaign -------------------------------------------------------------------------
 
 fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus").join(target)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_corpus")
+        .join(target)
 }
 
 /// Saved inputs of a target (regressions and kept seeds), sorted by name.
@@ -518,7 +578,11 @@ fn saved_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// Runs `input` once: its result, wall time and largest allocation.
-fn exec_once(t: &Target, dir: &Path, input: &[u8]) -> (std::thread::Result<Result<(), String>>, Duration, usize) {
+fn exec_once(
+    t: &Target,
+    dir: &Path,
+    input: &[u8],
+) -> (std::thread::Result<Result<(), String>>, Duration, usize) {
     LARGEST.store(0, Ordering::Relaxed);
     let start = Instant::now();
     let result = std::panic::catch_unwind(|| (t.exec)(dir, input));
@@ -541,9 +605,9 @@ fn check_one(t: &Target, dir: &Path, input: &[u8], label: &str) -> Result<(), St
     let problem = match &result {
         Err(_) => Some("panicked".to_string()),
         Ok(_) if elapsed > TIME_LIMIT => Some(format!("took {elapsed:?} (limit {TIME_LIMIT:?})")),
-        Ok(_) if largest > ALLOC_LIMIT => {
-            Some(format!("allocated {largest} bytes at once (limit {ALLOC_LIMIT})"))
-        }
+        Ok(_) if largest > ALLOC_LIMIT => Some(format!(
+            "allocated {largest} bytes at once (limit {ALLOC_LIMIT})"
+        )),
         Ok(_) => None,
     };
     if let Some(p) = problem {
@@ -569,7 +633,10 @@ fn campaign(t: &Target, execs: u64, seed: u64) {
     pool.extend(saved.into_iter().map(|(_, b)| b));
     for s in (t.seeds)(&dir) {
         if let Err(e) = check_one(t, &dir, &s, "seed") {
-            panic!("{}: a seed must be accepted, or the fuzzer only tests the first check: {e}", t.name);
+            panic!(
+                "{}: a seed must be accepted, or the fuzzer only tests the first check: {e}",
+                t.name
+            );
         }
     }
     let mut rng = Rng(seed ^ 0x9E37_79B9_7F4A_7C15 ^ t.name.len() as u64);
@@ -586,7 +653,11 @@ fn campaign(t: &Target, execs: u64, seed: u64) {
             }
         }
         if last_report.elapsed() > Duration::from_secs(60) {
-            eprintln!("{}: {i} executions, {accepted} accepted, {:.0} s", t.name, start.elapsed().as_secs_f64());
+            eprintln!(
+                "{}: {i} executions, {accepted} accepted, {:.0} s",
+                t.name,
+                start.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
     }
@@ -599,15 +670,24 @@ fn campaign(t: &Target, execs: u64, seed: u64) {
 }
 
 fn execs() -> u64 {
-    std::env::var("FUZZ_EXECS").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    std::env::var("FUZZ_EXECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
 }
 
 fn seed() -> u64 {
-    std::env::var("FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+    std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 fn target(name: &str) -> &'static Target {
-    TARGETS.iter().find(|t| t.name == name).expect("a known target")
+    TARGETS
+        .iter()
+        .find(|t| t.name == name)
+        .expect("a known target")
 }
 
 #[test]

@@ -374,7 +374,9 @@ fn logprobs_are_the_log_softmax_of_the_raw_logits() {
 /// renormalised, and draws never leave them.
 #[test]
 fn min_p_keeps_candidates_within_the_ratio_of_the_best() {
-    let logits: Vec<f32> = (0..10).map(|i| -(i as f32) * std::f32::consts::LN_2).collect();
+    let logits: Vec<f32> = (0..10)
+        .map(|i| -(i as f32) * std::f32::consts::LN_2)
+        .collect();
     let p = SamplingParams {
         min_p: 0.2,
         ..params(1.0, 0, 1.0)
@@ -405,14 +407,62 @@ fn out_of_range_parameters_are_refused_by_name() {
     let ok = params(0.8, 40, 0.95);
     ok.validate().expect("defaults are valid");
     let cases = [
-        (SamplingParams { temperature: f32::NAN, ..ok.clone() }, "--temperature"),
-        (SamplingParams { temperature: f32::INFINITY, ..ok.clone() }, "--temperature"),
-        (SamplingParams { temperature: -1.0, ..ok.clone() }, "--temperature"),
-        (SamplingParams { top_p: 2.0, ..ok.clone() }, "--top-p"),
-        (SamplingParams { top_p: f32::NAN, ..ok.clone() }, "--top-p"),
-        (SamplingParams { min_p: -0.1, ..ok.clone() }, "--min-p"),
-        (SamplingParams { repeat_penalty: 0.0, ..ok.clone() }, "--repeat-penalty"),
-        (SamplingParams { repeat_penalty: f32::NAN, ..ok.clone() }, "--repeat-penalty"),
+        (
+            SamplingParams {
+                temperature: f32::NAN,
+                ..ok.clone()
+            },
+            "--temperature",
+        ),
+        (
+            SamplingParams {
+                temperature: f32::INFINITY,
+                ..ok.clone()
+            },
+            "--temperature",
+        ),
+        (
+            SamplingParams {
+                temperature: -1.0,
+                ..ok.clone()
+            },
+            "--temperature",
+        ),
+        (
+            SamplingParams {
+                top_p: 2.0,
+                ..ok.clone()
+            },
+            "--top-p",
+        ),
+        (
+            SamplingParams {
+                top_p: f32::NAN,
+                ..ok.clone()
+            },
+            "--top-p",
+        ),
+        (
+            SamplingParams {
+                min_p: -0.1,
+                ..ok.clone()
+            },
+            "--min-p",
+        ),
+        (
+            SamplingParams {
+                repeat_penalty: 0.0,
+                ..ok.clone()
+            },
+            "--repeat-penalty",
+        ),
+        (
+            SamplingParams {
+                repeat_penalty: f32::NAN,
+                ..ok.clone()
+            },
+            "--repeat-penalty",
+        ),
     ];
     for (p, option) in cases {
         let msg = p.validate().expect_err("out of range").to_string();

@@ -508,7 +508,9 @@ fn a_runaway_chat_template_is_stopped_by_its_fuel() {
     let long: Vec<ChatMessage> = (0..500)
         .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "a message"))
         .collect();
-    let text = chatml.render(&long, true, "", "").expect("a long chat renders");
+    let text = chatml
+        .render(&long, true, "", "")
+        .expect("a long chat renders");
     assert_eq!(text.matches("<|im_start|>").count(), 501);
 }
 

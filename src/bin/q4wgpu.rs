@@ -16,7 +16,9 @@ use std::time::Instant;
 
 #[path = "q4wgpu_cli/values.rs"]
 mod cli_values;
-use cli_values::{gb, parse_min_p, parse_repeat_penalty, parse_seed, parse_temperature, parse_top_p, Seed};
+use cli_values::{
+    gb, parse_min_p, parse_repeat_penalty, parse_seed, parse_temperature, parse_top_p, Seed,
+};
 
 /// `--quiet`: status lines on stderr are left out (errors are not).
 static QUIET: AtomicBool = AtomicBool::new(false);
@@ -280,7 +282,11 @@ fn list() -> Result<i32> {
         let file = q4wgpu::fetch::cache_dir().join("models").join(m.file_name);
         let fetched = file.is_file();
         let quantized = cache.join("quantized").join(m.name);
-        let state = match (m.runnable, fetched, q4wgpu::formats::q4::is_q4_folder(&quantized)) {
+        let state = match (
+            m.runnable,
+            fetched,
+            q4wgpu::formats::q4::is_q4_folder(&quantized),
+        ) {
             (false, true, _) => "fetched (tokenizer only, not runnable)".to_string(),
             (false, false, _) => "not fetched (tokenizer only, not runnable)".to_string(),
             (true, _, true) => format!("ready: {}", quantized.display()),
@@ -334,9 +340,9 @@ fn prompt_text(args: &RunArgs) -> Result<String> {
     match (&args.prompt, &args.file) {
         (Some(p), None) if p == "-" => {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                Error::io("reading the prompt from standard input", "<stdin>", e)
-            })?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| Error::io("reading the prompt from standard input", "<stdin>", e))?;
             Ok(text)
         }
         (Some(p), None) => Ok(p.clone()),
@@ -711,7 +717,11 @@ fn info(
         c.vocab_size,
         c.max_position_embeddings,
         gb(summary.int4_bytes),
-        if summary.quantized { "" } else { " once quantized (on load)" }
+        if summary.quantized {
+            ""
+        } else {
+            " once quantized (on load)"
+        }
     );
     let budget = vram_budget
         .as_deref()

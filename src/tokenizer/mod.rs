@@ -198,12 +198,13 @@ impl Tokenizer {
             ));
         }
 
-        let (chat_template, broken_template) = match template.map(|t| (t.clone(), ChatTemplate::new(t))) {
-            None => (None, None),
-            Some((_, Ok(t))) => (Some(t), None),
-            Some((source, Err(Error::Template(msg)))) => (None, Some((source, msg))),
-            Some((source, Err(e))) => (None, Some((source, e.to_string()))),
-        };
+        let (chat_template, broken_template) =
+            match template.map(|t| (t.clone(), ChatTemplate::new(t))) {
+                None => (None, None),
+                Some((_, Ok(t))) => (Some(t), None),
+                Some((source, Err(Error::Template(msg)))) => (None, Some((source, msg))),
+                Some((source, Err(e))) => (None, Some((source, e.to_string()))),
+            };
         Ok(Tokenizer {
             inner,
             chat_template,

@@ -36,10 +36,9 @@ pub struct Seed(pub Option<u64>);
 pub fn parse_seed(text: &str) -> Result<Seed, String> {
     match text.trim() {
         "-1" => Ok(Seed(None)),
-        t => t
-            .parse::<u64>()
-            .map(|s| Seed(Some(s)))
-            .map_err(|_| format!("{text:?} is not a seed: use a whole number from 0, or -1 for a random one")),
+        t => t.parse::<u64>().map(|s| Seed(Some(s))).map_err(|_| {
+            format!("{text:?} is not a seed: use a whole number from 0, or -1 for a random one")
+        }),
     }
 }
 
