@@ -59,6 +59,23 @@ pub struct StepOutput {
     pub logprobs: Option<TokenLogprobs>,
 }
 
+/// Prompts of at most this many tokens run as decode steps, one token each, on every backend:
+/// a GPU prompt chunk's dispatches are sized for the whole chunk whatever the prompt's length (on
+/// lavapipe a 2-token prompt took as long as 64 tokens; on the H200 a 64-row chunk cost about 18
+/// decode steps), and the CPU reference does the same so that it computes what the GPU computes
+/// (decode steps may quantize activations to int8).
+pub const SHORT_PROMPT: usize = 8;
+
+/// The forward calls a step of `tokens` is made of: one per token for a short prompt (see
+/// [`SHORT_PROMPT`]), else one.
+pub fn forward_calls(tokens: &[u32]) -> Vec<&[u32]> {
+    if tokens.len() > 1 && tokens.len() <= SHORT_PROMPT {
+        tokens.chunks(1).collect()
+    } else {
+        vec![tokens]
+    }
+}
+
 /// A model that can extend its sequence: the GPU engine or the CPU reference.
 pub trait Decoder {
     /// Appends `tokens` at the current position and samples the token that follows them.
@@ -224,7 +241,7 @@ fn rate(n: usize, seconds: f64) -> f64 {
 }
 
 /// Length of the longest tail of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
         .flat_map(|s| {
@@ -240,7 +257,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 }
 
 /// Byte offset where the first stop string begins, if any has appeared.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(crate) fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

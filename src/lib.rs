@@ -3,9 +3,11 @@
 //! See ARCHITECTURE.md for the design in one page.
 
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod cpu;
 pub mod engine;
+pub mod eval;
 pub mod error;
 pub mod fetch;
 pub mod formats;
@@ -18,6 +20,7 @@ pub mod quant;
 pub mod quantize;
 pub mod sampling;
 pub mod scheduler;
+pub mod serve;
 pub mod synthetic;
 pub mod test_models;
 pub mod tokenizer;

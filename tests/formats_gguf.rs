@@ -156,13 +156,32 @@ fn h(x: f32) -> [u8; 2] {
     f16::from_f32(x).to_le_bytes()
 }
 
+/// Each element within 1e-6 of |want| (at least 1e-12 absolute); a NaN or infinity on either
+/// side fails. The message gives the first bad index and the largest errors.
+#[track_caller]
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let tol = 1e-6 * w.abs().max(1e-6);
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}: element {i}: got {g}, want {w}"
+    let (mut first_bad, mut bad, mut max_abs, mut max_rel) = (None, 0usize, 0.0f32, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = if g.is_finite() && w.is_finite() {
+            (g - w).abs()
+        } else {
+            f32::INFINITY
+        };
+        let rel = err / w.abs().max(1e-6);
+        if !(rel <= 1e-6) {
+            bad += 1;
+            first_bad.get_or_insert(i);
+        }
+        (max_abs, max_rel) = (max_abs.max(err), max_rel.max(rel));
+    }
+    if let Some(i) = first_bad {
+        panic!(
+            "{what}: first bad element {i}: got {}, want {}; {bad} bad of {}; max abs error {max_abs:e}, \
+             max relative error {max_rel:e} (tolerance 1e-6)",
+            got[i],
+            want[i],
+            got.len()
         );
     }
 }

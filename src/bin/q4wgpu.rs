@@ -2,10 +2,13 @@
 
 use clap::{Args, Parser, Subcommand};
 use q4wgpu::cpu::CpuModel;
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::interrupt;
+use q4wgpu::chat::ChatSettings;
+use q4wgpu::serve::{EngineSettings, ServeSettings};
 use q4wgpu::sampling::SamplingParams;
 use q4wgpu::tokenizer::{ChatMessage, Tokenizer};
 use q4wgpu::{bench, model, scheduler, synthetic, Error, Result};
@@ -64,6 +67,28 @@ enum Command {
     },
     /// List the known models and what the cache holds of them.
     List,
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+    Serve(ServeArgs),
+    /// Talk with the model in the terminal (streamed answers; /reset, /system TEXT, /exit).
+    Chat(ChatArgs),
+    /// Quality of int8 decode activations against f32 on a text: top-1 agreement, KL divergence
+    /// and perplexity, one token per step (teacher-forced).
+    Eval {
+        /// A model as `run` takes it.
+        #[arg(long)]
+        model: Option<String>,
+        /// The text (UTF-8).
+        #[arg(long)]
+        file: PathBuf,
+        /// Tokens of the text to use (from its start).
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: usize,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Show the GPU adapters, and a model's size and memory needs (without loading its weights).
     Info {
         /// A model as `run` takes it.
@@ -162,9 +187,108 @@ struct RunArgs {
     /// How prompt chunks read streamed layers: ring or zero-copy.
     #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
     prompt_reads: String,
+    /// Activations of decode steps: int8 (quantized once per input, integer dot products) or f32.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
     /// Only the generated text on stdout and errors on stderr: no status lines.
     #[arg(long, short = 'q')]
     quiet: bool,
+}
+
+/// How `serve` and `chat` load and run the model.
+#[derive(Args)]
+struct EngineArgs {
+    /// A model as `run` takes it.
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokens each sequence holds (capped by the model's max_position_embeddings).
+    #[arg(long, default_value_t = 4096)]
+    ctx_size: usize,
+    /// Run the CPU reference instead of the GPU (slow; for checking).
+    #[arg(long)]
+    cpu: bool,
+    /// Part of the adapter's name to pick it (see `q4wgpu info`).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// GPU memory to use, as for `run`.
+    #[arg(long)]
+    vram_budget: Option<String>,
+    /// Ring slots for streamed layers.
+    #[arg(long, default_value_t = 2)]
+    prefetch_depth: usize,
+    /// How decode steps read streamed layers: ring or zero-copy.
+    #[arg(long, default_value = EngineOptions::default().decode_reads.name())]
+    decode_reads: String,
+    /// How prompt chunks read streamed layers: ring or zero-copy.
+    #[arg(long, default_value = EngineOptions::default().prompt_reads.name())]
+    prompt_reads: String,
+}
+
+impl EngineArgs {
+    fn settings(&self, parallel: usize) -> Result<EngineSettings> {
+        Ok(EngineSettings {
+            model: model::resolve(self.model.as_deref())?,
+            cpu: self.cpu,
+            parallel,
+            ctx_size: self.ctx_size,
+            adapter: self.adapter.clone(),
+            vram_budget: self
+                .vram_budget
+                .as_deref()
+                .map(scheduler::parse_size)
+                .transpose()?,
+            prefetch_depth: self.prefetch_depth,
+            decode_reads: StreamRead::parse(&self.decode_reads)?,
+            prompt_reads: StreamRead::parse(&self.prompt_reads)?,
+            verbose: true,
+        })
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Sequences decoded together, each with its own KV cache.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for a free sequence; more are answered 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` (default: the Q4WGPU_API_KEY environment variable, if set).
+    #[arg(long, env = "Q4WGPU_API_KEY")]
+    api_key: Option<String>,
+    /// The model name /v1/models lists and requests give (default: the model folder's name).
+    #[arg(long)]
+    alias: Option<String>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, short = 'n', default_value_t = 1024)]
+    max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -216,9 +340,18 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Decode steps computed inside the projection after them: none, or a list of input-norm,
-    /// post-norm and swiglu (default: input-norm).
+    /// post-norm, swiglu and attention-output (default: none); several
+    /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,
+    /// Comma-separated depths: positions already in the KV cache before each test (as
+    /// llama-bench's -d; the cached values are whatever the buffers hold: speed does not depend
+    /// on them).
+    #[arg(short = 'd', long = "n-depth", default_value = "0")]
+    depth: String,
+    /// Comma-separated decode activations (int8, f32), one set of generation rows each.
+    #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
+    decode_activations: String,
 }
 
 fn main() {
@@ -231,7 +364,16 @@ fn main() {
         Command::Quantize { src, dst } => quantize(src, dst),
         Command::Bench(args) => bench(args),
         Command::Fetch { names } => fetch(names),
+        Command::Eval {
+            model,
+            file,
+            max_tokens,
+            adapter,
+            json,
+        } => eval(model, file, max_tokens, adapter, json),
         Command::List => list(),
+        Command::Serve(args) => serve(args),
+        Command::Chat(args) => chat(args),
         Command::Info {
             model,
             adapter,
@@ -250,6 +392,92 @@ fn main() {
 
 /// Exit status of a command that ran to its end.
 const EXIT_OK: i32 = 0;
+
+
+fn eval(
+    model_arg: Option<String>,
+    file: PathBuf,
+    max_tokens: usize,
+    adapter: Option<String>,
+    json: Option<PathBuf>,
+) -> Result<i32> {
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| Error::Invalid(format!("reading {}: {e}", file.display())))?;
+    let path = model::resolve(model_arg.as_deref())?;
+    let loaded = model::load(&path, true)?;
+    let mut tokens = loaded.tokenizer.encode(&text, loaded.tokenizer.add_bos())?;
+    tokens.truncate(max_tokens);
+    let gpu = Gpu::new(adapter.as_deref())?;
+    eprintln!("adapter: {}\n{} tokens of {}", gpu.describe(), tokens.len(), file.display());
+    let opts = EngineOptions::default();
+    let q = q4wgpu::eval::compare_decode_activations(&gpu, &loaded.weights, &tokens, &opts)?;
+    println!(
+        "int8 against f32 decode activations over {} steps: top-1 agreement {:.2} %, mean KL {:.5} nats (max {:.4}), perplexity {:.3} (f32) / {:.3} (int8)",
+        q.steps,
+        100.0 * q.top1_agreement,
+        q.mean_kl,
+        q.max_kl,
+        q.perplexity_f32,
+        q.perplexity_int8
+    );
+    if let Some(out) = json {
+        let v = serde_json::json!({
+            "model": path.display().to_string(),
+            "text": file.display().to_string(),
+            "adapter": gpu.info.name,
+            "quality": q,
+        });
+        std::fs::write(&out, serde_json::to_string_pretty(&v).unwrap_or_default())
+            .map_err(|e| Error::Invalid(format!("writing {}: {e}", out.display())))?;
+    }
+    Ok(EXIT_OK)
+}
+
+fn serve(args: ServeArgs) -> Result<i32> {
+    let engine = args.engine.settings(args.parallel)?;
+    let model_id = match args.alias {
+        Some(a) => a,
+        None => engine.model.file_name().map_or_else(
+            || engine.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+    };
+    if args.queue == 0 {
+        return Err(Error::Invalid("--queue must be at least 1".into()));
+    }
+    q4wgpu::serve::serve(
+        engine,
+        ServeSettings {
+            host: args.host,
+            port: args.port,
+            api_key: args.api_key.filter(|k| !k.is_empty()),
+            queue: args.queue,
+            model_id,
+        },
+    )?;
+    Ok(EXIT_OK)
+}
+
+fn chat(args: ChatArgs) -> Result<i32> {
+    let engine = args.engine.settings(1)?;
+    q4wgpu::chat::chat(
+        engine,
+        ChatSettings {
+            system: args.system,
+            max_tokens: args.max_tokens,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                repeat_penalty: args.repeat_penalty,
+                repeat_last_n: 64,
+                seed: args.seed,
+                ..SamplingParams::default()
+            },
+        },
+    )?;
+    Ok(EXIT_OK)
+}
 
 fn fetch(names: Vec<String>) -> Result<i32> {
     let models: Vec<&q4wgpu::fetch::KnownModel> = if names.is_empty() {
@@ -461,7 +689,8 @@ fn run(args: RunArgs) -> Result<i32> {
     let mut extra = serde_json::Map::new();
     extra.insert("seed".into(), seed.into());
     if args.cpu {
-        let cpu = CpuModel::new(&loaded.weights)?;
+        let cpu = CpuModel::new(&loaded.weights)?
+            .with_decode_activations(DecodeActivations::parse(&args.decode_activations)?);
         let mut decoder = q4wgpu::cpu::CpuDecoder::new(&cpu, ctx);
         note!(
             "loaded {} in {:.1} s; running on the CPU reference",
@@ -483,6 +712,7 @@ fn run(args: RunArgs) -> Result<i32> {
             prefetch_depth: args.prefetch_depth,
             decode_reads,
             prompt_reads,
+            decode_activations: DecodeActivations::parse(&args.decode_activations)?,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
@@ -586,9 +816,23 @@ fn bench(args: BenchArgs) -> Result<i32> {
         seed: args.seed,
         profile: args.profile,
         decode_fusion: match &args.decode_fusion {
-            Some(text) => DecodeFusion::parse(text)?,
-            None => DecodeFusion::default(),
+            Some(text) => text.split('/').map(DecodeFusion::parse).collect::<Result<_>>()?,
+            None => vec![DecodeFusion::default()],
         },
+        depths: args
+            .depth
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("-d takes a comma-separated list of depths, not {t:?}")))
+            })
+            .collect::<Result<_>>()?,
+        decode_activations: args
+            .decode_activations
+            .split(',')
+            .map(|t| DecodeActivations::parse(t.trim()))
+            .collect::<Result<_>>()?,
     };
     let load_start = Instant::now();
     let (weights, name) = match (&args.synthetic, &args.model) {
