@@ -10,4 +10,4 @@ set -eu
 cd "$(dirname "$0")/.."
 export FUZZ_EXECS="${FUZZ_EXECS:-1000000}" FUZZ_SEED="${FUZZ_SEED:-1}"
 filter="${1:-fuzz_}"
-exec nice -n 19 cargo test --release --test fuzz_readers -- --test-threads=1 --nocapture "$filter"
+exec nice -n 19 cargo test --test fuzz_readers -- --test-threads=1 --nocapture "$filter"

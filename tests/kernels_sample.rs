@@ -51,11 +51,23 @@ fn sorted_top(values: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// The token the spec picks, and how far the decision was from flipping: the smallest distance of
-/// a compared running sum to the value it was compared with (u, or top_p).
+/// a compared value to what it was compared with (u, top_p, or min_p).
 fn cpu_sample(p: &SampleParams, logits: &[f32], history: &[u32], step: u32) -> (u32, f32) {
+    let (token, cut, draw) = cpu_sample_margins(p, logits, history, step);
+    (token, cut.min(draw))
+}
+
+/// `cpu_sample` with the margin of the min-p and top-p cuts (they depend on the logits only)
+/// apart from the margin of the draw against u (it depends on the seed and step).
+fn cpu_sample_margins(
+    p: &SampleParams,
+    logits: &[f32],
+    history: &[u32],
+    step: u32,
+) -> (u32, f32, f32) {
     let pen = penalise(p, logits, history);
     if p.temperature <= 0.0 {
-        return (sorted_top(&pen, 1)[0].0, f32::INFINITY);
+        return (sorted_top(&pen, 1)[0].0, f32::INFINITY, f32::INFINITY);
     }
     let scaled: Vec<f32> = pen.iter().map(|&l| l / p.temperature).collect();
     let k = if p.top_k == 0 {
@@ -99,14 +111,15 @@ fn cpu_sample(p: &SampleParams, logits: &[f32], history: &[u32], step: u32) -> (
     let seed32 = p.seed as u32 ^ (p.seed >> 32) as u32;
     let u = rng_uniform(seed32, step);
     let mut cum = 0.0f32;
+    let mut draw = f32::INFINITY;
     for (i, &q) in probs.iter().enumerate() {
         cum += q;
-        margin = margin.min((cum - u).abs());
+        draw = draw.min((cum - u).abs());
         if cum > u {
-            return (cand[i].0, margin);
+            return (cand[i].0, margin, draw);
         }
     }
-    (cand[probs.len() - 1].0, margin)
+    (cand[probs.len() - 1].0, margin, draw)
 }
 
 /// f64 log-softmax of the raw logits.
@@ -449,8 +462,16 @@ fn seeded_sampling_matches_the_cpu_spec() {
     for vocab in VOCABS {
         let runs_per_setting = if vocab > 100_000 { 6 } else { 16 };
         for (si, base) in settings.iter().enumerate() {
-            let logits = rng.vec(vocab, 2.5);
-            let history: Vec<u32> = (0..50).map(|_| rng.below(vocab) as u32).collect();
+            // The min-p and top-p cuts depend on the logits alone: logits that put a cut within
+            // rounding of its threshold would make every draw of the setting a near-tie, so
+            // such logits are drawn again.
+            let (logits, history) = loop {
+                let logits = rng.vec(vocab, 2.5);
+                let history: Vec<u32> = (0..50).map(|_| rng.below(vocab) as u32).collect();
+                if cpu_sample_margins(base, &logits, &history, 0).1 >= 1e-4 {
+                    break (logits, history);
+                }
+            };
             let f = fixture(g, &k, logits.clone(), history.clone(), 64, 5);
             for _ in 0..runs_per_setting {
                 let p = SampleParams {

@@ -513,3 +513,28 @@ fn a_runaway_chat_template_is_stopped_by_its_fuel() {
         .expect("a long chat renders");
     assert_eq!(text.matches("<|im_start|>").count(), 501);
 }
+
+/// Found by the fuzzer (tests/fuzz_corpus/tokenizer-chat-template/regression-*): a JSON syntax
+/// error inside tokenizer.json's `decoder` object made the tokenizers library panic. It is an
+/// error naming the file now.
+#[test]
+fn a_syntax_error_inside_the_decoder_is_an_error_not_a_panic() {
+    let dir = std::env::temp_dir().join(format!("q4wgpu-tok-decoder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let good = serde_json::to_string(&q4wgpu::test_models::tiny_tokenizer_json()).expect("json");
+    let at = good.find("\"decoder\":{").expect("a decoder object") + "\"decoder\":{".len();
+    for broken in [
+        format!("{}\"type\":\"Byte\u{1}Level\",{}", &good[..at], &good[at..]),
+        format!("{}\"type\" \"ByteLevel\",{}", &good[..at], &good[at..]),
+        good[..at + 3].to_string(),
+    ] {
+        std::fs::write(dir.join("tokenizer.json"), &broken).expect("write");
+        let result = std::panic::catch_unwind(|| Tokenizer::from_folder(&dir));
+        let err = result
+            .expect("no panic")
+            .err()
+            .expect("a broken tokenizer.json is refused");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

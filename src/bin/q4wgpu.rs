@@ -40,9 +40,7 @@ macro_rules! note {
 #[command(
     name = "q4wgpu",
     version,
-    about = "Run INT4 language models on any GPU through Vulkan",
-    // `--temperature -0.5`, `--seed -1`: negative numbers are values, not options.
-    allow_negative_numbers = true
+    about = "Run INT4 language models on any GPU through Vulkan"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -110,7 +108,11 @@ enum Command {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file"])))]
+#[command(
+    group(clap::ArgGroup::new("input").required(true).args(["prompt", "file"])),
+    // `--temperature -0.5`, `--seed -1`: negative numbers are values, not options.
+    allow_negative_numbers = true
+)]
 struct RunArgs {
     /// A q4wgpu folder, a Hugging Face folder, a .gguf file, or a known model name
     /// (default: qwen2.5-coder-0.5b-instruct, fetched once into ~/.cache/q4wgpu).

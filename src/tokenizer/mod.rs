@@ -72,7 +72,7 @@ impl Tokenizer {
         let tokenizer_path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&tokenizer_path)
             .map_err(|e| Error::io("reading the tokenizer (tokenizer.json)", &tokenizer_path, e))?;
-        let inner = tokenizers::Tokenizer::from_str(&text).map_err(|e| {
+        let inner = parse_tokenizer_json(&text).map_err(|e| {
             Error::format(
                 &tokenizer_path,
                 format!("not a valid Hugging Face tokenizer.json: {e}"),
@@ -376,6 +376,17 @@ fn token_text(value: &Json) -> Option<String> {
 
 fn json_u32(value: &Json) -> Option<u32> {
     value.as_u64().and_then(|v| u32::try_from(v).ok())
+}
+
+/// A `tokenizers::Tokenizer` from tokenizer.json text. The JSON syntax is checked first:
+/// `tokenizers` 0.22 panics (an `expect` in its decoder deserializer) on a syntax error inside the
+/// `decoder` object, found by the fuzzer (tests/fuzz_corpus/tokenizer-chat-template/). Any other
+/// panic inside the library is turned into an error as well.
+fn parse_tokenizer_json(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(text))
+        .map_err(|_| "the tokenizers library failed on it (a panic)".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// `chat_template` is a string, or a list of `{"name", "template"}` of which we take "default".
