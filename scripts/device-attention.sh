@@ -12,17 +12,19 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
   set -e
   mkdir -p .device-bin/attn
-  cargo build --release --tests --benches
   for target in "test kernels_attention" "bench kernels"; do
     set -- $target
     exe=$(cargo test --release --no-run --message-format=json --"$1" "$2" 2>/dev/null |
       python3 -c '
 import json, sys
+kind, name = sys.argv[1:3]
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("name") == name and t.get("kind") == [kind]:
         print(m["executable"])
-' | tail -1)
+' "$1" "$2" | tail -1)
+    [ -n "$exe" ] || { echo "prepare: no executable for $target" >&2; exit 1; }
     strip -o ".device-bin/attn/$2" "$exe"
   done
   du -sh .device-bin/attn/* | sed 's/^/prepare: /'
