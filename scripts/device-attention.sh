@@ -43,6 +43,6 @@ timeout 300 .device-bin/attn/kernels_attention >"$OUT/attention-tests.log" 2>&1
 echo "kernels_attention: exit $?"
 grep -E "^(test |test result|test GPU)" "$OUT/attention-tests.log"
 
-timeout 400 .device-bin/attn/kernels --attention-only ${SWEEP:---sweep} >"$OUT/attention-bench.md" 2>&1
+timeout 400 .device-bin/attn/kernels --attention-only ${SWEEP---sweep} >"$OUT/attention-bench.md" 2>&1
 echo "kernels bench: exit $?"
 cat "$OUT/attention-bench.md"
