@@ -637,7 +637,12 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     }
     let kernels: Vec<(String, Attention)> = variants
         .into_iter()
-        .map(|(name, o)| (name, Attention::with_decode(gpu, o).expect("attention compiles")))
+        .map(|(name, o)| {
+            (
+                name,
+                Attention::with_decode(gpu, o).expect("attention compiles"),
+            )
+        })
         .collect();
     for &ctx in &s.contexts {
         let q_host: Vec<f32> = random_words(heads * hd, 11)

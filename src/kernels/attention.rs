@@ -120,11 +120,21 @@ struct SplitShape {
 }
 
 impl SplitShape {
-    fn new(head_dim: usize, heads_per_batch: usize, workgroups_per_split: usize, o: &DecodeOptions) -> SplitShape {
+    fn new(
+        head_dim: usize,
+        heads_per_batch: usize,
+        workgroups_per_split: usize,
+        o: &DecodeOptions,
+    ) -> SplitShape {
         let tile = 4 * SPLIT_THREADS / (head_dim / 8);
         let quads = heads_per_batch.div_ceil(4);
         let max_chunk = (SPLIT_SCORE_VEC4 / quads / tile).max(1) * tile;
-        let min_chunk = o.min_split_positions.max(1).div_ceil(tile).min(max_chunk / tile) * tile;
+        let min_chunk = o
+            .min_split_positions
+            .max(1)
+            .div_ceil(tile)
+            .min(max_chunk / tile)
+            * tile;
         SplitShape {
             tile,
             min_chunk,
@@ -472,7 +482,9 @@ impl Attention {
                 return Ok(bufs.clone());
             }
         }
-        let old = cache.as_ref().map_or([0, 0], |b| [b[0].size(), b[1].size()]);
+        let old = cache
+            .as_ref()
+            .map_or([0, 0], |b| [b[0].size(), b[1].size()]);
         let bufs = [
             gpu.storage_buffer("attention/partial_out", need[0].max(old[0])),
             gpu.storage_buffer("attention/partial_max_sum", need[1].max(old[1])),
@@ -574,7 +586,12 @@ impl Attention {
         let max_splits = s
             .ctx
             .div_ceil(DECODE_TILE)
-            .min(self.decode.target_workgroups.min(LEGACY_MAX_SPLITS * groups_x) / groups_x)
+            .min(
+                self.decode
+                    .target_workgroups
+                    .min(LEGACY_MAX_SPLITS * groups_x)
+                    / groups_x,
+            )
             .max(1);
         let params = AttentionParams {
             n_heads: s.n_heads as u32,
