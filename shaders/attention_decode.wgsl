@@ -231,9 +231,9 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let row0 = kvh * params.ctx + start;
 
     // Pass 1: scores of the chunk into sc_s[position * NQ + quad]. The next tile's K words are
-    // in flight while a tile is scored (after the last tile, "next" re-reads the chunk's last row).
+    // in flight while a tile is scored; during the last tile, the first tile's V words instead.
+    var k = load_tile(true, row0, pg, dg, n, 0u);
     {
-        var k = load_tile(true, row0, pg, dg, n, 0u);
         let qa_lo = query_quad(head0, n_here, 0u, 2u * dg);
         let qb_lo = query_quad(head0, n_here, 0u, 2u * dg + 1u);
         var qa_hi = mat4x4<f32>();
@@ -248,7 +248,8 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             let k1 = k.w1;
             let k2 = k.w2;
             let k3 = k.w3;
-            k = load_tile(true, row0, pg, dg, n, t0 + TILE);
+            let more = t0 + TILE < n;
+            k = load_tile(more, row0, pg, dg, n, select(0u, t0 + TILE, more));
             store_partial(pg, dg, k0, qa_lo, qb_lo, qa_hi, qb_hi);
             store_partial(pg + NPH, dg, k1, qa_lo, qb_lo, qa_hi, qb_hi);
             store_partial(pg + 2u * NPH, dg, k2, qa_lo, qb_lo, qa_hi, qb_hi);
@@ -270,9 +271,9 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
     }
 
-    // Pass 2: max and sum per head, probabilities in place of the scores; the first V tile is in
-    // flight meanwhile.
-    var v = load_tile(false, row0, pg, dg, n, 0u);
+    // Pass 2: max and sum per head, probabilities in place of the scores (the first V tile is in
+    // flight meanwhile), then P·V.
+    var v = k;
     var m = Quads(vec4<f32>(NEG), vec4<f32>(NEG));
     for (var p = lid; p < n; p += WG) {
         m.lo = max(m.lo, sc_s[p * NQ]);
@@ -378,40 +379,53 @@ fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let n_splits = min(split_layout(step_kv_len()).n, params.max_splits);
     let first = head * params.max_splits;
 
+    // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ... in blocks of eight. The first
+    // block is loaded with the maxima, before the common max is known: up to 8 * nsg splits cost
+    // one round trip to memory.
+    let w4 = lid % hd4;
+    let sg = lid / hd4;
+    let nsg = WG / hd4;
+    var part: array<vec4<f32>, 8>;
+    var ml: array<vec2<f32>, 8>;
+    for (var u = 0u; u < 8u; u++) {
+        let s = min(sg + u * nsg, n_splits - 1u);
+        part[u] = part_o[(first + s) * hd4 + w4];
+        ml[u] = part_ml[first + s];
+    }
     var mx = NEG;
     for (var s = lid; s < n_splits; s += WG) {
         mx = max(mx, part_ml[first + s].x);
     }
     let m_all = combine_reduce(lid, mx, true);
-    var lsum = 0.0;
-    for (var s = lid; s < n_splits; s += WG) {
-        let ml = part_ml[first + s];
-        lsum += exp(ml.x - m_all) * ml.y;
-    }
-    let l_all = combine_reduce(lid, lsum, false);
 
-    // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ...; eight loads in flight per
-    // step.
-    let w4 = lid % hd4;
-    let sg = lid / hd4;
-    let nsg = WG / hd4;
     var o = vec4<f32>(0.0);
+    var l = 0.0;
     for (var s0 = sg; s0 < n_splits; s0 += 8u * nsg) {
+        if s0 != sg {
+            for (var u = 0u; u < 8u; u++) {
+                let s = min(s0 + u * nsg, n_splits - 1u);
+                part[u] = part_o[(first + s) * hd4 + w4];
+                ml[u] = part_ml[first + s];
+            }
+        }
         for (var u = 0u; u < 8u; u++) {
-            let s = min(s0 + u * nsg, n_splits - 1u);
-            let w = exp(part_ml[first + s].x - m_all);
-            let part = part_o[(first + s) * hd4 + w4];
             if s0 + u * nsg < n_splits {
-                o += w * part;
+                let w = exp(ml[u].x - m_all);
+                o += w * part[u];
+                l += w * ml[u].y;
             }
         }
     }
+    // Every thread of a split group has the same l.
     cb_o[lid] = o;
+    cb_red[lid] = l;
     workgroupBarrier();
     if sg == 0u {
         var total = vec4<f32>(0.0);
+        var l_all = 0.0;
         for (var g = 0u; g < nsg; g++) {
             total += cb_o[g * hd4 + w4];
+            l_all += cb_red[g * hd4];
         }
         out[head * hd4 + w4] = total / l_all;
     }
