@@ -2,8 +2,9 @@
 //! chunks) and against an independent, naive full-recompute implementation in f64; its small ops
 //! against hand formulas; and its refusals (context overflow, missing or misshapen tensors).
 //!
-//! Tolerance: relative error (max |got - want| / max |want|) ≤ 1e-4. Both sides use the same
-//! dequantized weights, so the only difference is f32 vs. f64 accumulation order (about 1e-6 here).
+//! Tolerance: relative error (max |got - want| / max |want|) ≤ 1e-4. Both sides decode the same
+//! stored bytes (each with its own code), so the only difference is f32 vs. f64 arithmetic (about
+//! 1e-6 here).
 
 use q4wgpu::config::ModelConfig;
 use q4wgpu::cpu::{apply_rope, attention, rms_norm, silu, CpuModel, Heads};
@@ -149,14 +150,15 @@ fn random_weights(config: &ModelConfig, rng: &mut Rng) -> ModelWeights {
     }
 }
 
-/// max |got - want| / max |want|.
+/// max |got - want| / max |want|; infinite when any value on either side is not finite (a NaN
+/// would otherwise vanish in the maximum).
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     got.iter()
         .zip(want)
         .map(|(&g, &w)| {
-            if g.is_finite() {
+            if g.is_finite() && w.is_finite() {
                 (g as f64 - w).abs()
             } else {
                 f64::INFINITY
@@ -166,13 +168,13 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         / scale
 }
 
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
 /// An independent implementation: recomputes every position from scratch, no cache, f64 sums.
+/// It shares no code with the model under test: weights are decoded here straight from their
+/// stored bytes (the INT4 layout of README.md "The INT4 format", bf16/f16/f32 bit patterns), and
+/// the RoPE frequencies (llama3 ramp included) are computed here from the formula, in f64.
 mod naive {
     use super::*;
+    use q4wgpu::weights::DenseDtype;
 
     struct Mat {
         rows: usize,
@@ -180,17 +182,75 @@ mod naive {
         data: Vec<f64>,
     }
 
+    /// An INT4 matrix from its bytes: per row, blocks of 128 as 16 little-endian u32 words,
+    /// element i of a block in bits 4*(i%8).. of word i/8 as q + 8; one bf16 scale per block.
     fn mat(w: &ModelWeights, name: &str) -> Mat {
-        let q = w.q4(name).expect("matrix present");
-        Mat {
-            rows: q.rows,
-            cols: q.cols,
-            data: to_f64(&q.dequantize()),
+        let Some(Weight::Q4 {
+            rows,
+            cols,
+            qweight,
+            scales,
+        }) = w.tensors.get(name)
+        else {
+            panic!("{name}: no INT4 matrix")
+        };
+        let (rows, cols, blocks) = (*rows, *cols, cols.div_ceil(128));
+        let (qb, sb) = (qweight.bytes(), scales.bytes());
+        assert_eq!((qb.len(), sb.len()), (rows * blocks * 64, rows * blocks * 2), "{name}");
+        let mut data = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                let (b, i) = (r * blocks + c / 128, c % 128);
+                let at = b * 64 + (i / 8) * 4;
+                let word = u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]]);
+                let q = ((word >> (4 * (i % 8))) & 0xF) as f64 - 8.0;
+                let scale = f32::from_bits((u16::from_le_bytes([sb[2 * b], sb[2 * b + 1]]) as u32) << 16);
+                data.push(q * scale as f64);
+            }
+        }
+        Mat { rows, cols, data }
+    }
+
+    /// A dense tensor from its bytes, whatever its stored type.
+    fn vec_of(w: &ModelWeights, name: &str) -> Vec<f64> {
+        let Some(Weight::Dense { dtype, data, .. }) = w.tensors.get(name) else {
+            panic!("{name}: no dense tensor")
+        };
+        let b = data.bytes();
+        match dtype {
+            DenseDtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            DenseDtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
+                .collect(),
+            DenseDtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
         }
     }
 
-    fn vec_of(w: &ModelWeights, name: &str) -> Vec<f64> {
-        to_f64(&w.dense_f32(name).expect("dense present").1)
+    /// RoPE inverse frequencies from the config's numbers: 1/theta^(2i/d), and with llama3
+    /// scaling, wavelengths beyond original_ctx/low divided by factor, below original_ctx/high
+    /// kept, linear in original_ctx/wavelength between.
+    fn inv_freq(c: &ModelConfig) -> Vec<f64> {
+        let d = c.head_dim();
+        (0..d / 2)
+            .map(|i| {
+                let f = (c.rope_theta as f64).powf(-2.0 * i as f64 / d as f64);
+                let Some(s) = c.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else {
+                    return f;
+                };
+                let (factor, lo, hi) = (s.factor as f64, s.low_freq_factor as f64, s.high_freq_factor as f64);
+                let ctx = s.original_max_position_embeddings as f64;
+                let ctx_over_wavelen = ctx * f / (2.0 * std::f64::consts::PI);
+                let t = ((ctx_over_wavelen - lo) / (hi - lo)).clamp(0.0, 1.0);
+                f / factor * (1.0 - t) + f * t
+            })
+            .collect()
     }
 
     fn mul(m: &Mat, x: &[f64]) -> Vec<f64> {
@@ -217,11 +277,11 @@ mod naive {
             .collect()
     }
 
-    fn rope(x: &mut [f64], pos: usize, inv_freq: &[f32]) {
+    fn rope(x: &mut [f64], pos: usize, inv_freq: &[f64]) {
         let half = inv_freq.len();
         for head in x.chunks_mut(2 * half) {
             for i in 0..half {
-                let angle = pos as f64 * inv_freq[i] as f64;
+                let angle = pos as f64 * inv_freq[i];
                 let (a, b) = (head[i], head[i + half]);
                 head[i] = a * angle.cos() - b * angle.sin();
                 head[i + half] = b * angle.cos() + a * angle.sin();
@@ -234,7 +294,7 @@ mod naive {
         let c = &w.config;
         let (hd, nh, nkv) = (c.head_dim(), c.num_attention_heads, c.num_kv_heads());
         let eps = c.rms_norm_eps as f64;
-        let inv_freq = c.rope_inv_freq();
+        let inv_freq = inv_freq(c);
         let embed = vec_of(w, "model.embed_tokens.weight");
         let mut xs: Vec<Vec<f64>> = tokens
             .iter()

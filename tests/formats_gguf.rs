@@ -156,13 +156,32 @@ fn h(x: f32) -> [u8; 2] {
     f16::from_f32(x).to_le_bytes()
 }
 
+/// Each element within 1e-6 of |want| (at least 1e-12 absolute); a NaN or infinity on either
+/// side fails. The message gives the first bad index and the largest errors.
+#[track_caller]
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let tol = 1e-6 * w.abs().max(1e-6);
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}: element {i}: got {g}, want {w}"
+    let (mut first_bad, mut bad, mut max_abs, mut max_rel) = (None, 0usize, 0.0f32, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = if g.is_finite() && w.is_finite() {
+            (g - w).abs()
+        } else {
+            f32::INFINITY
+        };
+        let rel = err / w.abs().max(1e-6);
+        if !(rel <= 1e-6) {
+            bad += 1;
+            first_bad.get_or_insert(i);
+        }
+        (max_abs, max_rel) = (max_abs.max(err), max_rel.max(rel));
+    }
+    if let Some(i) = first_bad {
+        panic!(
+            "{what}: first bad element {i}: got {}, want {}; {bad} bad of {}; max abs error {max_abs:e}, \
+             max relative error {max_rel:e} (tolerance 1e-6)",
+            got[i],
+            want[i],
+            got.len()
         );
     }
 }
@@ -964,6 +983,31 @@ fn header_of(
     let h = read_header(&path).expect("valid header");
     std::fs::remove_file(&path).ok();
     h
+}
+
+/// Values that later divide or size buffers are refused by name, never a panic (issue 13 item 4).
+#[test]
+fn zero_or_absurd_dimensions_are_config_errors_not_panics() {
+    for (key, value, named) in [
+        ("llama.attention.head_count_kv", MetaValue::U32(0), "num_key_value_heads"),
+        ("llama.attention.head_count", MetaValue::U32(0), "num_attention_heads"),
+        ("llama.embedding_length", MetaValue::U32(0), "hidden_size"),
+        ("llama.context_length", MetaValue::U32(0), "max_position_embeddings"),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(f32::NAN), "rms_norm_eps"),
+        ("llama.embedding_length", MetaValue::U32(u32::MAX), "hidden_size"),
+    ] {
+        let mut meta = model_meta("llama", 1);
+        for (k, v) in meta.iter_mut() {
+            if k == key {
+                *v = value.clone();
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            config_from_gguf(&header_of(&format!("bad-{named}"), &meta, &[]))
+        });
+        let msg = err_msg(result.unwrap_or_else(|_| panic!("{key} = {value:?} panicked")));
+        assert!(msg.contains(named), "{key} = {value:?}: {msg}");
+    }
 }
 
 #[test]

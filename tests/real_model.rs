@@ -30,7 +30,10 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
 fn gpu_greedy_continuation_equals_the_cpu_reference() {
     let path = model::resolve(None).expect("fetch and quantize the default model");
     let loaded = model::load(&path, false).expect("load");
-    let cpu = CpuModel::new(&loaded.weights).expect("cpu");
+    // The CPU reference quantizes decode activations as the GPU does by default.
+    let cpu = CpuModel::new(&loaded.weights)
+        .expect("cpu")
+        .with_decode_activations(EngineOptions::default().decode_activations);
     let mut engine = GpuModel::new(
         gpu(),
         &loaded.weights,
@@ -66,7 +69,9 @@ fn gpu_greedy_continuation_equals_the_cpu_reference() {
         let ids = tok.encode(prompt, *add_bos).expect("encode");
         engine.reset();
         let on_gpu = generate(&mut engine, tok, &ids, &opts, &mut |_| {}).expect("gpu generate");
-        let mut decoder = CpuDecoder::new(&cpu, 512);
+        // An f16 KV cache as the GPU's: int8 decode activations would magnify an f32 cache's
+        // differences (kernels_q8 and model_gpu check the arithmetic tightly).
+        let mut decoder = CpuDecoder::new(&cpu, 512).with_f16_cache();
         let on_cpu = generate(&mut decoder, tok, &ids, &opts, &mut |_| {}).expect("cpu generate");
         assert_eq!(
             on_cpu.generated_token_ids.len(),

@@ -74,27 +74,132 @@ pub fn poisoned(gpu: &Gpu, label: &str, n: usize) -> wgpu::Buffer {
     gpu.storage_from(label, &vec![f32::NAN; n])
 }
 
-/// Compares `got` with `want`: fails (with the first bad index and the worst errors) when any
-/// element differs by more than `tol * max(|want|_inf, 1e-6)`, or is not finite.
+/// Compares `got` with `want`: fails when any element differs by more than
+/// `tol * max(|want|_inf, 1e-6)`, or when any value of `got` or of `want` is not finite (a NaN or
+/// an infinity in the expected values means the oracle itself is broken; it must not pass as
+/// "no larger than the tolerance"). The message gives the first bad index, how many are bad, and
+/// the largest absolute and relative errors with their indices.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let mut worst = 0.0f32;
-    let mut first_bad = None;
+    if let Some(report) = close_report(got, want, tol) {
+        panic!("{what}: {report}");
+    }
+}
+
+/// What [`assert_close`] checks, as a value: `None` when close, else the failure message.
+pub fn close_report(got: &[f32], want: &[f32], tol: f32) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("length {} but {} expected", got.len(), want.len()));
+    }
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(1e-6);
+    let (mut bad, mut first_bad) = (0usize, None);
+    let (mut max_abs, mut at_abs) = (0.0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs() / scale;
-        if !g.is_finite() || err > tol {
+        let err = if g.is_finite() && w.is_finite() {
+            (g - w).abs()
+        } else {
+            f32::INFINITY
+        };
+        if !(err / scale <= tol) {
+            bad += 1;
             first_bad.get_or_insert(i);
         }
-        if err > worst || !g.is_finite() {
-            worst = if g.is_finite() { err } else { f32::INFINITY };
+        if err > max_abs {
+            (max_abs, at_abs) = (err, i);
         }
     }
-    if let Some(i) = first_bad {
-        panic!(
-            "{what}: first bad index {i}: got {} want {}; max relative error {worst:e} (tolerance {tol:e}, scale {scale})",
-            got[i], want[i]
-        );
+    let i = first_bad?;
+    let side = match (got[i].is_finite(), want[i].is_finite()) {
+        (_, false) => " (the expected value is not finite)",
+        (false, true) => " (not finite)",
+        _ => "",
+    };
+    Some(format!(
+        "first bad index {i} of {}: got {} want {}{side}; {bad} bad; max abs error {max_abs:e} at {at_abs}, \
+         max relative error {:e} (tolerance {tol:e}, relative to max |want| = {scale:e})",
+        got.len(),
+        got[i],
+        want[i],
+        max_abs / scale
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_report;
+
+    #[test]
+    fn non_finite_values_on_either_side_fail_with_their_index() {
+        let want = [1.0f32, -2.0, 3.0, 0.5];
+        assert_eq!(close_report(&want, &want, 0.0), None);
+        assert_eq!(close_report(&[1.0, -2.0, 3.001, 0.5], &want, 1e-3), None);
+        for (got, want, index, what) in [
+            ([1.0, f32::NAN, 3.0, 0.5], want, 1, "not finite"),
+            ([1.0, -2.0, f32::INFINITY, 0.5], want, 2, "not finite"),
+            (want, [1.0, -2.0, 3.0, f32::NAN], 3, "expected value is not finite"),
+            (want, [f32::NEG_INFINITY, -2.0, 3.0, 0.5], 0, "expected value is not finite"),
+            ([f32::NAN; 4], [f32::NAN; 4], 0, "expected value is not finite"),
+        ] {
+            let msg = close_report(&got, &want, 1.0).expect("must fail");
+            assert!(
+                msg.contains(&format!("first bad index {index} ")) && msg.contains(what),
+                "{msg}"
+            );
+        }
     }
+
+    #[test]
+    fn the_report_gives_the_largest_errors_and_the_count() {
+        let want = [1.0f32, 2.0, 4.0, -4.0];
+        let got = [1.1f32, 2.0, 4.0, -3.0];
+        let msg = close_report(&got, &want, 0.01).expect("must fail");
+        assert!(msg.contains("first bad index 0 "), "{msg}");
+        assert!(msg.contains("2 bad"), "{msg}");
+        assert!(msg.contains("max abs error 1e0 at 3"), "{msg}");
+        assert!(msg.contains("max relative error 2.5e-1"), "{msg}");
+        assert_eq!(close_report(&got[..3], &want, 1.0).map(|m| m.contains("length")), Some(true));
+    }
+}
+
+/// Parses, validates (all capabilities) and compiles a kernel (after `shader_source`) to SPIR-V
+/// with naga, as wgpu would on a GPU that has every feature it uses; returns the words. For
+/// kernels the test adapter cannot run (cooperative matrices on lavapipe).
+pub fn compile_to_spirv(name: &str, kernel: &str, overrides: &[(&str, f64)]) -> Vec<u32> {
+    use wgpu::naga;
+    let src = super::shader_source(kernel);
+    let module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let mut constants = naga::back::PipelineConstants::default();
+    for (k, v) in overrides {
+        constants.insert(k.to_string(), *v);
+    }
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((naga::ShaderStage::Compute, "main")),
+        &constants,
+    )
+    .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        ..Default::default()
+    };
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: "main".into(),
+    };
+    let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+    assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
+    words
 }
