@@ -681,7 +681,7 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         ("grouped".to_string(), grouped),
     ];
     if s.sweep {
-        for target in [256, 1024, 2048] {
+        for target in [128, 256, 1024, 2048] {
             for min in [32, 128] {
                 let o = DecodeOptions {
                     min_split_positions: min,

@@ -12,17 +12,19 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
   set -e
   mkdir -p .device-bin/attn
-  cargo build --release --tests --benches
   for target in "test kernels_attention" "bench kernels"; do
     set -- $target
     exe=$(cargo test --release --no-run --message-format=json --"$1" "$2" 2>/dev/null |
       python3 -c '
 import json, sys
+kind, name = sys.argv[1:3]
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("name") == name and t.get("kind") == [kind]:
         print(m["executable"])
-' | tail -1)
+' "$1" "$2" | tail -1)
+    [ -n "$exe" ] || { echo "prepare: no executable for $target" >&2; exit 1; }
     strip -o ".device-bin/attn/$2" "$exe"
   done
   du -sh .device-bin/attn/* | sed 's/^/prepare: /'
@@ -41,6 +43,6 @@ timeout 300 .device-bin/attn/kernels_attention >"$OUT/attention-tests.log" 2>&1
 echo "kernels_attention: exit $?"
 grep -E "^(test |test result|test GPU)" "$OUT/attention-tests.log"
 
-timeout 400 .device-bin/attn/kernels --attention-only ${SWEEP:---sweep} >"$OUT/attention-bench.md" 2>&1
+timeout 400 .device-bin/attn/kernels --attention-only ${SWEEP---sweep} >"$OUT/attention-bench.md" 2>&1
 echo "kernels bench: exit $?"
 cat "$OUT/attention-bench.md"

@@ -49,7 +49,8 @@ struct Params {
 
 // Head dimension: 32, 64 or 128.
 override HD: u32 = 128u;
-// Query heads per workgroup (1 to 8), as vec4 lanes of NQ quads.
+// Query heads per workgroup (1 to 8), as vec4 lanes of NQ quads. With 5 (Qwen2-32B's group) the
+// second quad holds one head, and only its lane is computed.
 override GB: u32 = 4u;
 override NQ: u32 = (GB + 3u) / 4u;
 
@@ -108,6 +109,14 @@ fn unpack_hi(w: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
 }
 
+// Four dims (vec4 `w4`) of query head h, scaled; 0 unless `valid`.
+fn query_row(h: u32, valid: bool, w4: u32) -> vec4<f32> {
+    if !valid {
+        return vec4<f32>(0.0);
+    }
+    return q[h * (HD / 4u) + w4] * inverseSqrt(f32(HD));
+}
+
 // Four dims (vec4 `w4` of a head) of query heads 4*quad .. 4*quad+3 of the batch, scaled: column c
 // is dim c, lane j is head j. Heads past n_here are 0.
 fn query_quad(head0: u32, n_here: u32, quad: u32, w4: u32) -> mat4x4<f32> {
@@ -164,7 +173,10 @@ fn store_partial(row: u32, dg: u32, kw: vec4<u32>, qa_lo: mat4x4<f32>, qb_lo: ma
     let kb = unpack_hi(kw);
     let s4 = HD8 + 1u;
     red_s[row * s4 + dg] = qa_lo * ka + qb_lo * kb;
-    if NQ > 1u {
+    if GB == 5u {
+        // One head in the second quad (Qwen2-32B's group of 5): its query is column 0.
+        red_s[(TILE + row) * s4 + dg] = vec4<f32>(dot(qa_hi[0], ka) + dot(qb_hi[0], kb), 0.0, 0.0, 0.0);
+    } else if NQ > 1u {
         red_s[(TILE + row) * s4 + dg] = qa_hi * ka + qb_hi * kb;
     }
 }
@@ -205,7 +217,11 @@ fn accumulate(acc: ptr<function, Acc>, p: u32, n: u32, vw: vec4<u32>) {
     let e_lo = select(vec4<f32>(0.0), sc_s[p * NQ], p < n);
     (*acc).a_lo += mat4x4<f32>(va * e_lo.x, va * e_lo.y, va * e_lo.z, va * e_lo.w);
     (*acc).b_lo += mat4x4<f32>(vb * e_lo.x, vb * e_lo.y, vb * e_lo.z, vb * e_lo.w);
-    if NQ > 1u {
+    if GB == 5u {
+        let e4 = select(0.0, sc_s[p * NQ + 1u].x, p < n);
+        (*acc).a_hi[0] += va * e4;
+        (*acc).b_hi[0] += vb * e4;
+    } else if NQ > 1u {
         let e_hi = select(vec4<f32>(0.0), sc_s[p * NQ + 1u], p < n);
         (*acc).a_hi += mat4x4<f32>(va * e_hi.x, va * e_hi.y, va * e_hi.z, va * e_hi.w);
         (*acc).b_hi += mat4x4<f32>(vb * e_hi.x, vb * e_hi.y, vb * e_hi.z, vb * e_hi.w);
@@ -231,14 +247,17 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let row0 = kvh * params.ctx + start;
 
     // Pass 1: scores of the chunk into sc_s[position * NQ + quad]. The next tile's K words are
-    // in flight while a tile is scored (after the last tile, "next" re-reads the chunk's last row).
+    // in flight while a tile is scored; during the last tile, the first tile's V words instead.
+    var k = load_tile(true, row0, pg, dg, n, 0u);
     {
-        var k = load_tile(true, row0, pg, dg, n, 0u);
         let qa_lo = query_quad(head0, n_here, 0u, 2u * dg);
         let qb_lo = query_quad(head0, n_here, 0u, 2u * dg + 1u);
         var qa_hi = mat4x4<f32>();
         var qb_hi = mat4x4<f32>();
-        if NQ > 1u {
+        if GB == 5u {
+            qa_hi[0] = query_row(head0 + 4u, n_here > 4u, 2u * dg);
+            qb_hi[0] = query_row(head0 + 4u, n_here > 4u, 2u * dg + 1u);
+        } else if NQ > 1u {
             qa_hi = query_quad(head0, n_here, 1u, 2u * dg);
             qb_hi = query_quad(head0, n_here, 1u, 2u * dg + 1u);
         }
@@ -248,7 +267,8 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             let k1 = k.w1;
             let k2 = k.w2;
             let k3 = k.w3;
-            k = load_tile(true, row0, pg, dg, n, t0 + TILE);
+            let more = t0 + TILE < n;
+            k = load_tile(more, row0, pg, dg, n, select(0u, t0 + TILE, more));
             store_partial(pg, dg, k0, qa_lo, qb_lo, qa_hi, qb_hi);
             store_partial(pg + NPH, dg, k1, qa_lo, qb_lo, qa_hi, qb_hi);
             store_partial(pg + 2u * NPH, dg, k2, qa_lo, qb_lo, qa_hi, qb_hi);
@@ -270,9 +290,9 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
     }
 
-    // Pass 2: max and sum per head, probabilities in place of the scores; the first V tile is in
-    // flight meanwhile.
-    var v = load_tile(false, row0, pg, dg, n, 0u);
+    // Pass 2: max and sum per head, probabilities in place of the scores (the first V tile is in
+    // flight meanwhile), then P·V.
+    var v = k;
     var m = Quads(vec4<f32>(NEG), vec4<f32>(NEG));
     for (var p = lid; p < n; p += WG) {
         m.lo = max(m.lo, sc_s[p * NQ]);
@@ -345,9 +365,11 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
 }
 
-var<workgroup> cb_red: array<f32, WG>;
+// Combine: threads per workgroup.
+const CB_WG: u32 = 256u;
+var<workgroup> cb_red: array<f32, CB_WG>;
 var<workgroup> cb_part: array<f32, 16>;
-var<workgroup> cb_o: array<vec4<f32>, WG>;
+var<workgroup> cb_o: array<vec4<f32>, CB_WG>;
 
 // Sum or max of one f32 per thread, in two levels as reduce_wg; every thread gets the result.
 fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
@@ -355,7 +377,7 @@ fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     workgroupBarrier();
     if lid < 16u {
         var r = cb_red[lid];
-        for (var i = 1u; i < WG / 16u; i++) {
+        for (var i = 1u; i < CB_WG / 16u; i++) {
             let o = cb_red[lid + 16u * i];
             r = select(r + o, max(r, o), is_max);
         }
@@ -371,47 +393,60 @@ fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(256)
 fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let hd4 = HD / 4u;
     let head = wid.x;
     let n_splits = min(split_layout(step_kv_len()).n, params.max_splits);
     let first = head * params.max_splits;
 
+    // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ... in blocks of eight. The first
+    // block is loaded with the maxima, before the common max is known: up to 8 * nsg splits (64 at
+    // head dim 128) cost one round trip to memory.
+    let w4 = lid % hd4;
+    let sg = lid / hd4;
+    let nsg = CB_WG / hd4;
+    var part: array<vec4<f32>, 8>;
+    var ml: array<vec2<f32>, 8>;
+    for (var u = 0u; u < 8u; u++) {
+        let s = min(sg + u * nsg, n_splits - 1u);
+        part[u] = part_o[(first + s) * hd4 + w4];
+        ml[u] = part_ml[first + s];
+    }
     var mx = NEG;
-    for (var s = lid; s < n_splits; s += WG) {
+    for (var s = lid; s < n_splits; s += CB_WG) {
         mx = max(mx, part_ml[first + s].x);
     }
     let m_all = combine_reduce(lid, mx, true);
-    var lsum = 0.0;
-    for (var s = lid; s < n_splits; s += WG) {
-        let ml = part_ml[first + s];
-        lsum += exp(ml.x - m_all) * ml.y;
-    }
-    let l_all = combine_reduce(lid, lsum, false);
 
-    // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ...; eight loads in flight per
-    // step.
-    let w4 = lid % hd4;
-    let sg = lid / hd4;
-    let nsg = WG / hd4;
     var o = vec4<f32>(0.0);
+    var l = 0.0;
     for (var s0 = sg; s0 < n_splits; s0 += 8u * nsg) {
+        if s0 != sg {
+            for (var u = 0u; u < 8u; u++) {
+                let s = min(s0 + u * nsg, n_splits - 1u);
+                part[u] = part_o[(first + s) * hd4 + w4];
+                ml[u] = part_ml[first + s];
+            }
+        }
         for (var u = 0u; u < 8u; u++) {
-            let s = min(s0 + u * nsg, n_splits - 1u);
-            let w = exp(part_ml[first + s].x - m_all);
-            let part = part_o[(first + s) * hd4 + w4];
             if s0 + u * nsg < n_splits {
-                o += w * part;
+                let w = exp(ml[u].x - m_all);
+                o += w * part[u];
+                l += w * ml[u].y;
             }
         }
     }
+    // Every thread of a split group has the same l.
     cb_o[lid] = o;
+    cb_red[lid] = l;
     workgroupBarrier();
     if sg == 0u {
         var total = vec4<f32>(0.0);
+        var l_all = 0.0;
         for (var g = 0u; g < nsg; g++) {
             total += cb_o[g * hd4 + w4];
+            l_all += cb_red[g * hd4];
         }
         out[head * hd4 + w4] = total / l_all;
     }
