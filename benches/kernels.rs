@@ -5,8 +5,12 @@
 //! INT4 GEMV (decode), INT4 GEMM (prompt) and decode attention over the KV cache at several
 //! context lengths.
 //! `Q4WGPU_BENCH_SMALL=1` (or the argument `--small`) runs small shapes, for lavapipe.
+//! `Q4WGPU_BENCH_GEMM_ONLY=1` (or `--gemm-only`) runs only the GEMM table;
+//! `Q4WGPU_BENCH_GEMM_M=512,4096` sets its token counts (default 512, 64, 4096).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
-//! `GemvQ4::config_for`.
+//! `GemvQ4::config_for`, and decode attention's split settings.
+//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and
+//! decode attention.
 //!
 //! GEMV GB/s = (qweight + scales + x bytes) / median time; weights rotate over enough copies
 //! that they cannot stay in the GPU's L2 cache between runs. Times come from timestamp queries
@@ -14,11 +18,13 @@
 //! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
 
 use q4wgpu::gpu::Gpu;
-use q4wgpu::kernels::attention::Attention;
+use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
-use q4wgpu::quant::blocks_per_row;
+use q4wgpu::quant::{blocks_per_row, ActQ8};
 use std::time::Instant;
 
 const SAMPLES: usize = 21;
@@ -88,13 +94,18 @@ struct Settings {
     /// Weights rotate over copies totalling at least this many bytes (defeats the L2 cache).
     rotate_bytes: u64,
     stream_bytes: u64,
-    gemm_m: usize,
+    /// Token counts of the GEMM table.
+    gemm_ms: Vec<usize>,
     /// Decode attention: (query heads, KV heads, head dim) and the context lengths timed.
     attention: (usize, usize, usize),
     contexts: Vec<usize>,
     reps: usize,
     naive: bool,
     sweep: bool,
+    /// Only the streaming read and decode attention (`--attention-only`).
+    attention_only: bool,
+    /// Only the GEMM table (`--gemm-only`).
+    gemm_only: bool,
 }
 
 fn settings() -> Settings {
@@ -103,6 +114,12 @@ fn settings() -> Settings {
         args.iter().any(|a| a == arg) || std::env::var(env).is_ok_and(|v| v != "0")
     };
     let sweep = flag("--sweep", "Q4WGPU_BENCH_SWEEP");
+    let attention_only = flag("--attention-only", "Q4WGPU_BENCH_ATTENTION_ONLY");
+    let gemm_only = flag("--gemm-only", "Q4WGPU_BENCH_GEMM_ONLY");
+    // Q4WGPU_BENCH_GEMM_M=512,4096 overrides the GEMM token counts.
+    let gemm_m: Option<Vec<usize>> = std::env::var("Q4WGPU_BENCH_GEMM_M")
+        .ok()
+        .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect());
     if flag("--small", "Q4WGPU_BENCH_SMALL") {
         // SmolLM2-135M's shapes (hidden 576, 3 KV heads of 64, FFN 1536), small enough for lavapipe.
         let shapes = vec![
@@ -131,12 +148,14 @@ fn settings() -> Settings {
             shapes,
             rotate_bytes: 0,
             stream_bytes: 16 << 20,
-            gemm_m: 32,
+            gemm_ms: gemm_m.clone().unwrap_or(vec![32, 100]),
             attention: (9, 3, 64),
             contexts: vec![64, 512],
             reps: 1,
             naive: true,
             sweep,
+            attention_only,
+            gemm_only,
         }
     } else {
         let (h, kv, ffn, vocab) = (5120, 1024, 27648, 152064);
@@ -171,12 +190,14 @@ fn settings() -> Settings {
             shapes,
             rotate_bytes: 256 << 20,
             stream_bytes: 1 << 30,
-            gemm_m: 512,
+            gemm_ms: gemm_m.unwrap_or(vec![512, 64, 4096]),
             attention: (40, 8, 128),
-            contexts: vec![512, 2048, 8192, 32768],
+            contexts: vec![512, 4096, 8192, 16384, 32768],
             reps: 10,
             naive: false,
             sweep,
+            attention_only,
+            gemm_only,
         }
     }
 }
@@ -451,8 +472,16 @@ fn main() {
         sig(copy_gbs)
     );
 
-    let gemv = GemvQ4::new(&gpu).expect("gemv compiles");
+    if s.attention_only {
+        attention_decode(&gpu, &s, read_gbs);
+        return;
+    }
     let gemm = GemmQ4::new(&gpu).expect("gemm compiles");
+    if s.gemm_only {
+        gemm_table(&gpu, &s, &gemm);
+        return;
+    }
+    let gemv = GemvQ4::new(&gpu).expect("gemv compiles");
     println!("## GEMV (M = 1)\n");
     println!(
         "| matrix | K | N | MB | µs | GB/s | of stream read | config |{}",
@@ -526,77 +555,145 @@ fn main() {
         }
     }
 
-    let m = s.gemm_m;
-    println!("\n## GEMM (M = {m})\n");
-    println!("| matrix | K | N | variant | ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- |");
-    let step = gpu.uniform(
-        "bench step",
-        &StepParams {
-            pos: 0,
-            n_tokens: m as u32,
-            kv_len: m as u32,
-            _pad: 0,
-        },
-    );
-    let mut variants = vec![GemmVariant::Tiled];
-    if gemm.variant() == GemmVariant::Coop {
-        variants.insert(0, GemmVariant::Coop);
-    }
-    for (i, shape) in s.shapes.iter().enumerate() {
-        let w = Matrix::random(&gpu, shape.n, shape.k, 99 + i as u64);
-        let x_host: Vec<f32> = random_words(m * shape.k, 5)
-            .iter()
-            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-            .collect();
-        let x = gpu.storage_from("bench X", &x_host);
-        let y = gpu.storage_buffer("bench Y", (m * shape.n * 4) as u64);
-        for &variant in &variants {
-            let opts = GemmOptions {
-                variant: Some(variant),
-                ..Default::default()
-            };
-            let bound = match gemm.bind_with(
-                &gpu,
-                w.q4ref(),
-                BufRange::whole(&x),
-                BufRange::whole(&y),
-                None,
-                Epilogue::Store,
-                m,
-                &step,
-                &opts,
-            ) {
-                Ok(d) => d,
-                Err(e) => {
-                    println!(
-                        "| {} | {} | {} | {variant:?} | — | {e} |",
-                        shape.name, shape.k, shape.n
-                    );
-                    continue;
-                }
-            };
-            let t = time_per_call(&gpu, 1, &|pass, _| encode_all(pass, &bound));
-            let flops = 2.0 * m as f64 * shape.n as f64 * shape.k as f64;
-            println!(
-                "| {} | {} | {} | {variant:?} | {} | {} |",
-                shape.name,
-                shape.k,
-                shape.n,
-                sig(t * 1e3),
-                sig(flops / t / 1e12)
-            );
-        }
-    }
+    gemv_int8(&gpu, &s, read_gbs);
+    barrier_cost(&gpu, &s);
+    gemm_table(&gpu, &s, &gemm);
     attention_decode(&gpu, &s, read_gbs);
 }
 
+/// The GEMM kernels a table row compares on this adapter for `m` tokens: the default first,
+/// then the other tiles, then the first kernels.
+fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize) -> Vec<GemmVariant> {
+    let mut v = vec![gemm.variant_for(m, n, k)];
+    if gemm.has_hardware_coop() {
+        for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2)] {
+            v.push(GemmVariant::CoopTile { tm, tn });
+        }
+        v.push(GemmVariant::Coop);
+    }
+    v.push(GemmVariant::Reg {
+        rm: if m > 32 { 8 } else { 2 },
+    });
+    v.push(GemmVariant::Tiled);
+    let mut seen = Vec::new();
+    v.retain(|x| {
+        let new = !seen.contains(x);
+        seen.push(*x);
+        new
+    });
+    v
+}
+
+/// INT4 GEMM (prompt processing) on each shape at each token count, every kernel variant:
+/// TFLOP/s = 2 M N K / median time.
+fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
+    for &m in &s.gemm_ms {
+        println!("\n## GEMM (M = {m})\n");
+        println!("| matrix | K | N | variant | tile | ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- |");
+        let step = gpu.uniform(
+            "bench step",
+            &StepParams {
+                pos: 0,
+                n_tokens: m as u32,
+                kv_len: m as u32,
+                _pad: 0,
+            },
+        );
+        for (i, shape) in s.shapes.iter().enumerate() {
+            let y_bytes = (m * shape.n * 4) as u64;
+            if y_bytes > gpu.limits.max_storage_buffer_binding_size {
+                println!(
+                    "| {} | {} | {} | all | — | — | Y ({y_bytes} bytes) exceeds one binding |",
+                    shape.name, shape.k, shape.n
+                );
+                continue;
+            }
+            let w = Matrix::random(gpu, shape.n, shape.k, 99 + i as u64);
+            let x_host: Vec<f32> = random_words(m * shape.k, 5)
+                .iter()
+                .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+                .collect();
+            let x = gpu.storage_from("bench X", &x_host);
+            let y = gpu.storage_buffer("bench Y", y_bytes);
+            for variant in gemm_variants(gemm, m, shape.n, shape.k) {
+                let opts = GemmOptions {
+                    variant: Some(variant),
+                    ..Default::default()
+                };
+                let (tm, tn) = variant.tile();
+                let bound = match gemm.bind_with(
+                    gpu,
+                    w.q4ref(),
+                    BufRange::whole(&x),
+                    BufRange::whole(&y),
+                    None,
+                    Epilogue::Store,
+                    m,
+                    &step,
+                    &opts,
+                ) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        println!(
+                            "| {} | {} | {} | {variant:?} | {tm}x{tn} | — | {e} |",
+                            shape.name, shape.k, shape.n
+                        );
+                        continue;
+                    }
+                };
+                let t = time_per_call(gpu, 1, &|pass, _| encode_all(pass, &bound));
+                let flops = 2.0 * m as f64 * shape.n as f64 * shape.k as f64;
+                println!(
+                    "| {} | {} | {} | {variant:?} | {tm}x{tn} | {} | {} |",
+                    shape.name,
+                    shape.k,
+                    shape.n,
+                    sig(t * 1e3),
+                    sig(flops / t / 1e12)
+                );
+            }
+        }
+    }
+}
+
 /// Decode attention (split over the sequence, then combined) of one token over a full KV cache
-/// of each context length: µs per layer and GB/s of KV cache read (f16 K and V).
+/// of each context length: µs per layer and GB/s of KV cache read (f16 K and V), for the previous
+/// kernel ("legacy") and the grouped one; with `--sweep`, also the grouped kernel's split settings.
+/// Caches rotate over copies totalling `rotate_bytes` (as the layers of a model do), so a short
+/// context is not served from L2.
 fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     let (heads, kv_heads, hd) = s.attention;
     println!("\n## Attention, decode ({heads} query heads, {kv_heads} KV heads, head dim {hd})\n");
-    println!("| context | µs | KV GB/s | of stream read |\n| --- | --- | --- | --- |");
-    let attention = Attention::new(gpu).expect("attention compiles");
+    println!(
+        "| kernel | context | splits | µs | KV GB/s | of stream read |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let grouped = DecodeOptions::default();
+    let mut variants = vec![
+        (
+            "legacy".to_string(),
+            DecodeOptions {
+                kernel: DecodeKernel::Legacy,
+                ..grouped
+            },
+        ),
+        ("grouped".to_string(), grouped),
+    ];
+    if s.sweep {
+        for target in [256, 1024, 2048] {
+            for min in [32, 128] {
+                let o = DecodeOptions {
+                    min_split_positions: min,
+                    target_workgroups: target,
+                    ..grouped
+                };
+                variants.push((format!("grouped wg {target} min {min}"), o));
+            }
+        }
+    }
+    let kernels: Vec<(String, Attention)> = variants
+        .into_iter()
+        .map(|(name, o)| (name, Attention::with_decode(gpu, o).expect("attention compiles")))
+        .collect();
     for &ctx in &s.contexts {
         let q_host: Vec<f32> = random_words(heads * hd, 11)
             .iter()
@@ -604,13 +701,21 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             .collect();
         let q = gpu.storage_from("bench q", &q_host);
         let out = gpu.storage_buffer("bench attention out", (heads * hd * 4) as u64);
+        let kv_bytes = (2 * kv_heads * ctx * hd * 2) as u64;
         // f16 values in [-1, 1): an exponent field below 15 keeps every value finite.
         let cache_words: Vec<u32> = random_words(kv_heads * ctx * hd / 2, 13)
             .iter()
             .map(|w| w & 0xBBFF_BBFF)
             .collect();
-        let k_cache = gpu.storage_from("bench k cache", &cache_words);
-        let v_cache = gpu.storage_from("bench v cache", &cache_words);
+        let copies = s.rotate_bytes.div_ceil(kv_bytes).clamp(1, 128) as usize;
+        let caches: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..copies)
+            .map(|_| {
+                (
+                    gpu.storage_from("bench k cache", &cache_words),
+                    gpu.storage_from("bench v cache", &cache_words),
+                )
+            })
+            .collect();
         let step = gpu.uniform(
             "bench step",
             &StepParams {
@@ -620,23 +725,172 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                 _pad: 0,
             },
         );
-        let bound = match attention.bind(
-            gpu, &q, &k_cache, &v_cache, &out, heads, kv_heads, hd, ctx, 1, &step,
-        ) {
-            Ok(b) => b,
-            Err(e) => {
-                println!("| {ctx} | — | {e} | |");
-                continue;
+        for (name, attention) in &kernels {
+            let bound: Result<Vec<_>, _> = caches
+                .iter()
+                .map(|(k, v)| {
+                    attention.bind(gpu, &q, k, v, &out, heads, kv_heads, hd, ctx, 1, &step)
+                })
+                .collect();
+            let bound = match bound {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("| {name} | {ctx} | | — | {e} | |");
+                    continue;
+                }
+            };
+            let splits = match name.as_str() {
+                "legacy" => bound[0].max_splits,
+                _ => attention
+                    .decode_layout(heads, kv_heads, hd, ctx)
+                    .map_or(0, |l| l.splits),
+            };
+            let t = time_per_call(gpu, s.reps, &|pass, i| {
+                encode_all(pass, &bound[i % bound.len()].decode)
+            });
+            let gbs = kv_bytes as f64 / t / 1e9;
+            println!(
+                "| {name} | {ctx} | {splits} | {} | {} | {:.2} |",
+                sig(t * 1e6),
+                sig(gbs),
+                gbs / read_gbs
+            );
+        }
+    }
+}
+
+/// The int8-activation GEMV (gemv_q4_q8) on the same shapes, with its activation quantizer, and
+/// (with --sweep) every workgroup shape: GB/s of weights + quantized x.
+fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
+    let kernel = GemvQ4Q8::new(gpu).expect("gemv_q4_q8 compiles");
+    println!("\n## GEMV, int8 activations (M = 1)\n");
+    println!("| matrix | K | N | MB | µs | GB/s | of stream read | config | input quantized in: µs |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut sweeps = Vec::new();
+    for (i, shape) in s.shapes.iter().enumerate() {
+        let first = Matrix::random(gpu, shape.n, shape.k, 77 + i as u64);
+        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
+        let mut copies = vec![first];
+        for c in 1..n_copies {
+            copies.push(Matrix::random(gpu, shape.n, shape.k, 2000 * c as u64 + i as u64));
+        }
+        let x_host: Vec<f32> = random_words(shape.k, 3)
+            .iter()
+            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+            .collect();
+        let a = ActQ8::quantize(&x_host);
+        let x = ActQ8Buffers::new(gpu, "bench x", shape.k);
+        gpu.queue.write_buffer(&x.words, 0, bytemuck::cast_slice(&a.packed_words()));
+        gpu.queue.write_buffer(&x.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
+        let y = gpu.storage_buffer("bench y", shape.n as u64 * 4);
+        let bytes = copies[0].bytes() + shape.k as u64 + shape.k as u64 / 4;
+        let time = |cfg: Option<GemvConfig>| -> Option<f64> {
+            let opts = GemvOptions { config: cfg, ..Default::default() };
+            let mut bound = Vec::new();
+            for m in &copies {
+                match kernel.bind(gpu, m.q4ref(), Q8Input::Quantized(&x), BufRange::whole(&y), None, Epilogue::Store, &opts) {
+                    Ok(d) => bound.push(d),
+                    Err(e) => {
+                        eprintln!("  gemv_q4_q8 {cfg:?}: {e}");
+                        return None;
+                    }
+                }
             }
+            Some(time_per_call(gpu, s.reps, &|pass, i| encode_all(pass, &bound[i % bound.len()])))
         };
-        let t = time_per_call(gpu, s.reps, &|pass, _| encode_all(pass, &bound.decode));
-        let kv_bytes = (2 * kv_heads * ctx * hd * 2) as f64;
-        let gbs = kv_bytes / t / 1e9;
+        let cfg = kernel.config_for(shape.n, shape.k);
+        let Some(t) = time(None) else { continue };
+        let gbs = bytes as f64 / t / 1e9;
+        // The same product with x quantized by the GEMV as it reads it (the decode step's fused
+        // inputs: RMSNorm for the projections of the residual stream, SwiGLU for down, f32 for o).
+        let xf = gpu.storage_from("bench x f32", &[x_host.clone(), x_host.clone()].concat());
+        let norm = gpu.storage_from("bench norm", &vec![1.0f32; shape.k]);
+        let fused_input = match shape.name {
+            "o" => Q8Input::F32(BufRange::whole(&xf)),
+            "down" => Q8Input::SwiGlu(BufRange::whole(&xf)),
+            _ => Q8Input::RmsNorm { x: BufRange::whole(&xf), weight: &norm, eps: 1e-5 },
+        };
+        let fused: Vec<Vec<Dispatch>> = copies
+            .iter()
+            .filter_map(|m| kernel.bind(gpu, m.q4ref(), fused_input, BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default()).ok())
+            .collect();
+        let t_fused = time_per_call(gpu, s.reps, &|pass, i| encode_all(pass, &fused[i % fused.len()]));
         println!(
-            "| {ctx} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {} | {} | {:.2} | wg {} rows {} | {} |",
+            shape.name,
+            shape.k,
+            shape.n,
+            bytes as f64 / 1e6,
             sig(t * 1e6),
             sig(gbs),
-            gbs / read_gbs
+            gbs / read_gbs,
+            cfg.wg,
+            cfg.rows,
+            sig(t_fused * 1e6)
         );
+        if s.sweep {
+            for wg in [32, 64, 128, 256] {
+                for rows in [1, 2, 4, 8] {
+                    let cfg = GemvConfig { wg, rows, subgroups: gpu.caps.subgroups };
+                    if let Some(t) = time(Some(cfg)) {
+                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                    }
+                }
+            }
+        }
     }
+    if s.sweep {
+        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
+        for (name, cfg, gbs) in &sweeps {
+            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
+        }
+    }
+    let quant = QuantAct::new(gpu).expect("quant_act compiles");
+    let (h, ffn) = (s.shapes[0].k, s.shapes[3].k);
+    let x = gpu.storage_from("bench act", &vec![0.25f32; 2 * ffn.max(h)]);
+    let w = gpu.storage_from("bench norm", &vec![1.0f32; h]);
+    let out = ActQ8Buffers::new(gpu, "bench act q8", ffn.max(h));
+    println!("\n| activation quantizer | K | µs |\n| --- | --- | --- |");
+    for (name, input, k) in [
+        ("rmsnorm", ActInput::RmsNorm { weight: &w, eps: 1e-5 }, h),
+        ("plain", ActInput::Plain, h),
+        ("swiglu", ActInput::SwiGlu, ffn),
+    ] {
+        let d = quant.bind(gpu, input, &x, k, &out).expect("quant_act binds");
+        let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+        println!("| {name} | {k} | {} |", sig(t * 1e6));
+    }
+}
+
+/// What a barrier costs: tiny dispatches that each write a buffer no other dispatch of the
+/// command buffer touches (wgpu records no barrier between them) against the same dispatches all
+/// writing one buffer (a barrier before each: read-write to read-write, KERNELS.md §3).
+fn barrier_cost(gpu: &Gpu, _s: &Settings) {
+    const TINY: &str = "@group(0) @binding(0) var<storage, read_write> v: array<u32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) { v[g.x] = v[g.x] + 1u; }";
+    let pipeline = gpu.compute_pipeline("bench/tiny", TINY, "main", &[]).expect("tiny compiles");
+    const N: usize = 64;
+    // One pass of N dispatches per call, one call per pass: every dispatch of the command buffer
+    // gets its own buffer in the distinct case.
+    let calls = SAMPLES + WARMUP;
+    let buffers: Vec<wgpu::Buffer> =
+        (0..N * calls).map(|i| gpu.storage_buffer(&format!("tiny {i}"), 4096)).collect();
+    let groups: Vec<wgpu::BindGroup> =
+        buffers.iter().map(|b| gpu.bind_group("tiny", &pipeline, &[b])).collect();
+    let time = |distinct: bool| {
+        time_per_call(gpu, 1, &|pass, call| {
+            pass.set_pipeline(&pipeline);
+            for i in 0..N {
+                let g = if distinct { call * N + i } else { 0 };
+                pass.set_bind_group(0, &groups[g % groups.len()], &[]);
+                pass.dispatch_workgroups(16, 1, 1);
+            }
+        }) / N as f64
+    };
+    let (distinct, same) = (time(true), time(false));
+    println!(
+        "\n## Dispatch and barrier cost ({N} tiny dispatches per pass)\n\n| buffers | µs per dispatch |\n| --- | --- |\n| distinct (no barriers) | {} |\n| one read-write buffer (a barrier each) | {} |\n\nbarrier ≈ {} µs",
+        sig(distinct * 1e6),
+        sig(same * 1e6),
+        sig((same - distinct) * 1e6)
+    );
 }

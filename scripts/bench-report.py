@@ -6,8 +6,11 @@
 RESULTS: folders (or single files) of what the device run wrote under $OUT: machine.txt, the
 JSON results, logs.tar.gz (read in place: the part logs, with each line's arrival time, and
 vram.log, nvidia-smi's samples of the GPU's memory use). JSON files are recognised by content,
-whatever their names: `q4wgpu bench --json` reports, benches/cuda_path/cuda_path.py results (one
-object each) and llama-bench -o json lists. Missing or unreadable parts are left out with a note.
+whatever their names: `q4wgpu bench --json` reports, benches/cuda_path/cuda_path.py results (a
+list of runs, one per cache size or budget; older files: one object) and llama-bench -o json lists
+(device-bench.sh merges every llama.cpp row, CUDA and Vulkan, into llama_bench.json; Vulkan rows
+carry vk_config and the driver's matrix-core path, see benches/llama_cpp/results.py). Missing or
+unreadable parts are left out with a note.
 The plot (decode tokens/s against the VRAM budget, with the PCIe bound) needs matplotlib; without
 it the report says so.
 """
@@ -129,7 +132,7 @@ class Results:
         self.files = files
         self.machine = self.read_machine(files)
         self.q4 = []
-        self.cuda = {}
+        self.cuda = []  # cuda_path.py runs, normalised by cuda_run()
         self.llama = []
         for name in sorted(n for n in files if n.endswith(".json")):
             try:
@@ -140,13 +143,19 @@ class Results:
             if isinstance(data, dict) and "rows" in data and "bandwidth" in data:
                 data["_file"] = name
                 self.q4.append(data)
-            elif isinstance(data, dict) and data.get("system") == "cuda_path":
-                if data.get("smoke_test"):
+            elif is_cuda_path(data):
+                runs = data if isinstance(data, list) else [data]
+                if any(run.get("smoke_test") for run in runs):
                     self.notes.append(f"{name}: a CPU smoke test of cuda_path.py, not a measurement; left out")
-                elif data["mode"] in self.cuda:
-                    self.notes.append(f"{name}: a second CUDA-path {data['mode']} result; left out")
-                else:
-                    self.cuda[data["mode"]] = data
+                    continue
+                for run in runs:
+                    run = cuda_run(run)
+                    key = (run["shape"], run["budget"], run["cache_entries"], run["mode"])
+                    if any((r["shape"], r["budget"], r["cache_entries"], r["mode"]) == key for r in self.cuda):
+                        self.notes.append(f"{name}: a second CUDA-path run of {run['shape']} at {budget_label(run['budget'])}; left out")
+                    else:
+                        run["_file"] = name
+                        self.cuda.append(run)
             elif isinstance(data, list) and data and all(isinstance(r, dict) and "avg_ts" in r for r in data):
                 self.llama += data
             elif isinstance(data, list) and not data:
@@ -157,6 +166,12 @@ class Results:
             self.notes.append("no q4wgpu results")
         if not self.cuda:
             self.notes.append("no CUDA-path results")
+        # Every table here is about the 32B shape (the GB/token estimate assumes it).
+        other = [r for r in self.llama if "32B" not in (r.get("model_type") or "")]
+        if other:
+            kinds = sorted({str(r.get("model_type")) for r in other})
+            self.notes.append(f"{len(other)} llama.cpp row(s) of another model ({', '.join(kinds)}) left out")
+            self.llama = [r for r in self.llama if r not in other]
         if not self.llama:
             self.notes.append("no llama.cpp results")
         self.vram = VramLog(files, self.notes)
@@ -219,13 +234,110 @@ class Results:
                 return rep["config"]
         return QWEN2_32B
 
-    # llama.cpp
+    # the CUDA path
 
-    def llama_row(self, gen, ngl=99):
-        for r in self.llama:
-            if (r.get("n_gen", 0) > 0) == gen and r.get("n_gpu_layers") == ngl:
+    def cuda_resident(self, shape):
+        """The CUDA path's run of `shape` with every weight cached and no budget (else any resident one)."""
+        runs = [r for r in self.cuda if r["shape"] == shape and r["mode"] == "resident"]
+        return next((r for r in runs if r["budget"] is None), runs[0] if runs else None)
+
+    def cuda_budgeted(self):
+        """The CUDA path's runs that stream (a budget or a cache smaller than the model), in the order measured."""
+        return [r for r in self.cuda if r["mode"] == "streamed"]
+
+    def cuda_at(self, shape, budget):
+        """The CUDA path's run of `shape` at `budget` (bytes), if any."""
+        for r in self.cuda:
+            if r["shape"] == shape and r["budget"] is not None and budget is not None and round(gb(r["budget"]), 1) == round(gb(budget), 1):
                 return r
         return None
+
+    # llama.cpp
+
+    def llama_row(self, gen, ngl=99, system="llama.cpp CUDA"):
+        """The system's tg row (gen) or pp row at depth 0, preferring tg128 / pp512."""
+        found = [r for r in self.llama
+                 if llama_system(r) == system and r.get("n_gpu_layers") == ngl and not r.get("n_depth")
+                 and (r.get("n_gen", 0) > 0) == gen and (r.get("n_prompt", 0) > 0) != gen]
+        for r in found:
+            if (r.get("n_gen") if gen else r.get("n_prompt")) == (128 if gen else 512):
+                return r
+        return found[0] if found else None
+
+    def llama_systems(self):
+        """{system name: [rows]}: llama.cpp CUDA, then the Vulkan configurations in VK_CONFIGS order."""
+        out = {}
+        for r in sorted(self.llama, key=llama_system_order):
+            out.setdefault(llama_system(r), []).append(r)
+        return out
+
+
+# Our names for the llama.cpp Vulkan runs (benches/llama_cpp/run_vulkan.sh): what to call them and
+# the `matrix cores:` value the driver should then report.
+VK_CONFIGS = {
+    "coopmat2": ("NV coopmat2 (default)", "NV_coopmat2"),
+    "khr": ("KHR coopmat only", "KHR_coopmat"),
+    "none": ("no coopmat (integer dot)", "none"),
+}
+
+
+def llama_system(r):
+    """The llama.cpp system a row measured: its backend and, for Vulkan, the configuration, with the
+    matrix-core path the driver reported (flagged when it is not the one asked for)."""
+    cfg = r.get("vk_config")
+    if not cfg:
+        return f"llama.cpp {r.get('backends') or '?'}"
+    label, want = VK_CONFIGS.get(cfg, (cfg, None))
+    got = r.get("vk_matrix_cores")
+    if got is None:
+        return f"llama.cpp Vulkan, {label} (matrix cores not logged)"
+    if want and not got.startswith(want):
+        return f"llama.cpp Vulkan, {label} (**matrix cores: {got}**, not {want})"
+    return f"llama.cpp Vulkan, {label} (matrix cores: {got})"
+
+
+def llama_system_order(r):
+    cfg = r.get("vk_config")
+    order = list(VK_CONFIGS)
+    return (1 if cfg or "Vulkan" in (r.get("backends") or "") else 0, order.index(cfg) if cfg in order else len(order))
+
+
+def llama_test(r):
+    """llama-bench's own test name: pp512, tg128, tg32 @ d4096."""
+    n_p, n_g, d = r.get("n_prompt", 0), r.get("n_gen", 0), r.get("n_depth", 0)
+    name = f"pp{n_p}+tg{n_g}" if n_p and n_g else f"tg{n_g}" if n_g else f"pp{n_p}"
+    return name + (f" @ d{d}" if d else "")
+
+
+def llama_test_order(r):
+    return (r.get("n_depth", 0), 1 if r.get("n_gen") else 0, r.get("n_prompt", 0), r.get("n_gen", 0))
+
+
+def is_cuda_path(data):
+    if isinstance(data, dict):
+        return data.get("system") == "cuda_path"
+    return isinstance(data, list) and bool(data) and all(isinstance(r, dict) and r.get("system") == "cuda_path" for r in data)
+
+
+def cuda_run(r):
+    """A cuda_path.py run with the fields of its current form; files from before the N-entry cache
+    ("mode": resident or streamed, no budget) become a resident run and an every-layer-streamed run."""
+    r = dict(r)
+    r.setdefault("budget", None)
+    r.setdefault("cache_entries", None)  # None: not recorded (old files)
+    r.setdefault("cache_layers", None)
+    r.setdefault("weights", None)
+    if "max_memory_reserved" not in r and r.get("peak_gpu_memory_gb") is not None:
+        r["max_memory_allocated"] = r["peak_gpu_memory_gb"] * 1e9
+    return r
+
+
+def cuda_label(r):
+    """What a CUDA-path run kept on the device: 'N/M weights (L layers) cached'."""
+    if r["cache_entries"] is None:
+        return "every weight resident" if r["mode"] == "resident" else "every layer streamed, no cache"
+    layers = r["cache_layers"]
+    return f"{r['cache_entries']}/{r['weights']} weights ({layers} layer{'' if layers == 1 else 's'}) cached"
 
 
 def llama_rate(r):
@@ -340,23 +452,35 @@ def machine_section(res):
         out.append(f"| measured upload bandwidth | {gb(bw['upload']):.1f} GB/s (q4wgpu: 8 copies per submit, from "
                    f"{'host memory' if bw['upload_from_host_memory'] else 'a MAP_WRITE buffer'}) |")
         out.append(f"| q4wgpu run at | {datetime.datetime.fromtimestamp(rep['unix_time'], datetime.timezone.utc):%Y-%m-%d %H:%M} UTC |")
-    for mode, r in sorted(res.cuda.items()):
-        out.append(f"| CUDA path ({mode}) | torch {r['torch']}, CUDA {r['cuda']}, Triton {r['triton']} on {r['gpu']} |")
-    if res.llama:
-        r = res.llama[0]
-        out.append(f"| llama.cpp | build {r.get('build_commit')} ({r.get('backends')}) on {r.get('gpu_info')}; "
-                   f"{r.get('model_type')}, {gb(r.get('model_size', 0)):.2f} GB; flash attention {r.get('flash_attn')} |")
+    for r in res.cuda[:1]:
+        commit = r.get("git_commit")
+        state = {True: ", with uncommitted changes", False: "", None: ", tree state unknown"}[r.get("git_dirty")]
+        out.append(f"| CUDA path | torch {r['torch']}, CUDA {r['cuda']}, Triton {r['triton']} on {r['gpu']}; "
+                   f"commit {commit[:12] + state if commit else 'not recorded'} |")
+        if r.get("copy_bandwidth"):
+            size = f", {r['bandwidth_probe_bytes'] >> 20} MiB" if r.get("bandwidth_probe_bytes") else ""
+            out.append(f"| CUDA path's measured bandwidths | device copy {gb(r['copy_bandwidth']):.0f} GB/s (read + written{size}); "
+                       f"pinned upload {gb(r['upload_bandwidth']):.1f} GB/s (on a side stream{size}) |")
+    for system, rows in res.llama_systems().items():
+        r = rows[0]
+        out.append(f"| {system.replace('|', '/')} | build {r.get('build_commit')} ({r.get('backends')}) on "
+                   f"{r.get('gpu_info')}; {r.get('model_type')}, {gb(r.get('model_size', 0)):.2f} GB; "
+                   f"flash attention {r.get('flash_attn')} |")
+        if r.get("vk_config"):
+            device = (r.get("vk_device") or "(not logged)").replace("|", "/")
+            out.append(f"| … its device line | ggml_vulkan: 0 = {device} |")
     out += ["", "Commands:", ""]
     for rep in res.q4:
         out.append(f"    {rep['command']}")
-    for mode, r in sorted(res.cuda.items()):
-        out.append(f"    {r['command']}")
-    if res.llama:
-        r = res.llama[0]
-        tests = ", ".join(f"pp{x['n_prompt']}" if x.get("n_gen", 0) == 0 else f"tg{x['n_gen']}" for x in res.llama)
+    for cmd in dict.fromkeys(r["command"] for r in res.cuda):
+        out.append(f"    {cmd}")
+    for system, rows in res.llama_systems().items():
+        r = rows[0]
+        tests = ", ".join(llama_test(x) for x in sorted(rows, key=llama_test_order))
         reps = len(r.get("samples_ts") or []) or "?"
-        out.append(f"    llama-bench -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> ({tests}; "
-                   f"{reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')}) -o json")
+        env = f"{r['vk_env']} " if r.get("vk_env") else "(no GGML_VK_* switch) " if r.get("vk_config") else ""
+        out.append(f"    {env}llama-bench ({r.get('backends')}) -m <random Q4_0 GGUF, benches/llama_cpp/make_gguf.py> "
+                   f"({tests}; {reps} repetitions; -ngl {r.get('n_gpu_layers')}; -fa {r.get('flash_attn')})")
     out.append("")
     return out
 
@@ -365,7 +489,7 @@ def resident_section(res):
     read_bw, _ = res.bandwidth()
     rep, tg = res.q4_resident("qwen2-32b", "tg")
     _, pp = res.q4_resident("qwen2-32b", "pp")
-    cuda = res.cuda.get("resident")
+    cuda = res.cuda_resident("qwen2-32b")
     ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
     cfg = res.config_32b()
     q4 = tg["tokens_per_second"] if tg else None
@@ -392,7 +516,8 @@ def resident_section(res):
              tg["tokens_per_second_max"], q4pp, pp and pp["tokens_per_second_min"], pp and pp["tokens_per_second_max"],
              tg["bytes_per_token"])
     if cuda:
-        line(f"CUDA path: Triton dequant to bf16 + F.linear ({cuda['test']})", cuda["tokens_per_second"],
+        cached = "" if cuda["cache_entries"] is None else f", {cuda_label(cuda)}"
+        line(f"CUDA path: Triton dequant to bf16 + F.linear ({cuda['test']}{cached})", cuda["tokens_per_second"],
              cuda["tokens_per_second_min"], cuda["tokens_per_second_max"], None, None, None,
              cuda["int4_bytes_per_token"], ratio_pp=False)
     if ltg or lpp:
@@ -401,6 +526,16 @@ def resident_section(res):
         tests = ", ".join(t for t in (ltg and f"tg{ltg['n_gen']}", lpp and f"pp{lpp['n_prompt']}") if t)
         line(f"llama.cpp CUDA, Q4_0 ({tests})", rate, lo, hi, prate, plo, phi,
              llama_bytes_per_token(ltg, cfg) if ltg else None)
+    for system in res.llama_systems():
+        if system == "llama.cpp CUDA":
+            continue
+        vtg, vpp = res.llama_row(gen=True, system=system), res.llama_row(gen=False, system=system)
+        if not (vtg or vpp):
+            continue
+        rate, lo, hi = llama_rate(vtg) if vtg else (None, None, None)
+        prate, plo, phi = llama_rate(vpp) if vpp else (None, None, None)
+        tests = ", ".join(llama_test(t) for t in (vtg, vpp) if t)
+        line(f"{system}, Q4_0 ({tests})", rate, lo, hi, prate, plo, phi, llama_bytes_per_token(vtg, cfg) if vtg else None)
     out.append("")
     if ltg:
         out.append("llama.cpp's GB/token is estimated (its file less the embedding table, plus the KV cache): Q4_0 "
@@ -408,30 +543,95 @@ def resident_section(res):
     if cuda:
         out.append("The CUDA path's GB/token counts the INT4 weights it reads; it also writes and reads each weight "
                    "again as bf16 (4× the INT4 bytes), which is why it runs far below the limit.")
+        if cuda.get("dram_fraction_of_copy_bandwidth") is not None:
+            out.append(f"Counting those bf16 bytes ({gb(cuda['dram_bytes_per_token']):.1f} GB per token), it moves "
+                       f"{pct(cuda['dram_fraction_of_copy_bandwidth'])} of the device-to-device copy bandwidth it "
+                       f"measured ({gb(cuda['copy_bandwidth']):.0f} GB/s, read + written): how near this method is "
+                       f"to its own limit.")
     out.append("")
+    return out
+
+
+def llama_section(res):
+    """Every llama.cpp row (CUDA and each Vulkan configuration) by test, with q4wgpu's all-resident
+    32B rows where it ran the same test, and q4wgpu ÷ each system."""
+    systems = res.llama_systems()
+    if not systems:
+        return []
+    tests = {}
+    for rows in systems.values():
+        for r in rows:
+            tests.setdefault(llama_test(r), llama_test_order(r))
+    cols = sorted(tests, key=tests.get)
+    q4 = {}
+    for _, row in res.q4_rows("qwen2-32b"):
+        if row["streamed_layers"] == 0:
+            d = row.get("depth") or row.get("n_depth") or 0
+            q4.setdefault(row["test"] + (f" @ d{d}" if d else ""), row)
+
+    def cell(rate, lo, hi, digits):
+        return "—" if rate is None else f"{rate:.{digits}f}" + (f" ({lo:.{digits}f}–{hi:.{digits}f})" if lo is not None else "")
+
+    out = ["## llama.cpp by test (32B shape, random Q4_0 GGUF, same GPU and run)", ""]
+    out.append("tok/s, median of llama-bench's repetitions (min–max). `@ dN`: N positions already in the KV cache "
+               "when the test starts. Vulkan configurations: the default (NVIDIA's coopmat2 extension), "
+               "`GGML_VK_DISABLE_COOPMAT2=1` (KHR cooperative matrix only: the path wgpu exposes) and "
+               "`GGML_VK_DISABLE_COOPMAT=1 GGML_VK_DISABLE_COOPMAT2=1` (no cooperative matrix); the matrix-core "
+               "path in each name is what the driver reported in that run.")
+    out.append("")
+    out.append("| system | " + " | ".join(cols) + " |")
+    out.append("| --- |" + " ---: |" * len(cols))
+    if any(t in q4 for t in cols):
+        cells = []
+        for t in cols:
+            r = q4.get(t)
+            cells.append(cell(r and r["tokens_per_second"], r and r["tokens_per_second_min"],
+                              r and r["tokens_per_second_max"], 1 if t.startswith("tg") else 0))
+        out.append("| q4wgpu, all resident | " + " | ".join(cells) + " |")
+    for system, rows in systems.items():
+        by_test = {llama_test(r): r for r in rows}
+        cells = []
+        for t in cols:
+            r = by_test.get(t)
+            cells.append(cell(*(llama_rate(r) if r else (None, None, None)), 1 if t.startswith("tg") else 0))
+        out.append(f"| {system} | " + " | ".join(cells) + " |")
+    out.append("")
+    shared = [t for t in cols if t in q4]
+    if shared:
+        out.append("q4wgpu ÷ system, same test:")
+        out.append("")
+        out.append("| system | " + " | ".join(shared) + " |")
+        out.append("| --- |" + " ---: |" * len(shared))
+        for system, rows in systems.items():
+            by_test = {llama_test(r): r for r in rows}
+            out.append(f"| {system} | " + " | ".join(
+                ratio(q4[t]["tokens_per_second"], by_test[t] and llama_rate(by_test[t])[0]) if by_test.get(t) else "—"
+                for t in shared) + " |")
+        out.append("")
     return out
 
 
 def budget_section(res, peaks):
     read_bw, up_bw = res.bandwidth()
-    cuda = res.cuda.get("streamed")
     out = ["## Under a VRAM budget", ""]
-    out.append("PCIe bound: q4wgpu's measured upload bandwidth ÷ the bytes streamed per decoded token (the most "
-               "tokens/s that streaming allows). Memory model (DESIGN.md §5): 1 / (resident bytes ÷ read bandwidth + "
-               "streamed bytes ÷ upload bandwidth). Peak VRAM: nvidia-smi's memory.used over the budget's tests, "
-               "less the part's idle reading (see Peak VRAM below).")
+    out.append("PCIe bound: the system's own measured upload bandwidth ÷ the bytes it uploads per decoded token "
+               "(the most tokens/s that streaming allows). Memory model (DESIGN.md §5, q4wgpu only): 1 / (resident "
+               "bytes ÷ read bandwidth + streamed bytes ÷ upload bandwidth). Peak VRAM: nvidia-smi's memory.used "
+               "over the budget's tests, less the part's idle reading (see Peak VRAM below); for the CUDA path "
+               "without samples, PyTorch's max_memory_reserved plus its CUDA context (marked ≈).")
     out.append("")
-    out.append("| system | budget | layers res/str | decode tok/s | spread | prompt tok/s | streamed GB/token "
-               "| PCIe bound tok/s | % of PCIe bound | memory model tok/s | % of model | peak VRAM GB | ÷ CUDA path streamed |")
+    out.append("| system | budget | on the device | decode tok/s | spread | prompt tok/s | streamed GB/token "
+               "| PCIe bound tok/s | % of PCIe bound | memory model tok/s | % of model | peak VRAM GB "
+               "| ÷ CUDA path at the same budget |")
     out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    c = cuda["tokens_per_second"] if cuda else None
     for rep, tg, pp in res.q4_budget_pairs():
         row = tg or pp
         if row["budget"] is None:
             continue
-        peak = peak_for(peaks, row)
+        peak = peak_for(peaks, short_model(row["model"]), row["budget"])
+        cuda = res.cuda_at(short_model(row["model"]), row["budget"])
         out.append(f"| q4wgpu, {short_model(row['model'])} | {budget_label(row['budget'])} "
-                   f"| {row['resident_layers']}/{row['streamed_layers']} "
+                   f"| {row['resident_layers']}/{row['streamed_layers']} layers resident/streamed "
                    f"| {fmt(tg and tg['tokens_per_second'])} "
                    f"| {spread(tg and tg['tokens_per_second_min'], tg and tg['tokens_per_second_max'])} "
                    f"| {fmt(pp and pp['tokens_per_second'], 1)} "
@@ -439,33 +639,48 @@ def budget_section(res, peaks):
                    f"| {fmt(tg and tg['pcie_bound_tokens_per_second'])} | {pct(tg and tg['fraction_of_pcie_bound'])} "
                    f"| {fmt(tg and tg['memory_limit_tokens_per_second'])} | {pct(tg and tg['fraction_of_memory_limit'])} "
                    f"| {fmt(peak)} "
-                   f"| {ratio(tg and tg['tokens_per_second'], c) if row['model'].startswith('qwen2-32b') and row['streamed_layers'] else '—'} |")
-    if cuda:
-        streamed = cuda["streamed_bytes_per_token"]
-        bound = up_bw / streamed if up_bw and streamed else None
-        resident = cuda["int4_bytes_per_token"] - streamed
-        model = 1 / (resident / read_bw + streamed / up_bw) if read_bw and up_bw else None
-        out.append(f"| CUDA path, 32B, from pinned memory ({cuda['test']}) | every layer streamed | 0/all "
-                   f"| {fmt(c)} | {spread(cuda['tokens_per_second_min'], cuda['tokens_per_second_max'])} | — "
-                   f"| {fmt(gb(streamed))} | {fmt(bound)} | {pct(c / bound if bound else None)} "
-                   f"| {fmt(model)} | {pct(c / model if model else None)} "
-                   f"| {fmt(cuda.get('peak_gpu_memory_gb'))} | 1.00× |")
+                   f"| {ratio(tg and tg['tokens_per_second'], cuda and cuda['tokens_per_second'])} |")
+    for c in res.cuda_budgeted():
+        streamed = c["streamed_bytes_per_token"]
+        bound = c.get("pcie_bound_tokens_per_second")
+        if bound is None and up_bw and streamed:  # old files: q4wgpu's upload bandwidth
+            bound = up_bw / streamed
+        tps = c["tokens_per_second"]
+        budget = "none" if c["budget"] is None else budget_label(c["budget"])
+        out.append(f"| CUDA path, {c['shape']} ({c['test']}) | {budget} | {cuda_label(c)} "
+                   f"| {fmt(tps)} | {spread(c['tokens_per_second_min'], c['tokens_per_second_max'])} | — "
+                   f"| {fmt(gb(streamed))} | {fmt(bound)} | {pct(tps / bound if bound else None)} | — | — "
+                   f"| {cuda_peak(peaks, c)} | — |")
     out.append("")
-    if cuda:
-        out.append("The CUDA path streams every layer (it has no budget), so its fairest q4wgpu counterpart is the "
-                   "smallest budget. Its PCIe bound uses q4wgpu's measured upload bandwidth; its peak VRAM is "
-                   "PyTorch's max_memory_allocated.")
+    if any(c["cache_entries"] is not None for c in res.cuda_budgeted()):
+        out.append("The CUDA path's cache takes weights in forward order and reuses the entries of weights already "
+                   "used, so with fewer entries than weights no weight is still cached at its next use: it uploads "
+                   "every layer weight at every token whatever the budget, and the budget only sets how far ahead "
+                   "its preload thread copies. Its fixed part (bf16 embeddings, packed lm_head, norms, KV cache, "
+                   "one dequant scratch) stays on the device.")
         out.append("")
     return out
 
 
-def peak_for(peaks, row):
-    """Peak GB above idle for a q4wgpu row's model and budget, if vram.log covered it."""
-    want = (short_model(row["model"]), None if row["budget"] is None else round(gb(row["budget"]), 1))
-    for (part, model, budget), (peak, idle, _) in peaks.items():
-        if (model, None if budget is None else round(budget, 1)) == want:
+def peak_for(peaks, model, budget, part="q4wgpu"):
+    """Peak GB above idle for `model` at `budget` in a part named part*, if vram.log covered it."""
+    want = (model, None if budget is None else round(gb(budget), 1))
+    for (name, m, b), (peak, idle, _) in peaks.items():
+        if name.startswith(part) and (m, None if b is None else round(b, 1)) == want:
             return (peak - idle) * 2**20 / 1e9
     return None
+
+
+def cuda_peak(peaks, c):
+    """The CUDA path run's peak VRAM: nvidia-smi's, else PyTorch's reserved peak plus its context (≈)."""
+    peak = peak_for(peaks, c["shape"], c["budget"], part="cuda_path")
+    if peak is not None:
+        return fmt(peak)
+    if c.get("device_bytes_estimate") is not None:
+        return f"≈{gb(c['device_bytes_estimate']):.2f}"
+    if c.get("max_memory_allocated") is not None:
+        return f"≈{gb(c['max_memory_allocated']):.2f} (allocated)"
+    return "—"
 
 
 def vram_section(res, peaks):
@@ -479,10 +694,15 @@ def vram_section(res, peaks):
                "the driver's own allocations for the process, so it is a strict test of the budget.")
     out.append("")
     out.append("| part | model | budget | samples | idle GB | peak GB | peak − idle GB "
-               "| q4wgpu's own buffers GB | within the budget |")
+               "| the program's own account GB | within the budget |")
     out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for (part, model, budget), (peak, idle, n) in peaks.items():
-        row = rows.get((model, None if budget is None else round(budget, 1)))
+        if part.startswith("cuda_path"):
+            # Its own account: PyTorch's reserved peak plus the CUDA context it measured.
+            c = res.cuda_resident(model) if budget is None else res.cuda_at(model, budget * 1e9)
+            row = c and c.get("device_bytes_estimate") is not None and {"device_bytes": c["device_bytes_estimate"]}
+        else:
+            row = rows.get((model, None if budget is None else round(budget, 1)))
         above = (peak - idle) * 2**20 / 1e9
         ok = "—" if budget is None or model == "(whole part)" else ("yes" if above <= budget else f"**no** (+{above - budget:.2f} GB)")
         label = "—" if model == "(whole part)" else "all" if budget is None else f"{budget:g} GB"
@@ -496,10 +716,10 @@ def vram_section(res, peaks):
 def ratios_section(res):
     _, tg = res.q4_resident("qwen2-32b", "tg")
     _, pp = res.q4_resident("qwen2-32b", "pp")
-    cuda_r, cuda_s = res.cuda.get("resident"), res.cuda.get("streamed")
+    cuda_r = res.cuda_resident("qwen2-32b")
     ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
     read_bw, _ = res.bandwidth()
-    out = ["## Ratios (32B shape)", ""]
+    out = ["## Ratios (32B shape unless said)", ""]
     if tg:
         q4 = tg["tokens_per_second"]
         limit = read_bw / tg["bytes_per_token"] if read_bw else None
@@ -515,16 +735,31 @@ def ratios_section(res):
     if pp and lpp:
         out.append(f"- q4wgpu ÷ llama.cpp CUDA, prompt ({pp['test']} against pp{lpp['n_prompt']}): "
                    f"{ratio(pp['tokens_per_second'], llama_rate(lpp)[0])} (target ≥ 1×)")
+    for system in res.llama_systems():
+        if system == "llama.cpp CUDA":
+            continue
+        vtg, vpp = res.llama_row(gen=True, system=system), res.llama_row(gen=False, system=system)
+        if tg and vtg:
+            out.append(f"- q4wgpu ÷ {system}, decode ({tg['test']} against {llama_test(vtg)}): "
+                       f"{ratio(tg['tokens_per_second'], llama_rate(vtg)[0])}")
+        if pp and vpp:
+            out.append(f"- q4wgpu ÷ {system}, prompt ({pp['test']} against {llama_test(vpp)}): "
+                       f"{ratio(pp['tokens_per_second'], llama_rate(vpp)[0])}")
     streamed = [(tg_, rep) for rep, tg_, _ in res.q4_budget_pairs()
                 if tg_ and tg_["model"].startswith("qwen2-32b") and tg_["streamed_layers"] > 0]
     if streamed:
-        smallest, _ = min(streamed, key=lambda x: x[0]["budget"])
         worst = min(r["fraction_of_memory_limit"] for r, _ in streamed)
         out.append(f"- q4wgpu under a budget: {100 * worst:.0f} % of the memory model at worst "
                    f"(target ≥ {100 * TARGET_FRACTION_OF_MODEL:.0f} %)")
-        if cuda_s:
-            out.append(f"- q4wgpu at {budget_label(smallest['budget'])} ÷ CUDA path with every layer streamed: "
-                       f"{ratio(smallest['tokens_per_second'], cuda_s['tokens_per_second'])}")
+    for rep, tg_, _ in res.q4_budget_pairs():
+        if not tg_ or tg_["budget"] is None:
+            continue
+        c = res.cuda_at(short_model(tg_["model"]), tg_["budget"])
+        if c:
+            out.append(f"- q4wgpu ÷ CUDA path, {short_model(tg_['model'])} at {budget_label(tg_['budget'])}: "
+                       f"{ratio(tg_['tokens_per_second'], c['tokens_per_second'])} (q4wgpu "
+                       f"{tg_['resident_layers']}/{tg_['streamed_layers']} layers resident/streamed; CUDA path "
+                       f"{cuda_label(c)})")
     if len(out) == 2:
         out.append("(not enough results for ratios)")
     out.append("")
@@ -610,12 +845,18 @@ def plot(res, path):
                 "s", color="C3", ms=4)
     ax.plot(xs, [rows[b]["memory_limit_tokens_per_second"] for b in order], "x", color="C1", ms=7,
             label="memory model at the measured budgets (HBM + PCIe in series)")
-    if "resident" in res.cuda:
-        ax.axhline(res.cuda["resident"]["tokens_per_second"], color="gray", lw=1,
-                   label=f"CUDA path, resident ({res.cuda['resident']['tokens_per_second']:.1f})")
-    if "streamed" in res.cuda:
-        ax.axhline(res.cuda["streamed"]["tokens_per_second"], color="gray", ls="-.", lw=1,
-                   label=f"CUDA path, all streamed ({res.cuda['streamed']['tokens_per_second']:.2f})")
+    cuda_r = res.cuda_resident("qwen2-32b")
+    if cuda_r:
+        ax.axhline(cuda_r["tokens_per_second"], color="gray", lw=1,
+                   label=f"CUDA path, resident ({cuda_r['tokens_per_second']:.1f})")
+    cuda_b = [c for c in res.cuda_budgeted() if c["shape"] == "qwen2-32b" and c["budget"] is not None]
+    if cuda_b:
+        ax.plot([gb(c["budget"]) for c in cuda_b], [c["tokens_per_second"] for c in cuda_b], "D--", color="gray",
+                ms=5, label="CUDA path under the budget (N-entry cache)")
+    for c in res.cuda_budgeted():
+        if c["shape"] == "qwen2-32b" and c["budget"] is None:  # old files: every layer streamed, no budget
+            ax.axhline(c["tokens_per_second"], color="gray", ls="-.", lw=1,
+                       label=f"CUDA path, all streamed ({c['tokens_per_second']:.2f})")
     lt = res.llama_row(gen=True)
     if lt:
         ax.axhline(llama_rate(lt)[0], color="C2", lw=1, label=f"llama.cpp CUDA, resident ({llama_rate(lt)[0]:.1f})")
@@ -647,6 +888,7 @@ def main():
     out.append("")
     out += machine_section(res)
     out += resident_section(res)
+    out += llama_section(res)
     out += budget_section(res, peaks)
     out += ratios_section(res)
     out.append(plot(res, args.plot))

@@ -3,30 +3,66 @@
 # between systems come from one run on one machine:
 #   1. q4wgpu, 32B shape: all resident and at 24 GB; then at 12, 8 and 4 GB (streamed, fewer tokens)
 #   2. q4wgpu, 70B shape at 24 GB (most of it streamed; PCIe bound ≈ 1.4 tok/s)
-#   3. the CUDA path (benches/cuda_path): resident, then streamed from pinned memory
+#   3. the CUDA path (benches/cuda_path), 32B shape, in one process: every weight cached
+#      (resident), then at 12, 8 and 4 GB (an N-entry cache fed from pinned memory, fewer tokens)
 #   4. llama.cpp CUDA (benches/llama_cpp/run.sh): llama-bench on a random Q4_0 GGUF of the 32B shape
-# llama.cpp is built (about 4 minutes) and its GGUF written in the background at nice 19 with
-# two cores left free while parts 1–3 use the GPU; SERIAL=1 builds first instead (may not fit).
+#   5. llama.cpp Vulkan (benches/llama_cpp/run_vulkan.sh, the binary carried in .llama-vk) on the
+#      same GGUF, three configurations: khr (KHR cooperative matrix only, the path wgpu exposes),
+#      coopmat2 (the default on NVIDIA: VK_NV_cooperative_matrix2) and none (no cooperative matrix)
+#   6. depth rows: tg with 4096 and 16384 positions already in the KV cache, llama.cpp CUDA, then
+#      the Vulkan configurations (llama-bench fills the cache once per depth and restores it)
+#   7. the CUDA path, 70B shape at 24 GB
+#   8. the depth rows of Vulkan without cooperative matrices (last: the part most likely to be cut)
+# The GGUF is written (about 7 s), the Vulkan binary unpacked and llama.cpp CUDA built (about 4
+# minutes) in the background at nice 19 with two cores left free while parts 1–3 use the GPU;
+# SERIAL=1 does that first instead (may not fit).
 # Each part runs under its own time limit, cut to what is left of DEADLINE; a failed part does
-# not stop the others. Only 8 files come back from $OUT, so $OUT holds the results (*.json) and
-# machine.txt only; logs are written to $WORK and packed into $OUT/logs.tar.gz at the end (if the
-# run is killed before that, the output tail still shows device-bench's own log). Each line of a
+# not stop the others. Times (H200, 2026-11-30 runs; "≈" estimated, from token counts and rates
+# measured earlier):
+#   q4wgpu 32B resident 61 s, 32B streamed 124 s, 70B 61 s                          246 s
+#   CUDA path 32B ≈ 60 s (16.5 GB of pinned weights made ≈ 10 s, 132 tokens resident at ≈ 17
+#     tok/s, 3 × 28 tokens at ≤ 3.4 tok/s)                                          ≈ 60 s
+#   llama.cpp CUDA pp512, pp4096, tg128 (8 s measured without pp4096)               ≈ 15 s
+#   llama.cpp Vulkan pp512, pp4096, tg128: khr ≈ 25 s, coopmat2 ≈ 20 s; none pp512,
+#     tg128 ≈ 15 s (its pp4096 would add ≈ 25 s)                                   ≈ 60 s
+#   depth tg32 @ d4096, d16384: CUDA ≈ 20 s, Vulkan khr ≈ 25 s, coopmat2 ≈ 20 s     ≈ 65 s
+#   CUDA path 70B ≈ 45 s (35 GB pinned ≈ 20 s, 14 tokens at ≤ 1.6 tok/s)             ≈ 45 s
+#   depth rows of Vulkan none (16384 prompt tokens without cooperative matrices)    ≈ 55 s
+# Each Vulkan call: about 5 s to start and to load the 18.4 GB GGUF from the page cache; a depth
+# part is mostly its two cache fills at prompt speed. In all ≈ 550 s of the 570: the last parts
+# are cut first if the estimates are off (llama-bench writes JSON lines, so finished rows are
+# kept). STREAMED=0 leaves ≈ 365 s.
+# Only 8 files come back from $OUT, so $OUT holds the results (*.json; every llama.cpp row in
+# llama_bench.json) and machine.txt only; logs are written to $WORK and packed into
+# $OUT/logs.tar.gz at the end (if the run is killed before that, the output tail still shows
+# device-bench's own log). Each line of a
 # part's log starts with the time it was printed (epoch seconds), and while the q4wgpu parts run
 # nvidia-smi samples the GPU's memory use into vram.log every 200 ms (VRAM_LOG=0: not), so the
-# report can give the peak VRAM of each budget. Then, here:
+# report can give the peak VRAM of each budget (the CUDA path's parts too). Then, here:
 #   python3 scripts/bench-report.py <files_at>/ > BENCHMARKS.md
 #
 # Prepare here: `cargo build --release && mkdir -p .device-bin && strip -o .device-bin/q4wgpu
 # target/release/q4wgpu`, `../shared/device/fetch-gl.sh` (.gl), `benches/llama_cpp/prepare.sh`
-# (.llama, about 21 MB). Run with carry [".gl", ".device-bin/q4wgpu", ".llama"] (not all of
-# .device-bin: it may hold test binaries; the whole carry must stay under 64 MiB) and command
-# `scripts/device-bench.sh`.
+# (.llama, about 21 MB), `benches/llama_cpp/prepare_vulkan.sh` (.llama-vk, about 8 MB). Run with
+# carry [".gl", ".device-bin/q4wgpu", ".llama", ".llama-vk"] (not all of .device-bin: it may hold
+# test binaries; the whole carry must stay under 64 MiB) and command `scripts/device-bench.sh`.
 #
 # Environment: OUT (default ./bench-out), Q4WGPU (binary), DEADLINE (seconds, 570), LLAMA=0 (skip
-# llama.cpp), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu prompts),
-# QUICK=1 (a smoke run: fewer tokens and repetitions everywhere).
+# llama.cpp CUDA), LLAMA_VK=0 (skip llama.cpp Vulkan), LLAMA_VK_CONFIGS (which and in what order:
+# "khr coopmat2 none"), LLAMA_DEPTH=0 (skip the depth rows), LLAMA_DEPTHS ("4096,16384"),
+# LLAMA_PP_LONG (4096; 0: no long-prompt row), STREAMED=0 (skip q4wgpu's streamed 32B and 70B
+# parts: about 185 s), CUDA=0 (skip the CUDA path), SERIAL=1, Q4_CHUNK (--chunk for q4wgpu
+# prompts), QUICK=1 (a smoke run: fewer tokens and repetitions everywhere), GIT_COMMIT and
+# GIT_DIRTY (0/1: the commit measured, for a checkout without .git; else read from git here, and
+# exported so that every result can record it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Before anything is written here: the commit measured, and whether the tree differed from it.
+if [ -z "${GIT_COMMIT:-}" ] && GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+  GIT_DIRTY=0
+  git status --porcelain 2>/dev/null | grep -q . && GIT_DIRTY=1
+fi
+export GIT_COMMIT=${GIT_COMMIT:-} GIT_DIRTY=${GIT_DIRTY:-}
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device-bench.XXXXXX")
@@ -43,13 +79,21 @@ fi
 chunk=()
 [ -n "${Q4_CHUNK:-}" ] && chunk=(--chunk "$Q4_CHUNK")
 if [ "${QUICK:-0}" = 1 ]; then
-  tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2
+  tg=16 tg_streamed=4 tg_70b=4 pp=128 reps=2 cuda_n=8 cuda_streamed_n=2 cuda_70b_n=2
   export LLAMA_N=32 LLAMA_R=2
+  llama_depth_n=8 llama_depths=${LLAMA_DEPTHS:-4096}
 else
   # 70B: 16 tokens, as the bound there is near 1.4 tok/s: 3 × 32 tokens alone would take about
   # 70 s of the part's 120.
-  tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8
+  # The CUDA path streams every layer weight at each token whatever the budget (≤ 3.4 tok/s for
+  # 32B, ≤ 1.6 for 70B here; the original reports 0.70 tok/s on a 3090): few tokens there.
+  tg=128 tg_streamed=32 tg_70b=16 pp=512 reps=3 cuda_n=32 cuda_streamed_n=8 cuda_70b_n=4
+  # Depth rows: 32 tokens (at 16384 positions about 0.5 s per repetition).
+  llama_depth_n=32 llama_depths=${LLAMA_DEPTHS:-4096,16384}
 fi
+llama_n=${LLAMA_N:-128} llama_r=${LLAMA_R:-3}
+llama_pp=${LLAMA_P:-512}
+[ "${LLAMA_PP_LONG:-4096}" != 0 ] && llama_pp_long=$llama_pp,${LLAMA_PP_LONG:-4096} || llama_pp_long=$llama_pp
 
 log() { echo "[device-bench $((SECONDS - start)) s] $*" | tee -a "$WORK/device-bench.log"; }
 
@@ -68,7 +112,7 @@ stamp() {
 # The GPU memory sampler (nvidia-smi every 200 ms into $WORK/vram.log), around the parts named in
 # VRAM_PARTS (shell patterns). Samples carry nvidia-smi's timestamp in UTC; each run of the
 # sampler is framed by '# start NAME EPOCH' and '# end NAME EPOCH' lines, written while it is stopped.
-VRAM_PARTS=${VRAM_PARTS:-q4wgpu_*}
+VRAM_PARTS=${VRAM_PARTS:-q4wgpu_* cuda_path_*}
 vram_pid=
 vram_start() {
   [ "${VRAM_LOG:-1}" = 0 ] && return 0
@@ -135,6 +179,12 @@ finish() {
   if [ -n "${llama_pid:-}" ] && kill -0 "$llama_pid" 2>/dev/null; then
     kill -- -"$llama_pid" 2>/dev/null
   fi
+  # All llama.cpp rows in one file (8 files come back); the .jsonl files stay in the logs. Here,
+  # so that rows measured before an early exit come back too.
+  if compgen -G "$WORK/llama_*.jsonl" >/dev/null; then
+    python3 benches/llama_cpp/results.py merge "$OUT/llama_bench.json" "$WORK"/llama_*.jsonl 2>&1 |
+      tee -a "$WORK/device-bench.log"
+  fi
   log "done; results in $OUT"
   local f keep=0
   # Anything else in $OUT joins the logs; so do results beyond 7 (the tarball is the 8th file).
@@ -168,29 +218,52 @@ ldconfig 2>/dev/null || true
   echo "memory: MemTotal $(awk '/MemTotal/ {printf "%.0f GB", $2 / 1e6}' /proc/meminfo) at the start"
   echo "kernel: $(uname -r)"
   echo "python: $(python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)' 2>&1 | tail -1)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
-  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
+  case $GIT_DIRTY in
+    1) state=' (with uncommitted changes)' ;;
+    0) state='' ;;
+    *) state=' (tree state unknown)' ;;
+  esac
+  echo "git: ${GIT_COMMIT:-unknown}${GIT_COMMIT:+$state}"
+  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} LLAMA_VK=${LLAMA_VK:-1} LLAMA_VK_CONFIGS='${LLAMA_VK_CONFIGS:-khr coopmat2 none}' LLAMA_DEPTH=${LLAMA_DEPTH:-1} STREAMED=${STREAMED:-1} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
+# llama.cpp's preparations, each leaving its exit status in $WORK/NAME.rc: the GGUF (both
+# backends), the Vulkan binary, the CUDA build.
+llama_steps=()
+if [ "${LLAMA:-1}" != 0 ] || [ "${LLAMA_VK:-1}" != 0 ]; then
+  llama_steps+=("llama_model benches/llama_cpp/run.sh model")
+fi
+[ "${LLAMA_VK:-1}" != 0 ] && llama_steps+=("llama_vk_unpack benches/llama_cpp/run_vulkan.sh unpack")
 llama_pid=
-llama_ok=1
-if [ "${LLAMA:-1}" != 0 ]; then
+if [ ${#llama_steps[@]} -gt 0 ]; then
   jobs=$(($(nproc) - 2))
   [ "$jobs" -lt 1 ] && jobs=1
+  [ "${SERIAL:-0}" = 1 ] && jobs=$(nproc) # nothing else runs then
+  [ "${LLAMA:-1}" != 0 ] && llama_steps+=("llama_build env JOBS=$jobs benches/llama_cpp/run.sh build")
   if [ "${SERIAL:-0}" = 1 ]; then
-    part llama_build 300 env JOBS="$(nproc)" benches/llama_cpp/run.sh build &&
-      part llama_model 60 benches/llama_cpp/run.sh model || llama_ok=0
+    for step in "${llama_steps[@]}"; do
+      read -r name cmd <<<"$step"
+      # shellcheck disable=SC2086  # cmd is a word list written above
+      part "$name" 300 $cmd
+      echo $? >"$WORK/$name.rc"
+    done
   else
-    log "llama.cpp: build and GGUF in the background (nice 19, $jobs jobs)"
+    log "llama.cpp: in the background (nice 19, $jobs jobs): $(printf '%s; ' "${llama_steps[@]}")"
+    script=
+    for step in "${llama_steps[@]}"; do
+      read -r name cmd <<<"$step"
+      script+="echo '# $name'; $cmd; echo \$? >'$WORK/$name.rc'; "
+    done
     # Job control on: the background job gets its own process group, which can be stopped whole.
     set -m
-    JOBS=$jobs nice -n 19 bash -c "benches/llama_cpp/run.sh build && benches/llama_cpp/run.sh model" \
-      >"$WORK/llama_build.log" 2>&1 &
+    nice -n 19 bash -c "$script" >"$WORK/llama_build.log" 2>&1 &
     llama_pid=$!
     set +m
   fi
 fi
+# step_ok NAME: the preparation NAME ended with exit 0.
+step_ok() { [ "$(cat "$WORK/$1.rc" 2>/dev/null)" = 0 ]; }
 
 if [ -z "$Q4WGPU" ]; then
   log "q4wgpu: no binary (.device-bin/q4wgpu or target/release/q4wgpu); set Q4WGPU"
@@ -208,39 +281,77 @@ else
   bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB ${chunk[@]+"${chunk[@]}"})
   part q4wgpu_32b_resident 120 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
     --vram-budget all,24GB --json "$OUT/q4wgpu_32b_resident.json"
-  part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
-    --vram-budget 12GB,8GB,4GB --json "$OUT/q4wgpu_32b_streamed.json"
-  part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
-    --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
+  if [ "${STREAMED:-1}" != 0 ]; then
+    part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
+      --vram-budget 12GB,8GB,4GB --json "$OUT/q4wgpu_32b_streamed.json"
+    part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
+      --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
+  fi
 fi
 
 if [ "${CUDA:-1}" != 0 ]; then
-  part cuda_path_resident 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode resident \
-    -n "$cuda_n" -r "$reps" --json "$OUT/cuda_path_resident.json"
-  part cuda_path_streamed 90 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode streamed \
-    -n "$cuda_streamed_n" -r 2 --json "$OUT/cuda_path_streamed.json"
+  part cuda_path_32b 120 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --vram-budget all,12GB,8GB,4GB \
+    -n "$cuda_n" -r "$reps" --streamed-n "$cuda_streamed_n" --streamed-r 2 --json "$OUT/cuda_path_32b.json"
 fi
 
 if [ -n "$llama_pid" ]; then
   left=$((DEADLINE - (SECONDS - start) - 60))
-  log "llama.cpp: waiting for the background build (up to $left s)"
+  log "llama.cpp: waiting for the background preparations (up to $left s)"
   while kill -0 "$llama_pid" 2>/dev/null && [ $((DEADLINE - (SECONDS - start))) -gt 60 ]; do sleep 2; done
   if kill -0 "$llama_pid" 2>/dev/null; then
-    log "llama.cpp: build not finished in time; stopping it (a warm machine keeps .llama-build for the next call)"
+    log "llama.cpp: preparations not finished in time; stopping them (a warm machine keeps .llama-build for the next call)"
     kill -- -"$llama_pid" 2>/dev/null
-    llama_ok=0
-  else
-    wait "$llama_pid"
-    rc=$?
-    log "llama.cpp: background build exit $rc"
-    [ "$rc" = 0 ] || llama_ok=0
   fi
-  tail -5 "$WORK/llama_build.log"
+  wait "$llama_pid" 2>/dev/null
+  tail -8 "$WORK/llama_build.log"
 fi
-if [ "${LLAMA:-1}" != 0 ] && [ "$llama_ok" = 1 ]; then
-  # run.sh writes llama_bench.json, llama_gpu.txt and llama_bench.stderr.log into the folder given.
-  part llama_bench 150 benches/llama_cpp/run.sh bench "$WORK"
-  [ -s "$WORK/llama_bench.json" ] && mv "$WORK/llama_bench.json" "$OUT/"
-  rm -f /tmp/llama-*-q4_0.gguf
+if [ ${#llama_steps[@]} -gt 0 ]; then
+  log "llama.cpp: preparations (exit status): $(for f in "$WORK"/llama_*.rc; do [ -f "$f" ] && printf '%s %s; ' "$(basename "$f" .rc)" "$(cat "$f")"; done)"
 fi
+# Which llama.cpp backends can run: the GGUF is written and the binary is there.
+cuda_go=0 vk_go=0
+[ "${LLAMA:-1}" != 0 ] && step_ok llama_model && step_ok llama_build && cuda_go=1
+[ "${LLAMA_VK:-1}" != 0 ] && step_ok llama_model && step_ok llama_vk_unpack && vk_go=1
+vk_configs=${LLAMA_VK_CONFIGS:-khr coopmat2 none}
+# pp4096 without cooperative matrices would cost about 25 s: only with the matrix paths.
+vk_pp() { [ "$1" = none ] && echo "$llama_pp" || echo "$llama_pp_long"; }
+# Short context first (the comparisons issues 9 and 10 are about), then the depth rows.
+# run.sh / run_vulkan.sh write NAME.jsonl and NAME.stderr.log into $WORK; finish() merges them.
+if [ "$cuda_go" = 1 ]; then
+  part llama_bench 90 benches/llama_cpp/run.sh bench "$WORK" llama_bench \
+    -p "$llama_pp_long" -n "$llama_n" -r "$llama_r"
+fi
+if [ "$vk_go" = 1 ]; then
+  for c in $vk_configs; do
+    part "llama_vk_$c" 90 benches/llama_cpp/run_vulkan.sh bench "$c" "$WORK" "llama_vk_$c" \
+      -p "$(vk_pp "$c")" -n "$llama_n" -r "$llama_r"
+  done
+fi
+# Depth rows: CUDA, then the Vulkan configurations with cooperative matrices; without them the
+# cache fills are slowest, so that configuration comes after the CUDA path's 70B part.
+depth=(-p 0 -n "$llama_depth_n" -d "$llama_depths" -r "$llama_r")
+vk_depth() {
+  part "llama_vk_${1}_depth" 120 benches/llama_cpp/run_vulkan.sh bench "$1" "$WORK" "llama_vk_${1}_depth" "${depth[@]}"
+}
+if [ "${LLAMA_DEPTH:-1}" != 0 ]; then
+  [ "$cuda_go" = 1 ] && part llama_depth 90 benches/llama_cpp/run.sh bench "$WORK" llama_depth "${depth[@]}"
+  if [ "$vk_go" = 1 ]; then
+    for c in $vk_configs; do
+      [ "$c" = none ] || vk_depth "$c"
+    done
+  fi
+fi
+
+if [ "${CUDA:-1}" != 0 ]; then
+  part cuda_path_70b 90 python3 benches/cuda_path/cuda_path.py --shape llama-70b --vram-budget 24GB --prompt 2 \
+    -n "$cuda_70b_n" -r 2 --json "$OUT/cuda_path_70b.json"
+fi
+
+if [ "${LLAMA_DEPTH:-1}" != 0 ] && [ "$vk_go" = 1 ]; then
+  for c in $vk_configs; do
+    [ "$c" = none ] && vk_depth none
+  done
+fi
+# The 18 GB GGUF this run wrote (not one given in LLAMA_MODEL).
+[ ${#llama_steps[@]} -gt 0 ] && [ -z "${LLAMA_MODEL:-}" ] && rm -f "/tmp/llama-${SHAPE:-qwen2-32b}-q4_0.gguf"
 finish

@@ -15,7 +15,7 @@ cargo build --release
 strip -o .device-bin/q4wgpu target/release/q4wgpu
 
 # The test binaries that use the GPU or the real model.
-gpu_tests="gpu_device kernels_matmul kernels_attention kernels_elementwise kernels_sample model_gpu bench real_model"
+gpu_tests="gpu_device kernels_matmul kernels_q8 kernels_attention kernels_elementwise kernels_sample model_gpu bench real_model"
 rm -f .device-bin/tests/*
 cargo test --release --no-run --message-format=json 2>/dev/null |
   python3 -c '
@@ -28,6 +28,17 @@ for line in sys.stdin:
 ' "$gpu_tests" | while read -r name exe; do
   strip -o ".device-bin/tests/$name" "$exe"
 done
+# The kernel microbenchmarks (benches/kernels.rs), as .device-bin/tests/kernels-bench.
+cargo bench --bench kernels --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
+        print(m["executable"])
+' | while read -r exe; do strip -o .device-bin/tests/kernels-bench "$exe"; done
+# The commit the binaries were built from (and whether the tree had changes).
+echo "$(git rev-parse --short HEAD)$(git status --porcelain | grep -q . && echo ' (with uncommitted changes)')" >.device-bin/COMMIT
 # Compressed, they travel in a fraction of the 64 MiB (device-tests.sh unpacks them).
 tar -C .device-bin -cf - tests | xz -T0 -6 >.device-bin/tests.tar.xz
 du -sh .device-bin/q4wgpu .device-bin/tests.tar.xz | sed 's/^/prepare: /'

@@ -12,7 +12,7 @@
 //!     k_cand largest, written (unordered, padded with sentinels) to cand_pen[slice * k_cand ..];
 //!   - top_n > 0: the same for the raw logits and top_n, into cand_raw[slice * top_n ..].
 //! Pass 2 (`finish`, one workgroup): merges the partials (log Z, greedy pick); sampling: radix
-//! select of the k_cand largest of cand_pen, bitonic sort, softmax, top-p, draw; top_n: the same
+//! select of the k_cand largest of cand_pen, bitonic sort, softmax (after min-p), top-p, draw; top_n: the same
 //! for cand_raw; writes out = [token, logprob, n_top, 0, (id, logprob) * n_top].
 //!
 //! Radix select: 8 rounds of 8-bit digits of the 64-bit key (most significant first); each round
@@ -41,7 +41,8 @@ struct Params {
     hist_count: u32,
     seed: u32,
     step: u32,
-    pad: u32,
+    // Keep candidates with exp(l_i - l_0) >= min_p (0 = off).
+    min_p: f32,
 }
 
 @group(0) @binding(0) var<storage, read> logits: array<f32>;
@@ -359,18 +360,29 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         }
         workgroupBarrier();
         if lid == 0u {
+            // min-p: the candidates are sorted, so the kept ones are a prefix (the first has 1).
+            var n = k_cand;
+            if params.min_p > 0.0 {
+                n = 1u;
+                for (var i = 1u; i < k_cand; i++) {
+                    if probs[i] < params.min_p {
+                        break;
+                    }
+                    n = i + 1u;
+                }
+            }
             // Sequential sums in candidate order, as the CPU sampler does.
             var sum = 0.0;
-            for (var i = 0u; i < k_cand; i++) {
+            for (var i = 0u; i < n; i++) {
                 sum += probs[i];
             }
-            for (var i = 0u; i < k_cand; i++) {
+            for (var i = 0u; i < n; i++) {
                 probs[i] = probs[i] / sum;
             }
-            var keep = k_cand;
+            var keep = n;
             if params.top_p < 1.0 {
                 var cum = 0.0;
-                for (var i = 0u; i < k_cand; i++) {
+                for (var i = 0u; i < n; i++) {
                     cum += probs[i];
                     if cum >= params.top_p {
                         keep = i + 1u;

@@ -30,6 +30,7 @@
 
 use crate::config::ModelConfig;
 use crate::engine::{add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::quant::DecodeActivations;
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -67,7 +68,13 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also time every dispatch of a decode step (needs timestamp queries).
     pub profile: bool,
-    pub decode_fusion: DecodeFusion,
+    /// One decode row set (and profile) per fusion and per activation kind, at every budget;
+    /// prompt rows for the first of each only (prompts use neither).
+    pub decode_fusion: Vec<DecodeFusion>,
+    pub decode_activations: Vec<DecodeActivations>,
+    /// Positions already in the KV cache before each test (llama-bench's `-d`): one set of rows
+    /// per depth.
+    pub depths: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -85,7 +92,9 @@ impl Default for BenchOptions {
             bandwidth_bytes: 256 << 20,
             seed: 0,
             profile: false,
-            decode_fusion: DecodeFusion::default(),
+            decode_fusion: vec![DecodeFusion::default()],
+            decode_activations: vec![DecodeActivations::default()],
+            depths: vec![0],
         }
     }
 }
@@ -98,7 +107,7 @@ impl BenchOptions {
         } else {
             0
         };
-        self.prompt_tokens.max(tg).max(1)
+        self.depths.iter().max().copied().unwrap_or(0) + self.prompt_tokens.max(tg).max(1)
     }
 }
 
@@ -123,6 +132,9 @@ pub struct BenchRow {
     pub budget: Option<u64>,
     /// How streamed layers were read (meaningless when none streams).
     pub stream_read: StreamRead,
+    /// Activations of decode steps (tg rows; prompts use f32/f16 whatever this says).
+    pub decode_activations: DecodeActivations,
+    pub decode_fusion: DecodeFusion,
     pub layers: usize,
     pub resident_layers: usize,
     pub streamed_layers: usize,
@@ -182,6 +194,8 @@ pub struct DecodeProfile {
     pub budget: Option<u64>,
     /// How streamed layers were read (meaningless when none streams).
     pub stream_read: StreamRead,
+    pub decode_activations: DecodeActivations,
+    pub decode_fusion: DecodeFusion,
     /// Seconds per step, by role, in the order the step runs them.
     pub dispatches: Vec<DispatchTime>,
 }
@@ -438,6 +452,7 @@ fn time_prompt(
     tokens: &[u32],
     chunk: usize,
     reps: usize,
+    depth: usize,
 ) -> Result<Timed> {
     let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
@@ -449,6 +464,7 @@ fn time_prompt(
             tokens
         };
         engine.reset();
+        engine.skip_to(depth)?;
         let start = Instant::now();
         engine.step(run, &params, &[], 0, None)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -462,13 +478,20 @@ fn time_prompt(
     })
 }
 
-fn time_decode(engine: &mut GpuModel<'_>, prompt: &[u32], n: usize, reps: usize) -> Result<Timed> {
+fn time_decode(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    n: usize,
+    reps: usize,
+    depth: usize,
+) -> Result<Timed> {
     let params = SamplingParams::greedy();
     let mut rates = Vec::with_capacity(reps);
     let mut generated = Vec::new();
     for rep in 0..=reps {
         let steps = if rep == 0 { n.min(WARMUP_STEPS) } else { n };
         engine.reset();
+        engine.skip_to(depth)?;
         let mut history = prompt.to_vec();
         let mut token = engine.step(prompt, &params, &history, 0, None)?.token;
         generated.clear();
@@ -496,6 +519,9 @@ pub fn run_bench(
     opts: &BenchOptions,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<BenchReport> {
+    if opts.decode_activations.is_empty() || opts.decode_fusion.is_empty() {
+        return Err(Error::Invalid("no decode activations or fusion given".into()));
+    }
     if opts.stream_reads.is_empty() {
         return Err(Error::Invalid(
             "no way of reading streamed layers given".into(),
@@ -535,27 +561,29 @@ pub fn run_bench(
     let mut skipped = Vec::new();
     let mut profiles = Vec::new();
     let runs = opts.budgets.iter().flat_map(|&b| {
-        opts.stream_reads
-            .iter()
-            .enumerate()
-            .map(move |(i, &r)| (b, i, r))
+        opts.stream_reads.iter().enumerate().flat_map(move |(i, &r)| {
+            let decode = opts.decode_fusion.iter().flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)));
+            decode.enumerate().map(move |(j, (f, a))| (b, i, r, j, f, a))
+        })
     });
-    for (budget, read_index, stream_read) in runs {
+    for (budget, read_index, stream_read, act_index, decode_fusion, decode_activations) in runs {
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             chunk: opts.chunk,
             vram_budget: budget,
             prefetch_depth: opts.prefetch_depth,
             max_top_logprobs: 0,
-            decode_fusion: opts.decode_fusion,
+            decode_fusion,
             decode_reads: stream_read,
             prompt_reads: stream_read,
+            decode_activations,
+            kv_slots: 1,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
             // A budget too small for the model is a result to report, not a failure of the run.
             Err(e) if budget.is_some() => {
-                if read_index == 0 {
+                if read_index == 0 && act_index == 0 {
                     skipped.push(SkippedBudget {
                         budget,
                         reason: e.to_string(),
@@ -571,23 +599,27 @@ pub fn run_bench(
         }
         let bytes = ByteModel::new(config, &plan, lm_head_bytes);
         let mut tests = Vec::new();
-        if opts.prompt_tokens > 0 {
-            let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions)?;
-            tests.push((
-                format!("pp{}", opts.prompt_tokens),
-                opts.prompt_tokens,
-                timed,
-                bytes.prompt(opts.prompt_tokens, opts.chunk),
-            ));
-        }
-        if opts.gen_tokens > 0 {
-            let timed = time_decode(&mut engine, &tg_prompt, opts.gen_tokens, opts.repetitions)?;
-            tests.push((
-                format!("tg{}", opts.gen_tokens),
-                opts.gen_tokens,
-                timed,
-                bytes.decode(TG_PROMPT, opts.gen_tokens),
-            ));
+        for &depth in &opts.depths {
+            // llama-bench's names: "pp512", "tg128 @ d4096".
+            let at = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
+            if opts.prompt_tokens > 0 && act_index == 0 {
+                let timed = time_prompt(&mut engine, &prompt, opts.chunk, opts.repetitions, depth)?;
+                tests.push((
+                    format!("pp{}{at}", opts.prompt_tokens),
+                    opts.prompt_tokens,
+                    timed,
+                    bytes.prompt(opts.prompt_tokens, opts.chunk),
+                ));
+            }
+            if opts.gen_tokens > 0 {
+                let timed = time_decode(&mut engine, &tg_prompt, opts.gen_tokens, opts.repetitions, depth)?;
+                tests.push((
+                    format!("tg{}{at}", opts.gen_tokens),
+                    opts.gen_tokens,
+                    timed,
+                    bytes.decode(TG_PROMPT + depth, opts.gen_tokens),
+                ));
+            }
         }
         for (test, tokens, timed, (per_token, streamed)) in tests {
             let tps = median(&timed.rates);
@@ -598,6 +630,8 @@ pub fn run_bench(
                 model: model.to_string(),
                 budget,
                 stream_read,
+                decode_activations,
+                decode_fusion,
                 layers: plan.layers,
                 resident_layers: plan.resident_layers,
                 streamed_layers: plan.streamed_layers(),
@@ -628,6 +662,7 @@ pub fn run_bench(
                 &tg_prompt,
                 budget,
                 stream_read,
+                (decode_activations, decode_fusion),
             )?);
         }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
@@ -662,6 +697,7 @@ fn profile_decode(
     prompt: &[u32],
     budget: Option<u64>,
     stream_read: StreamRead,
+    (decode_activations, decode_fusion): (DecodeActivations, DecodeFusion),
 ) -> Result<DecodeProfile> {
     engine.reset();
     let params = SamplingParams::greedy();
@@ -680,6 +716,8 @@ fn profile_decode(
     Ok(DecodeProfile {
         budget,
         stream_read,
+        decode_activations,
+        decode_fusion,
         dispatches: total,
     })
 }
@@ -690,8 +728,8 @@ pub fn profile_markdown(p: &DecodeProfile) -> String {
     let mut out = format!(
         "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
         match p.budget {
-            Some(_) => format!("{}, {}", budget_label(p.budget), p.stream_read.name()),
-            None => budget_label(p.budget),
+            Some(_) => format!("{}, {}, {} activations, fusion {}", budget_label(p.budget), p.stream_read.name(), p.decode_activations.name(), p.decode_fusion.name()),
+            None => format!("{}, {} activations, fusion {}", budget_label(p.budget), p.decode_activations.name(), p.decode_fusion.name()),
         },
         sum * 1e6
     );
@@ -752,7 +790,11 @@ pub fn table_line(r: &BenchRow) -> String {
         },
         r.resident_layers,
         r.streamed_layers,
-        r.test,
+        if r.test.starts_with("tg") {
+            format!("{} ({}; {})", r.test, r.decode_activations.name(), r.decode_fusion.name())
+        } else {
+            r.test.clone()
+        },
         r.tokens_per_second,
         r.tokens_per_second_min,
         r.tokens_per_second_max,

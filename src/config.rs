@@ -125,20 +125,88 @@ impl ModelConfig {
             self.num_attention_heads > 0,
             "num_attention_heads must be positive",
         )?;
+        // Checked before anything divides by it (kv_groups, the multiple check below).
+        check(
+            self.num_kv_heads() > 0,
+            "num_key_value_heads (GGUF: attention.head_count_kv) must be positive",
+        )?;
         check(
             self.num_attention_heads % self.num_kv_heads() == 0,
             "num_attention_heads must be a multiple of num_key_value_heads",
+        )?;
+        self.check_sizes()?;
+        check(
+            self.head_dim() > 0,
+            "head_dim must be positive (hidden_size / num_attention_heads when not given)",
         )?;
         check(self.head_dim() % 2 == 0, "head_dim must be even for RoPE")?;
         check(
             self.vocab_size > 0 && self.intermediate_size > 0,
             "vocab_size and intermediate_size must be positive",
         )?;
+        check(
+            self.max_position_embeddings > 0,
+            "max_position_embeddings must be positive",
+        )?;
+        check(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            "rms_norm_eps must be a finite positive number",
+        )?;
+        check(
+            self.rope_theta.is_finite() && self.rope_theta > 0.0,
+            "rope_theta must be a finite positive number",
+        )?;
         if let Some(s) = &self.rope_scaling {
             if s.rope_type != "llama3" && s.rope_type != "default" {
                 return Err(Error::Unsupported(format!(
                     "rope_scaling type {:?}; supported: llama3",
                     s.rope_type
+                )));
+            }
+            let finite_positive = |v: f32| v.is_finite() && v > 0.0;
+            check(
+                s.rope_type != "llama3"
+                    || (finite_positive(s.factor)
+                        && finite_positive(s.low_freq_factor)
+                        && finite_positive(s.high_freq_factor)
+                        && s.high_freq_factor != s.low_freq_factor
+                        && s.original_max_position_embeddings > 0),
+                "rope_scaling (llama3) needs finite positive factor, low_freq_factor and high_freq_factor (the two different) and a positive original_max_position_embeddings",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every dimension must stay within what a tensor or a GPU buffer index can hold, so the sizes
+    /// computed from them (rows x columns, KV cache bytes) cannot overflow.
+    fn check_sizes(&self) -> Result<()> {
+        const MAX_DIM: usize = 1 << 24;
+        let dims = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim()),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in dims {
+            if v > MAX_DIM {
+                return Err(Error::Config(format!(
+                    "{name} = {v} is larger than any model's (at most {MAX_DIM}); the config is corrupt"
+                )));
+            }
+        }
+        let products = [
+            ("num_attention_heads x head_dim", self.num_attention_heads, self.head_dim()),
+            ("vocab_size x hidden_size", self.vocab_size, self.hidden_size),
+            ("intermediate_size x hidden_size", self.intermediate_size, self.hidden_size),
+        ];
+        for (what, a, b) in products {
+            if (a as u64) * (b as u64) > 1 << 36 {
+                return Err(Error::Config(format!(
+                    "{what} = {a} x {b} is larger than any model's matrix; the config is corrupt"
                 )));
             }
         }

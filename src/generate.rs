@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The log-probability of a chosen token and its most likely alternatives (raw logits, full vocabulary).
@@ -16,10 +16,64 @@ pub struct TokenLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
+/// A token as reported in `--json` with `--logprobs`: its id, its text, its log-probability.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenText {
+    pub token: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One generated token's report: the token and the most likely alternatives, each with its text.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogprobReport {
+    #[serde(flatten)]
+    pub chosen: TokenText,
+    pub top: Vec<TokenText>,
+}
+
+impl LogprobReport {
+    fn new(tokenizer: &Tokenizer, lp: TokenLogprobs) -> Result<LogprobReport> {
+        // Special tokens are shown too: an alternative may well be the end of the turn.
+        let text = |token: u32, logprob: f32| -> Result<TokenText> {
+            Ok(TokenText {
+                token,
+                text: tokenizer.decode(&[token], false)?,
+                logprob,
+            })
+        };
+        Ok(LogprobReport {
+            chosen: text(lp.token, lp.logprob)?,
+            top: lp
+                .top
+                .into_iter()
+                .map(|(t, l)| text(t, l))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 /// What a backend returns for one step: the sampled next token (and its log-probabilities if asked).
 pub struct StepOutput {
     pub token: u32,
     pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Prompts of at most this many tokens run as decode steps, one token each, on every backend:
+/// a GPU prompt chunk's dispatches are sized for the whole chunk whatever the prompt's length (on
+/// lavapipe a 2-token prompt took as long as 64 tokens; on the H200 a 64-row chunk cost about 18
+/// decode steps), and the CPU reference does the same so that it computes what the GPU computes
+/// (decode steps may quantize activations to int8).
+pub const SHORT_PROMPT: usize = 8;
+
+/// The forward calls a step of `tokens` is made of: one per token for a short prompt (see
+/// [`SHORT_PROMPT`]), else one.
+pub fn forward_calls(tokens: &[u32]) -> Vec<&[u32]> {
+    if tokens.len() > 1 && tokens.len() <= SHORT_PROMPT {
+        tokens.chunks(1).collect()
+    } else {
+        vec![tokens]
+    }
 }
 
 /// A model that can extend its sequence: the GPU engine or the CPU reference.
@@ -68,11 +122,11 @@ pub struct Generation {
     pub finish_reason: &'static str,
     pub timings: Timings,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<Vec<TokenLogprobs>>,
+    pub logprobs: Option<Vec<LogprobReport>>,
 }
 
 /// Set by the Ctrl-C handler; the loop stops at the next token and still reports its statistics.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub use crate::interrupt::INTERRUPTED;
 
 /// Generates from `prompt_ids`, calling `on_text` with each complete piece of text as it is made.
 pub fn generate(
@@ -124,7 +178,7 @@ pub fn generate(
         generated.push(token);
         history.push(token);
         if let (Some(all), Some(lp)) = (logprobs.as_mut(), out.logprobs.take()) {
-            all.push(lp);
+            all.push(LogprobReport::new(tokenizer, lp)?);
         }
         if let Some(piece) = stream.push(token)? {
             text.push_str(&piece);
@@ -187,7 +241,7 @@ fn rate(n: usize, seconds: f64) -> f64 {
 }
 
 /// Length of the longest tail of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub(crate) fn held_back(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
         .flat_map(|s| {
@@ -203,7 +257,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 }
 
 /// Byte offset where the first stop string begins, if any has appeared.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(crate) fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

@@ -30,16 +30,19 @@ pub fn resolve(arg: Option<&str>) -> Result<PathBuf> {
     match arg {
         None => cached_quantized(fetch::DEFAULT_MODEL),
         Some(name) => match fetch::find_known(name) {
+            Some(known) if !known.runnable => Err(Error::Invalid(format!(
+                "{name} is only the first part of a model file, kept for its tokenizer (`q4wgpu fetch {name}` fetches it for the tokenizer tests); it has no usable weights. Models that run: {}",
+                fetch::runnable_names()
+            ))),
             Some(known) => cached_quantized(known),
             None => {
                 let path = PathBuf::from(name);
                 if path.exists() {
                     Ok(path)
                 } else {
-                    let names: Vec<&str> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
                     Err(Error::Invalid(format!(
                         "model {name:?} is neither a path that exists nor a known model name ({})",
-                        names.join(", ")
+                        fetch::runnable_names()
                     )))
                 }
             }
@@ -121,5 +124,33 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
         weights,
         tokenizer: source.tokenizer,
         path: path.to_path_buf(),
+    })
+}
+
+/// What `info` shows of a model, read without quantizing or uploading anything.
+pub struct ModelSummary {
+    pub config: crate::config::ModelConfig,
+    /// Bytes of the INT4 weights file (as it is, or as `quantize` would write it).
+    pub int4_bytes: u64,
+    /// Already a q4wgpu folder (else quantized on load).
+    pub quantized: bool,
+}
+
+/// The config and INT4 size of any supported model: a q4wgpu folder is mapped, not read; another
+/// format is checked against its config and sized from its tensor shapes.
+pub fn summarize(path: &Path) -> Result<ModelSummary> {
+    if path.is_dir() && q4::is_q4_folder(path) {
+        let weights = q4::open_q4_folder(path)?;
+        return Ok(ModelSummary {
+            int4_bytes: weights.byte_len() as u64,
+            config: weights.config,
+            quantized: true,
+        });
+    }
+    let source = open_source(path)?;
+    Ok(ModelSummary {
+        int4_bytes: quantize::planned_bytes(source.weights.as_ref())?,
+        config: source.weights.config().clone(),
+        quantized: false,
     })
 }

@@ -168,6 +168,161 @@ impl<'a> QView<'a> {
     }
 }
 
+/// Activations quantized to int8 for the integer-dot GEMV (decode), one spec for the CPU
+/// reference and the GPU kernels (shaders/quant_act.wgsl, shaders/gemv_q4_q8.wgsl).
+///
+/// Blocks of [`ACT_BLOCK`] = 32 consecutive values (a quarter of a weight block); the vector is
+/// zero-padded to whole weight blocks of 128. Per block: `d = absmax / 127` (f32 division),
+/// `q = clamp(round_half_even(x / d), -127, 127)` (all zero when `d = 0`), and `sum = d * Σq`.
+/// An RMSNorm input is quantized before its scalar `1 / rms` is applied, which then multiplies
+/// `d` ([`ActQ8::quantize_scaled`]).
+/// With the weight levels `n - 8` (n the stored nibble) a block's product is
+/// `Σ (n - 8) q d = d Σ n q - 8 sum`: an exact integer dot product of nibbles and int8 values,
+/// then two float operations; the weight block's bf16 scale multiplies the result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActQ8 {
+    /// Values in the unpadded vector.
+    pub len: usize,
+    /// `blocks_per_row(len) * 128` int8 values (padding zero).
+    pub q: Vec<i8>,
+    /// Per block of 32: `d`.
+    pub d: Vec<f32>,
+    /// Per block of 32: `d * Σq`.
+    pub sum: Vec<f32>,
+}
+
+pub const ACT_BLOCK: usize = 32;
+
+/// How a decode step (one token) multiplies activations with INT4 weights; prompt chunks always
+/// use f32 activations (rounded to f16 on tensor cores).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecodeActivations {
+    /// f32 activations against dequantized weights.
+    F32,
+    /// Activations quantized once per input as [`ActQ8`] specifies, integer dot products.
+    #[default]
+    Int8,
+}
+
+impl DecodeActivations {
+    pub fn parse(text: &str) -> crate::error::Result<DecodeActivations> {
+        match text {
+            "f32" => Ok(DecodeActivations::F32),
+            "int8" => Ok(DecodeActivations::Int8),
+            _ => Err(crate::error::Error::Invalid(format!(
+                "unknown decode activations {text:?}: use int8 or f32"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeActivations::F32 => "f32",
+            DecodeActivations::Int8 => "int8",
+        }
+    }
+}
+
+impl ActQ8 {
+    pub fn quantize(x: &[f32]) -> ActQ8 {
+        ActQ8::quantize_scaled(x, 1.0)
+    }
+
+    /// The vector `scale * x`, quantized as the levels of `x` with every block's `d` multiplied
+    /// by `scale`: how an RMSNorm input is quantized (`x` the residual times the norm weight,
+    /// `scale = 1 / rms`), so that a GEMV can apply the norm's scalar to its sums at the end.
+    pub fn quantize_scaled(x: &[f32], scale_by: f32) -> ActQ8 {
+        let padded = blocks_per_row(x.len()) * BLOCK;
+        let mut q = vec![0i8; padded];
+        let mut d = vec![0.0f32; padded / ACT_BLOCK];
+        let mut sum = vec![0.0f32; padded / ACT_BLOCK];
+        for (b, block) in x.chunks(ACT_BLOCK).enumerate() {
+            let absmax = block.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            let block_d = absmax / 127.0;
+            if block_d == 0.0 {
+                continue;
+            }
+            let mut total = 0i32;
+            for (i, &v) in block.iter().enumerate() {
+                let level = ((v / block_d).round_ties_even() as i32).clamp(-127, 127);
+                q[b * ACT_BLOCK + i] = level as i8;
+                total += level;
+            }
+            d[b] = block_d * scale_by;
+            sum[b] = d[b] * total as f32;
+        }
+        ActQ8 {
+            len: x.len(),
+            q,
+            d,
+            sum,
+        }
+    }
+
+    /// The values the quantized vector stands for (`q * d`), `len` of them.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.len)
+            .map(|i| self.q[i] as f32 * self.d[i / ACT_BLOCK])
+            .collect()
+    }
+
+    /// The GPU layout of `q`: per block of 32, 8 words; word `2j` holds values `8j, 8j+2, 8j+4,
+    /// 8j+6` and word `2j+1` values `8j+1, 8j+3, 8j+5, 8j+7` (bytes from the lowest), the order
+    /// in which `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` lay out the nibbles of weight word j.
+    pub fn packed_words(&self) -> Vec<u32> {
+        let byte = |i: usize| self.q[i] as u8 as u32;
+        let mut out = Vec::with_capacity(self.q.len() / 4);
+        for block in 0..self.q.len() / ACT_BLOCK {
+            for j in 0..4 {
+                for odd in 0..2 {
+                    let base = block * ACT_BLOCK + 8 * j + odd;
+                    out.push(
+                        byte(base)
+                            | byte(base + 2) << 8
+                            | byte(base + 4) << 16
+                            | byte(base + 6) << 24,
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// `(d, sum)` per block of 32, interleaved: the GPU layout.
+    pub fn packed_scales(&self) -> Vec<f32> {
+        self.d.iter().zip(&self.sum).flat_map(|(&d, &s)| [d, s]).collect()
+    }
+}
+
+impl QView<'_> {
+    /// `y[r] = Σ_c W[r, c] x[c]` with x quantized as [`ActQ8`] says: per block of 32, the exact
+    /// integer dot product of nibbles and int8 values, then `d * dot - 8 * sum`, times the
+    /// weight block's scale (the GPU integer-dot GEMV's arithmetic, in this order per row).
+    pub fn matvec_q8(&self, x: &ActQ8, y: &mut [f32]) {
+        use rayon::prelude::*;
+        assert_eq!(x.len, self.cols);
+        assert_eq!(y.len(), self.rows);
+        let bpr = self.blocks_per_row();
+        y.par_iter_mut().enumerate().for_each(|(r, out)| {
+            let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
+            let scales = &self.scales[r * bpr..(r + 1) * bpr];
+            let mut acc = 0.0f32;
+            for (qi, quarter) in words.chunks_exact(4).enumerate() {
+                let xq = &x.q[qi * ACT_BLOCK..(qi + 1) * ACT_BLOCK];
+                let mut dot = 0i32;
+                for (i, &xv) in xq.iter().enumerate() {
+                    let nibble = (quarter[i / 8] >> (4 * (i % 8))) & 0xF;
+                    dot += nibble as i32 * xv as i32;
+                }
+                let t = x.d[qi] * dot as f32 - 8.0 * x.sum[qi];
+                acc = t.mul_add(bf16::from_bits(scales[qi / 4]).to_f32(), acc);
+            }
+            *out = acc;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

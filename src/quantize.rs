@@ -240,6 +240,11 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
     bar
 }
 
+/// Bytes the INT4 weights of `source` take once quantized (from the shapes; nothing is read).
+pub fn planned_bytes(source: &dyn WeightSource) -> Result<u64> {
+    Ok(Plan::new(source)?.specs().values().map(TensorSpec::byte_len).sum())
+}
+
 /// Quantizes a whole model into memory (how `run` loads a Hugging Face folder or a GGUF file).
 pub fn quantize_in_memory(source: &dyn WeightSource, progress: bool) -> Result<ModelWeights> {
     let plan = Plan::new(source)?;
@@ -284,6 +289,7 @@ pub fn quantize_to_folder(
     progress: bool,
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
+    let created = !dst.exists();
     prepare_destination(dst)?;
     let plan = Plan::new(source)?;
     let specs = plan.specs();
@@ -292,11 +298,16 @@ pub fn quantize_to_folder(
         .filter(|s| matches!(s, TensorSpec::Q4 { .. }))
         .count();
     std::fs::create_dir_all(dst).map_err(|e| Error::io("creating folder", dst, e))?;
+    if created {
+        // An interrupt removes the folder again if it is still empty (the writer removes its file).
+        crate::interrupt::register_folder(dst);
+    }
     let mut writer = Q4Writer::create(&dst.join(Q4_WEIGHTS_FILE), &specs)?;
     let bar = progress_bar(progress, plan.f32_bytes());
     let largest = plan.run(source, &bar, &mut |name, w| writer.write(name, &w))?;
     let bytes_written = writer.finish()?;
     write_config(dst, source.config())?;
+    crate::interrupt::forget_folder(dst);
     Ok(QuantizeReport {
         tensors: specs.len(),
         quantized,
@@ -320,8 +331,21 @@ fn prepare_destination(dst: &Path) -> Result<()> {
             dst.display()
         )));
     }
-    let mut entries = std::fs::read_dir(dst).map_err(|e| Error::io("listing", dst, e))?;
-    if entries.next().is_none() || is_q4_folder(dst) {
+    let names: Vec<std::ffi::OsString> = std::fs::read_dir(dst)
+        .map_err(|e| Error::io("listing", dst, e))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io("listing", dst, e))?;
+    if names.is_empty() || is_q4_folder(dst) {
+        return Ok(());
+    }
+    // Only the temporary files of an interrupted `quantize`: ours to remove, then start afresh.
+    if names.iter().all(|n| is_our_leftover(n)) {
+        for n in &names {
+            let path = dst.join(n);
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io("removing an earlier run's temporary file", &path, e))?;
+        }
         return Ok(());
     }
     let what = if dst.join(CONFIG_FILE).exists() {
@@ -333,6 +357,19 @@ fn prepare_destination(dst: &Path) -> Result<()> {
         "{} is not empty and is not a q4wgpu model folder{what}; choose a new or empty folder. Nothing was written.",
         dst.display()
     )))
+}
+
+/// A temporary file that an interrupted `quantize` may leave (`<our output file>.tmp`).
+fn is_our_leftover(name: &std::ffi::OsStr) -> bool {
+    let outputs = [
+        Q4_WEIGHTS_FILE,
+        CONFIG_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ];
+    name.to_str()
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .is_some_and(|stem| outputs.contains(&stem))
 }
 
 /// Peak resident set size of this process (Linux: VmHWM in /proc/self/status).

@@ -8,13 +8,17 @@
 //! 3. `logit / temperature`;
 //! 4. candidates: the `top_k` highest logits (0 → all), sorted by logit descending, ties by lower id
 //!    first, capped at [`MAX_CANDIDATES`];
-//! 5. softmax over the candidates (the sum taken in candidate order);
+//! 5. softmax over the candidates: `e_i = exp(l_i - l_0)`; min-p (only when `min_p > 0`) first
+//!    keeps the prefix with `e_i >= min_p` (`e_i` is `p_i / p_0`), then `p_i = e_i / sum` with the
+//!    sum of the kept `e_i` taken in candidate order;
 //! 6. top-p: keep the shortest prefix whose cumulative probability is ≥ `top_p` (at least one
 //!    candidate; `top_p ≥ 1` keeps all), then renormalise;
 //! 7. draw `u = rng_uniform(seed_lo ^ seed_hi, step)` and pick the first candidate whose cumulative
 //!    probability exceeds `u` (the last kept one if rounding leaves none).
 //!
 //! The step counter advances on every call, greedy ones included.
+
+use crate::error::{Error, Result};
 
 /// The most candidates kept after top-k. The GPU sampler keeps a fixed-size candidate list in
 /// workgroup memory (one selection pass, no dynamic allocation), and this bound makes the CPU pick
@@ -29,6 +33,8 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// 1 = off.
     pub top_p: f32,
+    /// Drop candidates less likely than `min_p` times the most likely one; 0 = off.
+    pub min_p: f32,
     /// 1 = off.
     pub repeat_penalty: f32,
     /// How many of the most recent history tokens the penalty looks at.
@@ -42,6 +48,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: 40,
             top_p: 0.95,
+            min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed: 0,
@@ -59,9 +66,51 @@ impl SamplingParams {
         }
     }
 
+    /// Refuses values outside each parameter's range (NaN and infinities included), naming the
+    /// command-line option, so a bad value fails before any work instead of sampling garbage.
+    pub fn validate(&self) -> Result<()> {
+        check_temperature(self.temperature)?;
+        check_unit("--top-p", self.top_p)?;
+        check_unit("--min-p", self.min_p)?;
+        check_repeat_penalty(self.repeat_penalty)
+    }
+
     /// The 32-bit seed both samplers feed to [`rng_uniform`]: the two halves of `seed` xor-ed.
     pub fn seed32(&self) -> u32 {
         self.seed as u32 ^ (self.seed >> 32) as u32
+    }
+}
+
+/// `--temperature`: finite and at least 0 (0 = greedy).
+pub fn check_temperature(t: f32) -> Result<()> {
+    if t.is_finite() && t >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "--temperature {t} is out of range: use 0 (always the most likely token) or a finite positive value such as 0.8"
+        )))
+    }
+}
+
+/// `--top-p`, `--min-p`: a probability in [0, 1].
+pub fn check_unit(option: &str, v: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{option} {v} is out of range: it is a probability between 0 and 1"
+        )))
+    }
+}
+
+/// `--repeat-penalty`: finite and positive (1 = off; above 1 discourages repeats).
+pub fn check_repeat_penalty(p: f32) -> Result<()> {
+    if p.is_finite() && p > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "--repeat-penalty {p} is out of range: use a finite value above 0 (1 = off, 1.1 discourages repeats)"
+        )))
     }
 }
 
@@ -134,9 +183,16 @@ pub fn distribution(params: &SamplingParams, logits: &[f32], history: &[u32]) ->
     cand.sort_unstable_by(order);
 
     let max = cand[0].1;
-    let mut sum = 0.0f32;
     for c in cand.iter_mut() {
         c.1 = (c.1 - max).exp();
+    }
+    if params.min_p > 0.0 {
+        // Sorted descending, so the kept candidates are a prefix (the first has e = 1).
+        let keep = cand.iter().take_while(|c| c.1 >= params.min_p).count().max(1);
+        cand.truncate(keep);
+    }
+    let mut sum = 0.0f32;
+    for c in cand.iter() {
         sum += c.1;
     }
     for c in cand.iter_mut() {

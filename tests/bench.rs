@@ -2,6 +2,7 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
@@ -230,7 +231,9 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         bandwidth_bytes: 4 << 20,
         seed: 3,
         profile: false,
-        decode_fusion: Default::default(),
+        decode_fusion: vec![Default::default()],
+        decode_activations: vec![DecodeActivations::Int8],
+        depths: vec![0],
     }
 }
 
@@ -282,11 +285,7 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     assert_eq!(after_profile, plain);
 
     // Every step of a decode step appears, separate or fused, once per layer.
-    let all = DecodeFusion {
-        input_norm: true,
-        post_norm: true,
-        swiglu: true,
-    };
+    let all = DecodeFusion::ALL;
     let separate: &[&str] = &[
         "norm: ",
         "qkv: ",
@@ -305,10 +304,28 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         "norm + gate|up: ",
         "swiglu + down (+residual): ",
     ];
-    for (fusion, roles) in [(DecodeFusion::NONE, separate), (all, fused)] {
+    // With int8 activations each projection's input is quantized with the norm or SwiGLU before it
+    // (quantized by a dispatch of its own, or inside the GEMV).
+    let int8: &[&str] = &[
+        "qkv, input quantized in: ",
+        "rope + kv write: ",
+        "attention: ",
+        "o (+residual), input quantized in: ",
+        "gate|up input (int8): ",
+        "gate|up: ",
+        "down (+residual) input (int8): ",
+        "down (+residual): ",
+    ];
+    let cases = [
+        (DecodeActivations::F32, DecodeFusion::NONE, separate),
+        (DecodeActivations::F32, all, fused),
+        (DecodeActivations::Int8, DecodeFusion::default(), int8),
+    ];
+    for (activations, fusion, roles) in cases {
         let opts = BenchOptions {
             profile: true,
-            decode_fusion: fusion,
+            decode_fusion: vec![fusion],
+            decode_activations: vec![activations],
             ..small_options(vec![None])
         };
         let report =
@@ -332,13 +349,13 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
                 "{fusion:?} {role}: {n} dispatches"
             );
         }
-        for role in ["final norm: ", "lm_head: "] {
+        for role in ["final norm", "lm_head: "] {
             assert!(count(role) >= 1, "{role}");
         }
         let roles_seen = p.dispatches.iter().filter(|d| {
             roles
                 .iter()
-                .chain(&["final norm: ", "lm_head: "])
+                .chain(&["final norm", "lm_head: "])
                 .any(|r| d.label.starts_with(r))
         });
         assert_eq!(
@@ -571,4 +588,25 @@ fn budget_lists_parse_and_options_are_checked() {
     );
     assert_eq!(report.rows.len(), 1);
     assert_eq!(report.rows[0].test, "pp5");
+}
+
+/// `-d`: each depth gets its own prompt and generation rows, named as llama-bench names them,
+/// with the KV bytes of the deeper cache counted; the context grows to hold the deepest tests.
+#[test]
+fn depth_rows_are_named_and_counted_like_llama_bench() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 5);
+    let opts = BenchOptions {
+        depths: vec![0, 24],
+        ..small_options(vec![None])
+    };
+    assert_eq!(opts.needed_ctx(), 24 + 9);
+    let report = bench::run_bench(gpu(), &w, "tiny", &opts, &mut |_| {}).expect("bench at depths");
+    let names: Vec<&str> = report.rows.iter().map(|r| r.test.as_str()).collect();
+    assert_eq!(names, ["pp9", "tg5", "pp9 @ d24", "tg5 @ d24"]);
+    assert!(report.rows[3].bytes_per_token > report.rows[1].bytes_per_token);
+    let mut engine = GpuModel::new(gpu(), &w, EngineOptions { ctx_size: 16, chunk: 4, ..Default::default() })
+        .expect("engine");
+    let err = engine.skip_to(16).expect_err("no room left");
+    assert!(err.to_string().contains("depth 16"), "{err}");
 }

@@ -985,6 +985,31 @@ fn header_of(
     h
 }
 
+/// Values that later divide or size buffers are refused by name, never a panic (issue 13 item 4).
+#[test]
+fn zero_or_absurd_dimensions_are_config_errors_not_panics() {
+    for (key, value, named) in [
+        ("llama.attention.head_count_kv", MetaValue::U32(0), "num_key_value_heads"),
+        ("llama.attention.head_count", MetaValue::U32(0), "num_attention_heads"),
+        ("llama.embedding_length", MetaValue::U32(0), "hidden_size"),
+        ("llama.context_length", MetaValue::U32(0), "max_position_embeddings"),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(f32::NAN), "rms_norm_eps"),
+        ("llama.embedding_length", MetaValue::U32(u32::MAX), "hidden_size"),
+    ] {
+        let mut meta = model_meta("llama", 1);
+        for (k, v) in meta.iter_mut() {
+            if k == key {
+                *v = value.clone();
+            }
+        }
+        let result = std::panic::catch_unwind(|| {
+            config_from_gguf(&header_of(&format!("bad-{named}"), &meta, &[]))
+        });
+        let msg = err_msg(result.unwrap_or_else(|_| panic!("{key} = {value:?} panicked")));
+        assert!(msg.contains(named), "{key} = {value:?}: {msg}");
+    }
+}
+
 #[test]
 fn unknown_architecture_and_unmapped_rope_scaling_are_refused() {
     let mut meta = model_meta("mamba", 1);

@@ -9,7 +9,7 @@
 
 use half::f16;
 use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
-use q4wgpu::kernels::attention::{Attention, AttentionDispatches};
+use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::{Dispatch, StepParams};
 use std::sync::OnceLock;
 
@@ -74,6 +74,17 @@ fn random_cache(rng: &mut Rng, s: &Shape, kv_len: usize) -> Vec<f32> {
 
 impl Case {
     fn new(what: &str, shape: Shape, pos: usize, n_tokens: usize, q_std: f32) -> Case {
+        Case::with(attention(), what, shape, pos, n_tokens, q_std)
+    }
+
+    fn with(
+        kernels: &Attention,
+        what: &str,
+        shape: Shape,
+        pos: usize,
+        n_tokens: usize,
+        q_std: f32,
+    ) -> Case {
         let g = gpu();
         let mut rng = Rng::fresh(what);
         let kv_len = pos + n_tokens;
@@ -94,7 +105,7 @@ impl Case {
             _pad: 0,
         };
         let step = g.uniform("step", &step_value);
-        let att = attention()
+        let att = kernels
             .bind(
                 g,
                 &q_buf,
@@ -209,10 +220,93 @@ fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize, ctx: usize, m_max: 
 }
 
 fn check_decode(shape: Shape, kv_len: usize, q_std: f32) {
+    check_decode_with(attention(), shape, kv_len, q_std);
+}
+
+fn check_decode_with(kernels: &Attention, shape: Shape, kv_len: usize, q_std: f32) {
     let what = format!("decode {shape:?} kv_len {kv_len} q_std {q_std}");
-    let case = Case::new(&what, shape, kv_len - 1, 1, q_std);
+    let case = Case::with(kernels, &what, shape, kv_len - 1, 1, q_std);
     let got = case.run(&case.att.decode);
     case.check(&what, &got);
+}
+
+/// Attention whose decode splits into few workgroups: long sequences then split by the most
+/// positions a split holds, so each split covers several tiles and the last one is partial.
+fn few_splits() -> &'static Attention {
+    static ATT: OnceLock<Attention> = OnceLock::new();
+    ATT.get_or_init(|| {
+        let options = DecodeOptions {
+            target_workgroups: 2,
+            ..DecodeOptions::default()
+        };
+        Attention::with_decode(gpu(), options).expect("attention kernels")
+    })
+}
+
+#[test]
+fn decode_odd_lengths_across_gqa_groups_and_head_dims() {
+    // GQA groups 1, 5 (Qwen2-32B: 40 / 8, head dim 128) and 7 (Qwen2.5-0.5B: 14 / 2, head dim 64).
+    let shapes = [
+        shape(2, 2, 128, 300, 1),
+        shape(10, 2, 128, 300, 1),
+        shape(14, 2, 64, 300, 1),
+        shape(7, 1, 128, 300, 1),
+        shape(5, 1, 64, 300, 1),
+    ];
+    for s in shapes {
+        for kv_len in [1, 2, 31, 257] {
+            check_decode(s, kv_len, 1.5);
+        }
+    }
+}
+
+#[test]
+fn decode_long_sequences_cross_many_splits() {
+    let att = attention();
+    // The 32B shape: 8 KV heads of 5 query heads, head dim 128.
+    let s = shape(40, 8, 128, 2100, 1);
+    let layout = att.decode_layout(40, 8, 128, 2049).expect("layout");
+    assert!(layout.splits >= 16, "2049 positions in {layout:?}");
+    check_decode(s, 2049, 1.0);
+    let s = shape(14, 2, 64, 4200, 1);
+    assert!(att.decode_layout(14, 2, 64, 4099).expect("layout").splits >= 16);
+    check_decode(s, 4099, 1.0);
+}
+
+#[test]
+fn decode_splits_of_several_tiles() {
+    // Splits of up to 256 (head dim 128, 5 heads) or 512 positions, the last tile partial.
+    let att = few_splits();
+    for (s, kv_len) in [
+        (shape(10, 2, 128, 2000, 1), 1999),
+        (shape(14, 2, 64, 1500, 1), 1283),
+        (shape(4, 1, 128, 1500, 1), 1057),
+        (shape(9, 3, 32, 1100, 1), 1100),
+    ] {
+        let layout = att
+            .decode_layout(s.n_heads, s.n_kv_heads, s.head_dim, kv_len)
+            .expect("layout");
+        assert!(
+            layout.splits >= 3 && layout.chunk >= 128,
+            "{s:?} at {kv_len}: {layout:?}"
+        );
+        check_decode_with(att, s, kv_len, 2.0);
+    }
+}
+
+#[test]
+fn legacy_decode_kernel_still_matches() {
+    // The bench's A/B baseline.
+    static ATT: OnceLock<Attention> = OnceLock::new();
+    let att = ATT.get_or_init(|| {
+        let options = DecodeOptions {
+            kernel: DecodeKernel::Legacy,
+            ..DecodeOptions::default()
+        };
+        Attention::with_decode(gpu(), options).expect("attention kernels")
+    });
+    check_decode_with(att, shape(10, 2, 128, 700, 1), 613, 1.0);
+    check_decode_with(att, shape(14, 2, 64, 41, 1), 37, 1.0);
 }
 
 #[test]
@@ -241,11 +335,11 @@ fn decode_with_sharp_softmax() {
 
 #[test]
 fn decode_past_4096_positions() {
-    // With 8 KV heads the split count is capped at 64, so each split covers several 64-position
-    // tiles and the last one is partial.
+    // With 8 KV heads the splits per head are capped at 64, so a split covers several tiles and
+    // the last one is partial.
     check_decode(shape(8, 8, 64, 5003, 1), 4101, 1.0);
     check_decode(shape(7, 1, 128, 5000, 1), 4999, 1.0);
-    // One KV head: 313 splits of 64 positions, more than the combine has threads.
+    // One KV head: about 160 splits, more than the combine has threads.
     check_decode(shape(7, 1, 32, 20_000, 1), 19_999, 1.0);
 }
 

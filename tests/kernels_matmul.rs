@@ -6,7 +6,7 @@
 
 use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
-use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
+use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, SMALL_M};
 use q4wgpu::kernels::gemv_q4::{
     self, Epilogue, GemvConfig, GemvInput, GemvInputKind, GemvOptions, GemvQ4,
 };
@@ -481,13 +481,40 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
     assert!(e.contains("multiple of"), "{e}");
 }
 
-/// The GEMM variants this adapter runs, with their tolerances.
-fn gemm_variants(kernel: &GemmQ4) -> Vec<(GemmVariant, f32)> {
-    let mut v = vec![(GemmVariant::Tiled, TOL)];
-    if kernel.variant() == GemmVariant::Coop {
-        v.push((GemmVariant::Coop, COOP_TOL));
+/// Every GEMM kernel: the first two and every tile of the register-tiled and cooperative-matrix
+/// kernels.
+fn all_gemm_variants() -> Vec<GemmVariant> {
+    let mut v = vec![GemmVariant::Tiled, GemmVariant::Coop];
+    v.extend([2, 4, 8].map(|rm| GemmVariant::Reg { rm }));
+    for tm in [1, 2, 4] {
+        for tn in [1, 2, 4] {
+            v.push(GemmVariant::CoopTile { tm, tn });
+        }
     }
     v
+}
+
+/// Set on a machine whose adapter has cooperative matrices, so tests that need them fail
+/// instead of reporting "not run".
+fn coop_required() -> bool {
+    std::env::var("Q4WGPU_REQUIRE_COOP").is_ok_and(|v| v != "0")
+}
+
+/// The GEMM variants this kernel runs (emulated cooperative-matrix tiles included), with their
+/// tolerances.
+fn gemm_variants(kernel: &GemmQ4) -> Vec<(GemmVariant, f32)> {
+    if coop_required() && !kernel.has_coop() {
+        panic!("Q4WGPU_REQUIRE_COOP is set but the adapter lacks cooperative matrices");
+    }
+    all_gemm_variants()
+        .into_iter()
+        .filter(|v| {
+            !v.is_coop()
+                || kernel.has_hardware_coop()
+                || (kernel.has_coop() && *v != GemmVariant::Coop)
+        })
+        .map(|v| (v, if v.is_coop() { COOP_TOL } else { TOL }))
+        .collect()
 }
 
 struct GemmCase {
@@ -502,7 +529,13 @@ struct GemmCase {
 
 impl GemmCase {
     /// Runs the case with one variant; rows of Y at or past `m` must keep their NaN poison.
-    fn check(&self, kernel: &GemmQ4, variant: GemmVariant, tol: f32, rng: &mut Rng) -> usize {
+    fn check(
+        &self,
+        kernel: &GemmQ4,
+        variant: Option<GemmVariant>,
+        tol: f32,
+        rng: &mut Rng,
+    ) -> usize {
         let g = gpu();
         let (m, k, n) = (self.m, self.cols, self.rows);
         let w_host = random_matrix(rng, n, k);
@@ -529,7 +562,7 @@ impl GemmCase {
             },
         );
         let opts = GemmOptions {
-            variant: Some(variant),
+            variant,
             max_binding_bytes: self.max_binding_bytes,
         };
         let dispatches = kernel
@@ -573,32 +606,198 @@ impl GemmCase {
     }
 }
 
+/// Cases that cross every tile edge of `v`: M below one tile and just past one (never a multiple
+/// of 16), N not a multiple of the tile, K not a multiple of 128 (and of 8 once), store and
+/// accumulate, with and without bias; m_max past M so rows inside a tile but past n_tokens exist.
+fn gemm_cases(v: GemmVariant) -> Vec<GemmCase> {
+    let (bm, bn) = v.tile();
+    let mut shapes = vec![(33, 200), (300, 576), (7, 1000), (bn + 5, 196), (70, 72)];
+    if matches!(v, GemmVariant::Tiled | GemmVariant::Coop) {
+        shapes.push((45, 130));
+    }
+    let mut cases = Vec::new();
+    for (j, &(rows, cols)) in shapes.iter().enumerate() {
+        for (i, m) in [3 + 2 * j, bm + 1 + 6 * j].into_iter().enumerate() {
+            cases.push(GemmCase {
+                m,
+                m_max: m + 1 + 13 * j,
+                rows,
+                cols,
+                bias: (i + j) % 2 == 1,
+                mode: if j % 2 == 0 {
+                    Epilogue::Store
+                } else {
+                    Epilogue::Accumulate
+                },
+                max_binding_bytes: None,
+            });
+        }
+    }
+    cases
+}
+
+fn check_gemm_variants(kernel: &GemmQ4, what: &str) {
+    let mut rng = Rng::fresh(what);
+    for (variant, tol) in gemm_variants(kernel) {
+        let t = std::time::Instant::now();
+        for case in gemm_cases(variant) {
+            case.check(kernel, Some(variant), tol, &mut rng);
+        }
+        eprintln!("{what}: {variant:?} in {:.2} s", t.elapsed().as_secs_f64());
+    }
+}
+
 #[test]
 fn gemm_matches_cpu_and_leaves_rows_past_n_tokens() {
     let g = gpu();
     let kernel = GemmQ4::new(g).expect("gemm compiles");
-    let mut rng = Rng::fresh("gemm");
-    let shapes = [(33, 200), (300, 576), (7, 1000), (70, 72)];
+    check_gemm_variants(&kernel, "gemm");
+}
+
+/// The cooperative-matrix tiles with their matrix operations emulated in plain WGSL: checks the
+/// tiling, the f16 staging and the epilogue of shaders/gemm_q4_mma.wgsl on any adapter.
+#[test]
+fn gemm_emulated_coop_tiles_match_cpu() {
+    let g = gpu();
+    let kernel = GemmQ4::new_emulated(g);
+    let mut rng = Rng::fresh("gemm emulated coop");
     for (variant, tol) in gemm_variants(&kernel) {
-        for (i, m) in [1usize, 5, 17, 64].into_iter().enumerate() {
-            for (j, &(rows, cols)) in shapes.iter().enumerate() {
-                let mode = if (i + j) % 2 == 0 {
-                    Epilogue::Store
-                } else {
-                    Epilogue::Accumulate
-                };
-                let case = GemmCase {
-                    m,
-                    m_max: m + 1 + 13 * j,
-                    rows,
-                    cols,
-                    bias: j % 2 == 1,
-                    mode,
-                    max_binding_bytes: None,
-                };
-                case.check(&kernel, variant, tol, &mut rng);
+        if let GemmVariant::CoopTile { .. } = variant {
+            let t = std::time::Instant::now();
+            for case in gemm_cases(variant) {
+                case.check(&kernel, Some(variant), tol, &mut rng);
             }
+            eprintln!("emulated {variant:?} in {:.2} s", t.elapsed().as_secs_f64());
         }
+    }
+}
+
+/// On an adapter with cooperative matrices the tests above ran the hardware kernels; elsewhere
+/// this says so, and fails when Q4WGPU_REQUIRE_COOP=1 (set where the adapter must have them).
+#[test]
+fn gemm_coop_tiles_ran_on_hardware() {
+    let kernel = GemmQ4::new(gpu()).expect("gemm compiles");
+    if kernel.has_hardware_coop() {
+        let n = gemm_variants(&kernel)
+            .iter()
+            .filter(|(v, _)| v.is_coop())
+            .count();
+        assert_eq!(n, 10, "every cooperative-matrix variant is tested");
+    } else if coop_required() {
+        panic!("Q4WGPU_REQUIRE_COOP is set but the adapter lacks cooperative matrices");
+    } else {
+        eprintln!("not run: adapter lacks cooperative matrices");
+    }
+}
+
+/// With the default kernels and m_max above SMALL_M, a binding holds a short-step tile and a
+/// long-prompt tile; exactly one of them computes each step (short, at the edge, long).
+#[test]
+fn gemm_default_binding_switches_tiles_by_tokens() {
+    let g = gpu();
+    let mut rng = Rng::fresh("gemm default tiles");
+    let hardware = GemmQ4::new(g).expect("gemm compiles");
+    let emulated = GemmQ4::new_emulated(g);
+    for kernel in [&hardware, &emulated] {
+        let tol = if kernel.has_coop() { COOP_TOL } else { TOL };
+        for (i, m) in [5, SMALL_M, SMALL_M + 1, 150].into_iter().enumerate() {
+            let case = GemmCase {
+                m,
+                m_max: 150,
+                rows: 200,
+                cols: 264,
+                bias: i % 2 == 0,
+                mode: if i < 2 {
+                    Epilogue::Accumulate
+                } else {
+                    Epilogue::Store
+                },
+                max_binding_bytes: None,
+            };
+            let n = case.check(kernel, None, tol, &mut rng);
+            let two = kernel.variant_for(150, 200, 264) != kernel.variant_for(SMALL_M, 200, 264);
+            assert_eq!(n, 1 + two as usize, "dispatches of the default binding");
+            // The portable kernels always switch (the register tile height follows M).
+            assert!(
+                two || kernel.has_coop(),
+                "one tile for short and long steps"
+            );
+        }
+    }
+}
+
+/// The default kernel for each shape, and clear errors for kernels that cannot take it.
+#[test]
+fn gemm_picks_kernels_and_rejects_bad_ones() {
+    let g = gpu();
+    let kernel = GemmQ4::new(g).expect("gemm compiles");
+    let mut rng = Rng::fresh("gemm defaults");
+    let coop = kernel.has_hardware_coop();
+    assert_eq!(
+        kernel.variant_for(512, 55296, 5120),
+        if coop {
+            GemmVariant::CoopTile { tm: 4, tn: 4 }
+        } else {
+            GemmVariant::Reg { rm: 8 }
+        }
+    );
+    assert_eq!(
+        kernel.variant_for(20, 55296, 5120),
+        if coop {
+            GemmVariant::CoopTile { tm: 1, tn: 4 }
+        } else {
+            GemmVariant::Reg { rm: 2 }
+        }
+    );
+    let odd_k = kernel.variant_for(100, 40, 130);
+    assert!(
+        matches!(odd_k, GemmVariant::Tiled | GemmVariant::Coop),
+        "{odd_k:?}"
+    );
+    // The default for K = 130 runs (vec4 kernels cannot).
+    let case = GemmCase {
+        m: 9,
+        m_max: 11,
+        rows: 40,
+        cols: 130,
+        bias: true,
+        mode: Epilogue::Store,
+        max_binding_bytes: None,
+    };
+    let tol = if odd_k.is_coop() { COOP_TOL } else { TOL };
+    case.check(&kernel, None, tol, &mut rng);
+    let w_host = random_matrix(&mut rng, 40, 130);
+    let w = GpuMatrix::upload(g, &mut rng, &w_host, 0);
+    let x = poisoned(g, "x", 11 * 130);
+    let y = poisoned(g, "y", 11 * 40);
+    let step = g.uniform("step", &StepParams::default());
+    let bind = |variant| {
+        let opts = GemmOptions {
+            variant: Some(variant),
+            max_binding_bytes: None,
+        };
+        match kernel.bind_with(
+            g,
+            w.q4ref(),
+            BufRange::whole(&x),
+            BufRange::whole(&y),
+            None,
+            Epilogue::Store,
+            11,
+            &step,
+            &opts,
+        ) {
+            Ok(_) => panic!("{variant:?} accepted K = 130"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = bind(GemmVariant::Reg { rm: 4 });
+    assert!(e.contains("multiple of 4"), "{e}");
+    let e = bind(GemmVariant::Reg { rm: 3 });
+    assert!(e.contains("no kernel"), "{e}");
+    if !coop {
+        let e = bind(GemmVariant::Coop);
+        assert!(e.contains("cooperative matrices"), "{e}");
     }
 }
 
@@ -617,7 +816,7 @@ fn gemm_splits_rows_over_the_binding_limit() {
             mode: Epilogue::Accumulate,
             max_binding_bytes: Some(40_000),
         };
-        let n = case.check(&kernel, variant, tol, &mut rng);
+        let n = case.check(&kernel, Some(variant), tol, &mut rng);
         assert!(n > 1, "expected several dispatches, got {n}");
     }
 }
@@ -761,5 +960,74 @@ fn matmul_shaders_compile_to_spirv() {
         let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
             .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
         assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
+    }
+}
+
+/// naga: parse, validate (every capability, as on a GPU that has the features), SPIR-V out.
+fn gemm_spirv(name: &str, kernel: &str) -> Vec<u32> {
+    use wgpu::naga;
+    let src = q4wgpu::gpu::shader_source(kernel);
+    let module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        ..Default::default()
+    };
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: "main".into(),
+    };
+    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"))
+}
+
+/// Every tile of the cooperative-matrix kernel (which lavapipe cannot run), and its emulation,
+/// compiles to SPIR-V with naga; the hardware one contains cooperative-matrix instructions.
+#[test]
+fn gemm_tile_shaders_compile_to_spirv() {
+    use q4wgpu::kernels::gemm_q4::{mma_shader, reg_shader};
+    // SPIR-V opcodes of OpCooperativeMatrixMulAddKHR and OpCooperativeMatrixStoreKHR.
+    let has_op = |words: &[u32], op: u32| {
+        // Walk the instruction stream after the 5-word header: (word count << 16) | opcode.
+        let mut i = 5;
+        while i < words.len() {
+            let (count, code) = ((words[i] >> 16) as usize, words[i] & 0xffff);
+            if code == op {
+                return true;
+            }
+            i += count.max(1);
+        }
+        false
+    };
+    for tm in [1, 2, 4] {
+        for tn in [1, 2, 4] {
+            for sg in [32, 64] {
+                let name = format!("gemm_q4_mma {tm}x{tn} subgroup {sg}");
+                let words = gemm_spirv(&name, &mma_shader(tm, tn, sg, false));
+                assert!(
+                    has_op(&words, 4459),
+                    "{name}: no OpCooperativeMatrixMulAddKHR"
+                );
+                assert!(
+                    has_op(&words, 4458),
+                    "{name}: no OpCooperativeMatrixStoreKHR"
+                );
+            }
+            let name = format!("gemm_q4_mma {tm}x{tn} emulated");
+            let words = gemm_spirv(&name, &mma_shader(tm, tn, 32, true));
+            assert!(
+                !has_op(&words, 4459),
+                "{name}: emulation uses cooperative matrices"
+            );
+        }
+    }
+    for rm in [2, 4, 8] {
+        gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
 }

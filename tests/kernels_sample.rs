@@ -1,6 +1,6 @@
 //! The GPU sampler against a CPU implementation of the same spec (written here, independently of
 //! the kernel): greedy picks with planted maxima and ties, the repetition penalty, seeded sampling
-//! with temperature / top-k / top-p for many seeds and steps, and log-probabilities against an f64
+//! with temperature / top-k / min-p / top-p for many seeds and steps, and log-probabilities against an f64
 //! log-softmax. Vocabulary sizes 300, 1000 and 151936.
 
 use q4wgpu::gpu::testing::{gpu, Rng};
@@ -66,9 +66,21 @@ fn cpu_sample(p: &SampleParams, logits: &[f32], history: &[u32], step: u32) -> (
     .min(MAX_CANDIDATES);
     let cand = sorted_top(&scaled, k);
     let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - cand[0].1).exp()).collect();
+    let mut margin = f32::INFINITY;
+    if p.min_p > 0.0 {
+        // probs[i] is p_i / p_0 here; keep while it reaches min_p (the first always does).
+        let mut keep = 1;
+        while keep < probs.len() {
+            margin = margin.min((probs[keep] - p.min_p).abs());
+            if probs[keep] < p.min_p {
+                break;
+            }
+            keep += 1;
+        }
+        probs.truncate(keep);
+    }
     let sum: f32 = probs.iter().fold(0.0, |s, &e| s + e);
     probs.iter_mut().for_each(|q| *q /= sum);
-    let mut margin = f32::INFINITY;
     if p.top_p < 1.0 {
         let mut cum = 0.0f32;
         let mut keep = probs.len();
@@ -201,6 +213,7 @@ fn greedy() -> SampleParams {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
+        min_p: 0.0,
         repeat_penalty: 1.0,
         repeat_last_n: 64,
         seed: 0,
@@ -363,6 +376,7 @@ fn seeded_sampling_matches_the_cpu_spec() {
             temperature: 0.8,
             top_k: 40,
             top_p: 0.95,
+            min_p: 0.0,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
             seed: 0,
@@ -371,6 +385,7 @@ fn seeded_sampling_matches_the_cpu_spec() {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed: 0,
@@ -379,6 +394,7 @@ fn seeded_sampling_matches_the_cpu_spec() {
             temperature: 1.3,
             top_k: 0,
             top_p: 0.9,
+            min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 0,
             seed: 0,
@@ -387,6 +403,7 @@ fn seeded_sampling_matches_the_cpu_spec() {
             temperature: 0.5,
             top_k: 5,
             top_p: 1.0,
+            min_p: 0.0,
             repeat_penalty: 1.5,
             repeat_last_n: 16,
             seed: 0,
@@ -395,14 +412,34 @@ fn seeded_sampling_matches_the_cpu_spec() {
             temperature: 2.0,
             top_k: 300,
             top_p: 0.5,
+            min_p: 0.0,
             repeat_penalty: 0.8,
             repeat_last_n: 8,
+            seed: 0,
+        },
+        SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        },
+        SampleParams {
+            temperature: 1.5,
+            top_k: 100,
+            top_p: 0.9,
+            min_p: 0.2,
+            repeat_penalty: 1.1,
+            repeat_last_n: 16,
             seed: 0,
         },
         SampleParams {
             temperature: 0.7,
             top_k: 1,
             top_p: 0.3,
+            min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 8,
             seed: 0,

@@ -85,7 +85,9 @@ struct Reference {
 impl Reference {
     fn new(what: &'static str, ids: Vec<u32>, cpu: &CpuModel, tokens: usize, loaded: &LoadedModel) -> Self {
         let start = Instant::now();
-        let mut decoder = CpuDecoder::new(cpu, 512);
+        // An f16 KV cache as the GPU's: int8 decode activations would magnify an f32 cache's
+        // differences (kernels_q8 and model_gpu check the arithmetic tightly).
+        let mut decoder = CpuDecoder::new(cpu, 512).with_f16_cache();
         let out = generate(&mut decoder, &loaded.tokenizer, &ids, &greedy(tokens), &mut |_| {})
             .expect("cpu generate");
         assert_eq!(
@@ -152,7 +154,11 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
     let start = Instant::now();
     let path = model::resolve(None).expect("fetch and quantize the default model");
     let loaded = model::load(&path, false).expect("load");
-    let cpu = CpuModel::new(&loaded.weights).expect("cpu");
+    // The CPU reference quantizes decode activations as the GPU does by default (every engine
+    // below keeps the default).
+    let cpu = CpuModel::new(&loaded.weights)
+        .expect("cpu")
+        .with_decode_activations(EngineOptions::default().decode_activations);
     let tok = &loaded.tokenizer;
     let encode = |text: &str| tok.encode(text, tok.add_bos()).expect("encode");
     let short = [

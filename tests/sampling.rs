@@ -12,6 +12,7 @@ fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
         temperature,
         top_k,
         top_p,
+        min_p: 0.0,
         repeat_penalty: 1.0,
         repeat_last_n: 64,
         seed: 0,
@@ -39,8 +40,16 @@ fn reference_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)>
         .iter()
         .map(|&i| logits[i as usize] as f64 / p.temperature as f64)
         .collect();
-    let z: f64 = scaled.iter().map(|s| (s - scaled[0]).exp()).sum();
-    let probs: Vec<f64> = scaled.iter().map(|s| (s - scaled[0]).exp() / z).collect();
+    // min-p: candidates at least min_p times as likely as the first.
+    let ratio = |s: &f64| (s - scaled[0]).exp();
+    let n_min_p = scaled
+        .iter()
+        .take_while(|s| ratio(s) >= p.min_p as f64)
+        .count()
+        .max(1);
+    let (ids, scaled) = (&ids[..n_min_p], &scaled[..n_min_p]);
+    let z: f64 = scaled.iter().map(ratio).sum();
+    let probs: Vec<f64> = scaled.iter().map(|s| ratio(s) / z).collect();
     let mut keep = probs.len();
     let mut cum = 0.0;
     for (i, q) in probs.iter().enumerate() {
@@ -51,7 +60,8 @@ fn reference_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)>
         }
     }
     let total: f64 = probs[..keep].iter().sum();
-    ids.into_iter()
+    ids.iter()
+        .copied()
         .zip(probs)
         .take(keep)
         .map(|(i, q)| (i, q / total))
@@ -356,5 +366,56 @@ fn logprobs_are_the_log_softmax_of_the_raw_logits() {
             (l as f64 - (logits[t as usize] as f64 - log_z)).abs() <= 1e-5,
             "top token {t}"
         );
+    }
+}
+
+/// min-p keeps exactly the candidates at least `min_p` times as likely as the best one: with
+/// logits whose ratios to the best are 1, 1/2, 1/4, 1/8, ..., min-p 0.2 keeps the first three,
+/// renormalised, and draws never leave them.
+#[test]
+fn min_p_keeps_candidates_within_the_ratio_of_the_best() {
+    let logits: Vec<f32> = (0..10).map(|i| -(i as f32) * std::f32::consts::LN_2).collect();
+    let p = SamplingParams {
+        min_p: 0.2,
+        ..params(1.0, 0, 1.0)
+    };
+    let d = distribution(&p, &logits, &[]);
+    let ids: Vec<u32> = d.iter().map(|c| c.0).collect();
+    assert_eq!(ids, vec![0, 1, 2], "{d:?}");
+    for (got, want) in d.iter().zip([4.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0]) {
+        assert!((got.1 as f64 - want).abs() < 1e-6, "{d:?}");
+    }
+    let reference = reference_distribution(&logits, &p);
+    assert_eq!(reference.len(), 3, "{reference:?}");
+    let mut seen = [0usize; 10];
+    for seed in 0..2000u64 {
+        let t = sample_at(&SamplingParams { seed, ..p.clone() }, &logits, &[], 0);
+        seen[t as usize] += 1;
+    }
+    assert!(seen[3..].iter().all(|&n| n == 0), "{seen:?}");
+    assert!(seen[..3].iter().all(|&n| n > 100), "{seen:?}");
+    // min-p 0 changes nothing.
+    let off = distribution(&params(1.0, 0, 1.0), &logits, &[]);
+    assert_eq!(off.len(), 10);
+}
+
+/// Every range is checked, NaN and infinities included, with the option named.
+#[test]
+fn out_of_range_parameters_are_refused_by_name() {
+    let ok = params(0.8, 40, 0.95);
+    ok.validate().expect("defaults are valid");
+    let cases = [
+        (SamplingParams { temperature: f32::NAN, ..ok.clone() }, "--temperature"),
+        (SamplingParams { temperature: f32::INFINITY, ..ok.clone() }, "--temperature"),
+        (SamplingParams { temperature: -1.0, ..ok.clone() }, "--temperature"),
+        (SamplingParams { top_p: 2.0, ..ok.clone() }, "--top-p"),
+        (SamplingParams { top_p: f32::NAN, ..ok.clone() }, "--top-p"),
+        (SamplingParams { min_p: -0.1, ..ok.clone() }, "--min-p"),
+        (SamplingParams { repeat_penalty: 0.0, ..ok.clone() }, "--repeat-penalty"),
+        (SamplingParams { repeat_penalty: f32::NAN, ..ok.clone() }, "--repeat-penalty"),
+    ];
+    for (p, option) in cases {
+        let msg = p.validate().expect_err("out of range").to_string();
+        assert!(msg.contains(option), "{p:?}: {msg}");
     }
 }

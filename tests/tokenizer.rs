@@ -488,3 +488,26 @@ fn bos_from_the_post_processor_when_config_is_silent() {
     assert_eq!(tok.encode("<s>ab", true).unwrap(), [S, AB], "no second BOS");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A template from a model file cannot hang the program: nested loops of 10^8 steps run out of
+/// fuel with an error in well under a second, while a real template over a long chat renders.
+#[test]
+fn a_runaway_chat_template_is_stopped_by_its_fuel() {
+    use q4wgpu::tokenizer::{ChatMessage, ChatTemplate};
+    let runaway = ChatTemplate::new(
+        "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}".into(),
+    )
+    .expect("compiles");
+    let start = std::time::Instant::now();
+    let err = runaway
+        .render(&[ChatMessage::new("user", "hi")], true, "", "")
+        .expect_err("must run out of fuel");
+    assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
+    assert!(err.to_string().contains("fuel"), "{err}");
+    let chatml = ChatTemplate::new(q4wgpu::test_models::CHATML_TEMPLATE.into()).expect("compiles");
+    let long: Vec<ChatMessage> = (0..500)
+        .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "a message"))
+        .collect();
+    let text = chatml.render(&long, true, "", "").expect("a long chat renders");
+    assert_eq!(text.matches("<|im_start|>").count(), 501);
+}

@@ -1,247 +1,77 @@
 #!/usr/bin/env python3
-"""The seed's CUDA path, rebuilt for comparison: INT4 block-128 weights, a Triton kernel that
-dequantizes each weight to bf16 when it is used, then torch.nn.functional.linear.
+"""The CUDA path: the original INT4 method rebuilt for comparison, at its best.
 
 RUNS ON THE DEVICE (PyTorch with CUDA, Triton). Weights are random (speed does not depend on
-values), in the same layout as q4wgpu's (src/quant.rs): per row, blocks of 128 weights; a block is
-16 int32 words, weight i of a block is nibble i % 8 (bits 4*(i%8)..) of word i / 8, stored as
-q + 8; scales are a separate [rows, blocks] bf16 array; w = (nibble - 8) * scale.
+values), in q4wgpu's INT4 block-128 layout. What the original method does, and how this matches
+it (the modules beside this file hold each part):
 
-The decode step is a Qwen2 / Llama layer stack with Hugging Face semantics: RMSNorm, q/k/v
-projections (with bias for Qwen2), RoPE (llama3 scaling for the 70B shape), a preallocated KV cache
-with grouped-query attention through F.scaled_dot_product_attention, o projection, SwiGLU MLP, final
-norm, lm_head, greedy argmax. Each step ends with .item() on the token (one synchronisation per
-token, as q4wgpu reads each token back), so wall-clock time per token is honest. The prompt is
-decoded once; then one untimed warm-up repetition, then -r timed repetitions of -n steps each
-(the same positions every time); the median is reported.
+  - dequant.py: a flat 1-D Triton kernel, 1024 weights per program, turns one packed weight into
+    bf16 (w = (nibble - 8) * scale) just before use; then torch.nn.functional.linear in bf16.
+  - streaming.py: every layer weight lives in pinned host memory; a preload thread with its own
+    CUDA stream copies the weights, in forward order, into a device cache of N entries, reusing
+    entries already used; each linear waits (a CUDA event) until its weight is in the cache.
+    N = every weight is the resident mode (the first pass fills the cache, later passes copy
+    nothing); a smaller N streams every weight once per token.
+  - model.py: the decode step (Qwen2 / Llama, Hugging Face semantics), with the fixed part on the
+    device: bf16 embeddings, norms, biases, the packed lm_head, the KV cache, one dequant scratch.
 
-Modes:
-  resident  every packed weight on the GPU (made there with torch.randint: no host copy of 16.5 GB)
-  streamed  every layer's packed weights in pinned host memory (pinned once, at setup, as two
-            arenas), copied to the GPU with non_blocking=True for each use, on the compute stream
-            as the seed did; embeddings, norms and lm_head stay on the GPU
+Decoding: the prompt is decoded once, then one untimed warm-up repetition, then -r timed
+repetitions of -n steps (the same positions each time); each step ends with .item() on the token,
+as q4wgpu reads each token back. Medians are reported.
 
-Prints one markdown row and one JSON line (also written to --json).
-  python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --mode resident -n 64 -r 3
-  python3 benches/cuda_path/cuda_path.py --check        (the dequant kernel against plain PyTorch)
+Cache sizes, one run each in this process (the pinned weights are made once):
+  --cache all,128,14        entries (weights); 7 per layer
+  --vram-budget all,12GB    N is the most whole layers' worth of entries that fit in the budget
+                            after the CUDA context and libraries (measured: device memory in use
+                            less PyTorch's pool), the fixed part (PyTorch's pool after it is made)
+                            and the step's transient tensors (measured in a warm-up step)
+Each run records PyTorch's max_memory_allocated and max_memory_reserved; reserved plus the
+context is the device memory the run needed, checked against the budget ("within_budget").
 
-Without CUDA it refuses to run, except as a smoke test of this code on the CPU, with Triton's
-interpreter and the tiny shape (the numbers mean nothing; the JSON says "smoke_test": true):
+Bandwidth, measured in the same process: a 512 MiB device-to-device copy (bytes read + written
+per second: the DRAM traffic of a streaming read-and-write) and a 512 MiB pinned host -> device
+copy on a side stream. A run reports the INT4 bytes read per token (weights and KV cache) x tokens/s as a share
+of the copy bandwidth, the DRAM traffic it causes (plus the bf16 written and read again), and, when
+streaming, the PCIe bound: upload bandwidth / bytes uploaded per token (counted by the preload
+thread over the timed repetitions).
+
+Prints one markdown row per run and one JSON line each; --json writes a JSON list of the runs.
+  python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --vram-budget all,12GB,8GB,4GB -n 32 -r 3
+  python3 benches/cuda_path/cuda_path.py --check      (dequant kernel, and cached = resident logits)
+
+The JSON records the commit: GIT_COMMIT (and GIT_DIRTY=0/1) from the environment, else git here.
+
+Without CUDA it refuses to run, except as a smoke test of this code on the CPU under Triton's
+interpreter with the tiny shape (numbers mean nothing; the JSON says "smoke_test": true). There
+the preload thread and its handshake run as on the GPU, with synchronous copies and no streams
+or events (streaming.py says why that still tests the cache):
   TRITON_INTERPRET=1 python3 benches/cuda_path/cuda_path.py --cpu-smoke --shape tiny --check
-  TRITON_INTERPRET=1 python3 benches/cuda_path/cuda_path.py --cpu-smoke --shape tiny --mode streamed -n 3 -r 2
+  TRITON_INTERPRET=1 python3 benches/cuda_path/cuda_path.py --cpu-smoke --shape tiny --cache all,3 -n 3 -r 2
 """
 
 import argparse
+import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
-import triton.language as tl
 
-BLOCK = 128
-WORDS_PER_BLOCK = BLOCK // 8
-# Triton's interpreter (TRITON_INTERPRET=1) converts f32 -> bf16 by truncation; compiled Triton
-# rounds to nearest even, as PyTorch does. The check compares against the matching rounding.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dequant  # noqa: E402
+import measure  # noqa: E402
+from model import SHAPES, Model  # noqa: E402
+from streaming import HostStore, Sync, WeightCache, cache_bytes, entries_for  # noqa: E402
 
-# name: (arch, hidden, layers, ffn, heads, kv_heads, vocab, rms_eps, rope_theta, llama3 scaling)
-SHAPES = {
-    "tiny": ("qwen2", 256, 2, 512, 4, 2, 1000, 1e-6, 1e6, None),  # head dim 64; for --cpu-smoke
-    "qwen2-0.5b": ("qwen2", 896, 24, 4864, 14, 2, 151936, 1e-6, 1e6, None),
-    "qwen2-7b": ("qwen2", 3584, 28, 18944, 28, 4, 152064, 1e-6, 1e6, None),
-    "qwen2-32b": ("qwen2", 5120, 64, 27648, 40, 8, 152064, 1e-5, 1e6, None),
-    "llama-70b": ("llama", 8192, 80, 28672, 64, 8, 128256, 1e-5, 5e5, (8.0, 1.0, 4.0, 8192)),
-}
-
-
-@triton.jit
-def dequant_kernel(qw_ptr, sc_ptr, out_ptr, rows, cols, bpr, ROWS: tl.constexpr):
-    """One program: ROWS rows x one 128-weight block -> bf16."""
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    blk = tl.program_id(1)
-    e = tl.arange(0, 128)
-    col = blk * 128 + e
-    rmask = r < rows
-    words = tl.load(qw_ptr + r[:, None] * (bpr * 16) + blk * 16 + e[None, :] // 8, mask=rmask[:, None], other=0)
-    q = ((words >> ((e[None, :] % 8) * 4)) & 0xF) - 8
-    s = tl.load(sc_ptr + r * bpr + blk, mask=rmask, other=0.0).to(tl.float32)
-    w = (q.to(tl.float32) * s[:, None]).to(tl.bfloat16)
-    tl.store(out_ptr + r[:, None] * cols + col[None, :], w, mask=rmask[:, None] & (col < cols)[None, :])
-
-
-DEQUANT_ROWS = 16
-
-
-def dequantize(qweight, scales, rows, cols, out):
-    """qweight int32 [rows, bpr*16], scales bf16 [rows, bpr] -> out bf16 [rows, cols] (a scratch view)."""
-    bpr = (cols + BLOCK - 1) // BLOCK
-    assert qweight.shape == (rows, bpr * WORDS_PER_BLOCK) and scales.shape == (rows, bpr), (qweight.shape, scales.shape)
-    assert out.shape == (rows, cols) and out.is_contiguous()
-    assert rows * cols < 2**31 and rows * bpr * WORDS_PER_BLOCK < 2**31, "kernel offsets are int32"
-    grid = (triton.cdiv(rows, DEQUANT_ROWS), bpr)
-    dequant_kernel[grid](qweight, scales, out, rows, cols, bpr, ROWS=DEQUANT_ROWS)
-    return out
-
-
-def dequantize_reference(qweight, scales, rows, cols, truncate=False):
-    """The same in plain PyTorch: w = (nibble - 8) * scale, the f32 product rounded once to bf16
-    (to nearest even; by truncation with truncate=True, to match Triton's interpreter)."""
-    bpr = (cols + BLOCK - 1) // BLOCK
-    shifts = torch.arange(8, device=qweight.device, dtype=torch.int32) * 4
-    nib = (qweight.view(rows, bpr * WORDS_PER_BLOCK, 1) >> shifts) & 0xF
-    q = (nib.view(rows, bpr, BLOCK) - 8).float()
-    w = q * scales.float().view(rows, bpr, 1)
-    if truncate:
-        w = (w.view(torch.int32) & ~0xFFFF).view(torch.float32)
-    return w.to(torch.bfloat16).view(rows, bpr * BLOCK)[:, :cols]
-
-
-class PinnedArena:
-    """One pinned host allocation handed out in slices (torch's pinned allocator rounds each
-    allocation up to a power of two: 16.5 GB of separate tensors would pin about 27 GB)."""
-
-    def __init__(self, numel, dtype, pin):
-        self.buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
-        self.at = 0
-
-    def take(self, shape):
-        n = math.prod(shape)
-        assert self.at + n <= self.buf.numel()
-        out = self.buf[self.at:self.at + n].view(shape)
-        self.at += n
-        return out
-
-
-def q4_sizes(rows, cols):
-    bpr = (cols + BLOCK - 1) // BLOCK
-    return rows * bpr * WORDS_PER_BLOCK, rows * bpr
-
-
-class Q4:
-    """One packed matrix, made on the device; in streamed mode moved to slices of pinned host arenas."""
-
-    def __init__(self, rows, cols, device, arenas=None):
-        self.rows, self.cols, self.device = rows, cols, device
-        bpr = (cols + BLOCK - 1) // BLOCK
-        words = torch.randint(-2**31, 2**31, (rows, bpr * WORDS_PER_BLOCK), dtype=torch.int32, device=device)
-        base = 1.0 / math.sqrt(21.5 * cols)
-        scales = ((0.5 + torch.rand(rows, bpr, device=device)) * base).to(torch.bfloat16)
-        self.streamed = arenas is not None
-        if self.streamed:
-            self.qweight = arenas[0].take(words.shape).copy_(words)
-            self.scales = arenas[1].take(scales.shape).copy_(scales)
-        else:
-            self.qweight, self.scales = words, scales
-
-    def nbytes(self):
-        return self.qweight.numel() * 4 + self.scales.numel() * 2
-
-    def weight(self, scratch):
-        """The bf16 weight: copied to the device first if it lives in host memory, then dequantized.
-        The copy is asynchronous (pinned source) and ordered before the kernel on the same stream."""
-        qw, sc = self.qweight, self.scales
-        if self.streamed:
-            qw = qw.to(self.device, non_blocking=True)
-            sc = sc.to(self.device, non_blocking=True)
-        out = scratch[: self.rows * self.cols].view(self.rows, self.cols)
-        return dequantize(qw, sc, self.rows, self.cols, out)
-
-
-def rope_inv_freq(head_dim, theta, scaling):
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is not None:
-        factor, low, high, old_ctx = scaling
-        wavelen = 2 * math.pi / inv
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-        mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return inv.float()
-
-
-def rms_norm(x, w, eps):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(torch.bfloat16)
-
-
-def rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rot.float() * sin).to(torch.bfloat16)
-
-
-class Model:
-    def __init__(self, shape, mode, ctx, device):
-        arch, h, layers, ffn, heads, kv_heads, vocab, eps, theta, scaling = SHAPES[shape]
-        self.h, self.heads, self.kv_heads, self.eps = h, heads, kv_heads, eps
-        self.d = h // heads
-        kv = kv_heads * self.d
-        dev = device
-        shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (ffn, h), "up": (ffn, h), "down": (h, ffn)}
-        arenas = None
-        self.pinned_bytes = 0
-        if mode == "streamed":
-            sizes = [q4_sizes(*rc) for rc in shapes.values()]
-            pin = dev != "cpu"  # pinning needs CUDA; the CPU smoke test only walks the code path
-            arenas = (PinnedArena(layers * sum(w for w, _ in sizes), torch.int32, pin),
-                      PinnedArena(layers * sum(s for _, s in sizes), torch.bfloat16, pin))
-            self.pinned_bytes = sum(a.buf.numel() * a.buf.element_size() for a in arenas) if pin else 0
-        self.embed = (torch.rand(vocab, h, device=dev) * 2 - 1).to(torch.bfloat16)
-        self.layers = []
-        for _ in range(layers):
-            bias = arch == "qwen2"
-            self.layers.append({
-                **{name: Q4(rows, cols, dev, arenas) for name, (rows, cols) in shapes.items()},
-                "bq": (torch.rand(h, device=dev) * 0.04 - 0.02).to(torch.bfloat16) if bias else None,
-                "bk": (torch.rand(kv, device=dev) * 0.04 - 0.02).to(torch.bfloat16) if bias else None,
-                "bv": (torch.rand(kv, device=dev) * 0.04 - 0.02).to(torch.bfloat16) if bias else None,
-                "n1": torch.ones(h, device=dev), "n2": torch.ones(h, device=dev),
-            })
-        self.norm = torch.ones(h, device=dev)
-        self.lm_head = Q4(vocab, h, dev)
-        self.inv_freq = rope_inv_freq(self.d, theta, scaling).to(dev)
-        self.k_cache = torch.zeros(layers, kv_heads, ctx, self.d, dtype=torch.bfloat16, device=dev)
-        self.v_cache = torch.zeros_like(self.k_cache)
-        biggest = max(vocab * h, ffn * h)
-        self.scratch = torch.empty(biggest, dtype=torch.bfloat16, device=dev)
-        self.layer_bytes = sum(m.nbytes() for k, m in self.layers[0].items() if isinstance(m, Q4))
-        self.lm_head_bytes = self.lm_head.nbytes()
-        self.kv_bytes_per_position = layers * 2 * kv * 2
-
-    def step(self, token, pos):
-        """Appends `token` at `pos`; returns the greedy next token (a device scalar)."""
-        x = self.embed[token].view(1, self.h)
-        freqs = pos * self.inv_freq
-        cos = torch.cat((freqs, freqs)).cos()
-        sin = torch.cat((freqs, freqs)).sin()
-        for i, L in enumerate(self.layers):
-            s = self.scratch
-            hn = rms_norm(x, L["n1"], self.eps)
-            q = F.linear(hn, L["q"].weight(s), L["bq"]).view(self.heads, self.d)
-            k = F.linear(hn, L["k"].weight(s), L["bk"]).view(self.kv_heads, self.d)
-            v = F.linear(hn, L["v"].weight(s), L["bv"]).view(self.kv_heads, self.d)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            self.k_cache[i, :, pos] = k
-            self.v_cache[i, :, pos] = v
-            a = F.scaled_dot_product_attention(
-                q.view(1, self.heads, 1, self.d),
-                self.k_cache[i, :, : pos + 1].unsqueeze(0),
-                self.v_cache[i, :, : pos + 1].unsqueeze(0),
-                enable_gqa=True,
-            ).reshape(1, self.h)
-            x = x + F.linear(a, L["o"].weight(s))
-            hn = rms_norm(x, L["n2"], self.eps)
-            g = F.silu(F.linear(hn, L["gate"].weight(s)))
-            u = F.linear(hn, L["up"].weight(s))
-            x = x + F.linear(g * u, L["down"].weight(s))
-        logits = F.linear(rms_norm(x, self.norm, self.eps), self.lm_head.weight(self.scratch))
-        return logits.float().argmax(-1)[0]
+MiB = 1 << 20
+# Held back from a budget beyond what is measured: the caching allocator's rounding of the
+# slot pools and of step tensors that the warm-up step did not show.
+BUDGET_MARGIN = 64 * MiB
 
 
 def progress(msg):
@@ -249,51 +79,298 @@ def progress(msg):
     print(f"cuda_path: {msg}", file=sys.stderr, flush=True)
 
 
-def check_dequant(device, shapes):
-    """The Triton kernel against plain PyTorch, exactly (the same f32 product, one rounding).
-    Returns a description of what was checked; exits on a mismatch."""
-    for rows, cols in shapes:
-        m = Q4(rows, cols, device)
-        scratch = torch.full((rows * cols,), float("nan"), dtype=torch.bfloat16, device=device)
-        got = m.weight(scratch)
-        want = dequantize_reference(m.qweight, m.scales, rows, cols, truncate=INTERPRETED)
-        if not torch.equal(got, want):
-            bad = (got != want).nonzero()[0].tolist()
-            sys.exit(f"dequant kernel disagrees with the reference for [{rows}, {cols}] at {bad}: "
-                     f"{got[tuple(bad)].item()} vs {want[tuple(bad)].item()}")
-        # The nibble values themselves, independently of the reference's vectorised layout.
-        for r, c in ((0, 0), (rows - 1, cols - 1), (rows // 2, min(cols - 1, 130))):
-            word = int(m.qweight[r, (c // BLOCK) * WORDS_PER_BLOCK + (c % BLOCK) // 8])
-            nib = (word >> (4 * (c % 8))) & 0xF
-            exact = (nib - 8) * float(m.scales[r, c // BLOCK])
-            if abs(float(got[r, c]) - exact) > abs(exact) / 128 + 1e-30:
-                sys.exit(f"dequant kernel: [{rows}, {cols}] element ({r}, {c}) is {float(got[r, c])}, "
-                         f"nibble {nib} x scale gives {exact}")
-    return ", ".join(f"[{r}, {c}]" for r, c in shapes)
+def parse_size(text):
+    """'24GB', '8GiB', '512MB', '1.5G' or bytes (the units of q4wgpu's --vram-budget)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": MiB,
+             "g": 1e9, "gb": 1e9, "gib": 1 << 30, "t": 1e12, "tb": 1e12, "tib": 1 << 40}
+    if not m or m.group(2).lower() not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 24GB, 8GiB or 512MB")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def parse_list(text, item):
+    out = []
+    for t in text.split(","):
+        t = t.strip()
+        out.append(None if t.lower() in ("all", "none") else item(t))
+    return out
+
+
+def positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of entries (or 'all')") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("a cache holds at least 1 entry")
+    return n
+
+
+def label(budget):
+    if budget is None:
+        return "all"
+    return f"{budget / 1e9:.1f} GB" if budget >= 1e9 else f"{budget / 1e9:.2g} GB"
+
+
+def cached(entries, weights, layers):
+    return f"{entries}/{weights} weights ({layers} layer{'' if layers == 1 else 's'}) cached"
+
+
+class Bench:
+    """The fixed part, the pinned weights, the bandwidths and the memory figures of one process."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.sync = Sync(device)
+        self.vocab = SHAPES[args.shape][6]
+        cuda = device == "cuda"
+        t0 = time.perf_counter()
+        self.model = Model(args.shape, args.prompt + max(args.n, args.streamed_n) + 1, device)
+        self.sync.synchronize()
+        self.fixed_bytes = torch.cuda.memory_allocated() if cuda else self.fixed_tensor_bytes()
+        self.store = HostStore(self.model.kinds, self.model.layers, device, pin=cuda)
+        self.sync.synchronize()
+        self.load_s = time.perf_counter() - t0
+        progress(f"{args.shape}: fixed part {self.fixed_bytes / 1e9:.2f} GB on the device, "
+                 f"{self.store.count} layer weights ({self.store.layers * self.store.layer_bytes / 1e9:.2f} GB) "
+                 f"in {'pinned' if cuda else 'CPU'} host memory, ready in {self.load_s:.1f} s")
+        # 512 MiB: far beyond the L2 cache, and small beside a budget (these buffers show in the
+        # first run's VRAM samples).
+        self.probe = probe = 512 * MiB if cuda else 16 * MiB
+        self.copy_bw = measure.copy_bandwidth(self.sync, device, probe)
+        self.upload_bw = measure.upload_bandwidth(self.sync, self.store, device, probe)
+        progress(f"device copy {self.copy_bw / 1e9:.0f} GB/s (read + written), "
+                 f"pinned upload {self.upload_bw / 1e9:.1f} GB/s")
+        self.context_bytes, self.transient_bytes, self.device_total = 0, 0, None
+        self.fixed_reserved = self.fixed_bytes
+        if cuda:
+            self.measure_overheads()
+
+    def fixed_tensor_bytes(self):
+        m = self.model
+        tensors = [m.embed, m.norm, m.lm_qweight, m.lm_scales, m.inv_freq, m.k_cache, m.v_cache, m.scratch]
+        tensors += [t for L in m.per_layer for t in L.values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def measure_overheads(self):
+        """One step with a one-layer cache loads every kernel and library module; then the device
+        memory outside PyTorch's pool is the context's, and the step's peak beyond the fixed part
+        and the cache is its transient tensors."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cache = WeightCache(self.store, 7, self.device, self.sync)
+        with torch.inference_mode():
+            self.model.step(0, 0, cache).item()
+        cache.close()
+        self.transient_bytes = max(0, torch.cuda.max_memory_allocated() - self.fixed_bytes - cache.nbytes)
+        del cache
+        gc.collect()
+        torch.cuda.empty_cache()
+        used, self.device_total = measure.device_used_bytes()
+        self.fixed_reserved = torch.cuda.memory_reserved()
+        self.context_bytes = used - self.fixed_reserved
+        progress(f"CUDA context and modules {self.context_bytes / 1e9:.2f} GB, step transients "
+                 f"{self.transient_bytes / 1e6:.0f} MB, fixed part reserved {self.fixed_reserved / 1e9:.2f} GB")
+
+    def entries_for_budget(self, budget):
+        """(entries, None) for a budget, or (None, why not)."""
+        if budget is None:
+            return self.store.count, None
+        margin = BUDGET_MARGIN if self.device == "cuda" else 0
+        room = budget - self.context_bytes - self.fixed_reserved - self.transient_bytes - margin
+        entries = entries_for(self.store, max(0, room))
+        if entries == 0:
+            layer = cache_bytes(self.store, 7)
+            return None, (f"budget {label(budget)} leaves {room / 1e9:.3f} GB after the CUDA context "
+                          f"({self.context_bytes / 1e9:.3f} GB), the fixed part ({self.fixed_reserved / 1e9:.3f} GB), "
+                          f"step transients and a {margin >> 20} MiB margin; one layer's entries need {layer / 1e9:.3f} GB")
+        return entries, None
+
+    def run(self, entries, budget):
+        """Decodes with a cache of `entries`; returns the result dict."""
+        args, model, sync = self.args, self.model, self.sync
+        cuda = self.device == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model.reset()
+        cache = WeightCache(self.store, entries, self.device, sync)
+        tag = f"cache {cache.entries}" if budget is None and self.args.cache else label(budget)
+        progress(f"{tag}: {cached(cache.entries, self.store.count, cache.slots_per_kind)}, "
+                 f"{cache.nbytes / 1e9:.2f} GB of slots")
+        prompt = torch.randint(0, self.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+        steps, reps = (args.n, args.r) if cache.resident else (args.streamed_n, args.streamed_r)
+        generated = []
+        with torch.inference_mode():
+            first = 0
+            for p, t in enumerate(prompt):
+                first = model.step(t, p, cache).item()
+
+            def decode(keep=False):
+                tok = first
+                start = time.perf_counter()
+                for i in range(steps):
+                    tok = model.step(tok, args.prompt + i, cache).item()
+                    if keep:
+                        generated.append(tok)
+                return steps / (time.perf_counter() - start)
+
+            warm = decode(keep=True)  # also fills a resident cache; untimed
+            progress(f"{tag}: warm-up {warm:.2f} tok/s")
+            rates = []
+            copied0 = cache.bytes_copied
+            for _ in range(reps):
+                rates.append(decode())
+                progress(f"{tag}: repetition {len(rates)}: {rates[-1]:.2f} tok/s")
+            copied = cache.bytes_copied - copied0
+        cache.close()
+        result = self.result(cache, budget, steps, rates, copied / (steps * reps), generated)
+        cache = None  # frees the slots (close() waited for their copies)
+        gc.collect()
+        if cuda:
+            result["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+            result["max_memory_reserved"] = torch.cuda.max_memory_reserved()
+            result["device_bytes_estimate"] = result["max_memory_reserved"] + self.context_bytes
+            if budget is not None:
+                result["within_budget"] = result["device_bytes_estimate"] <= budget
+            # Before the row is printed: nvidia-smi's samples after it belong to the next run.
+            torch.cuda.empty_cache()
+        return result
+
+    def result(self, cache, budget, steps, rates, streamed, generated):
+        args, model, store = self.args, self.model, self.store
+        tps = statistics.median(rates)
+        weight_bytes = store.layers * store.layer_bytes + model.lm.nbytes
+        mean_kv = args.prompt + (steps + 1) / 2
+        bytes_per_token = weight_bytes + mean_kv * model.kv_bytes_per_position
+        elements = store.layers * sum(p.rows * p.cols for p in model.kinds.values()) + model.vocab * model.h
+        traffic = bytes_per_token + 2 * 2 * elements  # + bf16 written by the dequant, read by F.linear
+        bound = self.upload_bw / streamed if streamed else None
+        return {
+            "system": "cuda_path",
+            "shape": args.shape,
+            "budget": budget,
+            "mode": "resident" if cache.resident else "streamed",
+            "cache_entries": cache.entries,
+            "cache_layers": cache.slots_per_kind,
+            "weights": store.count,
+            "layers": store.layers,
+            "layer_bytes": store.layer_bytes,
+            "cache_bytes": cache.nbytes,
+            "fixed_bytes": self.fixed_bytes,
+            "context_bytes": self.context_bytes,
+            "transient_bytes": self.transient_bytes,
+            "test": f"tg{steps}",
+            "tokens": steps,
+            "prompt_tokens": args.prompt,
+            "repetitions": len(rates),
+            "tokens_per_second": tps,
+            "tokens_per_second_min": min(rates),
+            "tokens_per_second_max": max(rates),
+            "samples": rates,
+            "weight_bytes": weight_bytes,
+            "int4_bytes_per_token": bytes_per_token,
+            "achieved_bytes_per_second": bytes_per_token * tps,
+            "bandwidth_probe_bytes": self.probe,
+            "copy_bandwidth": self.copy_bw,
+            "fraction_of_copy_bandwidth": bytes_per_token * tps / self.copy_bw,
+            "dram_bytes_per_token": traffic,
+            "dram_fraction_of_copy_bandwidth": traffic * tps / self.copy_bw,
+            "streamed_bytes_per_token": streamed,
+            "upload_bandwidth": self.upload_bw,
+            "pcie_bound_tokens_per_second": bound,
+            "fraction_of_pcie_bound": tps / bound if bound else None,
+            "copies": cache.copies,
+            "pinned_host_bytes": store.pinned_bytes,
+            "load_seconds": self.load_s,
+            "generated": generated,
+        }
+
+
+def check_cache(device, shape, positions=3):
+    """Cached and streamed decoding against the resident one, logits bit for bit; the resident
+    one against plain PyTorch dequantization; copy counts as the cache's design says; and one
+    altered weight byte must change the logits (the comparison can fail). Returns None or a
+    description of the first failure."""
+    sync = Sync(device)
+    model = Model(shape, positions + 1, device)
+    store = HostStore(model.kinds, model.layers, device, pin=device == "cuda")
+    tokens = torch.randint(0, model.vocab, (positions,), generator=torch.Generator().manual_seed(2)).tolist()
+    count = store.count
+
+    def decode(entries, dq=dequant.dequantize):
+        model.dequant = dq
+        model.reset()
+        cache = WeightCache(store, entries, device, sync)
+        with torch.inference_mode():
+            out = torch.cat([model.logits(t, p, cache).float().cpu() for p, t in enumerate(tokens)])
+        cache.close()
+        model.dequant = dequant.dequantize
+        return out, cache.copies
+
+    want, copies = decode(count)
+    if copies != count:
+        return f"{shape}: the resident cache copied {copies} weights over {positions} steps; each weight once is {count}"
+    if not torch.isfinite(want).all():
+        return f"{shape}: resident logits are not finite"
+    plain, _ = decode(count, dequant.dequantize_reference)
+    if not torch.equal(want, plain):
+        return f"{shape}: resident logits with the Triton kernel differ from those with plain PyTorch dequantization"
+    # 1 and 5: fewer entries than a layer; 7: one layer; 10: one layer and a half (two layers'
+    # slots); count - 1: all but one weight. A cache with a slot for every weight keeps them;
+    # a smaller one never hits (streaming.py), so it copies every weight at every step.
+    for n in sorted({1, 5, 7, 10, count - 1}):
+        got, copies = decode(n)
+        if not torch.equal(want, got):
+            p = int((want != got).any(-1).nonzero()[0])
+            diff = (want - got).abs().max().item()
+            return f"{shape}: cache of {n} entries: logits at position {p} differ from resident (max |diff| {diff})"
+        steady = count if math.ceil(n / 7) >= model.layers else count * positions
+        if not steady <= copies <= steady + n:
+            return (f"{shape}: cache of {n} entries copied {copies} weights over {positions} steps; "
+                    f"expected {steady} (+ up to {n} ahead)")
+    blob = store.blobs[3]  # layer 0's o projection (q and k cannot matter at position 0)
+    saved = blob.clone()
+    blob[5] ^= 0x11
+    got, _ = decode(1)
+    blob.copy_(saved)
+    if torch.equal(want, got):
+        return f"{shape}: altering a byte of layer 0's o weight left the logits unchanged: the comparison cannot fail"
+    return None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-32b")
-    ap.add_argument("--mode", choices=["resident", "streamed"], default="resident")
+    sizes = ap.add_mutually_exclusive_group()
+    sizes.add_argument("--cache", type=lambda t: parse_list(t, positive_int),
+                       help="cache sizes in weights (entries), comma-separated; 'all' is resident")
+    sizes.add_argument("--vram-budget", type=lambda t: parse_list(t, parse_size),
+                       help="VRAM budgets, comma-separated (e.g. all,12GB,8GB,4GB); default all")
     ap.add_argument("-n", type=int, default=64, help="decode steps per repetition")
     ap.add_argument("-r", type=int, default=3, help="timed repetitions (after one warm-up)")
+    ap.add_argument("--streamed-n", type=int, help="-n for the runs that stream (default: -n)")
+    ap.add_argument("--streamed-r", type=int, help="-r for the runs that stream (default: -r)")
     ap.add_argument("--prompt", type=int, default=4, help="tokens decoded once before the warm-up")
-    ap.add_argument("--json", help="also write the JSON line to this file")
+    ap.add_argument("--json", help="also write the results, a JSON list, to this file")
     ap.add_argument("--check", action="store_true",
-                    help="only check the dequant kernel against plain PyTorch on awkward and on the shape's matrix sizes, then exit")
+                    help="check the dequant kernel against plain PyTorch (awkward and this shape's matrix sizes) and "
+                         "cached/streamed logits against resident ones on small shapes, then exit")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="without CUDA, run on the CPU under TRITON_INTERPRET=1 (tiny shape only): tests the code, measures nothing")
     args = ap.parse_args()
-    if args.n < 1 or args.r < 1 or args.prompt < 1:
-        ap.error("-n, -r and --prompt must be at least 1")
+    args.streamed_n = args.streamed_n or args.n
+    args.streamed_r = args.streamed_r or args.r
+    if min(args.n, args.r, args.prompt, args.streamed_n, args.streamed_r) < 1:
+        ap.error("-n, -r, --streamed-n, --streamed-r and --prompt must be at least 1")
 
     if torch.cuda.is_available() and not args.cpu_smoke:
         device = "cuda"
-        if INTERPRETED:
+        if dequant.INTERPRETED:
             sys.exit("cuda_path.py: TRITON_INTERPRET is set; unset it for the GPU benchmark")
     elif args.cpu_smoke:
-        if not INTERPRETED:
+        if not dequant.INTERPRETED:
             sys.exit("cuda_path.py: --cpu-smoke needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
         if args.shape != "tiny":
             sys.exit("cuda_path.py: --cpu-smoke runs only --shape tiny")
@@ -304,97 +381,83 @@ def main():
                  "A smoke test of the code on the CPU: TRITON_INTERPRET=1 ... --cpu-smoke --shape tiny")
 
     torch.manual_seed(0)
-    arch, h, layers, ffn, heads, kv_heads, vocab = SHAPES[args.shape][:7]
+    _, h, _, ffn, heads, kv_heads, vocab = SHAPES[args.shape][:7]
     kv = kv_heads * (h // heads)
-    awkward = [(37, 300), (16, 128), (5, 1000)]
+    awkward = [(37, 300), (16, 128), (5, 1000), (3, 1024 + 128)]
     if args.check:
         real = sorted({(h, h), (kv, h), (ffn, h), (h, ffn), (vocab, h)})
         if device == "cpu":  # the interpreter is slow: a few rows of each real width
             real = sorted({(min(r, 40), c) for r, c in real})
-        print("dequant kernel == reference for", check_dequant(device, awkward + real))
+        bad = dequant.check(device, awkward + real)
+        if bad:
+            sys.exit(bad)
+        print("dequant kernel == plain PyTorch for", ", ".join(f"[{r}, {c}]" for r, c in awkward + real), flush=True)
+        for shape in ["tiny"] + (["qwen2-0.5b"] if device == "cuda" else []):
+            t0 = time.perf_counter()
+            bad = check_cache(device, shape)
+            if bad:
+                sys.exit(bad)
+            print(f"{shape}: cached and streamed logits == resident logits == plain-PyTorch-dequant logits, "
+                  f"bit for bit ({time.perf_counter() - t0:.1f} s)", flush=True)
         return 0
-    check_dequant(device, awkward)  # cheap, every run: a wrong kernel must not produce numbers
+    bad = dequant.check(device, awkward)  # cheap, every run: a wrong kernel must not produce numbers
+    if bad:
+        sys.exit(bad)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    ctx = args.prompt + args.n + 1
-    model = Model(args.shape, args.mode, ctx, device)
-    sync()
-    load_s = time.perf_counter() - t0
-    progress(f"{args.shape} {args.mode}: model ready in {load_s:.1f} s"
-             + (f", {torch.cuda.memory_allocated() / 1e9:.2f} GB on the GPU" if device == "cuda" else "")
-             + (f", {model.pinned_bytes / 1e9:.2f} GB pinned" if model.pinned_bytes else ""))
-    prompt = torch.randint(0, vocab, (args.prompt,)).tolist()
-    generated = []
-
-    def run(steps, keep=False):
-        """Decodes `steps` tokens after the prompt; returns tokens/s. .item() waits for each token."""
-        tok = first
-        start = time.perf_counter()
-        for i in range(steps):
-            tok = model.step(tok, args.prompt + i).item()
-            if keep:
-                generated.append(tok)
-        return steps / (time.perf_counter() - start)
-
-    with torch.inference_mode():
-        first = 0
-        for p, t in enumerate(prompt):
-            first = model.step(t, p).item()
-        progress(f"prompt of {args.prompt} decoded")
-        warm = run(args.n, keep=True)  # warm-up (Triton compile, cuBLAS heuristics, allocator), untimed
-        progress(f"warm-up: {warm:.2f} tok/s")
-        rates = []
-        for _ in range(args.r):
-            rates.append(run(args.n))
-            progress(f"repetition {len(rates)}: {rates[-1]:.2f} tok/s")
-    if device == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-        gpu = torch.cuda.get_device_name()
-    else:
-        peak_gb, gpu = None, "cpu (smoke test, Triton interpreter)"
-    mean_kv = args.prompt + (args.n + 1) / 2
-    weight_bytes = layers * model.layer_bytes + model.lm_head_bytes
-    streamed = layers * model.layer_bytes if args.mode == "streamed" else 0
-    tps = statistics.median(rates)
-    bytes_per_token = weight_bytes + mean_kv * model.kv_bytes_per_position
-    result = {
-        "system": "cuda_path",
-        "shape": args.shape,
-        "mode": args.mode,
-        "test": f"tg{args.n}",
-        "tokens": args.n,
-        "prompt_tokens": args.prompt,
-        "repetitions": args.r,
-        "tokens_per_second": tps,
-        "tokens_per_second_min": min(rates),
-        "tokens_per_second_max": max(rates),
-        "samples": rates,
-        "int4_bytes_per_token": bytes_per_token,
-        "streamed_bytes_per_token": streamed,
-        "achieved_bytes_per_second": bytes_per_token * tps,
-        "weight_bytes": weight_bytes,
-        "load_seconds": load_s,
-        "peak_gpu_memory_gb": peak_gb,
-        "pinned_host_bytes": model.pinned_bytes,
-        "generated": generated,
-        "gpu": gpu,
-        "smoke_test": device != "cuda",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "command": " ".join(["cuda_path.py"] + sys.argv[1:]),
-        "unix_time": int(time.time()),
-    }
-    gb = bytes_per_token / 1e9
-    print(f"| {args.shape} | CUDA path ({args.mode}) | tg{args.n} | {tps:.2f} | {min(rates):.2f}–{max(rates):.2f} "
-          f"| {gb:.3f} | {gb * tps:.1f} |")
-    line = json.dumps(result)
-    print(line)
+    bench = Bench(args, device)
+    commit, dirty = measure.git_info()
+    plan = [(c if c is not None else bench.store.count, None) for c in args.cache] if args.cache else \
+        [(None, b) for b in (args.vram_budget or [None])]
+    results, skipped = [], []
+    for entries, budget in plan:
+        if entries is None:
+            entries, why = bench.entries_for_budget(budget)
+            if why:
+                progress(f"skipped: {why}")
+                skipped.append({"budget": budget, "reason": why})
+                continue
+        r = bench.run(entries, budget)
+        r.update({
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test, Triton interpreter)",
+            "device_total_bytes": bench.device_total,
+            "smoke_test": device != "cuda",
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "command": " ".join(["cuda_path.py"] + sys.argv[1:]),
+            "unix_time": int(time.time()),
+        })
+        k = min(len(r["generated"]), len(results[0]["generated"])) if results else 0
+        if k and r["generated"][:k] != results[0]["generated"][:k]:
+            r["generated_differs_from_first_run"] = True  # same weights, prompt and steps: must not happen
+            progress(f"WARNING: {label(budget)} generated other tokens than the first run")
+        results.append(r)
+        print_row(r)
+    for r in results:
+        r["skipped"] = skipped
     if args.json:
         with open(args.json, "w") as fh:
-            fh.write(line + "\n")
-    return 0
+            json.dump(results, fh)
+            fh.write("\n")
+    return 0 if results else 1
+
+
+def print_row(r):
+    """The markdown row (budget in the second cell and the test in the fourth, as q4wgpu's rows, so
+    that bench-report.py can split the part's VRAM samples by budget), then the JSON line."""
+    gb = r["int4_bytes_per_token"] / 1e9
+    bound = r["pcie_bound_tokens_per_second"]
+    bound_cells = "— | —" if bound is None else f"{bound:.2f} | {100 * r['fraction_of_pcie_bound']:.0f} %"
+    peak = r.get("max_memory_reserved")
+    peak_cell = "—" if peak is None else f"{peak / 1e9:.2f}"
+    print(f"| {r['shape']} | {label(r['budget'])} | CUDA path, {cached(r['cache_entries'], r['weights'], r['cache_layers'])} "
+          f"| {r['test']} | {r['tokens_per_second']:.2f} "
+          f"| {r['tokens_per_second_min']:.2f}–{r['tokens_per_second_max']:.2f} | {gb:.3f} "
+          f"| {r['streamed_bytes_per_token'] / 1e9:.3f} | {100 * r['fraction_of_copy_bandwidth']:.0f} % "
+          f"| {bound_cells} | {peak_cell} |", flush=True)
+    print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

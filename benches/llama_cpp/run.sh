@@ -2,11 +2,14 @@
 # llama.cpp's CUDA backend on the same synthetic shape, for the comparison in BENCHMARKS.md.
 # Runs ON THE DEVICE (it has the CUDA toolkit and cmake, but no network): builds llama-bench from
 # the sources benches/llama_cpp/prepare.sh put in .llama/llama.cpp (carry `.llama`), writes a
-# random Q4_0 GGUF of the shape with make_gguf.py, and runs llama-bench with JSON output.
+# random Q4_0 GGUF of the shape with make_gguf.py, and runs llama-bench with JSON-lines output.
 #
 # Usage: benches/llama_cpp/run.sh build          build only (about 4 minutes with 16 cores)
 #        benches/llama_cpp/run.sh model          write the GGUF only
-#        benches/llama_cpp/run.sh bench OUTDIR   run llama-bench (builds / writes what is missing)
+#        benches/llama_cpp/run.sh bench OUTDIR [NAME [ARGS...]]   run llama-bench (builds / writes
+#            what is missing) with -m MODEL -fa 1 -ngl LLAMA_NGL and ARGS (default: -p LLAMA_P
+#            -n LLAMA_N -r LLAMA_R), writing OUTDIR/NAME.jsonl (NAME: llama_bench), NAME.stderr.log
+#            and llama_gpu.txt; results.py merges the .jsonl files into one JSON list.
 # Environment: SHAPE (qwen2-32b), LLAMA_BUILD (.llama-build: git-ignored and not carried, so a
 # warm machine keeps it between calls), LLAMA_MODEL (/tmp/llama-<shape>-q4_0.gguf), JOBS (nproc),
 # LLAMA_P (512), LLAMA_N (128), LLAMA_R (3), LLAMA_NGL (99; a list such as 99,40,32 also works).
@@ -54,26 +57,27 @@ do_model() {
 }
 
 do_bench() {
-  local out=${1:?usage: run.sh bench OUTDIR}
+  local out=${1:?usage: run.sh bench OUTDIR [NAME [llama-bench args]]} name=${2:-llama_bench}
+  shift $(($# < 2 ? $# : 2))
   mkdir -p "$out"
   do_build
   do_model
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/llama_gpu.txt" 2>/dev/null || true
-  local args=(-m "$model" -p "${LLAMA_P:-512}" -n "${LLAMA_N:-128}" -r "${LLAMA_R:-3}" -fa 1 -ngl "${LLAMA_NGL:-99}")
+  local tests=("$@")
+  [ ${#tests[@]} -gt 0 ] || tests=(-p "${LLAMA_P:-512}" -n "${LLAMA_N:-128}" -r "${LLAMA_R:-3}")
+  local args=(-m "$model" -fa 1 -ngl "${LLAMA_NGL:-99}" "${tests[@]}")
   echo "llama.cpp: llama-bench ${args[*]}"
-  "$bin" "${args[@]}" -o json >"$out/llama_bench.json" 2>"$out/llama_bench.stderr.log"
-  # The same numbers as a table, from the JSON, so the log shows them.
-  python3 - "$out/llama_bench.json" <<'EOF'
-import json, sys
-for r in json.load(open(sys.argv[1])):
-    test = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
-    print(f"llama.cpp {r.get('model_type', '')} ngl {r['n_gpu_layers']} {test}: {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} tok/s")
-EOF
+  # jsonl: each test's row is written when it ends, so a run cut off by its time limit keeps them.
+  local rc=0
+  "$bin" "${args[@]}" -o jsonl >"$out/$name.jsonl" 2>"$out/$name.stderr.log" || rc=$?
+  [ "$rc" = 0 ] || { echo "llama.cpp: llama-bench exit $rc"; tail -5 "$out/$name.stderr.log"; }
+  python3 "$top/benches/llama_cpp/results.py" table "$out/$name.jsonl"
+  return "$rc"
 }
 
 case "${1:-}" in
   build) do_build ;;
   model) do_model ;;
-  bench) do_bench "${2:-${OUT:-/tmp}}" ;;
+  bench) shift; do_bench "${1:-${OUT:-/tmp}}" "${@:2}" ;;
   *) echo "usage: $0 build | model | bench OUTDIR" >&2; exit 2 ;;
 esac

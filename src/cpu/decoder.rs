@@ -17,6 +17,17 @@ impl<'m, 'w> CpuDecoder<'m, 'w> {
             cache: model.new_cache(ctx),
         }
     }
+
+    /// The same decoder over an f16 KV cache, as the GPU holds it (see [`KvCache::with_f16_values`]).
+    pub fn with_f16_cache(mut self) -> Self {
+        self.cache = self.cache.with_f16_values();
+        self
+    }
+
+    /// Keeps only the first `len` tokens of the sequence.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
 }
 
 impl Decoder for CpuDecoder<'_, '_> {
@@ -28,7 +39,11 @@ impl Decoder for CpuDecoder<'_, '_> {
         step: u32,
         top_logprobs: Option<usize>,
     ) -> Result<StepOutput> {
-        let logits = self.model.forward(&mut self.cache, tokens)?;
+        // Short prompts as decode steps, as the GPU runs them (generate::SHORT_PROMPT).
+        let mut logits = Vec::new();
+        for call in crate::generate::forward_calls(tokens) {
+            logits = self.model.forward(&mut self.cache, call)?;
+        }
         let token = sampling::sample_at(params, &logits, history, step);
         let logprobs = top_logprobs.map(|n| {
             let lp = sampling::logprobs(&logits, token, n);

@@ -19,11 +19,13 @@ mod decoder;
 pub mod ops;
 
 pub use decoder::CpuDecoder;
-pub use ops::{add_in_place, apply_rope, attention, dot, rms_norm, silu, softmax_in_place, Heads};
+pub use ops::{
+    add_in_place, apply_rope, attention, dot, inverse_rms, rms_norm, silu, softmax_in_place, Heads,
+};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::quant::QView;
+use crate::quant::{ActQ8, DecodeActivations, QView};
 use crate::weights::{ModelWeights, Weight};
 
 /// A linear layer: an INT4 matrix `[out, in]` and an optional bias `[out]`.
@@ -32,10 +34,44 @@ struct Linear<'a> {
     bias: Option<Vec<f32>>,
 }
 
+/// What a projection multiplies: f32 values, or int8 blocks (decode steps with int8 activations).
+enum Input {
+    F32(Vec<f32>),
+    Int8(ActQ8),
+}
+
+impl Input {
+    /// `x` as it is, quantized with `int8`.
+    fn plain(x: &[f32], int8: bool) -> Input {
+        if int8 {
+            Input::Int8(ActQ8::quantize(x))
+        } else {
+            Input::F32(x.to_vec())
+        }
+    }
+
+    /// RMSNorm of `x` with `weight`; with `int8`, `x * weight` quantized with `1 / rms` on `d`,
+    /// the spec's order (see [`ActQ8::quantize_scaled`]).
+    fn normed(x: &[f32], weight: &[f32], eps: f32, int8: bool) -> Input {
+        if int8 {
+            let v: Vec<f32> = x.iter().zip(weight).map(|(a, w)| a * w).collect();
+            Input::Int8(ActQ8::quantize_scaled(&v, inverse_rms(x, eps)))
+        } else {
+            let mut h = vec![0.0; x.len()];
+            rms_norm(x, weight, eps, &mut h);
+            Input::F32(h)
+        }
+    }
+}
+
 impl Linear<'_> {
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
+    /// `W x (+ b)`.
+    fn apply(&self, x: &Input) -> Vec<f32> {
         let mut y = vec![0.0; self.weight.rows];
-        self.weight.matvec(x, &mut y);
+        match x {
+            Input::F32(v) => self.weight.matvec(v, &mut y),
+            Input::Int8(a) => self.weight.matvec_q8(a, &mut y),
+        }
         if let Some(b) = &self.bias {
             add_in_place(&mut y, b);
         }
@@ -64,6 +100,8 @@ pub struct CpuModel<'a> {
     layers: Vec<Layer<'a>>,
     final_norm: Vec<f32>,
     lm_head: QView<'a>,
+    /// Activations of one-token calls (decode steps), as the GPU's decode step has them.
+    decode_activations: DecodeActivations,
 }
 
 /// Keys and values of every layer, preallocated for `ctx` positions (never grown).
@@ -73,6 +111,8 @@ pub struct KvCache {
     ctx: usize,
     kv_dim: usize,
     len: usize,
+    /// Keys and values are rounded to f16 as they are written (as the GPU's cache stores them).
+    f16: bool,
     keys: Vec<f32>,
     values: Vec<f32>,
 }
@@ -109,10 +149,23 @@ impl KvCache {
         &self.values[start..start + n * self.kv_dim]
     }
 
+    /// The same cache, rounding what is written to f16 (round to nearest even), as the GPU's
+    /// cache holds it: with int8 decode activations, the f32 cache's tiny differences would move
+    /// values across int8 rounding boundaries and hide the kernels' agreement.
+    pub fn with_f16_values(mut self) -> Self {
+        self.f16 = true;
+        self
+    }
+
     fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let start = (layer * self.ctx + pos) * self.kv_dim;
         self.keys[start..start + self.kv_dim].copy_from_slice(k);
         self.values[start..start + self.kv_dim].copy_from_slice(v);
+        if self.f16 {
+            let round = |x: &mut f32| *x = half::f16::from_f32(*x).to_f32();
+            self.keys[start..start + self.kv_dim].iter_mut().for_each(round);
+            self.values[start..start + self.kv_dim].iter_mut().for_each(round);
+        }
     }
 }
 
@@ -181,11 +234,19 @@ impl<'a> CpuModel<'a> {
             layers,
             final_norm: vector(weights, "model.norm.weight", hidden)?,
             lm_head: matrix(weights, "lm_head.weight", config.vocab_size, hidden)?,
+            decode_activations: DecodeActivations::F32,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         self.config
+    }
+
+    /// The same model with decode steps (calls of one token) using `a` (default
+    /// [`DecodeActivations::F32`]); prompts of several tokens stay f32, as on the GPU.
+    pub fn with_decode_activations(mut self, a: DecodeActivations) -> Self {
+        self.decode_activations = a;
+        self
     }
 
     /// An empty cache for up to `ctx` positions.
@@ -195,6 +256,7 @@ impl<'a> CpuModel<'a> {
             ctx,
             kv_dim: self.heads.kv_dim(),
             len: 0,
+            f16: false,
             keys: vec![0.0; n],
             values: vec![0.0; n],
         }
@@ -206,13 +268,14 @@ impl<'a> CpuModel<'a> {
         let last = hidden
             .last()
             .ok_or_else(|| Error::Invalid("forward: no tokens to process".into()))?;
-        Ok(self.logits(last))
+        Ok(self.logits(last, self.int8(tokens.len())))
     }
 
     /// Like [`forward`](Self::forward), but returns the logits of every token (for tests).
     pub fn forward_all(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let hidden = self.hidden_states(cache, tokens)?;
-        Ok(hidden.iter().map(|x| self.logits(x)).collect())
+        let int8 = self.int8(tokens.len());
+        Ok(hidden.iter().map(|x| self.logits(x, int8)).collect())
     }
 
     /// The residual stream of each token after the last layer. The cache is left unchanged on error.
@@ -240,9 +303,10 @@ impl<'a> CpuModel<'a> {
             self.weights.embedding_row(t, &mut x)?;
             xs.push(x);
         }
+        let int8 = self.int8(tokens.len());
         for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(l, layer, cache, start, &mut xs);
-            self.mlp_block(layer, &mut xs);
+            self.attention_block(l, layer, cache, start, &mut xs, int8);
+            self.mlp_block(layer, &mut xs, int8);
         }
         cache.len = start + tokens.len();
         Ok(xs)
@@ -256,12 +320,12 @@ impl<'a> CpuModel<'a> {
         cache: &mut KvCache,
         start: usize,
         xs: &mut [Vec<f32>],
+        int8: bool,
     ) {
         let eps = self.config.rms_norm_eps;
-        let mut h = vec![0.0; self.config.hidden_size];
         let mut queries = Vec::with_capacity(xs.len());
         for (t, x) in xs.iter().enumerate() {
-            rms_norm(x, &layer.input_norm, eps, &mut h);
+            let h = Input::normed(x, &layer.input_norm, eps, int8);
             let (mut q, mut k, v) = (layer.q.apply(&h), layer.k.apply(&h), layer.v.apply(&h));
             apply_rope(&mut q, start + t, &self.inv_freq);
             apply_rope(&mut k, start + t, &self.inv_freq);
@@ -278,33 +342,33 @@ impl<'a> CpuModel<'a> {
                 cache.values(l, seen),
                 &mut a,
             );
-            add_in_place(x, &layer.o.apply(&a));
+            add_in_place(x, &layer.o.apply(&Input::plain(&a, int8)));
         }
     }
 
     /// `x += down(silu(gate(h)) * up(h))` with `h = rmsnorm(x)`, for each token.
-    fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>]) {
-        let mut h = vec![0.0; self.config.hidden_size];
+    fn mlp_block(&self, layer: &Layer, xs: &mut [Vec<f32>], int8: bool) {
         for x in xs.iter_mut() {
-            rms_norm(
-                x,
-                &layer.post_attention_norm,
-                self.config.rms_norm_eps,
-                &mut h,
-            );
+            let h = Input::normed(x, &layer.post_attention_norm, self.config.rms_norm_eps, int8);
             let mut act = layer.gate.apply(&h);
             for (g, u) in act.iter_mut().zip(layer.up.apply(&h)) {
                 *g = silu(*g) * u;
             }
-            add_in_place(x, &layer.down.apply(&act));
+            add_in_place(x, &layer.down.apply(&Input::plain(&act, int8)));
         }
     }
 
-    fn logits(&self, x: &[f32]) -> Vec<f32> {
-        let mut h = vec![0.0; x.len()];
-        rms_norm(x, &self.final_norm, self.config.rms_norm_eps, &mut h);
+    /// Whether a call of `tokens` tokens quantizes its activations (a decode step with int8).
+    fn int8(&self, tokens: usize) -> bool {
+        tokens == 1 && self.decode_activations == DecodeActivations::Int8
+    }
+
+    fn logits(&self, x: &[f32], int8: bool) -> Vec<f32> {
         let mut logits = vec![0.0; self.lm_head.rows];
-        self.lm_head.matvec(&h, &mut logits);
+        match Input::normed(x, &self.final_norm, self.config.rms_norm_eps, int8) {
+            Input::F32(h) => self.lm_head.matvec(&h, &mut logits),
+            Input::Int8(a) => self.lm_head.matvec_q8(&a, &mut logits),
+        }
         logits
     }
 }

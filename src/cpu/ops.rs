@@ -33,6 +33,12 @@ impl Heads {
 }
 
 /// `out = x * weight / sqrt(mean(x²) + eps)`, all in f32 as Hugging Face computes it.
+/// `1 / sqrt(mean(x²) + eps)`: RMSNorm's scalar.
+pub fn inverse_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     assert_eq!(
         x.len(),
@@ -44,8 +50,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         out.len(),
         "rms_norm: input and output lengths differ"
     );
-    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv_rms = 1.0 / (mean_square + eps).sqrt();
+    let inv_rms = inverse_rms(x, eps);
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv_rms * w;
     }

@@ -371,11 +371,14 @@ impl Scratch {
     pub fn new() -> Scratch {
         Scratch(Vec::new())
     }
+    /// Also registered with the Ctrl-C handler, which removes it if the program is interrupted.
     pub fn add(&mut self, path: PathBuf) -> PathBuf {
+        crate::interrupt::register_file(&path);
         self.0.push(path.clone());
         path
     }
     pub fn forget(&mut self, path: &Path) {
+        crate::interrupt::forget_file(path);
         self.0.retain(|p| p != path);
     }
 }
@@ -385,6 +388,7 @@ impl Drop for Scratch {
         for p in &self.0 {
             // Best effort: a scratch file that cannot be removed is harmless clutter.
             let _ = std::fs::remove_file(p);
+            crate::interrupt::forget_file(p);
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub caps: Caps,
+    /// The driver's compiled pipelines, loaded from and saved to the q4wgpu cache folder where the
+    /// adapter supports it (Vulkan's VkPipelineCache), so later runs skip most compilation.
+    pipeline_cache: Option<(wgpu::PipelineCache, std::path::PathBuf)>,
 }
 
 const NO_ADAPTER_HELP: &str =
@@ -96,7 +99,8 @@ impl Gpu {
             | wgpu::Features::SUBGROUP
             | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
             | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+            | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
+            | wgpu::Features::PIPELINE_CACHE;
         let features = offered & wanted;
         let coop_matrix_f16 = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
             && adapter.cooperative_matrix_properties().iter().any(|p| {
@@ -134,6 +138,10 @@ impl Gpu {
             mappable_primary_buffers: features.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         };
+        let pipeline_cache = features
+            .contains(wgpu::Features::PIPELINE_CACHE)
+            .then(|| open_pipeline_cache(&device, &info))
+            .flatten();
         Ok(Gpu {
             adapter,
             device,
@@ -142,7 +150,34 @@ impl Gpu {
             limits,
             features,
             caps,
+            pipeline_cache,
         })
+    }
+
+    /// Writes the driver's compiled pipelines to the cache folder (through a temporary file and a
+    /// rename), for the next run. Does nothing where the adapter has no pipeline cache.
+    pub fn save_pipeline_cache(&self) -> Result<()> {
+        let Some((cache, path)) = &self.pipeline_cache else {
+            return Ok(());
+        };
+        let Some(data) = cache.get_data() else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("creating the pipeline cache folder", dir, e))?;
+        }
+        crate::formats::hf::write_atomically(path, &data)
+    }
+
+    /// Where this adapter's pipeline cache is kept, if it has one.
+    pub fn pipeline_cache_path(&self) -> Option<&std::path::Path> {
+        self.pipeline_cache.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// True for a CPU driver (lavapipe/llvmpipe, SwiftShader): the GPU path emulated on the CPU.
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
     }
 
     /// The size of the largest device-local memory heap, from Vulkan's memory properties
@@ -311,7 +346,7 @@ impl Gpu {
                     constants: &constants,
                     zero_initialize_workgroup_memory: false,
                 },
-                cache: None,
+                cache: self.pipeline_cache.as_ref().map(|(c, _)| c),
             });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("compiling kernel {label}: {err}")));
@@ -420,6 +455,44 @@ impl Gpu {
     pub fn read_u32(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u32>> {
         let bytes = self.read_bytes(buffer, 0, (len * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}
+
+/// The pipeline cache of `info`'s adapter, seeded from `<cache>/pipelines/` when a saved one is
+/// there. wgpu checks the saved data's header against the driver and starts empty on a mismatch
+/// (`fallback`), so a stale or foreign file only costs the compile it would have saved.
+fn open_pipeline_cache(
+    device: &wgpu::Device,
+    info: &wgpu::AdapterInfo,
+) -> Option<(wgpu::PipelineCache, std::path::PathBuf)> {
+    let key = wgpu::util::pipeline_cache_key(info)?;
+    let path = crate::fetch::cache_dir()
+        .join("pipelines")
+        .join(format!("{key}.bin"));
+    let data = std::fs::read(&path).ok();
+    // SAFETY: the data is what `PipelineCache::get_data` returned in an earlier run (we write
+    // nothing else to this path), and wgpu validates its header before the driver sees it.
+    let cache = unsafe {
+        device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+            label: Some("q4wgpu pipelines"),
+            data: data.as_deref(),
+            fallback: true,
+        })
+    };
+    Some((cache, path))
+}
+
+/// Mesa's Vulkan device-selection layer (an implicit layer on most Linux systems) connects to the
+/// window system while devices are enumerated, and prints `error: XDG_RUNTIME_DIR is invalid or
+/// not set` on every command of a headless machine. q4wgpu picks its adapter itself, so the layer
+/// is switched off (its documented `NODEVICE_SELECT=1`) unless the user set it up explicitly
+/// (`MESA_VK_DEVICE_SELECT`). Call before any thread starts: it sets an environment variable.
+pub fn quiet_device_select_layer() {
+    let user_chose = std::env::var_os("MESA_VK_DEVICE_SELECT").is_some()
+        || std::env::var_os("NODEVICE_SELECT").is_some();
+    if !user_chose {
+        // SAFETY (edition 2021: a safe call): the caller runs this before spawning threads.
+        std::env::set_var("NODEVICE_SELECT", "1");
     }
 }
 

@@ -164,3 +164,42 @@ mod tests {
         assert_eq!(close_report(&got[..3], &want, 1.0).map(|m| m.contains("length")), Some(true));
     }
 }
+
+/// Parses, validates (all capabilities) and compiles a kernel (after `shader_source`) to SPIR-V
+/// with naga, as wgpu would on a GPU that has every feature it uses; returns the words. For
+/// kernels the test adapter cannot run (cooperative matrices on lavapipe).
+pub fn compile_to_spirv(name: &str, kernel: &str, overrides: &[(&str, f64)]) -> Vec<u32> {
+    use wgpu::naga;
+    let src = super::shader_source(kernel);
+    let module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let mut constants = naga::back::PipelineConstants::default();
+    for (k, v) in overrides {
+        constants.insert(k.to_string(), *v);
+    }
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((naga::ShaderStage::Compute, "main")),
+        &constants,
+    )
+    .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
+    let options = naga::back::spv::Options {
+        lang_version: (1, 6),
+        ..Default::default()
+    };
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: "main".into(),
+    };
+    let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+    assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
+    words
+}

@@ -11,12 +11,14 @@
 //!   `1 / sqrt(head_dim)`; token `t` attends to positions `0..=pos + t`.
 //!
 //! Two paths, both bound once:
-//! - **decode** (one token; flash-decoding): pass 1 splits the sequence into chunks of whole
-//!   64-position tiles, one workgroup per (KV head, batch of ≤ 8 of its query heads, split), so each
-//!   K/V row is read once for the whole batch; it writes each split's running max, sum and
-//!   unnormalised output to scratch. The number of splits follows `kv_len` at run time (bounded at
-//!   bind time from `ctx`); splits past the end exit at once and pass 2 ignores them. Pass 2
-//!   rescales the splits of each head to a common max and divides by the total sum.
+//! - **decode** (one token; flash-decoding, `shaders/attention_decode.wgsl`): pass 1 splits the
+//!   sequence into chunks, one workgroup per (KV head, batch of ≤ 8 of its query heads, split), so
+//!   each K/V row is read once for the whole batch, with contiguous vector loads; it writes each
+//!   split's max, sum and unnormalised output to scratch. The split layout follows `kv_len` at run
+//!   time (few splits for short sequences, more for long ones, bounded at bind time from `ctx`);
+//!   splits past the end exit at once. Pass 2 rescales the splits of each head to a common max and
+//!   divides by the total sum. [`DecodeKernel::Legacy`] keeps the previous decode kernel (in
+//!   `shaders/attention.wgsl`) for A/B measurement in the kernel bench.
 //! - **prefill** (a chunk of tokens): one workgroup per 32 (token, head) rows of a KV group; tiles of
 //!   16 or 32 keys are unpacked into workgroup memory once and used by all 32 rows; causal mask by
 //!   position; rows past `n_tokens` are not written.
@@ -28,21 +30,123 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 const SHADER: &str = include_str!("../../shaders/attention.wgsl");
+const DECODE_SHADER: &str = include_str!("../../shaders/attention_decode.wgsl");
 
 /// Head dimensions the kernels are built for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 /// Query heads one decode workgroup serves (two vec4 quads in the WGSL).
 const MAX_HEADS_PER_GROUP: usize = 8;
-/// Positions per decode tile (the WGSL `DEC_TILE`); splits cover whole tiles.
+/// Legacy decode: positions per tile (the WGSL `DEC_TILE`); splits cover whole tiles.
 const DECODE_TILE: usize = 64;
-/// Decode pass 1 aims at about this many workgroups at full context: enough to fill a large GPU.
-/// It also bounds the splits (at most the WGSL `MAX_SPLITS`, the combine's workgroup array).
-const DECODE_TARGET_WORKGROUPS: usize = 512;
+/// Legacy decode: at most the WGSL `MAX_SPLITS`, the combine's workgroup array.
+const LEGACY_MAX_SPLITS: usize = 512;
+/// Grouped decode (`attention_decode.wgsl`): threads per workgroup; each thread has four K or V
+/// loads in flight, so a tile is `4 * WG / (head_dim / 8)` positions.
+const SPLIT_THREADS: usize = 128;
+/// Grouped decode: vec4 slots for a chunk's scores (the WGSL `SC_VEC4`): positions × head quads.
+const SPLIT_SCORE_VEC4: usize = 512;
+/// Grouped decode: most splits per head the scratch is sized for (a very long context needs
+/// `ctx / max_chunk` of them).
+const SPLIT_MAX_SPLITS: usize = 4096;
+
+/// Which decode kernel [`Attention::bind`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeKernel {
+    /// Contiguous vector loads, the batch's heads as vec4 lanes, two passes per chunk
+    /// (`attention_decode.wgsl`).
+    Grouped,
+    /// The previous kernel (`attention.wgsl`: one thread per position for scores), kept for A/B.
+    Legacy,
+}
+
+/// How decode attention splits the sequence. The defaults suit large GPUs and cost little on small
+/// ones (a split that is not needed is a workgroup that exits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeOptions {
+    pub kernel: DecodeKernel,
+    /// Grouped: fewest positions per split (rounded up to whole tiles), so a short sequence uses few
+    /// splits and the combine has little to do.
+    pub min_split_positions: usize,
+    /// Split-pass workgroups wanted once the sequence is long enough; the splits per KV head are
+    /// this divided by the workgroups per split. (Legacy: its bound on the workgroups.)
+    pub target_workgroups: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            kernel: DecodeKernel::Grouped,
+            min_split_positions: 32,
+            target_workgroups: 512,
+        }
+    }
+}
 /// Prefill rows per workgroup and threads per workgroup (the WGSL `PF_ROWS`, `PF_THREADS`).
 const PREFILL_ROWS: usize = 32;
 const PREFILL_THREADS: usize = 128;
 
-/// Uniform parameters shared by the three entry points (the WGSL `Params`).
+/// Uniform parameters of the grouped decode entry points (the `attention_decode.wgsl` `Params`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct SplitParams {
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    ctx: u32,
+    max_splits: u32,
+    head_batches: u32,
+    min_chunk: u32,
+    max_chunk: u32,
+    target_splits: u32,
+    _pad: [u32; 3],
+}
+
+/// The grouped decode's split layout, as the WGSL `split_layout`: positions per split and splits.
+/// `n_max` is the count before rounding, which only grows with `kv_len` (the bind-time bound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitLayout {
+    pub chunk: usize,
+    pub splits: usize,
+    pub n_max: usize,
+}
+
+/// The grouped decode kernel's constants for one shape.
+#[derive(Clone, Copy, Debug)]
+struct SplitShape {
+    tile: usize,
+    min_chunk: usize,
+    max_chunk: usize,
+    target_splits: usize,
+}
+
+impl SplitShape {
+    fn new(head_dim: usize, heads_per_batch: usize, workgroups_per_split: usize, o: &DecodeOptions) -> SplitShape {
+        let tile = 4 * SPLIT_THREADS / (head_dim / 8);
+        let quads = heads_per_batch.div_ceil(4);
+        let max_chunk = (SPLIT_SCORE_VEC4 / quads / tile).max(1) * tile;
+        let min_chunk = o.min_split_positions.max(1).div_ceil(tile).min(max_chunk / tile) * tile;
+        SplitShape {
+            tile,
+            min_chunk,
+            max_chunk,
+            target_splits: (o.target_workgroups / workgroups_per_split).max(1),
+        }
+    }
+
+    fn layout(&self, kv_len: usize) -> SplitLayout {
+        let kv_len = kv_len.max(1);
+        let wanted = self.target_splits.min(kv_len.div_ceil(self.min_chunk));
+        let n = wanted.max(kv_len.div_ceil(self.max_chunk)).max(1);
+        let chunk = kv_len.div_ceil(n).div_ceil(self.tile) * self.tile;
+        SplitLayout {
+            chunk,
+            splits: kv_len.div_ceil(chunk),
+            n_max: n,
+        }
+    }
+}
+
+/// Uniform parameters of prefill and the legacy decode (the `attention.wgsl` `Params`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct AttentionParams {
@@ -66,6 +170,14 @@ enum Variant {
     DecodeCombine {
         head_dim: u32,
     },
+    /// Grouped decode pass 1 and combine (`attention_decode.wgsl`).
+    Split {
+        head_dim: u32,
+        heads: u32,
+    },
+    SplitCombine {
+        head_dim: u32,
+    },
     /// Prefill for `head_dim` with `keys` positions per tile.
     Prefill {
         head_dim: u32,
@@ -77,10 +189,15 @@ enum Variant {
 /// workgroup, key tile) and compiled on first `bind` of that shape; all layers of a model share them.
 pub struct Attention {
     pipelines: Mutex<HashMap<Variant, wgpu::ComputePipeline>>,
+    decode: DecodeOptions,
+    /// Decode scratch (partial outputs, max and sum), shared by every binding made here: the
+    /// layers of a step run one after another, and wgpu puts a barrier between dispatches that
+    /// write the same buffer. Grown when a binding needs more.
+    scratch: Mutex<Option<[wgpu::Buffer; 2]>>,
 }
 
 /// The bound attention of one layer: record `decode` for a one-token step and `prefill` for any
-/// step (see [`AttentionDispatches::for_tokens`]). Owns the decode scratch buffers.
+/// step (see [`AttentionDispatches::for_tokens`]).
 pub struct AttentionDispatches {
     /// Decode pass 1 (partial results per split) and pass 2 (combine). Valid only when
     /// `n_tokens == 1`.
@@ -89,6 +206,7 @@ pub struct AttentionDispatches {
     pub prefill: Vec<Dispatch>,
     /// Decode splits bound at bind time (the dispatch's y size).
     pub max_splits: usize,
+    /// The decode scratch, shared with the other bindings of the same [`Attention`].
     _scratch: [wgpu::Buffer; 2],
 }
 
@@ -112,10 +230,41 @@ fn prefill_workgroup_bytes(head_dim: usize, keys: usize) -> usize {
 }
 
 impl Attention {
-    pub fn new(_gpu: &Gpu) -> Result<Attention> {
+    pub fn new(gpu: &Gpu) -> Result<Attention> {
+        Attention::with_decode(gpu, DecodeOptions::default())
+    }
+
+    /// Attention whose decode path uses `decode` (the kernel bench compares kernels and splits).
+    pub fn with_decode(_gpu: &Gpu, decode: DecodeOptions) -> Result<Attention> {
+        if decode.target_workgroups == 0 {
+            return Err(Error::Invalid(
+                "attention: decode target_workgroups must be at least 1".into(),
+            ));
+        }
         Ok(Attention {
             pipelines: Mutex::new(HashMap::new()),
+            decode,
+            scratch: Mutex::new(None),
         })
+    }
+
+    /// The grouped decode's split layout for a shape at `kv_len` positions (tests use it to pick
+    /// lengths that cross split boundaries; the bench reports it).
+    pub fn decode_layout(
+        &self,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        kv_len: usize,
+    ) -> Result<SplitLayout> {
+        if !SUPPORTED_HEAD_DIMS.contains(&head_dim) || n_kv_heads == 0 || n_heads < n_kv_heads {
+            return Err(Error::Invalid(format!(
+                "attention: no decode layout for {n_heads} heads over {n_kv_heads} KV heads of head_dim {head_dim}"
+            )));
+        }
+        let (batches, per_batch) = head_batches(n_heads / n_kv_heads);
+        let split = SplitShape::new(head_dim, per_batch, n_kv_heads * batches, &self.decode);
+        Ok(split.layout(kv_len))
     }
 
     fn pipeline(&self, gpu: &Gpu, variant: Variant) -> Result<wgpu::ComputePipeline> {
@@ -126,6 +275,7 @@ impl Attention {
         if let Some(p) = cache.get(&variant) {
             return Ok(p.clone());
         }
+        let mut source = SHADER;
         let (label, entry, overrides) = match variant {
             Variant::DecodePartial { head_dim, heads } => (
                 format!("attention/decode_partial/hd{head_dim}/g{heads}"),
@@ -137,6 +287,22 @@ impl Attention {
                 "decode_combine",
                 vec![("HD", head_dim as f64)],
             ),
+            Variant::Split { head_dim, heads } => {
+                source = DECODE_SHADER;
+                (
+                    format!("attention/decode_split/hd{head_dim}/g{heads}"),
+                    "decode_split",
+                    vec![("HD", head_dim as f64), ("GB", heads as f64)],
+                )
+            }
+            Variant::SplitCombine { head_dim } => {
+                source = DECODE_SHADER;
+                (
+                    format!("attention/decode_split_combine/hd{head_dim}"),
+                    "decode_combine",
+                    vec![("HD", head_dim as f64)],
+                )
+            }
             Variant::Prefill { head_dim, keys } => (
                 format!("attention/prefill/hd{head_dim}/k{keys}"),
                 "prefill",
@@ -145,7 +311,7 @@ impl Attention {
         };
         // Every index is in bounds by construction: `bind` checks the buffers against the shapes and
         // the shader clamps the step's values to them.
-        let p = gpu.compute_pipeline_unchecked(&label, SHADER, entry, &overrides)?;
+        let p = gpu.compute_pipeline_unchecked(&label, source, entry, &overrides)?;
         cache.insert(variant, p.clone());
         Ok(p)
     }
@@ -208,13 +374,8 @@ impl Attention {
         }
 
         let group = n_heads / n_kv_heads;
-        let head_batches = group.div_ceil(MAX_HEADS_PER_GROUP);
-        let heads_per_batch = group.div_ceil(head_batches);
+        let (head_batches, heads_per_batch) = head_batches(group);
         let decode_groups_x = n_kv_heads * head_batches;
-        let max_splits = ctx
-            .div_ceil(DECODE_TILE)
-            .min(DECODE_TARGET_WORKGROUPS / decode_groups_x)
-            .max(1);
         let prefill_groups_x = (m_max * group).div_ceil(PREFILL_ROWS);
         if decode_groups_x > limits.max_compute_workgroups_per_dimension as usize
             || prefill_groups_x > limits.max_compute_workgroups_per_dimension as usize
@@ -232,87 +393,51 @@ impl Attention {
             ))
         })?;
 
+        let shape = Shape {
+            n_heads,
+            n_kv_heads,
+            group,
+            head_dim,
+            ctx,
+            m_max,
+            head_batches,
+            heads_per_batch,
+        };
+        let buffers = Buffers {
+            q,
+            k_cache,
+            v_cache,
+            out,
+            step,
+        };
+        let (decode, max_splits, scratch) = match self.decode.kernel {
+            DecodeKernel::Grouped => self.bind_grouped_decode(gpu, &shape, &buffers)?,
+            DecodeKernel::Legacy => self.bind_legacy_decode(gpu, &shape, &buffers)?,
+        };
+
         let params = AttentionParams {
             n_heads: n_heads as u32,
             n_kv_heads: n_kv_heads as u32,
             group: group as u32,
             ctx: ctx as u32,
-            max_splits: max_splits as u32,
+            max_splits: 1,
             head_batches: head_batches as u32,
             m_max: m_max as u32,
             _pad: 0,
         };
         let params_buf = gpu.uniform("attention/params", &params);
-        let part_o = gpu.storage_buffer(
-            "attention/partial_out",
-            (n_heads * max_splits * head_dim * 4) as u64,
-        );
-        let part_ml = gpu.storage_buffer(
-            "attention/partial_max_sum",
-            (n_heads * max_splits * 2 * 4) as u64,
-        );
-
-        let hd = head_dim as u32;
-        let partial = self.pipeline(
-            gpu,
-            Variant::DecodePartial {
-                head_dim: hd,
-                heads: heads_per_batch as u32,
-            },
-        )?;
-        let combine = self.pipeline(gpu, Variant::DecodeCombine { head_dim: hd })?;
         let prefill = self.pipeline(
             gpu,
             Variant::Prefill {
-                head_dim: hd,
+                head_dim: head_dim as u32,
                 keys: keys as u32,
             },
         )?;
-
-        let dispatch = |label: &str,
-                        pipeline: wgpu::ComputePipeline,
-                        entries: &[(u32, &wgpu::Buffer)],
-                        workgroups: [u32; 3]| {
-            let bind_group = bind_at(gpu, label, &pipeline, entries);
-            Dispatch {
-                label: label.to_string(),
-                pipeline,
-                bind_group,
-                workgroups,
-                params: Some(params_buf.clone()),
-            }
-        };
-        let decode = vec![
-            dispatch(
-                "attention/decode_partial",
-                partial,
-                &[
-                    (0, step),
-                    (1, &params_buf),
-                    (2, q),
-                    (3, k_cache),
-                    (4, v_cache),
-                    (5, &part_o),
-                    (6, &part_ml),
-                ],
-                [decode_groups_x as u32, max_splits as u32, 1],
-            ),
-            dispatch(
-                "attention/decode_combine",
-                combine,
-                &[
-                    (0, step),
-                    (1, &params_buf),
-                    (5, &part_o),
-                    (6, &part_ml),
-                    (7, out),
-                ],
-                [n_heads as u32, 1, 1],
-            ),
-        ];
         let prefill = vec![dispatch(
+            gpu,
             "attention/prefill",
             prefill,
+            &params_buf,
             &[
                 (0, step),
                 (1, &params_buf),
@@ -327,8 +452,235 @@ impl Attention {
             decode,
             prefill,
             max_splits,
-            _scratch: [part_o, part_ml],
+            _scratch: scratch,
         })
+    }
+
+    /// Decode scratch for `max_splits` splits per query head: per (head, split) the unnormalised
+    /// output and (max, sum). One pair serves every binding (see `scratch`).
+    fn decode_scratch(&self, gpu: &Gpu, s: &Shape, max_splits: usize) -> Result<[wgpu::Buffer; 2]> {
+        let need = [
+            (s.n_heads * max_splits * s.head_dim * 4) as u64,
+            (s.n_heads * max_splits * 2 * 4) as u64,
+        ];
+        let mut cache = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::Gpu("attention scratch cache poisoned".into()))?;
+        if let Some(bufs) = cache.as_ref() {
+            if bufs[0].size() >= need[0] && bufs[1].size() >= need[1] {
+                return Ok(bufs.clone());
+            }
+        }
+        let old = cache.as_ref().map_or([0, 0], |b| [b[0].size(), b[1].size()]);
+        let bufs = [
+            gpu.storage_buffer("attention/partial_out", need[0].max(old[0])),
+            gpu.storage_buffer("attention/partial_max_sum", need[1].max(old[1])),
+        ];
+        *cache = Some(bufs.clone());
+        Ok(bufs)
+    }
+
+    /// The grouped decode (`attention_decode.wgsl`): split pass and combine.
+    fn bind_grouped_decode(
+        &self,
+        gpu: &Gpu,
+        s: &Shape,
+        b: &Buffers,
+    ) -> Result<(Vec<Dispatch>, usize, [wgpu::Buffer; 2])> {
+        let limits = &gpu.limits;
+        let need = split_workgroup_bytes();
+        if (limits.max_compute_workgroup_storage_size as usize) < need {
+            return Err(Error::Unsupported(format!(
+                "attention: decode needs {need} bytes of workgroup memory, this GPU has {}",
+                limits.max_compute_workgroup_storage_size
+            )));
+        }
+        let groups_x = s.n_kv_heads * s.head_batches;
+        let split = SplitShape::new(s.head_dim, s.heads_per_batch, groups_x, &self.decode);
+        let max_splits = split.layout(s.ctx).n_max;
+        if max_splits > SPLIT_MAX_SPLITS.min(limits.max_compute_workgroups_per_dimension as usize) {
+            return Err(Error::Unsupported(format!(
+                "attention: decode over a context of {} positions needs {max_splits} splits per head, more than {SPLIT_MAX_SPLITS}; use a shorter context",
+                s.ctx
+            )));
+        }
+        let params = SplitParams {
+            n_heads: s.n_heads as u32,
+            n_kv_heads: s.n_kv_heads as u32,
+            group: s.group as u32,
+            ctx: s.ctx as u32,
+            max_splits: max_splits as u32,
+            head_batches: s.head_batches as u32,
+            min_chunk: split.min_chunk as u32,
+            max_chunk: split.max_chunk as u32,
+            target_splits: split.target_splits as u32,
+            _pad: [0; 3],
+        };
+        let params_buf = gpu.uniform("attention/decode_params", &params);
+        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits)?;
+        let hd = s.head_dim as u32;
+        let pass1 = self.pipeline(
+            gpu,
+            Variant::Split {
+                head_dim: hd,
+                heads: s.heads_per_batch as u32,
+            },
+        )?;
+        let combine = self.pipeline(gpu, Variant::SplitCombine { head_dim: hd })?;
+        let decode = vec![
+            dispatch(
+                gpu,
+                "attention/decode_split",
+                pass1,
+                &params_buf,
+                &[
+                    (0, b.step),
+                    (1, &params_buf),
+                    (2, b.q),
+                    (3, b.k_cache),
+                    (4, b.v_cache),
+                    (5, &part_o),
+                    (6, &part_ml),
+                ],
+                [groups_x as u32, max_splits as u32, 1],
+            ),
+            dispatch(
+                gpu,
+                "attention/decode_combine",
+                combine,
+                &params_buf,
+                &[
+                    (0, b.step),
+                    (1, &params_buf),
+                    (5, &part_o),
+                    (6, &part_ml),
+                    (7, b.out),
+                ],
+                [s.n_heads as u32, 1, 1],
+            ),
+        ];
+        Ok((decode, max_splits, [part_o, part_ml]))
+    }
+
+    /// The previous decode kernel (`attention.wgsl`), kept for A/B in the kernel bench.
+    fn bind_legacy_decode(
+        &self,
+        gpu: &Gpu,
+        s: &Shape,
+        b: &Buffers,
+    ) -> Result<(Vec<Dispatch>, usize, [wgpu::Buffer; 2])> {
+        let groups_x = s.n_kv_heads * s.head_batches;
+        let max_splits = s
+            .ctx
+            .div_ceil(DECODE_TILE)
+            .min(self.decode.target_workgroups.min(LEGACY_MAX_SPLITS * groups_x) / groups_x)
+            .max(1);
+        let params = AttentionParams {
+            n_heads: s.n_heads as u32,
+            n_kv_heads: s.n_kv_heads as u32,
+            group: s.group as u32,
+            ctx: s.ctx as u32,
+            max_splits: max_splits as u32,
+            head_batches: s.head_batches as u32,
+            m_max: s.m_max as u32,
+            _pad: 0,
+        };
+        let params_buf = gpu.uniform("attention/legacy_decode_params", &params);
+        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits)?;
+        let hd = s.head_dim as u32;
+        let partial = self.pipeline(
+            gpu,
+            Variant::DecodePartial {
+                head_dim: hd,
+                heads: s.heads_per_batch as u32,
+            },
+        )?;
+        let combine = self.pipeline(gpu, Variant::DecodeCombine { head_dim: hd })?;
+        let decode = vec![
+            dispatch(
+                gpu,
+                "attention/decode_partial",
+                partial,
+                &params_buf,
+                &[
+                    (0, b.step),
+                    (1, &params_buf),
+                    (2, b.q),
+                    (3, b.k_cache),
+                    (4, b.v_cache),
+                    (5, &part_o),
+                    (6, &part_ml),
+                ],
+                [groups_x as u32, max_splits as u32, 1],
+            ),
+            dispatch(
+                gpu,
+                "attention/decode_combine",
+                combine,
+                &params_buf,
+                &[
+                    (0, b.step),
+                    (1, &params_buf),
+                    (5, &part_o),
+                    (6, &part_ml),
+                    (7, b.out),
+                ],
+                [s.n_heads as u32, 1, 1],
+            ),
+        ];
+        Ok((decode, max_splits, [part_o, part_ml]))
+    }
+}
+
+/// The shape of one bound attention, checked by `bind`.
+struct Shape {
+    n_heads: usize,
+    n_kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    ctx: usize,
+    m_max: usize,
+    /// Decode workgroups per KV head, and query heads each serves (the last may serve fewer).
+    head_batches: usize,
+    heads_per_batch: usize,
+}
+
+struct Buffers<'a> {
+    q: &'a wgpu::Buffer,
+    k_cache: &'a wgpu::Buffer,
+    v_cache: &'a wgpu::Buffer,
+    out: &'a wgpu::Buffer,
+    step: &'a wgpu::Buffer,
+}
+
+/// Decode workgroups per KV head (each for at most `MAX_HEADS_PER_GROUP` query heads) and the
+/// query heads per workgroup.
+fn head_batches(group: usize) -> (usize, usize) {
+    let batches = group.div_ceil(MAX_HEADS_PER_GROUP).max(1);
+    (batches, group.div_ceil(batches))
+}
+
+/// Bytes of workgroup memory of `decode_split` (the WGSL `sc_s` and `red_s`).
+fn split_workgroup_bytes() -> usize {
+    (SPLIT_SCORE_VEC4 + 1280) * 16
+}
+
+fn dispatch(
+    gpu: &Gpu,
+    label: &str,
+    pipeline: wgpu::ComputePipeline,
+    params: &wgpu::Buffer,
+    entries: &[(u32, &wgpu::Buffer)],
+    workgroups: [u32; 3],
+) -> Dispatch {
+    let bind_group = bind_at(gpu, label, &pipeline, entries);
+    Dispatch {
+        label: label.to_string(),
+        pipeline,
+        bind_group,
+        workgroups,
+        params: Some(params.clone()),
     }
 }
 

@@ -2,14 +2,21 @@
 //! stored or added to Y, for `m < n_tokens` (read each step from the [`StepParams`] uniform, at
 //! most `m_max` fixed at bind time). Rows of Y at or past `n_tokens` are left untouched.
 //!
-//! Two kernels, chosen by the adapter:
-//! - shaders/gemm_q4_coop.wgsl: cooperative matrices (tensor cores), f16 operands with f32
-//!   accumulation, 64x64 tiles of Y per workgroup of 4 subgroups. Needs `caps.coop_matrix_f16`,
-//!   `caps.subgroups`, `caps.shader_f16` and a fixed subgroup size ([`GemmQ4::coop_supported`]). Operands are rounded to f16 (X and the dequantized
-//!   weights), so results differ from f32 by about 1e-3 relative.
-//! - shaders/gemm_q4.wgsl: portable, f32 throughout, 64x64 tiles through workgroup memory.
+//! Kernels ([`GemmVariant`]), chosen per bind from the adapter and the shape:
+//! - shaders/gemm_q4_mma.wgsl ([`GemmVariant::CoopTile`], the default with cooperative matrices):
+//!   tensor cores, f16 operands with f32 accumulation, tiles of 32·tm tokens × 32·tn weight rows
+//!   (128 × 128 for long prompts, smaller for short ones), register double buffering. Needs
+//!   [`GemmQ4::coop_supported`] and K a multiple of 4. Operands are rounded to f16 (X and the
+//!   dequantized weights), so results differ from f32 by about 1e-3 relative.
+//! - shaders/gemm_q4_reg.wgsl ([`GemmVariant::Reg`], the default elsewhere): portable, f32
+//!   throughout, register-tiled (8 × rm outputs per thread), K a multiple of 4.
+//! - shaders/gemm_q4_coop.wgsl and shaders/gemm_q4.wgsl ([`GemmVariant::Coop`],
+//!   [`GemmVariant::Tiled`]): the first 64 × 64 kernels, used for K not a multiple of 4 and
+//!   kept for comparison in benches/kernels.rs.
 //!
-//! Both read W through the same row-range bindings as [`GemvQ4`](super::gemv_q4::GemvQ4).
+//! All read W through the same row-range bindings as [`GemvQ4`](super::gemv_q4::GemvQ4).
+//! [`GemmQ4::new_emulated`] builds the cooperative-matrix tiles with the matrix operations
+//! emulated in plain WGSL, so the tests check their tiling on adapters without tensor cores.
 //!
 //! [`StepParams`]: super::StepParams
 
@@ -21,27 +28,133 @@ use crate::quant::blocks_per_row;
 
 const PORTABLE: &str = include_str!("../../shaders/gemm_q4.wgsl");
 const COOP: &str = include_str!("../../shaders/gemm_q4_coop.wgsl");
+const MMA: &str = include_str!("../../shaders/gemm_q4_mma.wgsl");
+const MMA_COOP: &str = include_str!("../../shaders/gemm_q4_mma_coop.wgsl");
+const MMA_EMULATED: &str = include_str!("../../shaders/gemm_q4_mma_emulated.wgsl");
+const REG: &str = include_str!("../../shaders/gemm_q4_reg.wgsl");
 
-/// Y tile of one workgroup (both kernels).
+/// Y tile of one workgroup of the first kernels ([`GemmVariant::Tiled`], [`GemmVariant::Coop`]).
 const TILE_M: usize = 64;
 const TILE_N: usize = 64;
 
 /// Which kernel computes the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmVariant {
-    /// Workgroup-memory tiles in f32: every adapter.
+    /// The first portable kernel: f32, 64x64 tiles, 4x4 outputs per thread. Any K.
     Tiled,
-    /// Cooperative matrices, f16 in, f32 accumulate.
+    /// Portable, register-tiled: f32, tiles of 16·rm tokens × 128 rows, rm × 8 outputs per
+    /// thread; rm is 2, 4 or 8. K a multiple of 4.
+    Reg { rm: u32 },
+    /// The first cooperative-matrix kernel: 64x64 tiles, 2x2 accumulators per subgroup. Any K.
     Coop,
+    /// Cooperative matrices, tiles of 32·tm tokens × 32·tn rows, tm × tn 16x16 accumulators per
+    /// subgroup; tm and tn are 1, 2 or 4. K a multiple of 4.
+    CoopTile { tm: u32, tn: u32 },
+}
+
+impl GemmVariant {
+    /// Y tile of one workgroup: (tokens, weight rows).
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            GemmVariant::Tiled | GemmVariant::Coop => (TILE_M, TILE_N),
+            GemmVariant::Reg { rm } => (16 * rm as usize, 128),
+            GemmVariant::CoopTile { tm, tn } => (32 * tm as usize, 32 * tn as usize),
+        }
+    }
+
+    /// Whether the kernel runs on cooperative matrices.
+    pub fn is_coop(self) -> bool {
+        matches!(self, GemmVariant::Coop | GemmVariant::CoopTile { .. })
+    }
+
+    /// Whether the kernel reads X as vec4 (K must be a multiple of 4).
+    fn needs_k4(self) -> bool {
+        self.gated()
+    }
+
+    /// Whether the kernel honours `m_lo`/`m_hi` (exits unless `m_lo < n_tokens <= m_hi`).
+    fn gated(self) -> bool {
+        matches!(self, GemmVariant::Reg { .. } | GemmVariant::CoopTile { .. })
+    }
+
+    fn valid(self) -> bool {
+        match self {
+            GemmVariant::Reg { rm } => [2, 4, 8].contains(&rm),
+            GemmVariant::CoopTile { tm, tn } => [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn),
+            _ => true,
+        }
+    }
+
+    /// The variant [`GemmQ4::bind`] picks for `m_max` tokens, N = `n` weight rows and K = `k`.
+    /// Cooperative-matrix tiles: the smallest height that covers the tokens (up to 128), then the
+    /// widest tile (up to 128 x 128) whose grid still has [`FILL_GROUPS`] workgroups, so short
+    /// matrices (o, down) keep every multiprocessor busy.
+    pub fn default_for(coop: bool, m_max: usize, n: usize, k: usize) -> GemmVariant {
+        let fit = |unit: usize| -> u32 {
+            match m_max.div_ceil(unit) {
+                0 | 1 => 1,
+                2 => 2,
+                _ => 4,
+            }
+        };
+        match (coop, k % 4 == 0) {
+            (true, true) => {
+                let tm = fit(32);
+                let groups = |tm: u32, tn: u32| {
+                    m_max.div_ceil(32 * tm as usize) * n.div_ceil(32 * tn as usize)
+                };
+                let mut tile = (tm, 4);
+                for cand in [(tm, 4), (tm.min(2), 4), (tm.min(2), 2), (1, 2)] {
+                    tile = cand;
+                    if groups(cand.0, cand.1) >= FILL_GROUPS {
+                        break;
+                    }
+                }
+                GemmVariant::CoopTile {
+                    tm: tile.0,
+                    tn: tile.1,
+                }
+            }
+            (true, false) => GemmVariant::Coop,
+            (false, true) => GemmVariant::Reg { rm: 2 * fit(32) },
+            (false, false) => GemmVariant::Tiled,
+        }
+    }
+}
+
+/// Workgroups a grid should have to fill a large GPU (the H200 has 132 multiprocessors, each
+/// running two 128 x 128 workgroups at once).
+const FILL_GROUPS: usize = 256;
+
+/// The source of a [`GemmVariant::CoopTile`] kernel: tile constants, the matrix operations
+/// (cooperative matrices, or their plain-WGSL emulation, which needs `sg` = 32), the kernel.
+pub fn mma_shader(tm: u32, tn: u32, sg: u32, emulated: bool) -> String {
+    let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
+    format!("const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n{ops}\n{MMA}")
+}
+
+/// The source of a [`GemmVariant::Reg`] kernel.
+pub fn reg_shader(rm: u32) -> String {
+    format!("const RM: u32 = {rm}u;\n{REG}")
 }
 
 /// Overrides for [`GemmQ4::bind_with`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GemmOptions {
-    /// Kernel instead of the best the adapter has.
+    /// Kernel instead of the one [`GemmVariant::default_for`] picks.
     pub variant: Option<GemmVariant>,
     /// Largest binding in bytes instead of the adapter's `max_storage_buffer_binding_size`.
     pub max_binding_bytes: Option<u64>,
+}
+
+/// Steps of at most this many tokens use the short-step tile (see [`GemmQ4::bind_with`]).
+pub const SMALL_M: usize = 64;
+
+/// One dispatch of a binding: a kernel and the token counts it runs for.
+struct Part {
+    variant: GemmVariant,
+    m_lo: u32,
+    m_hi: u32,
 }
 
 #[repr(C)]
@@ -55,29 +168,62 @@ struct Params {
     m_max: u32,
     accumulate: u32,
     has_bias: u32,
+    /// The new kernels run only for `m_lo < n_tokens <= m_hi` (the first two ignore these).
+    m_lo: u32,
+    m_hi: u32,
+    pad: [u32; 2],
+}
+
+/// How the cooperative-matrix kernels are built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CoopMode {
+    None,
+    Hardware,
+    Emulated,
 }
 
 pub struct GemmQ4 {
-    tiled: wgpu::ComputePipeline,
-    coop: Option<wgpu::ComputePipeline>,
+    coop: CoopMode,
+    subgroup: u32,
+    /// Pipelines compiled so far (each on first use: most processes need one or two).
+    pipelines: std::sync::Mutex<std::collections::HashMap<GemmVariant, wgpu::ComputePipeline>>,
 }
 
 impl GemmQ4 {
-    /// Compiles the portable kernel, and the cooperative-matrix one where the adapter supports it.
+    /// The product on this adapter: cooperative-matrix kernels where [`coop_supported`]
+    /// (Self::coop_supported), portable ones always. Kernels compile on first use.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let tiled = gpu.compute_pipeline("gemm_q4/tiled", PORTABLE, "main", &[])?;
         let coop = if Self::coop_supported(gpu) {
-            // Exactly 4 subgroups: every subgroup computes a quarter of the tile.
-            let wg = 4 * gpu.caps.subgroup_max_size;
-            Some(gpu.compute_pipeline("gemm_q4/coop", COOP, "main", &[("WG", wg as f64)])?)
+            CoopMode::Hardware
         } else {
-            None
+            CoopMode::None
         };
-        Ok(GemmQ4 { tiled, coop })
+        let kernel = Self::with_mode(gpu, coop);
+        // Compile the default kernel now, so a broken shader fails here rather than mid-prompt.
+        kernel.pipeline(
+            gpu,
+            GemmVariant::default_for(coop == CoopMode::Hardware, 128, 4096, 128),
+        )?;
+        Ok(kernel)
     }
 
-    /// Whether the adapter runs the cooperative-matrix kernel: f16 16x16x16 matrices, f16 and
-    /// subgroups, and one fixed subgroup size (the kernel's workgroup is exactly 4 subgroups).
+    /// For tests on adapters without cooperative matrices: [`GemmVariant::CoopTile`] kernels
+    /// with the matrix operations emulated in plain WGSL (slow, same tiling and semantics).
+    /// [`GemmVariant::Coop`] is unavailable.
+    pub fn new_emulated(gpu: &Gpu) -> Self {
+        Self::with_mode(gpu, CoopMode::Emulated)
+    }
+
+    fn with_mode(gpu: &Gpu, coop: CoopMode) -> Self {
+        GemmQ4 {
+            coop,
+            subgroup: gpu.caps.subgroup_max_size,
+            pipelines: Default::default(),
+        }
+    }
+
+    /// Whether the adapter runs the cooperative-matrix kernels: f16 16x16x16 matrices, f16 and
+    /// subgroups, and one fixed subgroup size (the kernels' workgroups are exactly 4 subgroups).
     pub fn coop_supported(gpu: &Gpu) -> bool {
         let c = &gpu.caps;
         c.coop_matrix_f16
@@ -87,18 +233,137 @@ impl GemmQ4 {
             && c.subgroup_max_size > 0
     }
 
-    /// The kernel [`bind`](Self::bind) uses.
-    pub fn variant(&self) -> GemmVariant {
-        if self.coop.is_some() {
-            GemmVariant::Coop
-        } else {
+    /// Whether [`GemmVariant::CoopTile`] kernels are available (on hardware or emulated).
+    pub fn has_coop(&self) -> bool {
+        self.coop != CoopMode::None
+    }
+
+    /// Whether they run on the hardware's cooperative matrices.
+    pub fn has_hardware_coop(&self) -> bool {
+        self.coop == CoopMode::Hardware
+    }
+
+    /// The kernel [`bind`](Self::bind) uses for `m_max` tokens, `n` weight rows and K = `k`.
+    pub fn variant_for(&self, m_max: usize, n: usize, k: usize) -> GemmVariant {
+        let v = GemmVariant::default_for(self.has_coop(), m_max, n, k);
+        if v == GemmVariant::Coop && self.coop == CoopMode::Emulated {
             GemmVariant::Tiled
+        } else {
+            v
         }
+    }
+
+    /// The kernels of one binding. A chosen variant runs alone. By default, where `m_max` is
+    /// above [`SMALL_M`] and the tile for short steps differs, two dispatches are bound: the
+    /// short-step tile runs when `n_tokens <= SMALL_M`, the long-prompt tile otherwise (the other
+    /// exits at once), so a chunk of a few tokens does not pay for 128-token tiles.
+    fn plan(
+        &self,
+        m_max: usize,
+        n: usize,
+        k: usize,
+        chosen: Option<GemmVariant>,
+    ) -> Result<Vec<Part>> {
+        let what = "gemm_q4";
+        let all = |variant| Part {
+            variant,
+            m_lo: 0,
+            m_hi: u32::MAX,
+        };
+        let parts = match chosen {
+            Some(v) => vec![all(v)],
+            None => {
+                let large = self.variant_for(m_max, n, k);
+                let small = self.variant_for(m_max.min(SMALL_M), n, k);
+                if small == large || !large.gated() || !small.gated() {
+                    vec![all(large)]
+                } else {
+                    vec![
+                        Part {
+                            variant: small,
+                            m_lo: 0,
+                            m_hi: SMALL_M as u32,
+                        },
+                        Part {
+                            variant: large,
+                            m_lo: SMALL_M as u32,
+                            m_hi: u32::MAX,
+                        },
+                    ]
+                }
+            }
+        };
+        for p in &parts {
+            let v = p.variant;
+            if !v.valid() {
+                return Err(Error::Invalid(format!("{what}: no kernel {v:?}")));
+            }
+            if v.needs_k4() && k % 4 != 0 {
+                return Err(Error::Unsupported(format!(
+                    "{what}: {v:?} needs K a multiple of 4, got {k}; use {:?}",
+                    GemmVariant::default_for(self.has_hardware_coop(), m_max, n, k)
+                )));
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The pipeline of `v`, compiled on first use.
+    fn pipeline(&self, gpu: &Gpu, v: GemmVariant) -> Result<wgpu::ComputePipeline> {
+        let what = "gemm_q4";
+        if !v.valid() {
+            return Err(Error::Invalid(format!("{what}: no kernel {v:?}")));
+        }
+        let hw = self.coop == CoopMode::Hardware;
+        if v.is_coop() && !(hw || (self.coop == CoopMode::Emulated && v != GemmVariant::Coop)) {
+            return Err(Error::Unsupported(format!(
+                "{what}: the adapter has no f16 16x16x16 cooperative matrices ({v:?})"
+            )));
+        }
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu(format!("{what}: pipeline cache poisoned")))?;
+        if let Some(p) = cache.get(&v) {
+            return Ok(p.clone());
+        }
+        let label = format!("gemm_q4/{v:?}");
+        // The tiled kernels stay in bounds by construction (every index is checked against the
+        // shape before use, shapes at bind time) and their loops have constant or shape bounds:
+        // they run without naga's checks, which keep the driver from unrolling the inner loops.
+        let p = match v {
+            GemmVariant::Tiled => gpu.compute_pipeline(&label, PORTABLE, "main", &[])?,
+            GemmVariant::Coop => {
+                // Exactly 4 subgroups: every subgroup computes a quarter of the tile.
+                let wg = 4 * self.subgroup;
+                gpu.compute_pipeline(&label, COOP, "main", &[("WG", wg as f64)])?
+            }
+            GemmVariant::Reg { rm } => {
+                gpu.compute_pipeline_unchecked(&label, &reg_shader(rm), "main", &[])?
+            }
+            GemmVariant::CoopTile { tm, tn } => {
+                let (sg, emulated) = if hw {
+                    (self.subgroup, false)
+                } else {
+                    (32, true)
+                };
+                gpu.compute_pipeline_unchecked(
+                    &label,
+                    &mma_shader(tm, tn, sg, emulated),
+                    "main",
+                    &[],
+                )?
+            }
+        };
+        cache.insert(v, p.clone());
+        Ok(p)
     }
 
     /// Binds `Y = X Wᵀ` (see [`Epilogue`]) for `x: [m_max, cols]`, `y: [m_max, rows]`,
     /// `bias: [rows]` f32, row-major; `step` is the shared [`StepParams`](super::StepParams)
-    /// uniform. Returns one dispatch per row range of W, to encode in order.
+    /// uniform. Returns one dispatch per row range of W, or two where the
+    /// default picks different tiles for short steps and long prompts (see [`SMALL_M`]), to
+    /// encode in order.
     #[allow(clippy::too_many_arguments)]
     pub fn bind(
         &self,
@@ -161,17 +426,7 @@ impl GemmQ4 {
                 w.cols.max(w.rows)
             )));
         }
-        let (pipeline, name) = match opts.variant.unwrap_or(self.variant()) {
-            GemmVariant::Tiled => (&self.tiled, "tiled"),
-            GemmVariant::Coop => match &self.coop {
-                Some(p) => (p, "coop"),
-                None => {
-                    return Err(Error::Unsupported(format!(
-                        "{what}: the adapter has no f16 16x16x16 cooperative matrices"
-                    )))
-                }
-            },
-        };
+        let parts = self.plan(m_max, w.rows, w.cols, opts.variant)?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
@@ -182,60 +437,67 @@ impl GemmQ4 {
         } else {
             x.size.min(w.cols as u64 * 4)
         };
-        let m_groups = m_max.div_ceil(TILE_M) as u32;
+        let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
         let mut out = Vec::new();
         for c in row_chunks(gpu, what, &w, max_binding)? {
-            let n_groups = c.rows.div_ceil(TILE_N) as u32;
-            if n_groups > gpu.limits.max_compute_workgroups_per_dimension
-                || m_groups > gpu.limits.max_compute_workgroups_per_dimension
-            {
-                return Err(Error::Unsupported(format!(
-                    "{what}: {m_max}x{} needs too many workgroups",
-                    c.rows
-                )));
+            for part in &parts {
+                let (tile_m, tile_n) = part.variant.tile();
+                let n_groups = c.rows.div_ceil(tile_n) as u32;
+                let m_groups = m_max.min(part.m_hi as usize).div_ceil(tile_m) as u32;
+                if n_groups > max_groups || m_groups > max_groups {
+                    return Err(Error::Unsupported(format!(
+                        "{what}: {m_max}x{} needs too many workgroups",
+                        c.rows
+                    )));
+                }
+                let params = Params {
+                    n: c.rows as u32,
+                    k: w.cols as u32,
+                    bpr: bpr as u32,
+                    row_base: c.row0 as u32,
+                    ldy: w.rows as u32,
+                    m_max: m_max as u32,
+                    accumulate: (mode == Epilogue::Accumulate) as u32,
+                    has_bias: bias.is_some() as u32,
+                    m_lo: part.m_lo,
+                    m_hi: part.m_hi,
+                    pad: [0; 2],
+                };
+                let label = format!(
+                    "gemm_q4/{:?} {}x{} rows {}..{} m_max {m_max}",
+                    part.variant,
+                    w.rows,
+                    w.cols,
+                    c.row0,
+                    c.row0 + c.rows
+                );
+                let pipeline = self.pipeline(gpu, part.variant)?;
+                let params_buf = gpu.uniform(&label, &params);
+                let bind_group = gpu.bind_group_ranges(
+                    &label,
+                    &pipeline,
+                    &[
+                        (&params_buf, 0, None),
+                        (
+                            step,
+                            0,
+                            Some(std::mem::size_of::<super::StepParams>() as u64),
+                        ),
+                        (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
+                        (w.scales.buffer, c.scales.0, Some(c.scales.1)),
+                        (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
+                        (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
+                        (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
+                    ],
+                );
+                out.push(Dispatch {
+                    label,
+                    pipeline,
+                    bind_group,
+                    workgroups: [n_groups, m_groups, 1],
+                    params: Some(params_buf),
+                });
             }
-            let params = Params {
-                n: c.rows as u32,
-                k: w.cols as u32,
-                bpr: bpr as u32,
-                row_base: c.row0 as u32,
-                ldy: w.rows as u32,
-                m_max: m_max as u32,
-                accumulate: (mode == Epilogue::Accumulate) as u32,
-                has_bias: bias.is_some() as u32,
-            };
-            let label = format!(
-                "gemm_q4/{name} {}x{} rows {}..{} m_max {m_max}",
-                w.rows,
-                w.cols,
-                c.row0,
-                c.row0 + c.rows
-            );
-            let params_buf = gpu.uniform(&label, &params);
-            let bind_group = gpu.bind_group_ranges(
-                &label,
-                pipeline,
-                &[
-                    (&params_buf, 0, None),
-                    (
-                        step,
-                        0,
-                        Some(std::mem::size_of::<super::StepParams>() as u64),
-                    ),
-                    (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
-                    (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                    (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
-                    (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
-                    (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
-                ],
-            );
-            out.push(Dispatch {
-                label,
-                pipeline: pipeline.clone(),
-                bind_group,
-                workgroups: [n_groups, m_groups, 1],
-                params: Some(params_buf),
-            });
         }
         Ok(out)
     }

@@ -77,6 +77,8 @@ pub struct Q4Ref<'a> {
 
 pub mod gemm_q4;
 pub mod gemv_q4;
+pub mod gemv_q4_q8;
+pub mod quant_act;
 pub mod rmsnorm;
 pub mod rope_kv;
 pub mod sample;

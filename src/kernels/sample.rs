@@ -9,7 +9,8 @@
 //! 3. `logit / temperature`;
 //! 4. candidates: the `top_k` largest (0 → all), at most [`MAX_CANDIDATES`], sorted by value
 //!    descending, ties by lower id;
-//! 5. softmax: `e_i = exp(l_i - l_0)`, `sum` accumulated in candidate order, `p_i = e_i / sum`;
+//! 5. softmax: `e_i = exp(l_i - l_0)`; min-p (only when `min_p > 0`) keeps the prefix with
+//!    `e_i >= min_p`; `sum` of the kept `e_i` accumulated in candidate order, `p_i = e_i / sum`;
 //! 6. top-p (only when `top_p < 1`): keep the shortest prefix whose running sum of `p_i` is
 //!    `>= top_p` (all if none), `total` = the running sum of the kept `p_i`, `p_i = p_i / total`;
 //! 7. `u = rng_uniform(seed_lo ^ seed_hi, step)`; the first candidate whose running sum of `p_i`
@@ -45,6 +46,8 @@ pub struct SampleParams {
     pub top_k: usize,
     /// 1 = off.
     pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
     /// 1 = off.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
@@ -73,7 +76,7 @@ struct Params {
     hist_count: u32,
     seed: u32,
     step: u32,
-    pad: u32,
+    min_p: f32,
 }
 
 pub struct Sample {
@@ -209,7 +212,7 @@ impl Params {
             hist_count: 0,
             seed: 0,
             step: 0,
-            pad: 0,
+            min_p: 0.0,
         }
     }
 }
@@ -257,13 +260,10 @@ impl SampleDispatch {
                 self.max_history
             )));
         }
-        let finite =
-            p.temperature.is_finite() && p.top_p.is_finite() && p.repeat_penalty.is_finite();
-        if !(finite && p.repeat_penalty > 0.0) {
-            return Err(Error::Invalid(format!(
-                "sampling parameters must be finite with a positive repeat penalty: {p:?}"
-            )));
-        }
+        crate::sampling::check_temperature(p.temperature)?;
+        crate::sampling::check_unit("--top-p", p.top_p)?;
+        crate::sampling::check_unit("--min-p", p.min_p)?;
+        crate::sampling::check_repeat_penalty(p.repeat_penalty)?;
         let greedy = p.temperature <= 0.0 || self.vocab <= 1;
         let k_cand = if greedy {
             0
@@ -289,6 +289,7 @@ impl SampleDispatch {
         params.hist_count = hist_count as u32;
         params.seed = p.seed as u32 ^ (p.seed >> 32) as u32;
         params.step = step;
+        params.min_p = p.min_p;
         queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
         Ok(())
     }

@@ -123,16 +123,10 @@ impl ResidencyPlan {
         self.fixed_bytes
     }
 
+    /// The plan in one line. No speed estimate: figures of one GPU would mislead on another
+    /// (`q4wgpu bench` measures the adapter at hand).
     pub fn describe(&self) -> String {
         let gb = |b: u64| b as f64 / 1e9;
-        let expected = if self.streamed_layers() > 0 {
-            format!(
-                "; expected ≈ {:.1} tok/s at 3.0 TB/s device and 50 GB/s PCIe (H100 figures; `q4wgpu bench` measures yours)",
-                self.expected_tokens_per_second(3.0e12, 50e9)
-            )
-        } else {
-            String::new()
-        };
         format!(
             "budget {:.2} GB: fixed {:.2} GB (buffers, and room for the driver and load-time uploads), {} of {} layers resident ({:.2} GB), {} streamed ({:.2} GB per token) through {} ring slot(s) of {:.3} GB",
             gb(self.budget),
@@ -144,7 +138,7 @@ impl ResidencyPlan {
             gb(self.streamed_bytes()),
             self.ring_slots,
             gb(self.layer_bytes)
-        ) + &expected
+        )
     }
 }
 

@@ -31,6 +31,9 @@ impl ChatMessage {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// minijinja instructions a render may take: real templates need a few hundred per message.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 /// A compiled chat template, with its source kept for writing it back out.
 pub struct ChatTemplate {
     source: String,
@@ -43,6 +46,9 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template comes with the model file: bound its work, so a hostile or broken one
+        // (nested loops) fails in well under a second instead of hanging.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);

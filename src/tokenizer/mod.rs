@@ -42,6 +42,9 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<ChatTemplate>,
+    /// A template that does not compile: its source (kept when the folder is written out) and the
+    /// error, reported only when `--chat` needs it, so plain prompts still run.
+    broken_template: Option<(String, String)>,
     bos_token: Option<String>,
     bos_id: Option<u32>,
     /// The text of the primary end-of-sequence token, as templates see it.
@@ -195,10 +198,16 @@ impl Tokenizer {
             ));
         }
 
-        let chat_template = template.map(ChatTemplate::new).transpose()?;
+        let (chat_template, broken_template) = match template.map(|t| (t.clone(), ChatTemplate::new(t))) {
+            None => (None, None),
+            Some((_, Ok(t))) => (Some(t), None),
+            Some((source, Err(Error::Template(msg)))) => (None, Some((source, msg))),
+            Some((source, Err(e))) => (None, Some((source, e.to_string()))),
+        };
         Ok(Tokenizer {
             inner,
             chat_template,
+            broken_template,
             bos_token: specials.bos_token,
             bos_id: specials.bos_id,
             eos_token,
@@ -290,6 +299,11 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        if let Some((_, error)) = &self.broken_template {
+            return Err(Error::Template(format!(
+                "{error}; fix the model's chat template, or run without --chat and give the prompt as raw text"
+            )));
+        }
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::Template(
                 "this model has no chat template (no chat_template in tokenizer_config.json or \
@@ -316,9 +330,9 @@ impl Tokenizer {
             .inner
             .to_string(false)
             .map_err(|e| Error::Tokenizer(format!("serializing tokenizer.json: {e}")))?;
+        // Through a temporary file and a rename: an interrupt never leaves a half tokenizer.
         let path = dir.join("tokenizer.json");
-        std::fs::write(&path, tokenizer_json)
-            .map_err(|e| Error::io("writing the tokenizer", &path, e))?;
+        crate::formats::hf::write_atomically(&path, tokenizer_json.as_bytes())?;
 
         let config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -327,12 +341,16 @@ impl Tokenizer {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "clean_up_tokenization_spaces": false,
-            "chat_template": self.chat_template.as_ref().map(ChatTemplate::source),
+            "chat_template": self
+                .chat_template
+                .as_ref()
+                .map(ChatTemplate::source)
+                .or(self.broken_template.as_ref().map(|(source, _)| source.as_str())),
         });
         let path = dir.join("tokenizer_config.json");
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| Error::Tokenizer(format!("serializing tokenizer_config.json: {e}")))?;
-        std::fs::write(&path, text).map_err(|e| Error::io("writing the tokenizer config", &path, e))
+        crate::formats::hf::write_atomically(&path, text.as_bytes())
     }
 }
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Kernel work on the GPU machine, in one call: the GPU test binaries (correctness first), the
+# kernel bench (GEMV f32 and int8 with a workgroup sweep, activation quantizer, barrier cost, GEMM,
+# decode attention) and a 32B decode A/B with per-dispatch profiles, printing short tables last.
+#
+# Prepare here: scripts/device-prepare.sh (.device-bin/q4wgpu, .device-bin/tests.tar.xz with the
+# test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
+# [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
+# Environment: TESTS=0 / KERNELS=0 / E2E=0 skip a part; ACTS (int8,f32) the decode activations
+# of the end-to-end A/B; SWEEP=0 skips the workgroup sweep.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+Q4WGPU=${Q4WGPU:-.device-bin/q4wgpu}
+export Q4WGPU_CACHE=${Q4WGPU_CACHE:-/root/q4wgpu-cache}
+start=$SECONDS
+log() { echo "[device-kernels $((SECONDS - start)) s] $*" | tee -a "$OUT/summary.log"; }
+
+for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done
+ldconfig 2>/dev/null || true
+if ! "$Q4WGPU" info 2>&1 | grep -qi nvidia; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "git: $(cat .device-bin/COMMIT 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+} | tee "$OUT/machine.txt"
+[ -f .device-bin/tests.tar.xz ] && xz -dc .device-bin/tests.tar.xz | tar -C .device-bin -xf -
+
+if [ "${TESTS:-1}" != 0 ]; then
+  for t in .device-bin/tests/*; do
+    [ -x "$t" ] || continue
+    name=$(basename "$t")
+    case $name in kernels-bench | real_model | bench) continue ;; esac
+    echo "== $name" >>"$OUT/tests.log"
+    Q4WGPU_REQUIRE_COOP=1 timeout 200 "$t" >>"$OUT/tests.log" 2>&1
+    log "test $name: exit $?"
+  done
+fi
+
+if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
+  log "kernels bench"
+  sweep=()
+  [ "${SWEEP:-1}" != 0 ] && sweep=(--sweep)
+  timeout 240 .device-bin/tests/kernels-bench ${sweep[@]+"${sweep[@]}"} >"$OUT/kernels.log" 2>&1
+  log "kernels bench: exit $?"
+fi
+
+if [ "${E2E:-1}" != 0 ]; then
+  fusions=${FUSIONS:-input-norm,attention-output/none/input-norm,attention-output,post-norm}
+  log "32B decode A/B (${ACTS:-int8,f32}; fusions $fusions) with profiles"
+  timeout 240 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 128 -r 3 \
+    --decode-activations "${ACTS:-int8,f32}" --decode-fusion "$fusions" --profile \
+    --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+  log "32B: exit $?"
+  log "32B prompts: chunks of 64 and 512, and 4096 tokens"
+  for chunk in 64 512; do
+    timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 0 -r 3 --chunk $chunk \
+      --json "$OUT/pp512-chunk$chunk.json" >"$OUT/pp512-chunk$chunk.log" 2>&1
+    log "pp512 chunk $chunk: exit $?"
+  done
+  timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 4096 -n 0 -r 2 --chunk 512 \
+    --json "$OUT/pp4096.json" >"$OUT/pp4096.log" 2>&1
+  log "pp4096: exit $?"
+  log "32B at depth"
+  timeout 120 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 32 -r 2 -d 4096,16384 \
+    --json "$OUT/depth.json" >"$OUT/depth.log" 2>&1
+  log "32B depth: exit $?"
+fi
+
+# The real model (on the machine already: earlier calls join its parts into $Q4WGPU_CACHE).
+if [ "${REAL:-1}" != 0 ] && [ -f "$Q4WGPU_CACHE/models/qwen2.5-coder-0.5b-instruct.gguf.verified" ]; then
+  log "real model: tests, the README question, int8 quality"
+  echo "== real_model" >>"$OUT/tests.log"
+  timeout 300 .device-bin/tests/real_model >>"$OUT/tests.log" 2>&1
+  log "test real_model: exit $?"
+  timeout 120 "$Q4WGPU" run --chat --prompt "1.1+2.3=?" --max-tokens 64 >"$OUT/real.log" 2>&1
+  log "real run: exit $?"
+  cat README.md ARCHITECTURE.md src/engine.rs >/tmp/eval-text.txt
+  timeout 180 "$Q4WGPU" eval --file /tmp/eval-text.txt --max-tokens 2048 --json "$OUT/eval.json" >"$OUT/eval.log" 2>&1
+  log "eval: exit $?"
+fi
+log "done"
+grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
+cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
+grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
+cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12

@@ -1,0 +1,163 @@
+//! gemv_q4_q8: y = W x (+ bias), or y += W x (+ bias), for an INT4 block-128 matrix W[rows, k] and
+//! x quantized to int8 blocks of 32 (ActQ8 in src/quant.rs).
+//!
+//! Thread mapping and weight layout as gemv_q4.wgsl: a workgroup of WG threads computes ROWS
+//! consecutive rows; thread t walks the quarter blocks (32 weights, one vec4<u32>) t, t + WG, ...
+//! of K, first issuing the ROWS weight loads, then getting x's quarter once for all rows.
+//!
+//! Input (INPUT, a `const` the wrapper prepends): INPUT_Q8 reads x already quantized (by
+//! quant_act.wgsl); the others quantize each quarter of x as they go (q8_block.wgsl), so the step
+//! before the projection needs no dispatch: INPUT_F32 from an f32 vector, INPUT_RMSNORM from the
+//! residual stream r times the norm weight, summing r² on the way and multiplying the row sums by
+//! 1 / rms at the end (the scalar commutes with the block quantizer, ActQ8::quantize_scaled),
+//! INPUT_SWIGLU from silu(gate) * up of [gate | up].
+//!
+//! Arithmetic, per quarter and row: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` split a word's
+//! 8 nibbles (0..15, read as non-negative int8) into two words that meet the packed x words in
+//! two 4-way int8 dot products (dot4I8Packed: one instruction where the device has integer dot
+//! products). The exact integer sum of nibble * q becomes `d * sum - 8 * (d * Σq)` (the -8 offset
+//! of the stored levels) and is scaled by the weight block's bf16 scale: about 1 instruction per
+//! weight, against 4 for the f32 kernel.
+
+override WG: u32 = 32u;
+override ROWS: u32 = 8u;
+const MAX_ROWS: u32 = 16u;
+const INPUT_Q8: u32 = 0u;
+const INPUT_F32: u32 = 1u;
+const INPUT_RMSNORM: u32 = 2u;
+const INPUT_SWIGLU: u32 = 3u;
+
+struct Params {
+    rows: u32,
+    k: u32,
+    bpr: u32,
+    row_base: u32,
+    accumulate: u32,
+    has_bias: u32,
+    eps: f32,
+    pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> qw: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> scales: array<u32>;
+@group(0) @binding(3) var<storage, read> xq: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> xd: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+// The fused inputs' f32 vector (INPUT_SWIGLU: [gate | up]) and RMSNorm's weight.
+@group(0) @binding(7) var<storage, read> xf: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> norm_w: array<vec4<f32>>;
+
+var<workgroup> red: array<f32, ROWS * WG>;
+var<workgroup> red_sq: array<f32, WG>;
+// INPUT_RMSNORM: this thread's sum of r² over the quarters it read.
+var<private> sum_sq: f32;
+
+fn scale(i: u32) -> f32 {
+    let w = scales[i / 2u];
+    return select(bf16_lo(w), bf16_hi(w), (i & 1u) == 1u);
+}
+
+// Quarter q of x as int8 (read, or quantized here from the f32 input).
+fn x_quarter(q: u32) -> Q8Block {
+    if (INPUT == INPUT_Q8) {
+        let ds = xd[q];
+        return Q8Block(xq[2u * q], xq[2u * q + 1u], ds.x, ds.y);
+    }
+    let n = p.k / 4u;
+    var v: array<vec4<f32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        let j = 8u * q + i;
+        var t = vec4<f32>(0.0);
+        if (j < n) {
+            if (INPUT == INPUT_SWIGLU) {
+                let g = xf[j];
+                t = g / (1.0 + exp(-g)) * xf[j + n];
+            } else {
+                t = xf[j];
+                if (INPUT == INPUT_RMSNORM) {
+                    sum_sq += dot(t, t);
+                    t = t * norm_w[j];
+                }
+            }
+        }
+        v[i] = t;
+    }
+    return quantize32(v);
+}
+
+// RMSNorm's 1 / rms(r) from the threads' sums of r² (together they read all of K), else 1.
+fn input_scale(lid: u32) -> f32 {
+    if (INPUT != INPUT_RMSNORM) {
+        return 1.0;
+    }
+    red_sq[lid] = sum_sq;
+    workgroupBarrier();
+    for (var n = WG; n > 1u; n = (n + 1u) / 2u) {
+        let half = (n + 1u) / 2u;
+        if (lid < n - half) {
+            red_sq[lid] += red_sq[lid + half];
+        }
+        workgroupBarrier();
+    }
+    return 1.0 / sqrt(red_sq[0] / f32(p.k) + p.eps);
+}
+
+// Σ nibble * q over one quarter: w holds the 32 nibbles, a and c the 8 packed x words.
+fn quarter_dot(w: vec4<u32>, a: vec4<u32>, c: vec4<u32>) -> i32 {
+    let m = 0x0F0F0F0Fu;
+    var s = dot4I8Packed(w.x & m, a.x);
+    s += dot4I8Packed((w.x >> 4u) & m, a.y);
+    s += dot4I8Packed(w.y & m, a.z);
+    s += dot4I8Packed((w.y >> 4u) & m, a.w);
+    s += dot4I8Packed(w.z & m, c.x);
+    s += dot4I8Packed((w.z >> 4u) & m, c.y);
+    s += dot4I8Packed(w.w & m, c.z);
+    s += dot4I8Packed((w.w >> 4u) & m, c.w);
+    return s;
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row0 = (wid.x + wid.y * nwg.x) * ROWS;
+    if (row0 >= p.rows) {
+        return;
+    }
+    let quarters = p.bpr * 4u;
+    var rows: array<u32, MAX_ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        rows[r] = min(row0 + r, p.rows - 1u);
+    }
+    var acc: array<f32, MAX_ROWS>;
+    for (var q = lid; q < quarters; q += WG) {
+        var w: array<vec4<u32>, MAX_ROWS>;
+        var sc: array<f32, MAX_ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            w[r] = qw[rows[r] * quarters + q];
+            sc[r] = scale(rows[r] * p.bpr + q / 4u);
+        }
+        let xb = x_quarter(q);
+        let offset = 8.0 * xb.dsum;
+        for (var r = 0u; r < ROWS; r++) {
+            let t = fma(xb.d, f32(quarter_dot(w[r], xb.lo, xb.hi)), -offset);
+            acc[r] = fma(t, sc[r], acc[r]);
+        }
+    }
+    let total = workgroup_sums(acc, lid) * input_scale(lid);
+    if (lid < ROWS && row0 + lid < p.rows) {
+        let out = p.row_base + row0 + lid;
+        var v = total;
+        if (p.has_bias != 0u) {
+            v += bias[out];
+        }
+        if (p.accumulate != 0u) {
+            v += y[out];
+        }
+        y[out] = v;
+    }
+}

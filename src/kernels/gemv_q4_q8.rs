@@ -1,0 +1,253 @@
+//! INT4 matrix-vector product with int8 activations for decode (`shaders/gemv_q4_q8.wgsl`):
+//! `y = W x (+ bias)` or `y += W x (+ bias)` with x quantized by
+//! [`QuantAct`](super::quant_act::QuantAct) as [`ActQ8`](crate::quant::ActQ8) specifies.
+//!
+//! Same thread mapping, row-range splitting and workgroup reduction as [`GemvQ4`]; the inner loop
+//! is two packed 4-way int8 dot products per word of weights instead of an f32 multiply-add per
+//! weight, which takes the kernel from issue-bound to memory-bound (KERNELS.md §0: the H200 gives
+//! about 4 instructions per weight at its read bandwidth).
+//!
+//! [`GemvQ4`]: super::gemv_q4::GemvQ4
+
+use super::gemv_q4::{check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions, MAX_ROWS};
+use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
+use super::{BufRange, Dispatch, Q4Ref};
+use crate::error::{Error, Result};
+use crate::gpu::{dispatch_2d, Gpu};
+use crate::quant::{blocks_per_row, ACT_BLOCK, BLOCK};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+const SOURCE: &str = include_str!("../../shaders/gemv_q4_q8.wgsl");
+const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl");
+const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
+
+/// What the kernel reads as x.
+#[derive(Clone, Copy)]
+pub enum Q8Input<'a> {
+    /// x quantized beforehand ([`QuantAct`](super::quant_act::QuantAct)).
+    Quantized(&'a ActQ8Buffers),
+    /// An f32 vector (K values), quantized quarter by quarter as the kernel reads it.
+    F32(BufRange<'a>),
+    /// RMSNorm of the residual stream (K values) with `weight` and `eps`, quantized as it is read.
+    RmsNorm {
+        x: BufRange<'a>,
+        weight: &'a wgpu::Buffer,
+        eps: f32,
+    },
+    /// `silu(gate) * up` of `[gate | up]` (2K values), quantized as it is read.
+    SwiGlu(BufRange<'a>),
+}
+
+impl Q8Input<'_> {
+    /// The shader's INPUT constant.
+    fn code(&self) -> u32 {
+        match self {
+            Q8Input::Quantized(_) => 0,
+            Q8Input::F32(_) => 1,
+            Q8Input::RmsNorm { .. } => 2,
+            Q8Input::SwiGlu(_) => 3,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        ["", " (f32 x quantized in)", " (rmsnorm quantized in)", " (swiglu quantized in)"][self.code() as usize]
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    k: u32,
+    bpr: u32,
+    row_base: u32,
+    accumulate: u32,
+    has_bias: u32,
+    eps: f32,
+    pad: u32,
+}
+
+pub struct GemvQ4Q8 {
+    subgroups: bool,
+    subgroup_max: u32,
+    /// By workgroup shape and INPUT code.
+    pipelines: Mutex<HashMap<(GemvConfig, u32), wgpu::ComputePipeline>>,
+}
+
+impl GemvQ4Q8 {
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let kernel = GemvQ4Q8 {
+            subgroups: gpu.caps.subgroups,
+            subgroup_max: gpu.caps.subgroup_max_size.max(1),
+            pipelines: Mutex::new(HashMap::new()),
+        };
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0)?;
+        Ok(kernel)
+    }
+
+    /// The workgroup shape for a `rows x cols` matrix, from the H200 sweep of every shape
+    /// (benchmarks/runs/2026-11-30-h200-int8/kernels.log, GB/s):
+    /// - many rows (gate_up 55296, lm_head 152064): 32 threads x 4 rows (3800 and 4305; 1 row
+    ///   per workgroup loses a quarter: each x load serves fewer rows);
+    /// - few rows and a long K (down, 5120 x 27648): 128 threads x 1 row (3311; 64 x 4: 2540):
+    ///   the row's K loop spreads over more threads and every workgroup still has work;
+    /// - few rows and a short K (qkv, o): 32 threads x 2 rows (2001 and 1661; 64 x 4: 1766 and
+    ///   1364): more workgroups on a small matrix.
+    pub fn config_for(&self, rows: usize, cols: usize) -> GemvConfig {
+        let unit = self.subgroup_max.max(32);
+        let (wg, rows_per_group) = if rows >= 32768 {
+            (unit, 4)
+        } else if cols > 8192 {
+            (128u32.next_multiple_of(unit), 1)
+        } else {
+            (unit, 2)
+        };
+        GemvConfig {
+            wg,
+            rows: rows_per_group,
+            subgroups: self.subgroups,
+        }
+    }
+
+    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
+        let unit = self.subgroup_max.max(32);
+        if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) || !(1..=MAX_ROWS).contains(&cfg.rows) {
+            return Err(Error::Invalid(format!(
+                "gemv_q4_q8: workgroup of {} threads x {} rows: threads must be in 32..=1024 and a multiple of {unit}, rows in 1..={MAX_ROWS}",
+                cfg.wg, cfg.rows
+            )));
+        }
+        if cfg.subgroups && !self.subgroups {
+            return Err(Error::Unsupported("gemv_q4_q8: the adapter has no subgroup operations".into()));
+        }
+        let mut cache = self
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Gpu("gemv_q4_q8: pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(&(cfg, input)) {
+            return Ok(p.clone());
+        }
+        let kind = if cfg.subgroups { "subgroup" } else { "shared" };
+        let label = format!("gemv_q4_q8/wg{}_rows{}_{kind}_input{input}", cfg.wg, cfg.rows);
+        let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
+        let pipeline = gpu.compute_pipeline_unchecked(&label, &shader(cfg.subgroups, input), "main", &overrides)?;
+        cache.insert((cfg, input), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Binds `y = W x` (see [`Epilogue`]) for x as `x` says (`cols` values), `y, bias: [rows]`
+    /// f32. One dispatch per row range, to encode in order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: Q8Input,
+        y: BufRange,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
+        let what = "gemv_q4_q8";
+        check_matrix(gpu, what, &w)?;
+        let bpr = blocks_per_row(w.cols);
+        let x_blocks = (bpr * BLOCK / ACT_BLOCK) as u64;
+        let k_bytes = 4 * w.cols as u64;
+        if w.cols % 4 != 0 {
+            return Err(Error::Invalid(format!("{what}: K = {} must be a multiple of 4", w.cols)));
+        }
+        // (words, scales, f32 x, norm weight) bindings; the unused ones get a buffer never read.
+        let (xq, xd, xf, norm, eps) = match x {
+            Q8Input::Quantized(a) => {
+                if w.cols > a.capacity {
+                    return Err(Error::Invalid(format!(
+                        "{what}: K = {} exceeds the quantized activation buffers' {} values",
+                        w.cols, a.capacity
+                    )));
+                }
+                let words = BufRange::whole(&a.words);
+                (words, BufRange::whole(&a.scales), words, &a.words, 0.0)
+            }
+            Q8Input::F32(v) | Q8Input::SwiGlu(v) => {
+                let need = if matches!(x, Q8Input::SwiGlu(_)) { 2 * k_bytes } else { k_bytes };
+                check_vector(gpu, what, "x", &v, need)?;
+                (v, v, BufRange { size: need, ..v }, v.buffer, 0.0)
+            }
+            Q8Input::RmsNorm { x: v, weight, eps } => {
+                check_vector(gpu, what, "x", &v, k_bytes)?;
+                check_vector(gpu, what, "norm weight", &BufRange::whole(weight), k_bytes)?;
+                (v, v, BufRange { size: k_bytes, ..v }, weight, eps)
+            }
+        };
+        if y.buffer == xf.buffer && !matches!(x, Q8Input::Quantized(_)) {
+            return Err(Error::Invalid(format!("{what}: x and y must be different buffers (y is written)")));
+        }
+        let quantized = matches!(x, Q8Input::Quantized(_));
+        let (xq_bytes, xd_bytes) = if quantized { (x_blocks * 32, x_blocks * 8) } else { (16, 8) };
+        check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
+        if let Some(b) = &bias {
+            check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
+        }
+        let cfg = opts.config.unwrap_or_else(|| self.config_for(w.rows, w.cols));
+        let pipeline = self.pipeline(gpu, cfg, x.code())?;
+        let max_binding = opts
+            .max_binding_bytes
+            .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
+        // Without a bias the binding still needs a buffer: x's, never read through it.
+        let bias_range = bias.unwrap_or(xd);
+        let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { 4 };
+        let mut out = Vec::new();
+        for c in &row_chunks(gpu, what, &w, max_binding)? {
+            let params = Params {
+                rows: c.rows as u32,
+                k: w.cols as u32,
+                bpr: bpr as u32,
+                row_base: c.row0 as u32,
+                accumulate: (mode == Epilogue::Accumulate) as u32,
+                has_bias: bias.is_some() as u32,
+                eps,
+                pad: 0,
+            };
+            let label = format!(
+                "{what} {}x{} rows {}..{}{}",
+                w.rows,
+                w.cols,
+                c.row0,
+                c.row0 + c.rows,
+                x.name()
+            );
+            let params_buf = gpu.uniform(&label, &params);
+            let bind_group = gpu.bind_group_ranges(
+                &label,
+                &pipeline,
+                &[
+                    (&params_buf, 0, None),
+                    (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
+                    (w.scales.buffer, c.scales.0, Some(c.scales.1)),
+                    (xq.buffer, xq.offset, Some(xq_bytes)),
+                    (xd.buffer, xd.offset, Some(xd_bytes)),
+                    (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
+                    (y.buffer, y.offset, Some(w.rows as u64 * 4)),
+                    (xf.buffer, xf.offset, Some(xf.size.max(16))),
+                    (norm, 0, Some(k_bytes.max(16).min(norm.size()))),
+                ],
+            );
+            let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
+            out.push(Dispatch {
+                label,
+                pipeline: pipeline.clone(),
+                bind_group,
+                workgroups: [gx, gy, 1],
+                params: Some(params_buf),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The WGSL of the kernel reading `input` (its INPUT code), before gpu::shader_source.
+pub fn shader(subgroups: bool, input: u32) -> String {
+    let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
+    format!("const INPUT: u32 = {input}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}")
+}

@@ -1,0 +1,372 @@
+//! The int8-activation decode path against the CPU spec (`ActQ8` and `QView::matvec_q8` in
+//! src/quant.rs): the activation quantizer kernel (plain, RMSNorm and SwiGLU inputs) and the
+//! integer-dot GEMV, on fresh random inputs, odd sizes, NaN-poisoned outputs; plus the spec itself
+//! against the f32 product (its error stays inside the bound int8 rounding allows).
+
+use q4wgpu::gpu::testing::{assert_close, compile_to_spirv, gpu, poisoned, Rng};
+use q4wgpu::gpu::Gpu;
+use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions};
+use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref};
+use q4wgpu::quant::{ActQ8, QMatrix, ACT_BLOCK};
+
+const TOL: f32 = 1e-4;
+
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize) -> QMatrix {
+    let mut data = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let std = 0.02 + rng.uniform().abs();
+        data.extend(rng.vec(cols, std));
+    }
+    QMatrix::quantize(&data, rows, cols)
+}
+
+/// Activations with blocks of very different magnitudes, exact zeros and an all-zero block.
+fn random_activations(rng: &mut Rng, k: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(k);
+    for b in 0..k.div_ceil(ACT_BLOCK) {
+        let std = if b == 1 { 0.0 } else { 0.01 + 4.0 * rng.uniform().abs() };
+        for _ in 0..ACT_BLOCK {
+            x.push(if rng.below(17) == 0 { 0.0 } else { rng.normal(std) });
+        }
+    }
+    x.truncate(k);
+    x
+}
+
+fn run(g: &Gpu, dispatches: &[Dispatch]) {
+    let mut enc = g.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for d in dispatches {
+            d.encode(&mut pass);
+        }
+    }
+    g.queue.submit([enc.finish()]);
+    g.wait().expect("GPU work finishes");
+}
+
+/// Activation buffers poisoned with 0xFF bytes (int8 -1 everywhere, NaN scales).
+fn poisoned_act(g: &Gpu, k: usize) -> ActQ8Buffers {
+    let out = ActQ8Buffers::new(g, "test act", k);
+    let words = vec![u32::MAX; (out.words.size() / 4) as usize];
+    g.queue.write_buffer(&out.words, 0, bytemuck::cast_slice(&words));
+    let nan = vec![f32::NAN; (out.scales.size() / 4) as usize];
+    g.queue.write_buffer(&out.scales, 0, bytemuck::cast_slice(&nan));
+    out
+}
+
+fn upload_act(g: &Gpu, a: &ActQ8) -> ActQ8Buffers {
+    let out = ActQ8Buffers::new(g, "test act", a.len);
+    g.queue.write_buffer(&out.words, 0, bytemuck::cast_slice(&a.packed_words()));
+    g.queue.write_buffer(&out.scales, 0, bytemuck::cast_slice(&a.packed_scales()));
+    out
+}
+
+fn read_u32(g: &Gpu, b: &wgpu::Buffer) -> Vec<u32> {
+    bytemuck::pod_collect_to_vec(&g.read_bytes(b, 0, b.size()).expect("read back"))
+}
+
+fn read_f32(g: &Gpu, b: &wgpu::Buffer, n: usize) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(&g.read_bytes(b, 0, 4 * n as u64).expect("read back"))
+}
+
+/// The GPU's int8 values equal the spec's, except a value may round the other way where x / d
+/// lies within float error of a tie (the GPU's division and norm are not the CPU's to the bit);
+/// scales agree to float error.
+fn check_quantized(what: &str, g: &Gpu, out: &ActQ8Buffers, exact: &[f32], scale: f32) {
+    let want = &ActQ8::quantize_scaled(exact, scale);
+    let words = read_u32(g, &out.words);
+    let want_words = want.packed_words();
+    let blocks = want.d.len();
+    let scales = read_f32(g, &out.scales, 2 * blocks);
+    assert_close(&format!("{what}: scales"), &scales, &want.packed_scales(), 1e-5);
+    let got_q: Vec<i8> = unpack(&words[..want_words.len()]);
+    let mut flips = 0;
+    for (i, (&gq, &wq)) in got_q.iter().zip(&want.q).enumerate() {
+        if gq == wq {
+            continue;
+        }
+        let ratio = exact[i] * scale / want.d[i / ACT_BLOCK];
+        let near_tie = (ratio - ratio.trunc()).abs() - 0.5;
+        assert!(
+            (gq as i32 - wq as i32).abs() == 1 && near_tie.abs() < 1e-3,
+            "{what}: value {i} quantized to {gq}, the spec says {wq} (x / d = {ratio})"
+        );
+        flips += 1;
+    }
+    assert!(flips <= 2 + got_q.len() / 1000, "{what}: {flips} values differ from the spec");
+}
+
+/// Inverse of `ActQ8::packed_words`, written from its documented layout.
+fn unpack(words: &[u32]) -> Vec<i8> {
+    let mut q = vec![0i8; words.len() * 4];
+    for (w, &word) in words.iter().enumerate() {
+        let (block, j, odd) = (w / 8, (w % 8) / 2, w % 2);
+        for byte in 0..4 {
+            q[block * 32 + 8 * j + odd + 2 * byte] = (word >> (8 * byte)) as u8 as i8;
+        }
+    }
+    q
+}
+
+#[test]
+fn quant_act_matches_the_spec_for_every_input() {
+    let g = gpu();
+    let kernel = QuantAct::new(g).expect("quant_act compiles");
+    let mut rng = Rng::fresh("quant_act");
+    for k in [4, 36, 128, 200, 896, 4868] {
+        let x = random_activations(&mut rng, k);
+        let gate = random_activations(&mut rng, k);
+        let norm_w: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform()).collect();
+        let eps = 1e-5;
+        // The vector each input stands for, computed here from its definition.
+        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        // RMSNorm quantizes x * w and puts 1 / rms on d (ActQ8::quantize_scaled).
+        let xw: Vec<f32> = x.iter().zip(&norm_w).map(|(v, w)| v * w).collect();
+        let swiglu: Vec<f32> = gate
+            .iter()
+            .zip(&x)
+            .map(|(gv, u)| ((*gv as f64 / (1.0 + (-*gv as f64).exp())) * *u as f64) as f32)
+            .collect();
+        let x_buf = g.storage_from("x", &x);
+        let w_buf = g.storage_from("norm w", &norm_w);
+        let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
+        let gu_buf = g.storage_from("gate|up", &gu);
+        let cases: [(&str, ActInput, &wgpu::Buffer, &Vec<f32>, f32); 3] = [
+            ("plain", ActInput::Plain, &x_buf, &x, 1.0),
+            ("rmsnorm", ActInput::RmsNorm { weight: &w_buf, eps }, &x_buf, &xw, inv as f32),
+            ("swiglu", ActInput::SwiGlu, &gu_buf, &swiglu, 1.0),
+        ];
+        for (name, input, buf, exact, scale) in cases {
+            let out = poisoned_act(g, k);
+            run(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
+            check_quantized(&format!("{name} K={k}"), g, &out, exact, scale);
+        }
+    }
+}
+
+/// The spec against the f32 product: each value of x moves by at most d / 2, so a row's error is
+/// at most Σ_blocks d/2 Σ|w| (plus float rounding).
+#[test]
+fn int8_activation_error_stays_inside_its_bound() {
+    let mut rng = Rng::fresh("act q8 bound");
+    for (rows, cols) in [(17, 200), (64, 896), (5, 4864)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = random_activations(&mut rng, cols);
+        let a = ActQ8::quantize(&x);
+        let (mut exact, mut q8) = (vec![0.0; rows], vec![0.0; rows]);
+        m.view().matvec(&x, &mut exact);
+        m.view().matvec_q8(&a, &mut q8);
+        let w = m.view().dequantize();
+        for r in 0..rows {
+            let bound: f32 = (0..cols)
+                .map(|c| w[r * cols + c].abs() * a.d[c / ACT_BLOCK] * 0.5)
+                .sum::<f32>()
+                * 1.001
+                + 1e-4 * exact[r].abs().max(1.0);
+            assert!(
+                (exact[r] - q8[r]).abs() <= bound,
+                "{rows}x{cols} row {r}: f32 {} int8 {} (bound {bound})",
+                exact[r],
+                q8[r]
+            );
+        }
+    }
+}
+
+struct Case {
+    rows: usize,
+    cols: usize,
+    bias: bool,
+    mode: Epilogue,
+    opts: GemvOptions,
+}
+
+impl Case {
+    fn check(&self, g: &Gpu, kernel: &GemvQ4Q8, rng: &mut Rng) {
+        let m = random_matrix(rng, self.rows, self.cols);
+        let a = ActQ8::quantize(&random_activations(rng, self.cols));
+        let bias: Option<Vec<f32>> = self.bias.then(|| rng.vec(self.rows, 1.0));
+        let y_init = rng.vec(self.rows, 1.0);
+        let mut want = vec![0.0; self.rows];
+        m.view().matvec_q8(&a, &mut want);
+        for (r, v) in want.iter_mut().enumerate() {
+            *v += bias.as_ref().map_or(0.0, |b| b[r]);
+            if self.mode == Epilogue::Accumulate {
+                *v += y_init[r];
+            }
+        }
+        let qweight = g.storage_from("qweight", &m.qweight);
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scales = g.storage_from_bytes("scales", &scale_bytes);
+        let w = Q4Ref {
+            rows: m.rows,
+            cols: m.cols,
+            qweight: BufRange::whole(&qweight),
+            scales: BufRange::whole(&scales),
+        };
+        let x = upload_act(g, &a);
+        let y = match self.mode {
+            Epilogue::Store => poisoned(g, "y", self.rows),
+            Epilogue::Accumulate => g.storage_from("y", &y_init),
+        };
+        let bias_buf = bias.as_ref().map(|b| g.storage_from("bias", b));
+        let ds = kernel
+            .bind(g, w, Q8Input::Quantized(&x), BufRange::whole(&y), bias_buf.as_ref().map(BufRange::whole), self.mode, &self.opts)
+            .expect("bind");
+        run(g, &ds);
+        let what = format!("gemv_q4_q8 {}x{} {:?} bias {} {:?}", self.rows, self.cols, self.mode, self.bias, self.opts.config);
+        assert_close(&what, &read_f32(g, &y, self.rows), &want, TOL);
+    }
+}
+
+fn case(rows: usize, cols: usize) -> Case {
+    Case { rows, cols, bias: false, mode: Epilogue::Store, opts: GemvOptions::default() }
+}
+
+#[test]
+fn gemv_q8_matches_cpu_on_odd_shapes_and_epilogues() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 shapes");
+    for cols in [4, 64, 200, 896, 1000, 4864] {
+        for rows in [1, 7, 33, 300] {
+            kernel_case(g, &kernel, &mut rng, case(rows, cols));
+        }
+    }
+    for (bias, mode) in [(true, Epilogue::Store), (false, Epilogue::Accumulate), (true, Epilogue::Accumulate)] {
+        kernel_case(g, &kernel, &mut rng, Case { bias, mode, ..case(65, 576) });
+    }
+}
+
+fn kernel_case(g: &Gpu, kernel: &GemvQ4Q8, rng: &mut Rng, c: Case) {
+    c.check(g, kernel, rng);
+}
+
+/// Every workgroup shape and both reductions give the same sums; matrices larger than a binding
+/// are split into row ranges.
+#[test]
+fn gemv_q8_every_workgroup_shape_and_row_split() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 configs");
+    let unit = g.caps.subgroup_max_size.max(32);
+    let reductions: &[bool] = if g.caps.subgroups { &[true, false] } else { &[false] };
+    for &subgroups in reductions {
+        for wg in [unit, 2 * unit, 4 * unit] {
+            for rows in [1, 3, 4, 8, 16] {
+                let config = Some(GemvConfig { wg, rows, subgroups });
+                let opts = GemvOptions { config, ..Default::default() };
+                Case { opts, ..case(37, 1000) }.check(g, &kernel, &mut rng);
+            }
+        }
+    }
+    let opts = GemvOptions { max_binding_bytes: Some(64 * 1024), ..Default::default() };
+    Case { opts, bias: true, mode: Epilogue::Accumulate, ..case(1500, 896) }.check(g, &kernel, &mut rng);
+}
+
+#[test]
+fn gemv_q8_and_quant_act_reject_bad_shapes() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    let small = ActQ8Buffers::new(g, "small", 128);
+    let x = g.storage_buffer("x", 4 * 256);
+    let e = quant.bind(g, ActInput::Plain, &x, 256, &small).err().expect("K over capacity");
+    assert!(e.to_string().contains("at most"), "{e}");
+    let e = quant.bind(g, ActInput::Plain, &x, 6, &small).err().expect("K not a multiple of 4");
+    assert!(e.to_string().contains("multiple of 4"), "{e}");
+    let e = quant.bind(g, ActInput::SwiGlu, &x, 128, &small).map(|_| ()).err();
+    assert!(e.is_none(), "swiglu over 2K = 256 values fits x");
+    let m = QMatrix::quantize(&vec![0.5; 8 * 256], 8, 256);
+    let qw = g.storage_from("qw", &m.qweight);
+    let sc = g.storage_from_bytes("sc", bytemuck::cast_slice(&m.scales));
+    let w = Q4Ref { rows: 8, cols: 256, qweight: BufRange::whole(&qw), scales: BufRange::whole(&sc) };
+    let y = g.storage_buffer("y", 32);
+    let e = kernel
+        .bind(g, w, Q8Input::Quantized(&small), BufRange::whole(&y), None, Epilogue::Store, &GemvOptions::default())
+        .err()
+        .expect("K over the activation buffers");
+    assert!(e.to_string().contains("exceeds"), "{e}");
+}
+
+/// Both shaders compile with naga; with integer dot products available the GEMV's inner loop is
+/// the packed-dot instruction (OpSDot, 4x8-bit packed), not naga's polyfill. Checked here because
+/// lavapipe runs the polyfill.
+#[test]
+fn q8_shaders_compile_to_spirv_with_packed_dot() {
+    let quant = format!(
+        "const INPUT: u32 = 1u;\n{}\n{}",
+        include_str!("../shaders/q8_block.wgsl"),
+        include_str!("../shaders/quant_act.wgsl")
+    );
+    compile_to_spirv("quant_act", &quant, &[]);
+    for input in 1..4 {
+        let fused = q4wgpu::kernels::gemv_q4_q8::shader(true, input);
+        compile_to_spirv(&format!("gemv_q4_q8 input {input}"), &fused, &[("WG", 64.0), ("ROWS", 4.0)]);
+    }
+    let gemv = q4wgpu::kernels::gemv_q4_q8::shader(true, 0);
+    let words = compile_to_spirv("gemv_q4_q8", &gemv, &[("WG", 64.0), ("ROWS", 4.0)]);
+    const OP_SDOT: u32 = 4450;
+    let sdots = words.iter().filter(|&&w| w == (6 << 16 | OP_SDOT)).count();
+    assert!(sdots >= 8, "gemv_q4_q8: {sdots} OpSDot instructions, want the 8 of a quarter's dot");
+}
+
+/// The fused inputs (f32 x, RMSNorm, SwiGLU quantized by the GEMV as it reads them) against the
+/// CPU spec; and the f32 input against quant_act + the quantized-input GEMV on the GPU, which
+/// quantize with the same arithmetic (so only the summation order differs).
+#[test]
+fn gemv_q8_fused_inputs_match_the_spec() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 fused inputs");
+    // A value may round the other way where x / d lies within float error of a tie (the GPU's
+    // exp, division and norm are not the CPU's to the bit): one level of one value moves a row
+    // sum by d |w|, about 1e-3 of these rows' largest sums.
+    const FUSED_TOL: f32 = 3e-3;
+    for (rows, cols) in [(37, 200), (300, 896), (5, 4864)] {
+        let m = random_matrix(&mut rng, rows, cols);
+        let x = random_activations(&mut rng, cols);
+        let gate = random_activations(&mut rng, cols);
+        let norm_w: Vec<f32> = (0..cols).map(|_| 0.5 + rng.uniform()).collect();
+        let eps = 1e-5;
+        let inv = q4wgpu::cpu::inverse_rms(&x, eps);
+        let xw: Vec<f32> = x.iter().zip(&norm_w).map(|(a, w)| a * w).collect();
+        let sw: Vec<f32> = gate.iter().zip(&x).map(|(gv, u)| q4wgpu::cpu::silu(*gv) * u).collect();
+        let spec = |a: ActQ8| {
+            let mut y = vec![0.0; rows];
+            m.view().matvec_q8(&a, &mut y);
+            y
+        };
+        let qweight = g.storage_from("qweight", &m.qweight);
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scales = g.storage_from_bytes("scales", &scale_bytes);
+        let w = Q4Ref { rows, cols, qweight: BufRange::whole(&qweight), scales: BufRange::whole(&scales) };
+        let x_buf = g.storage_from("x", &x);
+        let w_buf = g.storage_from("norm w", &norm_w);
+        let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
+        let gu_buf = g.storage_from("gate|up", &gu);
+        let opts = GemvOptions::default();
+        let run_input = |input: Q8Input| {
+            let y = poisoned(g, "y", rows);
+            run(g, &kernel.bind(g, w, input, BufRange::whole(&y), None, Epilogue::Store, &opts).expect("bind"));
+            read_f32(g, &y, rows)
+        };
+        let x_range = BufRange::whole(&x_buf);
+        let f32_in = run_input(Q8Input::F32(x_range));
+        assert_close(&format!("f32 input {rows}x{cols}"), &f32_in, &spec(ActQ8::quantize(&x)), FUSED_TOL);
+        let normed = run_input(Q8Input::RmsNorm { x: x_range, weight: &w_buf, eps });
+        assert_close(&format!("rmsnorm input {rows}x{cols}"), &normed, &spec(ActQ8::quantize_scaled(&xw, inv)), FUSED_TOL);
+        let swiglu = run_input(Q8Input::SwiGlu(BufRange::whole(&gu_buf)));
+        assert_close(&format!("swiglu input {rows}x{cols}"), &swiglu, &spec(ActQ8::quantize(&sw)), FUSED_TOL);
+        // The same quantizer on the GPU, as a dispatch of its own: equal to summation order.
+        let xq = poisoned_act(g, cols);
+        run(g, &[quant.bind(g, ActInput::Plain, &x_buf, cols, &xq).expect("quant")]);
+        let two_step = run_input(Q8Input::Quantized(&xq));
+        assert_close(&format!("f32 input vs quant_act {rows}x{cols}"), &f32_in, &two_step, TOL);
+    }
+}
