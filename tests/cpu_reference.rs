@@ -196,7 +196,11 @@ mod naive {
         };
         let (rows, cols, blocks) = (*rows, *cols, cols.div_ceil(128));
         let (qb, sb) = (qweight.bytes(), scales.bytes());
-        assert_eq!((qb.len(), sb.len()), (rows * blocks * 64, rows * blocks * 2), "{name}");
+        assert_eq!(
+            (qb.len(), sb.len()),
+            (rows * blocks * 64, rows * blocks * 2),
+            "{name}"
+        );
         let mut data = Vec::with_capacity(rows * cols);
         for r in 0..rows {
             for c in 0..cols {
@@ -204,7 +208,8 @@ mod naive {
                 let at = b * 64 + (i / 8) * 4;
                 let word = u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]]);
                 let q = ((word >> (4 * (i % 8))) & 0xF) as f64 - 8.0;
-                let scale = f32::from_bits((u16::from_le_bytes([sb[2 * b], sb[2 * b + 1]]) as u32) << 16);
+                let scale =
+                    f32::from_bits((u16::from_le_bytes([sb[2 * b], sb[2 * b + 1]]) as u32) << 16);
                 data.push(q * scale as f64);
             }
         }
@@ -244,7 +249,11 @@ mod naive {
                 let Some(s) = c.rope_scaling.as_ref().filter(|s| s.rope_type == "llama3") else {
                     return f;
                 };
-                let (factor, lo, hi) = (s.factor as f64, s.low_freq_factor as f64, s.high_freq_factor as f64);
+                let (factor, lo, hi) = (
+                    s.factor as f64,
+                    s.low_freq_factor as f64,
+                    s.high_freq_factor as f64,
+                );
                 let ctx = s.original_max_position_embeddings as f64;
                 let ctx_over_wavelen = ctx * f / (2.0 * std::f64::consts::PI);
                 let t = ((ctx_over_wavelen - lo) / (hi - lo)).clamp(0.0, 1.0);

@@ -50,7 +50,10 @@ fn read_cases() -> (Vec<Case>, bool) {
                 name: name.to_string(),
                 rows,
                 cols,
-                input: words(input.data()).into_iter().map(f32::from_bits).collect(),
+                input: words(input.data())
+                    .into_iter()
+                    .map(f32::from_bits)
+                    .collect(),
                 qweight: words(tensor(&format!("{name}.qweight")).data()),
                 scales: tensor(&format!("{name}.scales"))
                     .data()
@@ -97,8 +100,15 @@ fn first_difference(case: &Case, got_words: &[u32], got_scales: &[u16]) -> Optio
 fn quantizer_matches_the_independent_numpy_quantizer_byte_for_byte() {
     let (cases, real) = read_cases();
     // The fixture must cover what it claims: a truncated or regenerated-without-GGUF file fails.
-    assert!(cases.len() >= 16, "only {} cases in the fixture", cases.len());
-    assert!(real, "the fixture was written without --gguf: no real tensors");
+    assert!(
+        cases.len() >= 16,
+        "only {} cases in the fixture",
+        cases.len()
+    );
+    assert!(
+        real,
+        "the fixture was written without --gguf: no real tensors"
+    );
     let (mut elements, mut ties) = (0usize, 0usize);
     for case in &cases {
         let bpr = case.cols.div_ceil(BLOCK);
@@ -129,7 +139,9 @@ fn quantizer_matches_the_independent_numpy_quantizer_byte_for_byte() {
         );
         // Count the elements that sit exactly on a rounding tie (w / scale = k + 0.5).
         for (i, &w) in case.input.iter().enumerate() {
-            let s = f32::from_bits((case.scales[i / case.cols * bpr + i % case.cols / BLOCK] as u32) << 16);
+            let s = f32::from_bits(
+                (case.scales[i / case.cols * bpr + i % case.cols / BLOCK] as u32) << 16,
+            );
             let r = w / s;
             ties += (r.fract().abs() == 0.5) as usize;
         }
@@ -185,7 +197,9 @@ fn llama3_rope_frequencies_match_the_transformers_formula_at_every_index() {
     }
     let seventy_b = cases.iter().find(|c| c["name"] == "llama-3.1-70b");
     assert_eq!(
-        seventy_b.and_then(|c| c["inv_freq"].as_array()).map(Vec::len),
+        seventy_b
+            .and_then(|c| c["inv_freq"].as_array())
+            .map(Vec::len),
         Some(64),
         "the 70B configuration is checked at all 64 indices"
     );

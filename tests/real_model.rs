@@ -56,9 +56,13 @@ fn logprob_deviation(what: &str, gpu: &[TokenLogprobs], cpu: &[TokenLogprobs]) -
                 });
             }
         }
-        let dev = devs
-            .iter()
-            .fold(0f32, |m, &d| if d.is_finite() { m.max(d) } else { f32::INFINITY });
+        let dev = devs.iter().fold(0f32, |m, &d| {
+            if d.is_finite() {
+                m.max(d)
+            } else {
+                f32::INFINITY
+            }
+        });
         assert!(
             dev <= LOGPROB_TOLERANCE,
             "{what}, step {step}: log-probabilities differ by {dev} (tolerance {LOGPROB_TOLERANCE})\n\
@@ -83,13 +87,25 @@ struct Reference {
 }
 
 impl Reference {
-    fn new(what: &'static str, ids: Vec<u32>, cpu: &CpuModel, tokens: usize, loaded: &LoadedModel) -> Self {
+    fn new(
+        what: &'static str,
+        ids: Vec<u32>,
+        cpu: &CpuModel,
+        tokens: usize,
+        loaded: &LoadedModel,
+    ) -> Self {
         let start = Instant::now();
         // An f16 KV cache as the GPU's: int8 decode activations would magnify an f32 cache's
         // differences (kernels_q8 and model_gpu check the arithmetic tightly).
         let mut decoder = CpuDecoder::new(cpu, 512).with_f16_cache();
-        let out = generate(&mut decoder, &loaded.tokenizer, &ids, &greedy(tokens), &mut |_| {})
-            .expect("cpu generate");
+        let out = generate(
+            &mut decoder,
+            &loaded.tokenizer,
+            &ids,
+            &greedy(tokens),
+            &mut |_| {},
+        )
+        .expect("cpu generate");
         assert_eq!(
             out.generated_token_ids.len(),
             tokens,
@@ -101,7 +117,11 @@ impl Reference {
             ids.len(),
             start.elapsed().as_secs_f64()
         );
-        Reference { what, ids, cpu: out }
+        Reference {
+            what,
+            ids,
+            cpu: out,
+        }
     }
 
     /// Runs the GPU engine on this prompt; its tokens must equal the CPU's. Returns the largest
@@ -110,8 +130,14 @@ impl Reference {
         let start = Instant::now();
         let n = self.cpu.generated_token_ids.len();
         engine.reset();
-        let on_gpu = generate(engine, &loaded.tokenizer, &self.ids, &greedy(n), &mut |_| {})
-            .expect("gpu generate");
+        let on_gpu = generate(
+            engine,
+            &loaded.tokenizer,
+            &self.ids,
+            &greedy(n),
+            &mut |_| {},
+        )
+        .expect("gpu generate");
         let what = format!("{} ({label})", self.what);
         assert_eq!(
             on_gpu.generated_token_ids, self.cpu.generated_token_ids,
@@ -185,7 +211,11 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
          Then show how to call it on the numbers from 1 to 20.",
     );
     let chunk = EngineOptions::default().chunk;
-    assert!(long_ids.len() > chunk, "the long prompt has only {} tokens", long_ids.len());
+    assert!(
+        long_ids.len() > chunk,
+        "the long prompt has only {} tokens",
+        long_ids.len()
+    );
     let long = Reference::new("chat longer than a chunk", long_ids, &cpu, 8, &loaded);
 
     let mut worst = 0f32;
@@ -235,7 +265,11 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
             "{}",
             plan.describe()
         );
-        let label = format!("{} of {} layers streamed, fusion {name}", plan.streamed_layers(), plan.layers);
+        let label = format!(
+            "{} of {} layers streamed, fusion {name}",
+            plan.streamed_layers(),
+            plan.layers
+        );
         worst = worst.max(long.check(&mut engine, &loaded, &label));
     }
     eprintln!(
