@@ -15,11 +15,12 @@ use std::time::Instant;
 /// Log-probabilities compared at every step: the top 5 and the chosen token's.
 const TOP_K: usize = 5;
 /// GPU and CPU reference differ by f32 accumulation order (blocked GEMV/GEMM sums, a parallel
-/// softmax) and by the GPU's f16 KV cache (the CPU keeps f32), about 2^-11 relative on every
-/// cached key and value. Measured on lavapipe (2026-11-30): at most 0.012 over these prompts, 0.007
-/// all resident (the test prints the maximum seen). A silu slope of 0.9 instead of 1 in one fused
-/// kernel moved them by 0.30 (benchmarks/runs/2026-11-30-oracle-breaks.md).
-const LOGPROB_TOLERANCE: f32 = 0.1;
+/// softmax) and, in decode steps, by int8 activations whose rounding can fall on the other side of
+/// a boundary. Measured on lavapipe (2026-11-30): at most 0.012 with f32 activations; with int8
+/// activations one step moved the rank-2 alternative (log-probability -8) by 0.144. A silu slope
+/// of 0.9 instead of 1 in one fused kernel moved them by 0.30
+/// (benchmarks/runs/2026-11-30-oracle-breaks.md).
+const LOGPROB_TOLERANCE: f32 = 0.25;
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
