@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Correctness on the GPU machine, in one call: the GPU test binaries built here, the real
-# Qwen2.5-Coder-0.5B answering "1.1+2.3=?" through the CLI (and GPU == CPU greedy in the real-model
-# tests), a per-dispatch profile of a 32B-shaped decode step, and ring against zero-copy reads of
+# Qwen2.5-Coder-0.5B answering "1.1+2.3=?" through the CLI (and GPU == CPU greedy tokens and top-5
+# log-probabilities in the real-model tests, whose deviations the log keeps), a per-dispatch profile of a 32B-shaped decode step, and ring against zero-copy reads of
 # host memory at a budget that streams, with VRAM use sampled by nvidia-smi meanwhile.
 #
 # Prepare here (scripts/device-prepare.sh does it): .device-bin/q4wgpu, .device-bin/tests.tar.xz
@@ -37,7 +37,10 @@ if [ "${TESTS:-1}" != 0 ]; then
     name=$(basename "$t")
     log "test binary $name"
     echo "== $name" >>"$OUT/tests.log"
-    timeout 300 "$t" >>"$OUT/tests.log" 2>&1
+    # real_model prints the log-probability deviations it measured; keep them in the log.
+    args=()
+    [ "$name" = real_model ] && args=(--nocapture)
+    timeout 300 "$t" ${args[@]+"${args[@]}"} >>"$OUT/tests.log" 2>&1
     rc=$?
     log "$name: exit $rc"
   done
