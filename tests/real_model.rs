@@ -127,8 +127,10 @@ impl Reference {
         }
     }
 
-    /// Runs the GPU engine on this prompt; its tokens must equal the CPU's. Returns the largest
-    /// log-probability deviation.
+    /// Runs the GPU engine on this prompt; its tokens must equal the CPU's, except that at a
+    /// near tie (the CPU's two best within the tolerance) the GPU may take the second, after which
+    /// the sequences differ and are compared no further. Returns the largest log-probability
+    /// deviation over the steps compared.
     fn check(&self, engine: &mut GpuModel, loaded: &LoadedModel, label: &str) -> f32 {
         let start = Instant::now();
         let n = self.cpu.generated_token_ids.len();
@@ -142,15 +144,27 @@ impl Reference {
         )
         .expect("gpu generate");
         let what = format!("{} ({label})", self.what);
-        assert_eq!(
-            on_gpu.generated_token_ids, self.cpu.generated_token_ids,
-            "{what}\nGPU text {:?}\nCPU text {:?}",
-            on_gpu.text, self.cpu.text
-        );
+        let (gpu_ids, cpu_ids) = (&on_gpu.generated_token_ids, &self.cpu.generated_token_ids);
+        let cpu_lp = self.cpu.logprobs.as_deref().expect("CPU log-probabilities");
+        let same = gpu_ids.iter().zip(cpu_ids).take_while(|(g, c)| g == c).count();
+        let compared = if same < n {
+            let top = &cpu_lp[same].top;
+            let margin = top[0].logprob - top[1].logprob;
+            assert!(
+                gpu_ids.len() > same && gpu_ids[same] == top[1].token && margin <= LOGPROB_TOLERANCE,
+                "{what}: step {same} differs and is no near tie (CPU margin {margin})\nGPU text {:?}\nCPU text {:?}",
+                on_gpu.text,
+                self.cpu.text
+            );
+            eprintln!("GPU, {what}: a near tie at step {same} (CPU margin {margin:.4}): the GPU took the second");
+            same + 1
+        } else {
+            n
+        };
         let dev = logprob_deviation(
             &what,
-            on_gpu.logprobs.as_deref().expect("GPU log-probabilities"),
-            self.cpu.logprobs.as_deref().expect("CPU log-probabilities"),
+            &on_gpu.logprobs.as_deref().expect("GPU log-probabilities")[..compared],
+            &cpu_lp[..compared],
         );
         eprintln!(
             "GPU, {what}: {n} tokens equal, top-{TOP_K} log-probabilities within {dev:.4}, {:.1} s",
@@ -175,7 +189,7 @@ fn chat(loaded: &LoadedModel, system: Option<&str>, user: &str) -> Vec<u32> {
 
 /// The GPU against the CPU reference on the real model, greedy, comparing tokens and top-5
 /// log-probabilities at every step of a chat prompt longer than one prompt chunk (64 tokens), with
-/// half the layers streamed through the ring, once per decode fusion (none, default, all), against
+/// half the layers streamed through the ring, once per decode fusion (none: the default; all), against
 /// one CPU run. (Streamed and resident logits are bit-identical, tests/model_gpu.rs, so a
 /// resident run would add time and no check; CI time is why there is one prompt.)
 #[test]
@@ -214,11 +228,8 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
     // Half the layers resident, the rest through a ring of two slots.
     let resident = all.layers / 2;
     let budget = all.fixed_bytes + (resident as u64 + 2) * all.layer_bytes;
-    let fusions = [
-        ("none", DecodeFusion::NONE),
-        ("default", DecodeFusion::default()),
-        ("all", DecodeFusion::ALL),
-    ];
+    // The default (nothing fused) and everything fused.
+    let fusions = [("none", DecodeFusion::NONE), ("all", DecodeFusion::ALL)];
     for (name, fusion) in fusions {
         let mut engine = GpuModel::new(
             gpu(),
