@@ -6,7 +6,7 @@
 # Prepare here: scripts/device-prepare.sh (.device-bin/q4wgpu, .device-bin/tests.tar.xz with the
 # test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
 # [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
-# Environment: TESTS=0 / KERNELS=0 / E2E=0 skip a part; ACTS (int8,f32) the decode activations
+# Environment: TESTS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part; ACTS (int8,f32) the decode activations
 # of the end-to-end A/B; SWEEP=0 skips the workgroup sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,19 +55,20 @@ if [ "${E2E:-1}" != 0 ]; then
     --decode-activations "${ACTS:-int8,f32}" --decode-fusion "$fusions" --profile \
     --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
   log "32B: exit $?"
-  log "32B prompts: chunks of 64 and 512, and 4096 tokens"
-  for chunk in 64 512; do
+  [ "${PROMPTS:-1}" != 0 ] && log "32B prompts: chunks of 64 and 512, and 4096 tokens"
+  [ "${PROMPTS:-1}" != 0 ] && for chunk in 64 512; do
     timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 0 -r 3 --chunk $chunk \
       --json "$OUT/pp512-chunk$chunk.json" >"$OUT/pp512-chunk$chunk.log" 2>&1
     log "pp512 chunk $chunk: exit $?"
   done
-  timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 4096 -n 0 -r 2 --chunk 512 \
-    --json "$OUT/pp4096.json" >"$OUT/pp4096.log" 2>&1
-  log "pp4096: exit $?"
-  log "32B at depth"
-  timeout 120 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 32 -r 2 -d 4096,16384 \
+  if [ "${PROMPTS:-1}" != 0 ]; then
+    timeout 100 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 4096 -n 0 -r 2 --chunk 512 \
+      --json "$OUT/pp4096.json" >"$OUT/pp4096.log" 2>&1
+    log "pp4096: exit $?"
+  fi
+  [ "${DEPTH:-1}" != 0 ] && log "32B at depth" && timeout 120 "$Q4WGPU" bench --adapter nvidia --synthetic qwen2-32b -p 512 -n 32 -r 2 -d 4096,16384 \
     --json "$OUT/depth.json" >"$OUT/depth.log" 2>&1
-  log "32B depth: exit $?"
+  [ "${DEPTH:-1}" != 0 ] && log "32B depth: exit $?"
 fi
 
 # The real model (on the machine already: earlier calls join its parts into $Q4WGPU_CACHE).
