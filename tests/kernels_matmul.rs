@@ -900,7 +900,6 @@ fn gemm_and_gemv_agree_at_one_token() {
 /// validates and compiles to SPIR-V with naga, as wgpu would on a GPU that has the features.
 #[test]
 fn matmul_shaders_compile_to_spirv() {
-    use wgpu::naga;
     let gemv = |wg, rows, subgroups, input| {
         gemv_q4::shader(
             &GemvConfig {
@@ -944,62 +943,13 @@ fn matmul_shaders_compile_to_spirv() {
         ),
     ];
     for (name, kernel, overrides) in shaders {
-        let src = q4wgpu::gpu::shader_source(&kernel);
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-        let mut constants = naga::back::PipelineConstants::default();
-        for (k, v) in overrides {
-            constants.insert(k.to_string(), v);
-        }
-        let (module, info) = naga::back::pipeline_constants::process_overrides(
-            &module,
-            &info,
-            Some((naga::ShaderStage::Compute, "main")),
-            &constants,
-        )
-        .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
-        let options = naga::back::spv::Options {
-            lang_version: (1, 6),
-            ..Default::default()
-        };
-        let pipeline = naga::back::spv::PipelineOptions {
-            shader_stage: naga::ShaderStage::Compute,
-            entry_point: "main".into(),
-        };
-        let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
-        assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
+        q4wgpu::gpu::testing::compile_to_spirv(name, &kernel, &overrides);
     }
 }
 
 /// naga: parse, validate (every capability, as on a GPU that has the features), SPIR-V out.
 fn gemm_spirv(name: &str, kernel: &str) -> Vec<u32> {
-    use wgpu::naga;
-    let src = q4wgpu::gpu::shader_source(kernel);
-    let module = naga::front::wgsl::parse_str(&src)
-        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-    let options = naga::back::spv::Options {
-        lang_version: (1, 6),
-        ..Default::default()
-    };
-    let pipeline = naga::back::spv::PipelineOptions {
-        shader_stage: naga::ShaderStage::Compute,
-        entry_point: "main".into(),
-    };
-    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"))
+    q4wgpu::gpu::testing::compile_to_spirv(name, kernel, &[])
 }
 
 /// Every tile of the cooperative-matrix kernel (which lavapipe cannot run), and its emulation,
