@@ -98,7 +98,14 @@ pub fn chat(engine: EngineSettings, settings: ChatSettings) -> Result<()> {
             continue;
         }
         messages.push(ChatMessage::new("user", line));
-        match turn(&runtime, &queue_tx, &loaded, &messages, &mut history, &settings) {
+        match turn(
+            &runtime,
+            &queue_tx,
+            &loaded,
+            &messages,
+            &mut history,
+            &settings,
+        ) {
             Ok(answer) => messages.push(ChatMessage::new("assistant", answer)),
             Err(e) => {
                 messages.pop();

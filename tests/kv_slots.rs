@@ -5,8 +5,8 @@
 
 use q4wgpu::cpu::CpuModel;
 use q4wgpu::engine::{EngineOptions, GpuModel};
-use q4wgpu::quant::DecodeActivations;
 use q4wgpu::gpu::testing::{gpu, Rng};
+use q4wgpu::quant::DecodeActivations;
 use q4wgpu::{model, test_models, Arch};
 
 /// As in tests/model_gpu.rs: accumulation order and the f16 KV cache.

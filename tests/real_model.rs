@@ -146,7 +146,11 @@ impl Reference {
         let what = format!("{} ({label})", self.what);
         let (gpu_ids, cpu_ids) = (&on_gpu.generated_token_ids, &self.cpu.generated_token_ids);
         let cpu_lp = self.cpu.logprobs.as_deref().expect("CPU log-probabilities");
-        let same = gpu_ids.iter().zip(cpu_ids).take_while(|(g, c)| g == c).count();
+        let same = gpu_ids
+            .iter()
+            .zip(cpu_ids)
+            .take_while(|(g, c)| g == c)
+            .count();
         let compared = if same < n {
             let top = &cpu_lp[same].top;
             let margin = top[0].logprob - top[1].logprob;

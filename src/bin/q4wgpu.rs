@@ -1,8 +1,8 @@
 //! The command line: a thin layer over the library.
 
 use clap::{Args, Parser, Subcommand};
-use q4wgpu::cpu::fast::Isa;
 use q4wgpu::chat::ChatSettings;
+use q4wgpu::cpu::fast::Isa;
 use q4wgpu::cpu::CpuModel;
 use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation};
@@ -444,7 +444,10 @@ fn bench_cpu(args: BenchArgs) -> Result<i32> {
     let isas = match args.cpu_isa.as_deref() {
         None => vec![Isa::best()],
         Some("all") => Isa::available(),
-        Some(list) => list.split(',').map(|t| Isa::parse(t.trim())).collect::<Result<_>>()?,
+        Some(list) => list
+            .split(',')
+            .map(|t| Isa::parse(t.trim()))
+            .collect::<Result<_>>()?,
     };
     let (weights, name) = bench_weights(&args)?;
     let one = rayon::ThreadPoolBuilder::new()
@@ -460,8 +463,10 @@ fn bench_cpu(args: BenchArgs) -> Result<i32> {
     for &isa in &isas {
         // 280 MB of weights: more than any last-level cache, so memory bandwidth counts.
         let (m, k) = (65536, 8192);
-        for r in [one.install(|| cb::bench_kernel(isa, m, k, 1, args.repetitions)),
-                  cb::bench_kernel(isa, m, k, 1, args.repetitions)] {
+        for r in [
+            one.install(|| cb::bench_kernel(isa, m, k, 1, args.repetitions)),
+            cb::bench_kernel(isa, m, k, 1, args.repetitions),
+        ] {
             print(&r);
             rows.push(r);
         }
@@ -719,7 +724,10 @@ fn cpu_model<'w>(
             ));
         }
         let model = CpuModel::new(weights)?.with_decode_activations(decode);
-        return Ok((model, format!("CPU reference ({} decode activations)", decode.name())));
+        return Ok((
+            model,
+            format!("CPU reference ({} decode activations)", decode.name()),
+        ));
     }
     let isa = match &args.cpu_isa {
         Some(name) => Isa::parse(name)?,

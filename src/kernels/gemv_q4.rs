@@ -165,31 +165,7 @@ impl GemvQ4 {
         cfg: GemvConfig,
         input: GemvInputKind,
     ) -> Result<wgpu::ComputePipeline> {
-        let unit = self.subgroup_max.max(32);
-        if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
-            return Err(Error::Invalid(format!(
-                "gemv_q4: workgroup size {} must be in 32..=1024 and a multiple of {unit} (32 and the subgroup size {})",
-                cfg.wg, self.subgroup_max
-            )));
-        }
-        if !(1..=MAX_ROWS).contains(&cfg.rows) {
-            return Err(Error::Invalid(format!(
-                "gemv_q4: rows per workgroup {} must be in 1..={MAX_ROWS}",
-                cfg.rows
-            )));
-        }
-        let shared_bytes = (cfg.rows as u64 + 1) * cfg.wg as u64 * 4;
-        if shared_bytes > gpu.limits.max_compute_workgroup_storage_size as u64 {
-            return Err(Error::Unsupported(format!(
-                "gemv_q4: {} rows x {} threads need {shared_bytes} bytes of workgroup memory, the adapter has {}",
-                cfg.rows, cfg.wg, gpu.limits.max_compute_workgroup_storage_size
-            )));
-        }
-        if cfg.subgroups && !self.subgroups {
-            return Err(Error::Unsupported(
-                "gemv_q4: the adapter has no subgroup operations".into(),
-            ));
-        }
+        check_config(gpu, "gemv_q4", &cfg, self.subgroups, self.subgroup_max)?;
         let mut cache = self
             .pipelines
             .lock()
@@ -351,6 +327,44 @@ impl GemvQ4 {
         }
         Ok(out)
     }
+}
+
+/// Checks a GEMV workgroup shape against the kernels' bounds and the adapter: threads a multiple
+/// of 32 and of the subgroup size, rows in 1..=[`MAX_ROWS`], the reduction's workgroup memory
+/// ((rows + 1) f32 per thread), and subgroups only where the adapter has them.
+pub(crate) fn check_config(
+    gpu: &Gpu,
+    what: &str,
+    cfg: &GemvConfig,
+    subgroups: bool,
+    subgroup_max: u32,
+) -> Result<()> {
+    let unit = subgroup_max.max(32);
+    if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
+        return Err(Error::Invalid(format!(
+            "{what}: workgroup size {} must be in 32..=1024 and a multiple of {unit} (32 and the subgroup size {subgroup_max})",
+            cfg.wg
+        )));
+    }
+    if !(1..=MAX_ROWS).contains(&cfg.rows) {
+        return Err(Error::Invalid(format!(
+            "{what}: rows per workgroup {} must be in 1..={MAX_ROWS}",
+            cfg.rows
+        )));
+    }
+    let shared_bytes = (cfg.rows as u64 + 1) * cfg.wg as u64 * 4;
+    if shared_bytes > gpu.limits.max_compute_workgroup_storage_size as u64 {
+        return Err(Error::Unsupported(format!(
+            "{what}: {} rows x {} threads need {shared_bytes} bytes of workgroup memory, the adapter has {}",
+            cfg.rows, cfg.wg, gpu.limits.max_compute_workgroup_storage_size
+        )));
+    }
+    if cfg.subgroups && !subgroups {
+        return Err(Error::Unsupported(format!(
+            "{what}: the adapter has no subgroup operations"
+        )));
+    }
+    Ok(())
 }
 
 /// The WGSL of `cfg`'s kernel reading `input` (before gpu::shader_source); WG and ROWS are

@@ -10,7 +10,7 @@
 //! [`GemvQ4`]: super::gemv_q4::GemvQ4
 
 use super::gemv_q4::{
-    check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions, MAX_ROWS,
+    check_config, check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions,
 };
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::{BufRange, Dispatch, Q4Ref};
@@ -118,21 +118,7 @@ impl GemvQ4Q8 {
     }
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
-        let unit = self.subgroup_max.max(32);
-        if cfg.wg % unit != 0
-            || !(32..=1024).contains(&cfg.wg)
-            || !(1..=MAX_ROWS).contains(&cfg.rows)
-        {
-            return Err(Error::Invalid(format!(
-                "gemv_q4_q8: workgroup of {} threads x {} rows: threads must be in 32..=1024 and a multiple of {unit}, rows in 1..={MAX_ROWS}",
-                cfg.wg, cfg.rows
-            )));
-        }
-        if cfg.subgroups && !self.subgroups {
-            return Err(Error::Unsupported(
-                "gemv_q4_q8: the adapter has no subgroup operations".into(),
-            ));
-        }
+        check_config(gpu, "gemv_q4_q8", &cfg, self.subgroups, self.subgroup_max)?;
         let mut cache = self
             .pipelines
             .lock()

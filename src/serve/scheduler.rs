@@ -231,7 +231,11 @@ fn start<'t>(
         emitted: 0,
         logprobs: Vec::new(),
         unsent: Vec::new(),
-        eos: if req.ignore_eos { &[] } else { tokenizer.eos_ids() },
+        eos: if req.ignore_eos {
+            &[]
+        } else {
+            tokenizer.eos_ids()
+        },
         stopped: false,
         usage: Usage {
             prompt_tokens: req.prompt.len(),

@@ -20,7 +20,8 @@ pub fn bin() -> String {
 pub fn tiny_text_model(dir: &Path, seed: u64) {
     let _ = std::fs::remove_dir_all(dir);
     let mut config = q4wgpu::test_models::tiny_config(q4wgpu::Arch::Qwen2);
-    config.vocab_size = q4wgpu::test_models::special_token_id("<|im_end|>").expect("im_end") as usize + 1;
+    config.vocab_size =
+        q4wgpu::test_models::special_token_id("<|im_end|>").expect("im_end") as usize + 1;
     q4wgpu::test_models::write_hf_model(dir, &config, seed).expect("write tiny model");
 }
 
@@ -54,9 +55,18 @@ pub fn python_with_openai() -> &'static str {
 /// a fixed number of tokens is compared, so the run must make them all.
 pub fn run_json_text(model: &Path, cpu: bool, prompt: &str, n: usize) -> String {
     let mut cmd = Command::new(bin());
-    cmd.args(["run", "--json", "--temperature", "0", "-n", &n.to_string(), "--prompt", prompt])
-        .arg("--model")
-        .arg(model);
+    cmd.args([
+        "run",
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        &n.to_string(),
+        "--prompt",
+        prompt,
+    ])
+    .arg("--model")
+    .arg(model);
     if cpu {
         cmd.arg("--cpu");
     }
