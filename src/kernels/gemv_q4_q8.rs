@@ -158,52 +158,15 @@ impl GemvQ4Q8 {
         let what = "gemv_q4_q8";
         check_matrix(gpu, what, &w)?;
         let bpr = blocks_per_row(w.cols);
-        let x_blocks = (bpr * BLOCK / ACT_BLOCK) as u64;
-        let k_bytes = 4 * w.cols as u64;
-        if w.cols % 4 != 0 {
-            return Err(Error::Invalid(format!(
-                "{what}: K = {} must be a multiple of 4",
-                w.cols
-            )));
-        }
-        // (words, scales, f32 x, norm weight) bindings; the unused ones get a buffer never read.
-        let (xq, xd, xf, norm, eps) = match x {
-            Q8Input::Quantized(a) => {
-                if w.cols > a.capacity {
-                    return Err(Error::Invalid(format!(
-                        "{what}: K = {} exceeds the quantized activation buffers' {} values",
-                        w.cols, a.capacity
-                    )));
-                }
-                let words = BufRange::whole(&a.words);
-                (words, BufRange::whole(&a.scales), words, &a.words, 0.0)
-            }
-            Q8Input::F32(v) | Q8Input::SwiGlu(v) => {
-                let need = if matches!(x, Q8Input::SwiGlu(_)) {
-                    2 * k_bytes
-                } else {
-                    k_bytes
-                };
-                check_vector(gpu, what, "x", &v, need)?;
-                (v, v, BufRange { size: need, ..v }, v.buffer, 0.0)
-            }
-            Q8Input::RmsNorm { x: v, weight, eps } => {
-                check_vector(gpu, what, "x", &v, k_bytes)?;
-                check_vector(gpu, what, "norm weight", &BufRange::whole(weight), k_bytes)?;
-                (v, v, BufRange { size: k_bytes, ..v }, weight, eps)
-            }
-        };
-        if y.buffer == xf.buffer && !matches!(x, Q8Input::Quantized(_)) {
+        let xb = x_bindings(gpu, what, &w, &x)?;
+        if y.buffer == xb.f32_x.buffer && !matches!(x, Q8Input::Quantized(_)) {
             return Err(Error::Invalid(format!(
                 "{what}: x and y must be different buffers (y is written)"
             )));
         }
-        let quantized = matches!(x, Q8Input::Quantized(_));
-        let (xq_bytes, xd_bytes) = if quantized {
-            (x_blocks * 32, x_blocks * 8)
-        } else {
-            (16, 8)
-        };
+        let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
+        let (xq_bytes, xd_bytes) = (xq.size, xd.size);
+        let k_bytes = 4 * w.cols as u64;
         check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
@@ -265,6 +228,72 @@ impl GemvQ4Q8 {
         }
         Ok(out)
     }
+}
+
+/// The x bindings of a product: packed words, block scales, the f32 vector and the norm weight
+/// (sized as bound); the ones an input does not use get a buffer never read through them.
+struct XBindings<'a> {
+    words: BufRange<'a>,
+    scales: BufRange<'a>,
+    f32_x: BufRange<'a>,
+    norm: &'a wgpu::Buffer,
+    eps: f32,
+}
+
+fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<XBindings<'a>> {
+    let k_bytes = 4 * w.cols as u64;
+    if w.cols % 4 != 0 {
+        return Err(Error::Invalid(format!(
+            "{what}: K = {} must be a multiple of 4",
+            w.cols
+        )));
+    }
+    let sized = |r: BufRange<'a>, size: u64| BufRange { size, ..r };
+    Ok(match *x {
+        Q8Input::Quantized(a) => {
+            if w.cols > a.capacity {
+                return Err(Error::Invalid(format!(
+                    "{what}: K = {} exceeds the quantized activation buffers' {} values",
+                    w.cols, a.capacity
+                )));
+            }
+            let blocks = (blocks_per_row(w.cols) * BLOCK / ACT_BLOCK) as u64;
+            let words = BufRange::whole(&a.words);
+            XBindings {
+                words: sized(words, blocks * 32),
+                scales: sized(BufRange::whole(&a.scales), blocks * 8),
+                f32_x: sized(words, 16),
+                norm: &a.words,
+                eps: 0.0,
+            }
+        }
+        Q8Input::F32(v) | Q8Input::SwiGlu(v) => {
+            let need = if matches!(x, Q8Input::SwiGlu(_)) {
+                2 * k_bytes
+            } else {
+                k_bytes
+            };
+            check_vector(gpu, what, "x", &v, need)?;
+            XBindings {
+                words: sized(v, 16),
+                scales: sized(v, 8),
+                f32_x: sized(v, need),
+                norm: v.buffer,
+                eps: 0.0,
+            }
+        }
+        Q8Input::RmsNorm { x: v, weight, eps } => {
+            check_vector(gpu, what, "x", &v, k_bytes)?;
+            check_vector(gpu, what, "norm weight", &BufRange::whole(weight), k_bytes)?;
+            XBindings {
+                words: sized(v, 16),
+                scales: sized(v, 8),
+                f32_x: sized(v, k_bytes),
+                norm: weight,
+                eps,
+            }
+        }
+    })
 }
 
 /// The WGSL of the kernel reading `input` (its INPUT code), before gpu::shader_source.
