@@ -117,11 +117,18 @@ impl<'a> QView<'a> {
         blocks_per_row(self.cols)
     }
 
+    /// Row `r`'s words (`blocks_per_row * 16`) and bf16 scales (`blocks_per_row`).
+    pub fn row(&self, r: usize) -> (&'a [u32], &'a [u16]) {
+        let bpr = self.blocks_per_row();
+        (
+            &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK],
+            &self.scales[r * bpr..(r + 1) * bpr],
+        )
+    }
+
     /// Dequantizes row `r` into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bpr = self.blocks_per_row();
-        let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
-        let scales = &self.scales[r * bpr..(r + 1) * bpr];
+        let (words, scales) = self.row(r);
         for (c, o) in out.iter_mut().enumerate().take(self.cols) {
             let b = c / BLOCK;
             let i = c % BLOCK;
@@ -145,10 +152,8 @@ impl<'a> QView<'a> {
         use rayon::prelude::*;
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
-        let bpr = self.blocks_per_row();
         y.par_iter_mut().enumerate().for_each(|(r, out)| {
-            let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
-            let scales = &self.scales[r * bpr..(r + 1) * bpr];
+            let (words, scales) = self.row(r);
             let mut acc = 0.0f32;
             for ((block, xb), &scale) in words
                 .chunks_exact(WORDS_PER_BLOCK)
@@ -307,10 +312,8 @@ impl QView<'_> {
         use rayon::prelude::*;
         assert_eq!(x.len, self.cols);
         assert_eq!(y.len(), self.rows);
-        let bpr = self.blocks_per_row();
         y.par_iter_mut().enumerate().for_each(|(r, out)| {
-            let words = &self.qweight[r * bpr * WORDS_PER_BLOCK..(r + 1) * bpr * WORDS_PER_BLOCK];
-            let scales = &self.scales[r * bpr..(r + 1) * bpr];
+            let (words, scales) = self.row(r);
             let mut acc = 0.0f32;
             for (qi, quarter) in words.chunks_exact(4).enumerate() {
                 let xq = &x.q[qi * ACT_BLOCK..(qi + 1) * ACT_BLOCK];

@@ -243,6 +243,8 @@ fn few_splits() -> &'static Attention {
     })
 }
 
+/// The grouped flash-decoding kernel (shaders/attention_decode.wgsl, the default decode) against
+/// the CPU reference on odd lengths.
 #[test]
 fn decode_odd_lengths_across_gqa_groups_and_head_dims() {
     // GQA groups 1, 5 (Qwen2-32B: 40 / 8, head dim 128) and 7 (Qwen2.5-0.5B: 14 / 2, head dim 64).

@@ -656,8 +656,9 @@ fn gemm_matches_cpu_and_leaves_rows_past_n_tokens() {
     check_gemm_variants(&kernel, "gemm");
 }
 
-/// The cooperative-matrix tiles with their matrix operations emulated in plain WGSL: checks the
-/// tiling, the f16 staging and the epilogue of shaders/gemm_q4_mma.wgsl on any adapter.
+/// The cooperative-matrix tiles with their matrix operations emulated in plain WGSL
+/// (shaders/gemm_q4_mma_emulated.wgsl in place of gemm_q4_mma_coop.wgsl): checks the tiling, the
+/// f16 staging and the epilogue of shaders/gemm_q4_mma.wgsl on any adapter.
 #[test]
 fn gemm_emulated_coop_tiles_match_cpu() {
     let g = gpu();
@@ -679,7 +680,8 @@ fn gemm_emulated_coop_tiles_match_cpu() {
     }
 }
 
-/// On an adapter with cooperative matrices the tests above ran the hardware kernels; elsewhere
+/// On an adapter with cooperative matrices the tests above ran the hardware kernels
+/// (shaders/gemm_q4_mma.wgsl with gemm_q4_mma_coop.wgsl) against the CPU reference; elsewhere
 /// this says so, and fails when Q4WGPU_REQUIRE_COOP=1 (set where the adapter must have them).
 #[test]
 fn gemm_coop_tiles_ran_on_hardware() {

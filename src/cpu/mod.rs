@@ -44,11 +44,11 @@ enum Input {
 
 impl Input {
     /// `x` as it is, quantized with `int8`.
-    fn plain(x: &[f32], int8: bool) -> Input {
+    fn plain(x: Vec<f32>, int8: bool) -> Input {
         if int8 {
-            Input::Int8(ActQ8::quantize(x))
+            Input::Int8(ActQ8::quantize(&x))
         } else {
-            Input::F32(x.to_vec())
+            Input::F32(x)
         }
     }
 
@@ -429,7 +429,7 @@ impl<'a> CpuModel<'a> {
                 cache.values(l, seen),
                 &mut a,
             );
-            outs.push(Input::plain(&a, int8));
+            outs.push(Input::plain(a, int8));
         }
         for (x, o) in xs.iter_mut().zip(layer.o.apply_all(&outs, kernel)) {
             add_in_place(x, &o);
@@ -456,7 +456,7 @@ impl<'a> CpuModel<'a> {
                 for (g, u) in act.iter_mut().zip(up) {
                     *g = silu(*g) * u;
                 }
-                Input::plain(&act, int8)
+                Input::plain(act, int8)
             })
             .collect();
         for (x, d) in xs.iter_mut().zip(layer.down.apply_all(&acts, kernel)) {
