@@ -166,20 +166,15 @@ impl GemvQ4 {
         input: GemvInputKind,
     ) -> Result<wgpu::ComputePipeline> {
         check_config(gpu, "gemv_q4", &cfg, self.subgroups, self.subgroup_max)?;
-        let mut cache = self
-            .pipelines
-            .lock()
-            .map_err(|_| Error::Gpu("gemv_q4: pipeline cache poisoned".into()))?;
-        if let Some(p) = cache.get(&(cfg, input)) {
-            return Ok(p.clone());
-        }
-        let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!("gemv_q4/wg{}_rows{}_{kind}_{input:?}", cfg.wg, cfg.rows);
-        let source = shader(&cfg, input);
-        let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
-        let pipeline = gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)?;
-        cache.insert((cfg, input), pipeline.clone());
-        Ok(pipeline)
+        cached_pipeline(
+            gpu,
+            &self.pipelines,
+            "gemv_q4",
+            cfg,
+            input,
+            &format!("{input:?}"),
+            || shader(&cfg, input),
+        )
     }
 
     /// Binds `y = W x` (see [`Epilogue`]) for `x: [cols]`, `y, bias: [rows]` f32. Returns one
@@ -327,6 +322,31 @@ impl GemvQ4 {
         }
         Ok(out)
     }
+}
+
+/// The pipeline of a GEMV kernel `name` in shape `cfg` reading `input`, compiled on first use
+/// (`source` gives its WGSL; WG and ROWS are overrides) and kept in `cache`.
+pub(crate) fn cached_pipeline<I: std::hash::Hash + Eq + Copy>(
+    gpu: &Gpu,
+    cache: &Mutex<HashMap<(GemvConfig, I), wgpu::ComputePipeline>>,
+    name: &str,
+    cfg: GemvConfig,
+    input: I,
+    input_label: &str,
+    source: impl FnOnce() -> String,
+) -> Result<wgpu::ComputePipeline> {
+    let mut cache = cache
+        .lock()
+        .map_err(|_| Error::Gpu(format!("{name}: pipeline cache poisoned")))?;
+    if let Some(p) = cache.get(&(cfg, input)) {
+        return Ok(p.clone());
+    }
+    let kind = if cfg.subgroups { "subgroup" } else { "shared" };
+    let label = format!("{name}/wg{}_rows{}_{kind}_{input_label}", cfg.wg, cfg.rows);
+    let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
+    let pipeline = gpu.compute_pipeline_unchecked(&label, &source(), "main", &overrides)?;
+    cache.insert((cfg, input), pipeline.clone());
+    Ok(pipeline)
 }
 
 /// Checks a GEMV workgroup shape against the kernels' bounds and the adapter: threads a multiple

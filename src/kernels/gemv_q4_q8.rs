@@ -10,7 +10,8 @@
 //! [`GemvQ4`]: super::gemv_q4::GemvQ4
 
 use super::gemv_q4::{
-    check_config, check_matrix, check_vector, row_chunks, Epilogue, GemvConfig, GemvOptions,
+    cached_pipeline, check_config, check_matrix, check_vector, row_chunks, Epilogue, GemvConfig,
+    GemvOptions,
 };
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::{BufRange, Dispatch, Q4Ref};
@@ -119,27 +120,16 @@ impl GemvQ4Q8 {
 
     fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
         check_config(gpu, "gemv_q4_q8", &cfg, self.subgroups, self.subgroup_max)?;
-        let mut cache = self
-            .pipelines
-            .lock()
-            .map_err(|_| Error::Gpu("gemv_q4_q8: pipeline cache poisoned".into()))?;
-        if let Some(p) = cache.get(&(cfg, input)) {
-            return Ok(p.clone());
-        }
-        let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-        let label = format!(
-            "gemv_q4_q8/wg{}_rows{}_{kind}_input{input}",
-            cfg.wg, cfg.rows
-        );
-        let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
-        let pipeline = gpu.compute_pipeline_unchecked(
+        let label = format!("input{input}");
+        cached_pipeline(
+            gpu,
+            &self.pipelines,
+            "gemv_q4_q8",
+            cfg,
+            input,
             &label,
-            &shader(cfg.subgroups, input),
-            "main",
-            &overrides,
-        )?;
-        cache.insert((cfg, input), pipeline.clone());
-        Ok(pipeline)
+            || shader(cfg.subgroups, input),
+        )
     }
 
     /// Binds `y = W x` (see [`Epilogue`]) for x as `x` says (`cols` values), `y, bias: [rows]`
