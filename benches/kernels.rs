@@ -568,7 +568,7 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize) -> Vec<GemmVariant
     if gemm.has_hardware_coop() {
         for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2)] {
             for prefetch in [true, false] {
-                v.push(GemmVariant::CoopTile { tm, tn, prefetch });
+                v.push(GemmVariant::coop_tile(tm, tn, prefetch));
             }
         }
         v.push(GemmVariant::Coop);

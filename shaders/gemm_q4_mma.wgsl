@@ -4,7 +4,10 @@
 //
 // The wrapper (src/kernels/gemm_q4.rs, `mma_shader`) puts before this file the tile constants
 // SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows),
-// PREFETCH (whether the next step's global loads overlap this step's multiplies)
+// PREFETCH (whether the next step's global loads overlap this step's multiplies), BK (K step: 32
+// or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
+// workgroup memory), the X element type `XElem` with `x_to_f16` (a pair of f32, or a pair of f16
+// that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl)
 // and the matrix operations `acc_zero`, `load_a`, `load_b`, `mma`, `store_acc` with the types
 // `Frag_A`, `Frag_B`, `Acc`: either cooperative matrices (shaders/gemm_q4_mma_coop.wgsl) or a
 // plain-WGSL emulation for adapters without them (shaders/gemm_q4_mma_emulated.wgsl, used by the
@@ -12,11 +15,14 @@
 //
 // Tiling: a workgroup of 4 subgroups computes a BM x BN tile of Y (BM = 32 TM tokens, BN = 32 TN
 // weight rows); subgroup s owns the (s / 2, s % 2) quarter, TM x TN accumulators. The K loop steps
-// BK = 32 elements (a quarter of a 128-block: one scale per row and step). With PREFETCH, global
+// BK elements (a quarter or half of a 128-block: one scale per row and step). Split-K: workgroup
+// z covers K elements [z k_split, (z + 1) k_split) and writes its partial sums to slice z of Y
+// (y_slice elements apart); the wrapper then sums the slices in a fixed order
+// (shaders/gemm_q4_splitk.wgsl), so results do not depend on scheduling. With PREFETCH, global
 // loads for the next step are issued into registers before the current step multiplies
 // (register double buffering, at the cost of ~40 registers per thread). Then all threads store X as f16 and dequantize W (in f32, exact, then rounded once
 // to f16, as the first kernel did) into workgroup memory as f16 pairs, rows padded to 20 pairs
-// (80 bytes: an odd multiple of 16, so the 16x16 matrix loads do not conflict). The stores are
+// (80 bytes, or 36 pairs = 144 bytes for BK = 64: an odd multiple of 16, so the 16x16 matrix loads do not conflict). The stores are
 // arranged so the 32 lanes of one store instruction hit 32 different banks (see x_row and
 // store_step).
 // The accumulators leave through a per-subgroup staging tile in workgroup memory (a matrix store
@@ -29,12 +35,13 @@
 enable f16;
 
 const WG: u32 = 4u * SG;
-const BK: u32 = 32u;
 const BM: u32 = 32u * TM;
 const BN: u32 = 32u * TN;
 // Row strides in f16 pairs (tiles) and in f32 (staging).
-const AS2: u32 = 20u;
-const SS: u32 = 16u * TN + 4u;
+const AS2: u32 = BK / 2u + 4u;
+const SS: u32 = 16u * STN + 4u;
+// Groups of 4 pairs of X along one row of a step.
+const XG: u32 = BK / 8u;
 // Per thread and K step: pairs of X (two f32 of one token), words of W.
 const X_ITEMS: u32 = (BM * (BK / 2u) + WG - 1u) / WG;
 const W_ITEMS: u32 = (BN * (BK / 8u) + WG - 1u) / WG;
@@ -52,8 +59,10 @@ struct Params {
     // tile and the step picks one).
     m_lo: u32,
     m_hi: u32,
-    pad0: u32,
-    pad1: u32,
+    // Split-K: K elements per slice (a multiple of BK; K itself without split) and elements
+    // between the slices of Y (0 without split).
+    k_split: u32,
+    y_slice: u32,
 }
 
 struct Step {
@@ -67,7 +76,7 @@ struct Step {
 @group(0) @binding(1) var<uniform> step: Step;
 @group(0) @binding(2) var<storage, read> qw: array<u32>;
 @group(0) @binding(3) var<storage, read> scales: array<u32>;
-@group(0) @binding(4) var<storage, read> x: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> x: array<XElem>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
@@ -84,7 +93,7 @@ fn scale(i: u32) -> f32 {
 
 // The registers one thread carries from the global loads of a K step to its stores.
 struct Loaded {
-    x: array<vec2<f32>, X_ITEMS>,
+    x: array<XElem, X_ITEMS>,
     w: array<u32, W_ITEMS>,
     s: array<f32, W_ITEMS>,
 }
@@ -92,11 +101,11 @@ struct Loaded {
 // X pair e of a step: token row (8 rows per 32 items, so one store instruction of a subgroup
 // covers 8 rows x 16 bytes: 32 banks), and its index (in pairs) along the step.
 fn x_row(e: u32) -> u32 {
-    return (e / 128u) * 8u + (e / 4u) % 8u;
+    return (e / (32u * XG)) * 8u + (e / 4u) % 8u;
 }
 
 fn x_pair(e: u32) -> u32 {
-    return ((e / 32u) % 4u) * 4u + e % 4u;
+    return ((e / 32u) % XG) * 4u + e % 4u;
 }
 
 // Global loads of the K step at k0: zeros for tokens past m_count, k past K, rows past n.
@@ -107,7 +116,7 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
         let e = lid + it * WG;
         let m = m0 + x_row(e);
         let kp = k0 / 2u + x_pair(e);
-        var v = vec2<f32>();
+        var v = XElem();
         if (e < BM * (BK / 2u) && m < m_count && kp < k2) {
             v = x[m * k2 + kp];
         }
@@ -133,7 +142,7 @@ fn store_step(r: Loaded, lid: u32) {
     for (var it = 0u; it < X_ITEMS; it++) {
         let e = lid + it * WG;
         if (e < BM * (BK / 2u)) {
-            xs[x_row(e) * AS2 + x_pair(e)] = vec2<f16>(r.x[it]);
+            xs[x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {
@@ -173,14 +182,17 @@ fn main(
     // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
     // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
     //#ACC_DECL
-    var next = load_step(0u, m0, n0, m_count, lid);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        if (!PREFETCH && k0 > 0u) {
+    let k_begin = wid.z * p.k_split;
+    let k_end = min(p.k, k_begin + p.k_split);
+    let y_off = wid.z * p.y_slice;
+    var next = load_step(k_begin, m0, n0, m_count, lid);
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        if (!PREFETCH && k0 > k_begin) {
             next = load_step(k0, m0, n0, m_count, lid);
         }
         store_step(next, lid);
         workgroupBarrier();
-        if (PREFETCH && k0 + BK < p.k) {
+        if (PREFETCH && k0 + BK < k_end) {
             next = load_step(k0 + BK, m0, n0, m_count, lid);
         }
         for (var kk = 0u; kk < BK / 2u; kk += 8u) {
@@ -195,16 +207,17 @@ fn main(
     //#EPILOGUE
 }
 
-// Writes the subgroup's staging tile (16 rows x 16 TN columns) to Y rows m_base.., columns
-// n_base..: consecutive lanes write consecutive columns; bounds on M and N, bias, accumulate.
-fn write_stage(sg: u32, m_base: u32, n_base: u32, m_count: u32) {
-    for (var e = lane; e < 16u * 16u * TN; e += SG) {
-        let r = e / (16u * TN);
-        let c = e % (16u * TN);
+// Writes the subgroup's staging tile (16 rows x 16 STN columns) to Y rows m_base.., columns
+// n_base.. (y_off further on: the split-K slice): consecutive lanes write consecutive columns;
+// bounds on M and N, bias, accumulate.
+fn write_stage(sg: u32, m_base: u32, n_base: u32, m_count: u32, y_off: u32) {
+    for (var e = lane; e < 16u * 16u * STN; e += SG) {
+        let r = e / (16u * STN);
+        let c = e % (16u * STN);
         let m = m_base + r;
         let n = n_base + c;
         if (m < m_count && n < p.n) {
-            let out = m * p.ldy + p.row_base + n;
+            let out = y_off + m * p.ldy + p.row_base + n;
             var v = stage[sg * 16u * SS + r * SS + c];
             if (p.has_bias != 0u) {
                 v += bias[p.row_base + n];

@@ -489,7 +489,7 @@ fn all_gemm_variants() -> Vec<GemmVariant> {
     for prefetch in [true, false] {
         for tm in [1, 2, 4] {
             for tn in [1, 2, 4] {
-                v.push(GemmVariant::CoopTile { tm, tn, prefetch });
+                v.push(GemmVariant::coop_tile(tm, tn, prefetch));
             }
         }
     }
@@ -531,6 +531,7 @@ struct GemmCase {
 
 impl GemmCase {
     /// Runs the case with one variant; rows of Y at or past `m` must keep their NaN poison.
+    /// Returns the number of dispatches.
     fn check(
         &self,
         kernel: &GemmQ4,
@@ -538,6 +539,17 @@ impl GemmCase {
         tol: f32,
         rng: &mut Rng,
     ) -> usize {
+        self.check_y(kernel, variant, tol, rng).0
+    }
+
+    /// [`check`](Self::check), also returning the first `m` rows of Y.
+    fn check_y(
+        &self,
+        kernel: &GemmQ4,
+        variant: Option<GemmVariant>,
+        tol: f32,
+        rng: &mut Rng,
+    ) -> (usize, Vec<f32>) {
         let g = gpu();
         let (m, k, n) = (self.m, self.cols, self.rows);
         let w_host = random_matrix(rng, n, k);
@@ -604,7 +616,7 @@ impl GemmCase {
                 got[m * n + i]
             );
         }
-        dispatches.len()
+        (dispatches.len(), got[..m * n].to_vec())
     }
 }
 
@@ -665,7 +677,10 @@ fn gemm_emulated_coop_tiles_match_cpu() {
     let kernel = GemmQ4::new_emulated(g);
     let mut rng = Rng::fresh("gemm emulated coop");
     for (variant, tol) in gemm_variants(&kernel) {
-        if let GemmVariant::CoopTile { tm, tn, prefetch } = variant {
+        if let GemmVariant::CoopTile {
+            tm, tn, prefetch, ..
+        } = variant
+        {
             let t = std::time::Instant::now();
             // Every case for the tiles the wrapper picks; the first four (both M of two shapes:
             // past a tile edge in M, N and K) for the others, to keep the test short.
@@ -676,6 +691,76 @@ fn gemm_emulated_coop_tiles_match_cpu() {
                 case.check(&kernel, Some(variant), tol, &mut rng);
             }
             eprintln!("emulated {variant:?} in {:.2} s", t.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// The options of the cooperative-matrix tiles (f16 X, K steps of 64, split-K, and all three),
+/// on the hardware where the adapter has cooperative matrices and emulated everywhere, against
+/// the CPU reference: M past a tile edge, N not a multiple of the tile, K not a multiple of 64
+/// (200: split 3 gives slices of 96, 96 and 8), store and accumulate, with and without bias.
+/// f16 X and K steps of 64 change no rounding, so they must equal the plain tile bit for bit.
+#[test]
+fn gemm_coop_tile_options_match_cpu() {
+    use q4wgpu::kernels::gemm_q4::TileOpts;
+    let g = gpu();
+    let hardware = GemmQ4::new(g).expect("gemm compiles");
+    let emulated = GemmQ4::new_emulated(g);
+    let mut rng = Rng::fresh("gemm tile options");
+    let opts = |split_k, x_f16, bk64| TileOpts {
+        split_k,
+        x_f16,
+        bk64,
+    };
+    let variants = [
+        (2, 2, true, opts(1, true, false)),
+        (2, 4, false, opts(1, false, true)),
+        (1, 2, true, opts(3, false, false)),
+        (2, 4, true, opts(4, true, true)),
+    ];
+    for kernel in [&hardware, &emulated] {
+        if !kernel.has_coop() {
+            continue;
+        }
+        for (tm, tn, prefetch, opts) in variants {
+            let t = std::time::Instant::now();
+            let variant = GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch,
+                opts,
+            };
+            let plain = GemmVariant::coop_tile(tm, tn, prefetch);
+            for case in gemm_cases(variant).into_iter().take(4) {
+                let mut same_inputs = rng.clone();
+                let (_, got) = case.check_y(kernel, Some(variant), COOP_TOL, &mut rng);
+                if opts.split_k == 1 {
+                    let (_, want) = case.check_y(kernel, Some(plain), COOP_TOL, &mut same_inputs);
+                    let differ = got
+                        .iter()
+                        .zip(&want)
+                        .position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(
+                        differ.is_none(),
+                        "{} differs from {}: m {} {}x{}, first at {differ:?}",
+                        variant.short_name(),
+                        plain.short_name(),
+                        case.m,
+                        case.rows,
+                        case.cols
+                    );
+                }
+            }
+            eprintln!(
+                "{} {} in {:.2} s",
+                if kernel.has_hardware_coop() {
+                    "hardware"
+                } else {
+                    "emulated"
+                },
+                variant.short_name(),
+                t.elapsed().as_secs_f64()
+            );
         }
     }
 }
@@ -745,11 +830,7 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
     assert_eq!(
         kernel.variant_for(512, 55296, 5120),
         if coop {
-            GemmVariant::CoopTile {
-                tm: 4,
-                tn: 4,
-                prefetch: true,
-            }
+            GemmVariant::coop_tile(4, 4, true)
         } else {
             GemmVariant::Reg { rm: 8 }
         }
@@ -757,11 +838,7 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
     assert_eq!(
         kernel.variant_for(20, 55296, 5120),
         if coop {
-            GemmVariant::CoopTile {
-                tm: 1,
-                tn: 4,
-                prefetch: true,
-            }
+            GemmVariant::coop_tile(1, 4, true)
         } else {
             GemmVariant::Reg { rm: 2 }
         }
@@ -997,4 +1074,26 @@ fn gemm_tile_shaders_compile_to_spirv() {
     for rm in [2, 4, 8] {
         gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
+    // The tile options (split-K does not change the source).
+    for (x_f16, bk64) in [(true, false), (false, true), (true, true)] {
+        let opts = q4wgpu::kernels::gemm_q4::TileOpts {
+            split_k: 1,
+            x_f16,
+            bk64,
+        };
+        let name = format!("gemm_q4_mma 4x4 x16 {x_f16} bk64 {bk64}");
+        let words = gemm_spirv(
+            &name,
+            &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),
+        );
+        assert!(
+            has_op(&words, 4459),
+            "{name}: no OpCooperativeMatrixMulAddKHR"
+        );
+    }
+    gemm_spirv(
+        "gemm_q4_splitk",
+        include_str!("../shaders/gemm_q4_splitk.wgsl"),
+    );
+    gemm_spirv("gemm_q4_x16", include_str!("../shaders/gemm_q4_x16.wgsl"));
 }

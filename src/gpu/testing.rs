@@ -18,6 +18,8 @@ pub fn gpu() -> &'static Gpu {
 }
 
 /// A small deterministic-per-seed generator (xorshift), so tests need no extra dependency on GPU paths.
+/// A clone repeats the same numbers (to run two kernels on the same inputs).
+#[derive(Clone)]
 pub struct Rng(u64);
 
 impl Rng {

@@ -32,6 +32,8 @@ const MMA: &str = include_str!("../../shaders/gemm_q4_mma.wgsl");
 const MMA_COOP: &str = include_str!("../../shaders/gemm_q4_mma_coop.wgsl");
 const MMA_EMULATED: &str = include_str!("../../shaders/gemm_q4_mma_emulated.wgsl");
 const REG: &str = include_str!("../../shaders/gemm_q4_reg.wgsl");
+const SPLITK: &str = include_str!("../../shaders/gemm_q4_splitk.wgsl");
+const X16: &str = include_str!("../../shaders/gemm_q4_x16.wgsl");
 
 /// Y tile of one workgroup of the first kernels ([`GemmVariant::Tiled`], [`GemmVariant::Coop`]).
 const TILE_M: usize = 64;
@@ -49,11 +51,103 @@ pub enum GemmVariant {
     Coop,
     /// Cooperative matrices, tiles of 32·tm tokens × 32·tn rows, tm × tn 16x16 accumulators per
     /// subgroup; tm and tn are 1, 2 or 4. With `prefetch`, the next K step's global loads
-    /// overlap the current step's multiplies (more registers). K a multiple of 4.
-    CoopTile { tm: u32, tn: u32, prefetch: bool },
+    /// overlap the current step's multiplies (more registers). K a multiple of 4. `opts`: the
+    /// experimental options of [`TileOpts`] (the default is the plain kernel).
+    CoopTile {
+        tm: u32,
+        tn: u32,
+        prefetch: bool,
+        opts: TileOpts,
+    },
+}
+
+/// Options of a [`GemmVariant::CoopTile`] kernel, for the GEMM sweep of benches/kernels.rs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileOpts {
+    /// Split-K: K cut into this many slices (1 to 16; fewer where K is short), one workgroup
+    /// per tile and slice, partial sums in a scratch buffer, then a reduction dispatch that adds
+    /// them in a fixed order (shaders/gemm_q4_splitk.wgsl). Results differ from the unsplit
+    /// kernel by f32 rounding (another summation order), but never from run to run.
+    pub split_k: u32,
+    /// X converted to f16 once per binding by a dispatch before the product
+    /// (shaders/gemm_q4_x16.wgsl), so the tiles read half the bytes and convert nothing. Same
+    /// results as without (same rounding).
+    pub x_f16: bool,
+    /// K steps of 64 instead of 32: half the barriers per multiply, twice the workgroup
+    /// memory for the tiles (the accumulators then leave one column at a time). Same results.
+    pub bk64: bool,
+}
+
+impl Default for TileOpts {
+    fn default() -> Self {
+        TileOpts {
+            split_k: 1,
+            x_f16: false,
+            bk64: false,
+        }
+    }
+}
+
+impl TileOpts {
+    /// The K step.
+    fn bk(self) -> u32 {
+        if self.bk64 {
+            64
+        } else {
+            32
+        }
+    }
+
+    /// K elements per split-K slice (a multiple of the K step) and the number of slices, for K.
+    fn slices(self, k: usize) -> (usize, usize) {
+        let bk = self.bk() as usize;
+        let per = k
+            .div_ceil(self.split_k.max(1) as usize)
+            .next_multiple_of(bk)
+            .max(bk);
+        (per, k.div_ceil(per).max(1))
+    }
 }
 
 impl GemmVariant {
+    /// A [`GemmVariant::CoopTile`] with the default options.
+    pub fn coop_tile(tm: u32, tn: u32, prefetch: bool) -> GemmVariant {
+        GemmVariant::CoopTile {
+            tm,
+            tn,
+            prefetch,
+            opts: TileOpts::default(),
+        }
+    }
+
+    /// A short name for tables: `coop 4x4 pf`, `coop 4x4 pf x16 bk64 split4`.
+    pub fn short_name(self) -> String {
+        match self {
+            GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch,
+                opts,
+            } => {
+                let mut s = format!("coop {}x{}", 32 * tm, 32 * tn);
+                if prefetch {
+                    s += " pf";
+                }
+                if opts.x_f16 {
+                    s += " x16";
+                }
+                if opts.bk64 {
+                    s += " bk64";
+                }
+                if opts.split_k > 1 {
+                    s += &format!(" split{}", opts.split_k);
+                }
+                s
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
     /// Y tile of one workgroup: (tokens, weight rows).
     pub fn tile(self) -> (usize, usize) {
         match self {
@@ -81,8 +175,10 @@ impl GemmVariant {
     fn valid(self) -> bool {
         match self {
             GemmVariant::Reg { rm } => [2, 4, 8].contains(&rm),
-            GemmVariant::CoopTile { tm, tn, .. } => {
-                [1, 2, 4].contains(&tm) && [1, 2, 4].contains(&tn)
+            GemmVariant::CoopTile { tm, tn, opts, .. } => {
+                [1, 2, 4].contains(&tm)
+                    && [1, 2, 4].contains(&tn)
+                    && (1..=16).contains(&opts.split_k)
             }
             _ => true,
         }
@@ -113,11 +209,7 @@ impl GemmVariant {
                         break;
                     }
                 }
-                GemmVariant::CoopTile {
-                    tm: tile.0,
-                    tn: tile.1,
-                    prefetch: true,
-                }
+                GemmVariant::coop_tile(tile.0, tile.1, true)
             }
             (true, false) => GemmVariant::Coop,
             (false, true) => GemmVariant::Reg { rm: 2 * fit(32) },
@@ -130,10 +222,26 @@ impl GemmVariant {
 /// running two 128 x 128 workgroups at once).
 const FILL_GROUPS: usize = 256;
 
+/// The source of a [`GemmVariant::CoopTile`] kernel with default options (see [`mma_shader_with`]).
+pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
+    mma_shader_with(tm, tn, prefetch, TileOpts::default(), sg, emulated)
+}
+
 /// The source of a [`GemmVariant::CoopTile`] kernel: tile constants, the matrix operations
 /// (cooperative matrices, or their plain-WGSL emulation, which needs `sg` = 32), the kernel.
-pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
+/// `opts.split_k` does not change the source (the slice comes from the dispatch).
+pub fn mma_shader_with(
+    tm: u32,
+    tn: u32,
+    prefetch: bool,
+    opts: TileOpts,
+    sg: u32,
+    emulated: bool,
+) -> String {
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
+    // With BK = 64 the tiles take 36 KiB; staging one accumulator column at a time (5 KiB
+    // instead of 17) keeps the total under the 48 KiB most adapters allow.
+    let stn = if opts.bk64 { 1 } else { tn };
     // Accumulators and fragments as named variables, every index a constant, so the driver can
     // keep them in registers (see the kernel's comment at acc_i_j).
     let mut decl = String::new();
@@ -147,21 +255,36 @@ pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> 
         for j in 0..tn {
             decl += &format!("var acc_{i}_{j} = acc_zero();\n");
             step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
-            epilogue += &format!("store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n", 16 * j);
         }
         step += "}\n";
-        epilogue += &format!(
-            "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn, m_count);\nworkgroupBarrier();\n",
-            16 * i
-        );
+        for j0 in (0..tn).step_by(stn as usize) {
+            for j in j0..j0 + stn {
+                epilogue += &format!(
+                    "store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n",
+                    16 * (j - j0)
+                );
+            }
+            epilogue += &format!(
+                "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn + {}u, m_count, y_off);\nworkgroupBarrier();\n",
+                16 * i,
+                16 * j0
+            );
+        }
     }
+    let x_elem = if opts.x_f16 {
+        "alias XElem = vec2<f16>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return v;\n}\n"
+    } else {
+        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
+    };
     let body = MMA
         .replace("    //#ACC_DECL\n", &decl)
         .replace("            //#MMA_STEP\n", &step)
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\n{ops}\n{body}"
+         const PREFETCH: bool = {prefetch};\nconst BK: u32 = {}u;\nconst STN: u32 = {stn}u;\n\
+         {ops}\n{body}\n{x_elem}",
+        opts.bk()
     )
 }
 
@@ -225,7 +348,36 @@ struct Params {
     /// The new kernels run only for `m_lo < n_tokens <= m_hi` (the first two ignore these).
     m_lo: u32,
     m_hi: u32,
+    /// Split-K: K elements per slice (K without split) and elements between Y slices (0).
+    k_split: u32,
+    y_slice: u32,
+}
+
+/// Parameters of shaders/gemm_q4_splitk.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct SplitParams {
+    n: u32,
+    ldy: u32,
+    row_base: u32,
+    m_max: u32,
+    accumulate: u32,
+    has_bias: u32,
+    m_lo: u32,
+    m_hi: u32,
+    slices: u32,
+    slice: u32,
     pad: [u32; 2],
+}
+
+/// Parameters of shaders/gemm_q4_x16.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct X16Params {
+    k2: u32,
+    m_max: u32,
+    m_lo: u32,
+    m_hi: u32,
 }
 
 /// How the cooperative-matrix kernels are built.
@@ -241,6 +393,8 @@ pub struct GemmQ4 {
     subgroup: u32,
     /// Pipelines compiled so far (each on first use: most processes need one or two).
     pipelines: std::sync::Mutex<std::collections::HashMap<GemmVariant, wgpu::ComputePipeline>>,
+    /// The split-K reduction and the f16 conversion of X, by name, compiled on first use.
+    helpers: std::sync::Mutex<std::collections::HashMap<&'static str, wgpu::ComputePipeline>>,
 }
 
 impl GemmQ4 {
@@ -273,6 +427,7 @@ impl GemmQ4 {
             coop,
             subgroup: gpu.caps.subgroup_max_size,
             pipelines: Default::default(),
+            helpers: Default::default(),
         }
     }
 
@@ -374,6 +529,21 @@ impl GemmQ4 {
                 "{what}: the adapter has no f16 16x16x16 cooperative matrices ({v:?})"
             )));
         }
+        // Split-K does not change the kernel's source: one pipeline for every split.
+        let v = match v {
+            GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch,
+                opts,
+            } => GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch,
+                opts: TileOpts { split_k: 1, ..opts },
+            },
+            other => other,
+        };
         let mut cache = self
             .pipelines
             .lock()
@@ -395,7 +565,12 @@ impl GemmQ4 {
             GemmVariant::Reg { rm } => {
                 gpu.compute_pipeline_unchecked(&label, &reg_shader(rm), "main", &[])?
             }
-            GemmVariant::CoopTile { tm, tn, prefetch } => {
+            GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch,
+                opts,
+            } => {
                 let (sg, emulated) = if hw {
                     (self.subgroup, false)
                 } else {
@@ -403,13 +578,28 @@ impl GemmQ4 {
                 };
                 gpu.compute_pipeline_unchecked(
                     &label,
-                    &mma_shader(tm, tn, prefetch, sg, emulated),
+                    &mma_shader_with(tm, tn, prefetch, opts, sg, emulated),
                     "main",
                     &[],
                 )?
             }
         };
         cache.insert(v, p.clone());
+        Ok(p)
+    }
+
+    /// The pipeline of a helper kernel (`splitk` or `x16`), compiled on first use.
+    fn helper(&self, gpu: &Gpu, name: &'static str) -> Result<wgpu::ComputePipeline> {
+        let mut cache = self
+            .helpers
+            .lock()
+            .map_err(|_| Error::Gpu("gemm_q4: pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(name) {
+            return Ok(p.clone());
+        }
+        let source = if name == "splitk" { SPLITK } else { X16 };
+        let p = gpu.compute_pipeline(&format!("gemm_q4/{name}"), source, "main", &[])?;
+        cache.insert(name, p.clone());
         Ok(p)
     }
 
@@ -493,12 +683,28 @@ impl GemmQ4 {
         };
         let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
         let mut out = Vec::new();
+        // f16 X: converted once, before every product of the binding that reads it.
+        let x16 = self.x16_dispatch(gpu, &parts, x, m_max, w.cols, step)?;
+        let x16_buf = x16.as_ref().map(|(d, b)| {
+            out.push(d.clone());
+            b.clone()
+        });
         for c in row_chunks(gpu, what, &w, max_binding)? {
             for part in &parts {
                 let (tile_m, tile_n) = part.variant.tile();
+                let opts = match part.variant {
+                    GemmVariant::CoopTile { opts, .. } => opts,
+                    _ => TileOpts::default(),
+                };
+                let (k_split, slices) = opts.slices(w.cols);
+                let split = slices > 1;
                 let n_groups = c.rows.div_ceil(tile_n) as u32;
-                let m_groups = m_max.min(part.m_hi as usize).div_ceil(tile_m) as u32;
-                if n_groups > max_groups || m_groups > max_groups {
+                let m_rows = m_max.min(part.m_hi as usize);
+                let m_groups = m_rows.div_ceil(tile_m) as u32;
+                if n_groups > max_groups
+                    || m_groups > max_groups
+                    || (split && m_rows as u32 > max_groups)
+                {
                     return Err(Error::Unsupported(format!(
                         "{what}: {m_max}x{} needs too many workgroups",
                         c.rows
@@ -508,23 +714,50 @@ impl GemmQ4 {
                     n: c.rows as u32,
                     k: w.cols as u32,
                     bpr: bpr as u32,
-                    row_base: c.row0 as u32,
-                    ldy: w.rows as u32,
+                    row_base: if split { 0 } else { c.row0 as u32 },
+                    ldy: if split { c.rows } else { w.rows } as u32,
                     m_max: m_max as u32,
-                    accumulate: (mode == Epilogue::Accumulate) as u32,
-                    has_bias: bias.is_some() as u32,
+                    accumulate: (!split && mode == Epilogue::Accumulate) as u32,
+                    has_bias: (!split && bias.is_some()) as u32,
                     m_lo: part.m_lo,
                     m_hi: part.m_hi,
-                    pad: [0; 2],
+                    k_split: k_split as u32,
+                    y_slice: if split { (m_max * c.rows) as u32 } else { 0 },
                 };
                 let label = format!(
-                    "gemm_q4/{:?} {}x{} rows {}..{} m_max {m_max}",
-                    part.variant,
+                    "gemm_q4/{} {}x{} rows {}..{} m_max {m_max}",
+                    part.variant.short_name(),
                     w.rows,
                     w.cols,
                     c.row0,
                     c.row0 + c.rows
                 );
+                // Split-K partial sums: slices x m_max x chunk rows, summed by a second dispatch.
+                let scratch = if split {
+                    let bytes = (slices * m_max * c.rows * 4) as u64;
+                    let limit = gpu
+                        .limits
+                        .max_storage_buffer_binding_size
+                        .min(gpu.limits.max_buffer_size);
+                    if bytes > limit {
+                        return Err(Error::Unsupported(format!(
+                            "{what}: split-K {slices} of {m_max}x{} needs {bytes} bytes of \
+                             partial sums, over the adapter's {limit}; use fewer slices",
+                            c.rows
+                        )));
+                    }
+                    Some(gpu.storage_buffer(&format!("{label} partials"), bytes))
+                } else {
+                    None
+                };
+                let x_binding = match &x16_buf {
+                    Some(b) if opts.x_f16 => (b, 0, Some(m * w.cols as u64 * 2)),
+                    _ => (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
+                };
+                let y_binding = match &scratch {
+                    Some(b) => (b, 0, None),
+                    None => (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
+                };
                 let pipeline = self.pipeline(gpu, part.variant)?;
                 let params_buf = gpu.uniform(&label, &params);
                 let bind_group = gpu.bind_group_ranges(
@@ -539,20 +772,121 @@ impl GemmQ4 {
                         ),
                         (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
                         (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                        (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
+                        x_binding,
                         (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
-                        (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
+                        y_binding,
                     ],
                 );
                 out.push(Dispatch {
-                    label,
+                    label: label.clone(),
                     pipeline,
                     bind_group,
-                    workgroups: [n_groups, m_groups, 1],
+                    workgroups: [n_groups, m_groups, slices as u32],
                     params: Some(params_buf),
                 });
+                if let Some(partials) = &scratch {
+                    let sp = SplitParams {
+                        n: c.rows as u32,
+                        ldy: w.rows as u32,
+                        row_base: c.row0 as u32,
+                        m_max: m_max as u32,
+                        accumulate: (mode == Epilogue::Accumulate) as u32,
+                        has_bias: bias.is_some() as u32,
+                        m_lo: part.m_lo,
+                        m_hi: part.m_hi,
+                        slices: slices as u32,
+                        slice: (m_max * c.rows) as u32,
+                        pad: [0; 2],
+                    };
+                    let label = format!("{label} split-K sum");
+                    let pipeline = self.helper(gpu, "splitk")?;
+                    let params_buf = gpu.uniform(&label, &sp);
+                    let bind_group = gpu.bind_group_ranges(
+                        &label,
+                        &pipeline,
+                        &[
+                            (&params_buf, 0, None),
+                            (
+                                step,
+                                0,
+                                Some(std::mem::size_of::<super::StepParams>() as u64),
+                            ),
+                            (partials, 0, None),
+                            (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
+                            (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
+                        ],
+                    );
+                    out.push(Dispatch {
+                        label,
+                        pipeline,
+                        bind_group,
+                        workgroups: [c.rows.div_ceil(256) as u32, m_rows as u32, 1],
+                        params: Some(params_buf),
+                    });
+                }
             }
         }
         Ok(out)
+    }
+
+    /// The conversion of X to f16 for the parts that read it ([`TileOpts::x_f16`]): a dispatch
+    /// running whenever one of them does, and the f16 buffer (m_max x K).
+    fn x16_dispatch(
+        &self,
+        gpu: &Gpu,
+        parts: &[Part],
+        x: BufRange,
+        m_max: usize,
+        k: usize,
+        step: &wgpu::Buffer,
+    ) -> Result<Option<(Dispatch, wgpu::Buffer)>> {
+        let readers: Vec<&Part> = parts
+            .iter()
+            .filter(|p| matches!(p.variant, GemmVariant::CoopTile { opts, .. } if opts.x_f16))
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            readers.iter().map(|p| p.m_lo).min(),
+            readers.iter().map(|p| p.m_hi).max(),
+        ) else {
+            return Ok(None);
+        };
+        let rows = m_max.min(hi as usize);
+        if rows as u64 > gpu.limits.max_compute_workgroups_per_dimension as u64 {
+            return Err(Error::Unsupported(format!(
+                "gemm_q4: f16 X of {m_max} tokens needs too many workgroups; use x_f16 = false"
+            )));
+        }
+        let label = format!("gemm_q4/x16 {m_max}x{k}");
+        let buf = gpu.storage_buffer(&label, (m_max * k * 2) as u64);
+        let params = X16Params {
+            k2: (k / 2) as u32,
+            m_max: m_max as u32,
+            m_lo: lo,
+            m_hi: hi,
+        };
+        let pipeline = self.helper(gpu, "x16")?;
+        let params_buf = gpu.uniform(&label, &params);
+        let bind_group = gpu.bind_group_ranges(
+            &label,
+            &pipeline,
+            &[
+                (&params_buf, 0, None),
+                (
+                    step,
+                    0,
+                    Some(std::mem::size_of::<super::StepParams>() as u64),
+                ),
+                (x.buffer, x.offset, Some((m_max * k * 4) as u64)),
+                (&buf, 0, None),
+            ],
+        );
+        let d = Dispatch {
+            label,
+            pipeline,
+            bind_group,
+            workgroups: [(k / 2).div_ceil(256) as u32, rows as u32, 1],
+            params: Some(params_buf),
+        };
+        Ok(Some((d, buf)))
     }
 }
