@@ -7,6 +7,12 @@
 //! `Q4WGPU_BENCH_SMALL=1` (or the argument `--small`) runs small shapes, for lavapipe.
 //! `Q4WGPU_BENCH_GEMM_ONLY=1` (or `--gemm-only`) runs only the GEMM table;
 //! `Q4WGPU_BENCH_GEMM_M=512,4096` sets its token counts (default 512, 64, 4096).
+//! `Q4WGPU_BENCH_GEMM_SWEEP=1` (or `--gemm-sweep`) adds, on adapters with cooperative matrices,
+//! every option of the tiled kernel (`TileOpts`: f16 X, K steps of 64, split-K 2/4/8 where the
+//! 128 x 128 tiles do not fill the GPU twice) and ends each token count with the best variant per
+//! matrix. `Q4WGPU_BENCH_GEMM_FILTER=split` times only the variants whose table name contains
+//! that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the tiled kernels with emulated matrix operations (to
+//! check the table on lavapipe; its times mean nothing).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
 //! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and
@@ -19,7 +25,7 @@
 
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
-use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
+use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, TileOpts};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
@@ -106,6 +112,8 @@ struct Settings {
     attention_only: bool,
     /// Only the GEMM table (`--gemm-only`).
     gemm_only: bool,
+    /// Every option of the tiled GEMM (`--gemm-sweep`).
+    gemm_sweep: bool,
 }
 
 fn settings() -> Settings {
@@ -116,6 +124,7 @@ fn settings() -> Settings {
     let sweep = flag("--sweep", "Q4WGPU_BENCH_SWEEP");
     let attention_only = flag("--attention-only", "Q4WGPU_BENCH_ATTENTION_ONLY");
     let gemm_only = flag("--gemm-only", "Q4WGPU_BENCH_GEMM_ONLY");
+    let gemm_sweep = flag("--gemm-sweep", "Q4WGPU_BENCH_GEMM_SWEEP");
     // Q4WGPU_BENCH_GEMM_M=512,4096 overrides the GEMM token counts.
     let gemm_m: Option<Vec<usize>> = std::env::var("Q4WGPU_BENCH_GEMM_M")
         .ok()
@@ -156,6 +165,7 @@ fn settings() -> Settings {
             sweep,
             attention_only,
             gemm_only,
+            gemm_sweep,
         }
     } else {
         let (h, kv, ffn, vocab) = (5120, 1024, 27648, 152064);
@@ -198,6 +208,7 @@ fn settings() -> Settings {
             sweep,
             attention_only,
             gemm_only,
+            gemm_sweep,
         }
     }
 }
@@ -476,7 +487,13 @@ fn main() {
         attention_decode(&gpu, &s, read_gbs);
         return;
     }
-    let gemm = GemmQ4::new(&gpu).expect("gemm compiles");
+    // Q4WGPU_BENCH_EMULATED=1: the tiled kernels with emulated matrix operations, to check the
+    // GEMM table and sweep on adapters without cooperative matrices (the times mean nothing).
+    let gemm = if std::env::var("Q4WGPU_BENCH_EMULATED").is_ok_and(|v| v != "0") {
+        GemmQ4::new_emulated(&gpu)
+    } else {
+        GemmQ4::new(&gpu).expect("gemm compiles")
+    };
     if s.gemm_only {
         gemm_table(&gpu, &s, &gemm);
         return;
@@ -561,16 +578,45 @@ fn main() {
     attention_decode(&gpu, &s, read_gbs);
 }
 
+/// Multiprocessors of the GPU the split-K sweep is sized for (the H200's 132).
+const SMS: usize = 132;
+
 /// The GEMM kernels a table row compares on this adapter for `m` tokens: the default first,
-/// then the other tiles, then the first kernels.
-fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize) -> Vec<GemmVariant> {
+/// then the other tiles, then (with `sweep`) every option of the larger tiles, then the first
+/// kernels. Split-K only where 128 x 128 tiles number at most two per multiprocessor.
+fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, sweep: bool) -> Vec<GemmVariant> {
     let mut v = vec![gemm.variant_for(m, n, k)];
-    if gemm.has_hardware_coop() {
+    if gemm.has_coop() {
         for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2)] {
             for prefetch in [true, false] {
                 v.push(GemmVariant::coop_tile(tm, tn, prefetch));
             }
         }
+        let few_tiles = m.div_ceil(128) * n.div_ceil(128) <= 2 * SMS;
+        let splits: &[u32] = if few_tiles { &[1, 2, 4, 8] } else { &[1] };
+        for &split_k in splits.iter().filter(|_| sweep) {
+            for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2)] {
+                for prefetch in [true, false] {
+                    for (x_f16, bk64) in
+                        [(false, false), (true, false), (false, true), (true, true)]
+                    {
+                        let opts = TileOpts {
+                            split_k,
+                            x_f16,
+                            bk64,
+                        };
+                        v.push(GemmVariant::CoopTile {
+                            tm,
+                            tn,
+                            prefetch,
+                            opts,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if gemm.has_hardware_coop() {
         v.push(GemmVariant::Coop);
     }
     v.push(GemmVariant::Reg {
@@ -591,7 +637,12 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize) -> Vec<GemmVariant
 fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
     for &m in &s.gemm_ms {
         println!("\n## GEMM (M = {m})\n");
-        println!("| matrix | K | N | variant | tile | ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- |");
+        println!(
+            "| matrix | K | N | variant | tile | ms | TFLOP/s | X to f16 ms | TFLOP/s without it |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        // Per matrix: the default's TFLOP/s, and the best variant and its TFLOP/s.
+        let mut best: Vec<(&str, f64, String, f64)> = Vec::new();
         let step = gpu.uniform(
             "bench step",
             &StepParams {
@@ -617,7 +668,13 @@ fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
                 .collect();
             let x = gpu.storage_from("bench X", &x_host);
             let y = gpu.storage_buffer("bench Y", y_bytes);
-            for variant in gemm_variants(gemm, m, shape.n, shape.k) {
+            let default = gemm.variant_for(m, shape.n, shape.k);
+            best.push((shape.name, 0.0, String::new(), 0.0));
+            let filter = std::env::var("Q4WGPU_BENCH_GEMM_FILTER").unwrap_or_default();
+            for variant in gemm_variants(gemm, m, shape.n, shape.k, s.gemm_sweep)
+                .into_iter()
+                .filter(|v| *v == default || v.short_name().contains(&filter))
+            {
                 let opts = GemmOptions {
                     variant: Some(variant),
                     ..Default::default()
@@ -637,23 +694,54 @@ fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
                     Ok(d) => d,
                     Err(e) => {
                         println!(
-                            "| {} | {} | {} | {variant:?} | {tm}x{tn} | — | {e} |",
-                            shape.name, shape.k, shape.n
+                            "| {} | {} | {} | {} | {tm}x{tn} | — | {e} | | |",
+                            shape.name,
+                            shape.k,
+                            shape.n,
+                            variant.short_name()
                         );
                         continue;
                     }
                 };
                 let t = time_per_call(gpu, 1, &|pass, _| encode_all(pass, &bound));
                 let flops = 2.0 * m as f64 * shape.n as f64 * shape.k as f64;
+                let tflops = flops / t / 1e12;
+                // The conversion of X to f16 (the first dispatch of an x16 binding), timed alone:
+                // a producer could write f16 X in its epilogue instead.
+                let (conv, without) = match bound.first() {
+                    Some(d) if d.label.starts_with("gemm_q4/x16") => {
+                        let c = time_per_call(gpu, 1, &|pass, _| d.encode(pass));
+                        (sig(c * 1e3), sig(flops / (t - c).max(1e-9) / 1e12))
+                    }
+                    _ => (String::new(), String::new()),
+                };
                 println!(
-                    "| {} | {} | {} | {variant:?} | {tm}x{tn} | {} | {} |",
+                    "| {} | {} | {} | {} | {tm}x{tn} | {} | {} | {conv} | {without} |",
                     shape.name,
                     shape.k,
                     shape.n,
+                    variant.short_name(),
                     sig(t * 1e3),
-                    sig(flops / t / 1e12)
+                    sig(tflops)
                 );
+                let b = best.last_mut().expect("pushed above");
+                if variant == default {
+                    b.1 = tflops;
+                }
+                if tflops > b.3 {
+                    (b.2, b.3) = (variant.short_name(), tflops);
+                }
             }
+        }
+        println!("\n### GEMM best per matrix (M = {m})\n");
+        println!("| matrix | default TFLOP/s | best variant | best TFLOP/s | gain |\n| --- | --- | --- | --- | --- |");
+        for (name, default, variant, tflops) in &best {
+            println!(
+                "| {name} | {} | {variant} | {} | {:.2}x |",
+                sig(*default),
+                sig(*tflops),
+                tflops / default.max(1e-9)
+            );
         }
     }
 }
