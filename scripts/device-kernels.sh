@@ -7,7 +7,11 @@
 # test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
 # [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
 # Environment: TESTS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part; ACTS (int8,f32) the decode activations
-# of the end-to-end A/B; SWEEP=0 skips the workgroup sweep.
+# of the end-to-end A/B; SWEEP=0 skips the workgroup sweep; TEST_BINS="kernels_matmul" runs only
+# those test binaries; KERNELS_TIMEOUT (default 240 s) bounds the kernel bench. The bench reads its
+# own environment (benches/kernels.rs), e.g. the GEMM option sweep alone at M = 512:
+#   TESTS=0 E2E=0 REAL=0 KERNELS_TIMEOUT=500 Q4WGPU_BENCH_GEMM_ONLY=1 Q4WGPU_BENCH_GEMM_M=512 \
+#     Q4WGPU_BENCH_GEMM_SWEEP=1 scripts/device-kernels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -34,6 +38,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     [ -x "$t" ] || continue
     name=$(basename "$t")
     case $name in kernels-bench | real_model | bench) continue ;; esac
+    [ -n "${TEST_BINS:-}" ] && case " $TEST_BINS " in *" $name "*) ;; *) continue ;; esac
     echo "== $name" >>"$OUT/tests.log"
     Q4WGPU_REQUIRE_COOP=1 timeout 200 "$t" >>"$OUT/tests.log" 2>&1
     log "test $name: exit $?"
@@ -44,7 +49,7 @@ if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
   log "kernels bench"
   sweep=()
   [ "${SWEEP:-1}" != 0 ] && sweep=(--sweep)
-  timeout 240 .device-bin/tests/kernels-bench ${sweep[@]+"${sweep[@]}"} >"$OUT/kernels.log" 2>&1
+  timeout "${KERNELS_TIMEOUT:-240}" .device-bin/tests/kernels-bench ${sweep[@]+"${sweep[@]}"} >"$OUT/kernels.log" 2>&1
   log "kernels bench: exit $?"
 fi
 
@@ -89,5 +94,7 @@ fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
+# The GEMM sweep's summaries (its full table is in kernels.log).
+grep -A8 "^### GEMM best" "$OUT/kernels.log" 2>/dev/null
 grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
 cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12
