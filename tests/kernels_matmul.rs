@@ -751,6 +751,21 @@ fn gemm_coop_tile_options_match_cpu() {
                     );
                 }
             }
+            if opts.split_k > 1 && opts.x_f16 {
+                // W in three row ranges (125 rows of 320 bytes per 40 000-byte binding): one
+                // conversion of X, then a product and a reduction per range.
+                let case = GemmCase {
+                    m: 9,
+                    m_max: 20,
+                    rows: 300,
+                    cols: 576,
+                    bias: true,
+                    mode: Epilogue::Accumulate,
+                    max_binding_bytes: Some(40_000),
+                };
+                let n = case.check(kernel, Some(variant), COOP_TOL, &mut rng);
+                assert_eq!(n, 7, "dispatches of {}", variant.short_name());
+            }
             eprintln!(
                 "{} {} in {:.2} s",
                 if kernel.has_hardware_coop() {
