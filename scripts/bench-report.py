@@ -178,12 +178,16 @@ class Results:
 
     @staticmethod
     def read_machine(files):
-        if "machine.txt" in files:
+        # machine.txt, or one per set of a split run: each set's lines, its date, commit and
+        # command included (two calls must name the same commit to be one comparison).
+        names = [n for n in sorted(files) if re.match(r"^machine(-\w+)?\.txt$", n)]
+        if names:
             pairs = []
-            for line in files["machine.txt"].decode("utf-8", "replace").splitlines():
-                key, sep, value = line.partition(":")
-                if sep:
-                    pairs.append((key.strip(), value.strip()))
+            for name in names:
+                for line in files[name].decode("utf-8", "replace").splitlines():
+                    key, sep, value = line.partition(":")
+                    if sep and (key.strip(), value.strip()) not in pairs:
+                        pairs.append((key.strip(), value.strip()))
             return pairs
         if "gpu.txt" in files:  # older runs
             lines = files["gpu.txt"].decode("utf-8", "replace").strip().splitlines()
@@ -375,10 +379,11 @@ class VramLog:
     def __init__(self, files, notes):
         self.parts = {}  # name -> {"start", "end", "samples": [(t, MiB)], "total": MiB}
         self.notes = notes
-        if "vram.log" not in files:
-            return
+        # vram.log, or one per set of a split run (vram-budgets.log, vram-resident.log).
+        logs = [n for n in sorted(files) if re.match(r"^vram(-\w+)?\.log$", n)]
+        lines = [line for n in logs for line in files[n].decode("utf-8", "replace").splitlines()]
         current = None
-        for line in files["vram.log"].decode("utf-8", "replace").splitlines():
+        for line in lines:
             if line.startswith("# start "):
                 _, _, name, t = line.split()[:4]
                 current = self.parts.setdefault(name, {"start": float(t), "end": None, "samples": [], "total": None})
