@@ -383,14 +383,28 @@ impl Gpu {
         pipeline: &wgpu::ComputePipeline,
         ranges: &[(&wgpu::Buffer, u64, Option<u64>)],
     ) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry> = ranges
+        let numbered: Vec<_> = ranges
             .iter()
             .enumerate()
-            .map(|(i, (b, offset, size))| wgpu::BindGroupEntry {
-                binding: i as u32,
+            .map(|(i, &(b, offset, size))| (i as u32, b, offset, size))
+            .collect();
+        self.bind_group_numbered(label, pipeline, &numbered)
+    }
+
+    /// Like `bind_group_ranges`, with each entry's binding number given (for a layout with gaps).
+    pub fn bind_group_numbered(
+        &self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        ranges: &[(u32, &wgpu::Buffer, u64, Option<u64>)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = ranges
+            .iter()
+            .map(|&(binding, b, offset, size)| wgpu::BindGroupEntry {
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b,
-                    offset: *offset,
+                    offset,
                     size: size.and_then(wgpu::BufferSize::new),
                 }),
             })
