@@ -304,6 +304,9 @@ else
       -d "0,${LLAMA_DEPTHS:-4096,16384}" --vram-budget all --json "$OUT/q4wgpu_32b_resident.json"
     [ "${QUICK:-0}" = 1 ] || part q4wgpu_32b_pp4096 80 "${bench[@]}" --synthetic qwen2-32b -p 4096 -n 0 -r 2 \
       --vram-budget all --json "$OUT/q4wgpu_32b_pp4096.json"
+    # The portable GEMM on this GPU (issue 10: against llama.cpp Vulkan without cooperative matrices).
+    part q4wgpu_32b_nocoop 60 "${bench[@]}" --no-coop --synthetic qwen2-32b -p "$pp" -n 0 -r 2 \
+      --vram-budget all --json "$OUT/q4wgpu_32b_nocoop.json"
   fi
   if [ "$q4_budgets" = 1 ]; then
     # One process per budget: a process's peak then holds nothing left over from a larger budget.
