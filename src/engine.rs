@@ -64,6 +64,9 @@ pub struct DecodeFusion {
     /// With int8 activations: the quantization of the attention output, inside the o projection
     /// (the f32 GEMV reads it as it is).
     pub attention_output: bool,
+    /// With int8 activations: RoPE and the KV-cache write as the qkv projection's output, in place
+    /// of a dispatch of their own.
+    pub rope_kv: bool,
 }
 
 impl DecodeFusion {
@@ -72,6 +75,7 @@ impl DecodeFusion {
         post_norm: false,
         swiglu: false,
         attention_output: false,
+        rope_kv: false,
     };
 
     pub const ALL: DecodeFusion = DecodeFusion {
@@ -79,6 +83,7 @@ impl DecodeFusion {
         post_norm: true,
         swiglu: true,
         attention_output: true,
+        rope_kv: true,
     };
 
     /// The names [`parse`](Self::parse) takes, comma-separated ("none" if none).
@@ -88,6 +93,7 @@ impl DecodeFusion {
             (self.post_norm, "post-norm"),
             (self.swiglu, "swiglu"),
             (self.attention_output, "attention-output"),
+            (self.rope_kv, "rope-kv"),
         ];
         let on: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
         if on.is_empty() {
@@ -97,7 +103,8 @@ impl DecodeFusion {
         }
     }
 
-    /// A comma-separated list of input-norm, post-norm, swiglu and attention-output, or "none".
+    /// A comma-separated list of input-norm, post-norm, swiglu, attention-output and rope-kv, or
+    /// "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;
         for item in text.split(',').map(str::trim) {
@@ -107,9 +114,10 @@ impl DecodeFusion {
                 "post-norm" => f.post_norm = true,
                 "swiglu" => f.swiglu = true,
                 "attention-output" => f.attention_output = true,
+                "rope-kv" => f.rope_kv = true,
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu and attention-output"
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu, attention-output and rope-kv"
                     )))
                 }
             }

@@ -319,8 +319,7 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         "down (+residual): ",
     ];
     let int8_fused: &[&str] = &[
-        "qkv, input quantized in: ",
-        "rope + kv write: ",
+        "qkv + rope + kv write, input quantized in: ",
         "attention: ",
         "o (+residual), input quantized in: ",
         "gate|up, input quantized in: ",
