@@ -8,7 +8,8 @@
 //! `Q4WGPU_BENCH_GEMM_ONLY=1` (or `--gemm-only`) runs only the GEMM table;
 //! `Q4WGPU_BENCH_GEMM_M=512,4096` sets its token counts (default 512, 64, 4096).
 //! `Q4WGPU_BENCH_GEMM_SWEEP=1` (or `--gemm-sweep`) adds, on adapters with cooperative matrices,
-//! every option of the tiled kernel (`TileOpts`: f16 X, K steps of 64, split-K 2/4/8 where the
+//! every option of the tiled kernel (`TileOpts`: f16 X, K steps of 64, double-buffered tiles,
+//! split-K 2/4/8 where the
 //! 128 x 128 tiles do not fill the GPU twice) and ends each token count with the best variant per
 //! matrix. `Q4WGPU_BENCH_GEMM_FILTER=split` times only the variants whose table name contains
 //! that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the tiled kernels with emulated matrix operations (to
@@ -597,13 +598,20 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, sweep: bool) -> Ve
         for &split_k in splits.iter().filter(|_| sweep) {
             for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2)] {
                 for prefetch in [true, false] {
-                    for (x_f16, bk64) in
-                        [(false, false), (true, false), (false, true), (true, true)]
-                    {
+                    // Double buffers with K steps of 64 need 72 KiB on 128-wide tiles: not swept.
+                    for (x_f16, bk64, double_buffer) in [
+                        (false, false, false),
+                        (true, false, false),
+                        (false, true, false),
+                        (true, true, false),
+                        (false, false, true),
+                        (true, false, true),
+                    ] {
                         let opts = TileOpts {
                             split_k,
                             x_f16,
                             bk64,
+                            double_buffer,
                         };
                         v.push(GemmVariant::CoopTile {
                             tm,

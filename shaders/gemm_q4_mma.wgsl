@@ -4,7 +4,8 @@
 //
 // The wrapper (src/kernels/gemm_q4.rs, `mma_shader`) puts before this file the tile constants
 // SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows),
-// PREFETCH (whether the next step's global loads overlap this step's multiplies), BK (K step: 32
+// PREFETCH (whether the next step's global loads overlap this step's multiplies), DB (double-
+// buffered workgroup tiles, one barrier per K step), BK (K step: 32
 // or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
 // workgroup memory), the X element type `XElem` with `x_to_f16` (a pair of f32, or a pair of f16
 // that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl)
@@ -80,8 +81,10 @@ struct Step {
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-var<workgroup> xs: array<vec2<f16>, BM * AS2>;
-var<workgroup> ws: array<vec2<f16>, BN * AS2>;
+// DB: two copies of each tile (see the K loop).
+const NBUF: u32 = select(1u, 2u, DB);
+var<workgroup> xs: array<vec2<f16>, NBUF * BM * AS2>;
+var<workgroup> ws: array<vec2<f16>, NBUF * BN * AS2>;
 var<workgroup> stage: array<f32, 4u * 16u * SS>;
 // This thread's index in its subgroup (the emulated matrix operations need it).
 var<private> lane: u32;
@@ -137,12 +140,14 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     return r;
 }
 
-// Writes one step's registers to the workgroup tiles (X as f16, W dequantized).
-fn store_step(r: Loaded, lid: u32) {
+// Writes one step's registers to the workgroup tiles (X as f16, W dequantized), copy `buf`.
+fn store_step(r: Loaded, lid: u32, buf: u32) {
+    let xb = buf * BM * AS2;
+    let wb = buf * BN * AS2;
     for (var it = 0u; it < X_ITEMS; it++) {
         let e = lid + it * WG;
         if (e < BM * (BK / 2u)) {
-            xs[x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
+            xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {
@@ -151,7 +156,7 @@ fn store_step(r: Loaded, lid: u32) {
             // Word g of the row holds pairs 4 g .. 4 g + 3; a thread writes them rotated by g
             // (the shift is per thread) so the lanes of one store hit 32 different banks.
             let g = e % (BK / 8u);
-            let base = (e / (BK / 8u)) * AS2 + g * 4u;
+            let base = wb + (e / (BK / 8u)) * AS2 + g * 4u;
             for (var j = 0u; j < 4u; j++) {
                 let q = (j + g) & 3u;
                 let b = vec2<u32>(r.w[it] >> (8u * q), r.w[it] >> (8u * q + 4u));
@@ -185,22 +190,46 @@ fn main(
     let k_begin = wid.z * p.k_split;
     let k_end = min(p.k, k_begin + p.k_split);
     let y_off = wid.z * p.y_slice;
+    // Without DB: per step, store the loaded tiles, barrier, multiply, barrier. With DB
+    // (double-buffered tiles): the tiles of the next step go to the other copy right after this
+    // step's multiplies, so one barrier per step suffices (a copy is rewritten only after the
+    // barrier that ends the step reading it), and one subgroup's stores overlap the others'
+    // multiplies. DB with PREFETCH loads the next step before the multiplies, without it after.
+    var buf = 0u;
     var next = load_step(k_begin, m0, n0, m_count, lid);
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        if (!PREFETCH && k0 > k_begin) {
-            next = load_step(k0, m0, n0, m_count, lid);
-        }
-        store_step(next, lid);
+    if (DB) {
+        store_step(next, lid, 0u);
         workgroupBarrier();
-        if (PREFETCH && k0 + BK < k_end) {
+    }
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        let more = k0 + BK < k_end;
+        if (!DB) {
+            if (!PREFETCH && k0 > k_begin) {
+                next = load_step(k0, m0, n0, m_count, lid);
+            }
+            store_step(next, lid, 0u);
+            workgroupBarrier();
+        }
+        if (PREFETCH && more) {
             next = load_step(k0 + BK, m0, n0, m_count, lid);
         }
+        let xb = buf * BM * AS2;
+        let wb = buf * BN * AS2;
         for (var kk = 0u; kk < BK / 2u; kk += 8u) {
             // Unrolled by the wrapper: B fragments b_j, then per row i of accumulators one A
             // fragment and TN multiply-adds.
             //#MMA_STEP
         }
+        if (DB && more) {
+            if (!PREFETCH) {
+                next = load_step(k0 + BK, m0, n0, m_count, lid);
+            }
+            store_step(next, lid, 1u - buf);
+        }
         workgroupBarrier();
+        if (DB) {
+            buf = 1u - buf;
+        }
     }
     // Epilogue, unrolled by the wrapper: per row i of accumulators, store_acc of acc_i_j to the
     // subgroup's staging tile, a barrier, write_stage, a barrier.

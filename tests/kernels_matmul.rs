@@ -699,7 +699,8 @@ fn gemm_emulated_coop_tiles_match_cpu() {
 /// on the hardware where the adapter has cooperative matrices and emulated everywhere, against
 /// the CPU reference: M past a tile edge, N not a multiple of the tile, K not a multiple of 64
 /// (200: split 3 gives slices of 96, 96 and 8), store and accumulate, with and without bias.
-/// f16 X and K steps of 64 change no rounding, so they must equal the plain tile bit for bit.
+/// f16 X, K steps of 64 and double buffers change no rounding, so they must equal the plain tile
+/// bit for bit.
 #[test]
 fn gemm_coop_tile_options_match_cpu() {
     use q4wgpu::kernels::gemm_q4::TileOpts;
@@ -707,16 +708,20 @@ fn gemm_coop_tile_options_match_cpu() {
     let hardware = GemmQ4::new(g).expect("gemm compiles");
     let emulated = GemmQ4::new_emulated(g);
     let mut rng = Rng::fresh("gemm tile options");
-    let opts = |split_k, x_f16, bk64| TileOpts {
+    let opts = |split_k, x_f16, bk64, double_buffer| TileOpts {
         split_k,
         x_f16,
         bk64,
+        double_buffer,
     };
     let variants = [
-        (2, 2, true, opts(1, true, false)),
-        (2, 4, false, opts(1, false, true)),
-        (1, 2, true, opts(3, false, false)),
-        (2, 4, true, opts(4, true, true)),
+        (2, 2, true, opts(1, true, false, false)),
+        (2, 4, false, opts(1, false, true, false)),
+        (2, 2, true, opts(1, false, false, true)),
+        (1, 4, false, opts(1, true, false, true)),
+        (1, 2, true, opts(3, false, false, false)),
+        (2, 4, true, opts(4, true, true, false)),
+        (1, 2, false, opts(3, true, true, true)),
     ];
     for kernel in [&hardware, &emulated] {
         if !kernel.has_coop() {
@@ -1090,13 +1095,21 @@ fn gemm_tile_shaders_compile_to_spirv() {
         gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
     // The tile options (split-K does not change the source).
-    for (x_f16, bk64) in [(true, false), (false, true), (true, true)] {
+    for (x_f16, bk64, double_buffer) in [
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (true, false, true),
+    ] {
         let opts = q4wgpu::kernels::gemm_q4::TileOpts {
             split_k: 1,
             x_f16,
             bk64,
+            double_buffer,
         };
-        let name = format!("gemm_q4_mma 4x4 x16 {x_f16} bk64 {bk64}");
+        // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
+        assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");
+        let name = format!("gemm_q4_mma 4x4 {opts:?}");
         let words = gemm_spirv(
             &name,
             &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),

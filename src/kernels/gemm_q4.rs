@@ -76,6 +76,10 @@ pub struct TileOpts {
     /// K steps of 64 instead of 32: half the barriers per multiply, twice the workgroup
     /// memory for the tiles (the accumulators then leave one column at a time). Same results.
     pub bk64: bool,
+    /// Two copies of the workgroup tiles: one barrier per K step instead of two, and the next
+    /// step's stores overlap other subgroups' multiplies (twice the tile memory; not with
+    /// `bk64` on the 128-wide tiles, over 48 KiB). Same results.
+    pub double_buffer: bool,
 }
 
 impl Default for TileOpts {
@@ -84,11 +88,25 @@ impl Default for TileOpts {
             split_k: 1,
             x_f16: false,
             bk64: false,
+            double_buffer: false,
         }
     }
 }
 
 impl TileOpts {
+    /// Workgroup memory of a tm x tn tile with these options, in bytes (as mma_shader_with
+    /// lays it out: the X and W tiles, times two with double buffers, and the staging tile).
+    pub fn workgroup_bytes(self, tm: u32, tn: u32) -> u64 {
+        let row = (self.bk() / 2 + 4) as u64 * 4;
+        let copies = if self.double_buffer { 2 } else { 1 };
+        let stn = if self.bk64 || self.double_buffer {
+            1
+        } else {
+            tn
+        };
+        copies * 32 * (tm + tn) as u64 * row + 4 * 16 * (16 * stn + 4) as u64 * 4
+    }
+
     /// The K step.
     fn bk(self) -> u32 {
         if self.bk64 {
@@ -138,6 +156,9 @@ impl GemmVariant {
                 }
                 if opts.bk64 {
                     s += " bk64";
+                }
+                if opts.double_buffer {
+                    s += " db";
                 }
                 if opts.split_k > 1 {
                     s += &format!(" split{}", opts.split_k);
@@ -239,19 +260,23 @@ pub fn mma_shader_with(
     emulated: bool,
 ) -> String {
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
-    // With BK = 64 the tiles take 36 KiB; staging one accumulator column at a time (5 KiB
-    // instead of 17) keeps the total under the 48 KiB most adapters allow.
-    let stn = if opts.bk64 { 1 } else { tn };
+    // With BK = 64 or double buffers the 128-wide tiles take 36-40 KiB; staging one accumulator
+    // column at a time (5 KiB instead of 17) keeps the total under the 48 KiB most adapters allow.
+    let stn = if opts.bk64 || opts.double_buffer {
+        1
+    } else {
+        tn
+    };
     // Accumulators and fragments as named variables, every index a constant, so the driver can
     // keep them in registers (see the kernel's comment at acc_i_j).
     let mut decl = String::new();
     let mut step = String::new();
     let mut epilogue = String::new();
     for j in 0..tn {
-        step += &format!("let b_{j} = load_b((qn + {}u) * AS2 + kk);\n", 16 * j);
+        step += &format!("let b_{j} = load_b(wb + (qn + {}u) * AS2 + kk);\n", 16 * j);
     }
     for i in 0..tm {
-        step += &format!("{{\nlet a = load_a((qm + {}u) * AS2 + kk);\n", 16 * i);
+        step += &format!("{{\nlet a = load_a(xb + (qm + {}u) * AS2 + kk);\n", 16 * i);
         for j in 0..tn {
             decl += &format!("var acc_{i}_{j} = acc_zero();\n");
             step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
@@ -282,8 +307,9 @@ pub fn mma_shader_with(
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\nconst BK: u32 = {}u;\nconst STN: u32 = {stn}u;\n\
-         {ops}\n{body}\n{x_elem}",
+         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst BK: u32 = {}u;\n\
+         const STN: u32 = {stn}u;\n{ops}\n{body}\n{x_elem}",
+        opts.double_buffer,
         opts.bk()
     )
 }
@@ -571,6 +597,18 @@ impl GemmQ4 {
                 prefetch,
                 opts,
             } => {
+                // A clear error rather than a driver failure. Checked on the hardware only:
+                // lavapipe reports 32 KiB but runs the plain 128 x 128 tile's 37 KiB, which the
+                // emulated tests rely on.
+                let bytes = opts.workgroup_bytes(tm, tn);
+                let limit = gpu.limits.max_compute_workgroup_storage_size as u64;
+                if hw && bytes > limit {
+                    return Err(Error::Unsupported(format!(
+                        "{what}: {} needs {bytes} bytes of workgroup memory, the adapter has \
+                         {limit}; use a smaller tile or fewer options",
+                        v.short_name()
+                    )));
+                }
                 let (sg, emulated) = if hw {
                     (self.subgroup, false)
                 } else {
