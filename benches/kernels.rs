@@ -9,11 +9,11 @@
 //! `Q4WGPU_BENCH_GEMM_M=512,4096` sets its token counts (default 512, 64, 4096).
 //! `Q4WGPU_BENCH_GEMM_SWEEP=1` (or `--gemm-sweep`) adds, on adapters with cooperative matrices,
 //! every option of the tiled kernel (`TileOpts`: f16 X, K steps of 64, double-buffered tiles,
-//! split-K 2/4/8 where the
-//! 128 x 128 tiles do not fill the GPU twice) and ends each token count with the best variant per
-//! matrix. `Q4WGPU_BENCH_GEMM_FILTER=split` times only the variants whose table name contains
-//! that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the tiled kernels with emulated matrix operations (to
-//! check the table on lavapipe; its times mean nothing).
+//! split-K 2/4/8 where the 128 x 128 tiles do not fill the GPU twice) and ends each token count
+//! with the best variant per matrix. `Q4WGPU_BENCH_GEMM_FILTER=split` times only the variants
+//! whose table name contains that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the
+//! tiled kernels with emulated matrix operations (to check the table on lavapipe; its times mean
+//! nothing).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
 //! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and

@@ -8,6 +8,8 @@
 //!   (128 × 128 for long prompts, smaller for short ones), register double buffering. Needs
 //!   [`GemmQ4::coop_supported`] and K a multiple of 4. Operands are rounded to f16 (X and the
 //!   dequantized weights), so results differ from f32 by about 1e-3 relative.
+//!   [`TileOpts`] (split-K with a fixed-order reduction, f16 X, K steps of 64, double-buffered
+//!   tiles) are for the bench's sweep; none is a default yet.
 //! - shaders/gemm_q4_reg.wgsl ([`GemmVariant::Reg`], the default elsewhere): portable, f32
 //!   throughout, register-tiled (8 × rm outputs per thread), K a multiple of 4.
 //! - shaders/gemm_q4_coop.wgsl and shaders/gemm_q4.wgsl ([`GemmVariant::Coop`],
