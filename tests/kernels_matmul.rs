@@ -909,6 +909,18 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
     assert!(e.contains("multiple of 4"), "{e}");
     let e = bind(GemmVariant::Reg { rm: 3 });
     assert!(e.contains("no kernel"), "{e}");
+    for split_k in [0, 17] {
+        let e = bind(GemmVariant::CoopTile {
+            tm: 2,
+            tn: 2,
+            prefetch: true,
+            opts: q4wgpu::kernels::gemm_q4::TileOpts {
+                split_k,
+                ..Default::default()
+            },
+        });
+        assert!(e.contains("no kernel"), "split_k {split_k}: {e}");
+    }
     if !coop {
         let e = bind(GemmVariant::Coop);
         assert!(e.contains("cooperative matrices"), "{e}");
