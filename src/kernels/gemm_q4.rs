@@ -774,19 +774,7 @@ impl GemmQ4 {
                 );
                 // Split-K partial sums: slices x m_max x chunk rows, summed by a second dispatch.
                 let scratch = if split {
-                    let bytes = (slices * m_max * c.rows * 4) as u64;
-                    let limit = gpu
-                        .limits
-                        .max_storage_buffer_binding_size
-                        .min(gpu.limits.max_buffer_size);
-                    if bytes > limit {
-                        return Err(Error::Unsupported(format!(
-                            "{what}: split-K {slices} of {m_max}x{} needs {bytes} bytes of \
-                             partial sums, over the adapter's {limit}; use fewer slices",
-                            c.rows
-                        )));
-                    }
-                    Some(gpu.storage_buffer(&format!("{label} partials"), bytes))
+                    Some(partials_buffer(gpu, &label, slices, m_max, c.rows)?)
                 } else {
                     None
                 };
@@ -838,35 +826,56 @@ impl GemmQ4 {
                         slice: (m_max * c.rows) as u32,
                         pad: [0; 2],
                     };
-                    let label = format!("{label} split-K sum");
-                    let pipeline = self.helper(gpu, "splitk")?;
-                    let params_buf = gpu.uniform(&label, &sp);
-                    let bind_group = gpu.bind_group_ranges(
-                        &label,
-                        &pipeline,
-                        &[
-                            (&params_buf, 0, None),
-                            (
-                                step,
-                                0,
-                                Some(std::mem::size_of::<super::StepParams>() as u64),
-                            ),
+                    out.push(self.splitk_dispatch(
+                        gpu,
+                        &format!("{label} split-K sum"),
+                        &sp,
+                        step,
+                        [
                             (partials, 0, None),
                             (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
                             (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
                         ],
-                    );
-                    out.push(Dispatch {
-                        label,
-                        pipeline,
-                        bind_group,
-                        workgroups: [c.rows.div_ceil(256) as u32, m_rows as u32, 1],
-                        params: Some(params_buf),
-                    });
+                        [c.rows.div_ceil(256) as u32, m_rows as u32, 1],
+                    )?);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The split-K reduction of one row range: `ranges` are the partial sums, bias and Y.
+    fn splitk_dispatch(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        params: &SplitParams,
+        step: &wgpu::Buffer,
+        ranges: [(&wgpu::Buffer, u64, Option<u64>); 3],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        let pipeline = self.helper(gpu, "splitk")?;
+        let params_buf = gpu.uniform(label, params);
+        let step_bytes = Some(std::mem::size_of::<super::StepParams>() as u64);
+        let [partials, bias, y] = ranges;
+        let bind_group = gpu.bind_group_ranges(
+            label,
+            &pipeline,
+            &[
+                (&params_buf, 0, None),
+                (step, 0, step_bytes),
+                partials,
+                bias,
+                y,
+            ],
+        );
+        Ok(Dispatch {
+            label: label.to_string(),
+            pipeline,
+            bind_group,
+            workgroups,
+            params: Some(params_buf),
+        })
     }
 
     /// The conversion of X to f16 for the parts that read it ([`TileOpts::x_f16`]): a dispatch
@@ -929,4 +938,26 @@ impl GemmQ4 {
         };
         Ok(Some((d, buf)))
     }
+}
+
+/// The scratch buffer of split-K partial sums: `slices` x `m_max` x `rows` f32.
+fn partials_buffer(
+    gpu: &Gpu,
+    label: &str,
+    slices: usize,
+    m_max: usize,
+    rows: usize,
+) -> Result<wgpu::Buffer> {
+    let bytes = (slices * m_max * rows * 4) as u64;
+    let limit = gpu
+        .limits
+        .max_storage_buffer_binding_size
+        .min(gpu.limits.max_buffer_size);
+    if bytes > limit {
+        return Err(Error::Unsupported(format!(
+            "gemm_q4: split-K {slices} of {m_max}x{rows} needs {bytes} bytes of partial sums, \
+             over the adapter's {limit}; use fewer slices"
+        )));
+    }
+    Ok(gpu.storage_buffer(&format!("{label} partials"), bytes))
 }
