@@ -22,7 +22,7 @@ use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
-use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
 use q4wgpu::quant::{blocks_per_row, ActQ8};
 use std::time::Instant;
@@ -893,29 +893,52 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
         }
     }
-    let quant = QuantAct::new(gpu).expect("quant_act compiles");
+    quant_act_table(gpu, s);
+}
+
+/// The activation quantizer at the decode step's sizes (5120 plain and RMSNorm, 27648 SwiGLU
+/// on the 32B shape): the serial kernel it replaced and the four-lanes kernel at several
+/// workgroup sizes, in one run.
+fn quant_act_table(gpu: &Gpu, s: &Settings) {
     let (h, ffn) = (s.shapes[0].k, s.shapes[3].k);
     let x = gpu.storage_from("bench act", &vec![0.25f32; 2 * ffn.max(h)]);
     let w = gpu.storage_from("bench norm", &vec![1.0f32; h]);
     let out = ActQ8Buffers::new(gpu, "bench act q8", ffn.max(h));
-    println!("\n| activation quantizer | K | µs |\n| --- | --- | --- |");
-    for (name, input, k) in [
-        (
-            "rmsnorm",
-            ActInput::RmsNorm {
-                weight: &w,
-                eps: 1e-5,
-            },
-            h,
-        ),
-        ("plain", ActInput::Plain, h),
-        ("swiglu", ActInput::SwiGlu, ffn),
-    ] {
-        let d = quant
-            .bind(gpu, input, &x, k, &out)
-            .expect("quant_act binds");
-        let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
-        println!("| {name} | {k} | {} |", sig(t * 1e6));
+    let kernels = [
+        QuantActKernel::Serial,
+        QuantActKernel::Lanes { wg: 32 },
+        QuantActKernel::Lanes { wg: 64 },
+        QuantActKernel::Lanes { wg: 128 },
+        QuantActKernel::Lanes { wg: 256 },
+    ];
+    println!("\n| activation quantizer | K | kernel | µs |\n| --- | --- | --- | --- |");
+    for kernel in kernels {
+        let quant = QuantAct::with_kernel(gpu, kernel).expect("quant_act compiles");
+        let name = match kernel {
+            QuantActKernel::Serial => "serial".to_string(),
+            QuantActKernel::Lanes { wg } if kernel == QuantActKernel::default() => {
+                format!("lanes wg {wg} (default)")
+            }
+            QuantActKernel::Lanes { wg } => format!("lanes wg {wg}"),
+        };
+        for (input_name, input, k) in [
+            (
+                "rmsnorm",
+                ActInput::RmsNorm {
+                    weight: &w,
+                    eps: 1e-5,
+                },
+                h,
+            ),
+            ("plain", ActInput::Plain, h),
+            ("swiglu", ActInput::SwiGlu, ffn),
+        ] {
+            let d = quant
+                .bind(gpu, input, &x, k, &out)
+                .expect("quant_act binds");
+            let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+            println!("| {input_name} | {k} | {name} | {} |", sig(t * 1e6));
+        }
     }
 }
 
