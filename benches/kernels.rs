@@ -18,7 +18,7 @@
 //! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
 
 use q4wgpu::gpu::Gpu;
-use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
+use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
@@ -762,8 +762,42 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                 sig(gbs),
                 gbs / read_gbs
             );
+            if name == "grouped" {
+                grouped_parts(gpu, s, attention, &bound, ctx, splits, heads * hd);
+            }
         }
     }
+}
+
+/// The grouped decode's parts at one context: the split pass alone (what the combine adds is
+/// the difference), and the combine that also writes the o projection's int8 input
+/// (`DecodeFusion::attention_combine`; against the row above plus the plain quantizer's).
+fn grouped_parts(
+    gpu: &Gpu,
+    s: &Settings,
+    attention: &Attention,
+    bound: &[AttentionDispatches],
+    ctx: usize,
+    splits: usize,
+    q_dim: usize,
+) {
+    let t = time_per_call(gpu, s.reps, &|pass, i| {
+        bound[i % bound.len()].decode[0].encode(pass)
+    });
+    println!("| grouped, split pass only | {ctx} | {splits} | {} | | |", sig(t * 1e6));
+    let xq = ActQ8Buffers::new(gpu, "bench attention int8", q_dim);
+    let with_q8: Vec<Vec<Dispatch>> = bound
+        .iter()
+        .filter_map(|b| attention.decode_q8_output(gpu, b, &xq).ok().flatten())
+        .collect();
+    if with_q8.len() != bound.len() {
+        println!("| grouped, int8 combine | {ctx} | {splits} | — | not available | |");
+        return;
+    }
+    let t = time_per_call(gpu, s.reps, &|pass, i| {
+        encode_all(pass, &with_q8[i % with_q8.len()])
+    });
+    println!("| grouped, int8 combine | {ctx} | {splits} | {} | | |", sig(t * 1e6));
 }
 
 /// The int8-activation GEMV (gemv_q4_q8) on the same shapes, with its activation quantizer, and
