@@ -679,6 +679,13 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             },
         ),
         ("grouped".to_string(), grouped),
+        (
+            "grouped, V loads past the end".to_string(),
+            DecodeOptions {
+                v_tail_guard: false,
+                ..grouped
+            },
+        ),
     ];
     if s.sweep {
         for target in [128, 256, 1024, 2048] {

@@ -313,6 +313,18 @@ fn legacy_decode_kernel_still_matches() {
 }
 
 #[test]
+fn decode_without_the_v_tail_guard_still_matches() {
+    // The bench's A/B baseline for the guarded V prefetch (DecodeOptions::v_tail_guard).
+    let options = DecodeOptions {
+        v_tail_guard: false,
+        ..DecodeOptions::default()
+    };
+    let att = Attention::with_decode(gpu(), options).expect("attention kernels");
+    check_decode_with(&att, shape(10, 2, 128, 700, 1), 613, 1.0);
+    check_decode_with(&att, shape(9, 3, 32, 41, 1), 37, 1.0);
+}
+
+#[test]
 fn decode_short_sequences() {
     // 14 query heads over 2 KV heads, as Qwen2.5-0.5B.
     for kv_len in [1, 2, 37] {

@@ -73,6 +73,10 @@ pub struct DecodeOptions {
     /// Split-pass workgroups wanted once the sequence is long enough; the splits per KV head are
     /// this divided by the workgroups per split. (Legacy: its bound on the workgroups.)
     pub target_workgroups: usize,
+    /// Grouped: the P·V loop loads the next tile's V rows only where there is one (without the
+    /// guard each split's last tile also loads a tile of clamped rows it never uses: a memory
+    /// round trip at the end of every workgroup). `false` is the earlier kernel, for the bench.
+    pub v_tail_guard: bool,
 }
 
 impl Default for DecodeOptions {
@@ -81,6 +85,7 @@ impl Default for DecodeOptions {
             kernel: DecodeKernel::Grouped,
             min_split_positions: 32,
             target_workgroups: 512,
+            v_tail_guard: true,
         }
     }
 }
@@ -189,6 +194,7 @@ enum Variant {
     Split {
         head_dim: u32,
         heads: u32,
+        v_tail_guard: bool,
     },
     SplitCombine {
         head_dim: u32,
@@ -326,12 +332,20 @@ impl Attention {
                 "decode_combine",
                 vec![("HD", head_dim as f64)],
             ),
-            Variant::Split { head_dim, heads } => {
+            Variant::Split {
+                head_dim,
+                heads,
+                v_tail_guard,
+            } => {
                 source = &decode_source;
                 (
-                    format!("attention/decode_split/hd{head_dim}/g{heads}"),
+                    format!("attention/decode_split/hd{head_dim}/g{heads}/guard{v_tail_guard}"),
                     "decode_split",
-                    vec![("HD", head_dim as f64), ("GB", heads as f64)],
+                    vec![
+                        ("HD", head_dim as f64),
+                        ("GB", heads as f64),
+                        ("V_TAIL_GUARD", f64::from(u8::from(v_tail_guard))),
+                    ],
                 )
             }
             Variant::SplitCombine { head_dim } => {
@@ -593,6 +607,7 @@ impl Attention {
             Variant::Split {
                 head_dim: hd,
                 heads: s.heads_per_batch as u32,
+                v_tail_guard: self.decode.v_tail_guard,
             },
         )?;
         let combine = self.pipeline(gpu, Variant::SplitCombine { head_dim: hd })?;
