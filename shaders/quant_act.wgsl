@@ -63,19 +63,18 @@ fn load4(v: u32) -> vec4<f32> {
 // gets the same value (same order of operations everywhere).
 fn inverse_rms(lid: u32) -> f32 {
     let n = p.k / 4u;
-    // Four independent sums: four loads in flight per thread.
+    // Eight loads in flight per thread and round (indices clamped, values past the end zeroed):
+    // a 5120-value vector is 3 rounds at WG 64, 1 at WG 256.
     var s = vec4<f32>(0.0);
-    var v = lid;
-    for (; v + 3u * WG < n; v += 4u * WG) {
-        let a = x[v];
-        let b = x[v + WG];
-        let c = x[v + 2u * WG];
-        let e = x[v + 3u * WG];
-        s += vec4<f32>(dot(a, a), dot(b, b), dot(c, c), dot(e, e));
-    }
-    for (; v < n; v += WG) {
-        let a = x[v];
-        s.x += dot(a, a);
+    for (var v0 = lid; v0 < n; v0 += 8u * WG) {
+        var t: array<vec4<f32>, 8>;
+        for (var u = 0u; u < 8u; u++) {
+            let v = v0 + u * WG;
+            t[u] = select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
+        }
+        for (var u = 0u; u < 8u; u += 4u) {
+            s += vec4<f32>(dot(t[u], t[u]), dot(t[u + 1u], t[u + 1u]), dot(t[u + 2u], t[u + 2u]), dot(t[u + 3u], t[u + 3u]));
+        }
     }
     red[lid] = (s.x + s.y) + (s.z + s.w);
     workgroupBarrier();
