@@ -178,12 +178,16 @@ class Results:
 
     @staticmethod
     def read_machine(files):
-        if "machine.txt" in files:
+        # machine.txt, or one per set of a split run: each set's lines, its date, commit and
+        # command included (two calls must name the same commit to be one comparison).
+        names = [n for n in sorted(files) if re.match(r"^machine(-\w+)?\.txt$", n)]
+        if names:
             pairs = []
-            for line in files["machine.txt"].decode("utf-8", "replace").splitlines():
-                key, sep, value = line.partition(":")
-                if sep:
-                    pairs.append((key.strip(), value.strip()))
+            for name in names:
+                for line in files[name].decode("utf-8", "replace").splitlines():
+                    key, sep, value = line.partition(":")
+                    if sep and (key.strip(), value.strip()) not in pairs:
+                        pairs.append((key.strip(), value.strip()))
             return pairs
         if "gpu.txt" in files:  # older runs
             lines = files["gpu.txt"].decode("utf-8", "replace").strip().splitlines()
@@ -198,10 +202,13 @@ class Results:
                 if shape is None or row["model"].startswith(shape):
                     yield rep, row
 
-    def q4_resident(self, shape, test_prefix):
-        """The row of `shape` with no budget (else the first all-resident one) whose test starts so."""
+    def q4_resident(self, shape, test_prefix, coop=True):
+        """The row of `shape` with no budget (else the first all-resident one) whose test starts so,
+        measured with cooperative matrices on (coop=False: a --no-coop run's)."""
         best = None
         for rep, row in self.q4_rows(shape):
+            if rep.get("cooperative_matrices", True) != coop:
+                continue
             # Not a depth row ("tg128 @ d4096"), and the default decode activations where a run
             # measured several.
             if (not row["test"].startswith(test_prefix) or row["streamed_layers"] != 0
@@ -375,10 +382,11 @@ class VramLog:
     def __init__(self, files, notes):
         self.parts = {}  # name -> {"start", "end", "samples": [(t, MiB)], "total": MiB}
         self.notes = notes
-        if "vram.log" not in files:
-            return
+        # vram.log, or one per set of a split run (vram-budgets.log, vram-resident.log).
+        logs = [n for n in sorted(files) if re.match(r"^vram(-\w+)?\.log$", n)]
+        lines = [line for n in logs for line in files[n].decode("utf-8", "replace").splitlines()]
         current = None
-        for line in files["vram.log"].decode("utf-8", "replace").splitlines():
+        for line in lines:
             if line.startswith("# start "):
                 _, _, name, t = line.split()[:4]
                 current = self.parts.setdefault(name, {"start": float(t), "end": None, "samples": [], "total": None})
@@ -520,6 +528,11 @@ def resident_section(res):
         line(f"q4wgpu ({tg['test']}, {pp['test'] if pp else 'no pp'})", q4, tg["tokens_per_second_min"],
              tg["tokens_per_second_max"], q4pp, pp and pp["tokens_per_second_min"], pp and pp["tokens_per_second_max"],
              tg["bytes_per_token"])
+    _, nocoop = res.q4_resident("qwen2-32b", "pp", coop=False)
+    if nocoop:
+        line(f"q4wgpu --no-coop ({nocoop['test']}: cooperative matrices off, the portable GEMM)", None, None, None,
+             nocoop["tokens_per_second"], nocoop["tokens_per_second_min"], nocoop["tokens_per_second_max"], None,
+             ratio_pp=False)
     if cuda:
         cached = "" if cuda["cache_entries"] is None else f", {cuda_label(cuda)}"
         line(f"CUDA path: Triton dequant to bf16 + F.linear ({cuda['test']}{cached})", cuda["tokens_per_second"],
@@ -721,6 +734,7 @@ def vram_section(res, peaks):
 def ratios_section(res):
     _, tg = res.q4_resident("qwen2-32b", "tg")
     _, pp = res.q4_resident("qwen2-32b", "pp")
+    _, nocoop = res.q4_resident("qwen2-32b", "pp", coop=False)
     cuda_r = res.cuda_resident("qwen2-32b")
     ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
     read_bw, _ = res.bandwidth()
@@ -750,6 +764,10 @@ def ratios_section(res):
         if pp and vpp:
             out.append(f"- q4wgpu ÷ {system}, prompt ({pp['test']} against {llama_test(vpp)}): "
                        f"{ratio(pp['tokens_per_second'], llama_rate(vpp)[0])}")
+        if nocoop and vpp and vpp.get("vk_config") == "none":
+            out.append(f"- q4wgpu --no-coop ÷ {system}, prompt ({nocoop['test']} against {llama_test(vpp)}; "
+                       f"neither uses cooperative matrices): {ratio(nocoop['tokens_per_second'], llama_rate(vpp)[0])} "
+                       f"(issue 10 target ≥ 0.8×)")
     streamed = [(tg_, rep) for rep, tg_, _ in res.q4_budget_pairs()
                 if tg_ and tg_["model"].startswith("qwen2-32b") and tg_["streamed_layers"] > 0]
     if streamed:

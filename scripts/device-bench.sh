@@ -58,6 +58,23 @@
 # exported so that every result can record it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# SET: all (default, every part in one call: about 585 s, so the last parts may be cut), or the
+# two halves of it for two consecutive calls on one warm machine (run budgets first: its llama.cpp
+# preparations stay on the machine, so resident finds them done):
+#   budgets   q4wgpu 32B at 12, 8 and 4 GB (each budget in its own process, so that each
+#             nvidia-smi peak is that budget's alone), 70B at 24 GB, the CUDA path's 70B; the
+#             llama.cpp preparations in the background (the GGUF is kept for the next call)
+#   resident  q4wgpu 32B resident (with depth rows) and pp4096, the CUDA path's 32B (resident and
+#             budgets), llama.cpp CUDA and Vulkan with their depth rows
+SET=${SET:-all}
+case $SET in
+  all) q4_resident=1 q4_budgets=${STREAMED:-1} cuda_32b=${CUDA:-1} cuda_70b=${CUDA:-1} llama_rows=1 ;;
+  budgets) q4_resident=0 q4_budgets=1 cuda_32b=0 cuda_70b=${CUDA:-1} llama_rows=0 ;;
+  resident) q4_resident=1 q4_budgets=0 cuda_32b=${CUDA:-1} cuda_70b=0 llama_rows=1 ;;
+  *) echo "device-bench: SET=$SET: use all, budgets or resident" >&2; exit 2 ;;
+esac
+# Names of what comes back, per set (the report reads several runs' folders together).
+tag=; [ "$SET" = all ] || tag=-$SET
 # Before anything is written here: the commit measured, and whether the tree differed from it.
 if [ -z "${GIT_COMMIT:-}" ] && GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
   GIT_DIRTY=0
@@ -125,11 +142,11 @@ vram_start() {
     case $1 in $pat) match=1 ;; esac
   done
   [ "$match" = 1 ] || return 0
-  echo "# start $1 $(now)" >>"$WORK/vram.log"
+  echo "# start $1 $(now)" >>"$WORK/vram$tag.log"
   local buf=()
   command -v stdbuf >/dev/null && buf=(stdbuf -oL)
   TZ=UTC ${buf[@]+"${buf[@]}"} nvidia-smi --query-gpu=timestamp,memory.used,memory.total --format=csv,noheader,nounits \
-    -lms 200 >>"$WORK/vram.log" 2>&1 &
+    -lms 200 >>"$WORK/vram$tag.log" 2>&1 &
   vram_pid=$!
 }
 vram_stop() {
@@ -144,7 +161,7 @@ vram_stop() {
   kill -KILL "$vram_pid" 2>/dev/null
   wait "$vram_pid" 2>/dev/null
   vram_pid=
-  echo "# end $1 $(now)" >>"$WORK/vram.log"
+  echo "# end $1 $(now)" >>"$WORK/vram$tag.log"
 }
 
 # part NAME LIMIT_SECONDS COMMAND...: runs under min(LIMIT, time left); output on stdout and, with
@@ -193,7 +210,7 @@ finish() {
     [ -f "$f" ] || continue
     case ${f##*/} in
       logs.tar.gz) ;;
-      machine.txt | *.json)
+      machine*.txt | *.json)
         keep=$((keep + 1))
         [ "$keep" -gt 7 ] && mv "$f" "$WORK/" ;;
       *) mv "$f" "$WORK/" ;;
@@ -225,9 +242,9 @@ ldconfig 2>/dev/null || true
     *) state=' (tree state unknown)' ;;
   esac
   echo "git: ${GIT_COMMIT:-unknown}${GIT_COMMIT:+$state}"
-  echo "command: DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} LLAMA_VK=${LLAMA_VK:-1} LLAMA_VK_CONFIGS='${LLAMA_VK_CONFIGS:-khr coopmat2 none}' LLAMA_DEPTH=${LLAMA_DEPTH:-1} STREAMED=${STREAMED:-1} CPU_BENCH=${CPU_BENCH:-0} LLAMA_CPU=${LLAMA_CPU:-0} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
-} >"$OUT/machine.txt"
-cat "$OUT/machine.txt"
+  echo "command: SET=$SET DEADLINE=$DEADLINE QUICK=${QUICK:-0} LLAMA=${LLAMA:-1} LLAMA_VK=${LLAMA_VK:-1} LLAMA_VK_CONFIGS='${LLAMA_VK_CONFIGS:-khr coopmat2 none}' LLAMA_DEPTH=${LLAMA_DEPTH:-1} STREAMED=${STREAMED:-1} CPU_BENCH=${CPU_BENCH:-0} LLAMA_CPU=${LLAMA_CPU:-0} CUDA=${CUDA:-1} SERIAL=${SERIAL:-0} Q4_CHUNK=${Q4_CHUNK:-} $0"
+} >"$OUT/machine$tag.txt"
+cat "$OUT/machine$tag.txt"
 
 # llama.cpp's preparations, each leaving its exit status in $WORK/NAME.rc: the GGUF (both
 # backends), the Vulkan binary, the CUDA build.
@@ -282,13 +299,21 @@ else
   bench=("$Q4WGPU" bench --adapter nvidia --bandwidth-buffer 1GiB ${chunk[@]+"${chunk[@]}"})
   # All resident (24 GB holds the whole 32B model too: the same plan), and with 4096 and 16384
   # positions already in the KV cache (-d, as llama-bench's).
-  part q4wgpu_32b_resident 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
-    -d "0,${LLAMA_DEPTHS:-4096,16384}" --vram-budget all --json "$OUT/q4wgpu_32b_resident.json"
-  [ "${QUICK:-0}" = 1 ] || part q4wgpu_32b_pp4096 80 "${bench[@]}" --synthetic qwen2-32b -p 4096 -n 0 -r 2 \
-    --vram-budget all --json "$OUT/q4wgpu_32b_pp4096.json"
-  if [ "${STREAMED:-1}" != 0 ]; then
-    part q4wgpu_32b_streamed 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
-      --vram-budget 12GB,8GB,4GB --json "$OUT/q4wgpu_32b_streamed.json"
+  if [ "$q4_resident" = 1 ]; then
+    part q4wgpu_32b_resident 150 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg" -r "$reps" \
+      -d "0,${LLAMA_DEPTHS:-4096,16384}" --vram-budget all --json "$OUT/q4wgpu_32b_resident.json"
+    [ "${QUICK:-0}" = 1 ] || part q4wgpu_32b_pp4096 80 "${bench[@]}" --synthetic qwen2-32b -p 4096 -n 0 -r 2 \
+      --vram-budget all --json "$OUT/q4wgpu_32b_pp4096.json"
+    # The portable GEMM on this GPU (issue 10: against llama.cpp Vulkan without cooperative matrices).
+    part q4wgpu_32b_nocoop 60 "${bench[@]}" --no-coop --synthetic qwen2-32b -p "$pp" -n 0 -r 2 \
+      --vram-budget all --json "$OUT/q4wgpu_32b_nocoop.json"
+  fi
+  if [ "$q4_budgets" = 1 ]; then
+    # One process per budget: a process's peak then holds nothing left over from a larger budget.
+    for b in 12 8 4; do
+      part "q4wgpu_32b_${b}gb" 75 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
+        --vram-budget "${b}GB" --json "$OUT/q4wgpu_32b_${b}gb.json"
+    done
     part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
       --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
   fi
@@ -299,7 +324,7 @@ else
   fi
 fi
 
-if [ "${CUDA:-1}" != 0 ]; then
+if [ "$cuda_32b" = 1 ]; then
   part cuda_path_32b 120 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --vram-budget all,12GB,8GB,4GB \
     -n "$cuda_n" -r "$reps" --streamed-n "$cuda_streamed_n" --streamed-r 2 --json "$OUT/cuda_path_32b.json"
 fi
@@ -320,8 +345,8 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
 fi
 # Which llama.cpp backends can run: the GGUF is written and the binary is there.
 cuda_go=0 vk_go=0
-[ "${LLAMA:-1}" != 0 ] && step_ok llama_model && step_ok llama_build && cuda_go=1
-[ "${LLAMA_VK:-1}" != 0 ] && step_ok llama_model && step_ok llama_vk_unpack && vk_go=1
+[ "$llama_rows" = 1 ] && [ "${LLAMA:-1}" != 0 ] && step_ok llama_model && step_ok llama_build && cuda_go=1
+[ "$llama_rows" = 1 ] && [ "${LLAMA_VK:-1}" != 0 ] && step_ok llama_model && step_ok llama_vk_unpack && vk_go=1
 vk_configs=${LLAMA_VK_CONFIGS:-khr coopmat2 none}
 # pp4096 without cooperative matrices would cost about 25 s: only with the matrix paths.
 vk_pp() { [ "$1" = none ] && echo "$llama_pp" || echo "$llama_pp_long"; }
@@ -358,7 +383,7 @@ if [ "${LLAMA_DEPTH:-1}" != 0 ]; then
   fi
 fi
 
-if [ "${CUDA:-1}" != 0 ]; then
+if [ "$cuda_70b" = 1 ]; then
   part cuda_path_70b 90 python3 benches/cuda_path/cuda_path.py --shape llama-70b --vram-budget 24GB --prompt 2 \
     -n "$cuda_70b_n" -r 2 --json "$OUT/cuda_path_70b.json"
 fi
@@ -369,5 +394,5 @@ if [ "${LLAMA_DEPTH:-1}" != 0 ] && [ "$vk_go" = 1 ]; then
   done
 fi
 # The 18 GB GGUF this run wrote (not one given in LLAMA_MODEL).
-[ ${#llama_steps[@]} -gt 0 ] && [ -z "${LLAMA_MODEL:-}" ] && rm -f "/tmp/llama-${SHAPE:-qwen2-32b}-q4_0.gguf"
+[ ${#llama_steps[@]} -gt 0 ] && [ -z "${LLAMA_MODEL:-}" ] && [ "$SET" != budgets ] && rm -f "/tmp/llama-${SHAPE:-qwen2-32b}-q4_0.gguf"
 finish

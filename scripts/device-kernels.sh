@@ -6,7 +6,8 @@
 # Prepare here: scripts/device-prepare.sh (.device-bin/q4wgpu, .device-bin/tests.tar.xz with the
 # test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
 # [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
-# Environment: TESTS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part; ACTS (int8,f32) the decode activations
+# Environment: TESTS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part;
+# CUDA_PROFILE=1 adds the CUDA path's step profile (benches/cuda_path/cuda_path.py --profile); ACTS (int8,f32) the decode activations
 # of the end-to-end A/B; SWEEP=0 skips the workgroup sweep.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,8 +87,16 @@ if [ "${REAL:-1}" != 0 ] && [ -f "$Q4WGPU_CACHE/models/qwen2.5-coder-0.5b-instru
   timeout 180 "$Q4WGPU" eval --file /tmp/eval-text.txt --max-tokens 2048 --json "$OUT/eval.json" >"$OUT/eval.log" 2>&1
   log "eval: exit $?"
 fi
+# Where a CUDA-path decode step spends its time (host queueing vs GPU kernels; issue 14).
+if [ "${CUDA_PROFILE:-0}" = 1 ]; then
+  log "CUDA path profile (32B, resident)"
+  timeout 150 python3 benches/cuda_path/cuda_path.py --shape qwen2-32b --vram-budget all --profile \
+    >"$OUT/cuda_profile.log" 2>&1
+  log "CUDA path profile: exit $?"
+fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
 grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
 cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12
+grep -E "^profile|^ *Name|^-|triton|gemv|gemm|Kernel|elementwise|Self CUDA" "$OUT/cuda_profile.log" 2>/dev/null | cut -c1-160 | head -40

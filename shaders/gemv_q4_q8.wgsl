@@ -12,6 +12,12 @@
 //! 1 / rms at the end (the scalar commutes with the block quantizer, ActQ8::quantize_scaled),
 //! INPUT_SWIGLU from silu(gate) * up of [gate | up].
 //!
+//! Output (the file the wrapper prepends after this one's constants): gemv_q4_q8_out_y.wgsl writes
+//! y (ROWS consecutive rows per workgroup); gemv_q4_q8_out_rope_kv.wgsl takes the rows of the
+//! fused qkv projection in fours that RoPE pairs, rotates q and k and writes q and the KV cache,
+//! so the decode step needs no RoPE dispatch of its own. Each defines the bias and output
+//! bindings, `out_units` (workgroups with work), `out_row` (a workgroup's rows) and `write_out`.
+//!
 //! Arithmetic, per quarter and row: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` split a word's
 //! 8 nibbles (0..15, read as non-negative int8) into two words that meet the packed x words in
 //! two 4-way int8 dot products (dot4I8Packed: one instruction where the device has integer dot
@@ -43,8 +49,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> scales: array<u32>;
 @group(0) @binding(3) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> xd: array<vec2<f32>>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<f32>;
 // The fused inputs' f32 vector (INPUT_SWIGLU: [gate | up]) and RMSNorm's weight.
 @group(0) @binding(7) var<storage, read> xf: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> norm_w: array<vec4<f32>>;
@@ -124,14 +128,14 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row0 = (wid.x + wid.y * nwg.x) * ROWS;
-    if (row0 >= p.rows) {
+    let unit = wid.x + wid.y * nwg.x;
+    if (unit >= out_units()) {
         return;
     }
     let quarters = p.bpr * 4u;
     var rows: array<u32, MAX_ROWS>;
     for (var r = 0u; r < ROWS; r++) {
-        rows[r] = min(row0 + r, p.rows - 1u);
+        rows[r] = out_row(unit, r);
     }
     var acc: array<f32, MAX_ROWS>;
     for (var q = lid; q < quarters; q += WG) {
@@ -148,16 +152,5 @@ fn main(
             acc[r] = fma(t, sc[r], acc[r]);
         }
     }
-    let total = workgroup_sums(acc, lid) * input_scale(lid);
-    if (lid < ROWS && row0 + lid < p.rows) {
-        let out = p.row_base + row0 + lid;
-        var v = total;
-        if (p.has_bias != 0u) {
-            v += bias[out];
-        }
-        if (p.accumulate != 0u) {
-            v += y[out];
-        }
-        y[out] = v;
-    }
+    write_out(unit, workgroup_sums(acc, lid) * input_scale(lid), lid);
 }

@@ -8,14 +8,11 @@
 //!   k', v -> K/V cache of the layer, f16 packed two per u32 (pack2x16float(x[2i], x[2i+1])),
 //!            word index (kv_head * ctx + position) * (hd/2) + i, at position step.pos + t;
 //!            positions at or past ctx are never written.
+//! The angle's cos and sin: rope_angle.wgsl (the wrapper puts it first; gemv_q4_q8 shares it).
 //! Thread mapping: workgroup id y = token t; x covers the (n_heads + 2 * n_kv_heads) * hd/2 words of
 //! a row; a thread produces the two elements (2i, 2i+1) of one head that share a cache word.
 
 const WG: u32 = 64u;
-// 2π as a Cody-Waite pair: C1 has 8 significant bits, so k * C1 is exact for k < 2^16.
-const TWO_PI_HI: f32 = 6.28125;
-const TWO_PI_LO: f32 = 0.0019353071795864769;
-const INV_TWO_PI: f32 = 0.15915494309189535;
 
 struct Params {
     n_heads: u32,
@@ -38,17 +35,6 @@ struct Step {
 @group(0) @binding(4) var<storage, read_write> v_cache: array<u32>;
 @group(0) @binding(5) var<uniform> params: Params;
 @group(0) @binding(6) var<uniform> step: Step;
-
-// (cos, sin) of an angle up to ~4e5 rad: reduce to [-π, π] first, since GPU sin/cos are only
-// accurate there.
-fn cos_sin(angle: f32) -> vec2<f32> {
-    // The select keeps `angle` a rounded f32: without it a compiler may fuse the product that made
-    // it into the subtraction below (an fma), which is more exact than the f32 reference.
-    let a = select(angle, 0.0, bitcast<u32>(angle) == 0xffffffffu);
-    let k = round(a * INV_TWO_PI);
-    let r = (a - k * TWO_PI_HI) - k * TWO_PI_LO;
-    return vec2<f32>(cos(r), sin(r));
-}
 
 // Element e of the rotated head whose first element is at `base` of qkv.
 fn rotated(base: u32, e: u32, position: f32) -> f32 {

@@ -178,6 +178,9 @@ pub struct BenchReport {
     pub adapter: String,
     pub backend: String,
     pub driver: String,
+    /// Whether the prompt GEMMs ran on cooperative matrices (false on adapters without them
+    /// and with `--no-coop`).
+    pub cooperative_matrices: bool,
     pub model: String,
     pub config: ModelConfig,
     pub weight_bytes: u64,
@@ -700,6 +703,7 @@ pub fn run_bench(
         adapter: gpu.info.name.clone(),
         backend: format!("{:?}", gpu.info.backend),
         driver: format!("{} {}", gpu.info.driver, gpu.info.driver_info),
+        cooperative_matrices: crate::kernels::gemm_q4::GemmQ4::coop_supported(gpu),
         model: model.to_string(),
         config: config.clone(),
         weight_bytes: weights.byte_len() as u64,

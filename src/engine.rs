@@ -69,6 +69,9 @@ pub struct DecodeFusion {
     /// over `attention_output`; where the decode attention cannot (head dim not a multiple of
     /// 32), the input is quantized by a dispatch of its own.
     pub attention_combine: bool,
+    /// With int8 activations: RoPE and the KV-cache write as the qkv projection's output, in place
+    /// of a dispatch of their own.
+    pub rope_kv: bool,
 }
 
 impl DecodeFusion {
@@ -78,6 +81,7 @@ impl DecodeFusion {
         swiglu: false,
         attention_output: false,
         attention_combine: false,
+        rope_kv: false,
     };
 
     pub const ALL: DecodeFusion = DecodeFusion {
@@ -86,6 +90,7 @@ impl DecodeFusion {
         swiglu: true,
         attention_output: true,
         attention_combine: true,
+        rope_kv: true,
     };
 
     /// The names [`parse`](Self::parse) takes, comma-separated ("none" if none).
@@ -96,6 +101,7 @@ impl DecodeFusion {
             (self.swiglu, "swiglu"),
             (self.attention_output, "attention-output"),
             (self.attention_combine, "attention-combine"),
+            (self.rope_kv, "rope-kv"),
         ];
         let on: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
         if on.is_empty() {
@@ -105,8 +111,8 @@ impl DecodeFusion {
         }
     }
 
-    /// A comma-separated list of input-norm, post-norm, swiglu, attention-output and
-    /// attention-combine, or "none".
+    /// A comma-separated list of input-norm, post-norm, swiglu, attention-output,
+    /// attention-combine and rope-kv, or "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;
         for item in text.split(',').map(str::trim) {
@@ -117,9 +123,10 @@ impl DecodeFusion {
                 "swiglu" => f.swiglu = true,
                 "attention-output" => f.attention_output = true,
                 "attention-combine" => f.attention_combine = true,
+                "rope-kv" => f.rope_kv = true,
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu, attention-output and attention-combine"
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu, attention-output, attention-combine and rope-kv"
                     )))
                 }
             }

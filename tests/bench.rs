@@ -320,8 +320,7 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
     ];
     // All fused: the attention combine writes the o projection's int8 input (head dim 32).
     let int8_fused: &[&str] = &[
-        "qkv, input quantized in: ",
-        "rope + kv write: ",
+        "qkv + rope + kv write, input quantized in: ",
         "attention, o input (int8) in the combine: ",
         "o (+residual): ",
         "gate|up, input quantized in: ",

@@ -6,7 +6,7 @@
 use q4wgpu::gpu::testing::{assert_close, compile_to_spirv, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions};
-use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
+use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input, RopeKvOut};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref};
 use q4wgpu::quant::{ActQ8, QMatrix, ACT_BLOCK};
@@ -571,5 +571,96 @@ fn gemv_q8_fused_inputs_match_the_spec() {
             &two_step,
             TOL,
         );
+    }
+}
+
+/// The qkv GEMV with RoPE and the KV-cache write as its output (the decode step's rope-kv
+/// fusion): q rotated into q_out, k rotated and v into the caches' words at `pos`, nothing else
+/// written, against the CPU spec's product and the CPU reference's RoPE (src/cpu/ops.rs).
+#[test]
+fn gemv_q8_rope_kv_output_matches_cpu() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 rope kv");
+    // (heads, kv heads, head dim, context, position, K): odd K; the last case's position is
+    // past the context, so the caches stay untouched.
+    for (nh, nkv, hd, ctx, pos, k) in [
+        (4, 2, 16, 5, 3, 200),
+        (2, 1, 64, 9, 8, 132),
+        (6, 3, 8, 4, 0, 36),
+        (2, 2, 16, 3, 3, 64),
+    ] {
+        let rows = (nh + 2 * nkv) * hd;
+        let m = random_matrix(&mut rng, rows, k);
+        let a = ActQ8::quantize(&random_activations(&mut rng, k));
+        let bias = rng.vec(rows, 1.0);
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
+            .collect();
+        let mut y = vec![0.0; rows];
+        m.view().matvec_q8(&a, &mut y);
+        for (v, b) in y.iter_mut().zip(&bias) {
+            *v += b;
+        }
+        for head in y[..(nh + nkv) * hd].chunks_mut(hd) {
+            q4wgpu::cpu::ops::apply_rope(head, pos, &inv_freq);
+        }
+
+        let qweight = g.storage_from("qweight", &m.qweight);
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scales = g.storage_from_bytes("scales", &scale_bytes);
+        let w = Q4Ref {
+            rows,
+            cols: k,
+            qweight: BufRange::whole(&qweight),
+            scales: BufRange::whole(&scales),
+        };
+        let sentinel = vec![0xDEAD_BEEFu32; nkv * ctx * hd / 2];
+        let (k_cache, v_cache) = (
+            g.storage_from("k cache", &sentinel),
+            g.storage_from("v cache", &sentinel),
+        );
+        let q_out = poisoned(g, "q", nh * hd);
+        let freq = g.storage_from("inv_freq", &inv_freq);
+        let step = g.uniform("step", &[pos as u32, 1, pos as u32 + 1, 0]);
+        let x = upload_act(g, &a);
+        let bias_buf = g.storage_from("bias", &bias);
+        let out = RopeKvOut {
+            inv_freq: &freq,
+            q_out: &q_out,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            step: &step,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            ctx,
+        };
+        let ds = kernel
+            .bind_rope_kv(
+                g,
+                w,
+                Q8Input::Quantized(&x),
+                &out,
+                Some(BufRange::whole(&bias_buf)),
+                &GemvOptions::default(),
+            )
+            .expect("bind");
+        run(g, &ds);
+        let what = format!("rope kv {nh}/{nkv} heads of {hd}, pos {pos} of {ctx}");
+        assert_close(&format!("{what}: q"), &read_f32(g, &q_out, nh * hd), &y[..nh * hd], TOL);
+        for (name, cache, first_row) in [("k", &k_cache, nh * hd), ("v", &v_cache, (nh + nkv) * hd)] {
+            let words = read_u32(g, cache);
+            for (i, &word) in words.iter().enumerate() {
+                let (kvh, p, pair) = (i / (ctx * hd / 2), (i / (hd / 2)) % ctx, i % (hd / 2));
+                if p != pos {
+                    assert_eq!(word, 0xDEAD_BEEF, "{what}: {name} cache word {i} (position {p}) was written");
+                    continue;
+                }
+                let e = first_row + kvh * hd + 2 * pair;
+                let got = [word as u16, (word >> 16) as u16].map(|h| half::f16::from_bits(h).to_f32());
+                assert_close(&format!("{what}: {name} cache word {i}"), &got, &y[e..e + 2], 1e-3);
+            }
+        }
     }
 }

@@ -64,6 +64,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dequant  # noqa: E402
+import step_profile  # noqa: E402
 import measure  # noqa: E402
 from model import SHAPES, Model  # noqa: E402
 from streaming import HostStore, Sync, WeightCache, cache_bytes, entries_for  # noqa: E402
@@ -357,6 +358,9 @@ def main():
     ap.add_argument("--check", action="store_true",
                     help="check the dequant kernel against plain PyTorch (awkward and this shape's matrix sizes) and "
                          "cached/streamed logits against resident ones on small shapes, then exit")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where one decode step's time goes (host queueing, GPU kernels) for the first "
+                         "cache size asked for, then exit (step_profile.py)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="without CUDA, run on the CPU under TRITON_INTERPRET=1 (tiny shape only): tests the code, measures nothing")
     args = ap.parse_args()
@@ -408,6 +412,14 @@ def main():
     commit, dirty = measure.git_info()
     plan = [(c if c is not None else bench.store.count, None) for c in args.cache] if args.cache else \
         [(None, b) for b in (args.vram_budget or [None])]
+    if args.profile:
+        entries, budget = plan[0]
+        if entries is None:
+            entries, why = bench.entries_for_budget(budget)
+            if why:
+                sys.exit(why)
+        step_profile.run(bench, entries)
+        return 0
     results, skipped = [], []
     for entries, budget in plan:
         if entries is None:

@@ -179,6 +179,10 @@ struct RunArgs {
     /// this CPU has). Threads: RAYON_NUM_THREADS (default: every core).
     #[arg(long)]
     cpu_isa: Option<String>,
+    /// Leave the adapter's cooperative matrices (tensor cores) unused: prompts run on the
+    /// portable GEMM that adapters without them get.
+    #[arg(long)]
+    no_coop: bool,
     /// Part of the adapter's name to pick it (see `q4wgpu info`).
     #[arg(long)]
     adapter: Option<String>,
@@ -333,6 +337,10 @@ struct BenchArgs {
     /// budgets that stream.
     #[arg(long, default_value = "ring")]
     stream_read: String,
+    /// Leave the adapter's cooperative matrices (tensor cores) unused: prompts run on the
+    /// portable GEMM that adapters without them get.
+    #[arg(long)]
+    no_coop: bool,
     /// Part of the adapter's name to pick it (see `q4wgpu info`).
     #[arg(long)]
     adapter: Option<String>,
@@ -844,7 +852,7 @@ fn run(args: RunArgs) -> Result<i32> {
             &mut print,
         )?;
     } else {
-        let gpu = Gpu::new(args.adapter.as_deref())?;
+        let gpu = Gpu::new_with(args.adapter.as_deref(), !args.no_coop)?;
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             vram_budget: budget,
@@ -982,8 +990,12 @@ fn bench(args: BenchArgs) -> Result<i32> {
             .collect::<Result<_>>()?,
     };
     let (weights, name) = bench_weights(&args)?;
-    let gpu = Gpu::new(args.adapter.as_deref())?;
-    eprintln!("adapter: {}", gpu.describe());
+    let gpu = Gpu::new_with(args.adapter.as_deref(), !args.no_coop)?;
+    eprintln!(
+        "adapter: {}{}",
+        gpu.describe(),
+        if args.no_coop { " (cooperative matrices off: --no-coop)" } else { "" }
+    );
     let mut header_printed = false;
     let mut report = bench::run_bench(&gpu, &weights, &name, &opts, &mut |row| {
         if !header_printed {

@@ -11,7 +11,7 @@ use crate::gpu::Gpu;
 use crate::kernels::attention::{Attention, AttentionDispatches};
 use crate::kernels::gemm_q4::GemmQ4;
 use crate::kernels::gemv_q4::{Epilogue, GemvInput, GemvOptions, GemvQ4};
-use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
+use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input, RopeKvOut};
 use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use crate::kernels::rmsnorm::RmsNorm;
 use crate::kernels::rope_kv::RopeKv;
@@ -198,21 +198,37 @@ impl StepKernels {
                     out,
                     bias,
                     mode,
+                    rope: None,
                 },
             )
         };
-        let mut ops = p(
-            "qkv",
-            fuse.input_norm,
-            input_norm,
-            &a.x,
-            h,
-            weights(&w.qkv),
-            &a.qkv,
-            qkv_bias,
-            store,
-        )?;
-        ops.extend(role("rope + kv write", vec![self.rope_kv(sh, l, 1)?]));
+        let rope = RopeKvOut {
+            inv_freq: sh.inv_freq,
+            q_out: &a.q,
+            k_cache: l.k_cache,
+            v_cache: l.v_cache,
+            step: sh.step,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+            ctx: sh.ctx,
+        };
+        let qkv = Projection {
+            name: "qkv",
+            fused: fuse.input_norm,
+            input: input_norm,
+            x: &a.x,
+            k: h,
+            m: weights(&w.qkv),
+            out: &a.qkv,
+            bias: qkv_bias,
+            mode: store,
+            rope: fuse.rope_kv.then_some(&rope),
+        };
+        let mut ops = project_int8(k8, sh.gpu, qkv)?;
+        if !fuse.rope_kv {
+            ops.extend(role("rope + kv write", vec![self.rope_kv(sh, l, 1)?]));
+        }
         let combine_q8 = match fuse.attention_combine {
             true => self.attention.decode_q8_output(sh.gpu, attn, &k8.input)?,
             false => None,
@@ -512,10 +528,20 @@ struct Projection<'a> {
     out: &'a wgpu::Buffer,
     bias: Option<BufRange<'a>>,
     mode: Epilogue,
+    /// RoPE and the KV-cache write as the output (the qkv projection), in place of `out`.
+    rope: Option<&'a RopeKvOut<'a>>,
 }
 
 fn project_int8(k8: &Int8Kernels, gpu: &Gpu, p: Projection) -> Result<Vec<Dispatch>> {
     let (y, opts) = (BufRange::whole(p.out), GemvOptions::default());
+    let gemv = |x: Q8Input| match p.rope {
+        Some(rope) => k8.gemv.bind_rope_kv(gpu, p.m, x, rope, p.bias, &opts),
+        None => k8.gemv.bind(gpu, p.m, x, y, p.bias, p.mode, &opts),
+    };
+    let name = match p.rope {
+        Some(_) => format!("{} + rope + kv write", p.name),
+        None => p.name.to_string(),
+    };
     if p.fused {
         let x = BufRange::whole(p.x);
         let q8 = match p.input {
@@ -523,20 +549,10 @@ fn project_int8(k8: &Int8Kernels, gpu: &Gpu, p: Projection) -> Result<Vec<Dispat
             ActInput::RmsNorm { weight, eps } => Q8Input::RmsNorm { x, weight, eps },
             ActInput::SwiGlu => Q8Input::SwiGlu(x),
         };
-        let ds = k8.gemv.bind(gpu, p.m, q8, y, p.bias, p.mode, &opts)?;
-        return Ok(role(&format!("{}, input quantized in", p.name), ds));
+        return Ok(role(&format!("{name}, input quantized in"), gemv(q8)?));
     }
     let quantize = k8.quant.bind(gpu, p.input, p.x, p.k, &k8.input)?;
     let mut ops = role(&format!("{} input (int8)", p.name), vec![quantize]);
-    let ds = k8.gemv.bind(
-        gpu,
-        p.m,
-        Q8Input::Quantized(&k8.input),
-        y,
-        p.bias,
-        p.mode,
-        &opts,
-    )?;
-    ops.extend(role(p.name, ds));
+    ops.extend(role(&name, gemv(Q8Input::Quantized(&k8.input))?));
     Ok(ops)
 }

@@ -68,6 +68,13 @@ impl Gpu {
     /// Opens the best adapter: a discrete GPU first. `name_filter` (from `--adapter` or
     /// `WGPU_ADAPTER_NAME`) picks the first adapter whose name contains it, case-insensitively.
     pub fn new(name_filter: Option<&str>) -> Result<Gpu> {
+        Self::new_with(name_filter, true)
+    }
+
+    /// Like [`new`](Self::new); with `cooperative_matrices` false the adapter's cooperative
+    /// matrices go unused (`--no-coop`: the portable kernels that other adapters run, measured
+    /// on this one).
+    pub fn new_with(name_filter: Option<&str>, cooperative_matrices: bool) -> Result<Gpu> {
         let inst = instance();
         let mut adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
         if adapters.is_empty() {
@@ -89,10 +96,10 @@ impl Gpu {
             }
             None => adapters.remove(0),
         };
-        Self::from_adapter(adapter)
+        Self::from_adapter(adapter, cooperative_matrices)
     }
 
-    fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+    fn from_adapter(adapter: wgpu::Adapter, cooperative_matrices: bool) -> Result<Gpu> {
         let info = adapter.get_info();
         let offered = adapter.features();
         let wanted = wgpu::Features::SHADER_F16
@@ -102,7 +109,8 @@ impl Gpu {
             | wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
             | wgpu::Features::PIPELINE_CACHE;
         let features = offered & wanted;
-        let coop_matrix_f16 = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        let coop_matrix_f16 = cooperative_matrices
+            && features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
             && adapter.cooperative_matrix_properties().iter().any(|p| {
                 p.m_size == 16
                     && p.n_size == 16
@@ -383,14 +391,28 @@ impl Gpu {
         pipeline: &wgpu::ComputePipeline,
         ranges: &[(&wgpu::Buffer, u64, Option<u64>)],
     ) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry> = ranges
+        let numbered: Vec<_> = ranges
             .iter()
             .enumerate()
-            .map(|(i, (b, offset, size))| wgpu::BindGroupEntry {
-                binding: i as u32,
+            .map(|(i, &(b, offset, size))| (i as u32, b, offset, size))
+            .collect();
+        self.bind_group_numbered(label, pipeline, &numbered)
+    }
+
+    /// Like `bind_group_ranges`, with each entry's binding number given (for a layout with gaps).
+    pub fn bind_group_numbered(
+        &self,
+        label: &str,
+        pipeline: &wgpu::ComputePipeline,
+        ranges: &[(u32, &wgpu::Buffer, u64, Option<u64>)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = ranges
+            .iter()
+            .map(|&(binding, b, offset, size)| wgpu::BindGroupEntry {
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b,
-                    offset: *offset,
+                    offset,
                     size: size.and_then(wgpu::BufferSize::new),
                 }),
             })

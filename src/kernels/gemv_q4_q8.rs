@@ -14,6 +14,7 @@ use super::gemv_q4::{
     GemvOptions,
 };
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
+use super::rope_kv::ROPE_ANGLE;
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
 use crate::gpu::{dispatch_2d, Gpu};
@@ -24,6 +25,8 @@ use std::sync::Mutex;
 const SOURCE: &str = include_str!("../../shaders/gemv_q4_q8.wgsl");
 const SUM_SUBGROUP: &str = include_str!("../../shaders/gemv_q4_sum_subgroup.wgsl");
 const SUM_SHARED: &str = include_str!("../../shaders/gemv_q4_sum_shared.wgsl");
+const OUT_Y: &str = include_str!("../../shaders/gemv_q4_q8_out_y.wgsl");
+const OUT_ROPE_KV: &str = include_str!("../../shaders/gemv_q4_q8_out_rope_kv.wgsl");
 
 /// What the kernel reads as x.
 #[derive(Clone, Copy)]
@@ -63,6 +66,40 @@ impl Q8Input<'_> {
     }
 }
 
+/// Where the decode step's fused qkv projection goes with [`GemvQ4Q8::bind_rope_kv`]: q rotated
+/// into `q_out`, k rotated and v into the layer's KV cache at position `step.pos` (as
+/// [`RopeKv`](super::rope_kv::RopeKv) writes them).
+pub struct RopeKvOut<'a> {
+    pub inv_freq: &'a wgpu::Buffer,
+    pub q_out: &'a wgpu::Buffer,
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+    pub step: &'a wgpu::Buffer,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ctx: usize,
+}
+
+/// The kernel's output: y, or RoPE and the KV-cache write.
+enum Out<'a> {
+    Y { y: BufRange<'a>, mode: Epilogue },
+    RopeKv(&'a RopeKvOut<'a>),
+}
+
+/// The shader's output file (an index into `OUT_SOURCES`).
+const OUT_Y_CODE: u32 = 0;
+const OUT_ROPE_KV_CODE: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeParams {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    ctx: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -79,8 +116,8 @@ struct Params {
 pub struct GemvQ4Q8 {
     subgroups: bool,
     subgroup_max: u32,
-    /// By workgroup shape and INPUT code.
-    pipelines: Mutex<HashMap<(GemvConfig, u32), wgpu::ComputePipeline>>,
+    /// By workgroup shape and (INPUT code, output code).
+    pipelines: Mutex<HashMap<(GemvConfig, (u32, u32)), wgpu::ComputePipeline>>,
 }
 
 impl GemvQ4Q8 {
@@ -90,7 +127,7 @@ impl GemvQ4Q8 {
             subgroup_max: gpu.caps.subgroup_max_size.max(1),
             pipelines: Mutex::new(HashMap::new()),
         };
-        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0)?;
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0, OUT_Y_CODE)?;
         Ok(kernel)
     }
 
@@ -118,17 +155,23 @@ impl GemvQ4Q8 {
         }
     }
 
-    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, input: u32) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(
+        &self,
+        gpu: &Gpu,
+        cfg: GemvConfig,
+        input: u32,
+        out: u32,
+    ) -> Result<wgpu::ComputePipeline> {
         check_config(gpu, "gemv_q4_q8", &cfg, self.subgroups, self.subgroup_max)?;
-        let label = format!("input{input}");
+        let label = format!("input{input} out{out}");
         cached_pipeline(
             gpu,
             &self.pipelines,
             "gemv_q4_q8",
             cfg,
-            input,
+            (input, out),
             &label,
-            || shader(cfg.subgroups, input),
+            || shader_with_output(cfg.subgroups, input, out),
         )
     }
 
@@ -145,34 +188,103 @@ impl GemvQ4Q8 {
         mode: Epilogue,
         opts: &GemvOptions,
     ) -> Result<Vec<Dispatch>> {
+        self.bind_with(gpu, w, x, Out::Y { y, mode }, bias, opts)
+    }
+
+    /// Binds the decode step's qkv projection `W x (+ bias)` (one token) with RoPE and the
+    /// KV-cache write as its output (`out`), in place of a y store and a rope_kv dispatch.
+    /// Workgroups of 4 rows (`opts.config`'s row count is replaced by 4).
+    pub fn bind_rope_kv(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: Q8Input,
+        out: &RopeKvOut,
+        bias: Option<BufRange>,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
+        let what = "gemv_q4_q8 (rope + kv write)";
+        let rows = (out.n_heads + 2 * out.n_kv_heads) * out.head_dim;
+        if out.head_dim == 0
+            || !out.head_dim.is_multiple_of(4)
+            || out.n_kv_heads == 0
+            || !out.n_heads.is_multiple_of(out.n_kv_heads)
+            || out.ctx == 0
+            || w.rows != rows
+        {
+            return Err(Error::Invalid(format!(
+                "{what}: a {}-row matrix with {} heads, {} KV heads of {} (head_dim a multiple of 4, \
+                 rows = (heads + 2 KV heads) * head_dim) and a context of {}",
+                w.rows, out.n_heads, out.n_kv_heads, out.head_dim, out.ctx
+            )));
+        }
+        let q_bytes = (out.n_heads * out.head_dim * 4) as u64;
+        let cache_bytes = (out.n_kv_heads * out.ctx * out.head_dim * 2) as u64;
+        check_vector(gpu, what, "q_out", &BufRange::whole(out.q_out), q_bytes)?;
+        check_vector(gpu, what, "k_cache", &BufRange::whole(out.k_cache), cache_bytes)?;
+        check_vector(gpu, what, "v_cache", &BufRange::whole(out.v_cache), cache_bytes)?;
+        let freq_bytes = (out.head_dim / 2 * 4) as u64;
+        check_vector(gpu, what, "inv_freq", &BufRange::whole(out.inv_freq), freq_bytes)?;
+        self.bind_with(gpu, w, x, Out::RopeKv(out), bias, opts)
+    }
+
+    fn bind_with(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        x: Q8Input,
+        out: Out,
+        bias: Option<BufRange>,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
         let what = "gemv_q4_q8";
         check_matrix(gpu, what, &w)?;
         let bpr = blocks_per_row(w.cols);
         let xb = x_bindings(gpu, what, &w, &x)?;
-        if y.buffer == xb.f32_x.buffer && !matches!(x, Q8Input::Quantized(_)) {
-            return Err(Error::Invalid(format!(
-                "{what}: x and y must be different buffers (y is written)"
-            )));
+        if let Out::Y { y, .. } = &out {
+            if y.buffer == xb.f32_x.buffer && !matches!(x, Q8Input::Quantized(_)) {
+                return Err(Error::Invalid(format!(
+                    "{what}: x and y must be different buffers (y is written)"
+                )));
+            }
+            check_vector(gpu, what, "y", y, w.rows as u64 * 4)?;
         }
         let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
         let (xq_bytes, xd_bytes) = (xq.size, xd.size);
         let k_bytes = 4 * w.cols as u64;
-        check_vector(gpu, what, "y", &y, w.rows as u64 * 4)?;
         if let Some(b) = &bias {
             check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
         }
-        let cfg = opts
+        let mut cfg = opts
             .config
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
-        let pipeline = self.pipeline(gpu, cfg, x.code())?;
+        let out_code = match out {
+            Out::Y { .. } => OUT_Y_CODE,
+            Out::RopeKv(_) => {
+                cfg.rows = 4;
+                OUT_ROPE_KV_CODE
+            }
+        };
+        let pipeline = self.pipeline(gpu, cfg, x.code(), out_code)?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
         // Without a bias the binding still needs a buffer: x's, never read through it.
         let bias_range = bias.unwrap_or(xd);
         let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { 4 };
-        let mut out = Vec::new();
-        for c in &row_chunks(gpu, what, &w, max_binding)? {
+        let chunks = row_chunks(gpu, what, &w, max_binding)?;
+        if matches!(out, Out::RopeKv(_)) && chunks.len() != 1 {
+            return Err(Error::Invalid(format!(
+                "{what}: the rope + kv output needs the qkv matrix ({} x {}) in one binding",
+                w.rows, w.cols
+            )));
+        }
+        let mode = match out {
+            Out::Y { mode, .. } => mode,
+            Out::RopeKv(_) => Epilogue::Store,
+        };
+        let mut dispatches = Vec::new();
+        for c in &chunks {
             let params = Params {
                 rows: c.rows as u32,
                 k: w.cols as u32,
@@ -192,23 +304,46 @@ impl GemvQ4Q8 {
                 x.name()
             );
             let params_buf = gpu.uniform(&label, &params);
-            let bind_group = gpu.bind_group_ranges(
-                &label,
-                &pipeline,
-                &[
-                    (&params_buf, 0, None),
-                    (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
-                    (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                    (xq.buffer, xq.offset, Some(xq_bytes)),
-                    (xd.buffer, xd.offset, Some(xd_bytes)),
-                    (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
-                    (y.buffer, y.offset, Some(w.rows as u64 * 4)),
-                    (xf.buffer, xf.offset, Some(xf.size.max(16))),
-                    (norm, 0, Some(k_bytes.max(16).min(norm.size()))),
-                ],
-            );
-            let (gx, gy) = dispatch_2d(c.rows.div_ceil(cfg.rows as usize) as u32);
-            out.push(Dispatch {
+            let mut entries = vec![
+                (0, &params_buf, 0, None),
+                (1, w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
+                (2, w.scales.buffer, c.scales.0, Some(c.scales.1)),
+                (3, xq.buffer, xq.offset, Some(xq_bytes)),
+                (4, xd.buffer, xd.offset, Some(xd_bytes)),
+                (5, bias_range.buffer, bias_range.offset, Some(bias_bytes)),
+                (7, xf.buffer, xf.offset, Some(xf.size.max(16))),
+                (8, norm, 0, Some(k_bytes.max(16).min(norm.size()))),
+            ];
+            let rope_buf;
+            match &out {
+                Out::Y { y, .. } => entries.push((6, y.buffer, y.offset, Some(w.rows as u64 * 4))),
+                Out::RopeKv(r) => {
+                    rope_buf = gpu.uniform(
+                        &label,
+                        &RopeParams {
+                            n_heads: r.n_heads as u32,
+                            n_kv_heads: r.n_kv_heads as u32,
+                            head_dim: r.head_dim as u32,
+                            ctx: r.ctx as u32,
+                        },
+                    );
+                    entries.extend([
+                        (9, &rope_buf, 0, None),
+                        (10, r.step, 0, None),
+                        (11, r.inv_freq, 0, None),
+                        (12, r.q_out, 0, None),
+                        (13, r.k_cache, 0, None),
+                        (14, r.v_cache, 0, None),
+                    ]);
+                }
+            }
+            let bind_group = gpu.bind_group_numbered(&label, &pipeline, &entries);
+            let units = match &out {
+                Out::Y { .. } => c.rows.div_ceil(cfg.rows as usize),
+                Out::RopeKv(r) => (r.n_heads + 2 * r.n_kv_heads) * (r.head_dim / 4),
+            };
+            let (gx, gy) = dispatch_2d(units as u32);
+            dispatches.push(Dispatch {
                 label,
                 pipeline: pipeline.clone(),
                 bind_group,
@@ -216,7 +351,7 @@ impl GemvQ4Q8 {
                 params: Some(params_buf),
             });
         }
-        Ok(out)
+        Ok(dispatches)
     }
 }
 
@@ -286,8 +421,23 @@ fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<X
     })
 }
 
-/// The WGSL of the kernel reading `input` (its INPUT code), before gpu::shader_source.
+/// The WGSL of the kernel reading `input` (its INPUT code) and writing y, before
+/// gpu::shader_source.
 pub fn shader(subgroups: bool, input: u32) -> String {
+    shader_with_output(subgroups, input, OUT_Y_CODE)
+}
+
+/// The same with the RoPE + KV-cache output (see [`GemvQ4Q8::bind_rope_kv`]).
+pub fn rope_kv_shader(subgroups: bool, input: u32) -> String {
+    shader_with_output(subgroups, input, OUT_ROPE_KV_CODE)
+}
+
+fn shader_with_output(subgroups: bool, input: u32, out: u32) -> String {
     let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
-    format!("const INPUT: u32 = {input}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}")
+    let output = if out == OUT_ROPE_KV_CODE {
+        format!("{ROPE_ANGLE}\n{OUT_ROPE_KV}")
+    } else {
+        OUT_Y.to_string()
+    };
+    format!("const INPUT: u32 = {input}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}")
 }

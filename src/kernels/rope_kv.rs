@@ -21,18 +21,17 @@ struct Params {
     ctx: u32,
 }
 
+/// RoPE's (cos, sin) of an angle, shared with the int8 GEMV's RoPE epilogue.
+pub(crate) const ROPE_ANGLE: &str = include_str!("../../shaders/rope_angle.wgsl");
+
 pub struct RopeKv {
     pipeline: wgpu::ComputePipeline,
 }
 
 impl RopeKv {
     pub fn new(gpu: &Gpu) -> Result<RopeKv> {
-        let pipeline = gpu.compute_pipeline(
-            "rope_kv",
-            include_str!("../../shaders/rope_kv.wgsl"),
-            "main",
-            &[],
-        )?;
+        let source = format!("{ROPE_ANGLE}\n{}", include_str!("../../shaders/rope_kv.wgsl"));
+        let pipeline = gpu.compute_pipeline("rope_kv", &source, "main", &[])?;
         Ok(RopeKv { pipeline })
     }
 
