@@ -9,8 +9,8 @@
 //! `Q4WGPU_BENCH_GEMM_M=512,4096` sets its token counts (default 512, 64, 4096).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
-//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and
-//! decode attention.
+//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read, the
+//! activation quantizer and decode attention (the decode step's small kernels).
 //!
 //! GEMV GB/s = (qweight + scales + x bytes) / median time; weights rotate over enough copies
 //! that they cannot stay in the GPU's L2 cache between runs. Times come from timestamp queries
@@ -473,6 +473,7 @@ fn main() {
     );
 
     if s.attention_only {
+        quant_act_table(&gpu, &s);
         attention_decode(&gpu, &s, read_gbs);
         return;
     }

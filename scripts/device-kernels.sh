@@ -97,6 +97,8 @@ fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
+# The activation quantizer and decode attention tables (past the first 150 lines with --sweep).
+grep -E "^\| (rmsnorm|plain|swiglu|legacy|grouped)" "$OUT/kernels.log" 2>/dev/null | head -80
 grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
 cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12
 grep -E "^profile|^ *Name|^-|triton|gemv|gemm|Kernel|elementwise|Self CUDA" "$OUT/cuda_profile.log" 2>/dev/null | cut -c1-160 | head -40
