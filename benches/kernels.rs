@@ -792,7 +792,10 @@ fn grouped_parts(
     let t = time_per_call(gpu, s.reps, &|pass, i| {
         bound[i % bound.len()].decode[0].encode(pass)
     });
-    println!("| grouped, split pass only | {ctx} | {splits} | {} | | |", sig(t * 1e6));
+    println!(
+        "| grouped, split pass only | {ctx} | {splits} | {} | | |",
+        sig(t * 1e6)
+    );
     let xq = ActQ8Buffers::new(gpu, "bench attention int8", q_dim);
     let with_q8: Vec<Vec<Dispatch>> = bound
         .iter()
@@ -805,7 +808,10 @@ fn grouped_parts(
     let t = time_per_call(gpu, s.reps, &|pass, i| {
         encode_all(pass, &with_q8[i % with_q8.len()])
     });
-    println!("| grouped, int8 combine | {ctx} | {splits} | {} | | |", sig(t * 1e6));
+    println!(
+        "| grouped, int8 combine | {ctx} | {splits} | {} | | |",
+        sig(t * 1e6)
+    );
 }
 
 /// The int8-activation GEMV (gemv_q4_q8) on the same shapes, with its activation quantizer, and

@@ -522,10 +522,19 @@ fn decode_combine_writes_the_o_input_in_int8() {
         let blocks = q_dim.div_ceil(128) * 4;
         let (fw, sw) = (read_words(&fused.words), read_words(&separate.words));
         let (fs, ss) = (read_words(&fused.scales), read_words(&separate.scales));
-        assert!(fw[..8 * blocks] == sw[..8 * blocks], "{what}: int8 words differ");
-        assert!(fs[..2 * blocks] == ss[..2 * blocks], "{what}: scales differ");
         assert!(
-            fw[8 * blocks..].iter().chain(&fs[2 * blocks..]).all(|&w| w == u32::MAX),
+            fw[..8 * blocks] == sw[..8 * blocks],
+            "{what}: int8 words differ"
+        );
+        assert!(
+            fs[..2 * blocks] == ss[..2 * blocks],
+            "{what}: scales differ"
+        );
+        assert!(
+            fw[8 * blocks..]
+                .iter()
+                .chain(&fs[2 * blocks..])
+                .all(|&w| w == u32::MAX),
             "{what}: wrote past the padded input"
         );
         // The zero padding and real blocks are there (not both kernels leaving poison).

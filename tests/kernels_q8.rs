@@ -196,9 +196,17 @@ fn quant_act_matches_the_spec_for_every_input() {
                     first = Some(got);
                     continue;
                 };
-                assert!(got.0 == want.0, "{what}: int8 words differ from {:?}'s", QUANT_KERNELS[0]);
+                assert!(
+                    got.0 == want.0,
+                    "{what}: int8 words differ from {:?}'s",
+                    QUANT_KERNELS[0]
+                );
                 if name != "rmsnorm" {
-                    assert!(got.1 == want.1, "{what}: scales differ from {:?}'s", QUANT_KERNELS[0]);
+                    assert!(
+                        got.1 == want.1,
+                        "{what}: scales differ from {:?}'s",
+                        QUANT_KERNELS[0]
+                    );
                 }
             }
         }
@@ -648,18 +656,33 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
             .expect("bind");
         run(g, &ds);
         let what = format!("rope kv {nh}/{nkv} heads of {hd}, pos {pos} of {ctx}");
-        assert_close(&format!("{what}: q"), &read_f32(g, &q_out, nh * hd), &y[..nh * hd], TOL);
-        for (name, cache, first_row) in [("k", &k_cache, nh * hd), ("v", &v_cache, (nh + nkv) * hd)] {
+        assert_close(
+            &format!("{what}: q"),
+            &read_f32(g, &q_out, nh * hd),
+            &y[..nh * hd],
+            TOL,
+        );
+        for (name, cache, first_row) in [("k", &k_cache, nh * hd), ("v", &v_cache, (nh + nkv) * hd)]
+        {
             let words = read_u32(g, cache);
             for (i, &word) in words.iter().enumerate() {
                 let (kvh, p, pair) = (i / (ctx * hd / 2), (i / (hd / 2)) % ctx, i % (hd / 2));
                 if p != pos {
-                    assert_eq!(word, 0xDEAD_BEEF, "{what}: {name} cache word {i} (position {p}) was written");
+                    assert_eq!(
+                        word, 0xDEAD_BEEF,
+                        "{what}: {name} cache word {i} (position {p}) was written"
+                    );
                     continue;
                 }
                 let e = first_row + kvh * hd + 2 * pair;
-                let got = [word as u16, (word >> 16) as u16].map(|h| half::f16::from_bits(h).to_f32());
-                assert_close(&format!("{what}: {name} cache word {i}"), &got, &y[e..e + 2], 1e-3);
+                let got =
+                    [word as u16, (word >> 16) as u16].map(|h| half::f16::from_bits(h).to_f32());
+                assert_close(
+                    &format!("{what}: {name} cache word {i}"),
+                    &got,
+                    &y[e..e + 2],
+                    1e-3,
+                );
             }
         }
     }
