@@ -19,8 +19,9 @@
 //!   splits past the end exit at once. Pass 2 rescales the splits of each head to a common max and
 //!   divides by the total sum. With int8 decode activations, [`Attention::decode_q8_output`]
 //!   swaps in a combine that also writes the o projection's int8 input (each head is whole
-//!   32-value blocks), so no quantizer dispatch runs between them. [`DecodeKernel::Legacy`] keeps the previous decode kernel (in
-//!   `shaders/attention.wgsl`) for A/B measurement in the kernel bench.
+//!   32-value blocks), so no quantizer dispatch runs between them. [`DecodeKernel::Legacy`]
+//!   keeps the previous decode kernel (in `shaders/attention.wgsl`) for A/B measurement in the
+//!   kernel bench.
 //! - **prefill** (a chunk of tokens): one workgroup per 32 (token, head) rows of a KV group; tiles of
 //!   16 or 32 keys are unpacked into workgroup memory once and used by all 32 rows; causal mask by
 //!   position; rows past `n_tokens` are not written.
