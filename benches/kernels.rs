@@ -20,7 +20,7 @@
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant};
-use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4, MAX_UNROLL};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
@@ -541,6 +541,7 @@ fn main() {
                         wg,
                         rows,
                         subgroups: gpu.caps.subgroups,
+                        unroll: 1,
                     };
                     if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
                         sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
@@ -821,6 +822,7 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     println!("\n## GEMV, int8 activations (M = 1)\n");
     println!("| matrix | K | N | MB | µs | GB/s | of stream read | config | input quantized in: µs |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut sweeps = Vec::new();
+    let mut unroll_rows = Vec::new();
     for (i, shape) in s.shapes.iter().enumerate() {
         let first = Matrix::random(gpu, shape.n, shape.k, 77 + i as u64);
         let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
@@ -920,25 +922,40 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             cfg.rows,
             sig(t_fused * 1e6)
         );
+        // Unroll depths at the chosen shape (the quick table), then (with --sweep) every shape.
+        let mut unrolls = vec![];
+        for unroll in 1..=MAX_UNROLL {
+            let t = time(Some(GemvConfig { unroll, ..cfg }));
+            unrolls.push(t.map_or("—".to_string(), |t| sig(bytes as f64 / t / 1e9)));
+        }
+        unroll_rows.push(format!("| {} | wg {} rows {} | {} |", shape.name, cfg.wg, cfg.rows, unrolls.join(" | ")));
         if s.sweep {
             for wg in [32, 64, 128, 256] {
                 for rows in [1, 2, 4, 8] {
-                    let cfg = GemvConfig {
-                        wg,
-                        rows,
-                        subgroups: gpu.caps.subgroups,
-                    };
-                    if let Some(t) = time(Some(cfg)) {
-                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                    for unroll in [1, 2, 4] {
+                        let cfg = GemvConfig {
+                            wg,
+                            rows,
+                            subgroups: gpu.caps.subgroups,
+                            unroll,
+                        };
+                        if let Some(t) = time(Some(cfg)) {
+                            sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                        }
                     }
                 }
             }
         }
     }
+    println!("\n### int8 GEMV: K steps loaded ahead (UNROLL), GB/s at the default shape\n");
+    println!("| matrix | shape | unroll 1 | 2 | 3 | 4 |\n| --- | --- | --- | --- | --- | --- |");
+    for row in &unroll_rows {
+        println!("{row}");
+    }
     if s.sweep {
-        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
+        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | GB/s |\n| --- | --- | --- | --- | --- |");
         for (name, cfg, gbs) in &sweeps {
-            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
+            println!("| {name} | {} | {} | {} | {} |", cfg.wg, cfg.rows, cfg.unroll, sig(*gbs));
         }
     }
     quant_act_table(gpu, s);

@@ -341,8 +341,8 @@ fn kernel_case(g: &Gpu, kernel: &GemvQ4Q8, rng: &mut Rng, c: Case) {
     c.check(g, kernel, rng);
 }
 
-/// Every workgroup shape and both reductions give the same sums; matrices larger than a binding
-/// are split into row ranges.
+/// Every workgroup shape, unroll depth and both reductions give the same sums; matrices larger
+/// than a binding are split into row ranges.
 #[test]
 fn gemv_q8_every_workgroup_shape_and_row_split() {
     let g = gpu();
@@ -356,11 +356,14 @@ fn gemv_q8_every_workgroup_shape_and_row_split() {
     };
     for &subgroups in reductions {
         for wg in [unit, 2 * unit, 4 * unit] {
-            for rows in [1, 3, 4, 8, 16] {
+            // Deeper unrolls at the smallest workgroup only (each shape is a pipeline to compile).
+            let unrolled: &[(u32, u32)] = if wg == unit { &[(3, 2), (4, 3), (2, 4)] } else { &[] };
+            for &(rows, unroll) in [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1)].iter().chain(unrolled) {
                 let config = Some(GemvConfig {
                     wg,
                     rows,
                     subgroups,
+                    unroll,
                 });
                 let opts = GemvOptions {
                     config,
