@@ -16,8 +16,8 @@
 //! nothing).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
-//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read and
-//! decode attention.
+//! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read, the
+//! activation quantizer and decode attention (the decode step's small kernels).
 //!
 //! GEMV GB/s = (qweight + scales + x bytes) / median time; weights rotate over enough copies
 //! that they cannot stay in the GPU's L2 cache between runs. Times come from timestamp queries
@@ -25,11 +25,11 @@
 //! submit + wait of such a pass. Each median is over `SAMPLES` passes after `WARMUP` passes.
 
 use q4wgpu::gpu::Gpu;
-use q4wgpu::kernels::attention::{Attention, DecodeKernel, DecodeOptions};
+use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, TileOpts};
-use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4};
+use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4, MAX_UNROLL};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
-use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref, StepParams};
 use q4wgpu::quant::{blocks_per_row, ActQ8};
 use std::time::Instant;
@@ -485,6 +485,7 @@ fn main() {
     );
 
     if s.attention_only {
+        quant_act_table(&gpu, &s);
         attention_decode(&gpu, &s, read_gbs);
         return;
     }
@@ -558,6 +559,7 @@ fn main() {
                         wg,
                         rows,
                         subgroups: gpu.caps.subgroups,
+                        unroll: 1,
                     };
                     if let Some(t) = time_gemv(&gpu, &s, &gemv, &copies, &x, &y, Some(cfg)) {
                         sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
@@ -775,6 +777,13 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             },
         ),
         ("grouped".to_string(), grouped),
+        (
+            "grouped, V loads past the end".to_string(),
+            DecodeOptions {
+                v_tail_guard: false,
+                ..grouped
+            },
+        ),
     ];
     if s.sweep {
         for target in [128, 256, 1024, 2048] {
@@ -858,8 +867,48 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                 sig(gbs),
                 gbs / read_gbs
             );
+            if name == "grouped" {
+                grouped_parts(gpu, s, attention, &bound, ctx, splits, heads * hd);
+            }
         }
     }
+}
+
+/// The grouped decode's parts at one context: the split pass alone (what the combine adds is
+/// the difference), and the combine that also writes the o projection's int8 input
+/// (`DecodeFusion::attention_combine`; against the row above plus the plain quantizer's).
+fn grouped_parts(
+    gpu: &Gpu,
+    s: &Settings,
+    attention: &Attention,
+    bound: &[AttentionDispatches],
+    ctx: usize,
+    splits: usize,
+    q_dim: usize,
+) {
+    let t = time_per_call(gpu, s.reps, &|pass, i| {
+        bound[i % bound.len()].decode[0].encode(pass)
+    });
+    println!(
+        "| grouped, split pass only | {ctx} | {splits} | {} | | |",
+        sig(t * 1e6)
+    );
+    let xq = ActQ8Buffers::new(gpu, "bench attention int8", q_dim);
+    let with_q8: Vec<Vec<Dispatch>> = bound
+        .iter()
+        .filter_map(|b| attention.decode_q8_output(gpu, b, &xq).ok().flatten())
+        .collect();
+    if with_q8.len() != bound.len() {
+        println!("| grouped, int8 combine | {ctx} | {splits} | — | not available | |");
+        return;
+    }
+    let t = time_per_call(gpu, s.reps, &|pass, i| {
+        encode_all(pass, &with_q8[i % with_q8.len()])
+    });
+    println!(
+        "| grouped, int8 combine | {ctx} | {splits} | {} | | |",
+        sig(t * 1e6)
+    );
 }
 
 /// The int8-activation GEMV (gemv_q4_q8) on the same shapes, with its activation quantizer, and
@@ -869,6 +918,7 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     println!("\n## GEMV, int8 activations (M = 1)\n");
     println!("| matrix | K | N | MB | µs | GB/s | of stream read | config | input quantized in: µs |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut sweeps = Vec::new();
+    let mut unroll_rows = Vec::new();
     for (i, shape) in s.shapes.iter().enumerate() {
         let first = Matrix::random(gpu, shape.n, shape.k, 77 + i as u64);
         let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
@@ -968,50 +1018,88 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             cfg.rows,
             sig(t_fused * 1e6)
         );
+        // Unroll depths at the chosen shape (the quick table), then (with --sweep) every shape.
+        let mut unrolls = vec![];
+        for unroll in 1..=MAX_UNROLL {
+            let t = time(Some(GemvConfig { unroll, ..cfg }));
+            unrolls.push(t.map_or("—".to_string(), |t| sig(bytes as f64 / t / 1e9)));
+        }
+        unroll_rows.push(format!("| {} | wg {} rows {} | {} |", shape.name, cfg.wg, cfg.rows, unrolls.join(" | ")));
         if s.sweep {
             for wg in [32, 64, 128, 256] {
                 for rows in [1, 2, 4, 8] {
-                    let cfg = GemvConfig {
-                        wg,
-                        rows,
-                        subgroups: gpu.caps.subgroups,
-                    };
-                    if let Some(t) = time(Some(cfg)) {
-                        sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                    for unroll in [1, 2, 4] {
+                        let cfg = GemvConfig {
+                            wg,
+                            rows,
+                            subgroups: gpu.caps.subgroups,
+                            unroll,
+                        };
+                        if let Some(t) = time(Some(cfg)) {
+                            sweeps.push((shape.name, cfg, bytes as f64 / t / 1e9));
+                        }
                     }
                 }
             }
         }
     }
+    println!("\n### int8 GEMV: K steps loaded ahead (UNROLL), GB/s at the default shape\n");
+    println!("| matrix | shape | unroll 1 | 2 | 3 | 4 |\n| --- | --- | --- | --- | --- | --- |");
+    for row in &unroll_rows {
+        println!("{row}");
+    }
     if s.sweep {
-        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | GB/s |\n| --- | --- | --- | --- |");
+        println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | GB/s |\n| --- | --- | --- | --- | --- |");
         for (name, cfg, gbs) in &sweeps {
-            println!("| {name} | {} | {} | {} |", cfg.wg, cfg.rows, sig(*gbs));
+            println!("| {name} | {} | {} | {} | {} |", cfg.wg, cfg.rows, cfg.unroll, sig(*gbs));
         }
     }
-    let quant = QuantAct::new(gpu).expect("quant_act compiles");
+    quant_act_table(gpu, s);
+}
+
+/// The activation quantizer at the decode step's sizes (5120 plain and RMSNorm, 27648 SwiGLU
+/// on the 32B shape): the serial kernel it replaced and the four-lanes kernel at several
+/// workgroup sizes, in one run.
+fn quant_act_table(gpu: &Gpu, s: &Settings) {
     let (h, ffn) = (s.shapes[0].k, s.shapes[3].k);
     let x = gpu.storage_from("bench act", &vec![0.25f32; 2 * ffn.max(h)]);
     let w = gpu.storage_from("bench norm", &vec![1.0f32; h]);
     let out = ActQ8Buffers::new(gpu, "bench act q8", ffn.max(h));
-    println!("\n| activation quantizer | K | µs |\n| --- | --- | --- |");
-    for (name, input, k) in [
-        (
-            "rmsnorm",
-            ActInput::RmsNorm {
-                weight: &w,
-                eps: 1e-5,
-            },
-            h,
-        ),
-        ("plain", ActInput::Plain, h),
-        ("swiglu", ActInput::SwiGlu, ffn),
-    ] {
-        let d = quant
-            .bind(gpu, input, &x, k, &out)
-            .expect("quant_act binds");
-        let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
-        println!("| {name} | {k} | {} |", sig(t * 1e6));
+    let kernels = [
+        QuantActKernel::Serial,
+        QuantActKernel::Lanes { wg: 32 },
+        QuantActKernel::Lanes { wg: 64 },
+        QuantActKernel::Lanes { wg: 128 },
+        QuantActKernel::Lanes { wg: 256 },
+    ];
+    println!("\n| activation quantizer | K | kernel | µs |\n| --- | --- | --- | --- |");
+    for kernel in kernels {
+        let quant = QuantAct::with_kernel(gpu, kernel).expect("quant_act compiles");
+        let name = match kernel {
+            QuantActKernel::Serial => "serial".to_string(),
+            QuantActKernel::Lanes { wg } if kernel == QuantActKernel::default() => {
+                format!("lanes wg {wg} (default)")
+            }
+            QuantActKernel::Lanes { wg } => format!("lanes wg {wg}"),
+        };
+        for (input_name, input, k) in [
+            (
+                "rmsnorm",
+                ActInput::RmsNorm {
+                    weight: &w,
+                    eps: 1e-5,
+                },
+                h,
+            ),
+            ("plain", ActInput::Plain, h),
+            ("swiglu", ActInput::SwiGlu, ffn),
+        ] {
+            let d = quant
+                .bind(gpu, input, &x, k, &out)
+                .expect("quant_act binds");
+            let t = time_per_call(gpu, s.reps, &|pass, _| d.encode(pass));
+            println!("| {input_name} | {k} | {name} | {} |", sig(t * 1e6));
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Decode attention on the GPU machine in one call: its kernel tests, then the kernel bench's
-# attention rows (legacy against grouped kernel, and the grouped kernel's split settings), each
-# against the streaming read measured in the same run.
+# The decode step's small kernels on the GPU machine in one call: their kernel tests (attention,
+# int8 activations), then the kernel bench's activation quantizer rows (serial against four-lane
+# kernel at several workgroup sizes) and attention rows (legacy against grouped kernel, split pass
+# alone, int8-output combine, V tail loads, and with SWEEP the split settings), each against the
+# streaming read measured in the same run.
 #
-#   here:   scripts/device-attention.sh prepare     (builds .device-bin/attn/{kernels_attention,kernels})
+#   here:   scripts/device-attention.sh prepare     (builds .device-bin/attn/{kernels_attention,kernels_q8,kernels})
 #   device: carry [".gl", ".device-bin/attn"], command: scripts/device-attention.sh
 # Logs go to $OUT (attention-tests.log, attention-bench.md).
 set -uo pipefail
@@ -12,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
   set -e
   mkdir -p .device-bin/attn
-  for target in "test kernels_attention" "bench kernels"; do
+  for target in "test kernels_attention" "test kernels_q8" "bench kernels"; do
     set -- $target
     exe=$(cargo test --release --no-run --message-format=json --"$1" "$2" 2>/dev/null |
       python3 -c '
@@ -42,6 +44,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | sed 's/^
 timeout 300 .device-bin/attn/kernels_attention >"$OUT/attention-tests.log" 2>&1
 echo "kernels_attention: exit $?"
 grep -E "^(test |test result|test GPU)" "$OUT/attention-tests.log"
+if [ -x .device-bin/attn/kernels_q8 ]; then
+  timeout 200 .device-bin/attn/kernels_q8 >"$OUT/q8-tests.log" 2>&1
+  echo "kernels_q8: exit $?"
+  grep -E "^(test |test result|test GPU)|panicked" "$OUT/q8-tests.log"
+fi
 
 timeout 400 .device-bin/attn/kernels --attention-only ${SWEEP---sweep} >"$OUT/attention-bench.md" 2>&1
 echo "kernels bench: exit $?"

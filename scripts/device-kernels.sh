@@ -88,6 +88,9 @@ if [ "${REAL:-1}" != 0 ] && [ -f "$Q4WGPU_CACHE/models/qwen2.5-coder-0.5b-instru
   log "test real_model: exit $?"
   timeout 120 "$Q4WGPU" run --chat --prompt "1.1+2.3=?" --max-tokens 64 >"$OUT/real.log" 2>&1
   log "real run: exit $?"
+  # Time to first token of a 4096-token prompt on the real model (issue 10), and its decode.
+  timeout 120 "$Q4WGPU" bench --adapter nvidia -p 4096 -n 128 -r 2 --json "$OUT/real_bench.json" >"$OUT/real_bench.log" 2>&1
+  log "real model bench (pp4096, tg128): exit $?"
   cat README.md ARCHITECTURE.md src/engine.rs >/tmp/eval-text.txt
   timeout 180 "$Q4WGPU" eval --file /tmp/eval-text.txt --max-tokens 2048 --json "$OUT/eval.json" >"$OUT/eval.log" 2>&1
   log "eval: exit $?"
@@ -102,8 +105,11 @@ fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
+# The activation quantizer and decode attention tables (past the first 150 lines with --sweep).
+grep -E "^\| (rmsnorm|plain|swiglu|legacy|grouped)" "$OUT/kernels.log" 2>/dev/null | head -80
 # The GEMM sweep's summaries (its full table is in kernels.log).
 grep -A8 "^### GEMM best" "$OUT/kernels.log" 2>/dev/null
 grep -hE "^\| qwen2|^\| (dispatch|norm|qkv|rope|attention|o |post|gate|swiglu|down|final|lm_head)" "$OUT/e2e.log" "$OUT"/pp*.log "$OUT/depth.log" 2>/dev/null | head -150
 cat "$OUT/real.log" "$OUT/eval.log" 2>/dev/null | tail -12
+grep -E "^\| " "$OUT/real_bench.log" 2>/dev/null | head -6
 grep -E "^profile|^ *Name|^-|triton|gemv|gemm|Kernel|elementwise|Self CUDA" "$OUT/cuda_profile.log" 2>/dev/null | cut -c1-160 | head -40

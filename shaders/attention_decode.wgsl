@@ -15,6 +15,10 @@
 //   2. max and exp-sum per head (workgroup reductions), then P·V over the chunk's V rows, then a sum of
 //      the position phases. Writes the split's max m, sum l and unnormalised output to scratch.
 // decode_combine: one workgroup per query head rescales the splits to a common max and divides.
+// decode_combine_q8 (int8 decode activations): the same, then the head's HD values (HD / 32 whole
+// blocks) quantized with q8_block.wgsl (prepended by the wrapper) into the o projection's int8
+// input, bit-identical to what quant_act.wgsl would make of `out`; the last head's workgroup
+// zeroes the blocks that pad n_heads * HD to whole weight blocks of 128.
 //
 // The split layout follows step.kv_len at run time (split_layout), bounded at bind time by the
 // context: workgroups of splits past the layout exit at once, and the combine ignores them.
@@ -42,7 +46,8 @@ struct Params {
     min_chunk: u32,
     max_chunk: u32,
     target_splits: u32,
-    _pad0: u32,
+    // decode_combine_q8: blocks of 32 of the o projection's input, padding included.
+    q8_blocks: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -53,6 +58,9 @@ override HD: u32 = 128u;
 // second quad holds one head, and only its lane is computed.
 override GB: u32 = 4u;
 override NQ: u32 = (GB + 3u) / 4u;
+// P·V loads the next V tile only where there is one (false: also past the end, unused; kept
+// for the bench's A/B).
+override V_TAIL_GUARD: bool = true;
 
 const WG: u32 = 128u;
 // Cache words per row, threads per row, rows loaded at once by the workgroup.
@@ -77,6 +85,9 @@ const NEG: f32 = -3.0e38;
 @group(0) @binding(5) var<storage, read_write> part_o: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> part_ml: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read_write> out: array<vec4<f32>>;
+// decode_combine_q8 only: the int8 blocks (two vec4 of words per block) and (d, d Σq) per block.
+@group(0) @binding(8) var<storage, read_write> xq: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read_write> xd: array<vec2<f32>>;
 
 var<workgroup> sc_s: array<vec4<f32>, SC_VEC4>;
 var<workgroup> red_s: array<vec4<f32>, RED_VEC4>;
@@ -322,7 +333,9 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         let v1 = v.w1;
         let v2 = v.w2;
         let v3 = v.w3;
-        v = load_tile(false, row0, pg, dg, n, t0 + TILE);
+        if !V_TAIL_GUARD || t0 + TILE < n {
+            v = load_tile(false, row0, pg, dg, n, t0 + TILE);
+        }
         accumulate(&acc, p, n, v0);
         accumulate(&acc, p + NPH, n, v1);
         accumulate(&acc, p + 2u * NPH, n, v2);
@@ -393,10 +406,10 @@ fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(256)
-fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// The combine of query head `head`; every thread calls it. Threads lid < HD / 4 get the output
+// of their vec4 (which they also write to `out`); the others get zero.
+fn combine(head: u32, lid: u32) -> vec4<f32> {
     let hd4 = HD / 4u;
-    let head = wid.x;
     let n_splits = min(split_layout(step_kv_len()).n, params.max_splits);
     let first = head * params.max_splits;
 
@@ -441,6 +454,7 @@ fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     cb_o[lid] = o;
     cb_red[lid] = l;
     workgroupBarrier();
+    var result = vec4<f32>(0.0);
     if sg == 0u {
         var total = vec4<f32>(0.0);
         var l_all = 0.0;
@@ -448,6 +462,47 @@ fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             total += cb_o[g * hd4 + w4];
             l_all += cb_red[g * hd4];
         }
-        out[head * hd4 + w4] = total / l_all;
+        result = total / l_all;
+        out[head * hd4 + w4] = result;
+    }
+    return result;
+}
+
+@compute @workgroup_size(256)
+fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    combine(wid.x, lid);
+}
+
+// The head's output, shared for the block quantizers.
+var<workgroup> cb_head: array<vec4<f32>, 32>;
+
+@compute @workgroup_size(256)
+fn decode_combine_q8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let head = wid.x;
+    let o = combine(head, lid);
+    if lid < HD / 4u {
+        cb_head[lid] = o;
+    }
+    workgroupBarrier();
+    // Thread t < HD / 32 quantizes the head's block t, from the same f32 values written to `out`.
+    let per_head = HD / 32u;
+    if lid < per_head {
+        var v: array<vec4<f32>, 8>;
+        for (var i = 0u; i < 8u; i++) {
+            v[i] = cb_head[8u * lid + i];
+        }
+        let q = quantize32(v);
+        let b = head * per_head + lid;
+        xq[2u * b] = q.lo;
+        xq[2u * b + 1u] = q.hi;
+        xd[b] = vec2<f32>(q.d, q.dsum);
+    }
+    // Padding blocks (zero values: zero levels and scales, as quant_act writes them).
+    if head + 1u == params.n_heads {
+        for (var b = params.n_heads * per_head + lid; b < params.q8_blocks; b += CB_WG) {
+            xq[2u * b] = vec4<u32>(0u);
+            xq[2u * b + 1u] = vec4<u32>(0u);
+            xd[b] = vec2<f32>(0.0);
+        }
     }
 }

@@ -27,7 +27,12 @@
 
 override WG: u32 = 32u;
 override ROWS: u32 = 8u;
+// UNROLL (a `const` the wrapper prepends): K steps per loop iteration; a thread issues all their
+// weight loads before it computes any (more bytes in flight). Each thread still accumulates its
+// quarters in the same order, so any UNROLL gives the same sums. (A const, not an override:
+// naga 30 panicked on the override in the loop's step.)
 const MAX_ROWS: u32 = 16u;
+const MAX_UNROLL: u32 = 4u;
 const INPUT_Q8: u32 = 0u;
 const INPUT_F32: u32 = 1u;
 const INPUT_RMSNORM: u32 = 2u;
@@ -138,18 +143,27 @@ fn main(
         rows[r] = out_row(unit, r);
     }
     var acc: array<f32, MAX_ROWS>;
-    for (var q = lid; q < quarters; q += WG) {
-        var w: array<vec4<u32>, MAX_ROWS>;
-        var sc: array<f32, MAX_ROWS>;
-        for (var r = 0u; r < ROWS; r++) {
-            w[r] = qw[rows[r] * quarters + q];
-            sc[r] = scale(rows[r] * p.bpr + q / 4u);
+    for (var q0 = lid; q0 < quarters; q0 += WG * UNROLL) {
+        var w: array<vec4<u32>, MAX_ROWS * MAX_UNROLL>;
+        var sc: array<f32, MAX_ROWS * MAX_UNROLL>;
+        for (var u = 0u; u < UNROLL; u++) {
+            // Past the row's end a step re-reads its last quarter, unused below.
+            let q = min(q0 + u * WG, quarters - 1u);
+            for (var r = 0u; r < ROWS; r++) {
+                w[u * ROWS + r] = qw[rows[r] * quarters + q];
+                sc[u * ROWS + r] = scale(rows[r] * p.bpr + q / 4u);
+            }
         }
-        let xb = x_quarter(q);
-        let offset = 8.0 * xb.dsum;
-        for (var r = 0u; r < ROWS; r++) {
-            let t = fma(xb.d, f32(quarter_dot(w[r], xb.lo, xb.hi)), -offset);
-            acc[r] = fma(t, sc[r], acc[r]);
+        for (var u = 0u; u < UNROLL; u++) {
+            let q = q0 + u * WG;
+            if (q < quarters) {
+                let xb = x_quarter(q);
+                let offset = 8.0 * xb.dsum;
+                for (var r = 0u; r < ROWS; r++) {
+                    let t = fma(xb.d, f32(quarter_dot(w[u * ROWS + r], xb.lo, xb.hi)), -offset);
+                    acc[r] = fma(t, sc[u * ROWS + r], acc[r]);
+                }
+            }
         }
     }
     write_out(unit, workgroup_sums(acc, lid) * input_scale(lid), lid);

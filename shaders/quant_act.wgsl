@@ -9,16 +9,17 @@
 //! With INPUT_RMSNORM the blocks quantized are those of x * norm_w, and 1 / rms(x) multiplies
 //! their d (ActQ8::quantize_scaled): the same levels gemv_q4_q8 computes when it fuses the norm.
 //!
-//! Thread mapping: each thread quantizes one block of 32 (8 vec4 loads, the absmax, 8 packed
-//! words written as two vec4). Blocks past K (to whole weight blocks of 128) are written as zero.
-//! INPUT_RMSNORM needs the mean square of the whole vector first: one workgroup takes the whole
-//! vector (its threads stride over the blocks) after a reduction in workgroup memory.
-//!
-//! Packed layout (ActQ8::packed_words): per block, word 2j holds values 8j, 8j+2, 8j+4, 8j+6 and
-//! word 2j+1 values 8j+1, 8j+3, 8j+5, 8j+7, as `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` lay
-//! out the nibbles of weight word j.
+//! Thread mapping: LANES = 4 threads per block of 32, lane j owning values 8j .. 8j+7 (two vec4
+//! loads; a warp reads contiguous memory) and writing the block's words 2j and 2j+1; the block's
+//! absmax and level sum go through workgroup memory. WG / 4 blocks per workgroup, so a vector
+//! spreads over many workgroups (5120 values: 10 at WG 64). Blocks past K (to whole weight
+//! blocks of 128) are written as zero. INPUT_RMSNORM needs the mean square of the whole vector:
+//! every workgroup computes it itself (≤ ~110 KB, from L2), identically, rather than one
+//! workgroup doing all the blocks. The arithmetic is q8_block.wgsl's (bit-identical to
+//! quantize32; quant_act_serial.wgsl is the one-thread-per-block version this replaced).
 
-override WG: u32 = 256u;
+override WG: u32 = 64u;
+const LANES: u32 = 4u;
 const INPUT_PLAIN: u32 = 0u;
 const INPUT_RMSNORM: u32 = 1u;
 const INPUT_SWIGLU: u32 = 2u;
@@ -35,10 +36,12 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> norm_w: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> xq: array<vec4<u32>>;
+// Words 2j, 2j+1 of block b at index 4b + j.
+@group(0) @binding(3) var<storage, read_write> xq: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> xd: array<vec2<f32>>;
 
 var<workgroup> red: array<f32, WG>;
+var<workgroup> lane_sum: array<i32, WG>;
 
 // Values 4v .. 4v+4 of the vector before any norm, zero past K.
 fn load4(v: u32) -> vec4<f32> {
@@ -50,43 +53,42 @@ fn load4(v: u32) -> vec4<f32> {
         let g = x[v];
         return g / (1.0 + exp(-g)) * x[v + n];
     }
+    if (INPUT == INPUT_RMSNORM) {
+        return x[v] * norm_w[v];
+    }
     return x[v];
 }
 
-// 1 / sqrt(mean(x²) + eps) over the whole vector (one workgroup; every thread calls it).
+// 1 / sqrt(mean(x²) + eps) over the whole vector; every thread of every workgroup calls it and
+// gets the same value (same order of operations everywhere).
 fn inverse_rms(lid: u32) -> f32 {
-    var s = 0.0;
-    for (var v = lid; v < p.k / 4u; v += WG) {
-        let t = x[v];
-        s += dot(t, t);
+    let n = p.k / 4u;
+    // Eight loads in flight per thread and round (indices clamped, values past the end zeroed):
+    // a 5120-value vector is 3 rounds at WG 64, 1 at WG 256.
+    var s = vec4<f32>(0.0);
+    for (var v0 = lid; v0 < n; v0 += 8u * WG) {
+        var t: array<vec4<f32>, 8>;
+        for (var u = 0u; u < 8u; u++) {
+            let v = v0 + u * WG;
+            t[u] = select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
+        }
+        for (var u = 0u; u < 8u; u += 4u) {
+            s += vec4<f32>(dot(t[u], t[u]), dot(t[u + 1u], t[u + 1u]), dot(t[u + 2u], t[u + 2u]), dot(t[u + 3u], t[u + 3u]));
+        }
     }
-    red[lid] = s;
+    red[lid] = (s.x + s.y) + (s.z + s.w);
     workgroupBarrier();
-    for (var n = WG; n > 1u; n = (n + 1u) / 2u) {
-        let half = (n + 1u) / 2u;
-        if (lid < n - half) {
+    for (var m = WG; m > 1u; m = (m + 1u) / 2u) {
+        let half = (m + 1u) / 2u;
+        if (lid < m - half) {
             red[lid] += red[lid + half];
         }
         workgroupBarrier();
     }
-    return 1.0 / sqrt(red[0] / f32(p.k) + p.eps);
-}
-
-// Quantizes block b; RMSNorm's 1 / rms multiplies d (quantizing x * w and scaling d by the norm
-// is the spec's order: ActQ8::quantize_scaled).
-fn quantize_block(b: u32, inv_rms: f32) {
-    var v: array<vec4<f32>, 8>;
-    for (var i = 0u; i < 8u; i++) {
-        var t = load4(b * 8u + i);
-        if (INPUT == INPUT_RMSNORM) {
-            t = t * norm_w[min(b * 8u + i, p.k / 4u - 1u)];
-        }
-        v[i] = t;
-    }
-    let q = quantize32(v);
-    xq[2u * b] = q.lo;
-    xq[2u * b + 1u] = q.hi;
-    xd[b] = vec2<f32>(q.d * inv_rms, q.dsum * inv_rms);
+    let inv = 1.0 / sqrt(red[0] / f32(p.k) + p.eps);
+    // red is reused for the absmax next.
+    workgroupBarrier();
+    return inv;
 }
 
 @compute @workgroup_size(WG)
@@ -94,15 +96,35 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    var inv_rms = 1.0;
     if (INPUT == INPUT_RMSNORM) {
-        let inv_rms = inverse_rms(lid);
-        for (var b = lid; b < p.blocks; b += WG) {
-            quantize_block(b, inv_rms);
-        }
-    } else {
-        let b = wid.x * WG + lid;
-        if (b < p.blocks) {
-            quantize_block(b, 1.0);
+        inv_rms = inverse_rms(lid);
+    }
+    let b = wid.x * (WG / LANES) + lid / LANES;
+    let j = lid % LANES;
+    let first = lid - j;
+    let live = b < p.blocks;
+    var a = vec4<f32>(0.0);
+    var c = vec4<f32>(0.0);
+    if (live) {
+        a = load4(b * 8u + 2u * j);
+        c = load4(b * 8u + 2u * j + 1u);
+    }
+    red[lid] = max(absmax4(a), absmax4(c));
+    workgroupBarrier();
+    let absmax = max(max(red[first], red[first + 1u]), max(red[first + 2u], red[first + 3u]));
+    let d = q8_scale(absmax);
+    let la = q8_levels(a, d);
+    let lc = q8_levels(c, d);
+    let t = la + lc;
+    lane_sum[lid] = t.x + t.y + t.z + t.w;
+    workgroupBarrier();
+    if (live) {
+        xq[4u * b + j] = q8_pack_pair(la, lc);
+        if (j == 0u) {
+            let total = lane_sum[first] + lane_sum[first + 1u] + lane_sum[first + 2u] + lane_sum[first + 3u];
+            // (d Σq) / rms, in the order quantize32's dsum then the norm's scale.
+            xd[b] = vec2<f32>(d * inv_rms, d * f32(total) * inv_rms);
         }
     }
 }

@@ -64,6 +64,11 @@ pub struct DecodeFusion {
     /// With int8 activations: the quantization of the attention output, inside the o projection
     /// (the f32 GEMV reads it as it is).
     pub attention_output: bool,
+    /// With int8 activations: the attention combine writes the o projection's int8 input itself
+    /// (each head is whole 32-value blocks), so no quantizer runs between them. Takes precedence
+    /// over `attention_output`; where the decode attention cannot (head dim not a multiple of
+    /// 32), the input is quantized by a dispatch of its own.
+    pub attention_combine: bool,
     /// With int8 activations: RoPE and the KV-cache write as the qkv projection's output, in place
     /// of a dispatch of their own.
     pub rope_kv: bool,
@@ -75,6 +80,7 @@ impl DecodeFusion {
         post_norm: false,
         swiglu: false,
         attention_output: false,
+        attention_combine: false,
         rope_kv: false,
     };
 
@@ -83,6 +89,7 @@ impl DecodeFusion {
         post_norm: true,
         swiglu: true,
         attention_output: true,
+        attention_combine: true,
         rope_kv: true,
     };
 
@@ -93,6 +100,7 @@ impl DecodeFusion {
             (self.post_norm, "post-norm"),
             (self.swiglu, "swiglu"),
             (self.attention_output, "attention-output"),
+            (self.attention_combine, "attention-combine"),
             (self.rope_kv, "rope-kv"),
         ];
         let on: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
@@ -103,8 +111,8 @@ impl DecodeFusion {
         }
     }
 
-    /// A comma-separated list of input-norm, post-norm, swiglu, attention-output and rope-kv, or
-    /// "none".
+    /// A comma-separated list of input-norm, post-norm, swiglu, attention-output,
+    /// attention-combine and rope-kv, or "none".
     pub fn parse(text: &str) -> Result<DecodeFusion> {
         let mut f = DecodeFusion::NONE;
         for item in text.split(',').map(str::trim) {
@@ -114,10 +122,11 @@ impl DecodeFusion {
                 "post-norm" => f.post_norm = true,
                 "swiglu" => f.swiglu = true,
                 "attention-output" => f.attention_output = true,
+                "attention-combine" => f.attention_combine = true,
                 "rope-kv" => f.rope_kv = true,
                 _ => {
                     return Err(Error::Invalid(format!(
-                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu, attention-output and rope-kv"
+                        "unknown decode fusion {item:?}: use none, or a list of input-norm, post-norm, swiglu, attention-output, attention-combine and rope-kv"
                     )))
                 }
             }

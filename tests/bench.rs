@@ -318,10 +318,11 @@ fn profiled_decode_steps_time_every_role_and_compute_the_same_tokens() {
         "down (+residual) input (int8): ",
         "down (+residual): ",
     ];
+    // All fused: the attention combine writes the o projection's int8 input (head dim 32).
     let int8_fused: &[&str] = &[
         "qkv + rope + kv write, input quantized in: ",
-        "attention: ",
-        "o (+residual), input quantized in: ",
+        "attention, o input (int8) in the combine: ",
+        "o (+residual): ",
         "gate|up, input quantized in: ",
         "down (+residual), input quantized in: ",
     ];
@@ -567,6 +568,15 @@ fn budget_lists_parse_and_options_are_checked() {
     );
     let f = DecodeFusion::parse("input-norm, swiglu").expect("list");
     assert!(f.input_norm && !f.post_norm && f.swiglu, "{f:?}");
+    let f = DecodeFusion::parse("attention-combine").expect("combine");
+    assert_eq!(
+        f,
+        DecodeFusion {
+            attention_combine: true,
+            ..DecodeFusion::NONE
+        }
+    );
+    assert_eq!(DecodeFusion::parse(&f.name()).expect("round trip"), f);
     let err = DecodeFusion::parse("input-norm,rope").expect_err("unknown");
     assert!(err.to_string().contains("\"rope\""), "{err}");
     let w = synthetic_weights(&synthetic_config("tiny").expect("known"), 1);

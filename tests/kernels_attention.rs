@@ -10,6 +10,7 @@
 use half::f16;
 use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
 use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use q4wgpu::kernels::{Dispatch, StepParams};
 use std::sync::OnceLock;
 
@@ -312,6 +313,18 @@ fn legacy_decode_kernel_still_matches() {
 }
 
 #[test]
+fn decode_without_the_v_tail_guard_still_matches() {
+    // The bench's A/B baseline for the guarded V prefetch (DecodeOptions::v_tail_guard).
+    let options = DecodeOptions {
+        v_tail_guard: false,
+        ..DecodeOptions::default()
+    };
+    let att = Attention::with_decode(gpu(), options).expect("attention kernels");
+    check_decode_with(&att, shape(10, 2, 128, 700, 1), 613, 1.0);
+    check_decode_with(&att, shape(9, 3, 32, 41, 1), 37, 1.0);
+}
+
+#[test]
 fn decode_short_sequences() {
     // 14 query heads over 2 KV heads, as Qwen2.5-0.5B.
     for kv_len in [1, 2, 37] {
@@ -446,4 +459,107 @@ fn bind_refuses_unsupported_shapes() {
         bind(8, 8, 128, 64, 4).is_none(),
         "a shape that fits must bind"
     );
+}
+
+/// Runs dispatches in one pass and waits.
+fn run_dispatches(dispatches: &[Dispatch]) {
+    let g = gpu();
+    let mut enc = g.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for d in dispatches {
+            d.encode(&mut pass);
+        }
+    }
+    g.queue.submit([enc.finish()]);
+    g.wait().expect("GPU work finishes");
+}
+
+/// Int8 buffers of `capacity` values, every byte 0xFF (int8 -1, NaN scales).
+fn poisoned_q8(capacity: usize) -> ActQ8Buffers {
+    let g = gpu();
+    let b = ActQ8Buffers::new(g, "poisoned q8", capacity);
+    for buf in [&b.words, &b.scales] {
+        let ones = vec![0xFFu8; buf.size() as usize];
+        g.queue.write_buffer(buf, 0, &ones);
+    }
+    b
+}
+
+fn read_words(b: &wgpu::Buffer) -> Vec<u32> {
+    bytemuck::pod_collect_to_vec(&gpu().read_bytes(b, 0, b.size()).expect("read back"))
+}
+
+/// The combine that also writes the o projection's int8 input (DecodeFusion::attention_combine):
+/// its f32 output still matches the reference, and its int8 blocks and scales are bit-identical
+/// to what quant_act makes of that output, padding blocks (to weight blocks of 128) included;
+/// nothing past them is written. Head dims 32, 64, 128; q_dim 96 and 320 need padding.
+#[test]
+fn decode_combine_writes_the_o_input_in_int8() {
+    let g = gpu();
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    for (s, kv_len) in [
+        (shape(3, 1, 32, 40, 1), 37),
+        (shape(5, 1, 64, 300, 1), 257),
+        (shape(10, 2, 128, 300, 1), 31),
+        (shape(14, 2, 64, 2100, 1), 2049),
+    ] {
+        let what = format!("int8 combine {s:?} kv_len {kv_len}");
+        let case = Case::new(&what, s, kv_len - 1, 1, 1.5);
+        let q_dim = s.row();
+        // Room past the padding, to see that nothing there is written.
+        let fused = poisoned_q8(q_dim + 512);
+        let ds = attention()
+            .decode_q8_output(g, &case.att, &fused)
+            .expect("bind")
+            .expect("the grouped decode writes int8");
+        let got = case.run(&ds);
+        case.check(&what, &got);
+        let separate = poisoned_q8(q_dim + 512);
+        run_dispatches(&[quant
+            .bind(g, ActInput::Plain, &case.out, q_dim, &separate)
+            .expect("quant_act binds")]);
+        let blocks = q_dim.div_ceil(128) * 4;
+        let (fw, sw) = (read_words(&fused.words), read_words(&separate.words));
+        let (fs, ss) = (read_words(&fused.scales), read_words(&separate.scales));
+        assert!(
+            fw[..8 * blocks] == sw[..8 * blocks],
+            "{what}: int8 words differ"
+        );
+        assert!(
+            fs[..2 * blocks] == ss[..2 * blocks],
+            "{what}: scales differ"
+        );
+        assert!(
+            fw[8 * blocks..]
+                .iter()
+                .chain(&fs[2 * blocks..])
+                .all(|&w| w == u32::MAX),
+            "{what}: wrote past the padded input"
+        );
+        // The zero padding and real blocks are there (not both kernels leaving poison).
+        assert!(fs[..2 * blocks].iter().all(|&w| w != u32::MAX), "{what}");
+    }
+    // The legacy decode kernel has no int8 combine: the engine quantizes separately.
+    let legacy = Attention::with_decode(
+        g,
+        DecodeOptions {
+            kernel: DecodeKernel::Legacy,
+            ..DecodeOptions::default()
+        },
+    )
+    .expect("attention kernels");
+    let case = Case::with(&legacy, "legacy int8", shape(4, 1, 64, 40, 1), 10, 1, 1.0);
+    let xq = poisoned_q8(256);
+    assert!(legacy
+        .decode_q8_output(g, &case.att, &xq)
+        .expect("no error")
+        .is_none());
+    let small = poisoned_q8(128);
+    let case = Case::new("small int8", shape(4, 1, 64, 40, 1), 10, 1, 1.0);
+    let e = attention()
+        .decode_q8_output(g, &case.att, &small)
+        .err()
+        .expect("256 values into buffers for 128");
+    assert!(e.to_string().contains("hold 128"), "{e}");
 }

@@ -347,6 +347,7 @@ fn gemv_every_workgroup_shape() {
                 wg,
                 rows,
                 subgroups,
+                unroll: 1,
             });
             let case = GemvCase {
                 bias: true,
@@ -464,6 +465,7 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
         wg: 100,
         rows: 4,
         subgroups: false,
+        unroll: 1,
     };
     let opts = GemvOptions {
         config: Some(cfg),
@@ -1017,6 +1019,7 @@ fn matmul_shaders_compile_to_spirv() {
                 wg,
                 rows,
                 subgroups,
+                unroll: 1,
             },
             input,
         )

@@ -7,7 +7,7 @@ use q4wgpu::gpu::testing::{assert_close, compile_to_spirv, gpu, poisoned, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input, RopeKvOut};
-use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
+use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
 use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref};
 use q4wgpu::quant::{ActQ8, QMatrix, ACT_BLOCK};
 
@@ -131,12 +131,24 @@ fn unpack(words: &[u32]) -> Vec<i8> {
     q
 }
 
+/// The quantizer kernels: the default, the extremes of the workgroup size (one block per
+/// workgroup; 64 blocks) and the serial kernel the bench compares against.
+const QUANT_KERNELS: [QuantActKernel; 4] = [
+    QuantActKernel::Lanes { wg: 64 },
+    QuantActKernel::Lanes { wg: 4 },
+    QuantActKernel::Lanes { wg: 256 },
+    QuantActKernel::Serial,
+];
+
 #[test]
 fn quant_act_matches_the_spec_for_every_input() {
     let g = gpu();
-    let kernel = QuantAct::new(g).expect("quant_act compiles");
+    let kernels: Vec<QuantAct> = QUANT_KERNELS
+        .iter()
+        .map(|&k| QuantAct::with_kernel(g, k).expect("quant_act compiles"))
+        .collect();
     let mut rng = Rng::fresh("quant_act");
-    for k in [4, 36, 128, 200, 896, 4868] {
+    for k in [4, 36, 128, 200, 896, 1028, 4868] {
         let x = random_activations(&mut rng, k);
         let gate = random_activations(&mut rng, k);
         let norm_w: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform()).collect();
@@ -170,9 +182,33 @@ fn quant_act_matches_the_spec_for_every_input() {
             ("swiglu", ActInput::SwiGlu, &gu_buf, &swiglu, 1.0),
         ];
         for (name, input, buf, exact, scale) in cases {
-            let out = poisoned_act(g, k);
-            run(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
-            check_quantized(&format!("{name} K={k}"), g, &out, exact, scale);
+            let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
+            for (kernel, which) in kernels.iter().zip(QUANT_KERNELS) {
+                let out = poisoned_act(g, k);
+                run(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
+                let what = format!("{name} K={k} {which:?}");
+                check_quantized(&what, g, &out, exact, scale);
+                // Every kernel runs q8_block.wgsl's arithmetic on the same values: the same
+                // levels to the bit, and the same scales except where RMSNorm's sum of squares is
+                // added in another order.
+                let got = (read_u32(g, &out.words), read_u32(g, &out.scales));
+                let Some(want) = &first else {
+                    first = Some(got);
+                    continue;
+                };
+                assert!(
+                    got.0 == want.0,
+                    "{what}: int8 words differ from {:?}'s",
+                    QUANT_KERNELS[0]
+                );
+                if name != "rmsnorm" {
+                    assert!(
+                        got.1 == want.1,
+                        "{what}: scales differ from {:?}'s",
+                        QUANT_KERNELS[0]
+                    );
+                }
+            }
         }
     }
 }
@@ -305,8 +341,8 @@ fn kernel_case(g: &Gpu, kernel: &GemvQ4Q8, rng: &mut Rng, c: Case) {
     c.check(g, kernel, rng);
 }
 
-/// Every workgroup shape and both reductions give the same sums; matrices larger than a binding
-/// are split into row ranges.
+/// Every workgroup shape, unroll depth and both reductions give the same sums; matrices larger
+/// than a binding are split into row ranges.
 #[test]
 fn gemv_q8_every_workgroup_shape_and_row_split() {
     let g = gpu();
@@ -320,11 +356,14 @@ fn gemv_q8_every_workgroup_shape_and_row_split() {
     };
     for &subgroups in reductions {
         for wg in [unit, 2 * unit, 4 * unit] {
-            for rows in [1, 3, 4, 8, 16] {
+            // Deeper unrolls at the smallest workgroup only (each shape is a pipeline to compile).
+            let unrolled: &[(u32, u32)] = if wg == unit { &[(3, 2), (4, 3), (2, 4)] } else { &[] };
+            for &(rows, unroll) in [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1)].iter().chain(unrolled) {
                 let config = Some(GemvConfig {
                     wg,
                     rows,
                     subgroups,
+                    unroll,
                 });
                 let opts = GemvOptions {
                     config,
@@ -373,6 +412,12 @@ fn gemv_q8_and_quant_act_reject_bad_shapes() {
         .map(|_| ())
         .err();
     assert!(e.is_none(), "swiglu over 2K = 256 values fits x");
+    for wg in [0, 6, 512] {
+        let e = QuantAct::with_kernel(g, QuantActKernel::Lanes { wg })
+            .err()
+            .expect("bad workgroup size");
+        assert!(e.to_string().contains("multiple of 4"), "wg {wg}: {e}");
+    }
     let m = QMatrix::quantize(&vec![0.5; 8 * 256], 8, 256);
     let qw = g.storage_from("qw", &m.qweight);
     let sc = g.storage_from_bytes("sc", bytemuck::cast_slice(&m.scales));
@@ -408,7 +453,13 @@ fn q8_shaders_compile_to_spirv_with_packed_dot() {
         include_str!("../shaders/q8_block.wgsl"),
         include_str!("../shaders/quant_act.wgsl")
     );
-    compile_to_spirv("quant_act", &quant, &[]);
+    compile_to_spirv("quant_act", &quant, &[("WG", 32.0)]);
+    let serial = format!(
+        "const INPUT: u32 = 2u;\n{}\n{}",
+        include_str!("../shaders/q8_block.wgsl"),
+        include_str!("../shaders/quant_act_serial.wgsl")
+    );
+    compile_to_spirv("quant_act_serial", &serial, &[]);
     for input in 1..4 {
         let fused = q4wgpu::kernels::gemv_q4_q8::shader(true, input);
         compile_to_spirv(
@@ -608,18 +659,33 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
             .expect("bind");
         run(g, &ds);
         let what = format!("rope kv {nh}/{nkv} heads of {hd}, pos {pos} of {ctx}");
-        assert_close(&format!("{what}: q"), &read_f32(g, &q_out, nh * hd), &y[..nh * hd], TOL);
-        for (name, cache, first_row) in [("k", &k_cache, nh * hd), ("v", &v_cache, (nh + nkv) * hd)] {
+        assert_close(
+            &format!("{what}: q"),
+            &read_f32(g, &q_out, nh * hd),
+            &y[..nh * hd],
+            TOL,
+        );
+        for (name, cache, first_row) in [("k", &k_cache, nh * hd), ("v", &v_cache, (nh + nkv) * hd)]
+        {
             let words = read_u32(g, cache);
             for (i, &word) in words.iter().enumerate() {
                 let (kvh, p, pair) = (i / (ctx * hd / 2), (i / (hd / 2)) % ctx, i % (hd / 2));
                 if p != pos {
-                    assert_eq!(word, 0xDEAD_BEEF, "{what}: {name} cache word {i} (position {p}) was written");
+                    assert_eq!(
+                        word, 0xDEAD_BEEF,
+                        "{what}: {name} cache word {i} (position {p}) was written"
+                    );
                     continue;
                 }
                 let e = first_row + kvh * hd + 2 * pair;
-                let got = [word as u16, (word >> 16) as u16].map(|h| half::f16::from_bits(h).to_f32());
-                assert_close(&format!("{what}: {name} cache word {i}"), &got, &y[e..e + 2], 1e-3);
+                let got =
+                    [word as u16, (word >> 16) as u16].map(|h| half::f16::from_bits(h).to_f32());
+                assert_close(
+                    &format!("{what}: {name} cache word {i}"),
+                    &got,
+                    &y[e..e + 2],
+                    1e-3,
+                );
             }
         }
     }

@@ -71,8 +71,8 @@ fn gpu_matches_cpu(arch: Arch) {
     let prompt: Vec<u32> = (0..21).map(|_| rng.below(vocab) as u32).collect();
     let steps: Vec<u32> = (0..6).map(|_| rng.below(vocab) as u32).collect();
     // Decode with int8 activations (the CPU reference quantizes them the same way; quantized by
-    // dispatches of their own, in the GEMVs, with RoPE and the KV write in the qkv GEMV, all
-    // fused), and with f32
+    // dispatches of their own, in the GEMVs, with RoPE and the KV write in the qkv GEMV, by
+    // the attention combine, all fused), and with f32
     // activations with every elementwise step separate, with all of them fused into the GEMVs,
     // and as the engine chooses by default.
     let all = DecodeFusion::ALL;
@@ -90,6 +90,13 @@ fn gpu_matches_cpu(arch: Arch) {
             DecodeActivations::Int8,
             DecodeFusion {
                 rope_kv: true,
+                ..DecodeFusion::NONE
+            },
+        ),
+        (
+            DecodeActivations::Int8,
+            DecodeFusion {
+                attention_combine: true,
                 ..DecodeFusion::NONE
             },
         ),

@@ -357,7 +357,8 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Decode steps computed inside the projection after them: none, or a list of input-norm,
-    /// post-norm, swiglu and attention-output (default: none); several
+    /// post-norm, swiglu, attention-output and
+    /// attention-combine (default: none); several
     /// sets separated by '/' give one set of generation rows each.
     #[arg(long)]
     decode_fusion: Option<String>,

@@ -229,18 +229,37 @@ impl StepKernels {
         if !fuse.rope_kv {
             ops.extend(role("rope + kv write", vec![self.rope_kv(sh, l, 1)?]));
         }
-        ops.extend(role("attention", attn.decode.clone()));
-        ops.extend(p(
-            "o (+residual)",
-            fuse.attention_output,
-            ActInput::Plain,
-            &a.attn,
-            q_dim,
-            weights(&w.o),
-            &a.x,
-            o_bias,
-            add,
-        )?);
+        let combine_q8 = match fuse.attention_combine {
+            true => self.attention.decode_q8_output(sh.gpu, attn, &k8.input)?,
+            false => None,
+        };
+        if let Some(ds) = combine_q8 {
+            // The combine wrote the o projection's int8 input.
+            ops.extend(role("attention, o input (int8) in the combine", ds));
+            let o = k8.gemv.bind(
+                sh.gpu,
+                weights(&w.o),
+                Q8Input::Quantized(&k8.input),
+                BufRange::whole(&a.x),
+                o_bias,
+                add,
+                &GemvOptions::default(),
+            )?;
+            ops.extend(role("o (+residual)", o));
+        } else {
+            ops.extend(role("attention", attn.decode.clone()));
+            ops.extend(p(
+                "o (+residual)",
+                fuse.attention_output,
+                ActInput::Plain,
+                &a.attn,
+                q_dim,
+                weights(&w.o),
+                &a.x,
+                o_bias,
+                add,
+            )?);
+        }
         ops.extend(p(
             "gate|up",
             fuse.post_norm,

@@ -17,12 +17,16 @@
 //!   split's max, sum and unnormalised output to scratch. The split layout follows `kv_len` at run
 //!   time (few splits for short sequences, more for long ones, bounded at bind time from `ctx`);
 //!   splits past the end exit at once. Pass 2 rescales the splits of each head to a common max and
-//!   divides by the total sum. [`DecodeKernel::Legacy`] keeps the previous decode kernel (in
-//!   `shaders/attention.wgsl`) for A/B measurement in the kernel bench.
+//!   divides by the total sum. With int8 decode activations, [`Attention::decode_q8_output`]
+//!   swaps in a combine that also writes the o projection's int8 input (each head is whole
+//!   32-value blocks), so no quantizer dispatch runs between them. [`DecodeKernel::Legacy`]
+//!   keeps the previous decode kernel (in `shaders/attention.wgsl`) for A/B measurement in the
+//!   kernel bench.
 //! - **prefill** (a chunk of tokens): one workgroup per 32 (token, head) rows of a KV group; tiles of
 //!   16 or 32 keys are unpacked into workgroup memory once and used by all 32 rows; causal mask by
 //!   position; rows past `n_tokens` are not written.
 
+use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::Dispatch;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -70,6 +74,10 @@ pub struct DecodeOptions {
     /// Split-pass workgroups wanted once the sequence is long enough; the splits per KV head are
     /// this divided by the workgroups per split. (Legacy: its bound on the workgroups.)
     pub target_workgroups: usize,
+    /// Grouped: the P·V loop loads the next tile's V rows only where there is one (without the
+    /// guard each split's last tile also loads a tile of clamped rows it never uses: a memory
+    /// round trip at the end of every workgroup). `false` is the earlier kernel, for the bench.
+    pub v_tail_guard: bool,
 }
 
 impl Default for DecodeOptions {
@@ -78,6 +86,7 @@ impl Default for DecodeOptions {
             kernel: DecodeKernel::Grouped,
             min_split_positions: 32,
             target_workgroups: 512,
+            v_tail_guard: true,
         }
     }
 }
@@ -98,7 +107,9 @@ struct SplitParams {
     min_chunk: u32,
     max_chunk: u32,
     target_splits: u32,
-    _pad: [u32; 3],
+    /// Blocks of 32 of the o projection's int8 input, padding to weight blocks included.
+    q8_blocks: u32,
+    _pad: [u32; 2],
 }
 
 /// The grouped decode's split layout, as the WGSL `split_layout`: positions per split and splits.
@@ -184,8 +195,13 @@ enum Variant {
     Split {
         head_dim: u32,
         heads: u32,
+        v_tail_guard: bool,
     },
     SplitCombine {
+        head_dim: u32,
+    },
+    /// The combine that also writes the int8 o-projection input.
+    SplitCombineQ8 {
         head_dim: u32,
     },
     /// Prefill for `head_dim` with `keys` positions per tile.
@@ -218,6 +234,24 @@ pub struct AttentionDispatches {
     pub max_splits: usize,
     /// The decode scratch, shared with the other bindings of the same [`Attention`].
     _scratch: [wgpu::Buffer; 2],
+    /// What the int8-output combine binds (grouped decode only).
+    combine_q8: Option<CombineQ8>,
+}
+
+/// The grouped decode combine's bindings and shape, for [`Attention::decode_q8_output`].
+struct CombineQ8 {
+    params: wgpu::Buffer,
+    step: wgpu::Buffer,
+    part_o: wgpu::Buffer,
+    part_ml: wgpu::Buffer,
+    out: wgpu::Buffer,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+/// Blocks of 32 of an int8 activation vector of `k` values (padded to weight blocks of 128).
+fn q8_blocks(k: usize) -> usize {
+    crate::quant::blocks_per_row(k) * (crate::quant::BLOCK / crate::quant::ACT_BLOCK)
 }
 
 impl AttentionDispatches {
@@ -285,6 +319,8 @@ impl Attention {
         if let Some(p) = cache.get(&variant) {
             return Ok(p.clone());
         }
+        // The grouped decode module calls q8_block.wgsl's quantizer (decode_combine_q8).
+        let decode_source = format!("{Q8_BLOCK}\n{DECODE_SHADER}");
         let mut source = SHADER;
         let (label, entry, overrides) = match variant {
             Variant::DecodePartial { head_dim, heads } => (
@@ -297,19 +333,35 @@ impl Attention {
                 "decode_combine",
                 vec![("HD", head_dim as f64)],
             ),
-            Variant::Split { head_dim, heads } => {
-                source = DECODE_SHADER;
+            Variant::Split {
+                head_dim,
+                heads,
+                v_tail_guard,
+            } => {
+                source = &decode_source;
                 (
-                    format!("attention/decode_split/hd{head_dim}/g{heads}"),
+                    format!("attention/decode_split/hd{head_dim}/g{heads}/guard{v_tail_guard}"),
                     "decode_split",
-                    vec![("HD", head_dim as f64), ("GB", heads as f64)],
+                    vec![
+                        ("HD", head_dim as f64),
+                        ("GB", heads as f64),
+                        ("V_TAIL_GUARD", f64::from(u8::from(v_tail_guard))),
+                    ],
                 )
             }
             Variant::SplitCombine { head_dim } => {
-                source = DECODE_SHADER;
+                source = &decode_source;
                 (
                     format!("attention/decode_split_combine/hd{head_dim}"),
                     "decode_combine",
+                    vec![("HD", head_dim as f64)],
+                )
+            }
+            Variant::SplitCombineQ8 { head_dim } => {
+                source = &decode_source;
+                (
+                    format!("attention/decode_split_combine_q8/hd{head_dim}"),
+                    "decode_combine_q8",
                     vec![("HD", head_dim as f64)],
                 )
             }
@@ -420,9 +472,26 @@ impl Attention {
             out,
             step,
         };
-        let (decode, max_splits, scratch) = match self.decode.kernel {
-            DecodeKernel::Grouped => self.bind_grouped_decode(gpu, &shape, &buffers)?,
-            DecodeKernel::Legacy => self.bind_legacy_decode(gpu, &shape, &buffers)?,
+        let (decode, max_splits, scratch, combine_q8) = match self.decode.kernel {
+            DecodeKernel::Grouped => {
+                let (decode, max_splits, scratch, params) =
+                    self.bind_grouped_decode(gpu, &shape, &buffers)?;
+                let q8 = CombineQ8 {
+                    params,
+                    step: step.clone(),
+                    part_o: scratch[0].clone(),
+                    part_ml: scratch[1].clone(),
+                    out: out.clone(),
+                    n_heads,
+                    head_dim,
+                };
+                (decode, max_splits, scratch, Some(q8))
+            }
+            DecodeKernel::Legacy => {
+                let (decode, max_splits, scratch) =
+                    self.bind_legacy_decode(gpu, &shape, &buffers)?;
+                (decode, max_splits, scratch, None)
+            }
         };
 
         let params = AttentionParams {
@@ -463,6 +532,7 @@ impl Attention {
             prefill,
             max_splits,
             _scratch: scratch,
+            combine_q8,
         })
     }
 
@@ -499,7 +569,7 @@ impl Attention {
         gpu: &Gpu,
         s: &Shape,
         b: &Buffers,
-    ) -> Result<(Vec<Dispatch>, usize, [wgpu::Buffer; 2])> {
+    ) -> Result<(Vec<Dispatch>, usize, [wgpu::Buffer; 2], wgpu::Buffer)> {
         let limits = &gpu.limits;
         let need = split_workgroup_bytes();
         if (limits.max_compute_workgroup_storage_size as usize) < need {
@@ -527,7 +597,8 @@ impl Attention {
             min_chunk: split.min_chunk as u32,
             max_chunk: split.max_chunk as u32,
             target_splits: split.target_splits as u32,
-            _pad: [0; 3],
+            q8_blocks: q8_blocks(s.n_heads * s.head_dim) as u32,
+            _pad: [0; 2],
         };
         let params_buf = gpu.uniform("attention/decode_params", &params);
         let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits)?;
@@ -537,6 +608,7 @@ impl Attention {
             Variant::Split {
                 head_dim: hd,
                 heads: s.heads_per_batch as u32,
+                v_tail_guard: self.decode.v_tail_guard,
             },
         )?;
         let combine = self.pipeline(gpu, Variant::SplitCombine { head_dim: hd })?;
@@ -572,7 +644,59 @@ impl Attention {
                 [s.n_heads as u32, 1, 1],
             ),
         ];
-        Ok((decode, max_splits, [part_o, part_ml]))
+        Ok((decode, max_splits, [part_o, part_ml], params_buf))
+    }
+
+    /// The decode dispatches of `attn` (bound here) with a combine that also writes the o
+    /// projection's int8 input into `xq`, bit-identical to quant_act on the f32 output it still
+    /// writes. `None` where the decode path cannot: the legacy kernel, or a head dim that is not
+    /// whole blocks of 32 (then quantize the output with a dispatch of its own).
+    pub fn decode_q8_output(
+        &self,
+        gpu: &Gpu,
+        attn: &AttentionDispatches,
+        xq: &ActQ8Buffers,
+    ) -> Result<Option<Vec<Dispatch>>> {
+        let Some(c) = &attn.combine_q8 else {
+            return Ok(None);
+        };
+        if !c.head_dim.is_multiple_of(crate::quant::ACT_BLOCK) || attn.decode.len() != 2 {
+            return Ok(None);
+        }
+        let q_dim = c.n_heads * c.head_dim;
+        if xq.capacity < q_dim {
+            return Err(Error::Invalid(format!(
+                "attention: the int8 output buffers hold {} values, the heads {q_dim}",
+                xq.capacity
+            )));
+        }
+        let blocks = q8_blocks(q_dim) as u64;
+        // The shader indexes blocks up to q8_blocks (unchecked pipeline): the buffers must hold them.
+        super::check_size("attention int8 output", &xq.words, blocks * 32)?;
+        super::check_size("attention int8 scales", &xq.scales, blocks * 8)?;
+        let combine = self.pipeline(
+            gpu,
+            Variant::SplitCombineQ8 {
+                head_dim: c.head_dim as u32,
+            },
+        )?;
+        let combine = dispatch(
+            gpu,
+            "attention/decode_combine_q8",
+            combine,
+            &c.params,
+            &[
+                (0, &c.step),
+                (1, &c.params),
+                (5, &c.part_o),
+                (6, &c.part_ml),
+                (7, &c.out),
+                (8, &xq.words),
+                (9, &xq.scales),
+            ],
+            [c.n_heads as u32, 1, 1],
+        );
+        Ok(Some(vec![attn.decode[0].clone(), combine]))
     }
 
     /// The previous decode kernel (`attention.wgsl`), kept for A/B in the kernel bench.

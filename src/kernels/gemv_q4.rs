@@ -92,7 +92,13 @@ pub struct GemvConfig {
     pub rows: u32,
     /// Reduce with subgroup operations (needs `gpu.caps.subgroups`).
     pub subgroups: bool,
+    /// K steps whose weight loads a thread issues before it computes (the int8 kernel:
+    /// 1..=[`MAX_UNROLL`], more bytes in flight; the f32 kernel: 1).
+    pub unroll: u32,
 }
+
+/// The int8 kernel's largest [`GemvConfig::unroll`] (its shader's MAX_UNROLL).
+pub const MAX_UNROLL: u32 = 4;
 
 /// Overrides for [`GemvQ4::bind_with`]: benchmarks and tests of the row-range splitting.
 #[derive(Clone, Copy, Debug, Default)]
@@ -153,6 +159,7 @@ impl GemvQ4 {
             .clamp(unit, 256)
             .next_multiple_of(unit) as u32;
         GemvConfig {
+            unroll: 1,
             wg,
             rows: rows_per_group,
             subgroups: self.subgroups,
@@ -165,7 +172,7 @@ impl GemvQ4 {
         cfg: GemvConfig,
         input: GemvInputKind,
     ) -> Result<wgpu::ComputePipeline> {
-        check_config(gpu, "gemv_q4", &cfg, self.subgroups, self.subgroup_max)?;
+        check_config(gpu, "gemv_q4", &cfg, self.subgroups, self.subgroup_max, 1)?;
         cached_pipeline(
             gpu,
             &self.pipelines,
@@ -342,7 +349,10 @@ pub(crate) fn cached_pipeline<I: std::hash::Hash + Eq + Copy>(
         return Ok(p.clone());
     }
     let kind = if cfg.subgroups { "subgroup" } else { "shared" };
-    let label = format!("{name}/wg{}_rows{}_{kind}_{input_label}", cfg.wg, cfg.rows);
+    let label = format!(
+        "{name}/wg{}_rows{}_unroll{}_{kind}_{input_label}",
+        cfg.wg, cfg.rows, cfg.unroll
+    );
     let overrides = [("WG", cfg.wg as f64), ("ROWS", cfg.rows as f64)];
     let pipeline = gpu.compute_pipeline_unchecked(&label, &source(), "main", &overrides)?;
     cache.insert((cfg, input), pipeline.clone());
@@ -350,15 +360,23 @@ pub(crate) fn cached_pipeline<I: std::hash::Hash + Eq + Copy>(
 }
 
 /// Checks a GEMV workgroup shape against the kernels' bounds and the adapter: threads a multiple
-/// of 32 and of the subgroup size, rows in 1..=[`MAX_ROWS`], the reduction's workgroup memory
-/// ((rows + 1) f32 per thread), and subgroups only where the adapter has them.
+/// of 32 and of the subgroup size, rows in 1..=[`MAX_ROWS`], unroll in 1..=`max_unroll`, the
+/// reduction's workgroup memory ((rows + 1) f32 per thread), and subgroups only where the adapter
+/// has them.
 pub(crate) fn check_config(
     gpu: &Gpu,
     what: &str,
     cfg: &GemvConfig,
     subgroups: bool,
     subgroup_max: u32,
+    max_unroll: u32,
 ) -> Result<()> {
+    if !(1..=max_unroll).contains(&cfg.unroll) {
+        return Err(Error::Invalid(format!(
+            "{what}: unroll {} must be in 1..={max_unroll}",
+            cfg.unroll
+        )));
+    }
     let unit = subgroup_max.max(32);
     if cfg.wg % unit != 0 || !(32..=1024).contains(&cfg.wg) {
         return Err(Error::Invalid(format!(

@@ -11,7 +11,7 @@
 
 use super::gemv_q4::{
     cached_pipeline, check_config, check_matrix, check_vector, row_chunks, Epilogue, GemvConfig,
-    GemvOptions,
+    GemvOptions, MAX_UNROLL,
 };
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::rope_kv::ROPE_ANGLE;
@@ -149,6 +149,7 @@ impl GemvQ4Q8 {
             (unit, 2)
         };
         GemvConfig {
+            unroll: 1,
             wg,
             rows: rows_per_group,
             subgroups: self.subgroups,
@@ -162,7 +163,14 @@ impl GemvQ4Q8 {
         input: u32,
         out: u32,
     ) -> Result<wgpu::ComputePipeline> {
-        check_config(gpu, "gemv_q4_q8", &cfg, self.subgroups, self.subgroup_max)?;
+        check_config(
+            gpu,
+            "gemv_q4_q8",
+            &cfg,
+            self.subgroups,
+            self.subgroup_max,
+            MAX_UNROLL,
+        )?;
         let label = format!("input{input} out{out}");
         cached_pipeline(
             gpu,
@@ -171,7 +179,7 @@ impl GemvQ4Q8 {
             cfg,
             (input, out),
             &label,
-            || shader_with_output(cfg.subgroups, input, out),
+            || shader_with_output(cfg.subgroups, cfg.unroll, input, out),
         )
     }
 
@@ -424,20 +432,22 @@ fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<X
 /// The WGSL of the kernel reading `input` (its INPUT code) and writing y, before
 /// gpu::shader_source.
 pub fn shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, input, OUT_Y_CODE)
+    shader_with_output(subgroups, 1, input, OUT_Y_CODE)
 }
 
 /// The same with the RoPE + KV-cache output (see [`GemvQ4Q8::bind_rope_kv`]).
 pub fn rope_kv_shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, input, OUT_ROPE_KV_CODE)
+    shader_with_output(subgroups, 1, input, OUT_ROPE_KV_CODE)
 }
 
-fn shader_with_output(subgroups: bool, input: u32, out: u32) -> String {
+fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32) -> String {
     let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
     let output = if out == OUT_ROPE_KV_CODE {
         format!("{ROPE_ANGLE}\n{OUT_ROPE_KV}")
     } else {
         OUT_Y.to_string()
     };
-    format!("const INPUT: u32 = {input}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}")
+    format!(
+        "const INPUT: u32 = {input}u;\nconst UNROLL: u32 = {unroll}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}"
+    )
 }

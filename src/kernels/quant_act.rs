@@ -9,10 +9,31 @@ use crate::gpu::Gpu;
 use crate::quant::{blocks_per_row, ACT_BLOCK, BLOCK};
 
 const SOURCE: &str = include_str!("../../shaders/quant_act.wgsl");
+const SERIAL_SOURCE: &str = include_str!("../../shaders/quant_act_serial.wgsl");
 /// The block quantizer shared with the GEMV's fused inputs.
 pub(crate) const Q8_BLOCK: &str = include_str!("../../shaders/q8_block.wgsl");
-/// Threads per workgroup (the shader's WG).
-const WG: u32 = 256;
+/// Threads per workgroup of the serial kernel (its WG).
+const SERIAL_WG: u32 = 256;
+/// Threads per block of 32 in `quant_act.wgsl` (its LANES).
+const LANES: u32 = 4;
+
+/// Which quantizer kernel [`QuantAct`] binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantActKernel {
+    /// `quant_act.wgsl`: four threads per block, `wg` threads per workgroup (a multiple of 4
+    /// from 4 to 256), many workgroups per vector; the RMSNorm input's sum of squares is
+    /// computed by every workgroup.
+    Lanes { wg: u32 },
+    /// `quant_act_serial.wgsl`: one thread per block; the RMSNorm input in one workgroup. Kept
+    /// for the kernel bench's old-against-new rows.
+    Serial,
+}
+
+impl Default for QuantActKernel {
+    fn default() -> Self {
+        QuantActKernel::Lanes { wg: 64 }
+    }
+}
 
 /// Where a quantized activation vector lives: packed int8 words and `(d, d Σq)` per block of 32.
 pub struct ActQ8Buffers {
@@ -70,19 +91,39 @@ struct Params {
 pub struct QuantAct {
     /// By INPUT code.
     pipelines: Vec<wgpu::ComputePipeline>,
+    kernel: QuantActKernel,
 }
 
 impl QuantAct {
     pub fn new(gpu: &Gpu) -> Result<QuantAct> {
+        QuantAct::with_kernel(gpu, QuantActKernel::default())
+    }
+
+    /// The quantizer with a chosen kernel (the bench times each).
+    pub fn with_kernel(gpu: &Gpu, kernel: QuantActKernel) -> Result<QuantAct> {
+        let (source, overrides, tag) = match kernel {
+            QuantActKernel::Lanes { wg } => {
+                let max_wg = gpu.limits.max_compute_invocations_per_workgroup;
+                if wg == 0 || wg % LANES != 0 || wg > 256 || wg > max_wg {
+                    return Err(Error::Invalid(format!(
+                        "quant_act: workgroup of {wg} threads must be a multiple of {LANES} from {LANES} to {}",
+                        max_wg.min(256)
+                    )));
+                }
+                (SOURCE, vec![("WG", wg as f64)], format!("wg{wg}"))
+            }
+            QuantActKernel::Serial => (SERIAL_SOURCE, Vec::new(), "serial".to_string()),
+        };
         let pipelines = ["plain", "rmsnorm", "swiglu"]
             .iter()
             .enumerate()
             .map(|(code, name)| {
-                let source = format!("const INPUT: u32 = {code}u;\n{Q8_BLOCK}\n{SOURCE}");
-                gpu.compute_pipeline_unchecked(&format!("quant_act/{name}"), &source, "main", &[])
+                let source = format!("const INPUT: u32 = {code}u;\n{Q8_BLOCK}\n{source}");
+                let label = format!("quant_act/{name}/{tag}");
+                gpu.compute_pipeline_unchecked(&label, &source, "main", &overrides)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuantAct { pipelines })
+        Ok(QuantAct { pipelines, kernel })
     }
 
     /// Quantizes the `k`-value vector that `input` makes of `x` into `out`.
@@ -135,11 +176,17 @@ impl QuantAct {
                 (&out.scales, 0, Some(blocks as u64 * 8)),
             ],
         );
-        // RMSNorm needs the whole vector in one workgroup; otherwise a thread per block.
-        let groups = match input {
-            ActInput::RmsNorm { .. } => 1,
-            _ => (blocks as u32).div_ceil(WG),
+        let groups = match (self.kernel, input) {
+            (QuantActKernel::Lanes { wg }, _) => (blocks as u32).div_ceil(wg / LANES),
+            // The serial RMSNorm needs the whole vector in one workgroup.
+            (QuantActKernel::Serial, ActInput::RmsNorm { .. }) => 1,
+            (QuantActKernel::Serial, _) => (blocks as u32).div_ceil(SERIAL_WG),
         };
+        if groups > gpu.limits.max_compute_workgroups_per_dimension {
+            return Err(Error::Unsupported(format!(
+                "quant_act: K = {k} needs {groups} workgroups, more than this GPU dispatches at once"
+            )));
+        }
         Ok(Dispatch {
             label,
             pipeline: pipeline.clone(),
