@@ -136,14 +136,21 @@ impl DecodeFusion {
 }
 
 impl Default for DecodeFusion {
-    /// Nothing fused: each workgroup of a fused GEMV makes its own pass over the step's input, and
-    /// on the H200's 32B-shaped decode step (benchmarks/runs/2026-11-30-h200-round2-kernels) that
-    /// cost more than the dispatch it saves everywhere with int8 activations (none 93.4 tok/s;
-    /// input norm and attention output fused 78.4; also the MLP norm 50.1: each of thousands of
-    /// workgroups quantizes all of x again). With f32 activations fusing the input norm into qkv
-    /// still pays a little (68.4 against 66.2 tok/s): `--decode-fusion input-norm`.
+    /// The producers' epilogues, not the GEMVs' inputs: RoPE and the KV write in the qkv GEMV
+    /// (rope-kv) and the o input quantized by the attention combine (attention-combine). On the
+    /// H200's 32B decode step (benchmarks/runs/2026-11-30-h200-session3-exp) nothing fused ran
+    /// 99.4 tok/s, rope-kv 100.8, attention-combine 99.8, both 101.9. Fusing into the inputs
+    /// costs more than the dispatch it saves (round2-kernels: none 93.4 tok/s; input norm and
+    /// attention output 78.4; also the MLP norm 50.1: each of thousands of workgroups quantizes
+    /// all of x again). Both defaults act with int8 activations only; with f32 activations
+    /// fusing the input norm into qkv pays a little (68.4 against 66.2): `--decode-fusion
+    /// input-norm`.
     fn default() -> Self {
-        DecodeFusion::NONE
+        DecodeFusion {
+            rope_kv: true,
+            attention_combine: true,
+            ..DecodeFusion::NONE
+        }
     }
 }
 
@@ -343,7 +350,13 @@ pub fn residency_plan(
     // Kept free inside the budget: the driver's own memory for the process and the upload
     // buffers layers go through while loading (see DRIVER_ALLOWANCE).
     let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
-    let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + (64 << 20) + allowance;
+    // The prompt GEMMs' split-K partial sums (shared by every binding; cooperative matrices only).
+    let split_k = if crate::kernels::gemm_q4::GemmQ4::coop_supported(gpu) {
+        crate::kernels::gemm_q4::SPLIT_K_SCRATCH_BYTES
+    } else {
+        0
+    };
+    let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + split_k + (64 << 20) + allowance;
     let (budget, budget_source) = match opts.vram_budget {
         Some(b) => (b, "--vram-budget".to_string()),
         None => gpu.default_vram_budget().unwrap_or((

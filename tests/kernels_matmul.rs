@@ -865,6 +865,18 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
             GemmVariant::Reg { rm: 2 }
         }
     );
+    // Too few 128 x 128 tiles for a wave and a long K (down, o of the 32B shape at 512 tokens):
+    // split-K; qkv's 224 tiles are enough.
+    if coop {
+        for (n, k, split) in [(5120, 27648, 4), (5120, 5120, 4), (7168, 5120, 1)] {
+            match kernel.variant_for(512, n, k) {
+                GemmVariant::CoopTile { tm: 4, tn: 4, prefetch: true, opts } => {
+                    assert_eq!(opts.split_k, split, "{n} x {k}")
+                }
+                v => panic!("{n} x {k}: {v:?}"),
+            }
+        }
+    }
     let odd_k = kernel.variant_for(100, 40, 130);
     assert!(
         matches!(odd_k, GemmVariant::Tiled | GemmVariant::Coop),

@@ -232,7 +232,25 @@ impl GemmVariant {
                         break;
                     }
                 }
-                GemmVariant::coop_tile(tile.0, tile.1, true)
+                // Too few 128 x 128 tiles for one full wave: K in slices (split-K), so that the
+                // last, partly filled wave costs less.
+                let split_k = if tile == (4, 4)
+                    && groups(4, 4) <= SPLIT_K_MAX_GROUPS
+                    && k >= SPLIT_K_MIN_K
+                {
+                    SPLIT_K
+                } else {
+                    1
+                };
+                GemmVariant::CoopTile {
+                    tm: tile.0,
+                    tn: tile.1,
+                    prefetch: true,
+                    opts: TileOpts {
+                        split_k,
+                        ..TileOpts::default()
+                    },
+                }
             }
             (true, false) => GemmVariant::Coop,
             (false, true) => GemmVariant::Reg { rm: 2 * fit(32) },
@@ -241,9 +259,21 @@ impl GemmVariant {
     }
 }
 
-/// Workgroups a grid should have to fill a large GPU (the H200 has 132 multiprocessors, each
-/// running two 128 x 128 workgroups at once).
-const FILL_GROUPS: usize = 256;
+/// Below this many workgroups a smaller tile is tried. On the H200 at M = 512 the 128 x 128
+/// tile won over 64 x 128 even with 160 and 224 tiles (o, qkv: 59 and 82 TFLOP/s against 44
+/// and 46; benchmarks/runs/2026-11-30-h200-gemm-sweep).
+const FILL_GROUPS: usize = 128;
+
+/// Split-K for 128 x 128 tiles: 4 slices where there are at most 160 tiles (about 1.2 waves on
+/// the H200's 132 multiprocessors) and K is long. Measured there at M = 512: o (160 tiles)
+/// 59 → 74 TFLOP/s, down (160 tiles, K = 27648) 56 → 89; qkv (224 tiles) lost (82 → 75).
+const SPLIT_K: u32 = 4;
+const SPLIT_K_MAX_GROUPS: usize = 160;
+const SPLIT_K_MIN_K: usize = 4096;
+
+/// The most bytes of split-K partial sums the default kernels need (slices x tokens x rows of
+/// at most SPLIT_K_MAX_GROUPS 128 x 128 tiles), whatever the shape: for the VRAM plan.
+pub const SPLIT_K_SCRATCH_BYTES: u64 = SPLIT_K as u64 * SPLIT_K_MAX_GROUPS as u64 * 128 * 128 * 4;
 
 /// The source of a [`GemmVariant::CoopTile`] kernel with default options (see [`mma_shader_with`]).
 pub fn mma_shader(tm: u32, tn: u32, prefetch: bool, sg: u32, emulated: bool) -> String {
@@ -423,6 +453,9 @@ pub struct GemmQ4 {
     pipelines: std::sync::Mutex<std::collections::HashMap<GemmVariant, wgpu::ComputePipeline>>,
     /// The split-K reduction and the f16 conversion of X, by name, compiled on first use.
     helpers: std::sync::Mutex<std::collections::HashMap<&'static str, wgpu::ComputePipeline>>,
+    /// Split-K partial sums, one buffer shared by every binding (their dispatches run one after
+    /// another, each reduction before the next product), grown to the largest asked for.
+    partials: std::sync::Mutex<Option<wgpu::Buffer>>,
 }
 
 impl GemmQ4 {
@@ -456,6 +489,7 @@ impl GemmQ4 {
             subgroup: gpu.caps.subgroup_max_size,
             pipelines: Default::default(),
             helpers: Default::default(),
+            partials: Default::default(),
         }
     }
 
@@ -774,7 +808,7 @@ impl GemmQ4 {
                 );
                 // Split-K partial sums: slices x m_max x chunk rows, summed by a second dispatch.
                 let scratch = if split {
-                    Some(partials_buffer(gpu, &label, slices, m_max, c.rows)?)
+                    Some(self.partials_buffer(gpu, slices, m_max, c.rows)?)
                 } else {
                     None
                 };
@@ -940,24 +974,40 @@ impl GemmQ4 {
     }
 }
 
-/// The scratch buffer of split-K partial sums: `slices` x `m_max` x `rows` f32.
-fn partials_buffer(
-    gpu: &Gpu,
-    label: &str,
-    slices: usize,
-    m_max: usize,
-    rows: usize,
-) -> Result<wgpu::Buffer> {
-    let bytes = (slices * m_max * rows * 4) as u64;
+impl GemmQ4 {
+    /// The shared buffer of split-K partial sums, at least `slices` x `m_max` x `rows` f32.
+    fn partials_buffer(
+        &self,
+        gpu: &Gpu,
+        slices: usize,
+        m_max: usize,
+        rows: usize,
+    ) -> Result<wgpu::Buffer> {
+        let bytes = (slices * m_max * rows * 4) as u64;
+        let mut shared = self
+            .partials
+            .lock()
+            .map_err(|_| Error::Gpu("gemm_q4: partial-sum buffer lock poisoned".into()))?;
+        if let Some(b) = shared.as_ref().filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = new_partials_buffer(gpu, bytes)?;
+        *shared = Some(b.clone());
+        Ok(b)
+    }
+}
+
+/// A buffer of split-K partial sums of `bytes`.
+fn new_partials_buffer(gpu: &Gpu, bytes: u64) -> Result<wgpu::Buffer> {
     let limit = gpu
         .limits
         .max_storage_buffer_binding_size
         .min(gpu.limits.max_buffer_size);
     if bytes > limit {
         return Err(Error::Unsupported(format!(
-            "gemm_q4: split-K {slices} of {m_max}x{rows} needs {bytes} bytes of partial sums, \
-             over the adapter's {limit}; use fewer slices"
+            "gemm_q4: split-K needs {bytes} bytes of partial sums, over the adapter's {limit}; \
+             use fewer slices"
         )));
     }
-    Ok(gpu.storage_buffer(&format!("{label} partials"), bytes))
+    Ok(gpu.storage_buffer("gemm_q4 split-K partials", bytes))
 }
