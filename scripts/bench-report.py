@@ -196,8 +196,12 @@ class Results:
 
     # q4wgpu rows, each with its report (bandwidth, command)
 
-    def q4_rows(self, shape=None):
+    def q4_rows(self, shape=None, coop=True):
+        """q4wgpu rows (of `shape`), from runs with cooperative matrices on (coop=False: off,
+        as `bench --no-coop`; None: every run)."""
         for rep in self.q4:
+            if coop is not None and rep.get("cooperative_matrices", True) != coop:
+                continue
             for row in rep["rows"]:
                 if shape is None or row["model"].startswith(shape):
                     yield rep, row
@@ -206,9 +210,7 @@ class Results:
         """The row of `shape` with no budget (else the first all-resident one) whose test starts so,
         measured with cooperative matrices on (coop=False: a --no-coop run's)."""
         best = None
-        for rep, row in self.q4_rows(shape):
-            if rep.get("cooperative_matrices", True) != coop:
-                continue
+        for rep, row in self.q4_rows(shape, coop):
             # Not a depth row ("tg128 @ d4096"), and the default decode activations where a run
             # measured several.
             if (not row["test"].startswith(test_prefix) or row["streamed_layers"] != 0
@@ -231,7 +233,11 @@ class Results:
                 entry[1] = row
             elif row["test"].startswith("pp"):
                 entry[2] = row
-        return [tuple(v) for v in seen.values()]
+        # Largest budget first within each model (the runs may come in any order).
+        def order(v):
+            row = v[1] or v[2]
+            return (row["model"], row["budget"] is not None, -(row["budget"] or 0))
+        return sorted((tuple(v) for v in seen.values()), key=order)
 
     def bandwidth(self):
         """(read, upload) bytes/s measured by q4wgpu in this run (the first report's)."""
@@ -501,7 +507,7 @@ def machine_section(res):
 def resident_section(res):
     read_bw, _ = res.bandwidth()
     rep, tg = res.q4_resident("qwen2-32b", "tg")
-    _, pp = res.q4_resident("qwen2-32b", "pp")
+    _, pp = res.q4_resident("qwen2-32b", "pp512")
     cuda = res.cuda_resident("qwen2-32b")
     ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
     cfg = res.config_32b()
@@ -528,7 +534,7 @@ def resident_section(res):
         line(f"q4wgpu ({tg['test']}, {pp['test'] if pp else 'no pp'})", q4, tg["tokens_per_second_min"],
              tg["tokens_per_second_max"], q4pp, pp and pp["tokens_per_second_min"], pp and pp["tokens_per_second_max"],
              tg["bytes_per_token"])
-    _, nocoop = res.q4_resident("qwen2-32b", "pp", coop=False)
+    _, nocoop = res.q4_resident("qwen2-32b", "pp512", coop=False)
     if nocoop:
         line(f"q4wgpu --no-coop ({nocoop['test']}: cooperative matrices off, the portable GEMM)", None, None, None,
              nocoop["tokens_per_second"], nocoop["tokens_per_second_min"], nocoop["tokens_per_second_max"], None,
@@ -733,8 +739,8 @@ def vram_section(res, peaks):
 
 def ratios_section(res):
     _, tg = res.q4_resident("qwen2-32b", "tg")
-    _, pp = res.q4_resident("qwen2-32b", "pp")
-    _, nocoop = res.q4_resident("qwen2-32b", "pp", coop=False)
+    _, pp = res.q4_resident("qwen2-32b", "pp512")
+    _, nocoop = res.q4_resident("qwen2-32b", "pp512", coop=False)
     cuda_r = res.cuda_resident("qwen2-32b")
     ltg, lpp = res.llama_row(gen=True), res.llama_row(gen=False)
     read_bw, _ = res.bandwidth()
@@ -794,9 +800,10 @@ def all_rows_section(res):
     out.append("| model | budget | layers res/str | test | tok/s | min–max | GB/token | streamed GB/token | GB/s "
                "| memory model tok/s | % of model | PCIe bound tok/s | % of PCIe bound |")
     out.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for _, r in res.q4_rows():
+    for rep, r in res.q4_rows(coop=None):
+        off = "" if rep.get("cooperative_matrices", True) else " (--no-coop)"
         out.append(f"| {short_model(r['model'])} | {budget_label(r['budget'])} | {r['resident_layers']}/{r['streamed_layers']} "
-                   f"| {r['test']} | {r['tokens_per_second']:.2f} | {spread(r['tokens_per_second_min'], r['tokens_per_second_max'])} "
+                   f"| {r['test']}{off} | {r['tokens_per_second']:.2f} | {spread(r['tokens_per_second_min'], r['tokens_per_second_max'])} "
                    f"| {gb(r['bytes_per_token']):.3f} | {gb(r['streamed_bytes_per_token']):.3f} "
                    f"| {gb(r['achieved_bytes_per_second']):.1f} | {r['memory_limit_tokens_per_second']:.2f} "
                    f"| {pct(r['fraction_of_memory_limit'])} | {fmt(r['pcie_bound_tokens_per_second'])} "
