@@ -213,6 +213,8 @@ impl StepKernels {
             head_dim: c.head_dim(),
             ctx: sh.ctx,
         };
+        // RoPE in the qkv GEMV where its workgroups can take whole RoPE pairs (else a dispatch).
+        let rope_kv = fuse.rope_kv && k8.gemv.rope_kv_fits(sh.gpu, &weights(&w.qkv), c.head_dim());
         let qkv = Projection {
             name: "qkv",
             fused: fuse.input_norm,
@@ -223,10 +225,10 @@ impl StepKernels {
             out: &a.qkv,
             bias: qkv_bias,
             mode: store,
-            rope: fuse.rope_kv.then_some(&rope),
+            rope: rope_kv.then_some(&rope),
         };
         let mut ops = project_int8(k8, sh.gpu, qkv)?;
-        if !fuse.rope_kv {
+        if !rope_kv {
             ops.extend(role("rope + kv write", vec![self.rope_kv(sh, l, 1)?]));
         }
         let combine_q8 = match fuse.attention_combine {

@@ -199,6 +199,16 @@ impl GemvQ4Q8 {
         self.bind_with(gpu, w, x, Out::Y { y, mode }, bias, opts)
     }
 
+    /// Whether [`bind_rope_kv`](Self::bind_rope_kv) takes `w` with heads of `head_dim`: a
+    /// multiple of 4, and the whole matrix in one binding. Otherwise the caller writes y and
+    /// runs RoPE as a dispatch of its own.
+    pub fn rope_kv_fits(&self, gpu: &Gpu, w: &Q4Ref, head_dim: usize) -> bool {
+        head_dim > 0
+            && head_dim.is_multiple_of(4)
+            && row_chunks(gpu, "gemv_q4_q8", w, gpu.limits.max_storage_buffer_binding_size)
+                .is_ok_and(|c| c.len() == 1)
+    }
+
     /// Binds the decode step's qkv projection `W x (+ bias)` (one token) with RoPE and the
     /// KV-cache write as its output (`out`), in place of a y store and a rope_kv dispatch.
     /// Workgroups of 4 rows (`opts.config`'s row count is replaced by 4).
