@@ -331,11 +331,14 @@ impl GemvQ4 {
     }
 }
 
+/// Compiled GEMV pipelines by workgroup shape and a kernel's own key (its input, output).
+pub(crate) type PipelineCache<K> = Mutex<HashMap<(GemvConfig, K), wgpu::ComputePipeline>>;
+
 /// The pipeline of a GEMV kernel `name` in shape `cfg` reading `input`, compiled on first use
 /// (`source` gives its WGSL; WG and ROWS are overrides) and kept in `cache`.
 pub(crate) fn cached_pipeline<I: std::hash::Hash + Eq + Copy>(
     gpu: &Gpu,
-    cache: &Mutex<HashMap<(GemvConfig, I), wgpu::ComputePipeline>>,
+    cache: &PipelineCache<I>,
     name: &str,
     cfg: GemvConfig,
     input: I,

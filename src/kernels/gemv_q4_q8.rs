@@ -11,7 +11,7 @@
 
 use super::gemv_q4::{
     cached_pipeline, check_config, check_matrix, check_vector, row_chunks, Epilogue, GemvConfig,
-    GemvOptions, MAX_UNROLL,
+    GemvOptions, PipelineCache, MAX_UNROLL,
 };
 use super::quant_act::{ActQ8Buffers, Q8_BLOCK};
 use super::rope_kv::ROPE_ANGLE;
@@ -117,7 +117,7 @@ pub struct GemvQ4Q8 {
     subgroups: bool,
     subgroup_max: u32,
     /// By workgroup shape and (INPUT code, output code).
-    pipelines: Mutex<HashMap<(GemvConfig, (u32, u32)), wgpu::ComputePipeline>>,
+    pipelines: PipelineCache<(u32, u32)>,
 }
 
 impl GemvQ4Q8 {
@@ -259,20 +259,10 @@ impl GemvQ4Q8 {
         check_matrix(gpu, what, &w)?;
         let bpr = blocks_per_row(w.cols);
         let xb = x_bindings(gpu, what, &w, &x)?;
-        if let Out::Y { y, .. } = &out {
-            if y.buffer == xb.f32_x.buffer && !matches!(x, Q8Input::Quantized(_)) {
-                return Err(Error::Invalid(format!(
-                    "{what}: x and y must be different buffers (y is written)"
-                )));
-            }
-            check_vector(gpu, what, "y", y, w.rows as u64 * 4)?;
-        }
+        check_output(gpu, what, &w, &x, &xb, &out, bias.as_ref())?;
         let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
         let (xq_bytes, xd_bytes) = (xq.size, xd.size);
         let k_bytes = 4 * w.cols as u64;
-        if let Some(b) = &bias {
-            check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
-        }
         let mut cfg = opts
             .config
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
@@ -332,29 +322,11 @@ impl GemvQ4Q8 {
                 (7, xf.buffer, xf.offset, Some(xf.size.max(16))),
                 (8, norm, 0, Some(k_bytes.max(16).min(norm.size()))),
             ];
-            let rope_buf;
-            match &out {
-                Out::Y { y, .. } => entries.push((6, y.buffer, y.offset, Some(w.rows as u64 * 4))),
-                Out::RopeKv(r) => {
-                    rope_buf = gpu.uniform(
-                        &label,
-                        &RopeParams {
-                            n_heads: r.n_heads as u32,
-                            n_kv_heads: r.n_kv_heads as u32,
-                            head_dim: r.head_dim as u32,
-                            ctx: r.ctx as u32,
-                        },
-                    );
-                    entries.extend([
-                        (9, &rope_buf, 0, None),
-                        (10, r.step, 0, None),
-                        (11, r.inv_freq, 0, None),
-                        (12, r.q_out, 0, None),
-                        (13, r.k_cache, 0, None),
-                        (14, r.v_cache, 0, None),
-                    ]);
-                }
-            }
+            let rope_buf = match &out {
+                Out::RopeKv(r) => Some(gpu.uniform(&label, &RopeParams::of(r))),
+                Out::Y { .. } => None,
+            };
+            entries.extend(output_entries(&out, rope_buf.as_ref(), w.rows));
             let bind_group = gpu.bind_group_numbered(&label, &pipeline, &entries);
             let units = match &out {
                 Out::Y { .. } => c.rows.div_ceil(cfg.rows as usize),
@@ -370,6 +342,62 @@ impl GemvQ4Q8 {
             });
         }
         Ok(dispatches)
+    }
+}
+
+/// Checks the output and bias bindings of a product against `w` and x.
+fn check_output(
+    gpu: &Gpu,
+    what: &str,
+    w: &Q4Ref,
+    x: &Q8Input,
+    xb: &XBindings,
+    out: &Out,
+    bias: Option<&BufRange>,
+) -> Result<()> {
+    if let Out::Y { y, .. } = out {
+        if y.buffer == xb.f32_x.buffer && !matches!(x, Q8Input::Quantized(_)) {
+            return Err(Error::Invalid(format!(
+                "{what}: x and y must be different buffers (y is written)"
+            )));
+        }
+        check_vector(gpu, what, "y", y, w.rows as u64 * 4)?;
+    }
+    if let Some(b) = bias {
+        check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
+    }
+    Ok(())
+}
+
+impl RopeParams {
+    fn of(r: &RopeKvOut) -> RopeParams {
+        RopeParams {
+            n_heads: r.n_heads as u32,
+            n_kv_heads: r.n_kv_heads as u32,
+            head_dim: r.head_dim as u32,
+            ctx: r.ctx as u32,
+        }
+    }
+}
+
+/// The output's bind-group entries: y (binding 6), or the RoPE parameters (`rope`, binding 9),
+/// the step, inv_freq, q and the two caches (10-14).
+fn output_entries<'a>(
+    out: &'a Out<'a>,
+    rope: Option<&'a wgpu::Buffer>,
+    rows: usize,
+) -> Vec<(u32, &'a wgpu::Buffer, u64, Option<u64>)> {
+    match (out, rope) {
+        (Out::Y { y, .. }, _) => vec![(6, y.buffer, y.offset, Some(rows as u64 * 4))],
+        (Out::RopeKv(r), Some(params)) => vec![
+            (9, params, 0, None),
+            (10, r.step, 0, None),
+            (11, r.inv_freq, 0, None),
+            (12, r.q_out, 0, None),
+            (13, r.k_cache, 0, None),
+            (14, r.v_cache, 0, None),
+        ],
+        (Out::RopeKv(_), None) => Vec::new(),
     }
 }
 
