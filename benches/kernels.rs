@@ -1024,7 +1024,13 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             let t = time(Some(GemvConfig { unroll, ..cfg }));
             unrolls.push(t.map_or("—".to_string(), |t| sig(bytes as f64 / t / 1e9)));
         }
-        unroll_rows.push(format!("| {} | wg {} rows {} | {} |", shape.name, cfg.wg, cfg.rows, unrolls.join(" | ")));
+        unroll_rows.push(format!(
+            "| {} | wg {} rows {} | {} |",
+            shape.name,
+            cfg.wg,
+            cfg.rows,
+            unrolls.join(" | ")
+        ));
         if s.sweep {
             for wg in [32, 64, 128, 256] {
                 for rows in [1, 2, 4, 8] {
@@ -1051,7 +1057,13 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     if s.sweep {
         println!("\n### int8 GEMV workgroup shapes (GB/s)\n\n| matrix | wg | rows | unroll | GB/s |\n| --- | --- | --- | --- | --- |");
         for (name, cfg, gbs) in &sweeps {
-            println!("| {name} | {} | {} | {} | {} |", cfg.wg, cfg.rows, cfg.unroll, sig(*gbs));
+            println!(
+                "| {name} | {} | {} | {} | {} |",
+                cfg.wg,
+                cfg.rows,
+                cfg.unroll,
+                sig(*gbs)
+            );
         }
     }
     quant_act_table(gpu, s);

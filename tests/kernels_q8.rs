@@ -357,8 +357,15 @@ fn gemv_q8_every_workgroup_shape_and_row_split() {
     for &subgroups in reductions {
         for wg in [unit, 2 * unit, 4 * unit] {
             // Deeper unrolls at the smallest workgroup only (each shape is a pipeline to compile).
-            let unrolled: &[(u32, u32)] = if wg == unit { &[(3, 2), (4, 3), (2, 4)] } else { &[] };
-            for &(rows, unroll) in [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1)].iter().chain(unrolled) {
+            let unrolled: &[(u32, u32)] = if wg == unit {
+                &[(3, 2), (4, 3), (2, 4)]
+            } else {
+                &[]
+            };
+            for &(rows, unroll) in [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1)]
+                .iter()
+                .chain(unrolled)
+            {
                 let config = Some(GemvConfig {
                     wg,
                     rows,

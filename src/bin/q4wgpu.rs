@@ -994,7 +994,11 @@ fn bench(args: BenchArgs) -> Result<i32> {
     eprintln!(
         "adapter: {}{}",
         gpu.describe(),
-        if args.no_coop { " (cooperative matrices off: --no-coop)" } else { "" }
+        if args.no_coop {
+            " (cooperative matrices off: --no-coop)"
+        } else {
+            ""
+        }
     );
     let mut header_printed = false;
     let mut report = bench::run_bench(&gpu, &weights, &name, &opts, &mut |row| {

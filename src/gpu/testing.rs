@@ -90,14 +90,41 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 /// What [`assert_close`] checks, as a value: `None` when close, else the failure message.
 pub fn close_report(got: &[f32], want: &[f32], tol: f32) -> Option<String> {
-    if got.len() != want.len() {
-        return Some(format!("length {} but {} expected", got.len(), want.len()));
-    }
     let scale = want
         .iter()
         .filter(|v| v.is_finite())
-        .fold(0.0f32, |m, v| m.max(v.abs()))
-        .max(1e-6);
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    close_report_at_scale(got, want, scale, "max |want|", tol)
+}
+
+/// Like [`assert_close`], with errors measured against `scale` (named `scale_name` in the message)
+/// instead of max |want|: for a sum whose terms cancel, the size of its terms (e.g. Σ |w| |x| of a
+/// dot product) is what its rounding error grows with, not the size of the result.
+#[track_caller]
+pub fn assert_close_at_scale(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    scale: f32,
+    scale_name: &str,
+    tol: f32,
+) {
+    if let Some(report) = close_report_at_scale(got, want, scale, scale_name, tol) {
+        panic!("{what}: {report}");
+    }
+}
+
+fn close_report_at_scale(
+    got: &[f32],
+    want: &[f32],
+    scale: f32,
+    scale_name: &str,
+    tol: f32,
+) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("length {} but {} expected", got.len(), want.len()));
+    }
+    let scale = scale.max(1e-6);
     let (mut bad, mut first_bad) = (0usize, None);
     let (mut max_abs, mut at_abs) = (0.0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -122,7 +149,7 @@ pub fn close_report(got: &[f32], want: &[f32], tol: f32) -> Option<String> {
     };
     Some(format!(
         "first bad index {i} of {}: got {} want {}{side}; {bad} bad; max abs error {max_abs:e} at {at_abs}, \
-         max relative error {:e} (tolerance {tol:e}, relative to max |want| = {scale:e})",
+         max relative error {:e} (tolerance {tol:e}, relative to {scale_name} = {scale:e})",
         got.len(),
         got[i],
         want[i],

@@ -234,14 +234,12 @@ impl GemmVariant {
                 }
                 // Too few 128 x 128 tiles for one full wave: K in slices (split-K), so that the
                 // last, partly filled wave costs less.
-                let split_k = if tile == (4, 4)
-                    && groups(4, 4) <= SPLIT_K_MAX_GROUPS
-                    && k >= SPLIT_K_MIN_K
-                {
-                    SPLIT_K
-                } else {
-                    1
-                };
+                let split_k =
+                    if tile == (4, 4) && groups(4, 4) <= SPLIT_K_MAX_GROUPS && k >= SPLIT_K_MIN_K {
+                        SPLIT_K
+                    } else {
+                        1
+                    };
                 GemmVariant::CoopTile {
                     tm: tile.0,
                     tn: tile.1,

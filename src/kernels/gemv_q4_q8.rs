@@ -205,8 +205,13 @@ impl GemvQ4Q8 {
     pub fn rope_kv_fits(&self, gpu: &Gpu, w: &Q4Ref, head_dim: usize) -> bool {
         head_dim > 0
             && head_dim.is_multiple_of(4)
-            && row_chunks(gpu, "gemv_q4_q8", w, gpu.limits.max_storage_buffer_binding_size)
-                .is_ok_and(|c| c.len() == 1)
+            && row_chunks(
+                gpu,
+                "gemv_q4_q8",
+                w,
+                gpu.limits.max_storage_buffer_binding_size,
+            )
+            .is_ok_and(|c| c.len() == 1)
     }
 
     /// Binds the decode step's qkv projection `W x (+ bias)` (one token) with RoPE and the
@@ -239,10 +244,28 @@ impl GemvQ4Q8 {
         let q_bytes = (out.n_heads * out.head_dim * 4) as u64;
         let cache_bytes = (out.n_kv_heads * out.ctx * out.head_dim * 2) as u64;
         check_vector(gpu, what, "q_out", &BufRange::whole(out.q_out), q_bytes)?;
-        check_vector(gpu, what, "k_cache", &BufRange::whole(out.k_cache), cache_bytes)?;
-        check_vector(gpu, what, "v_cache", &BufRange::whole(out.v_cache), cache_bytes)?;
+        check_vector(
+            gpu,
+            what,
+            "k_cache",
+            &BufRange::whole(out.k_cache),
+            cache_bytes,
+        )?;
+        check_vector(
+            gpu,
+            what,
+            "v_cache",
+            &BufRange::whole(out.v_cache),
+            cache_bytes,
+        )?;
         let freq_bytes = (out.head_dim / 2 * 4) as u64;
-        check_vector(gpu, what, "inv_freq", &BufRange::whole(out.inv_freq), freq_bytes)?;
+        check_vector(
+            gpu,
+            what,
+            "inv_freq",
+            &BufRange::whole(out.inv_freq),
+            freq_bytes,
+        )?;
         self.bind_with(gpu, w, x, Out::RopeKv(out), bias, opts)
     }
 

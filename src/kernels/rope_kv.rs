@@ -30,7 +30,10 @@ pub struct RopeKv {
 
 impl RopeKv {
     pub fn new(gpu: &Gpu) -> Result<RopeKv> {
-        let source = format!("{ROPE_ANGLE}\n{}", include_str!("../../shaders/rope_kv.wgsl"));
+        let source = format!(
+            "{ROPE_ANGLE}\n{}",
+            include_str!("../../shaders/rope_kv.wgsl")
+        );
         let pipeline = gpu.compute_pipeline("rope_kv", &source, "main", &[])?;
         Ok(RopeKv { pipeline })
     }
