@@ -97,6 +97,25 @@ pub fn close_report(got: &[f32], want: &[f32], tol: f32) -> Option<String> {
     close_report_at_scale(got, want, scale, "max |want|", tol)
 }
 
+/// The largest Σ |w| |x| (+ |bias| + |y_init|) over the rows of `m x`: the size the rounding
+/// error of a row's sum grows with, whatever the sum itself (a row whose terms cancel has a small
+/// result and the same absolute error). The scale for [`assert_close_at_scale`].
+pub fn term_scale(
+    m: &crate::quant::QMatrix,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y_init: Option<&[f32]>,
+) -> f32 {
+    let mut row = vec![0.0; m.cols];
+    (0..m.rows)
+        .map(|r| {
+            m.view().dequantize_row(r, &mut row);
+            let dot: f32 = row.iter().zip(x).map(|(w, x)| (w * x).abs()).sum();
+            dot + bias.map_or(0.0, |b| b[r].abs()) + y_init.map_or(0.0, |i| i[r].abs())
+        })
+        .fold(0.0, f32::max)
+}
+
 /// Like [`assert_close`], with errors measured against `scale` (named `scale_name` in the message)
 /// instead of max |want|: for a sum whose terms cancel, the size of its terms (e.g. Σ |w| |x| of a
 /// dot product) is what its rounding error grows with, not the size of the result.
