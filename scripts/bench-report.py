@@ -902,7 +902,8 @@ def plot(res, path):
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return f"![decode tokens/s against VRAM budget]({os.path.basename(path)})"
+    # The path as given: BENCHMARKS.md is written where the report runs (the repository root).
+    return f"![decode tokens/s against VRAM budget]({path})"
 
 
 def main():
