@@ -612,38 +612,15 @@ impl Attention {
             },
         )?;
         let combine = self.pipeline(gpu, Variant::SplitCombine { head_dim: hd })?;
-        let decode = vec![
-            dispatch(
-                gpu,
-                "attention/decode_split",
-                pass1,
-                &params_buf,
-                &[
-                    (0, b.step),
-                    (1, &params_buf),
-                    (2, b.q),
-                    (3, b.k_cache),
-                    (4, b.v_cache),
-                    (5, &part_o),
-                    (6, &part_ml),
-                ],
-                [groups_x as u32, max_splits as u32, 1],
-            ),
-            dispatch(
-                gpu,
-                "attention/decode_combine",
-                combine,
-                &params_buf,
-                &[
-                    (0, b.step),
-                    (1, &params_buf),
-                    (5, &part_o),
-                    (6, &part_ml),
-                    (7, b.out),
-                ],
-                [s.n_heads as u32, 1, 1],
-            ),
-        ];
+        let decode = split_and_combine(
+            gpu,
+            ("attention/decode_split", pass1),
+            combine,
+            &params_buf,
+            b,
+            [&part_o, &part_ml],
+            [groups_x as u32, max_splits as u32, s.n_heads as u32],
+        );
         Ok((decode, max_splits, [part_o, part_ml], params_buf))
     }
 
@@ -738,38 +715,15 @@ impl Attention {
             },
         )?;
         let combine = self.pipeline(gpu, Variant::DecodeCombine { head_dim: hd })?;
-        let decode = vec![
-            dispatch(
-                gpu,
-                "attention/decode_partial",
-                partial,
-                &params_buf,
-                &[
-                    (0, b.step),
-                    (1, &params_buf),
-                    (2, b.q),
-                    (3, b.k_cache),
-                    (4, b.v_cache),
-                    (5, &part_o),
-                    (6, &part_ml),
-                ],
-                [groups_x as u32, max_splits as u32, 1],
-            ),
-            dispatch(
-                gpu,
-                "attention/decode_combine",
-                combine,
-                &params_buf,
-                &[
-                    (0, b.step),
-                    (1, &params_buf),
-                    (5, &part_o),
-                    (6, &part_ml),
-                    (7, b.out),
-                ],
-                [s.n_heads as u32, 1, 1],
-            ),
-        ];
+        let decode = split_and_combine(
+            gpu,
+            ("attention/decode_partial", partial),
+            combine,
+            &params_buf,
+            b,
+            [&part_o, &part_ml],
+            [groups_x as u32, max_splits as u32, s.n_heads as u32],
+        );
         Ok((decode, max_splits, [part_o, part_ml]))
     }
 }
@@ -805,6 +759,53 @@ fn head_batches(group: usize) -> (usize, usize) {
 /// Bytes of workgroup memory of `decode_split` (the WGSL `sc_s` and `red_s`).
 fn split_workgroup_bytes() -> usize {
     (SPLIT_SCORE_VEC4 + 1280) * 16
+}
+
+/// A decode's two dispatches: the split pass (`split`: label and pipeline) over `groups`
+/// workgroups x `splits`, writing partial outputs and max/sum into `part`, then the combine, one
+/// workgroup per query head, into `b.out`. `grid` is `[groups, splits, heads]`.
+fn split_and_combine(
+    gpu: &Gpu,
+    split: (&str, wgpu::ComputePipeline),
+    combine: wgpu::ComputePipeline,
+    params: &wgpu::Buffer,
+    b: &Buffers,
+    part: [&wgpu::Buffer; 2],
+    grid: [u32; 3],
+) -> Vec<Dispatch> {
+    let [part_o, part_ml] = part;
+    vec![
+        dispatch(
+            gpu,
+            split.0,
+            split.1,
+            params,
+            &[
+                (0, b.step),
+                (1, params),
+                (2, b.q),
+                (3, b.k_cache),
+                (4, b.v_cache),
+                (5, part_o),
+                (6, part_ml),
+            ],
+            [grid[0], grid[1], 1],
+        ),
+        dispatch(
+            gpu,
+            "attention/decode_combine",
+            combine,
+            params,
+            &[
+                (0, b.step),
+                (1, params),
+                (5, part_o),
+                (6, part_ml),
+                (7, b.out),
+            ],
+            [grid[2], 1, 1],
+        ),
+    ]
 }
 
 fn dispatch(
