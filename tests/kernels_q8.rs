@@ -323,6 +323,7 @@ fn case(rows: usize, cols: usize) -> Case {
     }
 }
 
+/// gemv_q4_q8.wgsl with its plain output (gemv_q4_q8_out_y.wgsl: store, accumulate, bias).
 #[test]
 fn gemv_q8_matches_cpu_on_odd_shapes_and_epilogues() {
     let g = gpu();
@@ -609,6 +610,7 @@ fn gemv_q8_fused_inputs_match_the_spec() {
 /// The qkv GEMV with RoPE and the KV-cache write as its output (the decode step's rope-kv
 /// fusion): q rotated into q_out, k rotated and v into the caches' words at `pos`, nothing else
 /// written, against the CPU spec's product and the CPU reference's RoPE (src/cpu/ops.rs).
+/// Shaders: gemv_q4_q8.wgsl with gemv_q4_q8_out_rope_kv.wgsl and rope_angle.wgsl.
 #[test]
 fn gemv_q8_rope_kv_output_matches_cpu() {
     let g = gpu();
