@@ -81,10 +81,10 @@ pub struct RopeKvOut<'a> {
     pub ctx: usize,
 }
 
-/// The kernel's output: y, or RoPE and the KV-cache write.
+/// The kernel's output: y, or RoPE and the KV-cache write (with its parameters' uniform).
 enum Out<'a> {
     Y { y: BufRange<'a>, mode: Epilogue },
-    RopeKv(&'a RopeKvOut<'a>),
+    RopeKv(&'a RopeKvOut<'a>, wgpu::Buffer),
 }
 
 /// The shader's output file (an index into `OUT_SOURCES`).
@@ -266,7 +266,8 @@ impl GemvQ4Q8 {
             &BufRange::whole(out.inv_freq),
             freq_bytes,
         )?;
-        self.bind_with(gpu, w, x, Out::RopeKv(out), bias, opts)
+        let params = gpu.uniform(what, &RopeParams::of(out));
+        self.bind_with(gpu, w, x, Out::RopeKv(out, params), bias, opts)
     }
 
     fn bind_with(
@@ -291,7 +292,7 @@ impl GemvQ4Q8 {
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
         let out_code = match out {
             Out::Y { .. } => OUT_Y_CODE,
-            Out::RopeKv(_) => {
+            Out::RopeKv(..) => {
                 cfg.rows = 4;
                 OUT_ROPE_KV_CODE
             }
@@ -304,7 +305,7 @@ impl GemvQ4Q8 {
         let bias_range = bias.unwrap_or(xd);
         let bias_bytes = if bias.is_some() { w.rows as u64 * 4 } else { 4 };
         let chunks = row_chunks(gpu, what, &w, max_binding)?;
-        if matches!(out, Out::RopeKv(_)) && chunks.len() != 1 {
+        if matches!(out, Out::RopeKv(..)) && chunks.len() != 1 {
             return Err(Error::Invalid(format!(
                 "{what}: the rope + kv output needs the qkv matrix ({} x {}) in one binding",
                 w.rows, w.cols
@@ -312,7 +313,7 @@ impl GemvQ4Q8 {
         }
         let mode = match out {
             Out::Y { mode, .. } => mode,
-            Out::RopeKv(_) => Epilogue::Store,
+            Out::RopeKv(..) => Epilogue::Store,
         };
         let mut dispatches = Vec::new();
         for c in &chunks {
@@ -345,15 +346,11 @@ impl GemvQ4Q8 {
                 (7, xf.buffer, xf.offset, Some(xf.size.max(16))),
                 (8, norm, 0, Some(k_bytes.max(16).min(norm.size()))),
             ];
-            let rope_buf = match &out {
-                Out::RopeKv(r) => Some(gpu.uniform(&label, &RopeParams::of(r))),
-                Out::Y { .. } => None,
-            };
-            entries.extend(output_entries(&out, rope_buf.as_ref(), w.rows));
+            entries.extend(output_entries(&out, w.rows));
             let bind_group = gpu.bind_group_numbered(&label, &pipeline, &entries);
             let units = match &out {
                 Out::Y { .. } => c.rows.div_ceil(cfg.rows as usize),
-                Out::RopeKv(r) => (r.n_heads + 2 * r.n_kv_heads) * (r.head_dim / 4),
+                Out::RopeKv(r, _) => (r.n_heads + 2 * r.n_kv_heads) * (r.head_dim / 4),
             };
             let (gx, gy) = dispatch_2d(units as u32);
             dispatches.push(Dispatch {
@@ -403,16 +400,15 @@ impl RopeParams {
     }
 }
 
-/// The output's bind-group entries: y (binding 6), or the RoPE parameters (`rope`, binding 9),
-/// the step, inv_freq, q and the two caches (10-14).
+/// The output's bind-group entries: y (binding 6), or the RoPE parameters (binding 9), the step,
+/// inv_freq, q and the two caches (10-14).
 fn output_entries<'a>(
     out: &'a Out<'a>,
-    rope: Option<&'a wgpu::Buffer>,
     rows: usize,
 ) -> Vec<(u32, &'a wgpu::Buffer, u64, Option<u64>)> {
-    match (out, rope) {
-        (Out::Y { y, .. }, _) => vec![(6, y.buffer, y.offset, Some(rows as u64 * 4))],
-        (Out::RopeKv(r), Some(params)) => vec![
+    match out {
+        Out::Y { y, .. } => vec![(6, y.buffer, y.offset, Some(rows as u64 * 4))],
+        Out::RopeKv(r, params) => vec![
             (9, params, 0, None),
             (10, r.step, 0, None),
             (11, r.inv_freq, 0, None),
@@ -420,7 +416,6 @@ fn output_entries<'a>(
             (13, r.k_cache, 0, None),
             (14, r.v_cache, 0, None),
         ],
-        (Out::RopeKv(_), None) => Vec::new(),
     }
 }
 
