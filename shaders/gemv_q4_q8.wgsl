@@ -18,6 +18,12 @@
 //! so the decode step needs no RoPE dispatch of its own. Each defines the bias and output
 //! bindings, `out_units` (workgroups with work), `out_row` (a workgroup's rows) and `write_out`.
 //!
+//! Batched (COLS > 1, a `const` the wrapper prepends with a `batch_cols()` giving the step's
+//! live columns): x is COLS int8 vectors (INPUT_Q8 only), column c at quarter c * quarters, and
+//! y gets COLS outputs, column c at c * y_stride: each weight word read serves every sequence of
+//! a batched decode step. A column's arithmetic is that of the one-column kernel, in the same
+//! order, so a sequence's outputs do not depend on the batch it ran in.
+//!
 //! Arithmetic, per quarter and row: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` split a word's
 //! 8 nibbles (0..15, read as non-negative int8) into two words that meet the packed x words in
 //! two 4-way int8 dot products (dot4I8Packed: one instruction where the device has integer dot
@@ -46,7 +52,8 @@ struct Params {
     accumulate: u32,
     has_bias: u32,
     eps: f32,
-    pad: u32,
+    // Distance between the output columns of a batched product (COLS > 1).
+    y_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -113,18 +120,41 @@ fn input_scale(lid: u32) -> f32 {
     return 1.0 / sqrt(red_sq[0] / f32(p.k) + p.eps);
 }
 
-// Σ nibble * q over one quarter: w holds the 32 nibbles, a and c the 8 packed x words.
-fn quarter_dot(w: vec4<u32>, a: vec4<u32>, c: vec4<u32>) -> i32 {
-    let m = 0x0F0F0F0Fu;
-    var s = dot4I8Packed(w.x & m, a.x);
-    s += dot4I8Packed((w.x >> 4u) & m, a.y);
-    s += dot4I8Packed(w.y & m, a.z);
-    s += dot4I8Packed((w.y >> 4u) & m, a.w);
-    s += dot4I8Packed(w.z & m, c.x);
-    s += dot4I8Packed((w.z >> 4u) & m, c.y);
-    s += dot4I8Packed(w.w & m, c.z);
-    s += dot4I8Packed((w.w >> 4u) & m, c.w);
+// A quarter's 32 nibbles (0..15, as non-negative int8) as the 8 words that meet x's packed words:
+// `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` of each weight word.
+struct Nibbles {
+    a: vec4<u32>,
+    c: vec4<u32>,
+}
+
+fn split_nibbles(w: vec4<u32>) -> Nibbles {
+    let m = vec4<u32>(0x0F0F0F0Fu);
+    let lo = w & m;
+    let hi = (w >> vec4<u32>(4u)) & m;
+    return Nibbles(vec4<u32>(lo.x, hi.x, lo.y, hi.y), vec4<u32>(lo.z, hi.z, lo.w, hi.w));
+}
+
+// Σ nibble * q over one quarter: n holds the 32 nibbles, a and c the 8 packed x words.
+fn quarter_dot(n: Nibbles, a: vec4<u32>, c: vec4<u32>) -> i32 {
+    var s = dot4I8Packed(n.a.x, a.x);
+    s += dot4I8Packed(n.a.y, a.y);
+    s += dot4I8Packed(n.a.z, a.z);
+    s += dot4I8Packed(n.a.w, a.w);
+    s += dot4I8Packed(n.c.x, c.x);
+    s += dot4I8Packed(n.c.y, c.y);
+    s += dot4I8Packed(n.c.z, c.z);
+    s += dot4I8Packed(n.c.w, c.w);
     return s;
+}
+
+// Quarter q of x's column c (batched: always quantized beforehand).
+fn x_quarter_col(q: u32, c: u32) -> Q8Block {
+    if (COLS == 1u) {
+        return x_quarter(q);
+    }
+    let i = c * p.bpr * 4u + q;
+    let ds = xd[i];
+    return Q8Block(xq[2u * i], xq[2u * i + 1u], ds.x, ds.y);
 }
 
 @compute @workgroup_size(WG)
@@ -142,7 +172,8 @@ fn main(
     for (var r = 0u; r < ROWS; r++) {
         rows[r] = out_row(unit, r);
     }
-    var acc: array<f32, MAX_ROWS>;
+    let cols = batch_cols();
+    var acc: array<f32, MAX_ROWS * COLS>;
     for (var q0 = lid; q0 < quarters; q0 += WG * UNROLL) {
         var w: array<vec4<u32>, MAX_ROWS * MAX_UNROLL>;
         var sc: array<f32, MAX_ROWS * MAX_UNROLL>;
@@ -157,14 +188,33 @@ fn main(
         for (var u = 0u; u < UNROLL; u++) {
             let q = q0 + u * WG;
             if (q < quarters) {
-                let xb = x_quarter(q);
-                let offset = 8.0 * xb.dsum;
+                var nib: array<Nibbles, MAX_ROWS>;
                 for (var r = 0u; r < ROWS; r++) {
-                    let t = fma(xb.d, f32(quarter_dot(w[u * ROWS + r], xb.lo, xb.hi)), -offset);
-                    acc[r] = fma(t, sc[u * ROWS + r], acc[r]);
+                    nib[r] = split_nibbles(w[u * ROWS + r]);
+                }
+                for (var c = 0u; c < COLS; c++) {
+                    if (c < cols) {
+                        let xb = x_quarter_col(q, c);
+                        let offset = 8.0 * xb.dsum;
+                        for (var r = 0u; r < ROWS; r++) {
+                            let t = fma(xb.d, f32(quarter_dot(nib[r], xb.lo, xb.hi)), -offset);
+                            acc[c * ROWS + r] = fma(t, sc[u * ROWS + r], acc[c * ROWS + r]);
+                        }
+                    }
                 }
             }
         }
     }
-    write_out(unit, workgroup_sums(acc, lid) * input_scale(lid), lid);
+    let in_scale = input_scale(lid);
+    for (var c = 0u; c < COLS; c++) {
+        if (c < cols) {
+            var col: array<f32, MAX_ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                col[r] = acc[c * ROWS + r];
+            }
+            write_out(unit, c, workgroup_sums(col, lid) * in_scale, lid);
+            // The reduction's workgroup memory is reused by the next column.
+            workgroupBarrier();
+        }
+    }
 }

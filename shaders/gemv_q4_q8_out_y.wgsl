@@ -1,5 +1,5 @@
 // gemv_q4_q8's plain output: workgroup u computes rows u * ROWS .. of this row range and writes
-// y[row_base + row] (+ bias), or adds to it.
+// y[row_base + row] (+ bias), or adds to it; a batched product's column c at c * y_stride.
 
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
@@ -13,8 +13,8 @@ fn out_row(unit: u32, r: u32) -> u32 {
     return min(unit * ROWS + r, p.rows - 1u);
 }
 
-// `total` is row `lid`'s sum in threads lid < ROWS.
-fn write_out(unit: u32, total: f32, lid: u32) {
+// `total` is row `lid`'s sum of column `col` in threads lid < ROWS.
+fn write_out(unit: u32, col: u32, total: f32, lid: u32) {
     let row = unit * ROWS + lid;
     if (lid < ROWS && row < p.rows) {
         let out = p.row_base + row;
@@ -22,9 +22,10 @@ fn write_out(unit: u32, total: f32, lid: u32) {
         if (p.has_bias != 0u) {
             v += bias[out];
         }
+        let at = col * p.y_stride + out;
         if (p.accumulate != 0u) {
-            v += y[out];
+            v += y[at];
         }
-        y[out] = v;
+        y[at] = v;
     }
 }

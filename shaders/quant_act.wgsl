@@ -9,6 +9,9 @@
 //! With INPUT_RMSNORM the blocks quantized are those of x * norm_w, and 1 / rms(x) multiplies
 //! their d (ActQ8::quantize_scaled): the same levels gemv_q4_q8 computes when it fuses the norm.
 //!
+//! Several vectors (a batched decode step's rows): workgroup id y is the row; row r reads x from
+//! vec4 r * x_row and writes blocks r * blocks.. of the output.
+//!
 //! Thread mapping: LANES = 4 threads per block of 32, lane j owning values 8j .. 8j+7 (two vec4
 //! loads; a warp reads contiguous memory) and writing the block's words 2j and 2j+1; the block's
 //! absmax and level sum go through workgroup memory. WG / 4 blocks per workgroup, so a vector
@@ -30,7 +33,8 @@ struct Params {
     // Blocks of 32 to write: K padded to whole weight blocks of 128, over 32.
     blocks: u32,
     eps: f32,
-    pad: u32,
+    // vec4s between the rows of x.
+    x_row: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,6 +46,8 @@ struct Params {
 
 var<workgroup> red: array<f32, WG>;
 var<workgroup> lane_sum: array<i32, WG>;
+// The first vec4 of this workgroup's row of x.
+var<private> x0: u32;
 
 // Values 4v .. 4v+4 of the vector before any norm, zero past K.
 fn load4(v: u32) -> vec4<f32> {
@@ -50,13 +56,13 @@ fn load4(v: u32) -> vec4<f32> {
         return vec4<f32>(0.0);
     }
     if (INPUT == INPUT_SWIGLU) {
-        let g = x[v];
-        return g / (1.0 + exp(-g)) * x[v + n];
+        let g = x[x0 + v];
+        return g / (1.0 + exp(-g)) * x[x0 + v + n];
     }
     if (INPUT == INPUT_RMSNORM) {
-        return x[v] * norm_w[v];
+        return x[x0 + v] * norm_w[v];
     }
-    return x[v];
+    return x[x0 + v];
 }
 
 // 1 / sqrt(mean(x²) + eps) over the whole vector; every thread of every workgroup calls it and
@@ -70,7 +76,7 @@ fn inverse_rms(lid: u32) -> f32 {
         var t: array<vec4<f32>, 8>;
         for (var u = 0u; u < 8u; u++) {
             let v = v0 + u * WG;
-            t[u] = select(vec4<f32>(0.0), x[min(v, n - 1u)], v < n);
+            t[u] = select(vec4<f32>(0.0), x[x0 + min(v, n - 1u)], v < n);
         }
         for (var u = 0u; u < 8u; u += 4u) {
             s += vec4<f32>(dot(t[u], t[u]), dot(t[u + 1u], t[u + 1u]), dot(t[u + 2u], t[u + 2u]), dot(t[u + 3u], t[u + 3u]));
@@ -96,6 +102,8 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    x0 = wid.y * p.x_row;
+    let out0 = wid.y * p.blocks;
     var inv_rms = 1.0;
     if (INPUT == INPUT_RMSNORM) {
         inv_rms = inverse_rms(lid);
@@ -120,11 +128,11 @@ fn main(
     lane_sum[lid] = t.x + t.y + t.z + t.w;
     workgroupBarrier();
     if (live) {
-        xq[4u * b + j] = q8_pack_pair(la, lc);
+        xq[4u * (out0 + b) + j] = q8_pack_pair(la, lc);
         if (j == 0u) {
             let total = lane_sum[first] + lane_sum[first + 1u] + lane_sum[first + 2u] + lane_sum[first + 3u];
             // (d Σq) / rms, in the order quantize32's dsum then the norm's scale.
-            xd[b] = vec2<f32>(d * inv_rms, d * f32(total) * inv_rms);
+            xd[out0 + b] = vec2<f32>(d * inv_rms, d * f32(total) * inv_rms);
         }
     }
 }

@@ -713,3 +713,140 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
         }
     }
 }
+
+/// A batched product (`GemvQ4Q8::bind_batch`, COLS > 1): every live column equals the CPU spec
+/// of its own x and, bit for bit, the one-column kernel's output for that x; columns past the
+/// step's `n_rows` are not written. Odd shapes, both epilogues, a bias, several workgroup shapes
+/// and a matrix split into row ranges.
+#[test]
+fn gemv_q8_batched_columns_match_the_one_column_kernel() {
+    let g = gpu();
+    let kernel = GemvQ4Q8::new(g).expect("gemv_q4_q8 compiles");
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    let mut rng = Rng::fresh("gemv_q4_q8 batched");
+    let shared = |wg, rows| GemvOptions {
+        config: Some(GemvConfig {
+            wg,
+            rows,
+            subgroups: false,
+            unroll: 1,
+        }),
+        max_binding_bytes: None,
+    };
+    let split = GemvOptions {
+        max_binding_bytes: Some(8 * 1024),
+        ..GemvOptions::default()
+    };
+    let cases = [
+        (37, 200, 8, 8, Epilogue::Store, false, GemvOptions::default()),
+        (64, 896, 8, 5, Epilogue::Accumulate, true, GemvOptions::default()),
+        (300, 1000, 3, 2, Epilogue::Store, true, shared(64, 8)),
+        (9, 4, 2, 1, Epilogue::Accumulate, false, shared(32, 3)),
+        (133, 576, 4, 4, Epilogue::Store, false, split),
+    ];
+    for (rows, k, cols, live, mode, with_bias, opts) in cases {
+        let what = format!("batched gemv_q4_q8 {rows}x{k}, {live} of {cols} columns, {mode:?}");
+        let m = random_matrix(&mut rng, rows, k);
+        let qweight = g.storage_from("qweight", &m.qweight);
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let scales = g.storage_from_bytes("scales", &scale_bytes);
+        let w = Q4Ref {
+            rows,
+            cols: k,
+            qweight: BufRange::whole(&qweight),
+            scales: BufRange::whole(&scales),
+        };
+        let xs: Vec<Vec<f32>> = (0..cols).map(|_| random_activations(&mut rng, k)).collect();
+        let flat: Vec<f32> = xs.concat();
+        let x_buf = g.storage_from("x rows", &flat);
+        let xq = ActQ8Buffers::with_rows(g, "batch x", k, cols);
+        let bias: Option<Vec<f32>> = with_bias.then(|| rng.vec(rows, 1.0));
+        let bias_buf = bias.as_ref().map(|b| g.storage_from("bias", b));
+        let stride = rows + 3;
+        let y_init: Vec<f32> = match mode {
+            Epilogue::Store => vec![f32::NAN; cols * stride],
+            Epilogue::Accumulate => rng.vec(cols * stride, 1.0),
+        };
+        let y = g.storage_from("y", &y_init);
+        let rows_uniform: Vec<(usize, usize)> = (0..live).map(|c| (c, c)).collect();
+        let batch = g.uniform("batch", &q4wgpu::kernels::BatchStep::new(&rows_uniform));
+        let io = q4wgpu::kernels::gemv_q4_q8::BatchIo {
+            x: &xq,
+            y: &y,
+            y_stride: stride,
+            cols,
+            batch: &batch,
+        };
+        let mut ds = vec![quant
+            .bind_rows(g, ActInput::Plain, &x_buf, k, cols, &xq)
+            .expect("bind quant rows")];
+        let b = bias_buf.as_ref().map(BufRange::whole);
+        ds.extend(kernel.bind_batch(g, w, &io, b, mode, &opts).expect("bind batch"));
+        run(g, &ds);
+        let got = read_f32(g, &y, cols * stride);
+        for (c, x) in xs.iter().enumerate() {
+            let col = &got[c * stride..c * stride + rows];
+            let init = &y_init[c * stride..c * stride + rows];
+            if c >= live {
+                let same = col.iter().zip(init).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{what}: column {c} is past the step's rows but was written");
+                continue;
+            }
+            // The one-column kernel on the same x.
+            let x1 = upload_act(g, &ActQ8::quantize(x));
+            let y1 = g.storage_from("y1", init);
+            let one = kernel
+                .bind(g, w, Q8Input::Quantized(&x1), BufRange::whole(&y1), b, mode, &opts)
+                .expect("bind one column");
+            run(g, &one);
+            let single = read_f32(g, &y1, rows);
+            for (r, (a, s)) in col.iter().zip(&single).enumerate() {
+                assert_eq!(a.to_bits(), s.to_bits(), "{what}: column {c} row {r}: {a} against one column's {s}");
+            }
+            let a = ActQ8::quantize(x);
+            let mut want = vec![0.0; rows];
+            m.view().matvec_q8(&a, &mut want);
+            for (r, v) in want.iter_mut().enumerate() {
+                *v += bias.as_ref().map_or(0.0, |b| b[r]);
+                if mode == Epilogue::Accumulate {
+                    *v += init[r];
+                }
+            }
+            let y0 = (mode == Epilogue::Accumulate).then_some(init);
+            let scale = term_scale(&m, x, bias.as_deref(), y0);
+            assert_close_at_scale(&what, col, &want, scale, "max Σ|w||x|", TOL);
+        }
+    }
+}
+
+/// `QuantAct::bind_rows`: each row's blocks are, bit for bit, what quantizing that row alone
+/// gives, for every input kind (SwiGLU rows are [gate | up] of 2K values).
+#[test]
+fn quant_act_rows_equal_one_vector_each() {
+    let g = gpu();
+    let quant = QuantAct::new(g).expect("quant_act compiles");
+    let mut rng = Rng::fresh("quant_act rows");
+    let (k, rows) = (200, 3);
+    let norm = g.storage_from("norm", &rng.vec(k, 1.0));
+    for input in [
+        ActInput::Plain,
+        ActInput::RmsNorm { weight: &norm, eps: 1e-6 },
+        ActInput::SwiGlu,
+    ] {
+        let width = if matches!(input, ActInput::SwiGlu) { 2 * k } else { k };
+        let xs: Vec<Vec<f32>> = (0..rows).map(|_| random_activations(&mut rng, width)).collect();
+        let all = g.storage_from("x rows", &xs.concat());
+        let out = ActQ8Buffers::with_rows(g, "rows", k, rows);
+        run(g, &[quant.bind_rows(g, input, &all, k, rows, &out).expect("bind rows")]);
+        let (words, scales) = (read_u32(g, &out.words), read_u32(g, &out.scales));
+        let blocks = k.div_ceil(128) * 4;
+        for (r, x) in xs.iter().enumerate() {
+            let one_x = g.storage_from("x", x);
+            let one = poisoned_act(g, k);
+            run(g, &[quant.bind(g, input, &one_x, k, &one).expect("bind one")]);
+            let (w1, s1) = (read_u32(g, &one.words), read_u32(g, &one.scales));
+            assert_eq!(&words[r * blocks * 8..(r + 1) * blocks * 8], &w1[..blocks * 8], "row {r}: words");
+            assert_eq!(&scales[r * blocks * 2..(r + 1) * blocks * 2], &s1[..blocks * 2], "row {r}: scales");
+        }
+    }
+}

@@ -85,6 +85,7 @@ pub struct RopeKvOut<'a> {
 enum Out<'a> {
     Y { y: BufRange<'a>, mode: Epilogue },
     RopeKv(&'a RopeKvOut<'a>, wgpu::Buffer),
+    Batch { io: &'a BatchIo<'a>, mode: Epilogue },
 }
 
 /// The shader's output file (an index into `OUT_SOURCES`).
@@ -110,14 +111,33 @@ struct Params {
     accumulate: u32,
     has_bias: u32,
     eps: f32,
-    pad: u32,
+    y_stride: u32,
 }
 
 pub struct GemvQ4Q8 {
     subgroups: bool,
     subgroup_max: u32,
-    /// By workgroup shape and (INPUT code, output code).
-    pipelines: PipelineCache<(u32, u32)>,
+    /// By workgroup shape and (INPUT code, output code, columns).
+    pipelines: PipelineCache<(u32, u32, u32)>,
+}
+
+/// The batched step's rows uniform (`shaders/batch_step.wgsl`), shared by every batched kernel.
+pub(crate) const BATCH_STEP: &str = include_str!("../../shaders/batch_step.wgsl");
+
+/// Most sequences a batched product takes (batch_step.wgsl's MAX_BATCH).
+pub const MAX_BATCH: usize = 8;
+
+/// A batched product's x, y and live columns (see [`GemvQ4Q8::bind_batch`]).
+pub struct BatchIo<'a> {
+    /// `cols` quantized vectors, one after another (each K padded to whole weight blocks).
+    pub x: &'a ActQ8Buffers,
+    /// `cols` outputs of `w.rows` values, column c at `c * y_stride`.
+    pub y: &'a wgpu::Buffer,
+    pub y_stride: usize,
+    /// Columns bound (the pipeline's COLS).
+    pub cols: usize,
+    /// The step's rows uniform: its `n_rows` columns are computed.
+    pub batch: &'a wgpu::Buffer,
 }
 
 impl GemvQ4Q8 {
@@ -127,7 +147,7 @@ impl GemvQ4Q8 {
             subgroup_max: gpu.caps.subgroup_max_size.max(1),
             pipelines: Mutex::new(HashMap::new()),
         };
-        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0, OUT_Y_CODE)?;
+        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0, OUT_Y_CODE, 1)?;
         Ok(kernel)
     }
 
@@ -162,6 +182,7 @@ impl GemvQ4Q8 {
         cfg: GemvConfig,
         input: u32,
         out: u32,
+        cols: u32,
     ) -> Result<wgpu::ComputePipeline> {
         check_config(
             gpu,
@@ -171,15 +192,15 @@ impl GemvQ4Q8 {
             self.subgroup_max,
             MAX_UNROLL,
         )?;
-        let label = format!("input{input} out{out}");
+        let label = format!("input{input} out{out} cols{cols}");
         cached_pipeline(
             gpu,
             &self.pipelines,
             "gemv_q4_q8",
             cfg,
-            (input, out),
+            (input, out, cols),
             &label,
-            || shader_with_output(cfg.subgroups, cfg.unroll, input, out),
+            || shader_with_output(cfg.subgroups, cfg.unroll, input, out, cols),
         )
     }
 
@@ -197,6 +218,29 @@ impl GemvQ4Q8 {
         opts: &GemvOptions,
     ) -> Result<Vec<Dispatch>> {
         self.bind_with(gpu, w, x, Out::Y { y, mode }, bias, opts)
+    }
+
+    /// Binds the batched product of a decode step over several sequences: `y[c] = W x[c]` (see
+    /// [`Epilogue`]) for the step's live columns c < `batch.n_rows` of `io.cols` bound, so each
+    /// weight is read once for all of them. x is quantized beforehand (`QuantAct::bind_rows`).
+    /// A column's sums are the one-column kernel's, bit for bit.
+    pub fn bind_batch(
+        &self,
+        gpu: &Gpu,
+        w: Q4Ref,
+        io: &BatchIo,
+        bias: Option<BufRange>,
+        mode: Epilogue,
+        opts: &GemvOptions,
+    ) -> Result<Vec<Dispatch>> {
+        if !(1..=MAX_BATCH).contains(&io.cols) || io.y_stride < w.rows {
+            return Err(Error::Invalid(format!(
+                "gemv_q4_q8 (batched): {} columns (1..={MAX_BATCH}) with outputs {} apart for a \
+                 {}-row matrix",
+                io.cols, io.y_stride, w.rows
+            )));
+        }
+        self.bind_with(gpu, w, Q8Input::Quantized(io.x), Out::Batch { io, mode }, bias, opts)
     }
 
     /// Whether [`bind_rope_kv`](Self::bind_rope_kv) takes `w` with heads of `head_dim`: a
@@ -282,7 +326,22 @@ impl GemvQ4Q8 {
         let what = "gemv_q4_q8";
         check_matrix(gpu, what, &w)?;
         let bpr = blocks_per_row(w.cols);
-        let xb = x_bindings(gpu, what, &w, &x)?;
+        let mut xb = x_bindings(gpu, what, &w, &x)?;
+        let cols = match out {
+            Out::Batch { io, .. } => io.cols,
+            _ => 1,
+        };
+        if cols > 1 {
+            let (words, scales) = (xb.words.size * cols as u64, xb.scales.size * cols as u64);
+            if words > xb.words.buffer.size() || scales > xb.scales.buffer.size() {
+                return Err(Error::Invalid(format!(
+                    "{what}: the quantized activation buffers hold fewer than {cols} vectors of {} values",
+                    w.cols
+                )));
+            }
+            xb.words.size = words;
+            xb.scales.size = scales;
+        }
         check_output(gpu, what, &w, &x, &xb, &out, bias.as_ref())?;
         let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
         let (xq_bytes, xd_bytes) = (xq.size, xd.size);
@@ -291,13 +350,13 @@ impl GemvQ4Q8 {
             .config
             .unwrap_or_else(|| self.config_for(w.rows, w.cols));
         let out_code = match out {
-            Out::Y { .. } => OUT_Y_CODE,
+            Out::Y { .. } | Out::Batch { .. } => OUT_Y_CODE,
             Out::RopeKv(..) => {
                 cfg.rows = 4;
                 OUT_ROPE_KV_CODE
             }
         };
-        let pipeline = self.pipeline(gpu, cfg, x.code(), out_code)?;
+        let pipeline = self.pipeline(gpu, cfg, x.code(), out_code, cols as u32)?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
@@ -312,8 +371,12 @@ impl GemvQ4Q8 {
             )));
         }
         let mode = match out {
-            Out::Y { mode, .. } => mode,
+            Out::Y { mode, .. } | Out::Batch { mode, .. } => mode,
             Out::RopeKv(..) => Epilogue::Store,
+        };
+        let y_stride = match out {
+            Out::Batch { io, .. } => io.y_stride as u32,
+            _ => 0,
         };
         let mut dispatches = Vec::new();
         for c in &chunks {
@@ -325,7 +388,7 @@ impl GemvQ4Q8 {
                 accumulate: (mode == Epilogue::Accumulate) as u32,
                 has_bias: bias.is_some() as u32,
                 eps,
-                pad: 0,
+                y_stride,
             };
             let label = format!(
                 "{what} {}x{} rows {}..{}{}",
@@ -349,7 +412,7 @@ impl GemvQ4Q8 {
             entries.extend(output_entries(&out, w.rows));
             let bind_group = gpu.bind_group_numbered(&label, &pipeline, &entries);
             let units = match &out {
-                Out::Y { .. } => c.rows.div_ceil(cfg.rows as usize),
+                Out::Y { .. } | Out::Batch { .. } => c.rows.div_ceil(cfg.rows as usize),
                 Out::RopeKv(r, _) => (r.n_heads + 2 * r.n_kv_heads) * (r.head_dim / 4),
             };
             let (gx, gy) = dispatch_2d(units as u32);
@@ -383,6 +446,10 @@ fn check_output(
         }
         check_vector(gpu, what, "y", y, w.rows as u64 * 4)?;
     }
+    if let Out::Batch { io, .. } = out {
+        let need = ((io.cols - 1) * io.y_stride + w.rows) as u64 * 4;
+        check_vector(gpu, what, "y", &BufRange::whole(io.y), need)?;
+    }
     if let Some(b) = bias {
         check_vector(gpu, what, "bias", b, w.rows as u64 * 4)?;
     }
@@ -408,6 +475,7 @@ fn output_entries<'a>(
 ) -> Vec<(u32, &'a wgpu::Buffer, u64, Option<u64>)> {
     match out {
         Out::Y { y, .. } => vec![(6, y.buffer, y.offset, Some(rows as u64 * 4))],
+        Out::Batch { io, .. } => vec![(6, io.y, 0, None), (15, io.batch, 0, None)],
         Out::RopeKv(r, params) => vec![
             (9, params, 0, None),
             (10, r.step, 0, None),
@@ -488,22 +556,37 @@ fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<X
 /// The WGSL of the kernel reading `input` (its INPUT code) and writing y, before
 /// gpu::shader_source.
 pub fn shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, 1, input, OUT_Y_CODE)
+    shader_with_output(subgroups, 1, input, OUT_Y_CODE, 1)
 }
 
 /// The same with the RoPE + KV-cache output (see [`GemvQ4Q8::bind_rope_kv`]).
 pub fn rope_kv_shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, 1, input, OUT_ROPE_KV_CODE)
+    shader_with_output(subgroups, 1, input, OUT_ROPE_KV_CODE, 1)
 }
 
-fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32) -> String {
+/// The batched kernel of `cols` columns (quantized x, plain output).
+pub fn batch_shader(subgroups: bool, cols: u32) -> String {
+    shader_with_output(subgroups, 1, 0, OUT_Y_CODE, cols)
+}
+
+fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32, cols: u32) -> String {
     let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
     let output = if out == OUT_ROPE_KV_CODE {
         format!("{ROPE_ANGLE}\n{OUT_ROPE_KV}")
     } else {
         OUT_Y.to_string()
     };
+    // One column needs no rows uniform; a batched product computes the step's live columns.
+    let columns = if cols == 1 {
+        "fn batch_cols() -> u32 { return 1u; }".to_string()
+    } else {
+        format!(
+            "{BATCH_STEP}\n@group(0) @binding(15) var<uniform> batch: BatchStep;\n\
+             fn batch_cols() -> u32 {{ return min(batch.n_rows, COLS); }}"
+        )
+    };
     format!(
-        "const INPUT: u32 = {input}u;\nconst UNROLL: u32 = {unroll}u;\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}"
+        "const INPUT: u32 = {input}u;\nconst UNROLL: u32 = {unroll}u;\nconst COLS: u32 = {cols}u;\n\
+         {columns}\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}"
     )
 }

@@ -33,6 +33,46 @@ pub struct Dispatch {
     pub params: Option<wgpu::Buffer>,
 }
 
+/// One row of a batched decode step (`shaders/batch_step.wgsl`): a token appended to sequence
+/// `slot` at position `pos`, after which it holds `kv_len = pos + 1` positions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BatchRow {
+    pub slot: u32,
+    pub pos: u32,
+    pub kv_len: u32,
+    pub _pad: u32,
+}
+
+/// The rows of a batched decode step, written once per step into one uniform buffer that the
+/// batched kernels bind; rows at or past `n_rows` are not computed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BatchStep {
+    pub n_rows: u32,
+    pub _pad: [u32; 3],
+    pub rows: [BatchRow; gemv_q4_q8::MAX_BATCH],
+}
+
+impl BatchStep {
+    /// `rows` as (slot, position) pairs; at most [`gemv_q4_q8::MAX_BATCH`].
+    pub fn new(rows: &[(usize, usize)]) -> BatchStep {
+        let mut step = BatchStep {
+            n_rows: rows.len().min(gemv_q4_q8::MAX_BATCH) as u32,
+            ..Default::default()
+        };
+        for (row, &(slot, pos)) in step.rows.iter_mut().zip(rows) {
+            *row = BatchRow {
+                slot: slot as u32,
+                pos: pos as u32,
+                kv_len: pos as u32 + 1,
+                _pad: 0,
+            };
+        }
+        step
+    }
+}
+
 impl Dispatch {
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);

@@ -46,12 +46,17 @@ pub struct ActQ8Buffers {
 impl ActQ8Buffers {
     /// Room for a vector of up to `capacity` values (padded to whole weight blocks).
     pub fn new(gpu: &Gpu, label: &str, capacity: usize) -> ActQ8Buffers {
-        let padded = blocks_per_row(capacity.max(1)) * BLOCK;
+        Self::with_rows(gpu, label, capacity, 1)
+    }
+
+    /// Room for `rows` such vectors one after another (a batched step's rows).
+    pub fn with_rows(gpu: &Gpu, label: &str, capacity: usize, rows: usize) -> ActQ8Buffers {
+        let padded = (blocks_per_row(capacity.max(1)) * BLOCK * rows.max(1)) as u64;
         ActQ8Buffers {
-            words: gpu.storage_buffer(&format!("{label} (int8)"), padded as u64),
+            words: gpu.storage_buffer(&format!("{label} (int8)"), padded),
             scales: gpu.storage_buffer(
                 &format!("{label} (int8 scales)"),
-                (padded / ACT_BLOCK * 8) as u64,
+                padded / ACT_BLOCK as u64 * 8,
             ),
             capacity,
         }
@@ -85,7 +90,7 @@ struct Params {
     k: u32,
     blocks: u32,
     eps: f32,
-    pad: u32,
+    x_row: u32,
 }
 
 pub struct QuantAct {
@@ -135,16 +140,39 @@ impl QuantAct {
         k: usize,
         out: &ActQ8Buffers,
     ) -> Result<Dispatch> {
-        if k == 0 || k % 4 != 0 || k > out.capacity {
+        self.bind_rows(gpu, input, x, k, 1, out)
+    }
+
+    /// Quantizes `rows` vectors, row r made by `input` of x's row r (`k` values apart, `2k` for
+    /// SwiGLU's [gate | up]), into `out` one after another (each padded to whole weight blocks).
+    pub fn bind_rows(
+        &self,
+        gpu: &Gpu,
+        input: ActInput,
+        x: &wgpu::Buffer,
+        k: usize,
+        rows: usize,
+        out: &ActQ8Buffers,
+    ) -> Result<Dispatch> {
+        let blocks = blocks_per_row(k.max(1)) * (BLOCK / ACT_BLOCK);
+        let room = (out.scales.size() / 8) as usize;
+        if k == 0 || k % 4 != 0 || k > out.capacity || rows == 0 || rows * blocks > room {
             return Err(Error::Invalid(format!(
-                "quant_act: K = {k} must be a positive multiple of 4 and at most the buffers' {}",
+                "quant_act: {rows} vectors of K = {k}: K must be a positive multiple of 4 and at \
+                 most the buffers' {} values, with room for every vector",
                 out.capacity
             )));
         }
-        let x_bytes = match input {
+        if rows > 1 && self.kernel == QuantActKernel::Serial {
+            return Err(Error::Invalid(
+                "quant_act: the serial kernel quantizes one vector".into(),
+            ));
+        }
+        let row_bytes = match input {
             ActInput::SwiGlu => 8 * k as u64,
             _ => 4 * k as u64,
         };
+        let x_bytes = row_bytes * rows as u64;
         super::check_size("quant_act x", x, x_bytes)?;
         let (norm, eps) = match input {
             ActInput::RmsNorm { weight, eps } => {
@@ -154,15 +182,14 @@ impl QuantAct {
             // The binding needs a buffer: x, never read through it.
             _ => (x, 0.0),
         };
-        let blocks = blocks_per_row(k) * (BLOCK / ACT_BLOCK);
         let params = Params {
             k: k as u32,
             blocks: blocks as u32,
             eps,
-            pad: 0,
+            x_row: (row_bytes / 16) as u32,
         };
         let name = ["plain", "rmsnorm", "swiglu"][input.code()];
-        let label = format!("quant_act/{name} K={k}");
+        let label = format!("quant_act/{name} K={k} x{rows}");
         let params_buf = gpu.uniform(&label, &params);
         let pipeline = &self.pipelines[input.code()];
         let bind_group = gpu.bind_group_ranges(
@@ -172,8 +199,8 @@ impl QuantAct {
                 (&params_buf, 0, None),
                 (x, 0, Some(x_bytes)),
                 (norm, 0, Some(4 * k as u64)),
-                (&out.words, 0, Some(blocks as u64 * 32)),
-                (&out.scales, 0, Some(blocks as u64 * 8)),
+                (&out.words, 0, Some((rows * blocks) as u64 * 32)),
+                (&out.scales, 0, Some((rows * blocks) as u64 * 8)),
             ],
         );
         let groups = match (self.kernel, input) {
@@ -191,7 +218,7 @@ impl QuantAct {
             label,
             pipeline: pipeline.clone(),
             bind_group,
-            workgroups: [groups, 1, 1],
+            workgroups: [groups, rows as u32, 1],
             params: Some(params_buf),
         })
     }
