@@ -20,15 +20,13 @@
 // input, bit-identical to what quant_act.wgsl would make of `out`; the last head's workgroup
 // zeroes the blocks that pad n_heads * HD to whole weight blocks of 128.
 //
+// Batched decode (the wrapper's prelude says which): the rows of a batched step (batch_step.wgsl),
+// row = workgroup id z of the split pass and y of the combine, each over its own slot's region of
+// the caches (`slot * n_kv_heads * ctx` rows in) and its own length; q, out and the scratch hold
+// a row after another. One sequence: row 0 over the whole caches, its length from the step.
+//
 // The split layout follows step.kv_len at run time (split_layout), bounded at bind time by the
 // context: workgroups of splits past the layout exit at once, and the combine ignores them.
-
-struct Step {
-    pos: u32,
-    n_tokens: u32,
-    kv_len: u32,
-    _pad: u32,
-}
 
 struct Params {
     n_heads: u32,
@@ -76,7 +74,6 @@ const RED_VEC4: u32 = 1280u;
 // A finite stand-in for -infinity: exp(NEG - m) is 0, and NEG - NEG is not NaN.
 const NEG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> params: Params;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> k_cache: array<vec4<u32>>;
@@ -107,9 +104,12 @@ fn split_layout(kv_len: u32) -> Layout {
     return Layout(chunk, (kv_len + chunk - 1u) / chunk);
 }
 
-fn step_kv_len() -> u32 {
-    return max(min(step.kv_len, params.ctx), 1u);
+fn step_kv_len(row: u32) -> u32 {
+    return max(min(row_kv_len(row), params.ctx), 1u);
 }
+
+// The batch row whose query this invocation reads (its q vec4s start at q_base).
+var<private> q_base: u32;
 
 // Eight f16 values (four packed words) as two vec4<f32>: dims 0..3 and 4..7.
 fn unpack_lo(w: vec4<u32>) -> vec4<f32> {
@@ -125,7 +125,7 @@ fn query_row(h: u32, valid: bool, w4: u32) -> vec4<f32> {
     if !valid {
         return vec4<f32>(0.0);
     }
-    return q[h * (HD / 4u) + w4] * inverseSqrt(f32(HD));
+    return q[q_base + h * (HD / 4u) + w4] * inverseSqrt(f32(HD));
 }
 
 // Four dims (vec4 `w4` of a head) of query heads 4*quad .. 4*quad+3 of the batch, scaled: column c
@@ -138,7 +138,7 @@ fn query_quad(head0: u32, n_here: u32, quad: u32, w4: u32) -> mat4x4<f32> {
         let h = 4u * quad + j;
         cols[j] = vec4<f32>(0.0);
         if h < n_here {
-            cols[j] = q[(head0 + h) * hd4 + w4] * scale;
+            cols[j] = q[q_base + (head0 + h) * hd4 + w4] * scale;
         }
     }
     return transpose(mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]));
@@ -241,12 +241,17 @@ fn accumulate(acc: ptr<function, Acc>, p: u32, n: u32, vw: vec4<u32>) {
 
 @compute @workgroup_size(128)
 fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let kv_len = step_kv_len();
+    let row = wid.z;
+    if row >= live_rows() {
+        return;
+    }
+    let kv_len = step_kv_len(row);
     let lay = split_layout(kv_len);
     let split = wid.y;
     if split >= lay.n {
         return;
     }
+    q_base = row * params.n_heads * (HD / 4u);
     let start = split * lay.chunk;
     let n = min(lay.chunk, kv_len - start);
     let kvh = wid.x / params.head_batches;
@@ -255,7 +260,7 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let n_here = min(GB, params.group - batch * GB);
     let dg = lid % HD8;
     let pg = lid / HD8;
-    let row0 = kvh * params.ctx + start;
+    let row0 = (row_slot(row) * params.n_kv_heads + kvh) * params.ctx + start;
 
     // Pass 1: scores of the chunk into sc_s[position * NQ + quad]. The next tile's K words are
     // in flight while a tile is scored; during the last tile, the first tile's V words instead.
@@ -365,7 +370,7 @@ fn decode_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             }
             let h = 4u * quad + j;
             if h < n_here {
-                let slot = (head0 + h) * params.max_splits + split;
+                let slot = (row * params.n_heads + head0 + h) * params.max_splits + split;
                 part_o[slot * hd4 + r] = o;
                 if r == 0u {
                     let mq = select(m.lo, m.hi, quad == 1u);
@@ -408,10 +413,10 @@ fn combine_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
 
 // The combine of query head `head`; every thread calls it. Threads lid < HD / 4 get the output
 // of their vec4 (which they also write to `out`); the others get zero.
-fn combine(head: u32, lid: u32) -> vec4<f32> {
+fn combine(head: u32, row: u32, lid: u32) -> vec4<f32> {
     let hd4 = HD / 4u;
-    let n_splits = min(split_layout(step_kv_len()).n, params.max_splits);
-    let first = head * params.max_splits;
+    let n_splits = min(split_layout(step_kv_len(row)).n, params.max_splits);
+    let first = (row * params.n_heads + head) * params.max_splits;
 
     // Thread (split group sg, vec4 w4) sums splits sg, sg + nsg, ... in blocks of eight. The first
     // block is loaded with the maxima, before the common max is known: up to 8 * nsg splits (64 at
@@ -463,14 +468,17 @@ fn combine(head: u32, lid: u32) -> vec4<f32> {
             l_all += cb_red[g * hd4];
         }
         result = total / l_all;
-        out[head * hd4 + w4] = result;
+        out[(row * params.n_heads + head) * hd4 + w4] = result;
     }
     return result;
 }
 
 @compute @workgroup_size(256)
 fn decode_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    combine(wid.x, lid);
+    if wid.y >= live_rows() {
+        return;
+    }
+    combine(wid.x, wid.y, lid);
 }
 
 // The head's output, shared for the block quantizers.
@@ -479,7 +487,7 @@ var<workgroup> cb_head: array<vec4<f32>, 32>;
 @compute @workgroup_size(256)
 fn decode_combine_q8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let head = wid.x;
-    let o = combine(head, lid);
+    let o = combine(head, 0u, lid);
     if lid < HD / 4u {
         cb_head[lid] = o;
     }

@@ -9,6 +9,9 @@
 //!            word index (kv_head * ctx + position) * (hd/2) + i, at position step.pos + t;
 //!            positions at or past ctx are never written.
 //! The angle's cos and sin: rope_angle.wgsl (the wrapper puts it first; gemv_q4_q8 shares it).
+//! Which rows are live and where each goes (the wrapper puts one of two first): a prompt chunk's
+//! or a decode step's rows t < step.n_tokens at positions step.pos + t; a batched decode step's
+//! rows (batch_step.wgsl) each at its own position, in its sequence's region of the caches.
 //! Thread mapping: workgroup id y = token t; x covers the (n_heads + 2 * n_kv_heads) * hd/2 words of
 //! a row; a thread produces the two elements (2i, 2i+1) of one head that share a cache word.
 
@@ -21,20 +24,12 @@ struct Params {
     ctx: u32,
 }
 
-struct Step {
-    pos: u32,
-    n_tokens: u32,
-    kv_len: u32,
-    pad: u32,
-}
-
 @group(0) @binding(0) var<storage, read> qkv: array<f32>;
 @group(0) @binding(1) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(2) var<storage, read_write> q_out: array<f32>;
 @group(0) @binding(3) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(4) var<storage, read_write> v_cache: array<u32>;
 @group(0) @binding(5) var<uniform> params: Params;
-@group(0) @binding(6) var<uniform> step: Step;
 
 // Element e of the rotated head whose first element is at `base` of qkv.
 fn rotated(base: u32, e: u32, position: f32) -> f32 {
@@ -55,7 +50,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let nh = params.n_heads;
     let nkv = params.n_kv_heads;
     let j = wid.x * WG + lid;
-    if t >= step.n_tokens || j >= (nh + 2u * nkv) * half {
+    if t >= live_rows() || j >= (nh + 2u * nkv) * half {
         return;
     }
     let head = j / half;
@@ -63,7 +58,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q_dim = nh * params.head_dim;
     let row = t * (q_dim + 2u * nkv * params.head_dim);
     let base = row + head * params.head_dim;
-    let pos = step.pos + t;
+    let pos = row_pos(t);
+    // The first cache row of this row's sequence.
+    let first = row_cache(t, nkv);
     let e = 2u * w;
     if head < nh {
         let out = t * q_dim + head * params.head_dim + e;
@@ -76,11 +73,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     if head < nh + nkv {
         let kvh = head - nh;
-        let word = (kvh * params.ctx + pos) * half + w;
+        let word = (first + kvh * params.ctx + pos) * half + w;
         k_cache[word] = pack2x16float(vec2<f32>(rotated(base, e, f32(pos)), rotated(base, e + 1u, f32(pos))));
     } else {
         let kvh = head - nh - nkv;
-        let word = (kvh * params.ctx + pos) * half + w;
+        let word = (first + kvh * params.ctx + pos) * half + w;
         v_cache[word] = pack2x16float(vec2<f32>(qkv[base + e], qkv[base + e + 1u]));
     }
 }

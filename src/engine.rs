@@ -18,9 +18,12 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
+mod batch;
 mod kv_slots;
 mod step;
 
+pub use batch::BatchEntry;
+use batch::BatchDecode;
 pub use kv_slots::KvSlots;
 use step::StepKernels;
 
@@ -265,6 +268,8 @@ pub struct GpuModel<'w> {
     /// The working K and V caches of each layer, and the saved caches of other sequences.
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     slots: KvSlots,
+    /// The batched decode step of several sequences (with more than one KV slot).
+    batch: Option<BatchDecode>,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -343,7 +348,8 @@ pub fn residency_plan(
     // Each sequence beyond the first (`serve --parallel`) keeps a saved copy of the cache.
     let kv_bytes = (c.num_hidden_layers * 2 * c.num_kv_heads() * ctx * c.head_dim() * 2) as u64
         * (1 + KvSlots::saved_copies(opts.kv_slots) as u64);
-    let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab);
+    let act_bytes = f32_bytes(m * (2 * h + qkv_dim + 2 * q_dim + 2 * ffn + ffn) + h + vocab)
+        + batch::batch_bytes(batch::batch_rows(opts.kv_slots, m), vocab);
     let blocks = h.div_ceil(crate::quant::BLOCK);
     let lm_bytes = (vocab * blocks * (crate::quant::WORDS_PER_BLOCK * 4 + 2)) as u64;
     let small_bytes = f32_bytes(c.num_hidden_layers * (2 * h + qkv_dim + h) + h);
@@ -486,6 +492,7 @@ impl<'w> GpuModel<'w> {
         };
         let mut decode_layers = Vec::new();
         let mut prefill_layers = Vec::new();
+        let mut layer_buffers = Vec::new();
         let mut keep = vec![
             lm_q.clone(),
             lm_s.clone(),
@@ -510,6 +517,9 @@ impl<'w> GpuModel<'w> {
             let (decode, prefill) = kernels.layer(&shared, &buffers)?;
             decode_layers.push(decode);
             prefill_layers.push(prefill);
+            if let Some(caches) = slots.layer(l) {
+                layer_buffers.push((buffers, caches));
+            }
             let s = &small[l];
             keep.extend([
                 s.input_norm.clone(),
@@ -527,6 +537,22 @@ impl<'w> GpuModel<'w> {
         };
         let (decode_head, prefill_final_norm, prefill_head) =
             kernels.heads(&shared, lm, &final_norm)?;
+        let rows = batch::batch_rows(opts.kv_slots, m);
+        let int8 = opts.decode_activations == DecodeActivations::Int8;
+        let batch = match rows > 0 && int8 && layer_buffers.len() == c.num_hidden_layers {
+            true => Some(BatchDecode::new(
+                &kernels,
+                &shared,
+                rows,
+                opts.kv_slots,
+                &layer_buffers,
+                lm,
+                &final_norm,
+                opts.max_top_logprobs,
+            )?),
+            false => None,
+        };
+        drop(layer_buffers);
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
             "sample out",
@@ -575,6 +601,7 @@ impl<'w> GpuModel<'w> {
             next_decode: None,
             kv,
             slots,
+            batch,
             _keep: keep,
         })
     }
@@ -822,6 +849,8 @@ impl<'w> GpuModel<'w> {
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to process".into()));
         }
+        // After a batched step the working cache must take its sequence back.
+        self.select_kv_slot(self.slots.active())?;
         if self.position + tokens.len() > self.opts.ctx_size {
             return Err(Error::Invalid(format!(
                 "the sequence would hold {} tokens but the context holds {}; raise --ctx-size",
@@ -846,15 +875,7 @@ impl<'w> GpuModel<'w> {
                 self.gpu
                     .queue
                     .write_buffer(&self.history, 0, bytemuck::cast_slice(recent));
-                let p = SampleParams {
-                    temperature: params.temperature,
-                    top_k: params.top_k,
-                    top_p: params.top_p,
-                    min_p: params.min_p,
-                    repeat_penalty: params.repeat_penalty,
-                    repeat_last_n: params.repeat_last_n,
-                    seed: params.seed,
-                };
+                let p = SampleParams::from(params);
                 self.sampler
                     .write_params(&self.gpu.queue, &p, step_no, recent.len())?;
             }

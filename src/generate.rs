@@ -54,6 +54,7 @@ impl LogprobReport {
 }
 
 /// What a backend returns for one step: the sampled next token (and its log-probabilities if asked).
+#[derive(Clone, Debug)]
 pub struct StepOutput {
     pub token: u32,
     pub logprobs: Option<TokenLogprobs>,

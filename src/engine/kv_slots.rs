@@ -1,27 +1,32 @@
-//! Several sequences on one engine (`serve --parallel N`): the kernels are bound to one working
-//! KV cache per layer, so each sequence keeps a saved copy of its cache and `select_kv_slot`
-//! swaps it in: the positions the current sequence wrote since it was loaded are copied out, the
-//! next sequence's positions copied in (GPU copies of `len × kv_dim` f16 values per layer, the
-//! same order of bytes the attention of one step reads). Copies are exact, so a sequence's logits
-//! do not depend on what ran in between.
-//!
-//! This interleaves single-sequence steps. One pass over the weights for all sequences needs the
-//! decode step to take up to 8 tokens of different sequences (the prompt-chunk GEMM path) with
-//! attention per sequence over its own cache region; then these copies go away.
+//! Several sequences on one engine (`serve --parallel N`). Each layer has one buffer per K and V
+//! holding every sequence's cache, slot s in region s (`[slot][kv_head][ctx][head_dim]` f16).
+//! The batched decode step (`batch.rs`) reads and writes those regions directly: one pass over
+//! the weights for all its sequences. The one-sequence kernels (prompt chunks, a lone step) are
+//! bound to a working cache per layer, so `select_kv_slot` swaps a sequence in: the positions the
+//! current sequence wrote since it was loaded are copied out to its region, the next sequence's
+//! copied in (GPU copies of `len × kv_dim` f16 values per layer). Before a batched step the
+//! working cache is "parked": its new positions saved, after which it holds no sequence until the
+//! next selection. Copies are exact, so a sequence's logits do not depend on what ran in between.
 
 use super::GpuModel;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
-/// The saved caches and which sequence the working cache holds.
+/// The slots' caches and which sequence the working cache holds.
 pub struct KvSlots {
-    /// Per slot, per layer: saved (K, V) caches, the working caches' layout. Empty with one slot.
-    saved: Vec<Vec<(wgpu::Buffer, wgpu::Buffer)>>,
-    /// Tokens each slot holds (the active one's count is the engine's `position`).
+    /// Per layer: (K, V) of every slot, slot s at `s * region_bytes`. Empty with one slot.
+    saved: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    /// Bytes of one slot's region (the working cache's size).
+    region_bytes: u64,
+    /// Tokens each slot holds (the active one's count is the engine's `position` unless parked).
     len: Vec<usize>,
     active: usize,
     /// First position of the working cache written since the active slot was loaded.
     dirty_from: usize,
+    /// The working cache is not in use: every slot is whole in its region (the working cache
+    /// still holds the active slot's first `parked_valid` positions).
+    parked: bool,
+    parked_valid: usize,
 }
 
 impl KvSlots {
@@ -44,26 +49,45 @@ impl KvSlots {
                 "the engine needs at least one KV slot".into(),
             ));
         }
-        let saved = (0..Self::saved_copies(slots))
-            .map(|s| {
-                working
-                    .iter()
-                    .enumerate()
-                    .map(|(l, (k, v))| {
-                        (
-                            gpu.storage_buffer(&format!("slot {s} k cache {l}"), k.size()),
-                            gpu.storage_buffer(&format!("slot {s} v cache {l}"), v.size()),
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
+        let region_bytes = working.first().map_or(0, |(k, _)| k.size());
+        let total = region_bytes * Self::saved_copies(slots) as u64;
+        if total > gpu.limits.max_buffer_size {
+            return Err(Error::Invalid(format!(
+                "{slots} sequences' KV caches take {total} bytes per layer, more than this GPU's \
+                 largest buffer ({}): use fewer parallel sequences or a smaller context",
+                gpu.limits.max_buffer_size
+            )));
+        }
+        let saved = match Self::saved_copies(slots) {
+            0 => Vec::new(),
+            _ => (0..working.len())
+                .map(|l| {
+                    (
+                        gpu.storage_buffer(&format!("slots' k cache {l}"), total),
+                        gpu.storage_buffer(&format!("slots' v cache {l}"), total),
+                    )
+                })
+                .collect(),
+        };
         Ok(KvSlots {
             saved,
+            region_bytes,
             len: vec![0; slots],
             active: 0,
             dirty_from: 0,
+            parked: false,
+            parked_valid: 0,
         })
+    }
+
+    /// The slot the one-sequence steps act on.
+    pub(super) fn active(&self) -> usize {
+        self.active
+    }
+
+    /// Layer `l`'s caches of every slot (the batched step binds them); `None` with one slot.
+    pub(super) fn layer(&self, l: usize) -> Option<&(wgpu::Buffer, wgpu::Buffer)> {
+        self.saved.get(l)
     }
 }
 
@@ -75,7 +99,7 @@ impl GpuModel<'_> {
 
     /// Tokens `slot` holds.
     pub fn slot_len(&self, slot: usize) -> usize {
-        if slot == self.slots.active {
+        if slot == self.slots.active && !self.slots.parked {
             self.position
         } else {
             self.slots.len.get(slot).copied().unwrap_or(0)
@@ -84,6 +108,12 @@ impl GpuModel<'_> {
 
     /// Keeps only the first `len` tokens of the current sequence (the prompt cache reuses them).
     pub fn truncate(&mut self, len: usize) {
+        if self.slots.parked {
+            let active = &mut self.slots.len[self.slots.active];
+            *active = (*active).min(len);
+            self.slots.parked_valid = self.slots.parked_valid.min(len);
+            return;
+        }
         self.position = self.position.min(len);
         self.slots.dirty_from = self.slots.dirty_from.min(self.position);
     }
@@ -96,20 +126,24 @@ impl GpuModel<'_> {
                 "KV slot {slot} does not exist (the engine has {n})"
             )));
         }
-        if slot == self.slots.active {
+        if slot == self.slots.active && !self.slots.parked {
             return Ok(());
         }
+        self.park();
         let mut enc = self
             .gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("kv slot swap"),
             });
-        let (old, from) = (self.slots.active, self.slots.dirty_from);
-        self.copy_positions(&mut enc, old, from, self.position, true);
-        self.slots.len[old] = self.position;
+        self.slots.parked = false;
         let len = self.slots.len[slot];
-        self.copy_positions(&mut enc, slot, 0, len, false);
+        // What the working cache still holds of the slot parked in it need not be copied again.
+        let from = match slot == self.slots.active {
+            true => self.slots.parked_valid.min(len),
+            false => 0,
+        };
+        self.copy_positions(&mut enc, slot, from, len, false);
         self.gpu.queue.submit([enc.finish()]);
         self.slots.active = slot;
         self.slots.dirty_from = len;
@@ -117,8 +151,34 @@ impl GpuModel<'_> {
         Ok(())
     }
 
-    /// Records copies of positions `from..to` between the working caches and `slot`'s saved
-    /// ones (`save`: working → saved). Layout `[kv_head][ctx][head_dim]` in f16.
+    /// Saves the active slot's new positions to its region; the working cache then holds no
+    /// slot (a batched step is about to change the regions).
+    pub(super) fn park(&mut self) {
+        if self.slots.parked || self.slots.saved.is_empty() {
+            return;
+        }
+        let mut enc = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kv slot park"),
+            });
+        let (old, from) = (self.slots.active, self.slots.dirty_from);
+        self.copy_positions(&mut enc, old, from, self.position, true);
+        self.gpu.queue.submit([enc.finish()]);
+        self.slots.len[old] = self.position;
+        self.slots.parked = true;
+        self.slots.parked_valid = self.position;
+    }
+
+    /// Every slot's length, for a batched step on parked caches (see [`Self::park`]).
+    pub(super) fn parked_lens(&mut self) -> &mut [usize] {
+        debug_assert!(self.slots.parked);
+        &mut self.slots.len
+    }
+
+    /// Records copies of positions `from..to` between the working caches and `slot`'s region
+    /// (`save`: working → region). Layout `[kv_head][ctx][head_dim]` in f16.
     fn copy_positions(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -132,13 +192,17 @@ impl GpuModel<'_> {
         }
         let row = (self.config.head_dim() * 2) as u64;
         let ctx = self.opts.ctx_size as u64;
-        for ((wk, wv), (sk, sv)) in self.kv.iter().zip(&self.slots.saved[slot]) {
+        let region = slot as u64 * self.slots.region_bytes;
+        for ((wk, wv), (sk, sv)) in self.kv.iter().zip(&self.slots.saved) {
             for (work, saved) in [(wk, sk), (wv, sv)] {
-                let (src, dst) = if save { (work, saved) } else { (saved, work) };
                 for head in 0..self.config.num_kv_heads() as u64 {
                     let offset = (head * ctx + from as u64) * row;
                     let size = (to - from) as u64 * row;
-                    enc.copy_buffer_to_buffer(src, offset, dst, offset, size);
+                    if save {
+                        enc.copy_buffer_to_buffer(work, offset, saved, region + offset, size);
+                    } else {
+                        enc.copy_buffer_to_buffer(saved, region + offset, work, offset, size);
+                    }
                 }
             }
         }

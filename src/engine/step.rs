@@ -11,7 +11,7 @@ use crate::gpu::Gpu;
 use crate::kernels::attention::{Attention, AttentionDispatches};
 use crate::kernels::gemm_q4::GemmQ4;
 use crate::kernels::gemv_q4::{Epilogue, GemvInput, GemvOptions, GemvQ4};
-use crate::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input, RopeKvOut};
+use crate::kernels::gemv_q4_q8::{BatchIo, GemvQ4Q8, Q8Input, RopeKvOut};
 use crate::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use crate::kernels::rmsnorm::RmsNorm;
 use crate::kernels::rope_kv::RopeKv;
@@ -52,6 +52,15 @@ pub(super) struct Shared<'a> {
     /// Rows of a prompt chunk.
     pub chunk: usize,
     pub fusion: DecodeFusion,
+}
+
+/// What a batched decode step's operations bind besides the one-sequence step's: the rows
+/// uniform, how many rows are bound, the quantized inputs of every row, and the slots' caches.
+pub(super) struct BatchBinds<'a> {
+    pub rows_buf: &'a wgpu::Buffer,
+    pub rows: usize,
+    pub input: &'a ActQ8Buffers,
+    pub slots: usize,
 }
 
 /// One layer's own buffers: where each phase reads its weights, its norms and biases, its cache.
@@ -399,6 +408,106 @@ impl StepKernels {
             self.gemv
                 .bind(sh.gpu, m, BufRange::whole(&a.h), out, bias, Epilogue::Store)?,
         ));
+        Ok(ops)
+    }
+
+    /// The batched decode step: the int8 step's operations for `b.rows` sequences, each weight
+    /// read once for all; RoPE, the KV write and attention per row in its slot's cache region
+    /// (`caches`). No fusions: the batched GEMV takes only quantized inputs.
+    pub fn batch_layer(
+        &self,
+        sh: &Shared,
+        l: &LayerBuffers,
+        b: &BatchBinds,
+        caches: &(wgpu::Buffer, wgpu::Buffer),
+    ) -> Result<Vec<Dispatch>> {
+        let Some(k8) = &self.int8 else {
+            return Err(crate::error::Error::Invalid(
+                "the batched decode step needs int8 activations".into(),
+            ));
+        };
+        let (c, a, w, s, gpu) = (sh.config, sh.act, sh.pack, l.small, sh.gpu);
+        let weights = |p: &PackedMatrix| packed_in(l.decode_weights, p);
+        let eps = c.rms_norm_eps;
+        let (h, q_dim, ffn) = (c.hidden_size, c.q_dim(), c.intermediate_size);
+        let heads = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let quantize = |name: &str, input, x: &wgpu::Buffer, k| -> Result<Vec<Dispatch>> {
+            let d = k8.quant.bind_rows(gpu, input, x, k, b.rows, b.input)?;
+            Ok(role(&format!("{name} input (int8, batched)"), vec![d]))
+        };
+        let project = |name: &str, m: &PackedMatrix, y: &wgpu::Buffer, bias: Option<&wgpu::Buffer>, mode| {
+            let io = BatchIo {
+                x: b.input,
+                y,
+                y_stride: m.rows,
+                cols: b.rows,
+                batch: b.rows_buf,
+            };
+            let bias = bias.map(BufRange::whole);
+            let ds = k8.gemv.bind_batch(gpu, weights(m), &io, bias, mode, &GemvOptions::default())?;
+            Ok::<_, crate::error::Error>(role(&format!("{name} (batched)"), ds))
+        };
+        let input_norm = ActInput::RmsNorm {
+            weight: &s.input_norm,
+            eps,
+        };
+        let post_norm = ActInput::RmsNorm {
+            weight: &s.post_norm,
+            eps,
+        };
+        let (store, add) = (Epilogue::Store, Epilogue::Accumulate);
+        let mut ops = quantize("qkv", input_norm, &a.x, h)?;
+        ops.extend(project("qkv", &w.qkv, &a.qkv, s.qkv_bias.as_ref(), store)?);
+        let (kc, vc) = (&caches.0, &caches.1);
+        let rope = self.rope.bind_batch(
+            gpu, &a.qkv, sh.inv_freq, &a.q, kc, vc, heads, sh.ctx, b.slots, b.rows, b.rows_buf,
+        )?;
+        ops.extend(role("rope + kv write (batched)", vec![rope]));
+        let attn = self.attention.bind_batch_decode(
+            gpu, &a.q, [kc, vc], &a.attn, heads, sh.ctx, b.slots, b.rows, b.rows_buf,
+        )?;
+        ops.extend(role("attention (batched)", attn));
+        ops.extend(quantize("o", ActInput::Plain, &a.attn, q_dim)?);
+        ops.extend(project("o (+residual)", &w.o, &a.x, s.o_bias.as_ref(), add)?);
+        ops.extend(quantize("gate|up", post_norm, &a.x, h)?);
+        ops.extend(project("gate|up", &w.gate_up, &a.gate_up, None, store)?);
+        ops.extend(quantize("down", ActInput::SwiGlu, &a.gate_up, ffn)?);
+        ops.extend(project("down (+residual)", &w.down, &a.x, None, add)?);
+        Ok(ops)
+    }
+
+    /// The batched step's final norm and lm_head: `b.rows` rows of logits, `stride` apart.
+    pub fn batch_head(
+        &self,
+        sh: &Shared,
+        lm: Q4Ref,
+        final_norm: &wgpu::Buffer,
+        b: &BatchBinds,
+        logits: &wgpu::Buffer,
+        stride: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let Some(k8) = &self.int8 else {
+            return Err(crate::error::Error::Invalid(
+                "the batched decode step needs int8 activations".into(),
+            ));
+        };
+        let (gpu, c) = (sh.gpu, sh.config);
+        let input = ActInput::RmsNorm {
+            weight: final_norm,
+            eps: c.rms_norm_eps,
+        };
+        let quantize = k8.quant.bind_rows(gpu, input, &sh.act.x, c.hidden_size, b.rows, b.input)?;
+        let mut ops = role("final norm (int8, batched)", vec![quantize]);
+        let io = BatchIo {
+            x: b.input,
+            y: logits,
+            y_stride: stride,
+            cols: b.rows,
+            batch: b.rows_buf,
+        };
+        let store = Epilogue::Store;
+        let ds = k8.gemv.bind_batch(gpu, lm, &io, None, store, &GemvOptions::default())?;
+        ops.extend(role("lm_head (batched)", ds));
         Ok(ops)
     }
 

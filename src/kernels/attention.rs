@@ -35,6 +35,22 @@ use std::sync::Mutex;
 
 const SHADER: &str = include_str!("../../shaders/attention.wgsl");
 const DECODE_SHADER: &str = include_str!("../../shaders/attention_decode.wgsl");
+use super::gemv_q4_q8::{BATCH_STEP, MAX_BATCH};
+/// The grouped decode's rows: one sequence, its length from the step (binding 0).
+const DECODE_ONE: &str = "
+struct Step { pos: u32, n_tokens: u32, kv_len: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> step: Step;
+fn live_rows() -> u32 { return 1u; }
+fn row_kv_len(row: u32) -> u32 { return step.kv_len; }
+fn row_slot(row: u32) -> u32 { return 0u; }
+";
+/// The rows of a batched decode step (binding 0: batch_step.wgsl's uniform).
+const DECODE_BATCH: &str = "
+@group(0) @binding(0) var<uniform> batch: BatchStep;
+fn live_rows() -> u32 { return min(batch.n_rows, MAX_BATCH); }
+fn row_kv_len(row: u32) -> u32 { return batch.rows[row].kv_len; }
+fn row_slot(row: u32) -> u32 { return batch.rows[row].slot; }
+";
 
 /// Head dimensions the kernels are built for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -192,13 +208,16 @@ enum Variant {
         head_dim: u32,
     },
     /// Grouped decode pass 1 and combine (`attention_decode.wgsl`).
+    /// `batch`: over the rows of a batched step (each its own slot and length).
     Split {
         head_dim: u32,
         heads: u32,
         v_tail_guard: bool,
+        batch: bool,
     },
     SplitCombine {
         head_dim: u32,
+        batch: bool,
     },
     /// The combine that also writes the int8 o-projection input.
     SplitCombineQ8 {
@@ -320,7 +339,8 @@ impl Attention {
             return Ok(p.clone());
         }
         // The grouped decode module calls q8_block.wgsl's quantizer (decode_combine_q8).
-        let decode_source = format!("{Q8_BLOCK}\n{DECODE_SHADER}");
+        let decode_source = format!("{Q8_BLOCK}\n{DECODE_ONE}\n{DECODE_SHADER}");
+        let batch_source = format!("{Q8_BLOCK}\n{BATCH_STEP}\n{DECODE_BATCH}\n{DECODE_SHADER}");
         let mut source = SHADER;
         let (label, entry, overrides) = match variant {
             Variant::DecodePartial { head_dim, heads } => (
@@ -337,10 +357,11 @@ impl Attention {
                 head_dim,
                 heads,
                 v_tail_guard,
+                batch,
             } => {
-                source = &decode_source;
+                source = if batch { &batch_source } else { &decode_source };
                 (
-                    format!("attention/decode_split/hd{head_dim}/g{heads}/guard{v_tail_guard}"),
+                    format!("attention/decode_split/hd{head_dim}/g{heads}/guard{v_tail_guard}/batch{batch}"),
                     "decode_split",
                     vec![
                         ("HD", head_dim as f64),
@@ -349,10 +370,10 @@ impl Attention {
                     ],
                 )
             }
-            Variant::SplitCombine { head_dim } => {
-                source = &decode_source;
+            Variant::SplitCombine { head_dim, batch } => {
+                source = if batch { &batch_source } else { &decode_source };
                 (
-                    format!("attention/decode_split_combine/hd{head_dim}"),
+                    format!("attention/decode_split_combine/hd{head_dim}/batch{batch}"),
                     "decode_combine",
                     vec![("HD", head_dim as f64)],
                 )
@@ -475,7 +496,7 @@ impl Attention {
         let (decode, max_splits, scratch, combine_q8) = match self.decode.kernel {
             DecodeKernel::Grouped => {
                 let (decode, max_splits, scratch, params) =
-                    self.bind_grouped_decode(gpu, &shape, &buffers)?;
+                    self.bind_grouped_decode(gpu, &shape, &buffers, false)?;
                 let q8 = CombineQ8 {
                     params,
                     step: step.clone(),
@@ -538,10 +559,16 @@ impl Attention {
 
     /// Decode scratch for `max_splits` splits per query head: per (head, split) the unnormalised
     /// output and (max, sum). One pair serves every binding (see `scratch`).
-    fn decode_scratch(&self, gpu: &Gpu, s: &Shape, max_splits: usize) -> Result<[wgpu::Buffer; 2]> {
+    fn decode_scratch(
+        &self,
+        gpu: &Gpu,
+        s: &Shape,
+        max_splits: usize,
+        rows: usize,
+    ) -> Result<[wgpu::Buffer; 2]> {
         let need = [
-            (s.n_heads * max_splits * s.head_dim * 4) as u64,
-            (s.n_heads * max_splits * 2 * 4) as u64,
+            (rows * s.n_heads * max_splits * s.head_dim * 4) as u64,
+            (rows * s.n_heads * max_splits * 2 * 4) as u64,
         ];
         let mut cache = self
             .scratch
@@ -563,13 +590,17 @@ impl Attention {
         Ok(bufs)
     }
 
-    /// The grouped decode (`attention_decode.wgsl`): split pass and combine.
+    /// The grouped decode (`attention_decode.wgsl`): split pass and combine, for one sequence
+    /// (`b.step` the step uniform) or the rows of a batched step (`batch`: `b.step` the batch
+    /// uniform, q and out of `s.m_max` rows).
     fn bind_grouped_decode(
         &self,
         gpu: &Gpu,
         s: &Shape,
         b: &Buffers,
+        batch: bool,
     ) -> Result<(Vec<Dispatch>, usize, [wgpu::Buffer; 2], wgpu::Buffer)> {
+        let rows = if batch { s.m_max } else { 1 };
         let limits = &gpu.limits;
         let need = split_workgroup_bytes();
         if (limits.max_compute_workgroup_storage_size as usize) < need {
@@ -601,7 +632,7 @@ impl Attention {
             _pad: [0; 2],
         };
         let params_buf = gpu.uniform("attention/decode_params", &params);
-        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits)?;
+        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits, rows)?;
         let hd = s.head_dim as u32;
         let pass1 = self.pipeline(
             gpu,
@@ -609,9 +640,16 @@ impl Attention {
                 head_dim: hd,
                 heads: s.heads_per_batch as u32,
                 v_tail_guard: self.decode.v_tail_guard,
+                batch,
             },
         )?;
-        let combine = self.pipeline(gpu, Variant::SplitCombine { head_dim: hd })?;
+        let combine = self.pipeline(
+            gpu,
+            Variant::SplitCombine {
+                head_dim: hd,
+                batch,
+            },
+        )?;
         let decode = split_and_combine(
             gpu,
             ("attention/decode_split", pass1),
@@ -619,9 +657,81 @@ impl Attention {
             &params_buf,
             b,
             [&part_o, &part_ml],
-            [groups_x as u32, max_splits as u32, s.n_heads as u32],
+            [groups_x as u32, max_splits as u32, s.n_heads as u32, rows as u32],
         );
         Ok((decode, max_splits, [part_o, part_ml], params_buf))
+    }
+
+    /// Decode attention of a batched step (`batch`: its rows uniform, see
+    /// [`BatchStep`](super::BatchStep)): row r of `q` (rows of `n_heads * head_dim` f32, as
+    /// `out`) attends over positions `0..rows[r].kv_len` of slot `rows[r].slot`'s region of caches
+    /// holding `slots` sequences of `ctx` positions (`[slot][kv_head][ctx][head_dim]` f16). The
+    /// grouped kernel's arithmetic, so a row's output is what a one-sequence step gives.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_batch_decode(
+        &self,
+        gpu: &Gpu,
+        q: &wgpu::Buffer,
+        [k_cache, v_cache]: [&wgpu::Buffer; 2],
+        out: &wgpu::Buffer,
+        (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+        ctx: usize,
+        slots: usize,
+        rows: usize,
+        batch: &wgpu::Buffer,
+    ) -> Result<Vec<Dispatch>> {
+        let what = "attention (batched decode)";
+        if self.decode.kernel != DecodeKernel::Grouped
+            || !SUPPORTED_HEAD_DIMS.contains(&head_dim)
+            || n_kv_heads == 0
+            || n_heads == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+            || ctx == 0
+            || slots == 0
+            || !(1..=MAX_BATCH).contains(&rows)
+        {
+            return Err(Error::Invalid(format!(
+                "{what}: the grouped kernel, head_dim in {SUPPORTED_HEAD_DIMS:?}, query heads a \
+                 multiple of the KV heads, and a context and slots ({n_heads} heads, {n_kv_heads} \
+                 KV heads of {head_dim}, context {ctx}, {slots} slots)"
+            )));
+        }
+        let rows_bytes = (rows * n_heads * head_dim * 4) as u64;
+        let cache_bytes = (slots * n_kv_heads * ctx * head_dim * 2) as u64;
+        for (name, buf, need) in [
+            ("q", q, rows_bytes),
+            ("out", out, rows_bytes),
+            ("k_cache", k_cache, cache_bytes),
+            ("v_cache", v_cache, cache_bytes),
+        ] {
+            super::check_size(&format!("{what} {name}"), buf, need)?;
+            if buf.size() > gpu.limits.max_storage_buffer_binding_size {
+                return Err(Error::Unsupported(format!(
+                    "{what}: {name} has {} bytes, more than this GPU binds at once",
+                    buf.size()
+                )));
+            }
+        }
+        let group = n_heads / n_kv_heads;
+        let (head_batches, heads_per_batch) = head_batches(group);
+        let shape = Shape {
+            n_heads,
+            n_kv_heads,
+            group,
+            head_dim,
+            ctx,
+            m_max: rows,
+            head_batches,
+            heads_per_batch,
+        };
+        let buffers = Buffers {
+            q,
+            k_cache,
+            v_cache,
+            out,
+            step: batch,
+        };
+        Ok(self.bind_grouped_decode(gpu, &shape, &buffers, true)?.0)
     }
 
     /// The decode dispatches of `attn` (bound here) with a combine that also writes the o
@@ -705,7 +815,7 @@ impl Attention {
             _pad: 0,
         };
         let params_buf = gpu.uniform("attention/legacy_decode_params", &params);
-        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits)?;
+        let [part_o, part_ml] = self.decode_scratch(gpu, s, max_splits, 1)?;
         let hd = s.head_dim as u32;
         let partial = self.pipeline(
             gpu,
@@ -722,7 +832,7 @@ impl Attention {
             &params_buf,
             b,
             [&part_o, &part_ml],
-            [groups_x as u32, max_splits as u32, s.n_heads as u32],
+            [groups_x as u32, max_splits as u32, s.n_heads as u32, 1],
         );
         Ok((decode, max_splits, [part_o, part_ml]))
     }
@@ -762,8 +872,9 @@ fn split_workgroup_bytes() -> usize {
 }
 
 /// A decode's two dispatches: the split pass (`split`: label and pipeline) over `groups`
-/// workgroups x `splits`, writing partial outputs and max/sum into `part`, then the combine, one
-/// workgroup per query head, into `b.out`. `grid` is `[groups, splits, heads]`.
+/// workgroups x `splits` x rows, writing partial outputs and max/sum into `part`, then the
+/// combine, one workgroup per query head and row, into `b.out`. `grid` is `[groups, splits,
+/// heads, rows]`.
 fn split_and_combine(
     gpu: &Gpu,
     split: (&str, wgpu::ComputePipeline),
@@ -771,7 +882,7 @@ fn split_and_combine(
     params: &wgpu::Buffer,
     b: &Buffers,
     part: [&wgpu::Buffer; 2],
-    grid: [u32; 3],
+    grid: [u32; 4],
 ) -> Vec<Dispatch> {
     let [part_o, part_ml] = part;
     vec![
@@ -789,7 +900,7 @@ fn split_and_combine(
                 (5, part_o),
                 (6, part_ml),
             ],
-            [grid[0], grid[1], 1],
+            [grid[0], grid[1], grid[3]],
         ),
         dispatch(
             gpu,
@@ -803,7 +914,7 @@ fn split_and_combine(
                 (6, part_ml),
                 (7, b.out),
             ],
-            [grid[2], 1, 1],
+            [grid[2], grid[3], 1],
         ),
     ]
 }

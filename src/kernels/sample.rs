@@ -54,6 +54,20 @@ pub struct SampleParams {
     pub seed: u64,
 }
 
+impl From<&crate::sampling::SamplingParams> for SampleParams {
+    fn from(p: &crate::sampling::SamplingParams) -> SampleParams {
+        SampleParams {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n,
+            seed: p.seed,
+        }
+    }
+}
+
 /// One sampled token: its id, its raw log-probability, and the `top_n` most likely raw candidates.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleResult {
