@@ -15,7 +15,7 @@ cargo build --release
 strip -o .device-bin/q4wgpu target/release/q4wgpu
 
 # The test binaries that use the GPU or the real model.
-gpu_tests="gpu_device kernels_matmul kernels_q8 kernels_attention kernels_elementwise kernels_sample model_gpu bench real_model"
+gpu_tests="gpu_device kv_slots kernels_matmul kernels_q8 kernels_attention kernels_elementwise kernels_sample model_gpu bench real_model"
 rm -f .device-bin/tests/*
 cargo test --release --no-run --message-format=json 2>/dev/null |
   python3 -c '

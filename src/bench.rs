@@ -29,7 +29,7 @@
 //! - PCIe bound (streamed rows) = upload bandwidth / streamed bytes per token.
 
 use crate::config::ModelConfig;
-use crate::engine::{add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::engine::{BatchEntry, add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -75,6 +75,10 @@ pub struct BenchOptions {
     /// Positions already in the KV cache before each test (llama-bench's `-d`): one set of rows
     /// per depth.
     pub depths: Vec<usize>,
+    /// Sequences decoded together (`serve --parallel`): for each N above 1 a row `tg{n} xN` of
+    /// N sequences through the batched step, tokens/s summed over them (the engine keeps the
+    /// largest N's KV slots for every row).
+    pub parallel: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -95,6 +99,7 @@ impl Default for BenchOptions {
             decode_fusion: vec![DecodeFusion::default()],
             decode_activations: vec![DecodeActivations::default()],
             depths: vec![0],
+            parallel: vec![1],
         }
     }
 }
@@ -432,6 +437,15 @@ impl ByteModel {
         )
     }
 
+    /// The same per token when `seqs` sequences share each step's pass over the weights (each
+    /// still reads its own KV cache).
+    fn decode_shared(&self, prompt: usize, n: usize, seqs: usize) -> (f64, f64) {
+        let (bytes, streamed) = self.decode(prompt, n);
+        let pass = (self.weights_pass() + self.lm_head_bytes) as f64;
+        let share = (seqs as f64 - 1.0) / seqs as f64;
+        (bytes - pass * share, streamed / seqs as f64)
+    }
+
     /// (bytes, streamed bytes) per token of a `p`-token prompt in chunks of `chunk`.
     fn prompt(&self, p: usize, chunk: usize) -> (f64, f64) {
         let chunks = p.div_ceil(chunk);
@@ -514,6 +528,56 @@ fn time_decode(
     Ok(Timed { rates, generated })
 }
 
+/// `n` batched steps of `seqs` sequences, each after the same short prompt in its own slot;
+/// tokens/s summed over the sequences.
+fn time_batched_decode(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    n: usize,
+    (reps, depth): (usize, usize),
+    seqs: usize,
+) -> Result<Timed> {
+    let params = SamplingParams::greedy();
+    let mut rates = Vec::with_capacity(reps);
+    let mut generated = Vec::new();
+    for rep in 0..=reps {
+        let steps = if rep == 0 { n.min(WARMUP_STEPS) } else { n };
+        let mut next = Vec::with_capacity(seqs);
+        for slot in 0..seqs {
+            engine.select_kv_slot(slot)?;
+            engine.reset();
+            engine.skip_to(depth)?;
+            next.push(engine.step(prompt, &params, prompt, 0, None)?.token);
+        }
+        let mut histories = vec![prompt.to_vec(); seqs];
+        generated.clear();
+        let start = Instant::now();
+        for i in 0..steps {
+            for (h, &t) in histories.iter_mut().zip(&next) {
+                h.push(t);
+            }
+            generated.push(next[0]);
+            let entries: Vec<BatchEntry> = (0..seqs)
+                .map(|slot| BatchEntry {
+                    slot,
+                    token: next[slot],
+                    params: &params,
+                    history: &histories[slot],
+                    step: i as u32 + 1,
+                    top_logprobs: None,
+                })
+                .collect();
+            let outs = engine.step_batch(&entries)?;
+            next = outs.into_iter().map(|o| o.token).collect();
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        if rep > 0 {
+            rates.push((steps * seqs) as f64 / seconds);
+        }
+    }
+    Ok(Timed { rates, generated })
+}
+
 /// Runs every test at every budget. `on_row` sees each row as soon as it is measured.
 pub fn run_bench(
     gpu: &Gpu,
@@ -590,7 +654,7 @@ pub fn run_bench(
             decode_reads: stream_read,
             prompt_reads: stream_read,
             decode_activations,
-            kv_slots: 1,
+            kv_slots: opts.parallel.iter().copied().max().unwrap_or(1).max(1),
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
@@ -642,6 +706,28 @@ pub fn run_bench(
                     opts.gen_tokens,
                     timed,
                     bytes.decode(TG_PROMPT + depth, opts.gen_tokens),
+                ));
+            }
+            for &seqs in opts.parallel.iter().filter(|&&n| n > 1 && opts.gen_tokens > 0) {
+                if seqs > engine.batch_capacity() {
+                    return Err(Error::Invalid(format!(
+                        "--parallel {seqs}: this engine batches at most {} sequences",
+                        engine.batch_capacity()
+                    )));
+                }
+                let n = opts.gen_tokens;
+                let timed = time_batched_decode(
+                    &mut engine,
+                    &tg_prompt,
+                    n,
+                    (opts.repetitions, depth),
+                    seqs,
+                )?;
+                tests.push((
+                    format!("tg{n} x{seqs}{at}"),
+                    n * seqs,
+                    timed,
+                    bytes.decode_shared(TG_PROMPT + depth, n, seqs),
                 ));
             }
         }

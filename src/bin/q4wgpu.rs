@@ -367,6 +367,11 @@ struct BenchArgs {
     /// on them).
     #[arg(short = 'd', long = "n-depth", default_value = "0")]
     depth: String,
+    /// Comma-separated numbers of sequences decoded together (as `serve --parallel`): for each
+    /// above 1 a generation row of that many sequences through the batched step (at most 8),
+    /// tokens/s summed over them.
+    #[arg(long, default_value = "1")]
+    parallel: String,
     /// Comma-separated decode activations (int8, f32), one set of generation rows each.
     #[arg(long, default_value = EngineOptions::default().decode_activations.name())]
     decode_activations: String,
@@ -947,6 +952,19 @@ fn warm_up(gpu: &Gpu, engine: &mut GpuModel, quiet: bool) -> Result<f64> {
 }
 
 /// `q4wgpu bench`: the rows stream to stdout as a markdown table as they are measured.
+/// A comma-separated list of counts given to `flag`.
+fn parse_counts(flag: &str, text: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|t| {
+            t.trim().parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "{flag} takes a comma-separated list of counts, not {t:?}"
+                ))
+            })
+        })
+        .collect()
+}
+
 fn bench(args: BenchArgs) -> Result<i32> {
     if args.cpu {
         return bench_cpu(args);
@@ -974,17 +992,8 @@ fn bench(args: BenchArgs) -> Result<i32> {
                 .collect::<Result<_>>()?,
             None => vec![DecodeFusion::default()],
         },
-        depths: args
-            .depth
-            .split(',')
-            .map(|t| {
-                t.trim().parse().map_err(|_| {
-                    Error::Invalid(format!(
-                        "-d takes a comma-separated list of depths, not {t:?}"
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?,
+        depths: parse_counts("-d", &args.depth)?,
+        parallel: parse_counts("--parallel", &args.parallel)?,
         decode_activations: args
             .decode_activations
             .split(',')

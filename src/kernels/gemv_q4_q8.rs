@@ -176,6 +176,15 @@ impl GemvQ4Q8 {
         }
     }
 
+    /// The batched product's shape: the one-column kernel's threads (so each column's sums are
+    /// bit-identical to it) and at least 4 rows per workgroup, so that each column's x, loaded
+    /// once per quarter for all rows, costs less against the rows' weight loads.
+    pub fn batch_config_for(&self, rows: usize, cols: usize) -> GemvConfig {
+        let mut cfg = self.config_for(rows, cols);
+        cfg.rows = cfg.rows.max(4);
+        cfg
+    }
+
     fn pipeline(
         &self,
         gpu: &Gpu,
@@ -346,9 +355,10 @@ impl GemvQ4Q8 {
         let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
         let (xq_bytes, xd_bytes) = (xq.size, xd.size);
         let k_bytes = 4 * w.cols as u64;
-        let mut cfg = opts
-            .config
-            .unwrap_or_else(|| self.config_for(w.rows, w.cols));
+        let mut cfg = opts.config.unwrap_or_else(|| match out {
+            Out::Batch { .. } => self.batch_config_for(w.rows, w.cols),
+            _ => self.config_for(w.rows, w.cols),
+        });
         let out_code = match out {
             Out::Y { .. } | Out::Batch { .. } => OUT_Y_CODE,
             Out::RopeKv(..) => {

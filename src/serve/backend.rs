@@ -2,8 +2,8 @@
 //! KV cache, extended a step at a time. The GPU engine and the CPU reference both implement it.
 
 use crate::cpu::{CpuDecoder, CpuModel};
-use crate::engine::GpuModel;
-use crate::error::Result;
+use crate::engine::{BatchEntry, GpuModel};
+use crate::error::{Error, Result};
 use crate::generate::{Decoder, StepOutput};
 use crate::sampling::SamplingParams;
 
@@ -64,6 +64,48 @@ impl Backend for GpuBackend<'_, '_> {
         self.engine.select_kv_slot(s.slot)?;
         self.engine
             .step(s.tokens, s.params, s.history, s.step, s.top_logprobs)
+    }
+
+    /// Steps of one token (decoding sequences) run together in batched steps of up to the
+    /// engine's batch capacity, one pass over the weights each; prompts one after another.
+    fn step_batch(&mut self, steps: &[SlotStep]) -> Vec<Result<StepOutput>> {
+        let mut results: Vec<Option<Result<StepOutput>>> = steps.iter().map(|_| None).collect();
+        let singles: Vec<usize> = (0..steps.len())
+            .filter(|&i| steps[i].tokens.len() == 1)
+            .collect();
+        let capacity = self.engine.batch_capacity();
+        if capacity >= 2 {
+            for group in singles.chunks(capacity).filter(|g| g.len() >= 2) {
+                let entries: Vec<BatchEntry> = group
+                    .iter()
+                    .map(|&i| BatchEntry {
+                        slot: steps[i].slot,
+                        token: steps[i].tokens[0],
+                        params: steps[i].params,
+                        history: steps[i].history,
+                        step: steps[i].step,
+                        top_logprobs: steps[i].top_logprobs,
+                    })
+                    .collect();
+                match self.engine.step_batch(&entries) {
+                    Ok(outs) => {
+                        for (&i, out) in group.iter().zip(outs) {
+                            results[i] = Some(Ok(out));
+                        }
+                    }
+                    Err(e) => {
+                        for &i in group {
+                            results[i] = Some(Err(Error::Gpu(format!("batched step: {e}"))));
+                        }
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .zip(steps)
+            .map(|(r, s)| r.unwrap_or_else(|| self.step(s)))
+            .collect()
     }
 }
 
