@@ -234,6 +234,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         decode_fusion: vec![Default::default()],
         decode_activations: vec![DecodeActivations::Int8],
         depths: vec![0],
+        parallel: vec![1],
     }
 }
 
@@ -637,4 +638,31 @@ fn depth_rows_are_named_and_counted_like_llama_bench() {
     .expect("engine");
     let err = engine.skip_to(16).expect_err("no room left");
     assert!(err.to_string().contains("depth 16"), "{err}");
+}
+
+/// `--parallel`: a row per number of sequences above 1, named `tg5 xN`, counting every
+/// sequence's tokens, with the weight pass shared (fewer bytes per token); each sequence of the
+/// batch (same prompt, greedy) generates the tokens the lone tg row generated.
+#[test]
+fn parallel_rows_share_the_weight_pass_and_generate_the_lone_sequence() {
+    let config = synthetic_config("tiny").expect("known");
+    let w = synthetic_weights(&config, 5);
+    let opts = BenchOptions {
+        prompt_tokens: 0,
+        parallel: vec![1, 2, 3],
+        ..small_options(vec![None])
+    };
+    let report = bench::run_bench(gpu(), &w, "tiny", &opts, &mut |_| {}).expect("bench");
+    let names: Vec<&str> = report.rows.iter().map(|r| r.test.as_str()).collect();
+    assert_eq!(names, ["tg5", "tg5 x2", "tg5 x3"]);
+    let (one, two, three) = (&report.rows[0], &report.rows[1], &report.rows[2]);
+    assert_eq!((two.tokens, three.tokens), (10, 15));
+    assert!(three.bytes_per_token < two.bytes_per_token && two.bytes_per_token < one.bytes_per_token);
+    assert_eq!(two.generated, one.generated, "a batched sequence's tokens");
+    assert_eq!(three.generated, one.generated, "a batched sequence's tokens");
+    let too_many = BenchOptions {
+        parallel: vec![9],
+        ..opts
+    };
+    assert!(bench::run_bench(gpu(), &w, "tiny", &too_many, &mut |_| {}).is_err());
 }
