@@ -23,7 +23,7 @@ fi
   echo "git: $(cat .device-bin/COMMIT 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
 } | tee "$OUT/machine.txt"
-[ -f .device-bin/tests.tar.xz ] && xz -dc .device-bin/tests.tar.xz | tar -C .device-bin -xf -
+T=${TESTS_TAR:-.device-bin/tests.tar.xz}; [ -f "$T" ] && xz -dc "$T" | tar -C .device-bin -xf -
 
 for t in kv_slots kernels_q8; do
   [ -x ".device-bin/tests/$t" ] || { log "test $t: missing"; continue; }

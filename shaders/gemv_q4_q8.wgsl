@@ -188,13 +188,19 @@ fn main(
         for (var u = 0u; u < UNROLL; u++) {
             let q = q0 + u * WG;
             if (q < quarters) {
+                // Every column's quarter loaded before any is used: the loads overlap. (Columns
+                // past the step's rows are read, within the bound buffers, and not used.)
+                var xs: array<Q8Block, COLS>;
+                for (var c = 0u; c < COLS; c++) {
+                    xs[c] = x_quarter_col(q, c);
+                }
                 var nib: array<Nibbles, MAX_ROWS>;
                 for (var r = 0u; r < ROWS; r++) {
                     nib[r] = split_nibbles(w[u * ROWS + r]);
                 }
                 for (var c = 0u; c < COLS; c++) {
                     if (c < cols) {
-                        let xb = x_quarter_col(q, c);
+                        let xb = xs[c];
                         let offset = 8.0 * xb.dsum;
                         for (var r = 0u; r < ROWS; r++) {
                             let t = fma(xb.d, f32(quarter_dot(nib[r], xb.lo, xb.hi)), -offset);

@@ -715,7 +715,7 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
 }
 
 /// A batched product (`GemvQ4Q8::bind_batch`, COLS > 1): every live column equals the CPU spec
-/// of its own x and, bit for bit, the one-column kernel's output for that x; columns past the
+/// of its own x and the one-column kernel's output for that x (to its last bits); columns past the
 /// step's `n_rows` are not written. Odd shapes, both epilogues, a bias, several workgroup shapes
 /// and a matrix split into row ranges.
 #[test]
@@ -800,8 +800,12 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
                 .expect("bind one column");
             run(g, &one);
             let single = read_f32(g, &y1, rows);
+            // The same arithmetic in the same order: equal on lavapipe; NVIDIA's compiler may
+            // round a sum's last bit differently in the two variants (seen on the H200).
+            let one_scale = term_scale(&m, x, bias.as_deref(), None);
             for (r, (a, s)) in col.iter().zip(&single).enumerate() {
-                assert_eq!(a.to_bits(), s.to_bits(), "{what}: column {c} row {r}: {a} against one column's {s}");
+                let ok = a.to_bits() == s.to_bits() || (a - s).abs() <= 4.0 * f32::EPSILON * one_scale;
+                assert!(ok, "{what}: column {c} row {r}: {a} against one column's {s}");
             }
             let a = ActQ8::quantize(x);
             let mut want = vec![0.0; rows];

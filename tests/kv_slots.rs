@@ -108,20 +108,23 @@ struct Record {
     steps: Vec<(u32, q4wgpu::generate::StepOutput)>,
 }
 
+/// Same token and alternatives, log-probabilities equal to 1e-5 (bit-identical on lavapipe; on
+/// the H200 the driver may round the batched and the one-sequence kernels' sums apart by an ulp).
 fn same_output(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutput) -> bool {
-    let bits = |o: &q4wgpu::generate::StepOutput| {
-        o.logprobs.as_ref().map(|l| {
-            let top: Vec<(u32, u32)> = l.top.iter().map(|(t, p)| (*t, p.to_bits())).collect();
-            (l.token, l.logprob.to_bits(), top)
-        })
+    let (Some(la), Some(lb)) = (&a.logprobs, &b.logprobs) else {
+        return false;
     };
-    a.token == b.token && bits(a) == bits(b)
+    let close = |x: f32, y: f32| (x - y).abs() <= 1e-5;
+    a.token == b.token
+        && close(la.logprob, lb.logprob)
+        && la.top.len() == lb.top.len()
+        && la.top.iter().zip(&lb.top).all(|(x, y)| x.0 == y.0 && close(x.1, y.1))
 }
 
 /// The batched decode step (`GpuModel::step_batch`, int8 activations): sequences in three slots,
 /// stepped in random subsets and orders, mixed with lone steps and a prompt-cache cut, sample
-/// exactly the tokens and log-probabilities (bit for bit) that each sequence gets on an engine
-/// that runs it alone, with greedy, seeded and repetition-penalised sampling.
+/// the tokens and log-probabilities that each sequence gets on an engine that runs it alone, with
+/// greedy, seeded and repetition-penalised sampling.
 #[test]
 fn batched_steps_sample_what_each_sequence_samples_alone() {
     use q4wgpu::engine::BatchEntry;
