@@ -188,11 +188,12 @@ fn main(
         for (var u = 0u; u < UNROLL; u++) {
             let q = q0 + u * WG;
             if (q < quarters) {
-                // Every column's quarter loaded before any is used: the loads overlap. (Columns
-                // past the step's rows are read, within the bound buffers, and not used.)
+                // Every live column's quarter loaded before any is used: the loads overlap.
                 var xs: array<Q8Block, COLS>;
                 for (var c = 0u; c < COLS; c++) {
-                    xs[c] = x_quarter_col(q, c);
+                    if (c < cols) {
+                        xs[c] = x_quarter_col(q, c);
+                    }
                 }
                 var nib: array<Nibbles, MAX_ROWS>;
                 for (var r = 0u; r < ROWS; r++) {

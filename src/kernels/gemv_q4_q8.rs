@@ -181,7 +181,7 @@ impl GemvQ4Q8 {
     /// once per quarter for all rows, costs less against the rows' weight loads.
     pub fn batch_config_for(&self, rows: usize, cols: usize) -> GemvConfig {
         let mut cfg = self.config_for(rows, cols);
-        cfg.rows = cfg.rows.max(4);
+        cfg.rows = cfg.rows.max(8);
         cfg
     }
 
