@@ -37,10 +37,19 @@ struct RowSampler {
     sampler: SampleDispatch,
 }
 
-/// The batched step's dispatches and buffers, built at load.
-pub(super) struct BatchDecode {
+/// One batch size's dispatches: the GEMVs' pipelines are compiled for `cols` columns, and a
+/// kernel for 8 columns holds registers for 8 even when 2 are live (fewer threads in flight:
+/// on the H200 two sequences on the 8-column kernel ran no faster than one).
+struct SizedSteps {
+    cols: usize,
     layers: Vec<Vec<Dispatch>>,
     head: Vec<Dispatch>,
+}
+
+/// The batched step's dispatches and buffers, built at load.
+pub(super) struct BatchDecode {
+    /// By increasing `cols`; a step of n rows runs the first with `cols >= n`.
+    sizes: Vec<SizedSteps>,
     rows_buf: wgpu::Buffer,
     rows: usize,
     logits: wgpu::Buffer,
@@ -86,19 +95,28 @@ impl BatchDecode {
         let k_max = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
         let input = ActQ8Buffers::with_rows(gpu, "batch input", k_max, rows);
         let rows_buf = gpu.uniform("batch rows", &BatchStep::default());
-        let binds = BatchBinds {
-            rows_buf: &rows_buf,
-            rows,
-            input: &input,
-            slots,
-        };
-        let layers = layers
-            .iter()
-            .map(|(l, caches)| kernels.batch_layer(sh, l, &binds, caches))
-            .collect::<Result<Vec<_>>>()?;
         let (vocab, stride) = (c.vocab_size, logits_stride(c.vocab_size));
         let logits = gpu.storage_buffer("batch logits", (rows * stride * 4) as u64);
-        let head = kernels.batch_head(sh, lm, final_norm, &binds, &logits, stride)?;
+        let mut cols: Vec<usize> = [2, 4].into_iter().filter(|&n| n < rows).collect();
+        cols.push(rows);
+        let sizes = cols
+            .into_iter()
+            .map(|cols| {
+                let binds = BatchBinds {
+                    rows_buf: &rows_buf,
+                    rows,
+                    cols,
+                    input: &input,
+                    slots,
+                };
+                let layers = layers
+                    .iter()
+                    .map(|(l, caches)| kernels.batch_layer(sh, l, &binds, caches))
+                    .collect::<Result<Vec<_>>>()?;
+                let head = kernels.batch_head(sh, lm, final_norm, &binds, &logits, stride)?;
+                Ok(SizedSteps { cols, layers, head })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let samplers = row_samplers(gpu, rows, vocab, max_top)?;
         let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch readback"),
@@ -107,8 +125,7 @@ impl BatchDecode {
             mapped_at_creation: false,
         });
         Ok(BatchDecode {
-            layers,
-            head,
+            sizes,
             rows_buf,
             rows,
             logits,
@@ -235,13 +252,18 @@ impl GpuModel<'_> {
     /// Records a batched step of `n` rows: the layers (streamed ones copied into the ring as in a
     /// decode step), the head, then each row's logits into its sampler and the results read back.
     fn encode_batch(&self, batch: &BatchDecode, n: usize) -> wgpu::CommandBuffer {
+        let sized = batch
+            .sizes
+            .iter()
+            .find(|s| s.cols >= n)
+            .unwrap_or(&batch.sizes[batch.sizes.len() - 1]);
         let mut enc = self
             .gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("batched step"),
             });
-        for (l, dispatches) in batch.layers.iter().enumerate() {
+        for (l, dispatches) in sized.layers.iter().enumerate() {
             if self.opts.decode_reads == StreamRead::Ring {
                 self.copy_to_ring(&mut enc, l);
             }
@@ -258,7 +280,7 @@ impl GpuModel<'_> {
                 label: Some("batched head"),
                 timestamp_writes: None,
             });
-            for d in &batch.head {
+            for d in &sized.head {
                 d.encode(&mut pass);
             }
         }

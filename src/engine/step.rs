@@ -55,10 +55,12 @@ pub(super) struct Shared<'a> {
 }
 
 /// What a batched decode step's operations bind besides the one-sequence step's: the rows
-/// uniform, how many rows are bound, the quantized inputs of every row, and the slots' caches.
+/// uniform, how many rows are bound, the columns the GEMVs are compiled for (at most `rows`),
+/// the quantized inputs of every row, and the slots' caches.
 pub(super) struct BatchBinds<'a> {
     pub rows_buf: &'a wgpu::Buffer,
     pub rows: usize,
+    pub cols: usize,
     pub input: &'a ActQ8Buffers,
     pub slots: usize,
 }
@@ -440,7 +442,7 @@ impl StepKernels {
                 x: b.input,
                 y,
                 y_stride: m.rows,
-                cols: b.rows,
+                cols: b.cols,
                 batch: b.rows_buf,
             };
             let bias = bias.map(BufRange::whole);
@@ -502,7 +504,7 @@ impl StepKernels {
             x: b.input,
             y: logits,
             y_stride: stride,
-            cols: b.rows,
+            cols: b.cols,
             batch: b.rows_buf,
         };
         let store = Epilogue::Store;
