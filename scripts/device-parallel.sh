@@ -25,7 +25,7 @@ fi
 } | tee "$OUT/machine.txt"
 T=${TESTS_TAR:-.device-bin/tests.tar.xz}; [ -f "$T" ] && xz -dc "$T" | tar -C .device-bin -xf -
 
-for t in kv_slots kernels_q8; do
+for t in kv_slots kernels_q8 bench; do
   [ -x ".device-bin/tests/$t" ] || { log "test $t: missing"; continue; }
   echo "== $t" >>"$OUT/tests.log"
   timeout 200 ".device-bin/tests/$t" >>"$OUT/tests.log" 2>&1
