@@ -29,7 +29,9 @@
 //! - PCIe bound (streamed rows) = upload bandwidth / streamed bytes per token.
 
 use crate::config::ModelConfig;
-use crate::engine::{BatchEntry, add_time, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead};
+use crate::engine::{
+    add_time, BatchEntry, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead,
+};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::gpu::Gpu;
@@ -708,7 +710,11 @@ pub fn run_bench(
                     bytes.decode(TG_PROMPT + depth, opts.gen_tokens),
                 ));
             }
-            for &seqs in opts.parallel.iter().filter(|&&n| n > 1 && opts.gen_tokens > 0) {
+            for &seqs in opts
+                .parallel
+                .iter()
+                .filter(|&&n| n > 1 && opts.gen_tokens > 0)
+            {
                 if seqs > engine.batch_capacity() {
                     return Err(Error::Invalid(format!(
                         "--parallel {seqs}: this engine batches at most {} sequences",

@@ -22,8 +22,8 @@ mod batch;
 mod kv_slots;
 mod step;
 
-pub use batch::BatchEntry;
 use batch::BatchDecode;
+pub use batch::BatchEntry;
 pub use kv_slots::KvSlots;
 use step::StepKernels;
 

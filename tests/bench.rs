@@ -657,9 +657,14 @@ fn parallel_rows_share_the_weight_pass_and_generate_the_lone_sequence() {
     assert_eq!(names, ["tg5", "tg5 x2", "tg5 x3"]);
     let (one, two, three) = (&report.rows[0], &report.rows[1], &report.rows[2]);
     assert_eq!((two.tokens, three.tokens), (10, 15));
-    assert!(three.bytes_per_token < two.bytes_per_token && two.bytes_per_token < one.bytes_per_token);
+    assert!(
+        three.bytes_per_token < two.bytes_per_token && two.bytes_per_token < one.bytes_per_token
+    );
     assert_eq!(two.generated, one.generated, "a batched sequence's tokens");
-    assert_eq!(three.generated, one.generated, "a batched sequence's tokens");
+    assert_eq!(
+        three.generated, one.generated,
+        "a batched sequence's tokens"
+    );
     let too_many = BenchOptions {
         parallel: vec![9],
         ..opts

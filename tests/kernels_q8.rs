@@ -738,8 +738,24 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
         ..GemvOptions::default()
     };
     let cases = [
-        (37, 200, 8, 8, Epilogue::Store, false, GemvOptions::default()),
-        (64, 896, 8, 5, Epilogue::Accumulate, true, GemvOptions::default()),
+        (
+            37,
+            200,
+            8,
+            8,
+            Epilogue::Store,
+            false,
+            GemvOptions::default(),
+        ),
+        (
+            64,
+            896,
+            8,
+            5,
+            Epilogue::Accumulate,
+            true,
+            GemvOptions::default(),
+        ),
         (300, 1000, 3, 2, Epilogue::Store, true, shared(64, 8)),
         (9, 4, 2, 1, Epilogue::Accumulate, false, shared(32, 3)),
         (133, 576, 4, 4, Epilogue::Store, false, split),
@@ -781,22 +797,40 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
             .bind_rows(g, ActInput::Plain, &x_buf, k, cols, &xq)
             .expect("bind quant rows")];
         let b = bias_buf.as_ref().map(BufRange::whole);
-        ds.extend(kernel.bind_batch(g, w, &io, b, mode, &opts).expect("bind batch"));
+        ds.extend(
+            kernel
+                .bind_batch(g, w, &io, b, mode, &opts)
+                .expect("bind batch"),
+        );
         run(g, &ds);
         let got = read_f32(g, &y, cols * stride);
         for (c, x) in xs.iter().enumerate() {
             let col = &got[c * stride..c * stride + rows];
             let init = &y_init[c * stride..c * stride + rows];
             if c >= live {
-                let same = col.iter().zip(init).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{what}: column {c} is past the step's rows but was written");
+                let same = col
+                    .iter()
+                    .zip(init)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{what}: column {c} is past the step's rows but was written"
+                );
                 continue;
             }
             // The one-column kernel on the same x.
             let x1 = upload_act(g, &ActQ8::quantize(x));
             let y1 = g.storage_from("y1", init);
             let one = kernel
-                .bind(g, w, Q8Input::Quantized(&x1), BufRange::whole(&y1), b, mode, &opts)
+                .bind(
+                    g,
+                    w,
+                    Q8Input::Quantized(&x1),
+                    BufRange::whole(&y1),
+                    b,
+                    mode,
+                    &opts,
+                )
                 .expect("bind one column");
             run(g, &one);
             let single = read_f32(g, &y1, rows);
@@ -804,8 +838,12 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
             // round a sum's last bit differently in the two variants (seen on the H200).
             let one_scale = term_scale(&m, x, bias.as_deref(), None);
             for (r, (a, s)) in col.iter().zip(&single).enumerate() {
-                let ok = a.to_bits() == s.to_bits() || (a - s).abs() <= 4.0 * f32::EPSILON * one_scale;
-                assert!(ok, "{what}: column {c} row {r}: {a} against one column's {s}");
+                let ok =
+                    a.to_bits() == s.to_bits() || (a - s).abs() <= 4.0 * f32::EPSILON * one_scale;
+                assert!(
+                    ok,
+                    "{what}: column {c} row {r}: {a} against one column's {s}"
+                );
             }
             let a = ActQ8::quantize(x);
             let mut want = vec![0.0; rows];
@@ -834,23 +872,48 @@ fn quant_act_rows_equal_one_vector_each() {
     let norm = g.storage_from("norm", &rng.vec(k, 1.0));
     for input in [
         ActInput::Plain,
-        ActInput::RmsNorm { weight: &norm, eps: 1e-6 },
+        ActInput::RmsNorm {
+            weight: &norm,
+            eps: 1e-6,
+        },
         ActInput::SwiGlu,
     ] {
-        let width = if matches!(input, ActInput::SwiGlu) { 2 * k } else { k };
-        let xs: Vec<Vec<f32>> = (0..rows).map(|_| random_activations(&mut rng, width)).collect();
+        let width = if matches!(input, ActInput::SwiGlu) {
+            2 * k
+        } else {
+            k
+        };
+        let xs: Vec<Vec<f32>> = (0..rows)
+            .map(|_| random_activations(&mut rng, width))
+            .collect();
         let all = g.storage_from("x rows", &xs.concat());
         let out = ActQ8Buffers::with_rows(g, "rows", k, rows);
-        run(g, &[quant.bind_rows(g, input, &all, k, rows, &out).expect("bind rows")]);
+        run(
+            g,
+            &[quant
+                .bind_rows(g, input, &all, k, rows, &out)
+                .expect("bind rows")],
+        );
         let (words, scales) = (read_u32(g, &out.words), read_u32(g, &out.scales));
         let blocks = k.div_ceil(128) * 4;
         for (r, x) in xs.iter().enumerate() {
             let one_x = g.storage_from("x", x);
             let one = poisoned_act(g, k);
-            run(g, &[quant.bind(g, input, &one_x, k, &one).expect("bind one")]);
+            run(
+                g,
+                &[quant.bind(g, input, &one_x, k, &one).expect("bind one")],
+            );
             let (w1, s1) = (read_u32(g, &one.words), read_u32(g, &one.scales));
-            assert_eq!(&words[r * blocks * 8..(r + 1) * blocks * 8], &w1[..blocks * 8], "row {r}: words");
-            assert_eq!(&scales[r * blocks * 2..(r + 1) * blocks * 2], &s1[..blocks * 2], "row {r}: scales");
+            assert_eq!(
+                &words[r * blocks * 8..(r + 1) * blocks * 8],
+                &w1[..blocks * 8],
+                "row {r}: words"
+            );
+            assert_eq!(
+                &scales[r * blocks * 2..(r + 1) * blocks * 2],
+                &s1[..blocks * 2],
+                "row {r}: scales"
+            );
         }
     }
 }

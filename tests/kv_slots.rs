@@ -118,7 +118,11 @@ fn same_output(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutpu
     a.token == b.token
         && close(la.logprob, lb.logprob)
         && la.top.len() == lb.top.len()
-        && la.top.iter().zip(&lb.top).all(|(x, y)| x.0 == y.0 && close(x.1, y.1))
+        && la
+            .top
+            .iter()
+            .zip(&lb.top)
+            .all(|(x, y)| x.0 == y.0 && close(x.1, y.1))
 }
 
 /// The batched decode step (`GpuModel::step_batch`, int8 activations): sequences in three slots,
@@ -164,7 +168,9 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
     for (s, len) in [3usize, 7, 11].into_iter().enumerate() {
         let prompt: Vec<u32> = (0..len).map(|_| rng.below(vocab) as u32).collect();
         engine.select_kv_slot(s).expect("select");
-        let out = engine.step(&prompt, &params[s], &prompt, 0, Some(3)).expect("prompt");
+        let out = engine
+            .step(&prompt, &params[s], &prompt, 0, Some(3))
+            .expect("prompt");
         next.push(out.token);
         records.push(Record {
             prompt,
@@ -187,7 +193,9 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
             engine.select_kv_slot(1).expect("select");
             let h = history(&records[1]);
             let n = records[1].steps.len() as u32;
-            let out = engine.step(&[next[1]], &params[1], &h, n + 1, Some(3)).expect("lone step");
+            let out = engine
+                .step(&[next[1]], &params[1], &h, n + 1, Some(3))
+                .expect("lone step");
             records[1].steps.push((next[1], out.clone()));
             next[1] = out.token;
         }
@@ -206,17 +214,24 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
             .collect();
         let outs = engine.step_batch(&entries).expect("batched step");
         for (&s, out) in order.iter().zip(outs) {
-            assert_eq!(engine.slot_len(s), records[s].prompt.len() + records[s].steps.len() + 1);
+            assert_eq!(
+                engine.slot_len(s),
+                records[s].prompt.len() + records[s].steps.len() + 1
+            );
             records[s].steps.push((next[s], out.clone()));
             next[s] = out.token;
         }
     }
     for (s, r) in records.iter().enumerate() {
         let mut alone = GpuModel::new(gpu(), &loaded.weights, opts(1)).expect("engine");
-        alone.step(&r.prompt, &params[s], &r.prompt, 0, Some(3)).expect("prompt");
+        alone
+            .step(&r.prompt, &params[s], &r.prompt, 0, Some(3))
+            .expect("prompt");
         let mut h = r.prompt.clone();
         for (i, (fed, want)) in r.steps.iter().enumerate() {
-            let got = alone.step(&[*fed], &params[s], &h, i as u32 + 1, Some(3)).expect("step");
+            let got = alone
+                .step(&[*fed], &params[s], &h, i as u32 + 1, Some(3))
+                .expect("step");
             assert!(
                 same_output(&got, want),
                 "slot {s} step {i}: batched {want:?}, alone {got:?}"

@@ -79,8 +79,9 @@ fn logits_stride(vocab: usize) -> usize {
 }
 
 impl BatchDecode {
-    /// Binds the batched step for `rows` sequences over the model's layers (`layer(l)` gives
-    /// layer l's buffers and slot caches).
+    /// Binds the batched step for `rows` sequences over the model's layers (`layers[l]`: layer
+    /// l's buffers and its slots' caches).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         kernels: &StepKernels,
         sh: &Shared,
@@ -147,7 +148,8 @@ fn row_samplers(gpu: &Gpu, rows: usize, vocab: usize, max_top: usize) -> Result<
     (0..rows)
         .map(|r| {
             let logits = gpu.storage_buffer(&format!("batch row {r} logits"), (vocab * 4) as u64);
-            let history = gpu.storage_buffer(&format!("batch row {r} history"), (MAX_HISTORY * 4) as u64);
+            let history =
+                gpu.storage_buffer(&format!("batch row {r} history"), (MAX_HISTORY * 4) as u64);
             let out = gpu.storage_buffer(
                 &format!("batch row {r} sample"),
                 (sample::out_words(max_top) * 4) as u64,
@@ -175,32 +177,46 @@ impl GpuModel<'_> {
     /// next token of each, as [`Decoder::step`](crate::generate::Decoder::step) would for it alone.
     pub fn step_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<StepOutput>> {
         let Some(batch) = self.batch.as_ref() else {
-            return Err(Error::Invalid("this engine has no batched decode step".into()));
+            return Err(Error::Invalid(
+                "this engine has no batched decode step".into(),
+            ));
         };
         self.check_batch(entries, batch.rows)?;
         self.park();
         let lens = self.parked_lens();
         let rows: Vec<(usize, usize)> = entries.iter().map(|e| (e.slot, lens[e.slot])).collect();
-        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
-        self.gpu
-            .queue
-            .write_buffer(&batch.rows_buf, 0, bytemuck::bytes_of(&BatchStep::new(&rows)));
+        let batch = self
+            .batch
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        self.gpu.queue.write_buffer(
+            &batch.rows_buf,
+            0,
+            bytemuck::bytes_of(&BatchStep::new(&rows)),
+        );
         let h = self.config.hidden_size;
         let mut x = vec![0f32; entries.len() * h];
         for (e, row) in entries.iter().zip(x.chunks_mut(h)) {
             self.weights.embedding_row(e.token, row)?;
         }
-        self.gpu.queue.write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
+        self.gpu
+            .queue
+            .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
         for (e, s) in entries.iter().zip(&batch.samplers) {
             let recent = &e.history[e.history.len().saturating_sub(MAX_HISTORY)..];
-            self.gpu.queue.write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
+            self.gpu
+                .queue
+                .write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
             let p = SampleParams::from(e.params);
-            s.sampler.write_params(&self.gpu.queue, &p, e.step, recent.len())?;
+            s.sampler
+                .write_params(&self.gpu.queue, &p, e.step, recent.len())?;
         }
         let commands = self.encode_batch(batch, entries.len());
         self.gpu.queue.submit([commands]);
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
-            &self.gpu.map_and_read(&batch.readback, batch.readback.size())?,
+            &self
+                .gpu
+                .map_and_read(&batch.readback, batch.readback.size())?,
         );
         let per_row = words.len() / batch.rows;
         let max_top = self.opts.max_top_logprobs;

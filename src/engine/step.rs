@@ -437,7 +437,11 @@ impl StepKernels {
             let d = k8.quant.bind_rows(gpu, input, x, k, b.rows, b.input)?;
             Ok(role(&format!("{name} input (int8, batched)"), vec![d]))
         };
-        let project = |name: &str, m: &PackedMatrix, y: &wgpu::Buffer, bias: Option<&wgpu::Buffer>, mode| {
+        let project = |name: &str,
+                       m: &PackedMatrix,
+                       y: &wgpu::Buffer,
+                       bias: Option<&wgpu::Buffer>,
+                       mode| {
             let io = BatchIo {
                 x: b.input,
                 y,
@@ -446,7 +450,9 @@ impl StepKernels {
                 batch: b.rows_buf,
             };
             let bias = bias.map(BufRange::whole);
-            let ds = k8.gemv.bind_batch(gpu, weights(m), &io, bias, mode, &GemvOptions::default())?;
+            let ds =
+                k8.gemv
+                    .bind_batch(gpu, weights(m), &io, bias, mode, &GemvOptions::default())?;
             Ok::<_, crate::error::Error>(role(&format!("{name} (batched)"), ds))
         };
         let input_norm = ActInput::RmsNorm {
@@ -462,15 +468,39 @@ impl StepKernels {
         ops.extend(project("qkv", &w.qkv, &a.qkv, s.qkv_bias.as_ref(), store)?);
         let (kc, vc) = (&caches.0, &caches.1);
         let rope = self.rope.bind_batch(
-            gpu, &a.qkv, sh.inv_freq, &a.q, kc, vc, heads, sh.ctx, b.slots, b.rows, b.rows_buf,
+            gpu,
+            &a.qkv,
+            sh.inv_freq,
+            &a.q,
+            kc,
+            vc,
+            heads,
+            sh.ctx,
+            b.slots,
+            b.rows,
+            b.rows_buf,
         )?;
         ops.extend(role("rope + kv write (batched)", vec![rope]));
         let attn = self.attention.bind_batch_decode(
-            gpu, &a.q, [kc, vc], &a.attn, heads, sh.ctx, b.slots, b.rows, b.rows_buf,
+            gpu,
+            &a.q,
+            [kc, vc],
+            &a.attn,
+            heads,
+            sh.ctx,
+            b.slots,
+            b.rows,
+            b.rows_buf,
         )?;
         ops.extend(role("attention (batched)", attn));
         ops.extend(quantize("o", ActInput::Plain, &a.attn, q_dim)?);
-        ops.extend(project("o (+residual)", &w.o, &a.x, s.o_bias.as_ref(), add)?);
+        ops.extend(project(
+            "o (+residual)",
+            &w.o,
+            &a.x,
+            s.o_bias.as_ref(),
+            add,
+        )?);
         ops.extend(quantize("gate|up", post_norm, &a.x, h)?);
         ops.extend(project("gate|up", &w.gate_up, &a.gate_up, None, store)?);
         ops.extend(quantize("down", ActInput::SwiGlu, &a.gate_up, ffn)?);
@@ -498,7 +528,9 @@ impl StepKernels {
             weight: final_norm,
             eps: c.rms_norm_eps,
         };
-        let quantize = k8.quant.bind_rows(gpu, input, &sh.act.x, c.hidden_size, b.rows, b.input)?;
+        let quantize = k8
+            .quant
+            .bind_rows(gpu, input, &sh.act.x, c.hidden_size, b.rows, b.input)?;
         let mut ops = role("final norm (int8, batched)", vec![quantize]);
         let io = BatchIo {
             x: b.input,
@@ -508,7 +540,9 @@ impl StepKernels {
             batch: b.rows_buf,
         };
         let store = Epilogue::Store;
-        let ds = k8.gemv.bind_batch(gpu, lm, &io, None, store, &GemvOptions::default())?;
+        let ds = k8
+            .gemv
+            .bind_batch(gpu, lm, &io, None, store, &GemvOptions::default())?;
         ops.extend(role("lm_head (batched)", ds));
         Ok(ops)
     }

@@ -657,7 +657,12 @@ impl Attention {
             &params_buf,
             b,
             [&part_o, &part_ml],
-            [groups_x as u32, max_splits as u32, s.n_heads as u32, rows as u32],
+            [
+                groups_x as u32,
+                max_splits as u32,
+                s.n_heads as u32,
+                rows as u32,
+            ],
         );
         Ok((decode, max_splits, [part_o, part_ml], params_buf))
     }

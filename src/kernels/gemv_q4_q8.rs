@@ -249,7 +249,14 @@ impl GemvQ4Q8 {
                 io.cols, io.y_stride, w.rows
             )));
         }
-        self.bind_with(gpu, w, Q8Input::Quantized(io.x), Out::Batch { io, mode }, bias, opts)
+        self.bind_with(
+            gpu,
+            w,
+            Q8Input::Quantized(io.x),
+            Out::Batch { io, mode },
+            bias,
+            opts,
+        )
     }
 
     /// Whether [`bind_rope_kv`](Self::bind_rope_kv) takes `w` with heads of `head_dim`: a

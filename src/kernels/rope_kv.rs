@@ -87,7 +87,17 @@ impl RopeKv {
         batch: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let caches = [k_cache, v_cache];
-        self.bind_with(gpu, qkv, inv_freq, q_out, caches, heads, ctx, rows, Rows::Batch(batch, slots))
+        self.bind_with(
+            gpu,
+            qkv,
+            inv_freq,
+            q_out,
+            caches,
+            heads,
+            ctx,
+            rows,
+            Rows::Batch(batch, slots),
+        )
     }
 
     /// `qkv`: f32 [m_max, (n_heads + 2 * n_kv_heads) * head_dim]; `inv_freq`: f32 [head_dim / 2]
@@ -110,7 +120,17 @@ impl RopeKv {
         step: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let (caches, heads) = ([k_cache, v_cache], (n_heads, n_kv_heads, head_dim));
-        self.bind_with(gpu, qkv, inv_freq, q_out, caches, heads, ctx, m_max, Rows::Step(step))
+        self.bind_with(
+            gpu,
+            qkv,
+            inv_freq,
+            q_out,
+            caches,
+            heads,
+            ctx,
+            m_max,
+            Rows::Step(step),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
