@@ -206,6 +206,8 @@ pub struct DecodeProfile {
     pub stream_read: StreamRead,
     pub decode_activations: DecodeActivations,
     pub decode_fusion: DecodeFusion,
+    /// Sequences in the step (above 1: the batched step, without fusions).
+    pub sequences: usize,
     /// Seconds per step, by role, in the order the step runs them.
     pub dispatches: Vec<DispatchTime>,
 }
@@ -773,13 +775,20 @@ pub fn run_bench(
             rows.push(row);
         }
         if opts.profile {
-            profiles.push(profile_decode(
+            let one = profile_decode(
                 &mut engine,
                 &tg_prompt,
                 budget,
                 stream_read,
                 (decode_activations, decode_fusion),
-            )?);
+            )?;
+            let most = opts.parallel.iter().copied().max().unwrap_or(1);
+            let batched = match most > 1 {
+                true => Some(profile_batched(&mut engine, &tg_prompt, most, one.clone())?),
+                false => None,
+            };
+            profiles.push(one);
+            profiles.extend(batched);
         }
         // Free this budget's buffers before the next load (wgpu releases them on the next poll).
         drop(engine);
@@ -835,7 +844,51 @@ fn profile_decode(
         stream_read,
         decode_activations,
         decode_fusion,
+        sequences: 1,
         dispatches: total,
+    })
+}
+
+/// The same for the batched step of `seqs` sequences, each after `prompt` in its own slot.
+fn profile_batched(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    seqs: usize,
+    base: DecodeProfile,
+) -> Result<DecodeProfile> {
+    let params = SamplingParams::greedy();
+    let mut next = Vec::with_capacity(seqs);
+    for slot in 0..seqs {
+        engine.select_kv_slot(slot)?;
+        engine.reset();
+        next.push(engine.step(prompt, &params, prompt, 0, None)?.token);
+    }
+    let entries: Vec<BatchEntry> = next
+        .iter()
+        .enumerate()
+        .map(|(slot, &token)| BatchEntry {
+            slot,
+            token,
+            params: &params,
+            history: prompt,
+            step: 1,
+            top_logprobs: None,
+        })
+        .collect();
+    engine.profile_batch_step(&entries)?;
+    let mut total = engine.profile_batch_step(&entries)?;
+    for _ in 1..PROFILE_STEPS {
+        for d in engine.profile_batch_step(&entries)? {
+            add_time(&mut total, &d.label, 0, d.seconds);
+        }
+    }
+    for t in &mut total {
+        t.seconds /= PROFILE_STEPS as f64;
+    }
+    Ok(DecodeProfile {
+        sequences: seqs,
+        dispatches: total,
+        ..base
     })
 }
 
@@ -843,7 +896,11 @@ fn profile_decode(
 pub fn profile_markdown(p: &DecodeProfile) -> String {
     let sum: f64 = p.dispatches.iter().map(|d| d.seconds).sum();
     let mut out = format!(
-        "decode step profile, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
+        "decode step profile{}, budget {} (GPU time per dispatch, each timed in its own pass): {:.0} µs in all\n\n| dispatch | count | µs per step | share |\n| --- | ---: | ---: | ---: |\n",
+        match p.sequences {
+            1 => String::new(),
+            n => format!(" ({n} sequences, batched)"),
+        },
         match p.budget {
             Some(_) => format!("{}, {}, {} activations, fusion {}", budget_label(p.budget), p.stream_read.name(), p.decode_activations.name(), p.decode_fusion.name()),
             None => format!("{}, {} activations, fusion {}", budget_label(p.budget), p.decode_activations.name(), p.decode_fusion.name()),

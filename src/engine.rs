@@ -695,25 +695,38 @@ impl<'w> GpuModel<'w> {
     /// `MAX_PROFILED` dispatches are timed, the rest run untimed. Streamed layers are copied as in
     /// a normal step, untimed. Appends the token like a normal step.
     pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<DispatchTime>> {
+        if self.position + 1 > self.opts.ctx_size {
+            return Err(Error::Invalid("the context is full: cannot profile".into()));
+        }
+        self.stage_chunk(&[token])?;
+        let times = self.profile_dispatches(&self.decode_layers, &self.decode_head)?;
+        self.position += 1;
+        Ok(times)
+    }
+
+    /// Runs `layers` (each after its layer's copy into the ring, untimed) and `head`, each
+    /// dispatch in a pass of its own between timestamps (at most `MAX_PROFILED` timed), and
+    /// returns the GPU time per label in the order first seen.
+    fn profile_dispatches(
+        &self,
+        layers: &[Vec<Dispatch>],
+        head: &[Dispatch],
+    ) -> Result<Vec<DispatchTime>> {
         const MAX_PROFILED: usize = 2048;
         if !self.gpu.caps.timestamps {
             return Err(Error::Invalid(
                 "this adapter has no timestamp queries: cannot profile".into(),
             ));
         }
-        if self.position + 1 > self.opts.ctx_size {
-            return Err(Error::Invalid("the context is full: cannot profile".into()));
-        }
-        self.stage_chunk(&[token])?;
         // The step's dispatches in order, each with the layer whose copy into the ring precedes it.
         let mut ordered: Vec<(Option<usize>, &Dispatch)> = Vec::new();
-        for (l, dispatches) in self.decode_layers.iter().enumerate() {
+        for (l, dispatches) in layers.iter().enumerate() {
             let copy_first = self.opts.decode_reads == StreamRead::Ring;
             for (i, d) in dispatches.iter().enumerate() {
                 ordered.push(((i == 0 && copy_first).then_some(l), d));
             }
         }
-        ordered.extend(self.decode_head.iter().map(|d| (None, d)));
+        ordered.extend(head.iter().map(|d| (None, d)));
         let timed = ordered.len().min(MAX_PROFILED);
         let queries = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
@@ -750,7 +763,6 @@ impl<'w> GpuModel<'w> {
         }
         enc.resolve_query_set(&queries, 0..(2 * timed) as u32, &resolved, 0);
         self.gpu.queue.submit([enc.finish()]);
-        self.position += 1;
         let ticks: Vec<u64> =
             bytemuck::pod_collect_to_vec(&self.gpu.read_bytes(&resolved, 0, bytes)?);
         let ns_per_tick = f64::from(self.gpu.queue.get_timestamp_period());

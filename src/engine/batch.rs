@@ -7,7 +7,7 @@
 //! which other sequences share its steps.
 
 use super::step::{BatchBinds, Shared, StepKernels};
-use super::{GpuModel, StreamRead, MAX_HISTORY};
+use super::{DispatchTime, GpuModel, StreamRead, MAX_HISTORY};
 use crate::error::{Error, Result};
 use crate::generate::{StepOutput, TokenLogprobs};
 use crate::gpu::Gpu;
@@ -141,6 +141,12 @@ impl BatchDecode {
     pub(super) fn rows(&self) -> usize {
         self.rows
     }
+
+    /// The dispatch lists for a step of `n` rows: the fewest columns that hold them.
+    fn sized(&self, n: usize) -> &SizedSteps {
+        let last = &self.sizes[self.sizes.len() - 1];
+        self.sizes.iter().find(|s| s.cols >= n).unwrap_or(last)
+    }
 }
 
 fn row_samplers(gpu: &Gpu, rows: usize, vocab: usize, max_top: usize) -> Result<Vec<RowSampler>> {
@@ -176,41 +182,8 @@ impl GpuModel<'_> {
     /// [`batch_capacity`](Self::batch_capacity)) in one pass over the weights, and samples the
     /// next token of each, as [`Decoder::step`](crate::generate::Decoder::step) would for it alone.
     pub fn step_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<StepOutput>> {
-        let Some(batch) = self.batch.as_ref() else {
-            return Err(Error::Invalid(
-                "this engine has no batched decode step".into(),
-            ));
-        };
-        self.check_batch(entries, batch.rows)?;
-        self.park();
-        let lens = self.parked_lens();
-        let rows: Vec<(usize, usize)> = entries.iter().map(|e| (e.slot, lens[e.slot])).collect();
-        let batch = self
-            .batch
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
-        self.gpu.queue.write_buffer(
-            &batch.rows_buf,
-            0,
-            bytemuck::bytes_of(&BatchStep::new(&rows)),
-        );
-        let h = self.config.hidden_size;
-        let mut x = vec![0f32; entries.len() * h];
-        for (e, row) in entries.iter().zip(x.chunks_mut(h)) {
-            self.weights.embedding_row(e.token, row)?;
-        }
-        self.gpu
-            .queue
-            .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
-        for (e, s) in entries.iter().zip(&batch.samplers) {
-            let recent = &e.history[e.history.len().saturating_sub(MAX_HISTORY)..];
-            self.gpu
-                .queue
-                .write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
-            let p = SampleParams::from(e.params);
-            s.sampler
-                .write_params(&self.gpu.queue, &p, e.step, recent.len())?;
-        }
+        self.stage_batch(entries)?;
+        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
         let commands = self.encode_batch(batch, entries.len());
         self.gpu.queue.submit([commands]);
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
@@ -236,6 +209,48 @@ impl GpuModel<'_> {
             });
         }
         Ok(out)
+    }
+
+    /// Runs a batched step of `entries` (as [`step_batch`](Self::step_batch), without sampling)
+    /// with every dispatch timed in a pass of its own; returns the GPU time per role.
+    pub fn profile_batch_step(&mut self, entries: &[BatchEntry]) -> Result<Vec<DispatchTime>> {
+        self.stage_batch(entries)?;
+        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let sized = batch.sized(entries.len());
+        let times = self.profile_dispatches(&sized.layers, &sized.head)?;
+        let lens = self.parked_lens();
+        for e in entries {
+            lens[e.slot] += 1;
+        }
+        Ok(times)
+    }
+
+    /// Checks `entries`, parks the working cache and writes the step's rows, embedding rows and
+    /// sampler parameters.
+    fn stage_batch(&mut self, entries: &[BatchEntry]) -> Result<()> {
+        let Some(batch) = self.batch.as_ref() else {
+            return Err(Error::Invalid("this engine has no batched decode step".into()));
+        };
+        self.check_batch(entries, batch.rows)?;
+        self.park();
+        let lens = self.parked_lens();
+        let rows: Vec<(usize, usize)> = entries.iter().map(|e| (e.slot, lens[e.slot])).collect();
+        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let step = BatchStep::new(&rows);
+        self.gpu.queue.write_buffer(&batch.rows_buf, 0, bytemuck::bytes_of(&step));
+        let h = self.config.hidden_size;
+        let mut x = vec![0f32; entries.len() * h];
+        for (e, row) in entries.iter().zip(x.chunks_mut(h)) {
+            self.weights.embedding_row(e.token, row)?;
+        }
+        self.gpu.queue.write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
+        for (e, s) in entries.iter().zip(&batch.samplers) {
+            let recent = &e.history[e.history.len().saturating_sub(MAX_HISTORY)..];
+            self.gpu.queue.write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
+            let p = SampleParams::from(e.params);
+            s.sampler.write_params(&self.gpu.queue, &p, e.step, recent.len())?;
+        }
+        Ok(())
     }
 
     fn check_batch(&self, entries: &[BatchEntry], rows: usize) -> Result<()> {
@@ -268,11 +283,7 @@ impl GpuModel<'_> {
     /// Records a batched step of `n` rows: the layers (streamed ones copied into the ring as in a
     /// decode step), the head, then each row's logits into its sampler and the results read back.
     fn encode_batch(&self, batch: &BatchDecode, n: usize) -> wgpu::CommandBuffer {
-        let sized = batch
-            .sizes
-            .iter()
-            .find(|s| s.cols >= n)
-            .unwrap_or(&batch.sizes[batch.sizes.len() - 1]);
+        let sized = batch.sized(n);
         let mut enc = self
             .gpu
             .device
