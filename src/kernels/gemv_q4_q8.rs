@@ -602,57 +602,8 @@ fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32, cols: 
              fn batch_cols() -> u32 {{ return min(batch.n_rows, COLS); }}"
         )
     };
-    let steps = column_steps(cols);
     format!(
         "const INPUT: u32 = {input}u;\nconst UNROLL: u32 = {unroll}u;\nconst COLS: u32 = {cols}u;\n\
-         {columns}\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}\n{steps}"
-    )
-}
-
-/// The shader's per-column code for `cols` columns, one block per column with its index
-/// written out (see the shader's header): `accumulate_columns` loads every live column's x
-/// quarter, then adds each column's products for the thread's rows; `write_columns` reduces and
-/// writes each live column.
-fn column_steps(cols: u32) -> String {
-    let acc = "acc: ptr<function, array<f32, MAX_ROWS * COLS>>";
-    let mut load = String::new();
-    let mut add = String::new();
-    let mut write = String::new();
-    for c in 0..cols {
-        load.push_str(&format!(
-            "    var x{c}: Q8Block;\n    if ({c}u < cols) {{ x{c} = x_quarter_col(q, {c}u); }}\n"
-        ));
-        add.push_str(&format!(
-            "    if ({c}u < cols) {{
-        let offset = 8.0 * x{c}.dsum;
-        for (var r = 0u; r < ROWS; r++) {{
-            let t = fma(x{c}.d, f32(quarter_dot((*nib)[r], x{c}.lo, x{c}.hi)), -offset);
-            (*acc)[{c}u * ROWS + r] = fma(t, (*sc)[u * ROWS + r], (*acc)[{c}u * ROWS + r]);
-        }}
-    }}\n"
-        ));
-        write.push_str(&format!(
-            "    if ({c}u < cols) {{
-        var col: array<f32, MAX_ROWS>;
-        for (var r = 0u; r < ROWS; r++) {{
-            col[r] = (*acc)[{c}u * ROWS + r];
-        }}
-        write_out(unit, {c}u, workgroup_sums(col, lid) * in_scale, lid);
-        // The reduction's workgroup memory is reused by the next column.
-        workgroupBarrier();
-    }}\n"
-        ));
-    }
-    format!(
-        "fn accumulate_columns(q: u32, u: u32, nib: ptr<function, array<Nibbles, MAX_ROWS>>, \
-         sc: ptr<function, array<f32, MAX_ROWS * MAX_UNROLL>>, {acc}) {{
-    let cols = batch_cols();
-    // Every live column's quarter loaded before any is used: the loads overlap.
-{load}{add}}}
-
-fn write_columns(unit: u32, lid: u32, in_scale: f32, {acc}) {{
-    let cols = batch_cols();
-{write}}}
-"
+         {columns}\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}"
     )
 }
