@@ -20,9 +20,11 @@
 //!
 //! Batched (COLS > 1, a `const` the wrapper prepends with a `batch_cols()` giving the step's
 //! live columns): x is COLS int8 vectors (INPUT_Q8 only), column c at quarter c * quarters, and
-//! y gets COLS outputs, column c at c * y_stride: each weight word read serves every sequence of
-//! a batched decode step. A column's arithmetic is that of the one-column kernel, in the same
-//! order, so a sequence's outputs do not depend on the batch it ran in.
+//! y gets COLS outputs, column c at c * y_stride. A workgroup is COLS copies of the one-column
+//! workgroup side by side (WG * COLS threads; thread lid works on column lid / WG as lane
+//! lid % WG), all reading the same weight rows at the same time: the weights come from memory
+//! once for all columns (the other columns' loads hit L1), each thread holds one column's
+//! accumulators, and a column's sums are the one-column kernel's, operation for operation.
 //!
 //! Arithmetic, per quarter and row: `w & 0x0F0F0F0F` and `(w >> 4) & 0x0F0F0F0F` split a word's
 //! 8 nibbles (0..15, read as non-negative int8) into two words that meet the packed x words in
@@ -65,7 +67,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read> xf: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read> norm_w: array<vec4<f32>>;
 
-var<workgroup> red: array<f32, ROWS * WG>;
+var<workgroup> red: array<f32, ROWS * WG * COLS>;
 var<workgroup> red_sq: array<f32, WG>;
 // INPUT_RMSNORM: this thread's sum of r² over the quarters it read.
 var<private> sum_sq: f32;
@@ -157,7 +159,7 @@ fn x_quarter_col(q: u32, c: u32) -> Q8Block {
     return Q8Block(xq[2u * i], xq[2u * i + 1u], ds.x, ds.y);
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(WG * COLS)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -167,14 +169,19 @@ fn main(
     if (unit >= out_units()) {
         return;
     }
+    let col = lid / WG;
+    let lane = lid % WG;
+    red_base = col * ROWS * WG;
+    let live = col < batch_cols();
     let quarters = p.bpr * 4u;
     var rows: array<u32, MAX_ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         rows[r] = out_row(unit, r);
     }
-    let cols = batch_cols();
-    var acc: array<f32, MAX_ROWS * COLS>;
-    for (var q0 = lid; q0 < quarters; q0 += WG * UNROLL) {
+    var acc: array<f32, MAX_ROWS>;
+    // A column past the step's rows computes nothing (its threads still meet the barriers).
+    let end = select(0u, quarters, live);
+    for (var q0 = lane; q0 < end; q0 += WG * UNROLL) {
         var w: array<vec4<u32>, MAX_ROWS * MAX_UNROLL>;
         var sc: array<f32, MAX_ROWS * MAX_UNROLL>;
         for (var u = 0u; u < UNROLL; u++) {
@@ -188,40 +195,14 @@ fn main(
         for (var u = 0u; u < UNROLL; u++) {
             let q = q0 + u * WG;
             if (q < quarters) {
-                // Every live column's quarter loaded before any is used: the loads overlap.
-                var xs: array<Q8Block, COLS>;
-                for (var c = 0u; c < COLS; c++) {
-                    if (c < cols) {
-                        xs[c] = x_quarter_col(q, c);
-                    }
-                }
-                var nib: array<Nibbles, MAX_ROWS>;
+                let xb = x_quarter_col(q, col);
+                let offset = 8.0 * xb.dsum;
                 for (var r = 0u; r < ROWS; r++) {
-                    nib[r] = split_nibbles(w[u * ROWS + r]);
-                }
-                for (var c = 0u; c < COLS; c++) {
-                    if (c < cols) {
-                        let xb = xs[c];
-                        let offset = 8.0 * xb.dsum;
-                        for (var r = 0u; r < ROWS; r++) {
-                            let t = fma(xb.d, f32(quarter_dot(nib[r], xb.lo, xb.hi)), -offset);
-                            acc[c * ROWS + r] = fma(t, sc[u * ROWS + r], acc[c * ROWS + r]);
-                        }
-                    }
+                    let t = fma(xb.d, f32(quarter_dot(split_nibbles(w[u * ROWS + r]), xb.lo, xb.hi)), -offset);
+                    acc[r] = fma(t, sc[u * ROWS + r], acc[r]);
                 }
             }
         }
     }
-    let in_scale = input_scale(lid);
-    for (var c = 0u; c < COLS; c++) {
-        if (c < cols) {
-            var col: array<f32, MAX_ROWS>;
-            for (var r = 0u; r < ROWS; r++) {
-                col[r] = acc[c * ROWS + r];
-            }
-            write_out(unit, c, workgroup_sums(col, lid) * in_scale, lid);
-            // The reduction's workgroup memory is reused by the next column.
-            workgroupBarrier();
-        }
-    }
+    write_out(unit, col, live, workgroup_sums(acc, lane) * input_scale(lane), lane);
 }

@@ -45,7 +45,7 @@ fn out_row(unit: u32, r: u32) -> u32 {
 
 // `total` is row `lid`'s sum in threads lid < 4; thread 0 rotates and writes all four.
 // (One column: the rope + kv output is not batched.)
-fn write_out(unit: u32, col: u32, total: f32, lid: u32) {
+fn write_out(unit: u32, col: u32, live: bool, total: f32, lid: u32) {
     if (lid < 4u) {
         var v = total;
         if (p.has_bias != 0u) {

@@ -13,10 +13,10 @@ fn out_row(unit: u32, r: u32) -> u32 {
     return min(unit * ROWS + r, p.rows - 1u);
 }
 
-// `total` is row `lid`'s sum of column `col` in threads lid < ROWS.
-fn write_out(unit: u32, col: u32, total: f32, lid: u32) {
+// `total` is row `lid`'s sum of column `col` in threads lid < ROWS; written if `live`.
+fn write_out(unit: u32, col: u32, live: bool, total: f32, lid: u32) {
     let row = unit * ROWS + lid;
-    if (lid < ROWS && row < p.rows) {
+    if (live && lid < ROWS && row < p.rows) {
         let out = p.row_base + row;
         var v = total;
         if (p.has_bias != 0u) {

@@ -1,7 +1,10 @@
 // gemv_q4's workgroup reduction without subgroup operations: a tree in workgroup memory. Thread r returns row r's total.
+// The first of this reduction's slots in `red` (a batched product's column has its own).
+var<private> red_base: u32;
+
 fn workgroup_sums(acc: array<f32, MAX_ROWS>, lid: u32) -> f32 {
     for (var r = 0u; r < ROWS; r++) {
-        red[r * WG + lid] = acc[r];
+        red[red_base + r * WG + lid] = acc[r];
     }
     workgroupBarrier();
     // Halve the live range [0, n) until one value is left (n need not be a power of two).
@@ -9,10 +12,10 @@ fn workgroup_sums(acc: array<f32, MAX_ROWS>, lid: u32) -> f32 {
         let half = (n + 1u) / 2u;
         if (lid < n - half) {
             for (var r = 0u; r < ROWS; r++) {
-                red[r * WG + lid] += red[r * WG + lid + half];
+                red[red_base + r * WG + lid] += red[red_base + r * WG + lid + half];
             }
         }
         workgroupBarrier();
     }
-    return red[min(lid, ROWS - 1u) * WG];
+    return red[red_base + min(lid, ROWS - 1u) * WG];
 }

@@ -176,13 +176,10 @@ impl GemvQ4Q8 {
         }
     }
 
-    /// The batched product's shape: the one-column kernel's threads (so each column's sums are
-    /// bit-identical to it) and at least 4 rows per workgroup, so that each column's x, loaded
-    /// once per quarter for all rows, costs less against the rows' weight loads.
+    /// The batched product's shape: the one-column kernel's (a batched workgroup is COLS of
+    /// its workgroups side by side, so each column's sums are bit-identical to it).
     pub fn batch_config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        let mut cfg = self.config_for(rows, cols);
-        cfg.rows = cfg.rows.max(8);
-        cfg
+        self.config_for(rows, cols)
     }
 
     fn pipeline(
@@ -373,6 +370,21 @@ impl GemvQ4Q8 {
                 OUT_ROPE_KV_CODE
             }
         };
+        let threads = cfg.wg as usize * cols;
+        let shared = (cfg.rows as usize * cols + 1) * cfg.wg as usize * 4;
+        let limits = &gpu.limits;
+        if threads > limits.max_compute_invocations_per_workgroup as usize
+            || shared > limits.max_compute_workgroup_storage_size as usize
+        {
+            return Err(Error::Unsupported(format!(
+                "{what}: {cols} columns of {} threads and {} rows need {threads} threads and \
+                 {shared} bytes of workgroup memory; this GPU has {} and {}",
+                cfg.wg,
+                cfg.rows,
+                limits.max_compute_invocations_per_workgroup,
+                limits.max_compute_workgroup_storage_size
+            )));
+        }
         let pipeline = self.pipeline(gpu, cfg, x.code(), out_code, cols as u32)?;
         let max_binding = opts
             .max_binding_bytes
