@@ -484,6 +484,11 @@ fn main() {
         sig(copy_gbs)
     );
 
+    // Q4WGPU_BENCH_ALU_ONLY=1: the issue rates of the GEMV's arithmetic alone.
+    if std::env::var("Q4WGPU_BENCH_ALU_ONLY").is_ok_and(|v| v != "0") {
+        alu_rates(&gpu);
+        return;
+    }
     if s.attention_only {
         quant_act_table(&gpu, &s);
         attention_decode(&gpu, &s, read_gbs);
@@ -1152,4 +1157,50 @@ fn barrier_cost(gpu: &Gpu, _s: &Settings) {
         sig(same * 1e6),
         sig((same - distinct) * 1e6)
     );
+}
+
+/// Issue rates of the GEMV's inner-loop operations, each in a loop of 8 independent chains per
+/// thread over many threads (no memory traffic): packed int8 dots (`dot4I8Packed`), f32 FMAs and
+/// integer and-or, as operations per second per GPU. Tells whether an int8 GEMV serving several
+/// columns is bound by its dots (each weight-column costs a quarter of a packed dot).
+fn alu_rates(gpu: &Gpu) {
+    const ITERS: u32 = 4096;
+    let body = |op: &str| {
+        format!(
+            "@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(256) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{
+    var a = array<u32, 8>(g.x, g.x + 1u, g.x + 2u, g.x + 3u, g.x + 4u, g.x + 5u, g.x + 6u, g.x + 7u);
+    var f = array<f32, 8>(f32(g.x), 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+    var s = array<i32, 8>(0, 1, 2, 3, 4, 5, 6, 7);
+    let k = g.x * 2654435761u;
+    for (var i = 0u; i < {ITERS}u; i++) {{
+        for (var j = 0u; j < 8u; j++) {{ {op} }}
+    }}
+    var t = 0u;
+    for (var j = 0u; j < 8u; j++) {{ t += a[j] + bitcast<u32>(f[j]) + u32(s[j]); }}
+    out[g.x] = t;
+}}"
+        )
+    };
+    let ops = [
+        ("dot4I8Packed", "s[j] = dot4I8Packed(a[j] ^ k, k) + s[j];"),
+        ("f32 fma", "f[j] = fma(f[j], 0.999, 0.5);"),
+        ("u32 and + shift", "a[j] = ((a[j] >> 4u) & 0x0F0F0F0Fu) ^ k;"),
+    ];
+    let threads: u32 = 256 * 132 * 16;
+    let out = gpu.storage_buffer("alu out", threads as u64 * 4);
+    println!("\n## Issue rates ({threads} threads, 8 chains of {ITERS} operations each)\n\n| operation | G operations/s |\n| --- | ---: |");
+    for (name, op) in ops {
+        let pipeline = gpu
+            .compute_pipeline(&format!("bench/alu {name}"), &body(op), "main", &[])
+            .expect("alu kernel compiles");
+        let group = gpu.bind_group("alu", &pipeline, &[&out]);
+        let seconds = time_per_call(gpu, 1, &|pass, _| {
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(threads / 256, 1, 1);
+        });
+        let rate = threads as f64 * 8.0 * ITERS as f64 / seconds / 1e9;
+        println!("| {name} | {} |", sig(rate));
+    }
 }
