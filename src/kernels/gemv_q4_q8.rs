@@ -176,12 +176,6 @@ impl GemvQ4Q8 {
         }
     }
 
-    /// The batched product's shape: the one-column kernel's (a batched workgroup is COLS of
-    /// its workgroups side by side, so each column's sums are bit-identical to it).
-    pub fn batch_config_for(&self, rows: usize, cols: usize) -> GemvConfig {
-        self.config_for(rows, cols)
-    }
-
     fn pipeline(
         &self,
         gpu: &Gpu,
@@ -229,7 +223,7 @@ impl GemvQ4Q8 {
     /// Binds the batched product of a decode step over several sequences: `y[c] = W x[c]` (see
     /// [`Epilogue`]) for the step's live columns c < `batch.n_rows` of `io.cols` bound, so each
     /// weight is read once for all of them. x is quantized beforehand (`QuantAct::bind_rows`).
-    /// A column's sums are the one-column kernel's, bit for bit.
+    /// A column's arithmetic is the one-column kernel's, operation for operation.
     pub fn bind_batch(
         &self,
         gpu: &Gpu,
@@ -359,10 +353,10 @@ impl GemvQ4Q8 {
         let (xq, xd, xf, norm, eps) = (xb.words, xb.scales, xb.f32_x, xb.norm, xb.eps);
         let (xq_bytes, xd_bytes) = (xq.size, xd.size);
         let k_bytes = 4 * w.cols as u64;
-        let mut cfg = opts.config.unwrap_or_else(|| match out {
-            Out::Batch { .. } => self.batch_config_for(w.rows, w.cols),
-            _ => self.config_for(w.rows, w.cols),
-        });
+        // A batched product takes the one-column shape: its workgroup is COLS of those.
+        let mut cfg = opts
+            .config
+            .unwrap_or_else(|| self.config_for(w.rows, w.cols));
         let out_code = match out {
             Out::Y { .. } | Out::Batch { .. } => OUT_Y_CODE,
             Out::RopeKv(..) => {
