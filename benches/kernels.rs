@@ -1185,7 +1185,10 @@ fn alu_rates(gpu: &Gpu) {
     let ops = [
         ("dot4I8Packed", "s[j] = dot4I8Packed(a[j] ^ k, k) + s[j];"),
         ("f32 fma", "f[j] = fma(f[j], 0.999, 0.5);"),
-        ("u32 and + shift", "a[j] = ((a[j] >> 4u) & 0x0F0F0F0Fu) ^ k;"),
+        (
+            "u32 and + shift",
+            "a[j] = ((a[j] >> 4u) & 0x0F0F0F0Fu) ^ k;",
+        ),
     ];
     let threads: u32 = 256 * 132 * 16;
     let out = gpu.storage_buffer("alu out", threads as u64 * 4);

@@ -268,8 +268,10 @@ pub struct GpuModel<'w> {
     /// The working K and V caches of each layer, and the saved caches of other sequences.
     kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     slots: KvSlots,
-    /// The batched decode step of several sequences (with more than one KV slot).
+    /// The batched decode step of several sequences (with more than one KV slot), or why this
+    /// GPU cannot run it.
     batch: Option<BatchDecode>,
+    batch_off: Option<String>,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -539,19 +541,26 @@ impl<'w> GpuModel<'w> {
             kernels.heads(&shared, lm, &final_norm)?;
         let rows = batch::batch_rows(opts.kv_slots, m);
         let int8 = opts.decode_activations == DecodeActivations::Int8;
-        let batch = match rows > 0 && int8 && layer_buffers.len() == c.num_hidden_layers {
-            true => Some(BatchDecode::new(
-                &kernels,
-                &shared,
-                rows,
-                opts.kv_slots,
-                &layer_buffers,
-                lm,
-                &final_norm,
-                opts.max_top_logprobs,
-            )?),
-            false => None,
-        };
+        // Without a batched step the sequences take turns (correct, one pass each): where the
+        // GPU cannot bind it, say why rather than fail to load.
+        let (batch, batch_off) =
+            match rows > 0 && int8 && layer_buffers.len() == c.num_hidden_layers {
+                true => match BatchDecode::new(
+                    &kernels,
+                    &shared,
+                    rows,
+                    opts.kv_slots,
+                    &layer_buffers,
+                    lm,
+                    &final_norm,
+                    opts.max_top_logprobs,
+                ) {
+                    Ok(b) => (Some(b), None),
+                    Err(Error::Unsupported(why)) => (None, Some(why)),
+                    Err(e) => return Err(e),
+                },
+                false => (None, None),
+            };
         drop(layer_buffers);
         let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
         let sample_out = gpu.storage_buffer(
@@ -602,6 +611,7 @@ impl<'w> GpuModel<'w> {
             kv,
             slots,
             batch,
+            batch_off,
             _keep: keep,
         })
     }

@@ -178,12 +178,21 @@ impl GpuModel<'_> {
         self.batch.as_ref().map_or(0, BatchDecode::rows)
     }
 
+    /// Why this engine has no batched step though it keeps several sequences (this GPU could not
+    /// bind it), if so.
+    pub fn batch_unavailable(&self) -> Option<&str> {
+        self.batch_off.as_deref()
+    }
+
     /// Appends one token to each entry's sequence (distinct slots, at most
     /// [`batch_capacity`](Self::batch_capacity)) in one pass over the weights, and samples the
     /// next token of each, as [`Decoder::step`](crate::generate::Decoder::step) would for it alone.
     pub fn step_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<StepOutput>> {
         self.stage_batch(entries)?;
-        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self
+            .batch
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
         let commands = self.encode_batch(batch, entries.len());
         self.gpu.queue.submit([commands]);
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
@@ -215,7 +224,10 @@ impl GpuModel<'_> {
     /// with every dispatch timed in a pass of its own; returns the GPU time per role.
     pub fn profile_batch_step(&mut self, entries: &[BatchEntry]) -> Result<Vec<DispatchTime>> {
         self.stage_batch(entries)?;
-        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self
+            .batch
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
         let sized = batch.sized(entries.len());
         let times = self.profile_dispatches(&sized.layers, &sized.head)?;
         let lens = self.parked_lens();
@@ -229,26 +241,38 @@ impl GpuModel<'_> {
     /// sampler parameters.
     fn stage_batch(&mut self, entries: &[BatchEntry]) -> Result<()> {
         let Some(batch) = self.batch.as_ref() else {
-            return Err(Error::Invalid("this engine has no batched decode step".into()));
+            return Err(Error::Invalid(
+                "this engine has no batched decode step".into(),
+            ));
         };
         self.check_batch(entries, batch.rows)?;
         self.park();
         let lens = self.parked_lens();
         let rows: Vec<(usize, usize)> = entries.iter().map(|e| (e.slot, lens[e.slot])).collect();
-        let batch = self.batch.as_ref().ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self
+            .batch
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
         let step = BatchStep::new(&rows);
-        self.gpu.queue.write_buffer(&batch.rows_buf, 0, bytemuck::bytes_of(&step));
+        self.gpu
+            .queue
+            .write_buffer(&batch.rows_buf, 0, bytemuck::bytes_of(&step));
         let h = self.config.hidden_size;
         let mut x = vec![0f32; entries.len() * h];
         for (e, row) in entries.iter().zip(x.chunks_mut(h)) {
             self.weights.embedding_row(e.token, row)?;
         }
-        self.gpu.queue.write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
+        self.gpu
+            .queue
+            .write_buffer(&self.act.x, 0, bytemuck::cast_slice(&x));
         for (e, s) in entries.iter().zip(&batch.samplers) {
             let recent = &e.history[e.history.len().saturating_sub(MAX_HISTORY)..];
-            self.gpu.queue.write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
+            self.gpu
+                .queue
+                .write_buffer(&s.history, 0, bytemuck::cast_slice(recent));
             let p = SampleParams::from(e.params);
-            s.sampler.write_params(&self.gpu.queue, &p, e.step, recent.len())?;
+            s.sampler
+                .write_params(&self.gpu.queue, &p, e.step, recent.len())?;
         }
         Ok(())
     }

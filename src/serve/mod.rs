@@ -120,6 +120,13 @@ fn engine_main(
                 engine.device_bytes() as f64 / 1e9
             );
         }
+        match (engine.batch_capacity(), engine.batch_unavailable()) {
+            (_, Some(why)) => eprintln!("note: sequences take turns (no batched step): {why}"),
+            (n, None) if s.verbose && n > 1 => {
+                eprintln!("batched decode: up to {n} sequences per pass over the weights")
+            }
+            _ => {}
+        }
         announce();
         let mut backend = GpuBackend {
             engine: &mut engine,
