@@ -229,6 +229,16 @@ impl DecodeActivations {
     }
 }
 
+/// `t.round_ties_even()` for |t| ≤ 2^22 (and NaN stays NaN): adding and subtracting 1.5 · 2^23
+/// leaves no fraction bits, so the addition rounds to the nearest integer, ties to even. Without
+/// SSE4.1 in the baseline target `round_ties_even` is a libm call, which took 3 % of a CPU
+/// decode step quantizing activations (levels are within ±127.00002).
+#[inline(always)]
+fn round_half_even_small(t: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (t + MAGIC) - MAGIC
+}
+
 impl ActQ8 {
     pub fn quantize(x: &[f32]) -> ActQ8 {
         ActQ8::quantize_scaled(x, 1.0)
@@ -250,7 +260,7 @@ impl ActQ8 {
             }
             let mut total = 0i32;
             for (i, &v) in block.iter().enumerate() {
-                let level = ((v / block_d).round_ties_even() as i32).clamp(-127, 127);
+                let level = (round_half_even_small(v / block_d) as i32).clamp(-127, 127);
                 q[b * ACT_BLOCK + i] = level as i8;
                 total += level;
             }
@@ -333,6 +343,22 @@ impl QView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The magic-number rounding equals `round_ties_even` on every f32 of magnitude 0.25 to 128
+    /// (every representable value: ties, values an ulp off a tie), on every 97th smaller one
+    /// (signed zeros included), and keeps NaN.
+    #[test]
+    fn small_rounding_equals_round_ties_even_on_the_level_range() {
+        let (quarter, top) = (0.25f32.to_bits(), 128.0f32.to_bits());
+        let small = (0..quarter).step_by(97).chain([0]);
+        for magnitude in (quarter..=top).chain(small) {
+            for t in [f32::from_bits(magnitude), -f32::from_bits(magnitude)] {
+                let (got, want) = (round_half_even_small(t), t.round_ties_even());
+                assert!(got == want, "{t:e}: {got} against {want}");
+            }
+        }
+        assert!(round_half_even_small(f32::NAN).is_nan());
+    }
 
     #[test]
     fn known_block_quantizes_as_specified() {
