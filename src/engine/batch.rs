@@ -1,6 +1,6 @@
 //! The batched decode step (`serve --parallel N`): one token for each of up to `rows` sequences
-//! in one pass over the weights. Each projection's batched GEMV reads a weight word once and
-//! meets every row's int8 input with it; RoPE, the KV write and attention run per row in that
+//! in one pass over the weights. Each projection's batched GEMV runs a one-sequence workgroup
+//! per row side by side on the same weights, so they come from memory once for all rows; RoPE, the KV write and attention run per row in that
 //! sequence's region of the slots' caches (`kv_slots.rs`); then one sampler per row. A row's
 //! arithmetic is the one-sequence int8 step's without its fusions (no RoPE epilogue, no
 //! quantizing combine), which give the same values: so a sequence's tokens do not depend on
@@ -37,9 +37,9 @@ struct RowSampler {
     sampler: SampleDispatch,
 }
 
-/// One batch size's dispatches: the GEMVs' pipelines are compiled for `cols` columns, and a
-/// kernel for 8 columns holds registers for 8 even when 2 are live (fewer threads in flight:
-/// on the H200 two sequences on the 8-column kernel ran no faster than one).
+/// One batch size's dispatches: the GEMVs' pipelines are compiled for `cols` columns (a
+/// workgroup of `cols` columns' threads, however many are live; on the H200 an 8-column kernel
+/// running 2 sequences was no faster than one sequence).
 struct SizedSteps {
     cols: usize,
     layers: Vec<Vec<Dispatch>>,
