@@ -965,12 +965,12 @@ pub fn table_line(r: &BenchRow) -> String {
         r.resident_layers,
         r.streamed_layers,
         if r.test.starts_with("tg") {
-            format!(
-                "{} ({}; {})",
-                r.test,
-                r.decode_activations.name(),
-                r.decode_fusion.name()
-            )
+            // A batched row ("tg64 x8") runs the batched step, which has no fusions.
+            let fusion = match r.test.contains(" x") {
+                true => "batched".to_string(),
+                false => r.decode_fusion.name(),
+            };
+            format!("{} ({}; {fusion})", r.test, r.decode_activations.name())
         } else {
             r.test.clone()
         },
