@@ -29,6 +29,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::quant::{ActQ8, DecodeActivations, QView};
 use crate::weights::{ModelWeights, Weight};
+use rayon::prelude::*;
 
 /// A linear layer: an INT4 matrix `[out, in]` and an optional bias `[out]`.
 struct Linear<'a> {
@@ -418,19 +419,25 @@ impl<'a> CpuModel<'a> {
             apply_rope(&mut k, start + t, &self.inv_freq);
             cache.write(l, start + t, &k, &v);
         }
-        let mut outs = Vec::with_capacity(xs.len());
-        for (t, q) in queries.iter().enumerate() {
-            let seen = start + t + 1;
-            let mut a = vec![0.0; self.heads.q_dim()];
-            attention(
-                self.heads,
-                q,
-                cache.keys(l, seen),
-                cache.values(l, seen),
-                &mut a,
-            );
-            outs.push(Input::plain(a, int8));
-        }
+        // The tokens of a prompt attend independently (their keys and values are written):
+        // one token per task, the same arithmetic whichever thread runs it.
+        let cache = &*cache;
+        let outs: Vec<Input> = queries
+            .par_iter()
+            .enumerate()
+            .map(|(t, q)| {
+                let seen = start + t + 1;
+                let mut a = vec![0.0; self.heads.q_dim()];
+                attention(
+                    self.heads,
+                    q,
+                    cache.keys(l, seen),
+                    cache.values(l, seen),
+                    &mut a,
+                );
+                Input::plain(a, int8)
+            })
+            .collect();
         for (x, o) in xs.iter_mut().zip(layer.o.apply_all(&outs, kernel)) {
             add_in_place(x, &o);
         }

@@ -136,7 +136,23 @@ pub fn softmax_in_place(x: &mut [f32]) {
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    // Eight running sums (lanes of one vector), then added pairwise: the compiler can keep them
+    // in a register, where one sum in order is a chain of dependent scalar adds.
+    let mut lanes = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for ((l, &xi), &yi) in lanes.iter_mut().zip(x).zip(y) {
+            *l += xi * yi;
+        }
+    }
+    let [l0, l1, l2, l3, l4, l5, l6, l7] = lanes;
+    ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)) + tail
 }
 
 /// `x += y`.
