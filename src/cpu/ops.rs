@@ -97,22 +97,32 @@ pub fn attention(heads: Heads, q: &[f32], keys: &[f32], values: &[f32], out: &mu
     let n_pos = keys.len() / kv_dim;
     assert!(n_pos > 0, "attention: no positions to attend to");
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0.0f32; n_pos];
-    for h in 0..heads.n_heads {
+    let head = |h: usize, oh: &mut [f32]| {
         let kv = (h / heads.groups()) * hd;
         let qh = &q[h * hd..(h + 1) * hd];
-        for (p, s) in scores.iter_mut().enumerate() {
-            let k = &keys[p * kv_dim + kv..p * kv_dim + kv + hd];
-            *s = dot(qh, k) * scale;
-        }
+        let mut scores: Vec<f32> = (0..n_pos)
+            .map(|p| dot(qh, &keys[p * kv_dim + kv..p * kv_dim + kv + hd]) * scale)
+            .collect();
         softmax_in_place(&mut scores);
-        let oh = &mut out[h * hd..(h + 1) * hd];
         oh.fill(0.0);
         for (p, &w) in scores.iter().enumerate() {
             let v = &values[p * kv_dim + kv..p * kv_dim + kv + hd];
             for (o, &vi) in oh.iter_mut().zip(v) {
                 *o += w * vi;
             }
+        }
+    };
+    // A long context's heads in parallel (one decoded token; a prompt's tokens are already
+    // spread over the threads); a short one is not worth waking the threads for.
+    const PARALLEL_FROM: usize = 1 << 18;
+    if n_pos * q.len() >= PARALLEL_FROM {
+        use rayon::prelude::*;
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(h, oh)| head(h, oh));
+    } else {
+        for (h, oh) in out.chunks_mut(hd).enumerate() {
+            head(h, oh);
         }
     }
 }
