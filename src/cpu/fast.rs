@@ -304,18 +304,21 @@ mod x86 {
     /// each lane does the scalar steps, in the same order); the rows left over one at a time.
     /// `block_dots` gives a block's four quarter dots as `[q0 q1 q2 q3]`.
     /// Callers must have AVX2 and FMA (they are `target_feature` functions that inline this).
+    /// `dots8` gives the quarter dots of eight rows' blocks as four vectors, quarter k's dots of
+    /// rows 0..8 in vector k ([`transposed_dots`] from `block_dots`, or a kernel's own).
     #[inline(always)]
     fn by_eight<'a, W: Copy>(
         rows: &RowSet<'a>,
         out: &mut [f32],
         load: impl Fn(&'a [u8]) -> W,
         block_dots: impl Fn(W, &[i8]) -> __m128i,
+        dots8: impl Fn(&[W; 8], &[i8]) -> [__m256i; 4],
     ) {
         let n = rows.xs.len();
         let full = out.len() / (8 * n) * 8 * n;
         let (eights, rest) = out.split_at_mut(full);
         for (g, group) in eights.chunks_exact_mut(8 * n).enumerate() {
-            eight_rows(rows, rows.row0 + 8 * g, group, &load, &block_dots);
+            eight_rows(rows, rows.row0 + 8 * g, group, &load, &dots8);
         }
         let rest_rows = RowSet {
             row0: rows.row0 + full / n,
@@ -335,7 +338,7 @@ mod x86 {
         r0: usize,
         out: &mut [f32],
         load: &impl Fn(&'a [u8]) -> W,
-        block_dots: &impl Fn(W, &[i8]) -> __m128i,
+        dots8: &impl Fn(&[W; 8], &[i8]) -> [__m256i; 4],
     ) {
         let (bpr, n) = (rows.bpr, rows.xs.len());
         // SAFETY (whole function): the callers have AVX2 and FMA.
@@ -353,8 +356,7 @@ mod x86 {
                 });
                 for (a, x) in acc.iter_mut().zip(rows.xs) {
                     let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
-                    let d: [__m128i; 8] = std::array::from_fn(|j| block_dots(w[j], xq));
-                    for (k, dots) in transpose(d).into_iter().enumerate() {
+                    for (k, dots) in dots8(&w, xq).into_iter().enumerate() {
                         let t = _mm256_sub_ps(
                             _mm256_mul_ps(_mm256_set1_ps(x.d[4 * b + k]), _mm256_cvtepi32_ps(dots)),
                             _mm256_set1_ps(8.0 * x.sum[4 * b + k]),
@@ -414,59 +416,67 @@ mod x86 {
         }
     }
 
+    /// Eight rows' dots from a one-row `block_dots`, transposed (see [`by_eight`]).
+    #[inline(always)]
+    fn transposed_dots<W: Copy>(
+        w: &[W; 8],
+        xq: &[i8],
+        block_dots: &impl Fn(W, &[i8]) -> __m128i,
+    ) -> [__m256i; 4] {
+        transpose(std::array::from_fn(|j| block_dots(w[j], xq)))
+    }
+
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_avx2(rows: &RowSet, out: &mut [f32]) {
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        by_eight(
-            rows,
-            out,
-            |w| {
-                // SAFETY: a weight block is 64 bytes; unaligned loads.
-                let (w01, w23) = unsafe {
-                    (
-                        _mm256_loadu_si256(w.as_ptr().cast()),
-                        _mm256_loadu_si256(w.as_ptr().add(32).cast()),
-                    )
-                };
-                [
-                    _mm256_and_si256(w01, mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(w01), mask),
-                    _mm256_and_si256(w23, mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(w23), mask),
-                ]
-            },
-            |[lo01, hi01, lo23, hi23], a| {
-                // SAFETY: an activation block is 128 bytes.
-                let p = a.as_ptr();
-                let (e01, e23, o01, o23) = unsafe {
-                    (
-                        _mm256_loadu_si256(p.cast()),
-                        _mm256_loadu_si256(p.add(32).cast()),
-                        _mm256_loadu_si256(p.add(64).cast()),
-                        _mm256_loadu_si256(p.add(96).cast()),
-                    )
-                };
-                // Pairs of u8 × i8 products fit i16: 2 · 2 · 15 · 127 < 2^15.
-                let p01 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo01, e01),
-                    _mm256_maddubs_epi16(hi01, o01),
-                );
-                let p23 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo23, e23),
-                    _mm256_maddubs_epi16(hi23, o23),
-                );
-                // i32 lanes 0..4: quarter 0 (resp. 2), lanes 4..8: quarter 1 (resp. 3).
-                let s01 = _mm256_madd_epi16(p01, ones);
-                let s23 = _mm256_madd_epi16(p23, ones);
-                let h = _mm256_hadd_epi32(s01, s23);
-                let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
-                _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
-                // [q0 q1 q2 q3]
-            },
-        );
+        let load = |w: &[u8]| {
+            // SAFETY: a weight block is 64 bytes; unaligned loads.
+            let (w01, w23) = unsafe {
+                (
+                    _mm256_loadu_si256(w.as_ptr().cast()),
+                    _mm256_loadu_si256(w.as_ptr().add(32).cast()),
+                )
+            };
+            [
+                _mm256_and_si256(w01, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w01), mask),
+                _mm256_and_si256(w23, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w23), mask),
+            ]
+        };
+        let dots = |[lo01, hi01, lo23, hi23]: [__m256i; 4], a: &[i8]| {
+            // SAFETY: an activation block is 128 bytes.
+            let p = a.as_ptr();
+            let (e01, e23, o01, o23) = unsafe {
+                (
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(p.add(32).cast()),
+                    _mm256_loadu_si256(p.add(64).cast()),
+                    _mm256_loadu_si256(p.add(96).cast()),
+                )
+            };
+            // Pairs of u8 × i8 products fit i16: 2 · 2 · 15 · 127 < 2^15.
+            let p01 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo01, e01),
+                _mm256_maddubs_epi16(hi01, o01),
+            );
+            let p23 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo23, e23),
+                _mm256_maddubs_epi16(hi23, o23),
+            );
+            // i32 lanes 0..4: quarter 0 (resp. 2), lanes 4..8: quarter 1 (resp. 3).
+            let s01 = _mm256_madd_epi16(p01, ones);
+            let s23 = _mm256_madd_epi16(p23, ones);
+            let h = _mm256_hadd_epi32(s01, s23);
+            let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
+            _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+            // [q0 q1 q2 q3]
+        };
+        let dots8 = |w: &[[__m256i; 4]; 8], xq: &[i8]| transposed_dots(w, xq, &dots);
+        by_eight(rows, out, load, dots, dots8);
     }
 
     /// # Safety
@@ -476,33 +486,81 @@ mod x86 {
         let mask = _mm512_set1_epi8(0x0F);
         // Lane 4k of the summed vector holds quarter k's total.
         let firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-        by_eight(
-            rows,
-            out,
-            |w| {
-                // SAFETY: a weight block is 64 bytes.
-                let v = unsafe { _mm512_loadu_si512(w.as_ptr().cast()) };
+        let load = |w: &[u8]| {
+            // SAFETY: a weight block is 64 bytes.
+            let v = unsafe { _mm512_loadu_si512(w.as_ptr().cast()) };
+            (
+                _mm512_and_si512(v, mask),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+            )
+        };
+        // 128-bit lane k: quarter k's four partial sums.
+        let partials = |(lo, hi): (__m512i, __m512i), a: &[i8]| {
+            // SAFETY: an activation block is 128 bytes.
+            let (even, odd) = unsafe {
                 (
-                    _mm512_and_si512(v, mask),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+                    _mm512_loadu_si512(a.as_ptr().cast()),
+                    _mm512_loadu_si512(a.as_ptr().add(64).cast()),
                 )
-            },
-            |(lo, hi), a| {
-                // SAFETY: an activation block is 128 bytes.
-                let (even, odd) = unsafe {
-                    (
-                        _mm512_loadu_si512(a.as_ptr().cast()),
-                        _mm512_loadu_si512(a.as_ptr().add(64).cast()),
-                    )
-                };
-                // 128-bit lane k: quarter k's four partial sums.
-                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even);
-                let s = _mm512_dpbusd_epi32(s, hi, odd);
-                let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0xB1>(s));
-                let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0x4E>(s));
-                _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s))
-            },
-        );
+            };
+            let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even);
+            _mm512_dpbusd_epi32(s, hi, odd)
+        };
+        let dots = |w: (__m512i, __m512i), a: &[i8]| {
+            let s = partials(w, a);
+            let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0xB1>(s));
+            let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0x4E>(s));
+            _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s))
+        };
+        let dots8 = |w: &[(__m512i, __m512i); 8], a: &[i8]| {
+            let s: [__m512i; 8] = std::array::from_fn(|j| partials(w[j], a));
+            quarters_of_eight(reduce_four(&s[..4]), reduce_four(&s[4..]))
+        };
+        by_eight(rows, out, load, dots, dots8);
+    }
+
+    /// Four rows' partial sums (128-bit lane k: quarter k's four partials) as one vector whose
+    /// lane k holds quarter k's totals of the four rows: two transposing unpack-and-add rounds,
+    /// where summing each row alone takes three shuffles (integer sums: the order is exact).
+    #[inline(always)]
+    fn reduce_four(s: &[__m512i]) -> __m512i {
+        // SAFETY: AVX-512 F (the caller's target feature).
+        unsafe {
+            let ab = _mm512_add_epi32(
+                _mm512_unpacklo_epi32(s[0], s[1]),
+                _mm512_unpackhi_epi32(s[0], s[1]),
+            );
+            let cd = _mm512_add_epi32(
+                _mm512_unpacklo_epi32(s[2], s[3]),
+                _mm512_unpackhi_epi32(s[2], s[3]),
+            );
+            _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd))
+        }
+    }
+
+    /// Rows 0..4 (`lo`) and 4..8 (`hi`) from [`reduce_four`] as quarter k's eight rows in vector k.
+    #[inline(always)]
+    fn quarters_of_eight(lo: __m512i, hi: __m512i) -> [__m256i; 4] {
+        // SAFETY: AVX-512 F (the caller's target feature).
+        unsafe {
+            // Lane k of `lo` then lane k of `hi`, for quarters 0 and 1, then 2 and 3.
+            let q01 = _mm512_permutex2var_epi32(
+                lo,
+                _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                hi,
+            );
+            let q23 = _mm512_permutex2var_epi32(
+                lo,
+                _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31),
+                hi,
+            );
+            [
+                _mm512_castsi512_si256(q01),
+                _mm512_extracti64x4_epi64::<1>(q01),
+                _mm512_castsi512_si256(q23),
+                _mm512_extracti64x4_epi64::<1>(q23),
+            ]
+        }
     }
 }
 
