@@ -575,7 +575,10 @@ fn corrupt_magic_and_versions_are_refused() {
     bytes[..4].copy_from_slice(b"GGML");
     let msg = header_error("magic", &bytes);
     assert!(msg.contains("not a GGUF file"), "{msg}");
-    assert!(!is_gguf_file(&temp_file("magic2", &bytes)));
+    let path = temp_file("magic2", &bytes);
+    let looks_like_gguf = is_gguf_file(&path);
+    let _ = std::fs::remove_file(&path);
+    assert!(!looks_like_gguf);
 
     let msg = header_error("v1", &gguf_bytes(1, &arch_meta(), &[]));
     assert!(
