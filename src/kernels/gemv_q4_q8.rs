@@ -522,7 +522,7 @@ struct XBindings<'a> {
 
 fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<XBindings<'a>> {
     let k_bytes = 4 * w.cols as u64;
-    if w.cols % 4 != 0 {
+    if !w.cols.is_multiple_of(4) {
         return Err(Error::Invalid(format!(
             "{what}: K = {} must be a multiple of 4",
             w.cols

@@ -156,7 +156,7 @@ impl QuantAct {
     ) -> Result<Dispatch> {
         let blocks = blocks_per_row(k.max(1)) * (BLOCK / ACT_BLOCK);
         let room = (out.scales.size() / 8) as usize;
-        if k == 0 || k % 4 != 0 || k > out.capacity || rows == 0 || rows * blocks > room {
+        if k == 0 || !k.is_multiple_of(4) || k > out.capacity || rows == 0 || rows * blocks > room {
             return Err(Error::Invalid(format!(
                 "quant_act: {rows} vectors of K = {k}: K must be a positive multiple of 4 and at \
                  most the buffers' {} values, with room for every vector",
