@@ -305,7 +305,7 @@ mod x86 {
     /// `block_dots` gives a block's four quarter dots as `[q0 q1 q2 q3]`.
     /// Callers must have AVX2 and FMA (they are `target_feature` functions that inline this).
     /// `dots8` gives the quarter dots of eight rows' blocks as four vectors, quarter k's dots of
-    /// rows 0..8 in vector k ([`transposed_dots`] from `block_dots`, or a kernel's own).
+    /// rows 0..8 in vector k (each kernel sums its eight rows' partial dots its own way).
     #[inline(always)]
     fn by_eight<'a, W: Copy>(
         rows: &RowSet<'a>,
@@ -394,38 +394,6 @@ mod x86 {
         }
     }
 
-    /// Eight rows' `[q0 q1 q2 q3]` as four vectors, quarter k's dots of rows 0..8 in vector k.
-    #[inline(always)]
-    fn transpose(d: [__m128i; 8]) -> [__m256i; 4] {
-        // SAFETY: AVX2 (see `by_eight`).
-        unsafe {
-            let r04 = _mm256_set_m128i(d[4], d[0]);
-            let r15 = _mm256_set_m128i(d[5], d[1]);
-            let r26 = _mm256_set_m128i(d[6], d[2]);
-            let r37 = _mm256_set_m128i(d[7], d[3]);
-            let t0 = _mm256_unpacklo_epi32(r04, r15); // r0q0 r1q0 r0q1 r1q1 | rows 4, 5
-            let t1 = _mm256_unpackhi_epi32(r04, r15); // r0q2 r1q2 r0q3 r1q3 | rows 4, 5
-            let t2 = _mm256_unpacklo_epi32(r26, r37);
-            let t3 = _mm256_unpackhi_epi32(r26, r37);
-            [
-                _mm256_unpacklo_epi64(t0, t2),
-                _mm256_unpackhi_epi64(t0, t2),
-                _mm256_unpacklo_epi64(t1, t3),
-                _mm256_unpackhi_epi64(t1, t3),
-            ]
-        }
-    }
-
-    /// Eight rows' dots from a one-row `block_dots`, transposed (see [`by_eight`]).
-    #[inline(always)]
-    fn transposed_dots<W: Copy>(
-        w: &[W; 8],
-        xq: &[i8],
-        block_dots: &impl Fn(W, &[i8]) -> __m128i,
-    ) -> [__m256i; 4] {
-        transpose(std::array::from_fn(|j| block_dots(w[j], xq)))
-    }
-
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -447,7 +415,8 @@ mod x86 {
                 _mm256_and_si256(_mm256_srli_epi16::<4>(w23), mask),
             ]
         };
-        let dots = |[lo01, hi01, lo23, hi23]: [__m256i; 4], a: &[i8]| {
+        // i32 lanes 0..4: quarter 0 (resp. 2)'s partial sums, lanes 4..8: quarter 1 (resp. 3)'s.
+        let partials = |[lo01, hi01, lo23, hi23]: [__m256i; 4], a: &[i8]| {
             // SAFETY: an activation block is 128 bytes.
             let p = a.as_ptr();
             let (e01, e23, o01, o23) = unsafe {
@@ -467,16 +436,44 @@ mod x86 {
                 _mm256_maddubs_epi16(lo23, e23),
                 _mm256_maddubs_epi16(hi23, o23),
             );
-            // i32 lanes 0..4: quarter 0 (resp. 2), lanes 4..8: quarter 1 (resp. 3).
-            let s01 = _mm256_madd_epi16(p01, ones);
-            let s23 = _mm256_madd_epi16(p23, ones);
+            (_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones))
+        };
+        let dots = |w: [__m256i; 4], a: &[i8]| {
+            let (s01, s23) = partials(w, a);
             let h = _mm256_hadd_epi32(s01, s23);
             let h = _mm256_hadd_epi32(h, h); // [q0 q2 q0 q2 | q1 q3 q1 q3]
             _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
             // [q0 q1 q2 q3]
         };
-        let dots8 = |w: &[[__m256i; 4]; 8], xq: &[i8]| transposed_dots(w, xq, &dots);
+        let dots8 = |w: &[[__m256i; 4]; 8], a: &[i8]| {
+            let s: [(__m256i, __m256i); 8] = std::array::from_fn(|j| partials(w[j], a));
+            let [q0, q1] = eight_sums(std::array::from_fn(|j| s[j].0));
+            let [q2, q3] = eight_sums(std::array::from_fn(|j| s[j].1));
+            [q0, q1, q2, q3]
+        };
         by_eight(rows, out, load, dots, dots8);
+    }
+
+    /// Eight rows' partial sums (each: lanes 0..4 one quarter's, lanes 4..8 the next one's) as
+    /// the two quarters' totals of rows 0..8, lane j row j: three rounds of pairwise horizontal
+    /// adds and two lane swaps for the eight rows, where each row alone took four shuffles and
+    /// the eight a transpose (integer sums: the order is exact).
+    #[inline(always)]
+    fn eight_sums(s: [__m256i; 8]) -> [__m256i; 2] {
+        // SAFETY: AVX2 (the caller's target feature).
+        unsafe {
+            let h01 = _mm256_hadd_epi32(s[0], s[1]);
+            let h23 = _mm256_hadd_epi32(s[2], s[3]);
+            let h45 = _mm256_hadd_epi32(s[4], s[5]);
+            let h67 = _mm256_hadd_epi32(s[6], s[7]);
+            // Low 128 bits: rows 0..4 (resp. 4..8) of the first quarter; high: of the second.
+            let g0 = _mm256_hadd_epi32(h01, h23);
+            let g1 = _mm256_hadd_epi32(h45, h67);
+            [
+                _mm256_permute2x128_si256::<0x20>(g0, g1),
+                _mm256_permute2x128_si256::<0x31>(g0, g1),
+            ]
+        }
     }
 
     /// # Safety
