@@ -67,9 +67,9 @@ impl RopeKv {
         })
     }
 
-    /// The same for a batched decode step of up to `rows` rows (`batch`: the step's rows
-    /// uniform, at most `rows` live): row t goes to
-    /// position `rows[t].pos` of slot `rows[t].slot`'s region of caches holding `slots`
+    /// RoPE and the KV write of a batched decode step of up to `rows` rows (`batch`: the step's
+    /// rows uniform, at most `rows` live; `heads`: query heads, KV heads, head dim): row t goes
+    /// to position `rows[t].pos` of slot `rows[t].slot`'s region of caches holding `slots`
     /// sequences of `ctx` positions (`[slot][kv_head][ctx][head_dim / 2]` words).
     #[allow(clippy::too_many_arguments)]
     pub fn bind_batch(
