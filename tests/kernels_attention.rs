@@ -8,7 +8,7 @@
 //! rescaling changes outputs by far more than TOL.
 
 use half::f16;
-use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
+use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, run_dispatches, Rng};
 use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct};
 use q4wgpu::kernels::{Dispatch, StepParams};
@@ -461,20 +461,6 @@ fn bind_refuses_unsupported_shapes() {
     );
 }
 
-/// Runs dispatches in one pass and waits.
-fn run_dispatches(dispatches: &[Dispatch]) {
-    let g = gpu();
-    let mut enc = g.device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        for d in dispatches {
-            d.encode(&mut pass);
-        }
-    }
-    g.queue.submit([enc.finish()]);
-    g.wait().expect("GPU work finishes");
-}
-
 /// Int8 buffers of `capacity` values, every byte 0xFF (int8 -1, NaN scales).
 fn poisoned_q8(capacity: usize) -> ActQ8Buffers {
     let g = gpu();
@@ -516,9 +502,12 @@ fn decode_combine_writes_the_o_input_in_int8() {
         let got = case.run(&ds);
         case.check(&what, &got);
         let separate = poisoned_q8(q_dim + 512);
-        run_dispatches(&[quant
-            .bind(g, ActInput::Plain, &case.out, q_dim, &separate)
-            .expect("quant_act binds")]);
+        run_dispatches(
+            gpu(),
+            &[quant
+                .bind(g, ActInput::Plain, &case.out, q_dim, &separate)
+                .expect("quant_act binds")],
+        );
         let blocks = q_dim.div_ceil(128) * 4;
         let (fw, sw) = (read_words(&fused.words), read_words(&separate.words));
         let (fs, ss) = (read_words(&fused.scales), read_words(&separate.scales));

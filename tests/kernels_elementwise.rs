@@ -2,24 +2,12 @@
 //! outputs, odd sizes, and m_max > n_tokens (rows beyond n_tokens must stay untouched).
 
 use half::f16;
-use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, Rng};
+use q4wgpu::gpu::testing::{assert_close, gpu, poisoned, run_dispatches, Rng};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::rmsnorm::RmsNorm;
 use q4wgpu::kernels::rope_kv::RopeKv;
 use q4wgpu::kernels::swiglu::SwiGlu;
-use q4wgpu::kernels::{Dispatch, StepParams};
-
-fn run(g: &Gpu, dispatches: &[&Dispatch]) {
-    let mut enc = g.device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        for d in dispatches {
-            d.encode(&mut pass);
-        }
-    }
-    g.queue.submit([enc.finish()]);
-    g.wait().expect("GPU work finishes");
-}
+use q4wgpu::kernels::StepParams;
 
 fn step_buffer(g: &Gpu, pos: usize, n_tokens: usize) -> wgpu::Buffer {
     let s = StepParams {
@@ -57,7 +45,7 @@ fn rmsnorm_matches_f64_reference() {
         let d = k
             .bind(g, &xb, &wb, &yb, dim, eps, m_max, &step)
             .expect("bind");
-        run(g, &[&d]);
+        run_dispatches(g, &[&d]);
         let y = g.read_f32(&yb, m_max * dim).expect("read y");
         for t in 0..n_tokens {
             let row = &x[t * dim..(t + 1) * dim];
@@ -91,7 +79,7 @@ fn swiglu_matches_f64_reference() {
         let ob = poisoned(g, "out", m_max * ffn);
         let step = step_buffer(g, 17, n_tokens);
         let d = k.bind(g, &gub, &ob, ffn, m_max, &step).expect("bind");
-        run(g, &[&d]);
+        run_dispatches(g, &[&d]);
         let got = g.read_f32(&ob, m_max * ffn).expect("read out");
         let mut want = Vec::new();
         for t in 0..n_tokens {
@@ -193,7 +181,7 @@ fn check_rope(c: &RopeCase, rng: &mut Rng) {
             &step,
         )
         .expect("bind");
-    run(g, &[&d]);
+    run_dispatches(g, &[&d]);
     let q = g.read_f32(&q_b, c.m_max * q_dim).expect("read q");
     let kc = unpack_f16(&g.read_u32(&k_b, words).expect("read k"));
     let vc = unpack_f16(&g.read_u32(&v_b, words).expect("read v"));

@@ -4,7 +4,9 @@
 //! cooperative-matrix GEMM, whose operands are rounded to f16 (2^-11 relative each).
 //! Inputs are fresh random values each run (the seed is printed); outputs start as NaN.
 
-use q4wgpu::gpu::testing::{assert_close, assert_close_at_scale, gpu, poisoned, term_scale, Rng};
+use q4wgpu::gpu::testing::{
+    assert_close, assert_close_at_scale, gpu, poisoned, run_dispatches, term_scale, Rng,
+};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, SMALL_M};
 use q4wgpu::kernels::gemv_q4::{
@@ -94,25 +96,6 @@ impl GpuMatrix {
     }
 }
 
-fn run(g: &Gpu, dispatches: &[Dispatch]) {
-    let mut enc = g
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("test"),
-        });
-    {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("test"),
-            timestamp_writes: None,
-        });
-        for d in dispatches {
-            d.encode(&mut pass);
-        }
-    }
-    g.queue.submit([enc.finish()]);
-    g.wait().expect("GPU work finishes");
-}
-
 /// CPU reference: `y_init + W x + bias` (y_init zero for Store).
 fn reference(m: &QMatrix, x: &[f32], bias: Option<&[f32]>, y_init: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0.0; m.rows];
@@ -172,7 +155,7 @@ impl GemvCase {
                 &self.opts,
             )
             .expect("bind");
-        run(g, &dispatches);
+        run_dispatches(g, &dispatches);
         let want = reference(
             &m,
             &x,
@@ -291,7 +274,7 @@ fn gemv_fused_rmsnorm_and_swiglu_inputs_match_cpu() {
                     input,
                 )
                 .expect("bind");
-            run(g, &dispatches);
+            run_dispatches(g, &dispatches);
             let y0 = (mode == Epilogue::Accumulate).then_some(&y_init[..]);
             let want = reference(&m, &x, Some(&bias), y0);
             let what = format!("gemv {rows}x{cols} {mode:?} with {input:?}");
@@ -593,7 +576,7 @@ impl GemmCase {
                 &opts,
             )
             .expect("bind");
-        run(g, &dispatches);
+        run_dispatches(g, &dispatches);
         let got = yb.read_f32(g);
         let what = format!(
             "gemm {variant:?} m {m}/{} {n}x{k} bias {} {:?}",
@@ -1018,7 +1001,7 @@ fn gemm_and_gemv_agree_at_one_token() {
             )
             .expect("bind gemm"),
         );
-        run(g, &d);
+        run_dispatches(g, &d);
         let a = g.read_f32(&y1, rows).expect("read");
         let b = g.read_f32(&y2, rows).expect("read");
         assert_close(&format!("gemm {variant:?} vs gemv"), &b, &a, tol);

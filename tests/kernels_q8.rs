@@ -4,13 +4,14 @@
 //! against the f32 product (its error stays inside the bound int8 rounding allows).
 
 use q4wgpu::gpu::testing::{
-    assert_close, assert_close_at_scale, compile_to_spirv, gpu, poisoned, term_scale, Rng,
+    assert_close, assert_close_at_scale, compile_to_spirv, gpu, poisoned, run_dispatches,
+    term_scale, Rng,
 };
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input, RopeKvOut};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
-use q4wgpu::kernels::{BufRange, Dispatch, Q4Ref};
+use q4wgpu::kernels::{BufRange, Q4Ref};
 use q4wgpu::quant::{ActQ8, QMatrix, ACT_BLOCK};
 
 const TOL: f32 = 1e-4;
@@ -43,18 +44,6 @@ fn random_activations(rng: &mut Rng, k: usize) -> Vec<f32> {
     }
     x.truncate(k);
     x
-}
-
-fn run(g: &Gpu, dispatches: &[Dispatch]) {
-    let mut enc = g.device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        for d in dispatches {
-            d.encode(&mut pass);
-        }
-    }
-    g.queue.submit([enc.finish()]);
-    g.wait().expect("GPU work finishes");
 }
 
 /// Activation buffers poisoned with 0xFF bytes (int8 -1 everywhere, NaN scales).
@@ -187,7 +176,7 @@ fn quant_act_matches_the_spec_for_every_input() {
             let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
             for (kernel, which) in kernels.iter().zip(QUANT_KERNELS) {
                 let out = poisoned_act(g, k);
-                run(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
+                run_dispatches(g, &[kernel.bind(g, input, buf, k, &out).expect("bind")]);
                 let what = format!("{name} K={k} {which:?}");
                 check_quantized(&what, g, &out, exact, scale);
                 // Every kernel runs q8_block.wgsl's arithmetic on the same values: the same
@@ -293,7 +282,7 @@ impl Case {
                 &self.opts,
             )
             .expect("bind");
-        run(g, &ds);
+        run_dispatches(g, &ds);
         let what = format!(
             "gemv_q4_q8 {}x{} {:?} bias {} {:?}",
             self.rows, self.cols, self.mode, self.bias, self.opts.config
@@ -547,7 +536,7 @@ fn gemv_q8_fused_inputs_match_the_spec() {
         let opts = GemvOptions::default();
         let run_input = |input: Q8Input| {
             let y = poisoned(g, "y", rows);
-            run(
+            run_dispatches(
                 g,
                 &kernel
                     .bind(
@@ -591,7 +580,7 @@ fn gemv_q8_fused_inputs_match_the_spec() {
         );
         // The same quantizer on the GPU, as a dispatch of its own: equal to summation order.
         let xq = poisoned_act(g, cols);
-        run(
+        run_dispatches(
             g,
             &[quant
                 .bind(g, ActInput::Plain, &x_buf, cols, &xq)
@@ -680,7 +669,7 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
                 &GemvOptions::default(),
             )
             .expect("bind");
-        run(g, &ds);
+        run_dispatches(g, &ds);
         let what = format!("rope kv {nh}/{nkv} heads of {hd}, pos {pos} of {ctx}");
         assert_close(
             &format!("{what}: q"),
@@ -802,7 +791,7 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
                 .bind_batch(g, w, &io, b, mode, &opts)
                 .expect("bind batch"),
         );
-        run(g, &ds);
+        run_dispatches(g, &ds);
         let got = read_f32(g, &y, cols * stride);
         for (c, x) in xs.iter().enumerate() {
             let col = &got[c * stride..c * stride + rows];
@@ -832,7 +821,7 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
                     &opts,
                 )
                 .expect("bind one column");
-            run(g, &one);
+            run_dispatches(g, &one);
             let single = read_f32(g, &y1, rows);
             // The same arithmetic in the same order: equal on lavapipe; NVIDIA's compiler may
             // round a sum's last bit differently in the two variants (seen on the H200).
@@ -888,7 +877,7 @@ fn quant_act_rows_equal_one_vector_each() {
             .collect();
         let all = g.storage_from("x rows", &xs.concat());
         let out = ActQ8Buffers::with_rows(g, "rows", k, rows);
-        run(
+        run_dispatches(
             g,
             &[quant
                 .bind_rows(g, input, &all, k, rows, &out)
@@ -899,7 +888,7 @@ fn quant_act_rows_equal_one_vector_each() {
         for (r, x) in xs.iter().enumerate() {
             let one_x = g.storage_from("x", x);
             let one = poisoned_act(g, k);
-            run(
+            run_dispatches(
                 g,
                 &[quant.bind(g, input, &one_x, k, &one).expect("bind one")],
             );

@@ -6,6 +6,22 @@ use std::sync::OnceLock;
 
 static GPU: OnceLock<Gpu> = OnceLock::new();
 
+/// Records `dispatches` in one compute pass, submits them and waits for the GPU.
+pub fn run_dispatches<D: std::borrow::Borrow<crate::kernels::Dispatch>>(
+    gpu: &Gpu,
+    dispatches: &[D],
+) {
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for d in dispatches {
+            d.borrow().encode(&mut pass);
+        }
+    }
+    gpu.queue.submit([enc.finish()]);
+    gpu.wait().expect("GPU work finishes");
+}
+
 /// The test GPU (lavapipe in CI; `WGPU_ADAPTER_NAME` picks another). Panics with the reason if none.
 pub fn gpu() -> &'static Gpu {
     GPU.get_or_init(|| match Gpu::new(None) {
