@@ -784,6 +784,28 @@ impl<'w> GpuModel<'w> {
         Ok(out)
     }
 
+    /// Records every layer's dispatches, a compute pass per layer, each streamed layer copied
+    /// into its ring slot first when `reads` is the ring.
+    fn encode_layers(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        layers: &[Vec<Dispatch>],
+        reads: StreamRead,
+    ) {
+        for (l, dispatches) in layers.iter().enumerate() {
+            if reads == StreamRead::Ring {
+                self.copy_to_ring(enc, l);
+            }
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("layer"),
+                timestamp_writes: None,
+            });
+            for d in dispatches {
+                d.encode(&mut pass);
+            }
+        }
+    }
+
     /// Records one forward pass over `n` staged tokens (decode: one token through the GEMV
     /// dispatches): the layers, then, for the last chunk, the final norm and lm_head, and with
     /// `sample` the sampler and the copy of its result to the read-back buffer.
@@ -805,18 +827,7 @@ impl<'w> GpuModel<'w> {
         } else {
             (&self.prefill_layers, self.opts.prompt_reads)
         };
-        for (l, dispatches) in layers.iter().enumerate() {
-            if reads == StreamRead::Ring {
-                self.copy_to_ring(&mut enc, l);
-            }
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("layer"),
-                timestamp_writes: None,
-            });
-            for d in dispatches {
-                d.encode(&mut pass);
-            }
-        }
+        self.encode_layers(&mut enc, layers, reads);
         if last_chunk {
             let head = if decode {
                 &self.decode_head

@@ -7,7 +7,7 @@
 //! which other sequences share its steps.
 
 use super::step::{BatchBinds, Shared, StepKernels};
-use super::{DispatchTime, GpuModel, StreamRead, MAX_HISTORY};
+use super::{DispatchTime, GpuModel, MAX_HISTORY};
 use crate::error::{Error, Result};
 use crate::generate::{StepOutput, TokenLogprobs};
 use crate::gpu::Gpu;
@@ -189,10 +189,7 @@ impl GpuModel<'_> {
     /// next token of each, as [`Decoder::step`](crate::generate::Decoder::step) would for it alone.
     pub fn step_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<StepOutput>> {
         self.stage_batch(entries)?;
-        let batch = self
-            .batch
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self.batch()?;
         let commands = self.encode_batch(batch, entries.len());
         self.gpu.queue.submit([commands]);
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(
@@ -224,10 +221,7 @@ impl GpuModel<'_> {
     /// with every dispatch timed in a pass of its own; returns the GPU time per role.
     pub fn profile_batch_step(&mut self, entries: &[BatchEntry]) -> Result<Vec<DispatchTime>> {
         self.stage_batch(entries)?;
-        let batch = self
-            .batch
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self.batch()?;
         let sized = batch.sized(entries.len());
         let times = self.profile_dispatches(&sized.layers, &sized.head)?;
         let lens = self.parked_lens();
@@ -240,19 +234,11 @@ impl GpuModel<'_> {
     /// Checks `entries`, parks the working cache and writes the step's rows, embedding rows and
     /// sampler parameters.
     fn stage_batch(&mut self, entries: &[BatchEntry]) -> Result<()> {
-        let Some(batch) = self.batch.as_ref() else {
-            return Err(Error::Invalid(
-                "this engine has no batched decode step".into(),
-            ));
-        };
-        self.check_batch(entries, batch.rows)?;
+        self.check_batch(entries, self.batch()?.rows)?;
         self.park();
         let lens = self.parked_lens();
         let rows: Vec<(usize, usize)> = entries.iter().map(|e| (e.slot, lens[e.slot])).collect();
-        let batch = self
-            .batch
-            .as_ref()
-            .ok_or_else(|| Error::Gpu("batch state lost".into()))?;
+        let batch = self.batch()?;
         let step = BatchStep::new(&rows);
         self.gpu
             .queue
@@ -275,6 +261,13 @@ impl GpuModel<'_> {
                 .write_params(&self.gpu.queue, &p, e.step, recent.len())?;
         }
         Ok(())
+    }
+
+    /// The batched step, or why there is none.
+    fn batch(&self) -> Result<&BatchDecode> {
+        self.batch
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("this engine has no batched decode step".into()))
     }
 
     fn check_batch(&self, entries: &[BatchEntry], rows: usize) -> Result<()> {
@@ -314,18 +307,7 @@ impl GpuModel<'_> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("batched step"),
             });
-        for (l, dispatches) in sized.layers.iter().enumerate() {
-            if self.opts.decode_reads == StreamRead::Ring {
-                self.copy_to_ring(&mut enc, l);
-            }
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("batched layer"),
-                timestamp_writes: None,
-            });
-            for d in dispatches {
-                d.encode(&mut pass);
-            }
-        }
+        self.encode_layers(&mut enc, &sized.layers, self.opts.decode_reads);
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("batched head"),
