@@ -433,31 +433,9 @@ impl Attention {
             )));
         }
         let limits = &gpu.limits;
-        let binding_limit = limits.max_storage_buffer_binding_size;
-        let rows_bytes = (m_max * n_heads * head_dim * 4) as u64;
-        let cache_bytes = (n_kv_heads * ctx * head_dim * 2) as u64;
-        for (name, buf, need) in [
-            ("q", q, rows_bytes),
-            ("out", out, rows_bytes),
-            ("k_cache", k_cache, cache_bytes),
-            ("v_cache", v_cache, cache_bytes),
-        ] {
-            if buf.size() < need {
-                return Err(Error::Invalid(format!(
-                    "attention: buffer {name} has {} bytes, needs {need} ({m_max} tokens, {n_heads} heads, {n_kv_heads} KV heads, head_dim {head_dim}, context {ctx})",
-                    buf.size()
-                )));
-            }
-            if buf.size() > binding_limit {
-                return Err(Error::Unsupported(format!(
-                    "attention: buffer {name} has {} bytes, more than this GPU binds at once ({binding_limit}); use a shorter context",
-                    buf.size()
-                )));
-            }
-        }
-
-        let group = n_heads / n_kv_heads;
-        let (head_batches, heads_per_batch) = head_batches(group);
+        let shape = Shape::new(n_heads, n_kv_heads, head_dim, ctx, m_max);
+        shape.check_buffers(gpu, [q, out, k_cache, v_cache], 1)?;
+        let (group, head_batches) = (shape.group, shape.head_batches);
         let decode_groups_x = n_kv_heads * head_batches;
         let prefill_groups_x = (m_max * group).div_ceil(PREFILL_ROWS);
         if decode_groups_x > limits.max_compute_workgroups_per_dimension as usize
@@ -476,16 +454,6 @@ impl Attention {
             ))
         })?;
 
-        let shape = Shape {
-            n_heads,
-            n_kv_heads,
-            group,
-            head_dim,
-            ctx,
-            m_max,
-            head_batches,
-            heads_per_batch,
-        };
         let buffers = Buffers {
             q,
             k_cache,
@@ -701,34 +669,8 @@ impl Attention {
                  KV heads of {head_dim}, context {ctx}, {slots} slots)"
             )));
         }
-        let rows_bytes = (rows * n_heads * head_dim * 4) as u64;
-        let cache_bytes = (slots * n_kv_heads * ctx * head_dim * 2) as u64;
-        for (name, buf, need) in [
-            ("q", q, rows_bytes),
-            ("out", out, rows_bytes),
-            ("k_cache", k_cache, cache_bytes),
-            ("v_cache", v_cache, cache_bytes),
-        ] {
-            super::check_size(&format!("{what} {name}"), buf, need)?;
-            if buf.size() > gpu.limits.max_storage_buffer_binding_size {
-                return Err(Error::Unsupported(format!(
-                    "{what}: {name} has {} bytes, more than this GPU binds at once",
-                    buf.size()
-                )));
-            }
-        }
-        let group = n_heads / n_kv_heads;
-        let (head_batches, heads_per_batch) = head_batches(group);
-        let shape = Shape {
-            n_heads,
-            n_kv_heads,
-            group,
-            head_dim,
-            ctx,
-            m_max: rows,
-            head_batches,
-            heads_per_batch,
-        };
+        let shape = Shape::new(n_heads, n_kv_heads, head_dim, ctx, rows);
+        shape.check_buffers(gpu, [q, out, k_cache, v_cache], slots)?;
         let buffers = Buffers {
             q,
             k_cache,
@@ -854,6 +796,68 @@ struct Shape {
     /// Decode workgroups per KV head, and query heads each serves (the last may serve fewer).
     head_batches: usize,
     heads_per_batch: usize,
+}
+
+impl Shape {
+    /// `n_heads` over `n_kv_heads` (a multiple: checked by the callers) for `m_max` rows.
+    fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize, ctx: usize, m_max: usize) -> Shape {
+        let group = n_heads / n_kv_heads;
+        let (head_batches, heads_per_batch) = head_batches(group);
+        Shape {
+            n_heads,
+            n_kv_heads,
+            group,
+            head_dim,
+            ctx,
+            m_max,
+            head_batches,
+            heads_per_batch,
+        }
+    }
+
+    /// Checks q and out (`m_max` rows) and the K and V caches (`slots` sequences) against the
+    /// shape, and each against what the GPU binds at once.
+    fn check_buffers(
+        &self,
+        gpu: &Gpu,
+        [q, out, k, v]: [&wgpu::Buffer; 4],
+        slots: usize,
+    ) -> Result<()> {
+        let (n_heads, n_kv_heads, head_dim, ctx, m_max) = (
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.ctx,
+            self.m_max,
+        );
+        let binding_limit = gpu.limits.max_storage_buffer_binding_size;
+        let rows_bytes = (m_max * n_heads * head_dim * 4) as u64;
+        let cache_bytes = (slots * n_kv_heads * ctx * head_dim * 2) as u64;
+        let sequences = match slots {
+            1 => String::new(),
+            n => format!(", {n} sequences"),
+        };
+        for (name, buf, need) in [
+            ("q", q, rows_bytes),
+            ("out", out, rows_bytes),
+            ("k_cache", k, cache_bytes),
+            ("v_cache", v, cache_bytes),
+        ] {
+            if buf.size() < need {
+                return Err(Error::Invalid(format!(
+                    "attention: buffer {name} has {} bytes, needs {need} ({m_max} tokens, {n_heads} heads, {n_kv_heads} KV heads, head_dim {head_dim}, context {ctx}{sequences})",
+                    buf.size()
+                )));
+            }
+            if buf.size() > binding_limit {
+                return Err(Error::Unsupported(format!(
+                    "attention: buffer {name} has {} bytes, more than this GPU binds at once ({binding_limit}); use a shorter context",
+                    buf.size()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Buffers<'a> {
