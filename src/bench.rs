@@ -546,13 +546,7 @@ fn time_batched_decode(
     let mut generated = Vec::new();
     for rep in 0..=reps {
         let steps = if rep == 0 { n.min(WARMUP_STEPS) } else { n };
-        let mut next = Vec::with_capacity(seqs);
-        for slot in 0..seqs {
-            engine.select_kv_slot(slot)?;
-            engine.reset();
-            engine.skip_to(depth)?;
-            next.push(engine.step(prompt, &params, prompt, 0, None)?.token);
-        }
+        let mut next = prime_slots(engine, prompt, seqs, depth)?;
         let mut histories = vec![prompt.to_vec(); seqs];
         generated.clear();
         let start = Instant::now();
@@ -828,17 +822,7 @@ fn profile_decode(
     engine.reset();
     let params = SamplingParams::greedy();
     let token = engine.step(prompt, &params, prompt, 0, None)?.token;
-    engine.profile_decode_step(token)?;
-    let mut total = engine.profile_decode_step(token)?;
-    for _ in 1..PROFILE_STEPS {
-        for d in engine.profile_decode_step(token)? {
-            // Every step has the same dispatches: counts stay per step.
-            add_time(&mut total, &d.label, 0, d.seconds);
-        }
-    }
-    for t in &mut total {
-        t.seconds /= PROFILE_STEPS as f64;
-    }
+    let total = averaged_profile(|| engine.profile_decode_step(token))?;
     Ok(DecodeProfile {
         budget,
         stream_read,
@@ -849,6 +833,43 @@ fn profile_decode(
     })
 }
 
+/// A profiled step, run once unmeasured and then [`PROFILE_STEPS`] times, averaged.
+fn averaged_profile(
+    mut step: impl FnMut() -> Result<Vec<DispatchTime>>,
+) -> Result<Vec<DispatchTime>> {
+    step()?;
+    let mut total = step()?;
+    for _ in 1..PROFILE_STEPS {
+        for d in step()? {
+            // Every step has the same dispatches: counts stay per step.
+            add_time(&mut total, &d.label, 0, d.seconds);
+        }
+    }
+    for t in &mut total {
+        t.seconds /= PROFILE_STEPS as f64;
+    }
+    Ok(total)
+}
+
+/// Slots `0..seqs` each emptied, given `depth` positions and `prompt`: the greedy token after
+/// it in each (the first token each batched step appends).
+fn prime_slots(
+    engine: &mut GpuModel<'_>,
+    prompt: &[u32],
+    seqs: usize,
+    depth: usize,
+) -> Result<Vec<u32>> {
+    let params = SamplingParams::greedy();
+    (0..seqs)
+        .map(|slot| {
+            engine.select_kv_slot(slot)?;
+            engine.reset();
+            engine.skip_to(depth)?;
+            Ok(engine.step(prompt, &params, prompt, 0, None)?.token)
+        })
+        .collect()
+}
+
 /// The same for the batched step of `seqs` sequences, each after `prompt` in its own slot.
 fn profile_batched(
     engine: &mut GpuModel<'_>,
@@ -857,12 +878,7 @@ fn profile_batched(
     base: DecodeProfile,
 ) -> Result<DecodeProfile> {
     let params = SamplingParams::greedy();
-    let mut next = Vec::with_capacity(seqs);
-    for slot in 0..seqs {
-        engine.select_kv_slot(slot)?;
-        engine.reset();
-        next.push(engine.step(prompt, &params, prompt, 0, None)?.token);
-    }
+    let next = prime_slots(engine, prompt, seqs, 0)?;
     let entries: Vec<BatchEntry> = next
         .iter()
         .enumerate()
@@ -875,16 +891,7 @@ fn profile_batched(
             top_logprobs: None,
         })
         .collect();
-    engine.profile_batch_step(&entries)?;
-    let mut total = engine.profile_batch_step(&entries)?;
-    for _ in 1..PROFILE_STEPS {
-        for d in engine.profile_batch_step(&entries)? {
-            add_time(&mut total, &d.label, 0, d.seconds);
-        }
-    }
-    for t in &mut total {
-        t.seconds /= PROFILE_STEPS as f64;
-    }
+    let total = averaged_profile(|| engine.profile_batch_step(&entries))?;
     Ok(DecodeProfile {
         sequences: seqs,
         dispatches: total,
