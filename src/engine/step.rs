@@ -74,6 +74,14 @@ pub(super) struct LayerBuffers<'a> {
     pub v_cache: &'a wgpu::Buffer,
 }
 
+impl LayerSmall {
+    /// The quantizer inputs of the attention norm and the MLP norm (int8 steps).
+    fn norm_inputs(&self, eps: f32) -> (ActInput<'_>, ActInput<'_>) {
+        let norm = |weight| ActInput::RmsNorm { weight, eps };
+        (norm(&self.input_norm), norm(&self.post_norm))
+    }
+}
+
 fn role(name: &str, dispatches: Vec<Dispatch>) -> Vec<Dispatch> {
     dispatches.into_iter().map(|d| d.with_role(name)).collect()
 }
@@ -117,6 +125,13 @@ impl StepKernels {
             swiglu: SwiGlu::new(gpu)?,
             attention: Attention::new(gpu)?,
             int8,
+        })
+    }
+
+    /// The int8 kernels, which the batched step needs.
+    fn batch_int8(&self) -> Result<&Int8Kernels> {
+        self.int8.as_ref().ok_or_else(|| {
+            crate::error::Error::Invalid("the batched decode step needs int8 activations".into())
         })
     }
 
@@ -182,14 +197,7 @@ impl StepKernels {
         let weights = |p: &PackedMatrix| packed_in(l.decode_weights, p);
         let eps = c.rms_norm_eps;
         let (h, q_dim, ffn) = (c.hidden_size, c.q_dim(), c.intermediate_size);
-        let input_norm = ActInput::RmsNorm {
-            weight: &s.input_norm,
-            eps,
-        };
-        let post_norm = ActInput::RmsNorm {
-            weight: &s.post_norm,
-            eps,
-        };
+        let (input_norm, post_norm) = s.norm_inputs(eps);
         let (qkv_bias, o_bias) = (
             s.qkv_bias.as_ref().map(BufRange::whole),
             s.o_bias.as_ref().map(BufRange::whole),
@@ -423,11 +431,7 @@ impl StepKernels {
         b: &BatchBinds,
         caches: &(wgpu::Buffer, wgpu::Buffer),
     ) -> Result<Vec<Dispatch>> {
-        let Some(k8) = &self.int8 else {
-            return Err(crate::error::Error::Invalid(
-                "the batched decode step needs int8 activations".into(),
-            ));
-        };
+        let k8 = self.batch_int8()?;
         let (c, a, w, s, gpu) = (sh.config, sh.act, sh.pack, l.small, sh.gpu);
         let weights = |p: &PackedMatrix| packed_in(l.decode_weights, p);
         let eps = c.rms_norm_eps;
@@ -455,14 +459,7 @@ impl StepKernels {
                     .bind_batch(gpu, weights(m), &io, bias, mode, &GemvOptions::default())?;
             Ok::<_, crate::error::Error>(role(&format!("{name} (batched)"), ds))
         };
-        let input_norm = ActInput::RmsNorm {
-            weight: &s.input_norm,
-            eps,
-        };
-        let post_norm = ActInput::RmsNorm {
-            weight: &s.post_norm,
-            eps,
-        };
+        let (input_norm, post_norm) = s.norm_inputs(eps);
         let (store, add) = (Epilogue::Store, Epilogue::Accumulate);
         let mut ops = quantize("qkv", input_norm, &a.x, h)?;
         ops.extend(project("qkv", &w.qkv, &a.qkv, s.qkv_bias.as_ref(), store)?);
@@ -518,11 +515,7 @@ impl StepKernels {
         logits: &wgpu::Buffer,
         stride: usize,
     ) -> Result<Vec<Dispatch>> {
-        let Some(k8) = &self.int8 else {
-            return Err(crate::error::Error::Invalid(
-                "the batched decode step needs int8 activations".into(),
-            ));
-        };
+        let k8 = self.batch_int8()?;
         let (gpu, c) = (sh.gpu, sh.config);
         let input = ActInput::RmsNorm {
             weight: final_norm,
