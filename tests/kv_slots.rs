@@ -26,15 +26,22 @@ fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A tiny random model of `arch`, written to a temp folder named after `name`, loaded, and the
+/// folder removed.
+fn tiny_model(name: &str, arch: Arch, seed: u64) -> model::LoadedModel {
+    let dir = std::env::temp_dir().join(format!("q4wgpu-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    test_models::write_tiny_hf_model(&dir, arch, seed).expect("write tiny model");
+    let loaded = model::load(&dir, false).expect("load");
+    let _ = std::fs::remove_dir_all(&dir);
+    loaded
+}
+
 #[test]
 fn interleaved_slots_match_the_cpu_reference_and_a_lone_sequence() {
     let mut rng = Rng::fresh("kv slots");
-    let dir = std::env::temp_dir().join(format!("q4wgpu-kv-slots-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     // Llama's tiny shape has 2 KV heads, so each swap copies several ranges per cache.
-    test_models::write_tiny_hf_model(&dir, Arch::Llama, 21).expect("write tiny model");
-    let loaded = model::load(&dir, false).expect("load");
-    let _ = std::fs::remove_dir_all(&dir);
+    let loaded = tiny_model("kv-slots", Arch::Llama, 21);
     let vocab = loaded.weights.config.vocab_size;
     let opts = |slots| EngineOptions {
         ctx_size: 64,
@@ -126,7 +133,7 @@ fn same_output(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutpu
 }
 
 /// The batched decode step (`GpuModel::step_batch`, int8 activations): sequences in three slots,
-/// stepped in random subsets and orders, mixed with lone steps and a prompt-cache cut, sample
+/// stepped in random subsets and orders, mixed with a lone step, sample
 /// the tokens and log-probabilities that each sequence gets on an engine that runs it alone, with
 /// greedy, seeded and repetition-penalised sampling.
 #[test]
@@ -135,11 +142,7 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
     use q4wgpu::generate::Decoder;
     use q4wgpu::sampling::SamplingParams;
     let mut rng = Rng::fresh("batched steps");
-    let dir = std::env::temp_dir().join(format!("q4wgpu-batch-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    test_models::write_tiny_hf_model(&dir, Arch::Qwen2, 5).expect("write tiny model");
-    let loaded = model::load(&dir, false).expect("load");
-    let _ = std::fs::remove_dir_all(&dir);
+    let loaded = tiny_model("batch", Arch::Qwen2, 5);
     let vocab = loaded.weights.config.vocab_size;
     let opts = |slots| EngineOptions {
         ctx_size: 64,
