@@ -58,6 +58,35 @@ fn poisoned_act(g: &Gpu, k: usize) -> ActQ8Buffers {
     out
 }
 
+/// A quantized matrix on the GPU: its words and bf16 scales in buffers of their own.
+struct GpuQ4 {
+    qweight: wgpu::Buffer,
+    scales: wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+}
+
+impl GpuQ4 {
+    fn upload(g: &Gpu, m: &QMatrix) -> GpuQ4 {
+        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        GpuQ4 {
+            qweight: g.storage_from("qweight", &m.qweight),
+            scales: g.storage_from_bytes("scales", &scale_bytes),
+            rows: m.rows,
+            cols: m.cols,
+        }
+    }
+
+    fn q4ref(&self) -> Q4Ref<'_> {
+        Q4Ref {
+            rows: self.rows,
+            cols: self.cols,
+            qweight: BufRange::whole(&self.qweight),
+            scales: BufRange::whole(&self.scales),
+        }
+    }
+}
+
 fn upload_act(g: &Gpu, a: &ActQ8) -> ActQ8Buffers {
     let out = ActQ8Buffers::new(g, "test act", a.len);
     g.queue
@@ -256,15 +285,8 @@ impl Case {
                 *v += y_init[r];
             }
         }
-        let qweight = g.storage_from("qweight", &m.qweight);
-        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let scales = g.storage_from_bytes("scales", &scale_bytes);
-        let w = Q4Ref {
-            rows: m.rows,
-            cols: m.cols,
-            qweight: BufRange::whole(&qweight),
-            scales: BufRange::whole(&scales),
-        };
+        let gm = GpuQ4::upload(g, &m);
+        let w = gm.q4ref();
         let x = upload_act(g, &a);
         let y = match self.mode {
             Epilogue::Store => poisoned(g, "y", self.rows),
@@ -520,15 +542,8 @@ fn gemv_q8_fused_inputs_match_the_spec() {
             m.view().matvec_q8(&a, &mut y);
             y
         };
-        let qweight = g.storage_from("qweight", &m.qweight);
-        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let scales = g.storage_from_bytes("scales", &scale_bytes);
-        let w = Q4Ref {
-            rows,
-            cols,
-            qweight: BufRange::whole(&qweight),
-            scales: BufRange::whole(&scales),
-        };
+        let gm = GpuQ4::upload(g, &m);
+        let w = gm.q4ref();
         let x_buf = g.storage_from("x", &x);
         let w_buf = g.storage_from("norm w", &norm_w);
         let gu: Vec<f32> = gate.iter().chain(&x).copied().collect();
@@ -629,15 +644,9 @@ fn gemv_q8_rope_kv_output_matches_cpu() {
             q4wgpu::cpu::ops::apply_rope(head, pos, &inv_freq);
         }
 
-        let qweight = g.storage_from("qweight", &m.qweight);
-        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let scales = g.storage_from_bytes("scales", &scale_bytes);
-        let w = Q4Ref {
-            rows,
-            cols: k,
-            qweight: BufRange::whole(&qweight),
-            scales: BufRange::whole(&scales),
-        };
+        let gm = GpuQ4::upload(g, &m);
+
+        let w = gm.q4ref();
         let sentinel = vec![0xDEAD_BEEFu32; nkv * ctx * hd / 2];
         let (k_cache, v_cache) = (
             g.storage_from("k cache", &sentinel),
@@ -752,15 +761,8 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
     for (rows, k, cols, live, mode, with_bias, opts) in cases {
         let what = format!("batched gemv_q4_q8 {rows}x{k}, {live} of {cols} columns, {mode:?}");
         let m = random_matrix(&mut rng, rows, k);
-        let qweight = g.storage_from("qweight", &m.qweight);
-        let scale_bytes: Vec<u8> = m.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let scales = g.storage_from_bytes("scales", &scale_bytes);
-        let w = Q4Ref {
-            rows,
-            cols: k,
-            qweight: BufRange::whole(&qweight),
-            scales: BufRange::whole(&scales),
-        };
+        let gm = GpuQ4::upload(g, &m);
+        let w = gm.q4ref();
         let xs: Vec<Vec<f32>> = (0..cols).map(|_| random_activations(&mut rng, k)).collect();
         let flat: Vec<f32> = xs.concat();
         let x_buf = g.storage_from("x rows", &flat);
