@@ -73,6 +73,39 @@ fn random_cache(rng: &mut Rng, s: &Shape, kv_len: usize) -> Vec<f32> {
     c
 }
 
+/// f64 attention of one query row (all heads) over positions `0..len` of caches laid out
+/// `[kv_head][ctx][head_dim]`: the reference every decode kernel is checked against.
+fn attend(s: &Shape, q: &[f32], k: &[f32], v: &[f32], len: usize) -> Vec<f32> {
+    let (hd, group) = (s.head_dim, s.n_heads / s.n_kv_heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0.0f32; s.row()];
+    for h in 0..s.n_heads {
+        let kvh = h / group;
+        let qrow = &q[h * hd..][..hd];
+        let cache_row = |c: &[f32], p: usize| c[(kvh * s.ctx + p) * hd..][..hd].to_vec();
+        let scores: Vec<f64> = (0..len)
+            .map(|p| {
+                cache_row(k, p)
+                    .iter()
+                    .zip(qrow)
+                    .map(|(&k, &q)| k as f64 * q as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for d in 0..hd {
+            let o: f64 = (0..len)
+                .map(|p| weights[p] * v[(kvh * s.ctx + p) * hd + d] as f64)
+                .sum();
+            out[h * hd + d] = (o / total) as f32;
+        }
+    }
+    out
+}
+
 impl Case {
     fn new(what: &str, shape: Shape, pos: usize, n_tokens: usize, q_std: f32) -> Case {
         Case::with(attention(), what, shape, pos, n_tokens, q_std)
@@ -141,58 +174,19 @@ impl Case {
         let n = self.shape.m_max * self.shape.row();
         g.queue
             .write_buffer(&self.out, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
-        let mut enc = g
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("attention test"),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("attention"),
-                timestamp_writes: None,
-            });
-            for d in dispatches {
-                d.encode(&mut pass);
-            }
-        }
-        g.queue.submit([enc.finish()]);
+        run_dispatches(g, dispatches);
         g.read_f32(&self.out, n).expect("read attention output")
     }
 
     /// f64 causal attention for the step's tokens: `n_tokens` rows.
     fn reference(&self) -> Vec<f32> {
-        let s = &self.shape;
-        let (hd, group) = (s.head_dim, s.n_heads / s.n_kv_heads);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut out = vec![0.0f32; self.n_tokens * s.row()];
-        for t in 0..self.n_tokens {
-            let last = self.pos + t;
-            for h in 0..s.n_heads {
-                let kvh = h / group;
-                let qrow = &self.q[t * s.row() + h * hd..][..hd];
-                let cache_row = |c: &[f32], p: usize| c[(kvh * s.ctx + p) * hd..][..hd].to_vec();
-                let scores: Vec<f64> = (0..=last)
-                    .map(|p| {
-                        cache_row(&self.k, p)
-                            .iter()
-                            .zip(qrow)
-                            .map(|(&k, &q)| k as f64 * q as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for d in 0..hd {
-                    let o: f64 = (0..=last)
-                        .map(|p| weights[p] * self.v[(kvh * s.ctx + p) * hd + d] as f64)
-                        .sum();
-                    out[t * s.row() + h * hd + d] = (o / total) as f32;
-                }
-            }
-        }
-        out
+        let row = self.shape.row();
+        (0..self.n_tokens)
+            .flat_map(|t| {
+                let q = &self.q[t * row..(t + 1) * row];
+                attend(&self.shape, q, &self.k, &self.v, self.pos + t + 1)
+            })
+            .collect()
     }
 
     /// Rows `0..n_tokens` match the reference; rows past them are still NaN.
@@ -551,4 +545,65 @@ fn decode_combine_writes_the_o_input_in_int8() {
         .err()
         .expect("256 values into buffers for 128");
     assert!(e.to_string().contains("hold 128"), "{e}");
+}
+
+/// The batched decode (`Attention::bind_batch_decode`: attention_decode.wgsl with
+/// batch_step.wgsl's rows uniform): rows of different lengths, each in its own slot of caches that
+/// hold three sequences, in an order unlike the slots', match the reference attention over that
+/// slot alone; the bound row past `n_rows` stays NaN.
+#[test]
+fn batched_decode_rows_attend_over_their_own_slots() {
+    use q4wgpu::kernels::BatchStep;
+    let g = gpu();
+    let mut rng = Rng::fresh("batched decode");
+    let s = shape(10, 2, 64, 300, 1);
+    // (slot, positions held after this step), one per live row; one more row is bound.
+    let live = [(2usize, 257usize), (0, 1), (1, 130)];
+    let (slots, bound) = (3, live.len() + 1);
+    let mut by_slot: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); slots];
+    for &(slot, len) in &live {
+        by_slot[slot] = (
+            random_cache(&mut rng, &s, len),
+            random_cache(&mut rng, &s, len),
+        );
+    }
+    let k_all: Vec<f32> = by_slot.iter().flat_map(|c| c.0.clone()).collect();
+    let v_all: Vec<f32> = by_slot.iter().flat_map(|c| c.1.clone()).collect();
+    let mut q = vec![f32::NAN; bound * s.row()];
+    for x in &mut q[..live.len() * s.row()] {
+        *x = rng.normal(1.0);
+    }
+    let q_buf = g.storage_from("q rows", &q);
+    let k_buf = g.storage_from("k caches", &pack_f16(&k_all));
+    let v_buf = g.storage_from("v caches", &pack_f16(&v_all));
+    let out = poisoned(g, "out rows", bound * s.row());
+    let rows: Vec<(usize, usize)> = live.iter().map(|&(slot, len)| (slot, len - 1)).collect();
+    let batch = g.uniform("batch rows", &BatchStep::new(&rows));
+    let heads = (s.n_heads, s.n_kv_heads, s.head_dim);
+    let ds = attention()
+        .bind_batch_decode(
+            g,
+            &q_buf,
+            [&k_buf, &v_buf],
+            &out,
+            heads,
+            s.ctx,
+            slots,
+            bound,
+            &batch,
+        )
+        .expect("bind batched decode");
+    run_dispatches(g, &ds);
+    let got = g.read_f32(&out, bound * s.row()).expect("read rows");
+    for (r, &(slot, len)) in live.iter().enumerate() {
+        let q_row = &q[r * s.row()..(r + 1) * s.row()];
+        let want = attend(&s, q_row, &by_slot[slot].0, &by_slot[slot].1, len);
+        let what = format!("batched decode row {r} (slot {slot}, {len} positions)");
+        assert_close(&what, &got[r * s.row()..(r + 1) * s.row()], &want, TOL);
+    }
+    let past = &got[live.len() * s.row()..];
+    assert!(
+        past.iter().all(|x| x.is_nan()),
+        "the row past n_rows was written"
+    );
 }
