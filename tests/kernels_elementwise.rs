@@ -142,6 +142,23 @@ fn unpack_f16(words: &[u32]) -> Vec<f32> {
 
 const CACHE_POISON: u32 = 0x7e00_7e00; // two f16 NaNs
 
+/// A head's f16 cache values against the f32 reference: each rounds to the reference's f16 or a
+/// neighbour (the f32 result may sit on a rounding boundary): at most one f16 ulp of the value,
+/// plus 2e-5 of the head's scale.
+#[track_caller]
+fn assert_f16_cache(what: &str, got: &[f32], want: &[f32]) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (e, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let w16 = f16::from_f32(w).to_f32();
+        let ulp = (f16::from_f32(w.abs()).to_f32() * 2f32.powi(-10)).max(6e-8);
+        let err = (g - w16).abs();
+        assert!(
+            g.is_finite() && err <= ulp + 2e-5 * scale,
+            "{what} element {e}: got {g} want {w16} (f32 {w})"
+        );
+    }
+}
+
 /// q: tolerance 2e-5 of the head's largest value (f32 products; the angle reduction and the GPU's
 /// cos/sin are accurate to ~1e-6 rad). k, v: the f16 values must round to the same f16 as the
 /// reference, or to a neighbour (the f32 result may sit on a rounding boundary): checked as at most
@@ -210,18 +227,7 @@ fn check_rope(c: &RopeCase, rng: &mut Rng) {
                 ("k", &kc[cache..cache + hd], &k_want[..]),
                 ("v", &vc[cache..cache + hd], v_src),
             ] {
-                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                for e in 0..hd {
-                    let w16 = f16::from_f32(want[e]).to_f32();
-                    let ulp = (f16::from_f32(want[e].abs()).to_f32() * 2f32.powi(-10)).max(6e-8);
-                    let err = (got[e] - w16).abs();
-                    assert!(
-                        got[e].is_finite() && err <= ulp + 2e-5 * scale,
-                        "{what}: {name} token {t} kv head {h} element {e}: got {} want {w16} (f32 {})",
-                        got[e],
-                        want[e]
-                    );
-                }
+                assert_f16_cache(&format!("{what}: {name} token {t} kv head {h}"), got, want);
             }
         }
     }
@@ -303,4 +309,87 @@ fn rope_kv_never_writes_past_ctx() {
         pos: 6,
     };
     check_rope(&c, &mut rng);
+}
+
+/// RoPE and the KV write of a batched decode step (`RopeKv::bind_batch`: rope_kv.wgsl with
+/// batch_step.wgsl's rows): each live row rotated at its own position and written into its own
+/// slot's region of caches holding three sequences; every other cache position, and the q row
+/// past `n_rows`, keeps its poison.
+#[test]
+fn rope_kv_batched_rows_write_their_own_slots() {
+    use q4wgpu::kernels::BatchStep;
+    let g = gpu();
+    let mut rng = Rng::fresh("rope_kv batched");
+    let kernel = RopeKv::new(g).expect("compile rope_kv");
+    let (nh, nkv, hd, ctx, slots) = (6, 2, 32, 40, 3);
+    let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+    let width = q_dim + 2 * kv_dim;
+    // (slot, position) per live row; one more row is bound.
+    let live = [(1usize, 39usize), (2, 0), (0, 17)];
+    let bound = live.len() + 1;
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| (1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64)) as f32)
+        .collect();
+    let qkv = rng.vec(bound * width, 1.5);
+    let qkv_b = g.storage_from("qkv", &qkv);
+    let inv_b = g.storage_from("inv_freq", &inv_freq);
+    let q_b = poisoned(g, "q_out", bound * q_dim);
+    let words = slots * nkv * ctx * hd / 2;
+    let k_b = g.storage_from("k caches", &vec![CACHE_POISON; words]);
+    let v_b = g.storage_from("v caches", &vec![CACHE_POISON; words]);
+    let batch = g.uniform("batch rows", &BatchStep::new(&live));
+    let d = kernel
+        .bind_batch(
+            g,
+            &qkv_b,
+            &inv_b,
+            &q_b,
+            &k_b,
+            &v_b,
+            (nh, nkv, hd),
+            ctx,
+            slots,
+            bound,
+            &batch,
+        )
+        .expect("bind batched rope_kv");
+    run_dispatches(g, &[&d]);
+    let q = g.read_f32(&q_b, bound * q_dim).expect("read q");
+    let kc = unpack_f16(&g.read_u32(&k_b, words).expect("read k"));
+    let vc = unpack_f16(&g.read_u32(&v_b, words).expect("read v"));
+    let mut written = vec![false; slots * nkv * ctx];
+    for (t, &(slot, p)) in live.iter().enumerate() {
+        let row = &qkv[t * width..(t + 1) * width];
+        for h in 0..nh {
+            let want = rope_ref(&row[h * hd..(h + 1) * hd], &inv_freq, p);
+            let got = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            assert_close(
+                &format!("batched rope: q row {t} head {h}"),
+                got,
+                &want,
+                2e-5,
+            );
+        }
+        for h in 0..nkv {
+            let at = (slot * nkv + h) * ctx + p;
+            written[at] = true;
+            let k_want = rope_ref(&row[q_dim + h * hd..q_dim + (h + 1) * hd], &inv_freq, p);
+            let v_want = &row[q_dim + kv_dim + h * hd..q_dim + kv_dim + (h + 1) * hd];
+            let what = format!("batched rope: row {t} (slot {slot}, position {p}) kv head {h}");
+            assert_f16_cache(&format!("{what} k"), &kc[at * hd..(at + 1) * hd], &k_want);
+            assert_f16_cache(&format!("{what} v"), &vc[at * hd..(at + 1) * hd], v_want);
+        }
+    }
+    assert_all_nan(
+        "batched rope: the q row past n_rows",
+        &q[live.len() * q_dim..],
+    );
+    for (name, cache) in [("k", &kc), ("v", &vc)] {
+        for at in (0..written.len()).filter(|&at| !written[at]) {
+            assert_all_nan(
+                &format!("batched rope: {name} cache row {at}"),
+                &cache[at * hd..(at + 1) * hd],
+            );
+        }
+    }
 }
