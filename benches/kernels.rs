@@ -14,6 +14,9 @@
 //! whose table name contains that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the
 //! tiled kernels with emulated matrix operations (to check the table on lavapipe; its times mean
 //! nothing).
+//! `Q4WGPU_BENCH_GEMM_ABLATE=1` adds the 128 x 128 tile with its helper calls written inline
+//! (`inl`) and, for both, with parts of the K loop left out (`-loads`, `-stores`, `-mma`: wrong
+//! results, to see what each part costs).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
 //! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read, the
@@ -26,7 +29,9 @@
 
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
-use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, TileOpts};
+use q4wgpu::kernels::gemm_q4::{
+    GemmOptions, GemmQ4, GemmVariant, TileOpts, ABLATE_LOADS, ABLATE_MMA, ABLATE_STORES,
+};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4, MAX_UNROLL};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
@@ -115,6 +120,8 @@ struct Settings {
     gemm_only: bool,
     /// Every option of the tiled GEMM (`--gemm-sweep`).
     gemm_sweep: bool,
+    /// The 128 x 128 tile inline and with parts left out (`Q4WGPU_BENCH_GEMM_ABLATE=1`).
+    gemm_ablate: bool,
 }
 
 fn settings() -> Settings {
@@ -167,6 +174,7 @@ fn settings() -> Settings {
             attention_only,
             gemm_only,
             gemm_sweep,
+            gemm_ablate: flag("--gemm-ablate", "Q4WGPU_BENCH_GEMM_ABLATE"),
         }
     } else {
         let (h, kv, ffn, vocab) = (5120, 1024, 27648, 152064);
@@ -210,6 +218,7 @@ fn settings() -> Settings {
             attention_only,
             gemm_only,
             gemm_sweep,
+            gemm_ablate: flag("--gemm-ablate", "Q4WGPU_BENCH_GEMM_ABLATE"),
         }
     }
 }
@@ -592,8 +601,33 @@ const SMS: usize = 132;
 /// The GEMM kernels a table row compares on this adapter for `m` tokens: the default first,
 /// then the other tiles, then (with `sweep`) every option of the larger tiles, then the first
 /// kernels. Split-K only where 128 x 128 tiles number at most two per multiprocessor.
-fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, sweep: bool) -> Vec<GemmVariant> {
+fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> Vec<GemmVariant> {
+    let sweep = s.gemm_sweep;
     let mut v = vec![gemm.variant_for(m, n, k)];
+    if s.gemm_ablate && gemm.has_hardware_coop() {
+        for prefetch in [true, false] {
+            for inline_ops in [false, true] {
+                for ablate in [
+                    0,
+                    ABLATE_LOADS,
+                    ABLATE_STORES,
+                    ABLATE_MMA,
+                    ABLATE_LOADS | ABLATE_STORES,
+                ] {
+                    v.push(GemmVariant::CoopTile {
+                        tm: 4,
+                        tn: 4,
+                        prefetch,
+                        opts: TileOpts {
+                            inline_ops,
+                            ablate,
+                            ..TileOpts::default()
+                        },
+                    });
+                }
+            }
+        }
+    }
     if gemm.has_coop() {
         for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2)] {
             for prefetch in [true, false] {
@@ -619,6 +653,7 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, sweep: bool) -> Ve
                             x_f16,
                             bk64,
                             double_buffer,
+                            ..TileOpts::default()
                         };
                         v.push(GemmVariant::CoopTile {
                             tm,
@@ -686,7 +721,7 @@ fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
             let default = gemm.variant_for(m, shape.n, shape.k);
             best.push((shape.name, 0.0, String::new(), 0.0));
             let filter = std::env::var("Q4WGPU_BENCH_GEMM_FILTER").unwrap_or_default();
-            for variant in gemm_variants(gemm, m, shape.n, shape.k, s.gemm_sweep)
+            for variant in gemm_variants(gemm, m, shape.n, shape.k, s)
                 .into_iter()
                 .filter(|v| *v == default || v.short_name().contains(&filter))
             {

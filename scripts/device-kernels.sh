@@ -6,7 +6,7 @@
 # Prepare here: scripts/device-prepare.sh (.device-bin/q4wgpu, .device-bin/tests.tar.xz with the
 # test executables and the kernels bench), ../shared/device/fetch-gl.sh (.gl). Carry
 # [".gl", ".device-bin/q4wgpu", ".device-bin/tests.tar.xz"]; logs go to $OUT.
-# Environment: TESTS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part;
+# Environment: TESTS=0 / STATS=0 / KERNELS=0 / E2E=0 / REAL=0 (and PROMPTS=0, DEPTH=0 inside E2E) skip a part;
 # CUDA_PROFILE=1 adds the CUDA path's step profile (benches/cuda_path/cuda_path.py --profile); ACTS (int8,f32) the decode activations
 # of the end-to-end A/B; SWEEP=0 skips the workgroup sweep; TEST_BINS="kernels_matmul" runs only
 # those test binaries; KERNELS_TIMEOUT (default 240 s) bounds the kernel bench. The bench reads its
@@ -44,6 +44,12 @@ if [ "${TESTS:-1}" != 0 ]; then
     Q4WGPU_REQUIRE_COOP=1 timeout 200 "$t" >>"$OUT/tests.log" 2>&1
     log "test $name: exit $?"
   done
+fi
+
+# What the driver made of each kernel variant (registers and the rest it reports).
+if [ "${STATS:-1}" != 0 ] && [ -x .device-bin/tests/shader-stats ]; then
+  timeout 120 .device-bin/tests/shader-stats >"$OUT/shader-stats.log" 2>&1
+  log "shader stats: exit $?"
 fi
 
 if [ "${KERNELS:-1}" != 0 ] && [ -x .device-bin/tests/kernels-bench ]; then
@@ -104,6 +110,7 @@ if [ "${CUDA_PROFILE:-0}" = 1 ]; then
 fi
 log "done"
 grep -E "^(== |test result|test GPU)|FAILED|panicked" "$OUT/tests.log" 2>/dev/null | head -40
+head -80 "$OUT/shader-stats.log" 2>/dev/null
 cat "$OUT/kernels.log" 2>/dev/null | grep -v "^  gemv" | head -150
 # The activation quantizer and decode attention tables (past the first 150 lines with --sweep).
 grep -E "^\| (rmsnorm|plain|swiglu|legacy|grouped)" "$OUT/kernels.log" 2>/dev/null | head -80

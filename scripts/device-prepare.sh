@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares, here, what the GPU machine runs (it has no Rust toolchain and no network):
 #   .device-bin/q4wgpu          the release binary, stripped
-#   .device-bin/tests.tar.xz    the GPU test executables of `cargo test --release`, stripped
+#   .device-bin/tests.tar.xz    the GPU test executables of `cargo test --release`, stripped, the
+#                               kernel bench and the driver's kernel statistics (shader-stats)
 #   .mparts/part-NN             the default real model's GGUF cut into parts under the 64 MiB a call
 #                               may carry, plus its .verified marker (with MODEL_PARTS=1)
 # The GPU machine joins the parts with one call per part while it stays warm:
@@ -37,6 +38,15 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
         print(m["executable"])
 ' | while read -r exe; do strip -o .device-bin/tests/kernels-bench "$exe"; done
+# The driver's statistics of each kernel (benches/shader_stats.rs), as .device-bin/tests/shader-stats.
+cargo bench --bench shader_stats --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "shader_stats":
+        print(m["executable"])
+' | while read -r exe; do strip -o .device-bin/tests/shader-stats "$exe"; done
 # The commit the binaries were built from (and whether the tree had changes).
 echo "$(git rev-parse --short HEAD)$(git status --porcelain | grep -q . && echo ' (with uncommitted changes)')" >.device-bin/COMMIT
 # Compressed, they travel in a fraction of the 64 MiB (device-tests.sh unpacks them).

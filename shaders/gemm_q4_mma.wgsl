@@ -114,6 +114,10 @@ fn x_pair(e: u32) -> u32 {
 // Global loads of the K step at k0: zeros for tokens past m_count, k past K, rows past n.
 fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     var r: Loaded;
+    // ABLATE (bench only, see TileOpts::ablate): bit 1 skips the loads after a slice's first.
+    if ((ABLATE & 1u) != 0u && k0 % p.k_split != 0u) {
+        return r;
+    }
     let k2 = p.k / 2u;
     for (var it = 0u; it < X_ITEMS; it++) {
         let e = lid + it * WG;
@@ -142,6 +146,10 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
 
 // Writes one step's registers to the workgroup tiles (X as f16, W dequantized), copy `buf`.
 fn store_step(r: Loaded, lid: u32, buf: u32) {
+    // ABLATE bit 2 (bench only): no stores, the tiles keep whatever they held.
+    if ((ABLATE & 2u) != 0u) {
+        return;
+    }
     let xb = buf * BM * AS2;
     let wb = buf * BN * AS2;
     for (var it = 0u; it < X_ITEMS; it++) {
@@ -180,6 +188,13 @@ fn main(
         return;
     }
     lane = lid % SG;
+    tile(m0, n0, m_count, wid.z, lid);
+}
+
+// The tile of a live workgroup. A function of its own because naga's uniformity analysis does
+// not see that main's early return is workgroup-uniform, and rejects matrix operations after it
+// unless they sit behind a call.
+fn tile(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     let sg = lid / SG;
     let qm = (sg / 2u) * 16u * TM;
     let qn = (sg % 2u) * 16u * TN;
@@ -187,9 +202,9 @@ fn main(
     // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
     // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
     //#ACC_DECL
-    let k_begin = wid.z * p.k_split;
+    let k_begin = slice * p.k_split;
     let k_end = min(p.k, k_begin + p.k_split);
-    let y_off = wid.z * p.y_slice;
+    let y_off = slice * p.y_slice;
     // Without DB: per step, store the loaded tiles, barrier, multiply, barrier. With DB
     // (double-buffered tiles): the tiles of the next step go to the other copy right after this
     // step's multiplies, so one barrier per step suffices (a copy is rewritten only after the

@@ -697,6 +697,7 @@ fn gemm_coop_tile_options_match_cpu() {
         x_f16,
         bk64,
         double_buffer,
+        ..TileOpts::default()
     };
     let variants = [
         (2, 2, true, opts(1, true, false, false)),
@@ -706,6 +707,15 @@ fn gemm_coop_tile_options_match_cpu() {
         (1, 2, true, opts(3, false, false, false)),
         (2, 4, true, opts(4, true, true, false)),
         (1, 2, false, opts(3, true, true, true)),
+        (
+            2,
+            2,
+            true,
+            TileOpts {
+                inline_ops: true,
+                ..TileOpts::default()
+            },
+        ),
     ];
     for kernel in [&hardware, &emulated] {
         if !kernel.has_coop() {
@@ -1109,17 +1119,21 @@ fn gemm_tile_shaders_compile_to_spirv() {
         gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
     // The tile options (split-K does not change the source).
-    for (x_f16, bk64, double_buffer) in [
-        (true, false, false),
-        (false, true, false),
-        (true, true, false),
-        (true, false, true),
+    for (x_f16, bk64, double_buffer, inline_ops) in [
+        (true, false, false, false),
+        (false, true, false, false),
+        (true, true, false, false),
+        (true, false, true, false),
+        (false, false, false, true),
+        (true, false, true, true),
     ] {
         let opts = q4wgpu::kernels::gemm_q4::TileOpts {
             split_k: 1,
             x_f16,
             bk64,
             double_buffer,
+            inline_ops,
+            ..Default::default()
         };
         // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
         assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");

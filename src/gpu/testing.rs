@@ -251,16 +251,28 @@ mod tests {
 /// with naga, as wgpu would on a GPU that has every feature it uses; returns the words. For
 /// kernels the test adapter cannot run (cooperative matrices on lavapipe).
 pub fn compile_to_spirv(name: &str, kernel: &str, overrides: &[(&str, f64)]) -> Vec<u32> {
+    let words = translate_to_spirv(kernel, overrides, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
+    words
+}
+
+/// The translation of [`compile_to_spirv`], errors as text. `unchecked`: with the options of
+/// `Gpu::compute_pipeline_unchecked` (no bounds checks, no loop counter, workgroup memory not
+/// zeroed), as benches/shader_stats.rs hands kernels to the driver.
+pub fn translate_to_spirv(
+    kernel: &str,
+    overrides: &[(&str, f64)],
+    unchecked: bool,
+) -> Result<Vec<u32>, String> {
     use wgpu::naga;
     let src = super::shader_source(kernel);
-    let module = naga::front::wgsl::parse_str(&src)
-        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let module = naga::front::wgsl::parse_str(&src).map_err(|e| e.emit_to_string(&src))?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::all(),
     )
     .validate(&module)
-    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    .map_err(|e| e.emit_to_string(&src))?;
     let mut constants = naga::back::PipelineConstants::default();
     for (k, v) in overrides {
         constants.insert(k.to_string(), *v);
@@ -271,17 +283,27 @@ pub fn compile_to_spirv(name: &str, kernel: &str, overrides: &[(&str, f64)]) -> 
         Some((naga::ShaderStage::Compute, "main")),
         &constants,
     )
-    .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
-    let options = naga::back::spv::Options {
+    .map_err(|e| format!("overrides: {e}"))?;
+    let mut options = naga::back::spv::Options {
         lang_version: (1, 6),
         ..Default::default()
     };
+    if unchecked {
+        let none = naga::proc::BoundsCheckPolicy::Unchecked;
+        options.bounds_check_policies = naga::proc::BoundsCheckPolicies {
+            index: none,
+            buffer: none,
+            image_load: none,
+            binding_array: none,
+        };
+        options.force_loop_bounding = false;
+        options.zero_initialize_workgroup_memory =
+            naga::back::spv::ZeroInitializeWorkgroupMemoryMode::None;
+    }
     let pipeline = naga::back::spv::PipelineOptions {
         shader_stage: naga::ShaderStage::Compute,
         entry_point: "main".into(),
     };
-    let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
-    assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
-    words
+    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
+        .map_err(|e| format!("SPIR-V: {e}"))
 }

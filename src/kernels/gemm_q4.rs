@@ -82,7 +82,22 @@ pub struct TileOpts {
     /// step's stores overlap other subgroups' multiplies (twice the tile memory; not with
     /// `bk64` on the 128-wide tiles, over 48 KiB). Same results.
     pub double_buffer: bool,
+    /// The cooperative-matrix builtins written into the K loop instead of called through the
+    /// small helper functions of shaders/gemm_q4_mma_coop.wgsl (hardware only: the emulation
+    /// needs its functions). Same results; asks whether the driver handles matrices passed
+    /// through functions as well as local ones.
+    pub inline_ops: bool,
+    /// Bench only, the results are wrong: parts of the K loop left out to see what each costs
+    /// ([`ABLATE_LOADS`], [`ABLATE_STORES`], [`ABLATE_MMA`]; 0 = nothing left out).
+    pub ablate: u32,
 }
+
+/// [`TileOpts::ablate`]: no global loads after the first K step.
+pub const ABLATE_LOADS: u32 = 1;
+/// [`TileOpts::ablate`]: no dequantization and stores to the workgroup tiles.
+pub const ABLATE_STORES: u32 = 2;
+/// [`TileOpts::ablate`]: no matrix loads and multiply-adds.
+pub const ABLATE_MMA: u32 = 4;
 
 impl Default for TileOpts {
     fn default() -> Self {
@@ -91,6 +106,8 @@ impl Default for TileOpts {
             x_f16: false,
             bk64: false,
             double_buffer: false,
+            inline_ops: false,
+            ablate: 0,
         }
     }
 }
@@ -162,8 +179,20 @@ impl GemmVariant {
                 if opts.double_buffer {
                     s += " db";
                 }
+                if opts.inline_ops {
+                    s += " inl";
+                }
                 if opts.split_k > 1 {
                     s += &format!(" split{}", opts.split_k);
+                }
+                for (bit, name) in [
+                    (ABLATE_LOADS, "loads"),
+                    (ABLATE_STORES, "stores"),
+                    (ABLATE_MMA, "mma"),
+                ] {
+                    if opts.ablate & bit != 0 {
+                        s += &format!(" -{name}");
+                    }
                 }
                 s
             }
@@ -302,14 +331,27 @@ pub fn mma_shader_with(
     let mut decl = String::new();
     let mut step = String::new();
     let mut epilogue = String::new();
+    let inline = opts.inline_ops && !emulated;
+    let (load_a, load_b, mma) = if inline {
+        ("coopLoadT<Frag_A>(&xs[", "coopLoad<Frag_B>(&ws[", "coopMultiplyAdd(")
+    } else {
+        ("load_a(", "load_b(", "mma(")
+    };
+    let close = if inline { "], AS2)" } else { ")" };
     for j in 0..tn {
-        step += &format!("let b_{j} = load_b(wb + (qn + {}u) * AS2 + kk);\n", 16 * j);
+        step += &format!(
+            "let b_{j} = {load_b}wb + (qn + {}u) * AS2 + kk{close};\n",
+            16 * j
+        );
     }
     for i in 0..tm {
-        step += &format!("{{\nlet a = load_a(xb + (qm + {}u) * AS2 + kk);\n", 16 * i);
+        step += &format!(
+            "{{\nlet a = {load_a}xb + (qm + {}u) * AS2 + kk{close};\n",
+            16 * i
+        );
         for j in 0..tn {
             decl += &format!("var acc_{i}_{j} = acc_zero();\n");
-            step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
+            step += &format!("acc_{i}_{j} = {mma}a, b_{j}, acc_{i}_{j});\n");
         }
         step += "}\n";
         for j0 in (0..tn).step_by(stn as usize) {
@@ -333,6 +375,9 @@ pub fn mma_shader_with(
     } else {
         "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
     };
+    if opts.ablate & ABLATE_MMA != 0 {
+        step.clear();
+    }
     let body = MMA
         .replace("    //#ACC_DECL\n", &decl)
         .replace("            //#MMA_STEP\n", &step)
@@ -340,9 +385,10 @@ pub fn mma_shader_with(
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
          const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst BK: u32 = {}u;\n\
-         const STN: u32 = {stn}u;\n{ops}\n{body}\n{x_elem}",
+         const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
         opts.double_buffer,
-        opts.bk()
+        opts.bk(),
+        opts.ablate
     )
 }
 
