@@ -14,9 +14,9 @@
 //! whose table name contains that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the
 //! tiled kernels with emulated matrix operations (to check the table on lavapipe; its times mean
 //! nothing).
-//! `Q4WGPU_BENCH_GEMM_ABLATE=1` adds the 128 x 128 tile with its helper calls written inline
-//! (`inl`) and, for both, with parts of the K loop left out (`-loads`, `-stores`, `-mma`: wrong
-//! results, to see what each part costs).
+//! `Q4WGPU_BENCH_GEMM_ABLATE=1` adds the warp-specialized tiles (`ws`), the 128 x 128 tile with
+//! its helper calls written inline (`inl`) and, for the plain and `ws` 128 x 128 tiles, parts of
+//! the K loop left out (`-loads`, `-stores`, `-mma`: wrong results, to see what each costs).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
 //! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read, the
@@ -605,26 +605,56 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
     let sweep = s.gemm_sweep;
     let mut v = vec![gemm.variant_for(m, n, k)];
     if s.gemm_ablate && gemm.has_hardware_coop() {
-        for prefetch in [true, false] {
-            for inline_ops in [false, true] {
-                for ablate in [
-                    0,
-                    ABLATE_LOADS,
-                    ABLATE_STORES,
-                    ABLATE_MMA,
-                    ABLATE_LOADS | ABLATE_STORES,
-                ] {
-                    v.push(GemmVariant::CoopTile {
-                        tm: 4,
-                        tn: 4,
-                        prefetch,
-                        opts: TileOpts {
-                            inline_ops,
-                            ablate,
-                            ..TileOpts::default()
-                        },
-                    });
-                }
+        let ws = TileOpts {
+            specialized: true,
+            ..TileOpts::default()
+        };
+        let ablations = [
+            0,
+            ABLATE_LOADS,
+            ABLATE_STORES,
+            ABLATE_MMA,
+            ABLATE_LOADS | ABLATE_STORES,
+        ];
+        for (prefetch, base) in [(true, TileOpts::default()), (true, ws)] {
+            for ablate in ablations {
+                v.push(GemmVariant::CoopTile {
+                    tm: 4,
+                    tn: 4,
+                    prefetch,
+                    opts: TileOpts { ablate, ..base },
+                });
+            }
+        }
+        for (tm, tn, opts) in [
+            (
+                4,
+                4,
+                TileOpts {
+                    inline_ops: true,
+                    ..TileOpts::default()
+                },
+            ),
+            (4, 4, TileOpts { x_f16: true, ..ws }),
+            (4, 2, ws),
+            (2, 4, ws),
+            (2, 2, ws),
+        ] {
+            v.push(GemmVariant::CoopTile {
+                tm,
+                tn,
+                prefetch: true,
+                opts,
+            });
+        }
+        if m.div_ceil(128) * n.div_ceil(128) <= 2 * SMS {
+            for split_k in [2, 4] {
+                v.push(GemmVariant::CoopTile {
+                    tm: 4,
+                    tn: 4,
+                    prefetch: true,
+                    opts: TileOpts { split_k, ..ws },
+                });
             }
         }
     }

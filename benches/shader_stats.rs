@@ -14,8 +14,8 @@ use std::error::Error;
 use std::ffi::CStr;
 
 use ash::vk;
-use q4wgpu::kernels::gemm_q4::{mma_shader_with, TileOpts};
 use q4wgpu::gpu::testing::translate_to_spirv;
+use q4wgpu::kernels::gemm_q4::{mma_shader_with, TileOpts};
 use q4wgpu::kernels::gemv_q4_q8;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -56,6 +56,13 @@ fn kernels() -> Vec<Kernel> {
             " inl",
             TileOpts {
                 inline_ops: true,
+                ..TileOpts::default()
+            },
+        ),
+        (
+            " ws",
+            TileOpts {
+                specialized: true,
                 ..TileOpts::default()
             },
         ),
@@ -131,9 +138,15 @@ impl Device {
         // SAFETY: loading the system's Vulkan loader; its functions are used as Vulkan specifies.
         let entry = unsafe { ash::Entry::load()? };
         let app = vk::ApplicationInfo::default().api_version(vk::API_VERSION_1_3);
-        let instance =
-            unsafe { entry.create_instance(&vk::InstanceCreateInfo::default().application_info(&app), None)? };
-        let wanted = std::env::var("Q4WGPU_ADAPTER").unwrap_or_default().to_lowercase();
+        let instance = unsafe {
+            entry.create_instance(
+                &vk::InstanceCreateInfo::default().application_info(&app),
+                None,
+            )?
+        };
+        let wanted = std::env::var("Q4WGPU_ADAPTER")
+            .unwrap_or_default()
+            .to_lowercase();
         let mut chosen = None;
         for pd in unsafe { instance.enumerate_physical_devices()? } {
             let props = unsafe { instance.get_physical_device_properties(pd) };
@@ -260,7 +273,9 @@ impl Device {
                 .iter()
                 .enumerate()
             {
-                let exe_name = exe.name_as_c_str().map(|c| c.to_string_lossy().into_owned())?;
+                let exe_name = exe
+                    .name_as_c_str()
+                    .map(|c| c.to_string_lossy().into_owned())?;
                 let einfo = vk::PipelineExecutableInfoKHR::default()
                     .pipeline(pipeline)
                     .executable_index(i as u32);
@@ -305,7 +320,10 @@ fn main() -> Res<()> {
             Err(e) => println!("{}: {e}", kernel.name),
         }
     }
-    eprintln!("shader_stats: {} kernels translated to SPIR-V", compiled.len());
+    eprintln!(
+        "shader_stats: {} kernels translated to SPIR-V",
+        compiled.len()
+    );
     let device = Device::open()?;
     println!("# Kernel statistics from the driver ({})\n", device.name);
     // One table: a row per kernel, a column per statistic the driver reports.
@@ -316,7 +334,11 @@ fn main() -> Res<()> {
             Ok(stats) => {
                 let mut row = Vec::new();
                 for (exe, stat, value) in stats {
-                    let col = if exe.is_empty() { stat } else { format!("{exe}: {stat}") };
+                    let col = if exe.is_empty() {
+                        stat
+                    } else {
+                        format!("{exe}: {stat}")
+                    };
                     if !columns.contains(&col) {
                         columns.push(col.clone());
                     }

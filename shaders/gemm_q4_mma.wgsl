@@ -35,7 +35,10 @@
 
 enable f16;
 
-const WG: u32 = 4u * SG;
+// The threads that load and dequantize a K step: the whole workgroup, or with WS (warp
+// specialization) the second half, while the first half multiplies.
+const LOADERS: u32 = 4u * SG;
+const WG: u32 = select(4u, 8u, WS) * SG;
 const BM: u32 = 32u * TM;
 const BN: u32 = 32u * TN;
 // Row strides in f16 pairs (tiles) and in f32 (staging).
@@ -44,8 +47,8 @@ const SS: u32 = 16u * STN + 4u;
 // Groups of 4 pairs of X along one row of a step.
 const XG: u32 = BK / 8u;
 // Per thread and K step: pairs of X (two f32 of one token), words of W.
-const X_ITEMS: u32 = (BM * (BK / 2u) + WG - 1u) / WG;
-const W_ITEMS: u32 = (BN * (BK / 8u) + WG - 1u) / WG;
+const X_ITEMS: u32 = (BM * (BK / 2u) + LOADERS - 1u) / LOADERS;
+const W_ITEMS: u32 = (BN * (BK / 8u) + LOADERS - 1u) / LOADERS;
 
 struct Params {
     n: u32,
@@ -81,8 +84,8 @@ struct Step {
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-// DB: two copies of each tile (see the K loop).
-const NBUF: u32 = select(1u, 2u, DB);
+// DB and WS: two copies of each tile (see the K loops).
+const NBUF: u32 = select(1u, 2u, DB || WS);
 var<workgroup> xs: array<vec2<f16>, NBUF * BM * AS2>;
 var<workgroup> ws: array<vec2<f16>, NBUF * BN * AS2>;
 var<workgroup> stage: array<f32, 4u * 16u * SS>;
@@ -120,7 +123,7 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     }
     let k2 = p.k / 2u;
     for (var it = 0u; it < X_ITEMS; it++) {
-        let e = lid + it * WG;
+        let e = lid + it * LOADERS;
         let m = m0 + x_row(e);
         let kp = k0 / 2u + x_pair(e);
         var v = XElem();
@@ -130,7 +133,7 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
         r.x[it] = v;
     }
     for (var it = 0u; it < W_ITEMS; it++) {
-        let e = lid + it * WG;
+        let e = lid + it * LOADERS;
         let row = n0 + e / (BK / 8u);
         var w = 0x88888888u;
         var s = 0.0;
@@ -153,13 +156,13 @@ fn store_step(r: Loaded, lid: u32, buf: u32) {
     let xb = buf * BM * AS2;
     let wb = buf * BN * AS2;
     for (var it = 0u; it < X_ITEMS; it++) {
-        let e = lid + it * WG;
+        let e = lid + it * LOADERS;
         if (e < BM * (BK / 2u)) {
             xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {
-        let e = lid + it * WG;
+        let e = lid + it * LOADERS;
         if (e < BN * (BK / 8u)) {
             // Word g of the row holds pairs 4 g .. 4 g + 3; a thread writes them rotated by g
             // (the shift is per thread) so the lanes of one store hit 32 different banks.
@@ -188,7 +191,11 @@ fn main(
         return;
     }
     lane = lid % SG;
-    tile(m0, n0, m_count, wid.z, lid);
+    if (WS) {
+        tile_specialized(m0, n0, m_count, wid.z, lid);
+    } else {
+        tile(m0, n0, m_count, wid.z, lid);
+    }
 }
 
 // The tile of a live workgroup. A function of its own because naga's uniformity analysis does
@@ -198,6 +205,8 @@ fn tile(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     let sg = lid / SG;
     let qm = (sg / 2u) * 16u * TM;
     let qn = (sg % 2u) * 16u * TN;
+    // Every subgroup multiplies and writes its accumulators (see tile_specialized).
+    let multiplies = true;
     // The wrapper writes the TM x TN accumulators out as named variables acc_i_j: an array
     // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
     // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
@@ -248,6 +257,51 @@ fn tile(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     }
     // Epilogue, unrolled by the wrapper: per row i of accumulators, store_acc of acc_i_j to the
     // subgroup's staging tile, a barrier, write_stage, a barrier.
+    //#EPILOGUE
+}
+
+// WS: the tile with the work split by subgroup. Subgroups 0-3 only multiply (each its quarter,
+// as in `tile`); subgroups 4-7 only load, dequantize and store the next K step into the other
+// copy of the tiles, and issue the global loads of the step after it. So the stores and the
+// multiplies of a step run at the same time on one multiprocessor instead of one after the
+// other, and the loads have a whole step to arrive. One barrier per step: a copy is rewritten
+// only after the barrier that ends the step reading it. The matrix operations sit behind calls
+// (see `tile`: naga's uniformity analysis would reject them inside the subgroup branch).
+fn tile_specialized(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
+    let sg = lid / SG;
+    let multiplies = sg < 4u;
+    let qm = ((sg % 4u) / 2u) * 16u * TM;
+    let qn = (sg % 2u) * 16u * TN;
+    let loader = lid % LOADERS;
+    //#ACC_DECL
+    let k_begin = slice * p.k_split;
+    let k_end = min(p.k, k_begin + p.k_split);
+    let y_off = slice * p.y_slice;
+    var next: Loaded;
+    if (!multiplies) {
+        store_step(load_step(k_begin, m0, n0, m_count, loader), loader, 0u);
+        if (k_begin + BK < k_end) {
+            next = load_step(k_begin + BK, m0, n0, m_count, loader);
+        }
+    }
+    workgroupBarrier();
+    var buf = 0u;
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        if (multiplies) {
+            let xb = buf * BM * AS2;
+            let wb = buf * BN * AS2;
+            for (var kk = 0u; kk < BK / 2u; kk += 8u) {
+                //#MMA_STEP_CALLS
+            }
+        } else if (k0 + BK < k_end) {
+            store_step(next, loader, 1u - buf);
+            if (k0 + 2u * BK < k_end) {
+                next = load_step(k0 + 2u * BK, m0, n0, m_count, loader);
+            }
+        }
+        workgroupBarrier();
+        buf = 1u - buf;
+    }
     //#EPILOGUE
 }
 

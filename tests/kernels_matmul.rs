@@ -716,6 +716,26 @@ fn gemm_coop_tile_options_match_cpu() {
                 ..TileOpts::default()
             },
         ),
+        (
+            2,
+            2,
+            false,
+            TileOpts {
+                specialized: true,
+                ..TileOpts::default()
+            },
+        ),
+        (
+            1,
+            4,
+            true,
+            TileOpts {
+                specialized: true,
+                x_f16: true,
+                split_k: 3,
+                ..TileOpts::default()
+            },
+        ),
     ];
     for kernel in [&hardware, &emulated] {
         if !kernel.has_coop() {
@@ -1119,13 +1139,15 @@ fn gemm_tile_shaders_compile_to_spirv() {
         gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
     // The tile options (split-K does not change the source).
-    for (x_f16, bk64, double_buffer, inline_ops) in [
-        (true, false, false, false),
-        (false, true, false, false),
-        (true, true, false, false),
-        (true, false, true, false),
-        (false, false, false, true),
-        (true, false, true, true),
+    for (x_f16, bk64, double_buffer, inline_ops, specialized) in [
+        (true, false, false, false, false),
+        (false, true, false, false, false),
+        (true, true, false, false, false),
+        (true, false, true, false, false),
+        (false, false, false, true, false),
+        (true, false, true, true, false),
+        (false, false, false, false, true),
+        (true, false, false, true, true),
     ] {
         let opts = q4wgpu::kernels::gemm_q4::TileOpts {
             split_k: 1,
@@ -1133,6 +1155,7 @@ fn gemm_tile_shaders_compile_to_spirv() {
             bk64,
             double_buffer,
             inline_ops,
+            specialized,
             ..Default::default()
         };
         // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.

@@ -251,7 +251,8 @@ mod tests {
 /// with naga, as wgpu would on a GPU that has every feature it uses; returns the words. For
 /// kernels the test adapter cannot run (cooperative matrices on lavapipe).
 pub fn compile_to_spirv(name: &str, kernel: &str, overrides: &[(&str, f64)]) -> Vec<u32> {
-    let words = translate_to_spirv(kernel, overrides, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let words =
+        translate_to_spirv(kernel, overrides, false).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(words.first(), Some(&0x0723_0203), "{name}: SPIR-V magic");
     words
 }

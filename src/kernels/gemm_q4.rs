@@ -82,6 +82,10 @@ pub struct TileOpts {
     /// step's stores overlap other subgroups' multiplies (twice the tile memory; not with
     /// `bk64` on the 128-wide tiles, over 48 KiB). Same results.
     pub double_buffer: bool,
+    /// Warp specialization: a workgroup of 8 subgroups, 4 that only multiply and 4 that only
+    /// load and dequantize the next K step into a second copy of the tiles, so the two run at
+    /// once (as double buffers, twice the tile memory; not with `bk64`). Same results.
+    pub specialized: bool,
     /// The cooperative-matrix builtins written into the K loop instead of called through the
     /// small helper functions of shaders/gemm_q4_mma_coop.wgsl (hardware only: the emulation
     /// needs its functions). Same results; asks whether the driver handles matrices passed
@@ -106,6 +110,7 @@ impl Default for TileOpts {
             x_f16: false,
             bk64: false,
             double_buffer: false,
+            specialized: false,
             inline_ops: false,
             ablate: 0,
         }
@@ -117,8 +122,12 @@ impl TileOpts {
     /// lays it out: the X and W tiles, times two with double buffers, and the staging tile).
     pub fn workgroup_bytes(self, tm: u32, tn: u32) -> u64 {
         let row = (self.bk() / 2 + 4) as u64 * 4;
-        let copies = if self.double_buffer { 2 } else { 1 };
-        let stn = if self.bk64 || self.double_buffer {
+        let copies = if self.double_buffer || self.specialized {
+            2
+        } else {
+            1
+        };
+        let stn = if self.bk64 || self.double_buffer || self.specialized {
             1
         } else {
             tn
@@ -179,6 +188,9 @@ impl GemmVariant {
                 if opts.double_buffer {
                     s += " db";
                 }
+                if opts.specialized {
+                    s += " ws";
+                }
                 if opts.inline_ops {
                     s += " inl";
                 }
@@ -231,6 +243,7 @@ impl GemmVariant {
                 [1, 2, 4].contains(&tm)
                     && [1, 2, 4].contains(&tn)
                     && (1..=16).contains(&opts.split_k)
+                    && !(opts.specialized && (opts.bk64 || opts.double_buffer))
             }
             _ => true,
         }
@@ -321,7 +334,7 @@ pub fn mma_shader_with(
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
     // With BK = 64 or double buffers the 128-wide tiles take 36-40 KiB; staging one accumulator
     // column at a time (5 KiB instead of 17) keeps the total under the 48 KiB most adapters allow.
-    let stn = if opts.bk64 || opts.double_buffer {
+    let stn = if opts.bk64 || opts.double_buffer || opts.specialized {
         1
     } else {
         tn
@@ -329,40 +342,20 @@ pub fn mma_shader_with(
     // Accumulators and fragments as named variables, every index a constant, so the driver can
     // keep them in registers (see the kernel's comment at acc_i_j).
     let mut decl = String::new();
-    let mut step = String::new();
     let mut epilogue = String::new();
-    let inline = opts.inline_ops && !emulated;
-    let (load_a, load_b, mma) = if inline {
-        ("coopLoadT<Frag_A>(&xs[", "coopLoad<Frag_B>(&ws[", "coopMultiplyAdd(")
-    } else {
-        ("load_a(", "load_b(", "mma(")
-    };
-    let close = if inline { "], AS2)" } else { ")" };
-    for j in 0..tn {
-        step += &format!(
-            "let b_{j} = {load_b}wb + (qn + {}u) * AS2 + kk{close};\n",
-            16 * j
-        );
-    }
     for i in 0..tm {
-        step += &format!(
-            "{{\nlet a = {load_a}xb + (qm + {}u) * AS2 + kk{close};\n",
-            16 * i
-        );
         for j in 0..tn {
             decl += &format!("var acc_{i}_{j} = acc_zero();\n");
-            step += &format!("acc_{i}_{j} = {mma}a, b_{j}, acc_{i}_{j});\n");
         }
-        step += "}\n";
         for j0 in (0..tn).step_by(stn as usize) {
             for j in j0..j0 + stn {
                 epilogue += &format!(
-                    "store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n",
+                    "if (multiplies) {{ store_acc(acc_{i}_{j}, sg * 16u * SS + {}u); }}\n",
                     16 * (j - j0)
                 );
             }
             epilogue += &format!(
-                "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn + {}u, m_count, y_off);\nworkgroupBarrier();\n",
+                "workgroupBarrier();\nif (multiplies) {{ write_stage(sg, m0 + qm + {}u, n0 + qn + {}u, m_count, y_off); }}\nworkgroupBarrier();\n",
                 16 * i,
                 16 * j0
             );
@@ -375,21 +368,61 @@ pub fn mma_shader_with(
     } else {
         "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
     };
+    let mut step = mma_step(tm, tn, opts.inline_ops && !emulated);
+    // The specialized tile calls the helpers (its matrix operations sit in a subgroup branch).
+    let mut step_calls = mma_step(tm, tn, false);
     if opts.ablate & ABLATE_MMA != 0 {
         step.clear();
+        step_calls.clear();
     }
     let body = MMA
         .replace("    //#ACC_DECL\n", &decl)
         .replace("            //#MMA_STEP\n", &step)
+        .replace("                //#MMA_STEP_CALLS\n", &step_calls)
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst BK: u32 = {}u;\n\
+         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst BK: u32 = {}u;\n\
          const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
         opts.double_buffer,
+        opts.specialized,
         opts.bk(),
         opts.ablate
     )
+}
+
+/// One K sub-step of the tile's multiplies, unrolled: B fragments b_j, then per row i of
+/// accumulators one A fragment and TN multiply-adds; `inline`: the builtins themselves instead
+/// of the helpers of shaders/gemm_q4_mma_coop.wgsl.
+fn mma_step(tm: u32, tn: u32, inline: bool) -> String {
+    let (load_a, load_b, mma, close) = if inline {
+        (
+            "coopLoadT<Frag_A>(&xs[",
+            "coopLoad<Frag_B>(&ws[",
+            "coopMultiplyAdd(",
+            "], AS2)",
+        )
+    } else {
+        ("load_a(", "load_b(", "mma(", ")")
+    };
+    let mut step = String::new();
+    for j in 0..tn {
+        step += &format!(
+            "let b_{j} = {load_b}wb + (qn + {}u) * AS2 + kk{close};\n",
+            16 * j
+        );
+    }
+    for i in 0..tm {
+        step += &format!(
+            "{{\nlet a = {load_a}xb + (qm + {}u) * AS2 + kk{close};\n",
+            16 * i
+        );
+        for j in 0..tn {
+            step += &format!("acc_{i}_{j} = {mma}a, b_{j}, acc_{i}_{j});\n");
+        }
+        step += "}\n";
+    }
+    step
 }
 
 /// The source of a [`GemmVariant::Reg`] kernel.
