@@ -5,10 +5,11 @@
 // The wrapper (src/kernels/gemm_q4.rs, `mma_shader`) puts before this file the tile constants
 // SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows),
 // PREFETCH (whether the next step's global loads overlap this step's multiplies), DB (double-
-// buffered workgroup tiles, one barrier per K step), BK (K step: 32
-// or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
-// workgroup memory), the X element type `XElem` with `x_to_f16` (a pair of f32, or a pair of f16
-// that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl)
+// buffered workgroup tiles, one barrier per K step), WS (warp specialization, tile_specialized),
+// XW (X loaded 8 values at a time), ABLATE (bench only), BK (K step: 32 or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
+// workgroup memory), the X element type `XElem` with `x_to_f16` (pair q of an item: a pair of
+// f32, or f16 that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl, as one pair
+// or, with XW, four)
 // and the matrix operations `acc_zero`, `load_a`, `load_b`, `mma`, `store_acc` with the types
 // `Frag_A`, `Frag_B`, `Acc`: either cooperative matrices (shaders/gemm_q4_mma_coop.wgsl) or a
 // plain-WGSL emulation for adapters without them (shaders/gemm_q4_mma_emulated.wgsl, used by the
@@ -47,7 +48,9 @@ const SS: u32 = 16u * STN + 4u;
 // Groups of 4 pairs of X along one row of a step.
 const XG: u32 = BK / 8u;
 // Per thread and K step: pairs of X (two f32 of one token), words of W.
-const X_ITEMS: u32 = (BM * (BK / 2u) + LOADERS - 1u) / LOADERS;
+// XW (wide X): items of 8 values (BK = 32: 4 per row and step) instead of pairs.
+const X_PER_ITEM: u32 = select(2u, 8u, XW);
+const X_ITEMS: u32 = (BM * (BK / X_PER_ITEM) + LOADERS - 1u) / LOADERS;
 const W_ITEMS: u32 = (BN * (BK / 8u) + LOADERS - 1u) / LOADERS;
 
 struct Params {
@@ -114,6 +117,11 @@ fn x_pair(e: u32) -> u32 {
     return ((e / 32u) % XG) * 4u + e % 4u;
 }
 
+// XW: the token row of wide item e (8 rows per 32 items).
+fn xw_row(e: u32) -> u32 {
+    return (e / 32u) * 8u + e % 8u;
+}
+
 // Global loads of the K step at k0: zeros for tokens past m_count, k past K, rows past n.
 fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     var r: Loaded;
@@ -124,11 +132,20 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     let k2 = p.k / 2u;
     for (var it = 0u; it < X_ITEMS; it++) {
         let e = lid + it * LOADERS;
-        let m = m0 + x_row(e);
-        let kp = k0 / 2u + x_pair(e);
         var v = XElem();
-        if (e < BM * (BK / 2u) && m < m_count && kp < k2) {
-            v = x[m * k2 + kp];
+        if (XW) {
+            // Item e: row 8 (e / 32) + e % 8, values 8 c .. 8 c + 7 of the step, c = e / 8 % 4.
+            let m = m0 + xw_row(e);
+            let k8 = k0 / 8u + (e / 8u) % 4u;
+            if (e < BM * (BK / 8u) && m < m_count && k8 < p.k / 8u) {
+                v = x[m * (p.k / 8u) + k8];
+            }
+        } else {
+            let m = m0 + x_row(e);
+            let kp = k0 / 2u + x_pair(e);
+            if (e < BM * (BK / 2u) && m < m_count && kp < k2) {
+                v = x[m * k2 + kp];
+            }
         }
         r.x[it] = v;
     }
@@ -157,8 +174,19 @@ fn store_step(r: Loaded, lid: u32, buf: u32) {
     let wb = buf * BN * AS2;
     for (var it = 0u; it < X_ITEMS; it++) {
         let e = lid + it * LOADERS;
-        if (e < BM * (BK / 2u)) {
-            xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
+        if (XW) {
+            if (e < BM * (BK / 8u)) {
+                // Pairs rotated by the chunk c, so the 32 lanes of a store (8 rows x 4 chunks)
+                // hit 32 different banks.
+                let c = (e / 8u) % 4u;
+                let base = xb + xw_row(e) * AS2 + 4u * c;
+                for (var j = 0u; j < 4u; j++) {
+                    let q = (j + c) & 3u;
+                    xs[base + q] = x_to_f16(r.x[it], q);
+                }
+            }
+        } else if (e < BM * (BK / 2u)) {
+            xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it], 0u);
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {

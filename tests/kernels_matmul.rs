@@ -736,6 +736,27 @@ fn gemm_coop_tile_options_match_cpu() {
                 ..TileOpts::default()
             },
         ),
+        (
+            2,
+            2,
+            true,
+            TileOpts {
+                x_f16: true,
+                x_wide: true,
+                ..TileOpts::default()
+            },
+        ),
+        (
+            2,
+            1,
+            false,
+            TileOpts {
+                specialized: true,
+                x_f16: true,
+                x_wide: true,
+                ..TileOpts::default()
+            },
+        ),
     ];
     for kernel in [&hardware, &emulated] {
         if !kernel.has_coop() {
@@ -1149,26 +1170,29 @@ fn gemm_tile_shaders_compile_to_spirv() {
         (false, false, false, false, true),
         (true, false, false, true, true),
     ] {
-        let opts = q4wgpu::kernels::gemm_q4::TileOpts {
-            split_k: 1,
-            x_f16,
-            bk64,
-            double_buffer,
-            inline_ops,
-            specialized,
-            ..Default::default()
-        };
-        // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
-        assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");
-        let name = format!("gemm_q4_mma 4x4 {opts:?}");
-        let words = gemm_spirv(
-            &name,
-            &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),
-        );
-        assert!(
-            has_op(&words, 4459),
-            "{name}: no OpCooperativeMatrixMulAddKHR"
-        );
+        for x_wide in [false, x_f16 && !bk64] {
+            let opts = q4wgpu::kernels::gemm_q4::TileOpts {
+                split_k: 1,
+                x_f16,
+                bk64,
+                double_buffer,
+                inline_ops,
+                specialized,
+                x_wide,
+                ..Default::default()
+            };
+            // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
+            assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");
+            let name = format!("gemm_q4_mma 4x4 {opts:?}");
+            let words = gemm_spirv(
+                &name,
+                &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),
+            );
+            assert!(
+                has_op(&words, 4459),
+                "{name}: no OpCooperativeMatrixMulAddKHR"
+            );
+        }
     }
     gemm_spirv(
         "gemm_q4_splitk",

@@ -82,6 +82,10 @@ pub struct TileOpts {
     /// step's stores overlap other subgroups' multiplies (twice the tile memory; not with
     /// `bk64` on the 128-wide tiles, over 48 KiB). Same results.
     pub double_buffer: bool,
+    /// With `x_f16`: X read 16 bytes (8 values) per load instead of 4, a quarter of the load
+    /// instructions for the bytes that dominate a K step's loads. K a multiple of 8, K steps of
+    /// 32. Same results.
+    pub x_wide: bool,
     /// Warp specialization: a workgroup of 8 subgroups, 4 that only multiply and 4 that only
     /// load and dequantize the next K step into a second copy of the tiles, so the two run at
     /// once (as double buffers, twice the tile memory; not with `bk64`). Same results.
@@ -110,6 +114,7 @@ impl Default for TileOpts {
             x_f16: false,
             bk64: false,
             double_buffer: false,
+            x_wide: false,
             specialized: false,
             inline_ops: false,
             ablate: 0,
@@ -180,7 +185,7 @@ impl GemmVariant {
                     s += " pf";
                 }
                 if opts.x_f16 {
-                    s += " x16";
+                    s += if opts.x_wide { " x16w" } else { " x16" };
                 }
                 if opts.bk64 {
                     s += " bk64";
@@ -244,6 +249,7 @@ impl GemmVariant {
                     && [1, 2, 4].contains(&tn)
                     && (1..=16).contains(&opts.split_k)
                     && !(opts.specialized && (opts.bk64 || opts.double_buffer))
+                    && !(opts.x_wide && (!opts.x_f16 || opts.bk64))
             }
             _ => true,
         }
@@ -361,12 +367,15 @@ pub fn mma_shader_with(
             );
         }
     }
-    let x_elem = if opts.x_f16 {
+    let x_elem = if opts.x_wide {
+        // Eight f16 of one token row: four pairs, stored one by one (see store_step).
+        "alias XElem = vec4<u32>;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v[q]));\n}\n"
+    } else if opts.x_f16 {
         // The pair as one u32 (the converter's vec2<f16> bytes; exact through f32): with a
         // private array of vec2<f16> the tile ran 3 x slower on the H200 (local memory?).
-        "alias XElem = u32;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v));\n}\n"
+        "alias XElem = u32;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v));\n}\n"
     } else {
-        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
+        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
     };
     let mut step = mma_step(tm, tn, opts.inline_ops && !emulated);
     // The specialized tile calls the helpers (its matrix operations sit in a subgroup branch).
@@ -382,10 +391,11 @@ pub fn mma_shader_with(
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst BK: u32 = {}u;\n\
+         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst XW: bool = {};\nconst BK: u32 = {}u;\n\
          const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
         opts.double_buffer,
         opts.specialized,
+        opts.x_wide,
         opts.bk(),
         opts.ablate
     )
@@ -647,6 +657,12 @@ impl GemmQ4 {
             let v = p.variant;
             if !v.valid() {
                 return Err(Error::Invalid(format!("{what}: no kernel {v:?}")));
+            }
+            let wide = matches!(v, GemmVariant::CoopTile { opts, .. } if opts.x_wide);
+            if wide && k % 8 != 0 {
+                return Err(Error::Unsupported(format!(
+                    "{what}: {v:?} needs K a multiple of 8, got {k}"
+                )));
             }
             if v.needs_k4() && k % 4 != 0 {
                 return Err(Error::Unsupported(format!(
