@@ -67,6 +67,14 @@ fn kernels() -> Vec<Kernel> {
             },
         ),
         (
+            " ws3",
+            TileOpts {
+                specialized: true,
+                ws_depth: 3,
+                ..TileOpts::default()
+            },
+        ),
+        (
             " x16w",
             TileOpts {
                 x_f16: true,

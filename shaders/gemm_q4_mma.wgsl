@@ -305,11 +305,21 @@ fn tile_specialized(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     let k_begin = slice * p.k_split;
     let k_end = min(p.k, k_begin + p.k_split);
     let y_off = slice * p.y_slice;
-    var next: Loaded;
+    // The loaders keep WS_DEPTH K steps of loads in flight (n1 the next step to store): their
+    // registers are free, since the multiplying subgroups set the kernel's register count.
+    var n1: Loaded;
+    var n2: Loaded;
+    var n3: Loaded;
     if (!multiplies) {
         store_step(load_step(k_begin, m0, n0, m_count, loader), loader, 0u);
         if (k_begin + BK < k_end) {
-            next = load_step(k_begin + BK, m0, n0, m_count, loader);
+            n1 = load_step(k_begin + BK, m0, n0, m_count, loader);
+        }
+        if (WS_DEPTH >= 2u && k_begin + 2u * BK < k_end) {
+            n2 = load_step(k_begin + 2u * BK, m0, n0, m_count, loader);
+        }
+        if (WS_DEPTH >= 3u && k_begin + 3u * BK < k_end) {
+            n3 = load_step(k_begin + 3u * BK, m0, n0, m_count, loader);
         }
     }
     workgroupBarrier();
@@ -322,9 +332,24 @@ fn tile_specialized(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
                 //#MMA_STEP_CALLS
             }
         } else if (k0 + BK < k_end) {
-            store_step(next, loader, 1u - buf);
-            if (k0 + 2u * BK < k_end) {
-                next = load_step(k0 + 2u * BK, m0, n0, m_count, loader);
+            store_step(n1, loader, 1u - buf);
+            let k_load = k0 + (WS_DEPTH + 1u) * BK;
+            let more = k_load < k_end;
+            if (WS_DEPTH == 1u && more) {
+                n1 = load_step(k_load, m0, n0, m_count, loader);
+            }
+            if (WS_DEPTH == 2u) {
+                n1 = n2;
+                if (more) {
+                    n2 = load_step(k_load, m0, n0, m_count, loader);
+                }
+            }
+            if (WS_DEPTH == 3u) {
+                n1 = n2;
+                n2 = n3;
+                if (more) {
+                    n3 = load_step(k_load, m0, n0, m_count, loader);
+                }
             }
         }
         workgroupBarrier();

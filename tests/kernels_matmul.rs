@@ -722,6 +722,7 @@ fn gemm_coop_tile_options_match_cpu() {
             false,
             TileOpts {
                 specialized: true,
+                ws_depth: 2,
                 ..TileOpts::default()
             },
         ),
@@ -731,6 +732,7 @@ fn gemm_coop_tile_options_match_cpu() {
             true,
             TileOpts {
                 specialized: true,
+                ws_depth: 3,
                 x_f16: true,
                 split_k: 3,
                 ..TileOpts::default()

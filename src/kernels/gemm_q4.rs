@@ -90,6 +90,8 @@ pub struct TileOpts {
     /// load and dequantize the next K step into a second copy of the tiles, so the two run at
     /// once (as double buffers, twice the tile memory; not with `bk64`). Same results.
     pub specialized: bool,
+    /// With `specialized`: K steps of global loads the loading subgroups keep in flight (1-3).
+    pub ws_depth: u32,
     /// The cooperative-matrix builtins written into the K loop instead of called through the
     /// small helper functions of shaders/gemm_q4_mma_coop.wgsl (hardware only: the emulation
     /// needs its functions). Same results; asks whether the driver handles matrices passed
@@ -116,6 +118,7 @@ impl Default for TileOpts {
             double_buffer: false,
             x_wide: false,
             specialized: false,
+            ws_depth: 1,
             inline_ops: false,
             ablate: 0,
         }
@@ -195,6 +198,9 @@ impl GemmVariant {
                 }
                 if opts.specialized {
                     s += " ws";
+                    if opts.ws_depth > 1 {
+                        s += &format!("{}", opts.ws_depth);
+                    }
                 }
                 if opts.inline_ops {
                     s += " inl";
@@ -250,6 +256,7 @@ impl GemmVariant {
                     && (1..=16).contains(&opts.split_k)
                     && !(opts.specialized && (opts.bk64 || opts.double_buffer))
                     && !(opts.x_wide && (!opts.x_f16 || opts.bk64))
+                    && (1..=3).contains(&opts.ws_depth)
             }
             _ => true,
         }
@@ -391,10 +398,11 @@ pub fn mma_shader_with(
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst XW: bool = {};\nconst BK: u32 = {}u;\n\
+         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst WS_DEPTH: u32 = {}u;\nconst XW: bool = {};\nconst BK: u32 = {}u;\n\
          const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
         opts.double_buffer,
         opts.specialized,
+        opts.ws_depth,
         opts.x_wide,
         opts.bk(),
         opts.ablate
