@@ -14,9 +14,9 @@
 //! whose table name contains that text (and the default). `Q4WGPU_BENCH_EMULATED=1` runs the
 //! tiled kernels with emulated matrix operations (to check the table on lavapipe; its times mean
 //! nothing).
-//! `Q4WGPU_BENCH_GEMM_ABLATE=1` adds the warp-specialized 128 x 128 tiles (`ws`, `ws2`, `ws3`:
-//! 1-3 K steps of loads in flight), with f32 and f16 X, split-K where tiles are few, and without
-//! global loads (`-loads`: wrong results, to see what the loads cost).
+//! `Q4WGPU_BENCH_GEMM_ABLATE=1` adds the 128 x 128 tile with parts of the K loop left out
+//! (`-loads`, `-stores`, `-mma`: wrong results, to see what each part costs; see
+//! `gemm_q4::ABLATE_*` for what each really leaves out).
 //! `Q4WGPU_BENCH_SWEEP=1` (or `--sweep`) also times every GEMV workgroup shape, for tuning
 //! `GemvQ4::config_for`, and decode attention's split settings.
 //! `Q4WGPU_BENCH_ATTENTION_ONLY=1` (or `--attention-only`) times only the streaming read, the
@@ -29,7 +29,9 @@
 
 use q4wgpu::gpu::Gpu;
 use q4wgpu::kernels::attention::{Attention, AttentionDispatches, DecodeKernel, DecodeOptions};
-use q4wgpu::kernels::gemm_q4::{GemmOptions, GemmQ4, GemmVariant, TileOpts, ABLATE_LOADS};
+use q4wgpu::kernels::gemm_q4::{
+    GemmOptions, GemmQ4, GemmVariant, TileOpts, ABLATE_LOADS, ABLATE_MMA, ABLATE_STORES,
+};
 use q4wgpu::kernels::gemv_q4::{Epilogue, GemvConfig, GemvOptions, GemvQ4, MAX_UNROLL};
 use q4wgpu::kernels::gemv_q4_q8::{GemvQ4Q8, Q8Input};
 use q4wgpu::kernels::quant_act::{ActInput, ActQ8Buffers, QuantAct, QuantActKernel};
@@ -603,31 +605,23 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
     let sweep = s.gemm_sweep;
     let mut v = vec![gemm.variant_for(m, n, k)];
     if s.gemm_ablate && gemm.has_hardware_coop() {
-        let few_tiles = m.div_ceil(128) * n.div_ceil(128) <= 2 * SMS;
-        for ws_depth in [1, 2, 3] {
-            let ws = TileOpts {
-                specialized: true,
-                ws_depth,
-                ..TileOpts::default()
-            };
-            let x16 = TileOpts { x_f16: true, ..ws };
-            for base in [ws, x16] {
-                for ablate in [0, ABLATE_LOADS] {
-                    v.push(GemmVariant::CoopTile {
-                        tm: 4,
-                        tn: 4,
-                        prefetch: true,
-                        opts: TileOpts { ablate, ..base },
-                    });
-                }
-                for split_k in [2, 4].into_iter().filter(|_| few_tiles) {
-                    v.push(GemmVariant::CoopTile {
-                        tm: 4,
-                        tn: 4,
-                        prefetch: true,
-                        opts: TileOpts { split_k, ..base },
-                    });
-                }
+        for prefetch in [true, false] {
+            for ablate in [
+                0,
+                ABLATE_LOADS,
+                ABLATE_STORES,
+                ABLATE_MMA,
+                ABLATE_LOADS | ABLATE_STORES,
+            ] {
+                v.push(GemmVariant::CoopTile {
+                    tm: 4,
+                    tn: 4,
+                    prefetch,
+                    opts: TileOpts {
+                        ablate,
+                        ..TileOpts::default()
+                    },
+                });
             }
         }
     }

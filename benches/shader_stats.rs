@@ -52,45 +52,6 @@ fn kernels() -> Vec<Kernel> {
                 ..TileOpts::default()
             },
         ),
-        (
-            " inl",
-            TileOpts {
-                inline_ops: true,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            " ws",
-            TileOpts {
-                specialized: true,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            " ws3",
-            TileOpts {
-                specialized: true,
-                ws_depth: 3,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            " x16w",
-            TileOpts {
-                x_f16: true,
-                x_wide: true,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            " ws x16w",
-            TileOpts {
-                specialized: true,
-                x_f16: true,
-                x_wide: true,
-                ..TileOpts::default()
-            },
-        ),
     ];
     for (tm, tn) in [(4, 4), (4, 2), (2, 4), (2, 2), (1, 4)] {
         for prefetch in [true, false] {

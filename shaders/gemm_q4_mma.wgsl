@@ -5,11 +5,10 @@
 // The wrapper (src/kernels/gemm_q4.rs, `mma_shader`) puts before this file the tile constants
 // SG (subgroup size), TM and TN (16x16 accumulators per subgroup along tokens and weight rows),
 // PREFETCH (whether the next step's global loads overlap this step's multiplies), DB (double-
-// buffered workgroup tiles, one barrier per K step), WS (warp specialization, tile_specialized),
-// XW (X loaded 8 values at a time), ABLATE (bench only), BK (K step: 32 or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
-// workgroup memory), the X element type `XElem` with `x_to_f16` (pair q of an item: a pair of
-// f32, or f16 that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl, as one pair
-// or, with XW, four)
+// buffered workgroup tiles, one barrier per K step), BK (K step: 32
+// or 64), STN (accumulators per row staged at once: TN, or fewer to fit BK = 64 in 48 KiB of
+// workgroup memory), the X element type `XElem` with `x_to_f16` (a pair of f32, or a pair of f16
+// that the wrapper's conversion dispatch wrote, shaders/gemm_q4_x16.wgsl)
 // and the matrix operations `acc_zero`, `load_a`, `load_b`, `mma`, `store_acc` with the types
 // `Frag_A`, `Frag_B`, `Acc`: either cooperative matrices (shaders/gemm_q4_mma_coop.wgsl) or a
 // plain-WGSL emulation for adapters without them (shaders/gemm_q4_mma_emulated.wgsl, used by the
@@ -36,10 +35,7 @@
 
 enable f16;
 
-// The threads that load and dequantize a K step: the whole workgroup, or with WS (warp
-// specialization) the second half, while the first half multiplies.
-const LOADERS: u32 = 4u * SG;
-const WG: u32 = select(4u, 8u, WS) * SG;
+const WG: u32 = 4u * SG;
 const BM: u32 = 32u * TM;
 const BN: u32 = 32u * TN;
 // Row strides in f16 pairs (tiles) and in f32 (staging).
@@ -48,10 +44,8 @@ const SS: u32 = 16u * STN + 4u;
 // Groups of 4 pairs of X along one row of a step.
 const XG: u32 = BK / 8u;
 // Per thread and K step: pairs of X (two f32 of one token), words of W.
-// XW (wide X): items of 8 values (BK = 32: 4 per row and step) instead of pairs.
-const X_PER_ITEM: u32 = select(2u, 8u, XW);
-const X_ITEMS: u32 = (BM * (BK / X_PER_ITEM) + LOADERS - 1u) / LOADERS;
-const W_ITEMS: u32 = (BN * (BK / 8u) + LOADERS - 1u) / LOADERS;
+const X_ITEMS: u32 = (BM * (BK / 2u) + WG - 1u) / WG;
+const W_ITEMS: u32 = (BN * (BK / 8u) + WG - 1u) / WG;
 
 struct Params {
     n: u32,
@@ -87,8 +81,8 @@ struct Step {
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-// DB and WS: two copies of each tile (see the K loops).
-const NBUF: u32 = select(1u, 2u, DB || WS);
+// DB: two copies of each tile (see the K loop).
+const NBUF: u32 = select(1u, 2u, DB);
 var<workgroup> xs: array<vec2<f16>, NBUF * BM * AS2>;
 var<workgroup> ws: array<vec2<f16>, NBUF * BN * AS2>;
 var<workgroup> stage: array<f32, 4u * 16u * SS>;
@@ -117,40 +111,27 @@ fn x_pair(e: u32) -> u32 {
     return ((e / 32u) % XG) * 4u + e % 4u;
 }
 
-// XW: the token row of wide item e (8 rows per 32 items).
-fn xw_row(e: u32) -> u32 {
-    return (e / 32u) * 8u + e % 8u;
-}
-
 // Global loads of the K step at k0: zeros for tokens past m_count, k past K, rows past n.
 fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
     var r: Loaded;
-    // ABLATE (bench only, see TileOpts::ablate): bit 1 skips the loads after a slice's first.
+    // ABLATE (bench only, see TileOpts::ablate): bit 1 skips the loads after a slice's first
+    // (the dequantization of the constant words that remain then folds away too).
     if ((ABLATE & 1u) != 0u && k0 % p.k_split != 0u) {
         return r;
     }
     let k2 = p.k / 2u;
     for (var it = 0u; it < X_ITEMS; it++) {
-        let e = lid + it * LOADERS;
+        let e = lid + it * WG;
+        let m = m0 + x_row(e);
+        let kp = k0 / 2u + x_pair(e);
         var v = XElem();
-        if (XW) {
-            // Item e: row 8 (e / 32) + e % 8, values 8 c .. 8 c + 7 of the step, c = e / 8 % 4.
-            let m = m0 + xw_row(e);
-            let k8 = k0 / 8u + (e / 8u) % 4u;
-            if (e < BM * (BK / 8u) && m < m_count && k8 < p.k / 8u) {
-                v = x[m * (p.k / 8u) + k8];
-            }
-        } else {
-            let m = m0 + x_row(e);
-            let kp = k0 / 2u + x_pair(e);
-            if (e < BM * (BK / 2u) && m < m_count && kp < k2) {
-                v = x[m * k2 + kp];
-            }
+        if (e < BM * (BK / 2u) && m < m_count && kp < k2) {
+            v = x[m * k2 + kp];
         }
         r.x[it] = v;
     }
     for (var it = 0u; it < W_ITEMS; it++) {
-        let e = lid + it * LOADERS;
+        let e = lid + it * WG;
         let row = n0 + e / (BK / 8u);
         var w = 0x88888888u;
         var s = 0.0;
@@ -173,24 +154,13 @@ fn store_step(r: Loaded, lid: u32, buf: u32) {
     let xb = buf * BM * AS2;
     let wb = buf * BN * AS2;
     for (var it = 0u; it < X_ITEMS; it++) {
-        let e = lid + it * LOADERS;
-        if (XW) {
-            if (e < BM * (BK / 8u)) {
-                // Pairs rotated by the chunk c, so the 32 lanes of a store (8 rows x 4 chunks)
-                // hit 32 different banks.
-                let c = (e / 8u) % 4u;
-                let base = xb + xw_row(e) * AS2 + 4u * c;
-                for (var j = 0u; j < 4u; j++) {
-                    let q = (j + c) & 3u;
-                    xs[base + q] = x_to_f16(r.x[it], q);
-                }
-            }
-        } else if (e < BM * (BK / 2u)) {
-            xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it], 0u);
+        let e = lid + it * WG;
+        if (e < BM * (BK / 2u)) {
+            xs[xb + x_row(e) * AS2 + x_pair(e)] = x_to_f16(r.x[it]);
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {
-        let e = lid + it * LOADERS;
+        let e = lid + it * WG;
         if (e < BN * (BK / 8u)) {
             // Word g of the row holds pairs 4 g .. 4 g + 3; a thread writes them rotated by g
             // (the shift is per thread) so the lanes of one store hit 32 different banks.
@@ -219,29 +189,16 @@ fn main(
         return;
     }
     lane = lid % SG;
-    if (WS) {
-        tile_specialized(m0, n0, m_count, wid.z, lid);
-    } else {
-        tile(m0, n0, m_count, wid.z, lid);
-    }
-}
-
-// The tile of a live workgroup. A function of its own because naga's uniformity analysis does
-// not see that main's early return is workgroup-uniform, and rejects matrix operations after it
-// unless they sit behind a call.
-fn tile(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     let sg = lid / SG;
     let qm = (sg / 2u) * 16u * TM;
     let qn = (sg % 2u) * 16u * TN;
-    // Every subgroup multiplies and writes its accumulators (see tile_specialized).
-    let multiplies = true;
     // The wrapper writes the TM x TN accumulators out as named variables acc_i_j: an array
     // indexed in loops may go to local memory (suspected: with an array, every tile size ran at
     // about 33 TFLOP/s on the H200, the 128 x 128 tile no faster than 32 x 64).
     //#ACC_DECL
-    let k_begin = slice * p.k_split;
+    let k_begin = wid.z * p.k_split;
     let k_end = min(p.k, k_begin + p.k_split);
-    let y_off = slice * p.y_slice;
+    let y_off = wid.z * p.y_slice;
     // Without DB: per step, store the loaded tiles, barrier, multiply, barrier. With DB
     // (double-buffered tiles): the tiles of the next step go to the other copy right after this
     // step's multiplies, so one barrier per step suffices (a copy is rewritten only after the
@@ -285,76 +242,6 @@ fn tile(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
     }
     // Epilogue, unrolled by the wrapper: per row i of accumulators, store_acc of acc_i_j to the
     // subgroup's staging tile, a barrier, write_stage, a barrier.
-    //#EPILOGUE
-}
-
-// WS: the tile with the work split by subgroup. Subgroups 0-3 only multiply (each its quarter,
-// as in `tile`); subgroups 4-7 only load, dequantize and store the next K step into the other
-// copy of the tiles, and issue the global loads of the step after it. So the stores and the
-// multiplies of a step run at the same time on one multiprocessor instead of one after the
-// other, and the loads have a whole step to arrive. One barrier per step: a copy is rewritten
-// only after the barrier that ends the step reading it. The matrix operations sit behind calls
-// (see `tile`: naga's uniformity analysis would reject them inside the subgroup branch).
-fn tile_specialized(m0: u32, n0: u32, m_count: u32, slice: u32, lid: u32) {
-    let sg = lid / SG;
-    let multiplies = sg < 4u;
-    let qm = ((sg % 4u) / 2u) * 16u * TM;
-    let qn = (sg % 2u) * 16u * TN;
-    let loader = lid % LOADERS;
-    //#ACC_DECL
-    let k_begin = slice * p.k_split;
-    let k_end = min(p.k, k_begin + p.k_split);
-    let y_off = slice * p.y_slice;
-    // The loaders keep WS_DEPTH K steps of loads in flight (n1 the next step to store): their
-    // registers are free, since the multiplying subgroups set the kernel's register count.
-    var n1: Loaded;
-    var n2: Loaded;
-    var n3: Loaded;
-    if (!multiplies) {
-        store_step(load_step(k_begin, m0, n0, m_count, loader), loader, 0u);
-        if (k_begin + BK < k_end) {
-            n1 = load_step(k_begin + BK, m0, n0, m_count, loader);
-        }
-        if (WS_DEPTH >= 2u && k_begin + 2u * BK < k_end) {
-            n2 = load_step(k_begin + 2u * BK, m0, n0, m_count, loader);
-        }
-        if (WS_DEPTH >= 3u && k_begin + 3u * BK < k_end) {
-            n3 = load_step(k_begin + 3u * BK, m0, n0, m_count, loader);
-        }
-    }
-    workgroupBarrier();
-    var buf = 0u;
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        if (multiplies) {
-            let xb = buf * BM * AS2;
-            let wb = buf * BN * AS2;
-            for (var kk = 0u; kk < BK / 2u; kk += 8u) {
-                //#MMA_STEP_CALLS
-            }
-        } else if (k0 + BK < k_end) {
-            store_step(n1, loader, 1u - buf);
-            let k_load = k0 + (WS_DEPTH + 1u) * BK;
-            let more = k_load < k_end;
-            if (WS_DEPTH == 1u && more) {
-                n1 = load_step(k_load, m0, n0, m_count, loader);
-            }
-            if (WS_DEPTH == 2u) {
-                n1 = n2;
-                if (more) {
-                    n2 = load_step(k_load, m0, n0, m_count, loader);
-                }
-            }
-            if (WS_DEPTH == 3u) {
-                n1 = n2;
-                n2 = n3;
-                if (more) {
-                    n3 = load_step(k_load, m0, n0, m_count, loader);
-                }
-            }
-        }
-        workgroupBarrier();
-        buf = 1u - buf;
-    }
     //#EPILOGUE
 }
 

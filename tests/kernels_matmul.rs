@@ -707,58 +707,6 @@ fn gemm_coop_tile_options_match_cpu() {
         (1, 2, true, opts(3, false, false, false)),
         (2, 4, true, opts(4, true, true, false)),
         (1, 2, false, opts(3, true, true, true)),
-        (
-            2,
-            2,
-            true,
-            TileOpts {
-                inline_ops: true,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            2,
-            2,
-            false,
-            TileOpts {
-                specialized: true,
-                ws_depth: 2,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            1,
-            4,
-            true,
-            TileOpts {
-                specialized: true,
-                ws_depth: 3,
-                x_f16: true,
-                split_k: 3,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            2,
-            2,
-            true,
-            TileOpts {
-                x_f16: true,
-                x_wide: true,
-                ..TileOpts::default()
-            },
-        ),
-        (
-            2,
-            1,
-            false,
-            TileOpts {
-                specialized: true,
-                x_f16: true,
-                x_wide: true,
-                ..TileOpts::default()
-            },
-        ),
     ];
     for kernel in [&hardware, &emulated] {
         if !kernel.has_coop() {
@@ -1162,39 +1110,30 @@ fn gemm_tile_shaders_compile_to_spirv() {
         gemm_spirv(&format!("gemm_q4_reg {rm}"), &reg_shader(rm));
     }
     // The tile options (split-K does not change the source).
-    for (x_f16, bk64, double_buffer, inline_ops, specialized) in [
-        (true, false, false, false, false),
-        (false, true, false, false, false),
-        (true, true, false, false, false),
-        (true, false, true, false, false),
-        (false, false, false, true, false),
-        (true, false, true, true, false),
-        (false, false, false, false, true),
-        (true, false, false, true, true),
+    for (x_f16, bk64, double_buffer) in [
+        (true, false, false),
+        (false, true, false),
+        (true, true, false),
+        (true, false, true),
     ] {
-        for x_wide in [false, x_f16 && !bk64] {
-            let opts = q4wgpu::kernels::gemm_q4::TileOpts {
-                split_k: 1,
-                x_f16,
-                bk64,
-                double_buffer,
-                inline_ops,
-                specialized,
-                x_wide,
-                ..Default::default()
-            };
-            // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
-            assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");
-            let name = format!("gemm_q4_mma 4x4 {opts:?}");
-            let words = gemm_spirv(
-                &name,
-                &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),
-            );
-            assert!(
-                has_op(&words, 4459),
-                "{name}: no OpCooperativeMatrixMulAddKHR"
-            );
-        }
+        let opts = q4wgpu::kernels::gemm_q4::TileOpts {
+            split_k: 1,
+            x_f16,
+            bk64,
+            double_buffer,
+            ..Default::default()
+        };
+        // Every option set the bench sweeps on 128 x 128 tiles fits 48 KiB.
+        assert!(opts.workgroup_bytes(4, 4) <= 48 * 1024, "{opts:?}");
+        let name = format!("gemm_q4_mma 4x4 {opts:?}");
+        let words = gemm_spirv(
+            &name,
+            &q4wgpu::kernels::gemm_q4::mma_shader_with(4, 4, true, opts, 32, false),
+        );
+        assert!(
+            has_op(&words, 4459),
+            "{name}: no OpCooperativeMatrixMulAddKHR"
+        );
     }
     gemm_spirv(
         "gemm_q4_splitk",

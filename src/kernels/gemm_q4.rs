@@ -82,31 +82,18 @@ pub struct TileOpts {
     /// step's stores overlap other subgroups' multiplies (twice the tile memory; not with
     /// `bk64` on the 128-wide tiles, over 48 KiB). Same results.
     pub double_buffer: bool,
-    /// With `x_f16`: X read 16 bytes (8 values) per load instead of 4, a quarter of the load
-    /// instructions for the bytes that dominate a K step's loads. K a multiple of 8, K steps of
-    /// 32. Same results.
-    pub x_wide: bool,
-    /// Warp specialization: a workgroup of 8 subgroups, 4 that only multiply and 4 that only
-    /// load and dequantize the next K step into a second copy of the tiles, so the two run at
-    /// once (as double buffers, twice the tile memory; not with `bk64`). Same results.
-    pub specialized: bool,
-    /// With `specialized`: K steps of global loads the loading subgroups keep in flight (1-3).
-    pub ws_depth: u32,
-    /// The cooperative-matrix builtins written into the K loop instead of called through the
-    /// small helper functions of shaders/gemm_q4_mma_coop.wgsl (hardware only: the emulation
-    /// needs its functions). Same results; asks whether the driver handles matrices passed
-    /// through functions as well as local ones.
-    pub inline_ops: bool,
     /// Bench only, the results are wrong: parts of the K loop left out to see what each costs
     /// ([`ABLATE_LOADS`], [`ABLATE_STORES`], [`ABLATE_MMA`]; 0 = nothing left out).
     pub ablate: u32,
 }
 
-/// [`TileOpts::ablate`]: no global loads after the first K step.
+/// [`TileOpts::ablate`]: no global loads after the first K step (so the dequantization of the
+/// constant words left folds away too: it times the stores and the multiplies).
 pub const ABLATE_LOADS: u32 = 1;
 /// [`TileOpts::ablate`]: no dequantization and stores to the workgroup tiles.
 pub const ABLATE_STORES: u32 = 2;
-/// [`TileOpts::ablate`]: no matrix loads and multiply-adds.
+/// [`TileOpts::ablate`]: no matrix loads and multiply-adds (the loads then have no time to
+/// arrive before their stores: this times more than what is left).
 pub const ABLATE_MMA: u32 = 4;
 
 impl Default for TileOpts {
@@ -116,10 +103,6 @@ impl Default for TileOpts {
             x_f16: false,
             bk64: false,
             double_buffer: false,
-            x_wide: false,
-            specialized: false,
-            ws_depth: 1,
-            inline_ops: false,
             ablate: 0,
         }
     }
@@ -130,12 +113,8 @@ impl TileOpts {
     /// lays it out: the X and W tiles, times two with double buffers, and the staging tile).
     pub fn workgroup_bytes(self, tm: u32, tn: u32) -> u64 {
         let row = (self.bk() / 2 + 4) as u64 * 4;
-        let copies = if self.double_buffer || self.specialized {
-            2
-        } else {
-            1
-        };
-        let stn = if self.bk64 || self.double_buffer || self.specialized {
+        let copies = if self.double_buffer { 2 } else { 1 };
+        let stn = if self.bk64 || self.double_buffer {
             1
         } else {
             tn
@@ -188,22 +167,13 @@ impl GemmVariant {
                     s += " pf";
                 }
                 if opts.x_f16 {
-                    s += if opts.x_wide { " x16w" } else { " x16" };
+                    s += " x16";
                 }
                 if opts.bk64 {
                     s += " bk64";
                 }
                 if opts.double_buffer {
                     s += " db";
-                }
-                if opts.specialized {
-                    s += " ws";
-                    if opts.ws_depth > 1 {
-                        s += &format!("{}", opts.ws_depth);
-                    }
-                }
-                if opts.inline_ops {
-                    s += " inl";
                 }
                 if opts.split_k > 1 {
                     s += &format!(" split{}", opts.split_k);
@@ -254,9 +224,6 @@ impl GemmVariant {
                 [1, 2, 4].contains(&tm)
                     && [1, 2, 4].contains(&tn)
                     && (1..=16).contains(&opts.split_k)
-                    && !(opts.specialized && (opts.bk64 || opts.double_buffer))
-                    && !(opts.x_wide && (!opts.x_f16 || opts.bk64))
-                    && (1..=3).contains(&opts.ws_depth)
             }
             _ => true,
         }
@@ -347,7 +314,7 @@ pub fn mma_shader_with(
     let ops = if emulated { MMA_EMULATED } else { MMA_COOP };
     // With BK = 64 or double buffers the 128-wide tiles take 36-40 KiB; staging one accumulator
     // column at a time (5 KiB instead of 17) keeps the total under the 48 KiB most adapters allow.
-    let stn = if opts.bk64 || opts.double_buffer || opts.specialized {
+    let stn = if opts.bk64 || opts.double_buffer {
         1
     } else {
         tn
@@ -355,92 +322,54 @@ pub fn mma_shader_with(
     // Accumulators and fragments as named variables, every index a constant, so the driver can
     // keep them in registers (see the kernel's comment at acc_i_j).
     let mut decl = String::new();
+    let mut step = String::new();
     let mut epilogue = String::new();
+    for j in 0..tn {
+        step += &format!("let b_{j} = load_b(wb + (qn + {}u) * AS2 + kk);\n", 16 * j);
+    }
     for i in 0..tm {
+        step += &format!("{{\nlet a = load_a(xb + (qm + {}u) * AS2 + kk);\n", 16 * i);
         for j in 0..tn {
             decl += &format!("var acc_{i}_{j} = acc_zero();\n");
+            step += &format!("acc_{i}_{j} = mma(a, b_{j}, acc_{i}_{j});\n");
         }
+        step += "}\n";
         for j0 in (0..tn).step_by(stn as usize) {
             for j in j0..j0 + stn {
                 epilogue += &format!(
-                    "if (multiplies) {{ store_acc(acc_{i}_{j}, sg * 16u * SS + {}u); }}\n",
+                    "store_acc(acc_{i}_{j}, sg * 16u * SS + {}u);\n",
                     16 * (j - j0)
                 );
             }
             epilogue += &format!(
-                "workgroupBarrier();\nif (multiplies) {{ write_stage(sg, m0 + qm + {}u, n0 + qn + {}u, m_count, y_off); }}\nworkgroupBarrier();\n",
+                "workgroupBarrier();\nwrite_stage(sg, m0 + qm + {}u, n0 + qn + {}u, m_count, y_off);\nworkgroupBarrier();\n",
                 16 * i,
                 16 * j0
             );
         }
     }
-    let x_elem = if opts.x_wide {
-        // Eight f16 of one token row: four pairs, stored one by one (see store_step).
-        "alias XElem = vec4<u32>;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v[q]));\n}\n"
-    } else if opts.x_f16 {
+    let x_elem = if opts.x_f16 {
         // The pair as one u32 (the converter's vec2<f16> bytes; exact through f32): with a
         // private array of vec2<f16> the tile ran 3 x slower on the H200 (local memory?).
-        "alias XElem = u32;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v));\n}\n"
+        "alias XElem = u32;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v));\n}\n"
     } else {
-        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem, q: u32) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
+        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
     };
-    let mut step = mma_step(tm, tn, opts.inline_ops && !emulated);
-    // The specialized tile calls the helpers (its matrix operations sit in a subgroup branch).
-    let mut step_calls = mma_step(tm, tn, false);
     if opts.ablate & ABLATE_MMA != 0 {
         step.clear();
-        step_calls.clear();
     }
     let body = MMA
         .replace("    //#ACC_DECL\n", &decl)
         .replace("            //#MMA_STEP\n", &step)
-        .replace("                //#MMA_STEP_CALLS\n", &step_calls)
         .replace("    //#EPILOGUE\n", &epilogue);
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
-         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst WS: bool = {};\nconst WS_DEPTH: u32 = {}u;\nconst XW: bool = {};\nconst BK: u32 = {}u;\n\
+         const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst BK: u32 = {}u;\n\
          const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
         opts.double_buffer,
-        opts.specialized,
-        opts.ws_depth,
-        opts.x_wide,
         opts.bk(),
         opts.ablate
     )
-}
-
-/// One K sub-step of the tile's multiplies, unrolled: B fragments b_j, then per row i of
-/// accumulators one A fragment and TN multiply-adds; `inline`: the builtins themselves instead
-/// of the helpers of shaders/gemm_q4_mma_coop.wgsl.
-fn mma_step(tm: u32, tn: u32, inline: bool) -> String {
-    let (load_a, load_b, mma, close) = if inline {
-        (
-            "coopLoadT<Frag_A>(&xs[",
-            "coopLoad<Frag_B>(&ws[",
-            "coopMultiplyAdd(",
-            "], AS2)",
-        )
-    } else {
-        ("load_a(", "load_b(", "mma(", ")")
-    };
-    let mut step = String::new();
-    for j in 0..tn {
-        step += &format!(
-            "let b_{j} = {load_b}wb + (qn + {}u) * AS2 + kk{close};\n",
-            16 * j
-        );
-    }
-    for i in 0..tm {
-        step += &format!(
-            "{{\nlet a = {load_a}xb + (qm + {}u) * AS2 + kk{close};\n",
-            16 * i
-        );
-        for j in 0..tn {
-            step += &format!("acc_{i}_{j} = {mma}a, b_{j}, acc_{i}_{j});\n");
-        }
-        step += "}\n";
-    }
-    step
 }
 
 /// The source of a [`GemmVariant::Reg`] kernel.
@@ -665,12 +594,6 @@ impl GemmQ4 {
             let v = p.variant;
             if !v.valid() {
                 return Err(Error::Invalid(format!("{what}: no kernel {v:?}")));
-            }
-            let wide = matches!(v, GemmVariant::CoopTile { opts, .. } if opts.x_wide);
-            if wide && k % 8 != 0 {
-                return Err(Error::Unsupported(format!(
-                    "{what}: {v:?} needs K a multiple of 8, got {k}"
-                )));
             }
             if v.needs_k4() && k % 4 != 0 {
                 return Err(Error::Unsupported(format!(
