@@ -179,19 +179,9 @@ fn main(
         rows[r] = out_row(unit, r);
     }
     var acc: array<f32, MAX_ROWS>;
-    // Batched: a barrier after every step keeps the side-by-side columns in step, so the loads
-    // of one weight line by the COLS warps arrive at L1 together (drifting apart, they evicted
-    // each other's lines). So every thread walks the same number of steps, and a column past
-    // the step's rows only meets the barriers.
-    let steps = (quarters + WG * UNROLL - 1u) / (WG * UNROLL);
-    for (var i = 0u; i < steps; i++) {
-        let q0 = lane + i * WG * UNROLL;
-        if (COLS > 1u) {
-            workgroupBarrier();
-        }
-        if (!live) {
-            continue;
-        }
+    // A column past the step's rows computes nothing (its threads still meet the barriers).
+    let end = select(0u, quarters, live);
+    for (var q0 = lane; q0 < end; q0 += WG * UNROLL) {
         var w: array<vec4<u32>, MAX_ROWS * MAX_UNROLL>;
         var sc: array<f32, MAX_ROWS * MAX_UNROLL>;
         for (var u = 0u; u < UNROLL; u++) {
