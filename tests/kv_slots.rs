@@ -115,22 +115,31 @@ struct Record {
     steps: Vec<(u32, q4wgpu::generate::StepOutput)>,
 }
 
-/// Same token and alternatives, log-probabilities equal to 1e-5 (bit-identical on lavapipe; on
-/// the H200 the driver may round the batched and the one-sequence kernels' sums apart by an ulp).
-fn same_output(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutput) -> bool {
+/// How far apart two steps' outputs are: infinite unless the token and the alternatives are the
+/// same, else the largest log-probability difference.
+fn output_gap(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutput) -> f32 {
     let (Some(la), Some(lb)) = (&a.logprobs, &b.logprobs) else {
-        return false;
+        return f32::INFINITY;
     };
-    let close = |x: f32, y: f32| (x - y).abs() <= 1e-5;
-    a.token == b.token
-        && close(la.logprob, lb.logprob)
-        && la.top.len() == lb.top.len()
-        && la
-            .top
-            .iter()
-            .zip(&lb.top)
-            .all(|(x, y)| x.0 == y.0 && close(x.1, y.1))
+    if a.token != b.token
+        || la.top.len() != lb.top.len()
+        || la.top.iter().zip(&lb.top).any(|(x, y)| x.0 != y.0)
+    {
+        return f32::INFINITY;
+    }
+    la.top
+        .iter()
+        .zip(&lb.top)
+        .map(|(x, y)| (x.1 - y.1).abs())
+        .fold((la.logprob - lb.logprob).abs(), f32::max)
 }
+
+/// The most a batched step's log-probabilities may differ from the lone step's. Bit-identical on
+/// lavapipe; on the H200 the driver may round the batched and the one-sequence kernels' sums
+/// apart by an ulp, and a later layer's int8 quantization can turn that ulp into a whole level of
+/// one input: a fresh seed (1796075993271538495) moved every log-probability of one step by
+/// 2.2e-3. A wrong slot, position or cache region moves them by far more.
+const LOGPROB_GAP: f32 = 1e-2;
 
 /// The batched decode step (`GpuModel::step_batch`, int8 activations): sequences in three slots,
 /// stepped in random subsets and orders, mixed with a lone step, sample
@@ -225,6 +234,7 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
             next[s] = out.token;
         }
     }
+    let mut widest = 0.0f32;
     for (s, r) in records.iter().enumerate() {
         let mut alone = GpuModel::new(gpu(), &loaded.weights, opts(1)).expect("engine");
         alone
@@ -235,13 +245,16 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
             let got = alone
                 .step(&[*fed], &params[s], &h, i as u32 + 1, Some(3))
                 .expect("step");
+            let gap = output_gap(&got, want);
             assert!(
-                same_output(&got, want),
+                gap <= LOGPROB_GAP,
                 "slot {s} step {i}: batched {want:?}, alone {got:?}"
             );
+            widest = widest.max(gap);
             h.push(want.token);
         }
     }
+    eprintln!("largest batched-vs-lone log-probability difference: {widest:e}");
     let bad = [BatchEntry {
         slot: 3,
         token: 0,
