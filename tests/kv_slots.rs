@@ -115,31 +115,63 @@ struct Record {
     steps: Vec<(u32, q4wgpu::generate::StepOutput)>,
 }
 
-/// How far apart two steps' outputs are: infinite unless the token and the alternatives are the
-/// same, else the largest log-probability difference.
-fn output_gap(a: &q4wgpu::generate::StepOutput, b: &q4wgpu::generate::StepOutput) -> f32 {
+/// How far a batched step's output (`b`) is from the lone step's (`a`): the largest difference
+/// between the log-probabilities of the same token in both (the sampled token and the
+/// alternatives, matched by token). Infinite where a token of one is missing from the other,
+/// unless it sits within `allowed` of the other's sampled or last listed token (a near tie that
+/// rounding may settle either way).
+fn output_gap(
+    a: &q4wgpu::generate::StepOutput,
+    b: &q4wgpu::generate::StepOutput,
+    allowed: f32,
+) -> f32 {
     let (Some(la), Some(lb)) = (&a.logprobs, &b.logprobs) else {
         return f32::INFINITY;
     };
-    if a.token != b.token
-        || la.top.len() != lb.top.len()
-        || la.top.iter().zip(&lb.top).any(|(x, y)| x.0 != y.0)
-    {
-        return f32::INFINITY;
+    let listed = |l: &q4wgpu::generate::TokenLogprobs| {
+        let mut all = l.top.clone();
+        if !all.iter().any(|t| t.0 == l.token) {
+            all.push((l.token, l.logprob));
+        }
+        all
+    };
+    let (ta, tb) = (listed(la), listed(lb));
+    let mut gap = 0.0f32;
+    for (x, y) in [(&ta, &tb), (&tb, &ta)] {
+        let floor = y.iter().map(|t| t.1).fold(f32::INFINITY, f32::min);
+        for &(id, lp) in x.iter() {
+            match y.iter().find(|t| t.0 == id) {
+                Some(t) => gap = gap.max((t.1 - lp).abs()),
+                None if lp <= floor + allowed => {}
+                None => return f32::INFINITY,
+            }
+        }
     }
-    la.top
-        .iter()
-        .zip(&lb.top)
-        .map(|(x, y)| (x.1 - y.1).abs())
-        .fold((la.logprob - lb.logprob).abs(), f32::max)
+    if a.token != b.token {
+        // The other token must have been nearly as likely.
+        let lp_a = |id: u32| ta.iter().find(|t| t.0 == id).map(|t| t.1);
+        match (lp_a(a.token), lp_a(b.token)) {
+            (Some(x), Some(y)) if (x - y).abs() <= allowed => {}
+            _ => return f32::INFINITY,
+        }
+    }
+    gap
 }
 
-/// The most a batched step's log-probabilities may differ from the lone step's. Bit-identical on
-/// lavapipe; on the H200 the driver may round the batched and the one-sequence kernels' sums
-/// apart by an ulp, and a later layer's int8 quantization can turn that ulp into a whole level of
-/// one input: a fresh seed (1796075993271538495) moved every log-probability of one step by
-/// 2.2e-3. A wrong slot, position or cache region moves them by far more.
-const LOGPROB_GAP: f32 = 1e-2;
+/// The most a batched step's log-probabilities may differ from the lone step's. On lavapipe the
+/// two paths give the same bits (1e-5 allows printing round trips). On a GPU the driver compiles
+/// the batched and the one-sequence kernels (and their fusions) apart, their sums may differ by
+/// an ulp, and a later layer's int8 quantization can turn that ulp into a whole level of one
+/// input: on the H200, 8 fresh seeds gave differences up to 1.8e-2 (deterministic per seed, so
+/// not a race). There the check is looser, and tokens may differ only in a near tie; the strict
+/// check of the slot logic is the lavapipe one, which CI runs.
+fn logprob_gap_allowed() -> f32 {
+    if gpu().is_cpu() {
+        1e-5
+    } else {
+        5e-2
+    }
+}
 
 /// The batched decode step (`GpuModel::step_batch`, int8 activations): sequences in three slots,
 /// stepped in random subsets and orders, mixed with a lone step, sample
@@ -235,6 +267,7 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
         }
     }
     let mut widest = 0.0f32;
+    let allowed = logprob_gap_allowed();
     for (s, r) in records.iter().enumerate() {
         let mut alone = GpuModel::new(gpu(), &loaded.weights, opts(1)).expect("engine");
         alone
@@ -245,9 +278,9 @@ fn batched_steps_sample_what_each_sequence_samples_alone() {
             let got = alone
                 .step(&[*fed], &params[s], &h, i as u32 + 1, Some(3))
                 .expect("step");
-            let gap = output_gap(&got, want);
+            let gap = output_gap(&got, want, allowed);
             assert!(
-                gap <= LOGPROB_GAP,
+                gap <= allowed,
                 "slot {s} step {i}: batched {want:?}, alone {got:?}"
             );
             widest = widest.max(gap);
