@@ -118,8 +118,9 @@ struct Record {
 /// How far a batched step's output (`b`) is from the lone step's (`a`): the largest difference
 /// between the log-probabilities of the same token in both (the sampled token and the
 /// alternatives, matched by token). Infinite where a token of one is missing from the other,
-/// unless it sits within `allowed` of the other's sampled or last listed token (a near tie that
-/// rounding may settle either way).
+/// unless it sits within `allowed` of the other's least likely listed token, or where the
+/// sampled tokens differ and were not nearly equally likely (near ties rounding may settle
+/// either way).
 fn output_gap(
     a: &q4wgpu::generate::StepOutput,
     b: &q4wgpu::generate::StepOutput,
@@ -147,13 +148,10 @@ fn output_gap(
             }
         }
     }
-    if a.token != b.token {
-        // The other token must have been nearly as likely.
-        let lp_a = |id: u32| ta.iter().find(|t| t.0 == id).map(|t| t.1);
-        match (lp_a(a.token), lp_a(b.token)) {
-            (Some(x), Some(y)) if (x - y).abs() <= allowed => {}
-            _ => return f32::INFINITY,
-        }
+    // Different tokens only where both were nearly equally likely: samplers order tokens by
+    // probability, and rounding may swap two that are nearly equal.
+    if a.token != b.token && (la.logprob - lb.logprob).abs() > allowed {
+        return f32::INFINITY;
     }
     gap
 }
@@ -163,8 +161,9 @@ fn output_gap(
 /// the batched and the one-sequence kernels (and their fusions) apart, their sums may differ by
 /// an ulp, and a later layer's int8 quantization can turn that ulp into a whole level of one
 /// input: on the H200, 8 fresh seeds gave differences up to 1.8e-2 (deterministic per seed, so
-/// not a race). There the check is looser, and tokens may differ only in a near tie; the strict
-/// check of the slot logic is the lavapipe one, which CI runs.
+/// not a race), and 2 of 15 runs sampled another token of the same probability (-4.92 against
+/// -4.92) at temperature 0.9. There the check is looser, and tokens may differ only in a near
+/// tie; the strict check of the slot logic is the lavapipe one, which CI runs.
 fn logprob_gap_allowed() -> f32 {
     if gpu().is_cpu() {
         1e-5
