@@ -317,11 +317,6 @@ else
     part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
       --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
   fi
-  # CPU only, every core (issue 11 item 3); the JSON goes with the logs ($OUT holds 8 files).
-  if [ "${CPU_BENCH:-0}" = 1 ]; then
-    part q4wgpu_cpu_32b 120 env RAYON_NUM_THREADS="$(nproc)" "$Q4WGPU" bench --cpu --synthetic qwen2-32b \
-      -p 64 -n 16 -r 2 --json "$WORK/q4wgpu_cpu_32b.json"
-  fi
 fi
 
 if [ "$cuda_32b" = 1 ]; then
@@ -355,6 +350,13 @@ vk_pp() { [ "$1" = none ] && echo "$llama_pp" || echo "$llama_pp_long"; }
 if [ "$cuda_go" = 1 ]; then
   part llama_bench 90 benches/llama_cpp/run.sh bench "$WORK" llama_bench \
     -p "$llama_pp_long" -n "$llama_n" -r "$llama_r"
+fi
+# CPU only, every core (issue 11 item 3); the JSON goes with the logs ($OUT holds 8 files). After
+# the background llama.cpp build has finished: on 2026-11-30 this part ran beside that build and
+# measured 0.99 tok/s, against 4.76 on the idle host (benchmarks/runs/2026-11-30-h200-cpu16*).
+if [ "${CPU_BENCH:-0}" = 1 ] && [ "$SET" != budgets ]; then
+  part q4wgpu_cpu_32b 120 env RAYON_NUM_THREADS="$(nproc)" "$Q4WGPU" bench --cpu --synthetic qwen2-32b \
+    -p 64 -n 16 -r 2 --json "$WORK/q4wgpu_cpu_32b.json"
 fi
 # llama.cpp's CPU backend on the same cores and tests as q4wgpu_cpu_32b (CUDA devices hidden, so
 # no prompt matmul is offloaded); its rows join llama_bench.json.
