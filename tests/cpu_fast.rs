@@ -78,7 +78,14 @@ fn fast_matmul_is_bit_identical_to_the_spec_on_every_instruction_set() {
     for (i, &(rows, cols)) in shapes.iter().enumerate() {
         let data = rng.vec(rows * cols, 1.0);
         let m = QMatrix::quantize(&data, rows, cols);
-        let tokens = [1, 3, fast::MAX_TOKENS, fast::MAX_TOKENS + 3][i % 4];
+        // Up to three groups of inputs per pass (each row chunk runs every group in turn).
+        let tokens = [
+            1,
+            3,
+            fast::MAX_TOKENS,
+            fast::MAX_TOKENS + 3,
+            2 * fast::MAX_TOKENS + 5,
+        ][i % 5];
         check_matrix(&mut rng, &m, tokens, &format!("[{rows}, {cols}]"));
     }
 }

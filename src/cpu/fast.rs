@@ -165,35 +165,70 @@ pub fn matmul_each(isa: Isa, ws: &[&QView], xs: &[&PackedAct]) -> Vec<Vec<Vec<f3
             assert_eq!(x.q.len(), bpr * BLOCK);
         }
     }
-    let mut outs: Vec<Vec<Vec<f32>>> = ws
-        .iter()
-        .map(|w| vec![vec![0.0; w.rows]; xs.len()])
-        .collect();
+    let mut outs: Vec<Vec<Vec<f32>>> = ws.iter().map(|_| Vec::with_capacity(xs.len())).collect();
+    for part in xs.chunks(MAX_TOKENS * GROUPS_PER_PASS) {
+        for (out, ys) in outs.iter_mut().zip(pass(isa, ws, part)) {
+            out.extend(ys);
+        }
+    }
+    outs
+}
+
+/// Groups of [`MAX_TOKENS`] inputs that one pass over the weights serves. Each chunk of rows
+/// runs them one after another while its weights stay in cache; with many, their inputs no
+/// longer stay in L1 (2 cores, a 0.5B model's 256-token prompt: 32 groups per pass ran 8 %
+/// slower than one). 4 against 1 on the H200 host's 16 cores, 32B shape: pp64 +4-7 %, pp256
+/// +1 % (benchmarks/NOTES.md §18).
+const GROUPS_PER_PASS: usize = 4;
+
+/// One parallel section of [`matmul_each`]: every row of every matrix for `xs`.
+fn pass(isa: Isa, ws: &[&QView], xs: &[&PackedAct]) -> Vec<Vec<Vec<f32>>> {
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     // Rows split into chunks (multiples of 8) that keep every thread busy.
     let chunk_rows = (total_rows / (rayon::current_num_threads() * 8)).clamp(8, 64) / 8 * 8;
-    for (g, group) in xs.chunks(MAX_TOKENS).enumerate() {
-        let n = group.len();
-        // Per matrix: rows × tokens, token fastest.
-        let mut inter: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; w.rows * n]).collect();
-        let mut work: Vec<(&QView, usize, &mut [f32])> = Vec::new();
-        for (w, buf) in ws.iter().zip(inter.iter_mut()) {
-            for (c, out) in buf.chunks_mut(chunk_rows * n).enumerate() {
-                work.push((w, c * chunk_rows, out));
-            }
+    let groups: Vec<&[&PackedAct]> = xs.chunks(MAX_TOKENS).collect();
+    let inputs = xs.len();
+    // A work item is a chunk of rows for every group of inputs: its weights (at most 64 rows,
+    // under 1 MB) come from memory for the first group and from cache for the others, so a long
+    // prompt passes over W once, not once per MAX_TOKENS inputs. Its results are contiguous:
+    // per group, rows × the group's inputs, input fastest.
+    let mut inter: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0f32; w.rows * inputs]).collect();
+    let mut work: Vec<(&QView, usize, &mut [f32])> = Vec::new();
+    for (w, buf) in ws.iter().zip(inter.iter_mut()) {
+        for (c, out) in buf.chunks_mut(chunk_rows * inputs).enumerate() {
+            work.push((w, c * chunk_rows, out));
         }
-        work.into_par_iter()
-            .for_each(|(w, row0, out)| rows(isa, w, group, row0, out));
-        for (out, buf) in outs.iter_mut().zip(&inter) {
-            for (t, y) in out[g * MAX_TOKENS..g * MAX_TOKENS + n]
-                .iter_mut()
-                .enumerate()
-            {
-                for (r, v) in y.iter_mut().enumerate() {
-                    *v = buf[r * n + t];
+    }
+    work.into_par_iter().for_each(|(w, row0, out)| {
+        let n_rows = out.len() / inputs;
+        let mut rest = out;
+        for group in &groups {
+            let (mine, tail) = rest.split_at_mut(n_rows * group.len());
+            rows(isa, w, group, row0, mine);
+            rest = tail;
+        }
+    });
+    let mut outs: Vec<Vec<Vec<f32>>> = Vec::with_capacity(ws.len());
+    for (w, buf) in ws.iter().zip(&inter) {
+        let mut per_input = vec![vec![0.0f32; w.rows]; inputs];
+        for (c, chunk) in buf.chunks(chunk_rows * inputs).enumerate() {
+            let (row0, n_rows) = (c * chunk_rows, chunk.len() / inputs);
+            let mut region = chunk;
+            for (g, group) in groups.iter().enumerate() {
+                let n = group.len();
+                let (mine, tail) = region.split_at(n_rows * n);
+                for (t, y) in per_input[g * MAX_TOKENS..g * MAX_TOKENS + n]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    for (r, v) in y[row0..row0 + n_rows].iter_mut().enumerate() {
+                        *v = mine[r * n + t];
+                    }
                 }
+                region = tail;
             }
         }
+        outs.push(per_input);
     }
     outs
 }
