@@ -38,7 +38,7 @@ if [ "${TESTS:-1}" != 0 ]; then
   for t in .device-bin/tests/*; do
     [ -x "$t" ] || continue
     name=$(basename "$t")
-    case $name in kernels-bench | real_model | bench) continue ;; esac
+    case $name in kernels-bench | shader-stats | real_model | bench) continue ;; esac
     [ -n "${TEST_BINS:-}" ] && case " $TEST_BINS " in *" $name "*) ;; *) continue ;; esac
     echo "== $name" >>"$OUT/tests.log"
     Q4WGPU_REQUIRE_COOP=1 timeout 200 "$t" >>"$OUT/tests.log" 2>&1
