@@ -148,7 +148,7 @@ pub fn matmul(isa: Isa, w: &QView, xs: &[&PackedAct]) -> Vec<Vec<f32>> {
 }
 
 /// [`matmul`] for several matrices of the same input width (q, k and v; gate and up) in one
-/// parallel section: one wait for the threads instead of one per matrix.
+/// parallel section per up to 32 inputs: one wait for the threads instead of one per matrix.
 /// Outputs: `[matrix][input][row]`.
 pub fn matmul_each(isa: Isa, ws: &[&QView], xs: &[&PackedAct]) -> Vec<Vec<Vec<f32>>> {
     assert!(
