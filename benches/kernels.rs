@@ -351,12 +351,7 @@ impl Matrix {
     }
 
     fn q4ref(&self) -> Q4Ref<'_> {
-        Q4Ref {
-            rows: self.rows,
-            cols: self.cols,
-            qweight: BufRange::whole(&self.qweight),
-            scales: BufRange::whole(&self.scales),
-        }
+        Q4Ref::whole(self.rows, self.cols, &self.qweight, &self.scales)
     }
 
     fn bytes(&self) -> u64 {

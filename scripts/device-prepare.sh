@@ -29,24 +29,17 @@ for line in sys.stdin:
 ' "$gpu_tests" | while read -r name exe; do
   strip -o ".device-bin/tests/$name" "$exe"
 done
-# The kernel microbenchmarks (benches/kernels.rs), as .device-bin/tests/kernels-bench.
-cargo bench --bench kernels --no-run --message-format=json 2>/dev/null |
+# The kernel microbenchmarks (benches/kernels.rs) and the driver's statistics of each kernel
+# (benches/shader_stats.rs), as .device-bin/tests/kernels-bench and .device-bin/tests/shader-stats.
+cargo bench --benches --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys
+names = {"kernels": "kernels-bench", "shader_stats": "shader-stats"}
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
-        print(m["executable"])
-' | while read -r exe; do strip -o .device-bin/tests/kernels-bench "$exe"; done
-# The driver's statistics of each kernel (benches/shader_stats.rs), as .device-bin/tests/shader-stats.
-cargo bench --bench shader_stats --no-run --message-format=json 2>/dev/null |
-  python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "shader_stats":
-        print(m["executable"])
-' | while read -r exe; do strip -o .device-bin/tests/shader-stats "$exe"; done
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in names:
+        print(names[m["target"]["name"]], m["executable"])
+' | while read -r name exe; do strip -o ".device-bin/tests/$name" "$exe"; done
 # The commit the binaries were built from (and whether the tree had changes).
 echo "$(git rev-parse --short HEAD)$(git status --porcelain | grep -q . && echo ' (with uncommitted changes)')" >.device-bin/COMMIT
 # Compressed, they travel in a fraction of the 64 MiB (device-tests.sh unpacks them).

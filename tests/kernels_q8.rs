@@ -78,12 +78,7 @@ impl GpuQ4 {
     }
 
     fn q4ref(&self) -> Q4Ref<'_> {
-        Q4Ref {
-            rows: self.rows,
-            cols: self.cols,
-            qweight: BufRange::whole(&self.qweight),
-            scales: BufRange::whole(&self.scales),
-        }
+        Q4Ref::whole(self.rows, self.cols, &self.qweight, &self.scales)
     }
 }
 

@@ -115,6 +115,23 @@ pub struct Q4Ref<'a> {
     pub scales: BufRange<'a>,
 }
 
+impl<'a> Q4Ref<'a> {
+    /// A `rows x cols` matrix whose words and scales fill buffers of their own.
+    pub fn whole(
+        rows: usize,
+        cols: usize,
+        qweight: &'a wgpu::Buffer,
+        scales: &'a wgpu::Buffer,
+    ) -> Self {
+        Q4Ref {
+            rows,
+            cols,
+            qweight: BufRange::whole(qweight),
+            scales: BufRange::whole(scales),
+        }
+    }
+}
+
 pub mod gemm_q4;
 pub mod gemv_q4;
 pub mod gemv_q4_q8;
