@@ -30,7 +30,8 @@
 
 use crate::config::ModelConfig;
 use crate::engine::{
-    add_time, BatchEntry, DecodeFusion, DispatchTime, EngineOptions, GpuModel, StreamRead,
+    add_time, BatchEntry, CpuLayers, DecodeFusion, DispatchTime, EngineOptions, GpuModel,
+    StreamRead,
 };
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
@@ -81,6 +82,8 @@ pub struct BenchOptions {
     /// N sequences through the batched step, tokens/s summed over them (the engine keeps the
     /// largest N's KV slots for every row).
     pub parallel: Vec<usize>,
+    /// At each budget that streams, one row set per setting of the CPU layers of decode steps.
+    pub cpu_layers: Vec<CpuLayers>,
 }
 
 impl Default for BenchOptions {
@@ -102,6 +105,7 @@ impl Default for BenchOptions {
             decode_activations: vec![DecodeActivations::default()],
             depths: vec![0],
             parallel: vec![1],
+            cpu_layers: vec![engine.cpu_layers],
         }
     }
 }
@@ -145,6 +149,10 @@ pub struct BenchRow {
     pub layers: usize,
     pub resident_layers: usize,
     pub streamed_layers: usize,
+    /// Of the streamed layers, those that decode steps run on the CPU (prompts stream them).
+    pub cpu_layers: usize,
+    /// The hybrid plan with the costs measured at load, if the engine planned one.
+    pub decode_plan: Option<String>,
     pub layer_bytes: u64,
     pub fixed_bytes: u64,
     /// What the engine holds on the GPU.
@@ -409,17 +417,25 @@ struct ByteModel {
     layers: usize,
     layer_bytes: u64,
     streamed_layers: usize,
+    /// Of those, the layers decode steps run on the CPU (not copied over PCIe).
+    cpu_layers: usize,
     lm_head_bytes: u64,
     /// f16 keys and values of one position in every layer.
     kv_bytes_per_position: u64,
 }
 
 impl ByteModel {
-    fn new(config: &ModelConfig, plan: &ResidencyPlan, lm_head_bytes: u64) -> ByteModel {
+    fn new(
+        config: &ModelConfig,
+        plan: &ResidencyPlan,
+        cpu_layers: usize,
+        lm_head_bytes: u64,
+    ) -> ByteModel {
         ByteModel {
             layers: plan.layers,
             layer_bytes: plan.layer_bytes,
             streamed_layers: plan.streamed_layers(),
+            cpu_layers,
             lm_head_bytes,
             kv_bytes_per_position: (config.num_hidden_layers * 2 * config.kv_dim() * 2) as u64,
         }
@@ -429,7 +445,7 @@ impl ByteModel {
         self.layers as u64 * self.layer_bytes
     }
 
-    /// (bytes, streamed bytes) per token of `n` decode steps after `prompt` tokens.
+    /// (bytes, bytes copied over PCIe) per token of `n` decode steps after `prompt` tokens.
     fn decode(&self, prompt: usize, n: usize) -> (f64, f64) {
         // Step i attends over prompt + i + 1 positions.
         let mean_kv = prompt as f64 + (n as f64 + 1.0) / 2.0;
@@ -437,7 +453,7 @@ impl ByteModel {
             + mean_kv * self.kv_bytes_per_position as f64;
         (
             bytes,
-            (self.streamed_layers as u64 * self.layer_bytes) as f64,
+            ((self.streamed_layers - self.cpu_layers) as u64 * self.layer_bytes) as f64,
         )
     }
 
@@ -576,6 +592,54 @@ fn time_batched_decode(
     Ok(Timed { rates, generated })
 }
 
+/// One engine configuration of the run, with its place in each list of options.
+#[derive(Clone, Copy)]
+struct RunSetting {
+    budget: Option<u64>,
+    stream_read: StreamRead,
+    cpu_layers: CpuLayers,
+    decode_fusion: DecodeFusion,
+    decode_activations: DecodeActivations,
+    read_index: usize,
+    cpu_index: usize,
+    act_index: usize,
+}
+
+impl RunSetting {
+    fn first_of_budget(&self) -> bool {
+        self.read_index == 0 && self.cpu_index == 0 && self.act_index == 0
+    }
+}
+
+/// Every combination of the options, budget by budget.
+fn run_settings(opts: &BenchOptions) -> Vec<RunSetting> {
+    let decode: Vec<(DecodeFusion, DecodeActivations)> = opts
+        .decode_fusion
+        .iter()
+        .flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)))
+        .collect();
+    let mut out = Vec::new();
+    for &budget in &opts.budgets {
+        for (read_index, &stream_read) in opts.stream_reads.iter().enumerate() {
+            for (cpu_index, &cpu_layers) in opts.cpu_layers.iter().enumerate() {
+                for (act_index, &(decode_fusion, decode_activations)) in decode.iter().enumerate() {
+                    out.push(RunSetting {
+                        budget,
+                        stream_read,
+                        cpu_layers,
+                        decode_fusion,
+                        decode_activations,
+                        read_index,
+                        cpu_index,
+                        act_index,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Runs every test at every budget. `on_row` sees each row as soon as it is measured.
 pub fn run_bench(
     gpu: &Gpu,
@@ -627,21 +691,15 @@ pub fn run_bench(
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
     let mut profiles = Vec::new();
-    let runs = opts.budgets.iter().flat_map(|&b| {
-        opts.stream_reads
-            .iter()
-            .enumerate()
-            .flat_map(move |(i, &r)| {
-                let decode = opts
-                    .decode_fusion
-                    .iter()
-                    .flat_map(|&f| opts.decode_activations.iter().map(move |&a| (f, a)));
-                decode
-                    .enumerate()
-                    .map(move |(j, (f, a))| (b, i, r, j, f, a))
-            })
-    });
-    for (budget, read_index, stream_read, act_index, decode_fusion, decode_activations) in runs {
+    for run in run_settings(opts) {
+        let RunSetting {
+            budget,
+            stream_read,
+            cpu_layers,
+            decode_fusion,
+            decode_activations,
+            ..
+        } = run;
         let engine_opts = EngineOptions {
             ctx_size: ctx,
             chunk: opts.chunk,
@@ -653,12 +711,13 @@ pub fn run_bench(
             prompt_reads: stream_read,
             decode_activations,
             kv_slots: opts.parallel.iter().copied().max().unwrap_or(1).max(1),
+            cpu_layers,
         };
         let mut engine = match GpuModel::new(gpu, weights, engine_opts) {
             Ok(e) => e,
             // A budget too small for the model is a result to report, not a failure of the run.
             Err(e) if budget.is_some() => {
-                if read_index == 0 && act_index == 0 {
+                if run.first_of_budget() {
                     skipped.push(SkippedBudget {
                         budget,
                         reason: e.to_string(),
@@ -669,10 +728,13 @@ pub fn run_bench(
             Err(e) => return Err(e),
         };
         let plan = engine.plan().clone();
-        if read_index > 0 && plan.streamed_layers() == 0 {
-            continue; // nothing streams: the way of reading streamed layers changes nothing
+        if (run.read_index > 0 || run.cpu_index > 0) && plan.streamed_layers() == 0 {
+            continue; // nothing streams: how streamed layers are read or run changes nothing
         }
-        let bytes = ByteModel::new(config, &plan, lm_head_bytes);
+        if let Some(note) = engine.hybrid_note() {
+            eprintln!("{note}");
+        }
+        let bytes = ByteModel::new(config, &plan, engine.cpu_layers(), lm_head_bytes);
         let mut tests = Vec::new();
         for &depth in &opts.depths {
             // llama-bench's names: "pp512", "tg128 @ d4096".
@@ -681,7 +743,8 @@ pub fn run_bench(
             } else {
                 String::new()
             };
-            if opts.prompt_tokens > 0 && act_index == 0 {
+            // Prompts stream every non-resident layer whatever the decode plan.
+            if opts.prompt_tokens > 0 && run.act_index == 0 && run.cpu_index == 0 {
                 let chunk = engine.chunk();
                 let timed = time_prompt(&mut engine, &prompt, chunk, opts.repetitions, depth)?;
                 tests.push((
@@ -747,6 +810,8 @@ pub fn run_bench(
                 layers: plan.layers,
                 resident_layers: plan.resident_layers,
                 streamed_layers: plan.streamed_layers(),
+                cpu_layers: engine.cpu_layers(),
+                decode_plan: engine.hybrid_note().map(str::to_string),
                 layer_bytes: plan.layer_bytes,
                 fixed_bytes: plan.fixed_bytes,
                 device_bytes: engine.device_bytes(),

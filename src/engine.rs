@@ -19,11 +19,13 @@ use crate::scheduler::{self, LayerPack, PackedMatrix, ResidencyPlan};
 use crate::weights::ModelWeights;
 
 mod batch;
+mod hybrid;
 mod kv_slots;
 mod step;
 
 use batch::BatchDecode;
 pub use batch::BatchEntry;
+pub use hybrid::CpuLayers;
 pub use kv_slots::KvSlots;
 use step::StepKernels;
 
@@ -52,6 +54,9 @@ pub struct EngineOptions {
     /// Sequences whose KV caches the engine keeps (`serve --parallel`): above 1, each has a saved
     /// copy of the cache that `select_kv_slot` swaps in (see `kv_slots.rs`).
     pub kv_slots: usize,
+    /// How many of the layers that do not fit on the GPU decode on the CPU
+    /// (`scheduler::hybrid`); prompt chunks stream them all.
+    pub cpu_layers: CpuLayers,
 }
 
 /// Elementwise steps of a decode step that the following GEMV can compute on the fly
@@ -201,6 +206,7 @@ impl Default for EngineOptions {
             prompt_reads: StreamRead::Ring,
             decode_activations: DecodeActivations::default(),
             kv_slots: 1,
+            cpu_layers: CpuLayers::Auto,
         }
     }
 }
@@ -272,6 +278,9 @@ pub struct GpuModel<'w> {
     /// GPU cannot run it.
     batch: Option<BatchDecode>,
     batch_off: Option<String>,
+    /// Decode steps with CPU layers, if the plan has any; and the plan in words.
+    hybrid: Option<hybrid::Hybrid<'w>>,
+    hybrid_note: Option<String>,
     _keep: Vec<wgpu::Buffer>,
 }
 
@@ -584,7 +593,7 @@ impl<'w> GpuModel<'w> {
             mapped_at_creation: false,
         });
 
-        Ok(GpuModel {
+        let mut model = GpuModel {
             gpu,
             weights,
             config: c,
@@ -612,8 +621,12 @@ impl<'w> GpuModel<'w> {
             slots,
             batch,
             batch_off,
+            hybrid: None,
+            hybrid_note: None,
             _keep: keep,
-        })
+        };
+        model.plan_hybrid()?;
+        Ok(model)
     }
 
     pub fn plan(&self) -> &ResidencyPlan {
@@ -661,6 +674,7 @@ impl<'w> GpuModel<'w> {
             )));
         }
         self.position = position;
+        self.kv_skipped_to();
         Ok(())
     }
 
@@ -708,9 +722,11 @@ impl<'w> GpuModel<'w> {
         if self.position + 1 > self.opts.ctx_size {
             return Err(Error::Invalid("the context is full: cannot profile".into()));
         }
+        self.kv_to_gpu()?;
         self.stage_chunk(&[token])?;
         let times = self.profile_dispatches(&self.decode_layers, &self.decode_head)?;
         self.position += 1;
+        self.gpu_wrote_kv();
         Ok(times)
     }
 
@@ -829,26 +845,29 @@ impl<'w> GpuModel<'w> {
         };
         self.encode_layers(&mut enc, layers, reads);
         if last_chunk {
-            let head = if decode {
-                &self.decode_head
-            } else {
-                {
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("final norm"),
-                        timestamp_writes: None,
-                    });
-                    self.prefill_final_norm.encode(&mut pass);
-                }
-                let row = f32_bytes(self.config.hidden_size);
-                enc.copy_buffer_to_buffer(
-                    &self.act.h,
-                    (n as u64 - 1) * row,
-                    &self.act.last,
-                    0,
-                    row,
-                );
-                &self.prefill_head
-            };
+            self.encode_head(&mut enc, decode, n, sample);
+        }
+        enc.finish()
+    }
+
+    /// Records the final norm and lm_head of the last of `n` rows (a prompt chunk's or the decode
+    /// step's) and with `sample` the sampler and the copy of its result to the read-back buffer.
+    fn encode_head(&self, enc: &mut wgpu::CommandEncoder, decode: bool, n: usize, sample: bool) {
+        let head = if decode {
+            &self.decode_head
+        } else {
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("final norm"),
+                    timestamp_writes: None,
+                });
+                self.prefill_final_norm.encode(&mut pass);
+            }
+            let row = f32_bytes(self.config.hidden_size);
+            enc.copy_buffer_to_buffer(&self.act.h, (n as u64 - 1) * row, &self.act.last, 0, row);
+            &self.prefill_head
+        };
+        {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("head"),
                 timestamp_writes: None,
@@ -860,7 +879,7 @@ impl<'w> GpuModel<'w> {
                 self.sampler.encode(&mut pass);
             }
         }
-        if last_chunk && sample {
+        if sample {
             enc.copy_buffer_to_buffer(
                 &self.sample_out,
                 0,
@@ -869,7 +888,6 @@ impl<'w> GpuModel<'w> {
                 self.sample_out.size(),
             );
         }
-        enc.finish()
     }
 
     /// Appends `tokens`, leaving the last token's logits in `act.logits`; with `sample`, also
@@ -897,8 +915,12 @@ impl<'w> GpuModel<'w> {
             tokens.chunks(self.opts.chunk).collect()
         };
         let n_chunks = chunks.len();
+        let decode = tokens.len() == 1;
+        let hybrid = decode && self.hybrid.is_some();
+        if !hybrid {
+            self.kv_to_gpu()?;
+        }
         for (i, chunk) in chunks.into_iter().enumerate() {
-            let decode = tokens.len() == 1;
             let last_chunk = i + 1 == n_chunks;
             let n = chunk.len();
             self.stage_chunk(chunk)?;
@@ -912,7 +934,9 @@ impl<'w> GpuModel<'w> {
                 self.sampler
                     .write_params(&self.gpu.queue, &p, step_no, recent.len())?;
             }
-            if decode && sample_here.is_some() {
+            if hybrid {
+                self.decode_hybrid(chunk[0], sample_here.is_some())?;
+            } else if decode && sample_here.is_some() {
                 // The decode step's commands never change: record the next step's while the GPU
                 // runs this one, so recording (hundreds of dispatches) is off the critical path.
                 let commands = match self.next_decode.take() {
@@ -926,6 +950,9 @@ impl<'w> GpuModel<'w> {
                 self.gpu.queue.submit([commands]);
             }
             self.position += n;
+        }
+        if !hybrid {
+            self.gpu_wrote_kv();
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use q4wgpu::bench::{self, BenchOptions, TG_PROMPT};
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{CpuLayers, DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::Decoder;
 use q4wgpu::gpu::testing::{assert_close, gpu, Rng};
 use q4wgpu::quant::DecodeActivations;
@@ -235,6 +235,7 @@ fn small_options(budgets: Vec<Option<u64>>) -> BenchOptions {
         decode_activations: vec![DecodeActivations::Int8],
         depths: vec![0],
         parallel: vec![1],
+        cpu_layers: vec![CpuLayers::Count(0)],
     }
 }
 

@@ -2,7 +2,9 @@
 //! checkpoints written in the Hugging Face layout, quantized on load; and streaming under budgets.
 
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{
+    residency_plan, CpuLayers, DecodeFusion, EngineOptions, GpuModel, StreamRead,
+};
 use q4wgpu::gpu::testing::{gpu, Rng};
 use q4wgpu::model::{self, LoadedModel};
 use q4wgpu::quant::DecodeActivations;
@@ -185,6 +187,7 @@ fn logits_are_bit_identical_when_layers_stream() {
                 prefetch_depth: 1,
                 decode_reads: reads,
                 prompt_reads: reads,
+                cpu_layers: CpuLayers::Count(0),
                 ..options(4)
             },
         )
@@ -246,6 +249,77 @@ fn logits_are_bit_identical_when_layers_stream() {
             "decode logits differ with {} streamed layers read by {reads:?}",
             layers - resident
         );
+    }
+}
+
+/// An engine with `resident` layers on the GPU, a ring of two slots and `cpu` CPU layers.
+fn hybrid_engine(loaded: &LoadedModel, resident: usize, cpu: usize) -> GpuModel<'_> {
+    let opts = options(4);
+    let (all, _) = residency_plan(gpu(), &loaded.weights.config, &opts).expect("plan");
+    let engine = GpuModel::new(
+        gpu(),
+        &loaded.weights,
+        EngineOptions {
+            vram_budget: Some(all.fixed_bytes + (resident as u64 + 2) * all.layer_bytes),
+            prefetch_depth: 2,
+            cpu_layers: CpuLayers::Count(cpu),
+            ..opts
+        },
+    )
+    .expect("engine under a budget");
+    assert_eq!(engine.plan().resident_layers, resident);
+    assert_eq!(engine.cpu_layers(), cpu, "{:?}", engine.hybrid_note());
+    engine
+}
+
+/// Decode steps with CPU layers (GPU and CPU segments in turn, starting and ending on either
+/// side): token by token they match the CPU reference as the all-GPU decode does; after prompt
+/// chunks on the GPU (the CPU layers' caches read back) and decode steps (written back before
+/// the next chunk) they match the all-GPU engine, and again after a reset.
+#[test]
+fn hybrid_decode_matches_the_cpu_reference_and_the_all_gpu_engine() {
+    let mut rng = Rng::fresh("hybrid");
+    let loaded = tiny_model_with_layers(Arch::Qwen2, rng.next_u64() % 1000, 7);
+    let vocab = loaded.weights.config.vocab_size;
+    let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(vocab) as u32).collect() };
+    let (stepwise, prompt, steps, second) = (tokens(9), tokens(11), tokens(5), tokens(6));
+    let cpu = CpuModel::new(&loaded.weights)
+        .expect("cpu model")
+        .with_decode_activations(DecodeActivations::Int8);
+    let mut all_gpu = hybrid_engine(&loaded, 1, 0);
+    // (resident, CPU layers): R C C S S C S; all after the first on the CPU; starting on the CPU.
+    for (resident, cpu_layers) in [(1, 3), (1, 6), (0, 2)] {
+        let mut engine = hybrid_engine(&loaded, resident, cpu_layers);
+        let what = format!("{resident} resident, {cpu_layers} CPU layers");
+        let mut cache = cpu.new_cache(256).with_f16_values();
+        for (i, &t) in stepwise.iter().enumerate() {
+            let want = cpu.forward(&mut cache, &[t]).expect("cpu step");
+            let got = engine.logits(&[t]).expect("hybrid step");
+            let err = max_rel_err(&got, &want);
+            assert!(err <= INT8_LOGIT_TOLERANCE, "{what}, step {i}: {err:e}");
+        }
+        for round in 0..2 {
+            engine.reset();
+            all_gpu.reset();
+            let calls = [
+                &prompt[..],
+                &steps[..1],
+                &steps[1..2],
+                &steps[2..3],
+                &second[..],
+                &steps[3..4],
+            ];
+            for (i, call) in calls.iter().enumerate() {
+                let want = all_gpu.logits(call).expect("all-GPU call");
+                let got = engine.logits(call).expect("hybrid call");
+                let err = max_rel_err(&got, &want);
+                assert!(
+                    err <= INT8_LOGIT_TOLERANCE,
+                    "{what}, round {round}, call {i} of {} tokens: {err:e}",
+                    call.len()
+                );
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use q4wgpu::chat::ChatSettings;
 use q4wgpu::cpu::fast::Isa;
 use q4wgpu::cpu::CpuModel;
-use q4wgpu::engine::{DecodeFusion, EngineOptions, GpuModel, StreamRead};
+use q4wgpu::engine::{CpuLayers, DecodeFusion, EngineOptions, GpuModel, StreamRead};
 use q4wgpu::generate::{generate, GenerateOptions, Generation};
 use q4wgpu::gpu::Gpu;
 use q4wgpu::interrupt;
@@ -193,6 +193,10 @@ struct RunArgs {
     /// Ring slots for streamed layers (copies of the next layers queued ahead).
     #[arg(long, default_value_t = 2)]
     prefetch_depth: usize,
+    /// How many of the layers that do not fit the budget decode on the CPU while the next
+    /// streamed layers cross PCIe: auto (measured at load), or a number (0: stream them all).
+    #[arg(long, default_value = "auto")]
+    cpu_layers: String,
     /// How decode steps read streamed layers: ring (copied into device slots) or zero-copy
     /// (kernels read host memory directly).
     #[arg(long, default_value = EngineOptions::default().decode_reads.name())]
@@ -229,6 +233,9 @@ struct EngineArgs {
     /// Ring slots for streamed layers.
     #[arg(long, default_value_t = 2)]
     prefetch_depth: usize,
+    /// Layers beyond the budget that decode on the CPU: auto or a number, as for `run`.
+    #[arg(long, default_value = "auto")]
+    cpu_layers: String,
     /// How decode steps read streamed layers: ring or zero-copy.
     #[arg(long, default_value = EngineOptions::default().decode_reads.name())]
     decode_reads: String,
@@ -251,6 +258,7 @@ impl EngineArgs {
                 .map(scheduler::parse_size)
                 .transpose()?,
             prefetch_depth: self.prefetch_depth,
+            cpu_layers: CpuLayers::parse(&self.cpu_layers)?,
             decode_reads: StreamRead::parse(&self.decode_reads)?,
             prompt_reads: StreamRead::parse(&self.prompt_reads)?,
             verbose: true,
@@ -337,6 +345,10 @@ struct BenchArgs {
     /// budgets that stream.
     #[arg(long, default_value = "ring")]
     stream_read: String,
+    /// Comma-separated settings of the CPU layers of decode steps (auto, or a number; 0 streams
+    /// every layer that does not fit), one row set each at budgets that stream.
+    #[arg(long, default_value = "auto")]
+    cpu_layers: String,
     /// Leave the adapter's cooperative matrices (tensor cores) unused: prompts run on the
     /// portable GEMM that adapters without them get.
     #[arg(long)]
@@ -867,6 +879,7 @@ fn run(args: RunArgs) -> Result<i32> {
             decode_reads,
             prompt_reads,
             decode_activations: DecodeActivations::parse(&args.decode_activations)?,
+            cpu_layers: CpuLayers::parse(&args.cpu_layers)?,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;
@@ -882,6 +895,9 @@ fn run(args: RunArgs) -> Result<i32> {
             engine.plan().describe(),
             engine.budget_source()
         );
+        if let Some(hybrid) = engine.hybrid_note() {
+            note!("{hybrid}");
+        }
         let compile_s = warm_up(&gpu, &mut engine, args.quiet)?;
         let load_s = load_start.elapsed().as_secs_f64();
         note!(
@@ -993,6 +1009,11 @@ fn bench(args: BenchArgs) -> Result<i32> {
             None => vec![DecodeFusion::default()],
         },
         depths: parse_counts("-d", &args.depth)?,
+        cpu_layers: args
+            .cpu_layers
+            .split(',')
+            .map(CpuLayers::parse)
+            .collect::<Result<_>>()?,
         parallel: parse_counts("--parallel", &args.parallel)?,
         decode_activations: args
             .decode_activations

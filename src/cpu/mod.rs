@@ -211,6 +211,21 @@ impl KvCache {
         self
     }
 
+    /// Layers the cache holds.
+    pub fn layers(&self) -> usize {
+        self.keys.len() / (self.ctx * self.kv_dim).max(1)
+    }
+
+    /// Takes positions `0..len` as filled (their entries written with [`put`](Self::put)).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.ctx);
+    }
+
+    /// Writes the key and value of `layer` at `pos` (rounded to f16 if the cache is).
+    pub fn put(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self.write(layer, pos, k, v);
+    }
+
     fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let start = (layer * self.ctx + pos) * self.kv_dim;
         self.keys[start..start + self.kv_dim].copy_from_slice(k);
@@ -332,7 +347,12 @@ impl<'a> CpuModel<'a> {
 
     /// An empty cache for up to `ctx` positions.
     pub fn new_cache(&self, ctx: usize) -> KvCache {
-        let n = self.layers.len() * ctx * self.heads.kv_dim();
+        self.new_layers_cache(self.layers.len(), ctx)
+    }
+
+    /// An empty cache of `layers` layers (a hybrid plan's CPU layers) for up to `ctx` positions.
+    pub fn new_layers_cache(&self, layers: usize, ctx: usize) -> KvCache {
+        let n = layers * ctx * self.heads.kv_dim();
         KvCache {
             ctx,
             kv_dim: self.heads.kv_dim(),
@@ -341,6 +361,35 @@ impl<'a> CpuModel<'a> {
             keys: vec![0.0; n],
             values: vec![0.0; n],
         }
+    }
+
+    /// One decode step of model layers `layers` on the residual stream `x` of the token at `pos`,
+    /// the cache's layer `first_cache_layer + j` holding model layer `layers.start + j` (a hybrid
+    /// plan's CPU layers). Leaves the cache's length alone: the caller owns the sequence.
+    pub fn decode_layers(
+        &self,
+        layers: std::ops::Range<usize>,
+        first_cache_layer: usize,
+        cache: &mut KvCache,
+        pos: usize,
+        x: &mut Vec<f32>,
+    ) -> Result<()> {
+        let fits = cache.kv_dim == self.heads.kv_dim()
+            && first_cache_layer + layers.len() <= cache.layers()
+            && layers.end <= self.layers.len();
+        if !fits || pos >= cache.ctx() || x.len() != self.config.hidden_size {
+            return Err(Error::Invalid(format!(
+                "decode_layers: layers {layers:?} at position {pos} do not fit the cache or the model"
+            )));
+        }
+        let int8 = self.int8(1);
+        let xs = std::slice::from_mut(x);
+        for (j, l) in layers.enumerate() {
+            let layer = &self.layers[l];
+            self.attention_block(first_cache_layer + j, layer, cache, pos, xs, int8);
+            self.mlp_block(layer, xs, int8);
+        }
+        Ok(())
     }
 
     /// Runs `tokens` at positions `cache.len()..` and returns the logits of the last one.

@@ -116,6 +116,9 @@ impl GpuModel<'_> {
         }
         self.position = self.position.min(len);
         self.slots.dirty_from = self.slots.dirty_from.min(self.position);
+        if let Some(hy) = self.hybrid.as_mut() {
+            hy.truncate(len);
+        }
     }
 
     /// Makes `slot` the sequence that `step`, `logits` and `truncate` act on.

@@ -452,12 +452,28 @@ impl Gpu {
 
     /// Maps a MAP_READ buffer that a submitted command fills, and copies its first `size` bytes out.
     pub fn map_and_read(&self, staging: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        self.map_and_read_after(staging, size, None)
+    }
+
+    /// [`map_and_read`](Self::map_and_read), waiting only for `submission` (the one that fills
+    /// `staging`) when given, not for work submitted after it.
+    pub fn map_and_read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        size: u64,
+        submission: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: submission,
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         rx.recv()
             .map_err(|_| Error::Gpu("read-back callback never ran".into()))?
             .map_err(|e| Error::Gpu(format!("mapping a read-back buffer: {e}")))?;

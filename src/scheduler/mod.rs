@@ -1,6 +1,8 @@
 //! Residency under a VRAM budget: which layers stay on the GPU, which stream from host memory
 //! through a ring of device slots, and how one layer's INT4 matrices are packed into one buffer.
 
+pub mod hybrid;
+
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::quant::{blocks_per_row, WORDS_PER_BLOCK};

@@ -38,6 +38,8 @@ pub struct EngineSettings {
     pub adapter: Option<String>,
     pub vram_budget: Option<u64>,
     pub prefetch_depth: usize,
+    /// Layers beyond the budget that decode on the CPU (one slot only; see `engine::hybrid`).
+    pub cpu_layers: crate::engine::CpuLayers,
     pub decode_reads: StreamRead,
     pub prompt_reads: StreamRead,
     /// Print load progress and the plan.
@@ -104,6 +106,7 @@ fn engine_main(
             ctx_size: ctx,
             vram_budget: s.vram_budget,
             prefetch_depth: s.prefetch_depth,
+            cpu_layers: s.cpu_layers,
             decode_reads: s.decode_reads,
             prompt_reads: s.prompt_reads,
             kv_slots: s.parallel,
@@ -119,6 +122,9 @@ fn engine_main(
                 s.parallel,
                 engine.device_bytes() as f64 / 1e9
             );
+            if let Some(hybrid) = engine.hybrid_note() {
+                eprintln!("{hybrid}");
+            }
         }
         match (engine.batch_capacity(), engine.batch_unavailable()) {
             (_, Some(why)) => eprintln!("note: sequences take turns (no batched step): {why}"),
