@@ -66,12 +66,22 @@ cd "$(dirname "$0")/.."
 #             llama.cpp preparations in the background (the GGUF is kept for the next call)
 #   resident  q4wgpu 32B resident (with depth rows) and pp4096, the CUDA path's 32B (resident and
 #             budgets), llama.cpp CUDA and Vulkan with their depth rows
+#   offload   issue 11: q4wgpu 32B at the Q4_BUDGETS (12 8 4) and 70B at 24 GB (Q4_70B=0: not),
+#             each with --cpu-layers Q4_CPU_LAYERS (0,auto: streaming only, then the hybrid
+#             plan); llama.cpp CUDA -ngl at matched VRAM, one part per LLAMA_NGL_ROWS value
+#             (40 26 12 layers: 11.7, 8.0 and 4.3 GB peaks on 2026-11-30), pp512 and tg32; with
+#             LLAMA_70B=1 also the 70B shape at -ngl LLAMA_70B_NGL (44) after the 32B GGUF is
+#             removed (disk). Run with SERIAL=1, so nothing else uses the CPU while q4wgpu's CPU
+#             layers are timed (the llama.cpp build, about 270 s, comes first).
 SET=${SET:-all}
+offload=0
 case $SET in
   all) q4_resident=1 q4_budgets=${STREAMED:-1} cuda_32b=${CUDA:-1} cuda_70b=${CUDA:-1} llama_rows=1 ;;
   budgets) q4_resident=0 q4_budgets=1 cuda_32b=0 cuda_70b=${CUDA:-1} llama_rows=0 ;;
   resident) q4_resident=1 q4_budgets=0 cuda_32b=${CUDA:-1} cuda_70b=0 llama_rows=1 ;;
-  *) echo "device-bench: SET=$SET: use all, budgets or resident" >&2; exit 2 ;;
+  offload) q4_resident=0 q4_budgets=1 cuda_32b=0 cuda_70b=0 llama_rows=0 offload=1 LLAMA_VK=0
+    VRAM_PARTS=${VRAM_PARTS:-q4wgpu_* llama_ngl* llama_70b_ngl*} ;;
+  *) echo "device-bench: SET=$SET: use all, budgets, resident or offload" >&2; exit 2 ;;
 esac
 # Names of what comes back, per set (the report reads several runs' folders together).
 tag=; [ "$SET" = all ] || tag=-$SET
@@ -310,12 +320,15 @@ else
   fi
   if [ "$q4_budgets" = 1 ]; then
     # One process per budget: a process's peak then holds nothing left over from a larger budget.
-    for b in 12 8 4; do
-      part "q4wgpu_32b_${b}gb" 75 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
-        --vram-budget "${b}GB" --json "$OUT/q4wgpu_32b_${b}gb.json"
+    # Decode rows per setting of the CPU layers (streaming only, then the hybrid plan: offload).
+    cpu_layers=(--cpu-layers "${Q4_CPU_LAYERS:-auto}")
+    [ "$offload" = 1 ] && cpu_layers=(--cpu-layers "${Q4_CPU_LAYERS:-0,auto}")
+    for b in ${Q4_BUDGETS:-12 8 4}; do
+      part "q4wgpu_32b_${b}gb" 110 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
+        --vram-budget "${b}GB" "${cpu_layers[@]}" --json "$OUT/q4wgpu_32b_${b}gb.json"
     done
-    part q4wgpu_70b_streamed 120 "${bench[@]}" --synthetic llama-70b -p 128 -n "$tg_70b" -r 2 \
-      --vram-budget 24GB --json "$OUT/q4wgpu_70b_streamed.json"
+    [ "${Q4_70B:-1}" = 1 ] && part q4wgpu_70b_streamed 150 "${bench[@]}" --synthetic llama-70b -p 128 \
+      -n "$tg_70b" -r 2 --vram-budget 24GB "${cpu_layers[@]}" --json "$OUT/q4wgpu_70b_streamed.json"
   fi
 fi
 
@@ -337,6 +350,21 @@ if [ -n "$llama_pid" ]; then
 fi
 if [ ${#llama_steps[@]} -gt 0 ]; then
   log "llama.cpp: preparations (exit status): $(for f in "$WORK"/llama_*.rc; do [ -f "$f" ] && printf '%s %s; ' "$(basename "$f" .rc)" "$(cat "$f")"; done)"
+fi
+# Issue 11: llama.cpp's CPU offload at matched VRAM, each -ngl in a part of its own (its own peak).
+if [ "$offload" = 1 ] && step_ok llama_model && step_ok llama_build; then
+  for n in ${LLAMA_NGL_ROWS:-40 26 12}; do
+    part "llama_ngl$n" 90 env LLAMA_NGL="$n" benches/llama_cpp/run.sh bench "$WORK" "llama_ngl$n" \
+      -p 512 -n 32 -r 2
+  done
+  if [ "${LLAMA_70B:-0}" = 1 ]; then
+    rm -f "/tmp/llama-qwen2-32b-q4_0.gguf" # 18 GB; the 70B GGUF takes 38 of the 64 GB of disk
+    part llama_70b_model 120 env SHAPE=llama-70b benches/llama_cpp/run.sh model
+    n=${LLAMA_70B_NGL:-44}
+    part "llama_70b_ngl$n" 150 env SHAPE=llama-70b LLAMA_NGL="$n" benches/llama_cpp/run.sh bench "$WORK" \
+      "llama_70b_ngl$n" -p 128 -n 16 -r 2
+    rm -f /tmp/llama-llama-70b-q4_0.gguf
+  fi
 fi
 # Which llama.cpp backends can run: the GGUF is written and the binary is there.
 cuda_go=0 vk_go=0

@@ -1010,7 +1010,7 @@ pub fn parse_budgets(text: &str) -> Result<Vec<Option<u64>>> {
         .collect()
 }
 
-pub const TABLE_HEADER: &str = "| model | budget | layers res/str | test | tok/s | min–max | GB/token | streamed GB/token | GB/s | memory limit tok/s | % of limit | PCIe bound tok/s | % of PCIe bound |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+pub const TABLE_HEADER: &str = "| model | budget | layers res/str (cpu) | test | tok/s | min–max | GB/token | streamed GB/token | GB/s | memory limit tok/s | % of limit | PCIe bound tok/s | % of PCIe bound |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 /// `v` with three significant digits (at most six decimals): "16.5", "0.257", "0.00102".
 fn sig3(v: f64) -> String {
@@ -1027,7 +1027,7 @@ pub fn table_line(r: &BenchRow) -> String {
     let gb = |b: f64| sig3(b / 1e9);
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("—".to_string(), f);
     format!(
-        "| {} | {} | {}/{} | {} | {:.2} | {:.2}–{:.2} | {} | {} | {} | {:.2} | {:.0} % | {} | {} |",
+        "| {} | {} | {}/{}{} | {} | {:.2} | {:.2}–{:.2} | {} | {} | {} | {:.2} | {:.0} % | {} | {} |",
         r.model,
         if r.streamed_layers > 0 {
             format!("{}, {}", budget_label(r.budget), r.stream_read.name())
@@ -1036,6 +1036,11 @@ pub fn table_line(r: &BenchRow) -> String {
         },
         r.resident_layers,
         r.streamed_layers,
+        // Decode rows of a hybrid plan: how many of the streamed layers ran on the CPU.
+        match (r.cpu_layers, r.test.starts_with("tg")) {
+            (0, _) | (_, false) => String::new(),
+            (n, true) => format!(" ({n})"),
+        },
         if r.test.starts_with("tg") {
             // A batched row ("tg64 x8") runs the batched step, which has no fusions.
             let fusion = match r.test.contains(" x") {
