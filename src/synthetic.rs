@@ -204,6 +204,29 @@ fn kind_of(name: &str) -> &str {
         .map_or(name, |(_, kind)| kind)
 }
 
+/// Gives every layer's INT4 matrices memory of their own (copies of the shared blobs), so that a
+/// CPU reading layer after layer (`--cpu`, a hybrid plan's CPU layers) reads distinct memory as
+/// with a real model: with shared blobs, a CPU cache larger than one layer would serve the later
+/// layers from cache. Costs the whole model's size in host memory.
+pub fn give_layers_own_memory(weights: &mut ModelWeights) {
+    let own = |b: &Blob| match b {
+        Blob::Owned(words, len) => Blob::Owned(Arc::new(words.as_ref().clone()), *len),
+        other => other.clone(),
+    };
+    weights
+        .tensors
+        .par_iter_mut()
+        .filter(|(name, _)| name.starts_with("model.layers."))
+        .for_each(|(_, w)| {
+            if let Weight::Q4 {
+                qweight, scales, ..
+            } = w
+            {
+                (*qweight, *scales) = (own(qweight), own(scales));
+            }
+        });
+}
+
 /// Random weights for `config` (deterministic for `seed`). Layers share their blobs.
 pub fn synthetic_weights(config: &ModelConfig, seed: u64) -> ModelWeights {
     let mut shared: HashMap<String, Weight> = HashMap::new();

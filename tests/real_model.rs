@@ -3,7 +3,7 @@
 //! resident and streamed, with every decode fusion; and the CLI answers as a user sees it.
 
 use q4wgpu::cpu::{CpuDecoder, CpuModel};
-use q4wgpu::engine::{residency_plan, DecodeFusion, EngineOptions, GpuModel};
+use q4wgpu::engine::{residency_plan, CpuLayers, DecodeFusion, EngineOptions, GpuModel};
 use q4wgpu::generate::{generate, GenerateOptions, Generation, LogprobReport};
 use q4wgpu::gpu::testing::gpu;
 use q4wgpu::model::{self, LoadedModel};
@@ -242,6 +242,7 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
                 vram_budget: Some(budget),
                 prefetch_depth: 2,
                 decode_fusion: fusion,
+                cpu_layers: CpuLayers::Count(0),
                 ..opts.clone()
             },
         )
@@ -264,6 +265,54 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
         "max top-{TOP_K} log-probability deviation GPU vs CPU: {worst:.4} (tolerance {LOGPROB_TOLERANCE}); {:.1} s in all",
         start.elapsed().as_secs_f64()
     );
+}
+
+/// A hybrid plan (half the layers resident, half of the rest decoded on the CPU, the others
+/// streamed): a prompt longer than a chunk on the GPU, then 32 greedy tokens equal to the CPU
+/// reference's (a near tie excepted, as above), log-probabilities within the tolerance.
+#[test]
+fn hybrid_plan_matches_the_cpu_reference_for_32_greedy_tokens() {
+    let path = model::resolve(None).expect("fetch and quantize the default model");
+    let loaded = model::load(&path, false).expect("load");
+    let cpu = CpuModel::new(&loaded.weights)
+        .expect("cpu")
+        .with_decode_activations(EngineOptions::default().decode_activations);
+    let ids = chat(
+        &loaded,
+        None,
+        "Write a haiku about memory bandwidth, then explain it in two sentences.",
+    );
+    let chunk = 16;
+    assert!(
+        ids.len() > chunk,
+        "the prompt has only {} tokens",
+        ids.len()
+    );
+    let reference = Reference::new("hybrid plan", ids, &cpu, 32, &loaded);
+    let opts = EngineOptions {
+        ctx_size: 512,
+        chunk,
+        prefetch_depth: 2,
+        ..Default::default()
+    };
+    let (all, _) = residency_plan(gpu(), &loaded.weights.config, &opts).expect("plan");
+    let resident = all.layers / 2;
+    let cpu_layers = (all.layers - resident) / 2;
+    let budget = all.fixed_bytes + (resident as u64 + 2) * all.layer_bytes;
+    let opts = EngineOptions {
+        vram_budget: Some(budget),
+        cpu_layers: CpuLayers::Count(cpu_layers),
+        ..opts
+    };
+    let mut engine = GpuModel::new(gpu(), &loaded.weights, opts).expect("hybrid engine");
+    assert_eq!(engine.plan().resident_layers, resident);
+    assert_eq!(engine.cpu_layers(), cpu_layers);
+    let label = format!(
+        "{resident} resident, {cpu_layers} on the CPU, {} streamed",
+        all.layers - resident - cpu_layers
+    );
+    let dev = reference.check(&mut engine, &loaded, &label);
+    assert!(dev <= LOGPROB_TOLERANCE, "{label}: deviation {dev}");
 }
 
 fn q4wgpu(args: &[&str]) -> serde_json::Value {

@@ -453,6 +453,19 @@ fn bench_weights(args: &BenchArgs) -> Result<(q4wgpu::weights::ModelWeights, Str
             (model::load(&path, true)?.weights, name)
         }
     };
+    let mut weights = weights;
+    if args.synthetic.is_some() {
+        // Layers of their own where host memory allows (see give_layers_own_memory): CPU layers
+        // and --cpu then read distinct memory per layer, as with a real model.
+        let room = scheduler::host_memory_available().unwrap_or(0);
+        if room / 5 * 2 > weights.byte_len() as u64 {
+            synthetic::give_layers_own_memory(&mut weights);
+        } else {
+            eprintln!(
+                "note: the synthetic layers share one layer's memory (not enough host RAM for their own): CPU figures may gain from the CPU's cache"
+            );
+        }
+    }
     eprintln!(
         "{name}: {:.2} GB of weights ready in {:.1} s",
         weights.byte_len() as f64 / 1e9,
