@@ -82,12 +82,14 @@ fn next_gpu(segments: &[Segment], i: usize) -> Option<&std::ops::Range<usize>> {
 
 impl<'w> GpuModel<'w> {
     /// Decides the CPU layers (after the buffers are built): nothing to decide when every layer
-    /// is resident, with several KV slots (batched decode needs every layer on the GPU) or with
+    /// is resident, with several KV slots (batched decode needs every layer on the GPU), when
+    /// decode steps read streamed layers from host memory (no ring copies to hide) or with
     /// `--cpu-layers 0`.
     pub(super) fn plan_hybrid(&mut self) -> Result<()> {
         let non_resident = self.plan.streamed_layers();
         if non_resident == 0
             || self.opts.kv_slots > 1
+            || self.opts.decode_reads != super::StreamRead::Ring
             || self.opts.cpu_layers == CpuLayers::Count(0)
         {
             return Ok(());
@@ -248,6 +250,7 @@ impl<'w> GpuModel<'w> {
     fn prefetch(&self, range: &std::ops::Range<usize>, prefetched: &mut [bool]) {
         let mut used = vec![false; self.ring.len()];
         let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        let mut copies = 0;
         for l in range.clone() {
             let LayerHome::Streamed { slot, .. } = &self.homes[l] else {
                 continue;
@@ -258,8 +261,11 @@ impl<'w> GpuModel<'w> {
             used[*slot] = true;
             self.copy_to_ring(&mut enc, l);
             prefetched[l] = true;
+            copies += 1;
         }
-        self.gpu.queue.submit([enc.finish()]);
+        if copies > 0 {
+            self.gpu.queue.submit([enc.finish()]);
+        }
     }
 
     /// One decode step of `token` under the hybrid plan at the position (which the caller then
