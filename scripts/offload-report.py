@@ -3,7 +3,8 @@
 SET=offload (its $OUT folder): q4wgpu at each budget (streaming only and with CPU layers) against
 llama.cpp CUDA at the -ngl whose nvidia-smi peak is nearest to q4wgpu's at that budget.
 
-Usage: python3 scripts/offload-report.py RUN_FOLDER [RUN_FOLDER...]   (one table per folder)
+Usage: python3 scripts/offload-report.py [--plot PNG] RUN_FOLDER [RUN_FOLDER...]
+(one table per folder; the plot: decode tok/s against peak VRAM, every folder's points)
 """
 import importlib.util
 import pathlib
@@ -82,11 +83,54 @@ def table(folder):
     return lines
 
 
+def plot(folders, path):
+    """Decode tok/s against nvidia-smi's peak VRAM: q4wgpu streaming, q4wgpu with CPU layers and
+    llama.cpp -ngl, the 32B shape, one marker per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "os^D"
+    for i, folder in enumerate(folders):
+        res = br.Results([folder])
+        peaks = res.vram.budget_peaks(res.files)
+        curves = {"q4wgpu, streaming only": [], "q4wgpu, CPU layers + streaming": [],
+                  "llama.cpp CUDA, -ngl (CPU offload)": []}
+        for (model, budget), rows in q4_rows(res).items():
+            peak = br.peak_for(peaks, model, budget * 1e9)
+            if model != "qwen2-32b" or peak is None:
+                continue
+            for key, name in (("stream", "q4wgpu, streaming only"), ("hybrid", "q4wgpu, CPU layers + streaming")):
+                if rows.get(key):
+                    curves[name].append((peak, rows[key]["tokens_per_second"]))
+        for _, peak, tg, _ in llama_parts(res, peaks):
+            if peak is not None and tg:
+                curves["llama.cpp CUDA, -ngl (CPU offload)"].append((peak, br.llama_rate(tg)[0]))
+        for c, (name, pts) in enumerate(curves.items()):
+            pts.sort()
+            if pts:
+                ax.plot([p for p, _ in pts], [t for _, t in pts], markers[i % 4] + "-", color=f"C{c}",
+                        label=f"{name} ({pathlib.Path(folder).name})", alpha=0.9 if i == 0 else 0.55)
+    ax.set_xlabel("peak VRAM, GB (nvidia-smi, less idle)")
+    ax.set_ylabel("decode tok/s (32B shape, tg32)")
+    ax.set_title("Models larger than the GPU's memory: H200, 16 host cores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
+    args = sys.argv[1:]
+    png = None
+    if len(args) > 1 and args[0] == "--plot":
+        png, args = args[1], args[2:]
     out = []
-    for folder in sys.argv[1:]:
+    for folder in args:
         out += table(folder)
     print("\n".join(out))
+    if png:
+        plot(args, png)
 
 
 if __name__ == "__main__":
