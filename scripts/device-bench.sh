@@ -72,7 +72,8 @@ cd "$(dirname "$0")/.."
 #             (40 26 12 layers: 11.7, 8.0 and 4.3 GB peaks on 2026-11-30), pp512 and tg32; with
 #             LLAMA_70B=1 also the 70B shape at -ngl LLAMA_70B_NGL (44) after the 32B GGUF is
 #             removed (disk). Run with SERIAL=1, so nothing else uses the CPU while q4wgpu's CPU
-#             layers are timed (the llama.cpp build, about 270 s, comes first).
+#             layers are timed (the llama.cpp build, about 270 s, comes first). An empty
+#             Q4_BUDGETS or LLAMA_NGL_ROWS runs none (a second call for the 70B parts only).
 SET=${SET:-all}
 offload=0
 case $SET in
@@ -323,7 +324,7 @@ else
     # Decode rows per setting of the CPU layers (streaming only, then the hybrid plan: offload).
     cpu_layers=(--cpu-layers "${Q4_CPU_LAYERS:-auto}")
     [ "$offload" = 1 ] && cpu_layers=(--cpu-layers "${Q4_CPU_LAYERS:-0,auto}")
-    for b in ${Q4_BUDGETS:-12 8 4}; do
+    for b in ${Q4_BUDGETS-12 8 4}; do
       part "q4wgpu_32b_${b}gb" 110 "${bench[@]}" --synthetic qwen2-32b -p "$pp" -n "$tg_streamed" -r 2 \
         --vram-budget "${b}GB" "${cpu_layers[@]}" --json "$OUT/q4wgpu_32b_${b}gb.json"
     done
@@ -353,7 +354,7 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
 fi
 # Issue 11: llama.cpp's CPU offload at matched VRAM, each -ngl in a part of its own (its own peak).
 if [ "$offload" = 1 ] && step_ok llama_model && step_ok llama_build; then
-  for n in ${LLAMA_NGL_ROWS:-40 26 12}; do
+  for n in ${LLAMA_NGL_ROWS-40 26 12}; do
     part "llama_ngl$n" 90 env LLAMA_NGL="$n" benches/llama_cpp/run.sh bench "$WORK" "llama_ngl$n" \
       -p 512 -n 32 -r 2
   done

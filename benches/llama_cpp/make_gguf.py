@@ -37,12 +37,15 @@ except ImportError:
     sys.modules["yaml"] = types.ModuleType("yaml")
 import gguf  # noqa: E402
 
-# Qwen2 shapes (hidden, layers, ffn, heads, kv_heads, vocab, rms eps); the same as src/synthetic.rs.
+# Shapes (hidden, layers, ffn, heads, kv_heads, vocab, rms eps); the same as src/synthetic.rs.
+# Qwen2 has q/k/v biases and RoPE base 1e6; the Llama shape neither biases nor Qwen2's vocabulary
+# (it gets the minimal byte-level one) and RoPE base 5e5.
 SHAPES = {
     "tiny": (256, 2, 512, 4, 2, 152064, 1e-6),
     "qwen2-0.5b": (896, 24, 4864, 14, 2, 151936, 1e-6),
     "qwen2-7b": (3584, 28, 18944, 28, 4, 152064, 1e-6),
     "qwen2-32b": (5120, 64, 27648, 40, 8, 152064, 1e-5),
+    "llama-70b": (8192, 80, 28672, 64, 8, 128256, 1e-5),
 }
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
@@ -124,10 +127,11 @@ def tokenizer_for(path, vocab):
 
 def write_model(shape, out, tokenizer_path, seed):
     hidden, layers, ffn, heads, kv_heads, vocab, eps = SHAPES[shape]
+    arch = "llama" if shape.startswith("llama") else "qwen2"
     kv = hidden // heads * kv_heads
     rng = np.random.default_rng(seed)
     start = time.time()
-    w = gguf.GGUFWriter(out, "qwen2")
+    w = gguf.GGUFWriter(out, arch)
     w.add_name(f"{shape} synthetic (random Q4_0)")
     w.add_context_length(131072)
     w.add_embedding_length(hidden)
@@ -135,10 +139,10 @@ def write_model(shape, out, tokenizer_path, seed):
     w.add_feed_forward_length(ffn)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(1e6)
+    w.add_rope_freq_base(5e5 if arch == "llama" else 1e6)
     w.add_layer_norm_rms_eps(eps)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    t = tokenizer_for(tokenizer_path, vocab)
+    t = tokenizer_for(tokenizer_path if arch == "qwen2" else None, vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(t["pre"])
     w.add_token_list(t["tokens"])
@@ -157,14 +161,13 @@ def write_model(shape, out, tokenizer_path, seed):
         "attn_q.weight": random_q4_0(rng, hidden, hidden),
         "attn_k.weight": random_q4_0(rng, kv, hidden),
         "attn_v.weight": random_q4_0(rng, kv, hidden),
-        "attn_q.bias": bias(hidden),
-        "attn_k.bias": bias(kv),
-        "attn_v.bias": bias(kv),
         "attn_output.weight": random_q4_0(rng, hidden, hidden),
         "ffn_gate.weight": random_q4_0(rng, ffn, hidden),
         "ffn_up.weight": random_q4_0(rng, ffn, hidden),
         "ffn_down.weight": random_q4_0(rng, hidden, ffn),
     }
+    if arch == "qwen2":
+        shared.update({"attn_q.bias": bias(hidden), "attn_k.bias": bias(kv), "attn_v.bias": bias(kv)})
     w.add_tensor("token_embd.weight", random_q4_0(rng, vocab, hidden), raw_dtype=Q4_0)
     for layer in range(layers):
         p = f"blk.{layer}."
