@@ -488,6 +488,11 @@ fn main() {
         sig(copy_gbs)
     );
 
+    // Q4WGPU_BENCH_BATCH_ONLY=1: only the batched int8 GEMV (serve --parallel, issue 12).
+    if std::env::var("Q4WGPU_BENCH_BATCH_ONLY").is_ok_and(|v| v != "0") {
+        gemv_batched(&gpu, &s, read_gbs);
+        return;
+    }
     // Q4WGPU_BENCH_ALU_ONLY=1: the issue rates of the GEMV's arithmetic alone.
     if std::env::var("Q4WGPU_BENCH_ALU_ONLY").is_ok_and(|v| v != "0") {
         alu_rates(&gpu);
@@ -1099,6 +1104,143 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         }
     }
     quant_act_table(gpu, s);
+}
+
+/// The batched int8 GEMV (`bind_batch`: COLS one-column workgroups side by side on the same
+/// weights) per matrix at 1, 2, 4 and 8 live columns of an 8-column pipeline and of a pipeline of
+/// that many columns, with the weights rotating over copies larger than L2 ("cold") and one copy
+/// ("hot": L2 can hold the smaller matrices). If a step of 8 columns costs about one column's
+/// time, the weights are read once; if it grows with the columns, what grows is the question.
+fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
+    let kernel = GemvQ4Q8::new(gpu).expect("gemv_q4_q8 compiles");
+    println!("\n## Batched int8 GEMV: µs per call (÷ the 1-column pipeline's time)\n");
+    println!("| matrix | K | N | weights | pipeline cols | live 1 | 2 | 4 | 8 | 8 live: weight GB/s, of stream read |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (i, shape) in s.shapes.iter().enumerate() {
+        let first = Matrix::random(gpu, shape.n, shape.k, 91 + i as u64);
+        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
+        let mut copies = vec![first];
+        for c in 1..n_copies {
+            copies.push(Matrix::random(
+                gpu,
+                shape.n,
+                shape.k,
+                3000 * c as u64 + i as u64,
+            ));
+        }
+        let cols_max = 8;
+        let x = ActQ8Buffers::with_rows(gpu, "batch x", shape.k, cols_max);
+        // Each column a quantized random vector at its padded offset (the timing does not depend
+        // on the values, but the arithmetic is that of real ones).
+        let padded = blocks_per_row(shape.k) * q4wgpu::quant::BLOCK;
+        for c in 0..cols_max {
+            let v: Vec<f32> = random_words(padded, 5 + c as u64)
+                .iter()
+                .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+                .collect();
+            let a = ActQ8::quantize(&v);
+            let (wo, so) = (
+                x.words.size() / cols_max as u64,
+                x.scales.size() / cols_max as u64,
+            );
+            gpu.queue.write_buffer(
+                &x.words,
+                c as u64 * wo,
+                bytemuck::cast_slice(&a.packed_words()),
+            );
+            gpu.queue.write_buffer(
+                &x.scales,
+                c as u64 * so,
+                bytemuck::cast_slice(&a.packed_scales()),
+            );
+        }
+        let y = gpu.storage_buffer("batch y", (shape.n * cols_max) as u64 * 4);
+        // The one-column kernel (the lone sequence's step), as the engine binds it.
+        let time_one = |mats: &[Matrix]| -> Option<f64> {
+            let bound: Vec<Vec<Dispatch>> = mats
+                .iter()
+                .map(|m| {
+                    let (x, y) = (Q8Input::Quantized(&x), BufRange::whole(&y));
+                    let opts = GemvOptions::default();
+                    kernel.bind(gpu, m.q4ref(), x, y, None, Epilogue::Store, &opts)
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| eprintln!("  gemv_q4_q8: {e}"))
+                .ok()?;
+            Some(time_per_call(gpu, s.reps, &|pass, i| {
+                encode_all(pass, &bound[i % bound.len()])
+            }))
+        };
+        let time = |mats: &[Matrix], cols: usize, live: usize| -> Option<f64> {
+            if cols == 1 {
+                return time_one(mats);
+            }
+            let rows: Vec<(usize, usize)> = (0..live).map(|c| (c, c)).collect();
+            let batch = gpu.uniform("batch", &q4wgpu::kernels::BatchStep::new(&rows));
+            let io = q4wgpu::kernels::gemv_q4_q8::BatchIo {
+                x: &x,
+                y: &y,
+                y_stride: shape.n,
+                cols,
+                batch: &batch,
+            };
+            let mut bound = Vec::new();
+            for m in mats {
+                match kernel.bind_batch(
+                    gpu,
+                    m.q4ref(),
+                    &io,
+                    None,
+                    Epilogue::Store,
+                    &GemvOptions::default(),
+                ) {
+                    Ok(d) => bound.push(d),
+                    Err(e) => {
+                        eprintln!("  batched gemv {cols} columns: {e}");
+                        return None;
+                    }
+                }
+            }
+            Some(time_per_call(gpu, s.reps, &|pass, i| {
+                encode_all(pass, &bound[i % bound.len()])
+            }))
+        };
+        let weights = copies[0].bytes();
+        for (what, mats) in [("cold", &copies[..]), ("hot", &copies[..1])] {
+            let Some(one) = time_one(mats) else {
+                continue;
+            };
+            for pipeline in [8usize, 0] {
+                let cells: Vec<String> = [1usize, 2, 4, 8]
+                    .iter()
+                    .map(|&live| {
+                        let cols = if pipeline == 0 { live } else { pipeline };
+                        time(mats, cols, live).map_or("—".into(), |t| {
+                            format!("{} ({:.2})", sig(t * 1e6), t / one)
+                        })
+                    })
+                    .collect();
+                let t8 = time(mats, 8, 8).unwrap_or(f64::NAN);
+                println!(
+                    "| {} | {} | {} | {what} | {} | {} | {} |",
+                    shape.name,
+                    shape.k,
+                    shape.n,
+                    if pipeline == 0 {
+                        "= live".to_string()
+                    } else {
+                        pipeline.to_string()
+                    },
+                    cells.join(" | "),
+                    format!(
+                        "{}, {:.2}",
+                        sig(weights as f64 / t8 / 1e9),
+                        weights as f64 / t8 / 1e9 / read_gbs
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// The activation quantizer at the decode step's sizes (5120 plain and RMSNorm, 27648 SwiGLU
