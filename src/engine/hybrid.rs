@@ -398,7 +398,7 @@ impl<'w> GpuModel<'w> {
     }
 
     /// Brings the GPU's caches of the CPU layers up to the position, before work that runs every
-    /// layer on the GPU (prompt chunks); the caller then marks them valid with [`gpu_wrote_kv`].
+    /// layer on the GPU (prompt chunks); the caller then marks them valid with [`Self::gpu_wrote_kv`].
     pub(super) fn kv_to_gpu(&mut self) -> Result<()> {
         let Some(hy) = self.hybrid.as_mut() else {
             return Ok(());
