@@ -465,7 +465,7 @@ fn hybrid_note(hy: &Hybrid) -> String {
         .filter(|&&r| r == LayerRole::Streamed)
         .count();
     format!(
-        "decode: {} layer(s) on the CPU ({}, {} threads), {streamed} streamed; measured per layer: CPU {:.2} ms, copy {:.2} ms, GPU {:.2} ms, hand-off {:.2} ms; expected layer time per token {:.1} ms ({:.1} ms streaming them all)",
+        "decode: {} layer(s) on the CPU ({}, {} threads), {streamed} streamed; measured per layer: CPU {:.2} ms, copy {:.2} ms, GPU {:.2} ms, hand-off {:.2} ms; expected layer time per token {:.1} ms, at most {:.1} tok/s ({:.1} ms streaming them all)",
         hy.cpu_layers(),
         hy.isa.name(),
         rayon::current_num_threads(),
@@ -474,6 +474,7 @@ fn hybrid_note(hy: &Hybrid) -> String {
         ms(c.gpu_layer_s),
         ms(c.handoff_s),
         ms(hy.expected_s),
+        1.0 / hy.expected_s,
         ms(hy.streaming_s),
     )
 }
