@@ -1167,6 +1167,11 @@ fn info(
     };
     let (plan, source) = q4wgpu::engine::residency_plan(&gpu, c, &opts)?;
     println!("plan: {} (budget from {source})", plan.describe());
+    if plan.streamed_layers() > 0 {
+        println!(
+            "decode: how many of the streamed layers run on the CPU instead is decided at load, from timings of this machine (`run --cpu-layers auto`, the default; `run` prints the split)"
+        );
+    }
     println!(
         "GPU memory planned at --ctx-size {ctx}: {} (room for the driver included)",
         gb(plan.device_bytes())
