@@ -69,7 +69,8 @@ cd "$(dirname "$0")/.."
 #   offload   issue 11: q4wgpu 32B at the Q4_BUDGETS (12 8 4) and 70B at 24 GB (Q4_70B=0: not),
 #             each with --cpu-layers Q4_CPU_LAYERS (0,auto: streaming only, then the hybrid
 #             plan); llama.cpp CUDA -ngl at matched VRAM, one part per LLAMA_NGL_ROWS value
-#             (40 26 12 layers: 11.7, 8.0 and 4.3 GB peaks on 2026-11-30), pp512 and tg32; with
+#             (40 23 8: on 2026-12-01 -ngl 40, 26, 12 peaked at 12.23, 8.38, 4.53 GB, about
+#             1.17 GB + 0.28 GB a layer, against q4wgpu's 11.85, 7.56, 3.27), pp512 and tg32; with
 #             LLAMA_70B=1 also the 70B shape at -ngl LLAMA_70B_NGL (44) after the 32B GGUF is
 #             removed (disk). Run with SERIAL=1, so nothing else uses the CPU while q4wgpu's CPU
 #             layers are timed (the llama.cpp build, about 270 s, comes first). An empty
@@ -354,7 +355,7 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
 fi
 # Issue 11: llama.cpp's CPU offload at matched VRAM, each -ngl in a part of its own (its own peak).
 if [ "$offload" = 1 ] && step_ok llama_model && step_ok llama_build; then
-  for n in ${LLAMA_NGL_ROWS-40 26 12}; do
+  for n in ${LLAMA_NGL_ROWS-40 23 8}; do
     part "llama_ngl$n" 90 env LLAMA_NGL="$n" benches/llama_cpp/run.sh bench "$WORK" "llama_ngl$n" \
       -p 512 -n 32 -r 2
   done
