@@ -267,9 +267,10 @@ fn gpu_matches_the_cpu_reference_in_tokens_and_top_logprobs() {
     );
 }
 
-/// A hybrid plan (half the layers resident, half of the rest decoded on the CPU, the others
-/// streamed): a prompt longer than a chunk on the GPU, then 32 greedy tokens equal to the CPU
-/// reference's (a near tie excepted, as above), log-probabilities within the tolerance.
+/// A hybrid plan (two layers resident, two streamed, the rest decoded on the CPU: few layers on
+/// lavapipe keep CI short; tests/model_gpu.rs covers other layouts): a prompt longer than a chunk
+/// on the GPU, then 32 greedy tokens equal to the CPU reference's (a near tie excepted, as
+/// above), log-probabilities within the tolerance.
 #[test]
 fn hybrid_plan_matches_the_cpu_reference_for_32_greedy_tokens() {
     let path = model::resolve(None).expect("fetch and quantize the default model");
@@ -280,7 +281,7 @@ fn hybrid_plan_matches_the_cpu_reference_for_32_greedy_tokens() {
     let ids = chat(
         &loaded,
         None,
-        "Write a haiku about memory bandwidth, then explain it in two sentences.",
+        "Write a Python function that returns the n-th Fibonacci number, with a docstring and a loop.",
     );
     let chunk = 16;
     assert!(
@@ -296,8 +297,8 @@ fn hybrid_plan_matches_the_cpu_reference_for_32_greedy_tokens() {
         ..Default::default()
     };
     let (all, _) = residency_plan(gpu(), &loaded.weights.config, &opts).expect("plan");
-    let resident = all.layers / 2;
-    let cpu_layers = (all.layers - resident) / 2;
+    let resident = 2;
+    let cpu_layers = all.layers - resident - 2;
     let budget = all.fixed_bytes + (resident as u64 + 2) * all.layer_bytes;
     let opts = EngineOptions {
         vram_budget: Some(budget),
