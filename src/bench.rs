@@ -653,9 +653,9 @@ pub fn run_bench(
             "no decode activations or fusion given".into(),
         ));
     }
-    if opts.stream_reads.is_empty() {
+    if opts.stream_reads.is_empty() || opts.cpu_layers.is_empty() {
         return Err(Error::Invalid(
-            "no way of reading streamed layers given".into(),
+            "no way of reading streamed layers or of CPU layers given".into(),
         ));
     }
     if opts.repetitions == 0 || opts.chunk == 0 {
