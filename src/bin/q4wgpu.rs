@@ -819,6 +819,7 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     let decode_reads = StreamRead::parse(&args.decode_reads)?;
     let prompt_reads = StreamRead::parse(&args.prompt_reads)?;
+    let cpu_layers = CpuLayers::parse(&args.cpu_layers)?;
     let budget = args
         .vram_budget
         .as_deref()
@@ -892,7 +893,7 @@ fn run(args: RunArgs) -> Result<i32> {
             decode_reads,
             prompt_reads,
             decode_activations: DecodeActivations::parse(&args.decode_activations)?,
-            cpu_layers: CpuLayers::parse(&args.cpu_layers)?,
+            cpu_layers,
             ..Default::default()
         };
         let mut engine = GpuModel::new(&gpu, &loaded.weights, engine_opts)?;

@@ -478,3 +478,23 @@ fn hybrid_note(hy: &Hybrid) -> String {
         ms(hy.streaming_s),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CpuLayers;
+
+    #[test]
+    fn cpu_layers_parse_auto_and_counts_and_name_bad_input() {
+        assert_eq!(CpuLayers::parse("auto").ok(), Some(CpuLayers::Auto));
+        assert_eq!(CpuLayers::parse(" 12 ").ok(), Some(CpuLayers::Count(12)));
+        assert_eq!(CpuLayers::parse("0").ok(), Some(CpuLayers::Count(0)));
+        for bad in ["", "-1", "half", "1.5"] {
+            let err = CpuLayers::parse(bad).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains("--cpu-layers")),
+                "{bad:?}: {err:?}"
+            );
+        }
+        assert_eq!(CpuLayers::Count(7).name(), "7");
+    }
+}
