@@ -326,6 +326,14 @@ fn random_words(n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// `n` values uniform in [-0.5, 0.5) from `random_words(n, seed)`.
+fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    random_words(n, seed)
+        .iter()
+        .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
+        .collect()
+}
+
 /// A random INT4 matrix on the GPU: words, and scales as bf16 in [2^-8, 2^-6).
 struct Matrix {
     rows: usize,
@@ -358,6 +366,25 @@ impl Matrix {
         let bpr = blocks_per_row(self.cols) as u64;
         self.rows as u64 * bpr * (64 + 2)
     }
+}
+
+/// Random copies of `shape`'s matrix totalling at least `s.rotate_bytes` (timings rotate over
+/// them so the L2 cache does not hold the weights): the first with seed `first + i`, copy c
+/// with `step * c + i`.
+fn rotating_copies(
+    gpu: &Gpu,
+    s: &Settings,
+    shape: &Shape,
+    (first, step): (u64, u64),
+    i: u64,
+) -> Vec<Matrix> {
+    let first = Matrix::random(gpu, shape.n, shape.k, first + i);
+    let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
+    let mut copies = vec![first];
+    for c in 1..n_copies {
+        copies.push(Matrix::random(gpu, shape.n, shape.k, step * c as u64 + i));
+    }
+    copies
 }
 
 fn encode_all(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch]) {
@@ -526,21 +553,8 @@ fn main() {
     );
     let mut sweeps = Vec::new();
     for (i, shape) in s.shapes.iter().enumerate() {
-        let first = Matrix::random(&gpu, shape.n, shape.k, 7 + i as u64);
-        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
-        let mut copies = vec![first];
-        for c in 1..n_copies {
-            copies.push(Matrix::random(
-                &gpu,
-                shape.n,
-                shape.k,
-                1000 * c as u64 + i as u64,
-            ));
-        }
-        let x_host: Vec<f32> = random_words(shape.k, 3)
-            .iter()
-            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-            .collect();
+        let copies = rotating_copies(&gpu, &s, shape, (7, 1000), i as u64);
+        let x_host: Vec<f32> = random_values(shape.k, 3);
         let x = gpu.storage_from("bench x", &x_host);
         let y = gpu.storage_buffer("bench y", shape.n as u64 * 4);
         let bytes = copies[0].bytes() + shape.k as u64 * 4;
@@ -709,10 +723,7 @@ fn gemm_table(gpu: &Gpu, s: &Settings, gemm: &GemmQ4) {
                 continue;
             }
             let w = Matrix::random(gpu, shape.n, shape.k, 99 + i as u64);
-            let x_host: Vec<f32> = random_words(m * shape.k, 5)
-                .iter()
-                .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-                .collect();
+            let x_host: Vec<f32> = random_values(m * shape.k, 5);
             let x = gpu.storage_from("bench X", &x_host);
             let y = gpu.storage_buffer("bench Y", y_bytes);
             let default = gemm.variant_for(m, shape.n, shape.k);
@@ -844,10 +855,7 @@ fn attention_decode(gpu: &Gpu, s: &Settings, read_gbs: f64) {
         })
         .collect();
     for &ctx in &s.contexts {
-        let q_host: Vec<f32> = random_words(heads * hd, 11)
-            .iter()
-            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-            .collect();
+        let q_host: Vec<f32> = random_values(heads * hd, 11);
         let q = gpu.storage_from("bench q", &q_host);
         let out = gpu.storage_buffer("bench attention out", (heads * hd * 4) as u64);
         let kv_bytes = (2 * kv_heads * ctx * hd * 2) as u64;
@@ -957,21 +965,8 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     let mut sweeps = Vec::new();
     let mut unroll_rows = Vec::new();
     for (i, shape) in s.shapes.iter().enumerate() {
-        let first = Matrix::random(gpu, shape.n, shape.k, 77 + i as u64);
-        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
-        let mut copies = vec![first];
-        for c in 1..n_copies {
-            copies.push(Matrix::random(
-                gpu,
-                shape.n,
-                shape.k,
-                2000 * c as u64 + i as u64,
-            ));
-        }
-        let x_host: Vec<f32> = random_words(shape.k, 3)
-            .iter()
-            .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-            .collect();
+        let copies = rotating_copies(gpu, s, shape, (77, 2000), i as u64);
+        let x_host: Vec<f32> = random_values(shape.k, 3);
         let a = ActQ8::quantize(&x_host);
         let x = ActQ8Buffers::new(gpu, "bench x", shape.k);
         gpu.queue
@@ -1117,27 +1112,14 @@ fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     println!("| matrix | K | N | weights | pipeline cols | live 1 | 2 | 4 | 8 | 8 live: weight GB/s, of stream read |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (i, shape) in s.shapes.iter().enumerate() {
-        let first = Matrix::random(gpu, shape.n, shape.k, 91 + i as u64);
-        let n_copies = (s.rotate_bytes.div_ceil(first.bytes()) as usize).max(1);
-        let mut copies = vec![first];
-        for c in 1..n_copies {
-            copies.push(Matrix::random(
-                gpu,
-                shape.n,
-                shape.k,
-                3000 * c as u64 + i as u64,
-            ));
-        }
+        let copies = rotating_copies(gpu, s, shape, (91, 3000), i as u64);
         let cols_max = 8;
         let x = ActQ8Buffers::with_rows(gpu, "batch x", shape.k, cols_max);
         // Each column a quantized random vector at its padded offset (the timing does not depend
         // on the values, but the arithmetic is that of real ones).
         let padded = blocks_per_row(shape.k) * q4wgpu::quant::BLOCK;
         for c in 0..cols_max {
-            let v: Vec<f32> = random_words(padded, 5 + c as u64)
-                .iter()
-                .map(|w| (*w as f32 / u32::MAX as f32) - 0.5)
-                .collect();
+            let v: Vec<f32> = random_values(padded, 5 + c as u64);
             let a = ActQ8::quantize(&v);
             let (wo, so) = (
                 x.words.size() / cols_max as u64,
