@@ -350,12 +350,8 @@ impl<'w> GpuModel<'w> {
         if from >= to {
             return Ok(());
         }
-        let (kv_heads, hd, ctx) = (
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.opts.ctx_size,
-        );
-        let run = ((to - from) * hd * 2) as u64; // bytes of one head's positions
+        let (kv_heads, hd) = (self.config.num_kv_heads(), self.config.head_dim());
+        let run = self.kv_head_bytes(0, from, to).1; // bytes of one head's positions
         let size = 2 * kv_heads as u64 * run;
         let staging = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("cpu layers' kv read-back"),
@@ -371,7 +367,7 @@ impl<'w> GpuModel<'w> {
             let (k, v) = (&self.kv[l].0, &self.kv[l].1);
             for (side, buf) in [k, v].into_iter().enumerate() {
                 for h in 0..kv_heads {
-                    let src = ((h * ctx + from) * hd * 2) as u64;
+                    let src = self.kv_head_bytes(h, from, to).0;
                     let dst = (side * kv_heads + h) as u64 * run;
                     enc.copy_buffer_to_buffer(buf, src, &staging, dst, run);
                 }
@@ -400,27 +396,21 @@ impl<'w> GpuModel<'w> {
     /// Brings the GPU's caches of the CPU layers up to the position, before work that runs every
     /// layer on the GPU (prompt chunks); the caller then marks them valid with [`Self::gpu_wrote_kv`].
     pub(super) fn kv_to_gpu(&mut self) -> Result<()> {
-        let Some(hy) = self.hybrid.as_mut() else {
+        let Some(hy) = self.hybrid.as_ref() else {
             return Ok(());
         };
         let (from, to) = (hy.gpu_valid, self.position.min(hy.cpu_valid));
-        let (kv_heads, hd, ctx) = (
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.opts.ctx_size,
-        );
+        if from >= to {
+            return Ok(());
+        }
+        let (kv_heads, hd) = (self.config.num_kv_heads(), self.config.head_dim());
         for l in 0..self.plan.layers {
-            let (Some(j), true) = (hy.cache_layer[l], from < to) else {
+            let Some(j) = hy.cache_layer[l] else {
                 continue;
             };
             let keys = &hy.cache.keys(j, to)[from * kv_heads * hd..];
             let values = &hy.cache.values(j, to)[from * kv_heads * hd..];
-            for (side, data) in [keys, values].into_iter().enumerate() {
-                let buf = if side == 0 {
-                    &self.kv[l].0
-                } else {
-                    &self.kv[l].1
-                };
+            for (buf, data) in [(&self.kv[l].0, keys), (&self.kv[l].1, values)] {
                 for h in 0..kv_heads {
                     let head: Vec<u16> = (0..to - from)
                         .flat_map(|p| (0..hd).map(move |i| (p, i)))
@@ -428,14 +418,16 @@ impl<'w> GpuModel<'w> {
                             half::f16::from_f32(data[p * kv_heads * hd + h * hd + i]).to_bits()
                         })
                         .collect();
-                    let at = ((h * ctx + from) * hd * 2) as u64;
+                    let at = self.kv_head_bytes(h, from, to).0;
                     self.gpu
                         .queue
                         .write_buffer(buf, at, bytemuck::cast_slice(&head));
                 }
             }
         }
-        hy.gpu_valid = hy.gpu_valid.max(to);
+        if let Some(hy) = self.hybrid.as_mut() {
+            hy.gpu_valid = hy.gpu_valid.max(to);
+        }
         Ok(())
     }
 

@@ -180,6 +180,14 @@ impl GpuModel<'_> {
         &mut self.slots.len
     }
 
+    /// Byte offset and size of positions `from..to` of KV head `head` in one layer's K or V
+    /// cache, laid out `[kv_head][ctx][head_dim]` in f16.
+    pub(super) fn kv_head_bytes(&self, head: usize, from: usize, to: usize) -> (u64, u64) {
+        let row = (self.config.head_dim() * 2) as u64;
+        let start = (head * self.opts.ctx_size + from) as u64 * row;
+        (start, to.saturating_sub(from) as u64 * row)
+    }
+
     /// Records copies of positions `from..to` between the working caches and `slot`'s region
     /// (`save`: working → region). Layout `[kv_head][ctx][head_dim]` in f16.
     fn copy_positions(
@@ -193,14 +201,11 @@ impl GpuModel<'_> {
         if from >= to {
             return;
         }
-        let row = (self.config.head_dim() * 2) as u64;
-        let ctx = self.opts.ctx_size as u64;
         let region = slot as u64 * self.slots.region_bytes;
         for ((wk, wv), (sk, sv)) in self.kv.iter().zip(&self.slots.saved) {
             for (work, saved) in [(wk, sk), (wv, sv)] {
-                for head in 0..self.config.num_kv_heads() as u64 {
-                    let offset = (head * ctx + from as u64) * row;
-                    let size = (to - from) as u64 * row;
+                for head in 0..self.config.num_kv_heads() {
+                    let (offset, size) = self.kv_head_bytes(head, from, to);
                     if save {
                         enc.copy_buffer_to_buffer(work, offset, saved, region + offset, size);
                     } else {
