@@ -619,7 +619,7 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
     let sweep = s.gemm_sweep;
     let mut v = vec![gemm.variant_for(m, n, k)];
     if s.gemm_ablate && gemm.has_hardware_coop() {
-        for prefetch in [true, false] {
+        for (prefetch, packed) in [(true, false), (false, false), (true, true)] {
             for ablate in [
                 0,
                 ABLATE_LOADS,
@@ -633,6 +633,7 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
                     prefetch,
                     opts: TileOpts {
                         ablate,
+                        packed,
                         ..TileOpts::default()
                     },
                 });
@@ -643,6 +644,23 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
         for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2)] {
             for prefetch in [true, false] {
                 v.push(GemmVariant::coop_tile(tm, tn, prefetch));
+            }
+        }
+        // The packed loader (16-byte moves, packed f16 dequantization) on the tiles the default
+        // picks, plain, with double buffers and with K steps of 64.
+        for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4)] {
+            for (double_buffer, bk64) in [(false, false), (true, false), (false, true)] {
+                v.push(GemmVariant::CoopTile {
+                    tm,
+                    tn,
+                    prefetch: true,
+                    opts: TileOpts {
+                        packed: true,
+                        double_buffer,
+                        bk64,
+                        ..TileOpts::default()
+                    },
+                });
             }
         }
         let few_tiles = m.div_ceil(128) * n.div_ceil(128) <= 2 * SMS;

@@ -39,6 +39,13 @@ fn kernels() -> Vec<Kernel> {
             },
         ),
         (
+            " pk",
+            TileOpts {
+                packed: true,
+                ..TileOpts::default()
+            },
+        ),
+        (
             " db",
             TileOpts {
                 double_buffer: true,

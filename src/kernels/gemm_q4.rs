@@ -33,9 +33,12 @@ const COOP: &str = include_str!("../../shaders/gemm_q4_coop.wgsl");
 const MMA: &str = include_str!("../../shaders/gemm_q4_mma.wgsl");
 const MMA_COOP: &str = include_str!("../../shaders/gemm_q4_mma_coop.wgsl");
 const MMA_EMULATED: &str = include_str!("../../shaders/gemm_q4_mma_emulated.wgsl");
+const MMA_LOAD: &str = include_str!("../../shaders/gemm_q4_mma_load.wgsl");
+const MMA_LOAD_PACKED: &str = include_str!("../../shaders/gemm_q4_mma_load_packed.wgsl");
 const REG: &str = include_str!("../../shaders/gemm_q4_reg.wgsl");
 const SPLITK: &str = include_str!("../../shaders/gemm_q4_splitk.wgsl");
 const X16: &str = include_str!("../../shaders/gemm_q4_x16.wgsl");
+const X16_PACKED: &str = include_str!("../../shaders/gemm_q4_x16_packed.wgsl");
 
 /// Y tile of one workgroup of the first kernels ([`GemmVariant::Tiled`], [`GemmVariant::Coop`]).
 const TILE_M: usize = 64;
@@ -75,6 +78,12 @@ pub struct TileOpts {
     /// (shaders/gemm_q4_x16.wgsl), so the tiles read half the bytes and convert nothing. Same
     /// results as without (same rounding).
     pub x_f16: bool,
+    /// Operands moved 16 bytes at a time (shaders/gemm_q4_mma_load_packed.wgsl): X converted to
+    /// f16 by a dispatch before the product, in groups of 8 in the order W's words dequantize
+    /// to, and W dequantized with packed f16 arithmetic. Fewer load, convert and store
+    /// instructions per step than the f32 path; same sums up to their order (and to scales below
+    /// 2^-14, which f16 holds less exactly). `x_f16` is then ignored.
+    pub packed: bool,
     /// K steps of 64 instead of 32: half the barriers per multiply, twice the workgroup
     /// memory for the tiles (the accumulators then leave one column at a time). Same results.
     pub bk64: bool,
@@ -101,6 +110,7 @@ impl Default for TileOpts {
         TileOpts {
             split_k: 1,
             x_f16: false,
+            packed: false,
             bk64: false,
             double_buffer: false,
             ablate: 0,
@@ -166,7 +176,9 @@ impl GemmVariant {
                 if prefetch {
                     s += " pf";
                 }
-                if opts.x_f16 {
+                if opts.packed {
+                    s += " pk";
+                } else if opts.x_f16 {
                     s += " x16";
                 }
                 if opts.bk64 {
@@ -348,12 +360,14 @@ pub fn mma_shader_with(
             );
         }
     }
-    let x_elem = if opts.x_f16 {
+    let loader = if opts.packed {
+        MMA_LOAD_PACKED.to_string()
+    } else if opts.x_f16 {
         // The pair as one u32 (the converter's vec2<f16> bytes; exact through f32): with a
         // private array of vec2<f16> the tile ran 3 x slower on the H200 (local memory?).
-        "alias XElem = u32;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(unpack2x16float(v));\n}\n"
+        format!("alias XElem = u32;\nfn x_to_f16(v: XElem) -> vec2<f16> {{\n    return vec2<f16>(unpack2x16float(v));\n}}\n{MMA_LOAD}")
     } else {
-        "alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {\n    return vec2<f16>(v);\n}\n"
+        format!("alias XElem = vec2<f32>;\nfn x_to_f16(v: XElem) -> vec2<f16> {{\n    return vec2<f16>(v);\n}}\n{MMA_LOAD}")
     };
     if opts.ablate & ABLATE_MMA != 0 {
         step.clear();
@@ -365,7 +379,7 @@ pub fn mma_shader_with(
     format!(
         "const SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\nconst TN: u32 = {tn}u;\n\
          const PREFETCH: bool = {prefetch};\nconst DB: bool = {};\nconst BK: u32 = {}u;\n\
-         const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{x_elem}",
+         const STN: u32 = {stn}u;\nconst ABLATE: u32 = {}u;\n{ops}\n{body}\n{loader}",
         opts.double_buffer,
         opts.bk(),
         opts.ablate
@@ -454,7 +468,12 @@ struct SplitParams {
     pad: [u32; 2],
 }
 
-/// Parameters of shaders/gemm_q4_x16.wgsl.
+/// Bytes of packed f16 X (shaders/gemm_q4_x16_packed.wgsl): rows of K rounded up to 8 halves.
+fn packed_x_bytes(m_max: usize, k: usize) -> u64 {
+    (m_max * k.div_ceil(8) * 16) as u64
+}
+
+/// Parameters of shaders/gemm_q4_x16.wgsl and gemm_q4_x16_packed.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct X16Params {
@@ -688,7 +707,7 @@ impl GemmQ4 {
         Ok(p)
     }
 
-    /// The pipeline of a helper kernel (`splitk` or `x16`), compiled on first use.
+    /// The pipeline of a helper kernel (`splitk`, `x16` or `x16p`), compiled on first use.
     fn helper(&self, gpu: &Gpu, name: &'static str) -> Result<wgpu::ComputePipeline> {
         let mut cache = self
             .helpers
@@ -697,7 +716,11 @@ impl GemmQ4 {
         if let Some(p) = cache.get(name) {
             return Ok(p.clone());
         }
-        let source = if name == "splitk" { SPLITK } else { X16 };
+        let source = match name {
+            "splitk" => SPLITK,
+            "x16p" => X16_PACKED,
+            _ => X16,
+        };
         let p = gpu.compute_pipeline(&format!("gemm_q4/{name}"), source, "main", &[])?;
         cache.insert(name, p.clone());
         Ok(p)
@@ -839,6 +862,7 @@ impl GemmQ4 {
                     None
                 };
                 let x_binding = match &x16_buf {
+                    Some(b) if opts.packed => (b, 0, Some(packed_x_bytes(m_max, w.cols))),
                     Some(b) if opts.x_f16 => (b, 0, Some(m * w.cols as u64 * 2)),
                     _ => (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
                 };
@@ -938,8 +962,10 @@ impl GemmQ4 {
         })
     }
 
-    /// The conversion of X to f16 for the parts that read it ([`TileOpts::x_f16`]): a dispatch
-    /// running whenever one of them does, and the f16 buffer (m_max x K).
+    /// The conversion of X to f16 for the parts that read it ([`TileOpts::x_f16`] or
+    /// [`TileOpts::packed`]; one binding's readers all want the same layout): a dispatch running
+    /// whenever one of them does, and the f16 buffer (m_max x K, or m_max x K rounded up to 8
+    /// when packed).
     fn x16_dispatch(
         &self,
         gpu: &Gpu,
@@ -949,10 +975,20 @@ impl GemmQ4 {
         k: usize,
         step: &wgpu::Buffer,
     ) -> Result<Option<(Dispatch, wgpu::Buffer)>> {
+        let opts_of = |p: &&Part| match p.variant {
+            GemmVariant::CoopTile { opts, .. } => Some(opts),
+            _ => None,
+        };
         let readers: Vec<&Part> = parts
             .iter()
-            .filter(|p| matches!(p.variant, GemmVariant::CoopTile { opts, .. } if opts.x_f16))
+            .filter(|p| opts_of(p).is_some_and(|o| o.x_f16 || o.packed))
             .collect();
+        let packed = readers.iter().any(|p| opts_of(p).is_some_and(|o| o.packed));
+        if packed && !readers.iter().all(|p| opts_of(p).is_some_and(|o| o.packed)) {
+            return Err(Error::Invalid(
+                "gemm_q4: one binding cannot mix packed and pairwise f16 X".into(),
+            ));
+        }
         let (Some(lo), Some(hi)) = (
             readers.iter().map(|p| p.m_lo).min(),
             readers.iter().map(|p| p.m_hi).max(),
@@ -965,15 +1001,20 @@ impl GemmQ4 {
                 "gemm_q4: f16 X of {m_max} tokens needs too many workgroups; use x_f16 = false"
             )));
         }
-        let label = format!("gemm_q4/x16 {m_max}x{k}");
-        let buf = gpu.storage_buffer(&label, (m_max * k * 2) as u64);
+        let (name, bytes, threads) = if packed {
+            ("x16p", packed_x_bytes(m_max, k), k.div_ceil(8))
+        } else {
+            ("x16", (m_max * k * 2) as u64, k / 2)
+        };
+        let label = format!("gemm_q4/{name} {m_max}x{k}");
+        let buf = gpu.storage_buffer(&label, bytes);
         let params = X16Params {
             k2: (k / 2) as u32,
             m_max: m_max as u32,
             m_lo: lo,
             m_hi: hi,
         };
-        let pipeline = self.helper(gpu, "x16")?;
+        let pipeline = self.helper(gpu, name)?;
         let params_buf = gpu.uniform(&label, &params);
         let bind_group = gpu.bind_group_ranges(
             &label,
@@ -993,7 +1034,7 @@ impl GemmQ4 {
             label,
             pipeline,
             bind_group,
-            workgroups: [(k / 2).div_ceil(256) as u32, rows as u32, 1],
+            workgroups: [threads.div_ceil(256) as u32, rows as u32, 1],
             params: Some(params_buf),
         };
         Ok(Some((d, buf)))
