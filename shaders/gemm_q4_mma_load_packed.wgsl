@@ -1,15 +1,16 @@
 // gemm_q4_mma's loader for packed operands (TileOpts::packed): X as f16 that
 // shaders/gemm_q4_x16_packed.wgsl wrote in groups of 8 ordered [x0, x4, x1, x5, x2, x6, x3, x7],
-// and W read 32 weights (16 bytes) at a time and dequantized with packed f16 arithmetic into the
-// same order. Every global load is 16 bytes, every item goes to the tiles as 16 consecutive
-// bytes, and X needs no conversion in the loop. A product sums over k, so an order within each
+// and W read 32 weights (16 bytes) at a time and dequantized into the same order. Every global
+// load is 16 bytes, every item goes to the tiles as 16 consecutive bytes, and X needs no
+// conversion in the loop. A product sums over k, so an order within each
 // group of 8 that X and W share does not change what it sums (only the order of the additions).
 //
-// Dequantization: the nibbles n of a word (0..15) become f16 and one f16 fma gives n s - 8 s
-// (8 s is exact): the level times the scale, rounded once. That is the f16 of the f32 path (level
-// x scale exact in f32, rounded once) for every scale an f16 holds exactly: the bf16 scales from
-// 2^-14 up (smaller ones lose bits in f16's subnormals). (naga 30 cannot bitcast u32 to
-// vec2<f16>, so X arrives as mat2x4<f16>, 16 bytes of f16 in one load.)
+// Dequantization as the f32 loader's: a nibble n or-ed into the f32 2^23 reads as 2^23 + n,
+// minus 2^23 + 8 the level exactly, times the scale exact in f32, rounded once to f16; the same
+// f16 as that loader's. (Nibbles converted to f16 and one f16 fma per pair ran at half the speed
+// on the H200, benchmarks/NOTES.md §21. naga 30 cannot bitcast u32 to vec2<f16>, which the f16
+// form of the 2^23 trick would need; for the same reason X arrives as mat2x4<f16>, 16 bytes of
+// f16 in one load.)
 
 // 16-byte groups of X per token and step; 16-byte quarters (32 weights) of a W row per step.
 const XV: u32 = BK / 8u;
@@ -72,17 +73,18 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
 }
 
 // The 8 weights of word w times scale s, as the pairs (j, j + 4) for j = 0..3.
-fn dequant8(w: u32, s: f16) -> array<vec2<f16>, 4> {
+fn dequant8(w: u32, s: f32) -> array<vec2<f16>, 4> {
     // Nibble j in bits 0..3 and nibble j + 4 in bits 16..19 of lane j.
     let t = vec4<u32>(w) >> vec4<u32>(0u, 4u, 8u, 12u);
     let m = vec4<u32>(0xFu);
-    let lo = fma(vec4<f16>(t & m), vec4<f16>(s), vec4<f16>(-8.0h * s));
-    let hi = fma(vec4<f16>((t >> vec4<u32>(16u)) & m), vec4<f16>(s), vec4<f16>(-8.0h * s));
+    let f = vec4<u32>(0x4b000000u);
+    let lo = (bitcast<vec4<f32>>((t & m) | f) - vec4<f32>(8388616.0)) * s;
+    let hi = (bitcast<vec4<f32>>(((t >> vec4<u32>(16u)) & m) | f) - vec4<f32>(8388616.0)) * s;
     return array<vec2<f16>, 4>(
-        vec2<f16>(lo.x, hi.x),
-        vec2<f16>(lo.y, hi.y),
-        vec2<f16>(lo.z, hi.z),
-        vec2<f16>(lo.w, hi.w),
+        vec2<f16>(vec2<f32>(lo.x, hi.x)),
+        vec2<f16>(vec2<f32>(lo.y, hi.y)),
+        vec2<f16>(vec2<f32>(lo.z, hi.z)),
+        vec2<f16>(vec2<f32>(lo.w, hi.w)),
     );
 }
 
@@ -110,7 +112,7 @@ fn store_step(r: Loaded, lid: u32, buf: u32) {
         if (e < BN * WQ) {
             // Consecutive lanes hold consecutive rows: 8 of them fill the 32 banks.
             let at = wb + (e % BN) * AS2 + (e / BN) * 16u;
-            let s = f16(r.s[it]);
+            let s = r.s[it];
             for (var j = 0u; j < 4u; j++) {
                 let d = dequant8(r.w[it][j], s);
                 put_w_pairs(at + 4u * j, d);

@@ -80,9 +80,9 @@ pub struct TileOpts {
     pub x_f16: bool,
     /// Operands moved 16 bytes at a time (shaders/gemm_q4_mma_load_packed.wgsl): X converted to
     /// f16 by a dispatch before the product, in groups of 8 in the order W's words dequantize
-    /// to, and W dequantized with packed f16 arithmetic. Fewer load, convert and store
-    /// instructions per step than the f32 path; same sums up to their order (and to scales below
-    /// 2^-14, which f16 holds less exactly). `x_f16` is then ignored.
+    /// to, W loaded 32 weights at a time. Fewer load, convert and store instructions per step
+    /// than the f32 path; the same f16 operands, summed in another order. `x_f16` is then
+    /// ignored.
     pub packed: bool,
     /// K steps of 64 instead of 32: half the barriers per multiply, twice the workgroup
     /// memory for the tiles (the accumulators then leave one column at a time). Same results.
