@@ -649,11 +649,16 @@ fn gemm_variants(gemm: &GemmQ4, m: usize, n: usize, k: usize, s: &Settings) -> V
         // The packed loader (16-byte moves, packed f16 dequantization) on the tiles the default
         // picks, plain, with double buffers and with K steps of 64.
         for (tm, tn) in [(4, 4), (2, 4), (4, 2), (2, 2), (1, 4)] {
-            for (double_buffer, bk64) in [(false, false), (true, false), (false, true)] {
+            for (double_buffer, bk64, prefetch) in [
+                (false, false, true),
+                (true, false, true),
+                (false, true, true),
+                (false, false, false),
+            ] {
                 v.push(GemmVariant::CoopTile {
                     tm,
                     tn,
-                    prefetch: true,
+                    prefetch,
                     opts: TileOpts {
                         packed: true,
                         double_buffer,

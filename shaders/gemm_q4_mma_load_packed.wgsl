@@ -19,11 +19,11 @@ const X_ITEMS: u32 = (BM * XV + WG - 1u) / WG;
 const W_ITEMS: u32 = (BN * WQ + WG - 1u) / WG;
 
 @group(0) @binding(2) var<storage, read> qw: array<vec4<u32>>;
-@group(0) @binding(4) var<storage, read> x: array<mat2x4<f16>>;
+@group(0) @binding(4) var<storage, read> x: array<vec4<u32>>;
 
 // The registers one thread carries from the global loads of a K step to its stores.
 struct Loaded {
-    x: array<mat2x4<f16>, X_ITEMS>,
+    x: array<vec4<u32>, X_ITEMS>,
     w: array<vec4<u32>, W_ITEMS>,
     s: array<f32, W_ITEMS>,
 }
@@ -51,7 +51,7 @@ fn load_step(k0: u32, m0: u32, n0: u32, m_count: u32, lid: u32) -> Loaded {
         let e = lid + it * WG;
         let m = m0 + x_row(e);
         let g = k0 / 8u + x_group(e);
-        var v = mat2x4<f16>();
+        var v = vec4<u32>();
         if (e < BM * XV && m < m_count && g < k8) {
             v = x[m * k8 + g];
         }
@@ -101,10 +101,10 @@ fn store_step(r: Loaded, lid: u32, buf: u32) {
         if (e < BM * XV) {
             let at = xb + x_row(e) * AS2 + x_group(e) * 4u;
             let v = r.x[it];
-            xs[at] = v[0].xy;
-            xs[at + 1u] = v[0].zw;
-            xs[at + 2u] = v[1].xy;
-            xs[at + 3u] = v[1].zw;
+            xs[at] = vec2<f16>(unpack2x16float(v.x));
+            xs[at + 1u] = vec2<f16>(unpack2x16float(v.y));
+            xs[at + 2u] = vec2<f16>(unpack2x16float(v.z));
+            xs[at + 3u] = vec2<f16>(unpack2x16float(v.w));
         }
     }
     for (var it = 0u; it < W_ITEMS; it++) {

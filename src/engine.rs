@@ -367,13 +367,16 @@ pub fn residency_plan(
     // Kept free inside the budget: the driver's own memory for the process and the upload
     // buffers layers go through while loading (see DRIVER_ALLOWANCE).
     let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
-    // The prompt GEMMs' split-K partial sums (shared by every binding; cooperative matrices only).
-    let split_k = if crate::kernels::gemm_q4::GemmQ4::coop_supported(gpu) {
+    // The prompt GEMMs' split-K partial sums and f16 X (each shared by every binding;
+    // cooperative matrices only).
+    let gemm_scratch = if crate::kernels::gemm_q4::GemmQ4::coop_supported(gpu) {
         crate::kernels::gemm_q4::SPLIT_K_SCRATCH_BYTES
+            + crate::kernels::gemm_q4::packed_x_bytes(m, h.max(ffn))
     } else {
         0
     };
-    let fixed = kv_bytes + act_bytes + lm_bytes + small_bytes + split_k + (64 << 20) + allowance;
+    let fixed =
+        kv_bytes + act_bytes + lm_bytes + small_bytes + gemm_scratch + (64 << 20) + allowance;
     let (budget, budget_source) = match opts.vram_budget {
         Some(b) => (b, "--vram-budget".to_string()),
         None => gpu.default_vram_budget().unwrap_or((

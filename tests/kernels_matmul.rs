@@ -466,7 +466,7 @@ fn gemv_rejects_bad_shapes_with_clear_errors() {
 }
 
 /// Every GEMM kernel: the first two and every tile of the register-tiled and cooperative-matrix
-/// kernels.
+/// kernels, and the packed loader on the tiles the default picks.
 fn all_gemm_variants() -> Vec<GemmVariant> {
     let mut v = vec![GemmVariant::Tiled, GemmVariant::Coop];
     v.extend([2, 4, 8].map(|rm| GemmVariant::Reg { rm }));
@@ -477,7 +477,28 @@ fn all_gemm_variants() -> Vec<GemmVariant> {
             }
         }
     }
+    v.extend(DEFAULT_TILES.map(|(tm, tn)| packed_tile(tm, tn)));
     v
+}
+
+/// The tiles GemmVariant::default_for picks.
+const DEFAULT_TILES: [(u32, u32); 5] = [(4, 4), (2, 4), (1, 4), (2, 2), (1, 2)];
+
+/// A tile with prefetch and the packed loader, as the default has them.
+fn packed_tile(tm: u32, tn: u32) -> GemmVariant {
+    GemmVariant::CoopTile {
+        tm,
+        tn,
+        prefetch: true,
+        opts: q4wgpu::kernels::gemm_q4::TileOpts {
+            packed: true,
+            ..Default::default()
+        },
+    }
+}
+
+fn is_packed(v: GemmVariant) -> bool {
+    matches!(v, GemmVariant::CoopTile { opts, .. } if opts.packed)
 }
 
 /// Set on a machine whose adapter has cooperative matrices, so tests that need them fail
@@ -666,10 +687,11 @@ fn gemm_emulated_coop_tiles_match_cpu() {
         } = variant
         {
             let t = std::time::Instant::now();
-            // Every case for the tiles the wrapper picks; the first four (both M of two shapes:
-            // past a tile edge in M, N and K) for the others, to keep the test short.
+            // Every case for the tiles the wrapper picks (with the packed loader, as the default
+            // has them); the first four (both M of two shapes: past a tile edge in M, N and K)
+            // for the others, to keep the test short.
             let cases = gemm_cases(variant);
-            let picked = prefetch && (tn == 4 || (tm, tn) == (2, 2) || (tm, tn) == (1, 2));
+            let picked = prefetch && DEFAULT_TILES.contains(&(tm, tn)) && is_packed(variant);
             let n = if picked { cases.len() } else { 4 };
             for case in cases.into_iter().take(n) {
                 case.check(&kernel, Some(variant), tol, &mut rng);
@@ -792,7 +814,7 @@ fn gemm_coop_tiles_ran_on_hardware() {
             .iter()
             .filter(|(v, _)| v.is_coop())
             .count();
-        assert_eq!(n, 19, "every cooperative-matrix variant is tested");
+        assert_eq!(n, 24, "every cooperative-matrix variant is tested");
     } else if coop_required() {
         panic!("Q4WGPU_REQUIRE_COOP is set but the adapter lacks cooperative matrices");
     } else {
@@ -825,8 +847,18 @@ fn gemm_default_binding_switches_tiles_by_tokens() {
                 max_binding_bytes: None,
             };
             let n = case.check(kernel, None, tol, &mut rng);
-            let two = kernel.variant_for(150, 200, 264) != kernel.variant_for(SMALL_M, 200, 264);
-            assert_eq!(n, 1 + two as usize, "dispatches of the default binding");
+            let (large, small) = (
+                kernel.variant_for(150, 200, 264),
+                kernel.variant_for(SMALL_M, 200, 264),
+            );
+            let two = large != small;
+            // Plus one conversion of X where a packed tile reads it.
+            let x16 = [large, small].iter().any(|v| is_packed(*v));
+            assert_eq!(
+                n,
+                1 + two as usize + x16 as usize,
+                "dispatches of the default binding"
+            );
             // The portable kernels always switch (the register tile height follows M).
             assert!(
                 two || kernel.has_coop(),
@@ -846,7 +878,7 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
     assert_eq!(
         kernel.variant_for(512, 55296, 5120),
         if coop {
-            GemmVariant::coop_tile(4, 4, true)
+            packed_tile(4, 4)
         } else {
             GemmVariant::Reg { rm: 8 }
         }
@@ -854,7 +886,7 @@ fn gemm_picks_kernels_and_rejects_bad_ones() {
     assert_eq!(
         kernel.variant_for(20, 55296, 5120),
         if coop {
-            GemmVariant::coop_tile(1, 4, true)
+            packed_tile(1, 4)
         } else {
             GemmVariant::Reg { rm: 2 }
         }

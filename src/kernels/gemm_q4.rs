@@ -280,6 +280,7 @@ impl GemmVariant {
                     prefetch: true,
                     opts: TileOpts {
                         split_k,
+                        packed: true,
                         ..TileOpts::default()
                     },
                 }
@@ -468,8 +469,9 @@ struct SplitParams {
     pad: [u32; 2],
 }
 
-/// Bytes of packed f16 X (shaders/gemm_q4_x16_packed.wgsl): rows of K rounded up to 8 halves.
-fn packed_x_bytes(m_max: usize, k: usize) -> u64 {
+/// Bytes of packed f16 X (shaders/gemm_q4_x16_packed.wgsl) for `m_max` tokens: rows of K rounded
+/// up to 8 halves. With the largest K, the default kernels' f16 X scratch (for the VRAM plan).
+pub fn packed_x_bytes(m_max: usize, k: usize) -> u64 {
     (m_max * k.div_ceil(8) * 16) as u64
 }
 
@@ -501,6 +503,8 @@ pub struct GemmQ4 {
     /// Split-K partial sums, one buffer shared by every binding (their dispatches run one after
     /// another, each reduction before the next product), grown to the largest asked for.
     partials: std::sync::Mutex<Option<wgpu::Buffer>>,
+    /// f16 X, shared the same way (each binding converts its X right before its products).
+    x16: std::sync::Mutex<Option<wgpu::Buffer>>,
 }
 
 impl GemmQ4 {
@@ -535,6 +539,7 @@ impl GemmQ4 {
             pipelines: Default::default(),
             helpers: Default::default(),
             partials: Default::default(),
+            x16: Default::default(),
         }
     }
 
@@ -1007,7 +1012,7 @@ impl GemmQ4 {
             ("x16", (m_max * k * 2) as u64, k / 2)
         };
         let label = format!("gemm_q4/{name} {m_max}x{k}");
-        let buf = gpu.storage_buffer(&label, bytes);
+        let buf = shared_buffer(gpu, &self.x16, "gemm_q4 f16 X", bytes)?;
         let params = X16Params {
             k2: (k / 2) as u32,
             m_max: m_max as u32,
@@ -1051,30 +1056,35 @@ impl GemmQ4 {
         rows: usize,
     ) -> Result<wgpu::Buffer> {
         let bytes = (slices * m_max * rows * 4) as u64;
-        let mut shared = self
-            .partials
-            .lock()
-            .map_err(|_| Error::Gpu("gemm_q4: partial-sum buffer lock poisoned".into()))?;
-        if let Some(b) = shared.as_ref().filter(|b| b.size() >= bytes) {
-            return Ok(b.clone());
-        }
-        let b = new_partials_buffer(gpu, bytes)?;
-        *shared = Some(b.clone());
-        Ok(b)
+        shared_buffer(gpu, &self.partials, "gemm_q4 split-K partials", bytes)
     }
 }
 
-/// A buffer of split-K partial sums of `bytes`.
-fn new_partials_buffer(gpu: &Gpu, bytes: u64) -> Result<wgpu::Buffer> {
+/// The buffer in `slot` if it holds `bytes`, else a new one that replaces it there (bindings made
+/// before keep the old one): scratch that every binding's dispatches use one after another.
+fn shared_buffer(
+    gpu: &Gpu,
+    slot: &std::sync::Mutex<Option<wgpu::Buffer>>,
+    label: &str,
+    bytes: u64,
+) -> Result<wgpu::Buffer> {
+    let mut shared = slot
+        .lock()
+        .map_err(|_| Error::Gpu(format!("{label}: lock poisoned")))?;
+    if let Some(b) = shared.as_ref().filter(|b| b.size() >= bytes) {
+        return Ok(b.clone());
+    }
     let limit = gpu
         .limits
         .max_storage_buffer_binding_size
         .min(gpu.limits.max_buffer_size);
     if bytes > limit {
         return Err(Error::Unsupported(format!(
-            "gemm_q4: split-K needs {bytes} bytes of partial sums, over the adapter's {limit}; \
-             use fewer slices"
+            "{label}: {bytes} bytes, over the adapter's {limit}; use fewer tokens per chunk \
+             (--chunk) or fewer split-K slices"
         )));
     }
-    Ok(gpu.storage_buffer("gemm_q4 split-K partials", bytes))
+    let b = gpu.storage_buffer(label, bytes);
+    *shared = Some(b.clone());
+    Ok(b)
 }
