@@ -88,6 +88,13 @@ esac
 # Names of what comes back, per set (the report reads several runs' folders together).
 tag=; [ "$SET" = all ] || tag=-$SET
 # Before anything is written here: the commit measured, and whether the tree differed from it.
+# The binary's own record first (scripts/device-prepare.sh writes it; the GPU machine's copy of
+# the repository may lag the tree the binary was built from), else this copy's git state.
+if [ -z "${GIT_COMMIT:-}" ] && [ -s .device-bin/COMMIT ]; then
+  read -r GIT_COMMIT rest <.device-bin/COMMIT
+  GIT_DIRTY=0
+  [ -n "${rest:-}" ] && GIT_DIRTY=1
+fi
 if [ -z "${GIT_COMMIT:-}" ] && GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
   GIT_DIRTY=0
   git status --porcelain 2>/dev/null | grep -q . && GIT_DIRTY=1
