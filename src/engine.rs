@@ -409,87 +409,21 @@ impl<'w> GpuModel<'w> {
             ..opts
         };
         let m = opts.chunk;
-        let (h, q_dim, kv_dim, ffn, vocab) = (
-            c.hidden_size,
-            c.q_dim(),
-            c.kv_dim(),
-            c.intermediate_size,
-            c.vocab_size,
-        );
-        let qkv_dim = q_dim + 2 * kv_dim;
         let pack = LayerPack::new(&c);
         let lm_head = weights.q4("lm_head.weight")?;
         let (plan, budget_source) = residency_plan(gpu, &c, &opts)?;
-        let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
-        scheduler::check_host_memory(&plan)?;
-        let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
-        if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {
-            return Err(Error::Invalid(format!(
-                "{} cannot read host memory from kernels (no MAPPABLE_PRIMARY_BUFFERS): use the ring for streamed layers",
-                gpu.info.name
-            )));
-        }
-        if pack.bytes > gpu.limits.max_buffer_size {
-            return Err(Error::Gpu(format!(
-                "one layer's weights take {} bytes, more than the adapter's largest buffer ({})",
-                pack.bytes, gpu.limits.max_buffer_size
-            )));
-        }
+        check_plan(gpu, &opts, &plan, &pack)?;
 
-        let mut device_bytes = 0u64;
-        let mut homes = Vec::with_capacity(c.num_hidden_layers);
-        let mut ring = Vec::new();
-        for s in 0..plan.ring_slots {
-            ring.push(gpu.storage_buffer(&format!("ring slot {s}"), pack.bytes));
-            device_bytes += pack.bytes;
-        }
-        let mut small = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let bytes = pack_layer(weights, &pack, l)?;
-            if plan.is_resident(l) {
-                homes.push(LayerHome::Resident(
-                    gpu.storage_from_bytes(&format!("layer {l}"), &bytes),
-                ));
-                device_bytes += pack.bytes;
-            } else {
-                let slot = (l - plan.resident_layers) % plan.ring_slots;
-                homes.push(LayerHome::Streamed {
-                    staging: host_staging(gpu, &format!("layer {l} (host)"), &bytes)?,
-                    slot,
-                });
-            }
-            // Bound the transient upload buffers wgpu keeps until the next submit.
-            gpu.queue.submit([]);
-            gpu.wait()?;
-            small.push(layer_small(gpu, weights, &c, l)?);
-        }
-
+        let store = LayerStore::upload(gpu, weights, &plan, &pack)?;
         let lm_q = gpu.storage_from("lm_head.qweight", lm_head.qweight);
         let lm_s = gpu.storage_from_bytes("lm_head.scales", bytemuck::cast_slice(lm_head.scales));
         let final_norm = gpu.storage_from("model.norm", &weights.dense_f32("model.norm.weight")?.1);
         let inv_freq = gpu.storage_from("rope inv_freq", &c.rope_inv_freq());
-        let act = Activations {
-            x: gpu.storage_buffer("x", f32_bytes(m * h)),
-            h: gpu.storage_buffer("h", f32_bytes(m * h)),
-            qkv: gpu.storage_buffer("qkv", f32_bytes(m * qkv_dim)),
-            q: gpu.storage_buffer("q", f32_bytes(m * q_dim)),
-            attn: gpu.storage_buffer("attn", f32_bytes(m * q_dim)),
-            gate_up: gpu.storage_buffer("gate_up", f32_bytes(m * 2 * ffn)),
-            act: gpu.storage_buffer("act", f32_bytes(m * ffn)),
-            last: gpu.storage_buffer("last", f32_bytes(h)),
-            logits: gpu.storage_buffer("logits", f32_bytes(vocab)),
-        };
+        let act = Activations::new(gpu, &c, m);
         let step_buf = gpu.uniform("step", &StepParams::default());
-        let kv: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.num_hidden_layers)
-            .map(|l| {
-                let words = (c.num_kv_heads() * ctx * c.head_dim() / 2 * 4) as u64;
-                (
-                    gpu.storage_buffer(&format!("k cache {l}"), words),
-                    gpu.storage_buffer(&format!("v cache {l}"), words),
-                )
-            })
-            .collect();
-        device_bytes += plan.fixed_bytes - allowance;
+        let kv = kv_caches(gpu, &c, ctx);
+        let allowance = DRIVER_ALLOWANCE + 2 * pack.bytes;
+        let device_bytes = store.device_bytes + plan.fixed_bytes - allowance;
         let slots = KvSlots::new(gpu, &kv, opts.kv_slots)?;
 
         let kernels = StepKernels::new(gpu, &c, opts.decode_activations)?;
@@ -504,9 +438,6 @@ impl<'w> GpuModel<'w> {
             chunk: m,
             fusion: opts.decode_fusion,
         };
-        let mut decode_layers = Vec::new();
-        let mut prefill_layers = Vec::new();
-        let mut layer_buffers = Vec::new();
         let mut keep = vec![
             lm_q.clone(),
             lm_s.clone(),
@@ -514,32 +445,23 @@ impl<'w> GpuModel<'w> {
             inv_freq.clone(),
         ];
         keep.extend(kernels.buffers());
-        for l in 0..c.num_hidden_layers {
-            // Where each phase's kernels read this layer's weights.
-            let source = |reads: StreamRead| match (&homes[l], reads) {
-                (LayerHome::Resident(b), _) => b,
-                (LayerHome::Streamed { slot, .. }, StreamRead::Ring) => &ring[*slot],
-                (LayerHome::Streamed { staging, .. }, StreamRead::ZeroCopy) => staging,
-            };
-            let buffers = step::LayerBuffers {
-                decode_weights: source(opts.decode_reads),
-                prompt_weights: source(opts.prompt_reads),
-                small: &small[l],
-                k_cache: &kv[l].0,
-                v_cache: &kv[l].1,
-            };
+        let mut decode_layers = Vec::new();
+        let mut prefill_layers = Vec::new();
+        let mut layer_buffers = Vec::new();
+        for (l, caches) in kv.iter().enumerate() {
+            let buffers = store.layer_buffers(l, caches, &opts);
             let (decode, prefill) = kernels.layer(&shared, &buffers)?;
             decode_layers.push(decode);
             prefill_layers.push(prefill);
-            if let Some(caches) = slots.layer(l) {
-                layer_buffers.push((buffers, caches));
+            if let Some(saved) = slots.layer(l) {
+                layer_buffers.push((buffers, saved));
             }
-            let s = &small[l];
+            let s = &store.small[l];
             keep.extend([
                 s.input_norm.clone(),
                 s.post_norm.clone(),
-                kv[l].0.clone(),
-                kv[l].1.clone(),
+                caches.0.clone(),
+                caches.1.clone(),
             ]);
             keep.extend(s.qkv_bias.iter().chain(&s.o_bias).cloned());
         }
@@ -551,50 +473,13 @@ impl<'w> GpuModel<'w> {
         };
         let (decode_head, prefill_final_norm, prefill_head) =
             kernels.heads(&shared, lm, &final_norm)?;
-        let rows = batch::batch_rows(opts.kv_slots, m);
-        let int8 = opts.decode_activations == DecodeActivations::Int8;
-        // Without a batched step the sequences take turns (correct, one pass each): where the
-        // GPU cannot bind it, say why rather than fail to load.
-        let (batch, batch_off) =
-            match rows > 0 && int8 && layer_buffers.len() == c.num_hidden_layers {
-                true => match BatchDecode::new(
-                    &kernels,
-                    &shared,
-                    rows,
-                    opts.kv_slots,
-                    &layer_buffers,
-                    lm,
-                    &final_norm,
-                    opts.max_top_logprobs,
-                ) {
-                    Ok(b) => (Some(b), None),
-                    Err(Error::Unsupported(why)) => (None, Some(why)),
-                    Err(e) => return Err(e),
-                },
-                false => (None, None),
-            };
+        let (batch, batch_off) = if layer_buffers.len() == c.num_hidden_layers {
+            batched_step(&kernels, &shared, &opts, &layer_buffers, lm, &final_norm)?
+        } else {
+            (None, None)
+        };
         drop(layer_buffers);
-        let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
-        let sample_out = gpu.storage_buffer(
-            "sample out",
-            (sample::out_words(opts.max_top_logprobs) * 4) as u64,
-        );
-        let sampler = Sample::new(gpu)?.bind(
-            gpu,
-            &act.logits,
-            &history,
-            &sample_out,
-            vocab,
-            MAX_HISTORY,
-            opts.max_top_logprobs,
-        )?;
-        // One read-back buffer for the whole run: a decoded token costs one small map, no allocation.
-        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("sample readback"),
-            size: sample_out.size(),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let sampling = Sampling::new(gpu, &act.logits, c.vocab_size, opts.max_top_logprobs)?;
 
         let mut model = GpuModel {
             gpu,
@@ -604,8 +489,8 @@ impl<'w> GpuModel<'w> {
             plan,
             budget_source,
             pack,
-            homes,
-            ring,
+            homes: store.homes,
+            ring: store.ring,
             act,
             step_buf,
             decode_layers,
@@ -613,10 +498,10 @@ impl<'w> GpuModel<'w> {
             decode_head,
             prefill_final_norm,
             prefill_head,
-            sampler,
-            history,
-            sample_out,
-            readback,
+            sampler: sampling.sampler,
+            history: sampling.history,
+            sample_out: sampling.sample_out,
+            readback: sampling.readback,
             position: 0,
             device_bytes,
             next_decode: None,
@@ -1003,6 +888,210 @@ impl Decoder for GpuModel<'_> {
 
     fn context_size(&self) -> usize {
         self.opts.ctx_size
+    }
+}
+
+/// Checks what the plan needs of the adapter and the host: host memory for the streamed layers,
+/// zero-copy reads where asked for, one layer in one buffer.
+fn check_plan(gpu: &Gpu, opts: &EngineOptions, plan: &ResidencyPlan, pack: &LayerPack) -> Result<()> {
+    scheduler::check_host_memory(plan)?;
+    let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
+    if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {
+        return Err(Error::Invalid(format!(
+            "{} cannot read host memory from kernels (no MAPPABLE_PRIMARY_BUFFERS): use the ring for streamed layers",
+            gpu.info.name
+        )));
+    }
+    if pack.bytes > gpu.limits.max_buffer_size {
+        return Err(Error::Gpu(format!(
+            "one layer's weights take {} bytes, more than the adapter's largest buffer ({})",
+            pack.bytes, gpu.limits.max_buffer_size
+        )));
+    }
+    Ok(())
+}
+
+/// Every layer's weights where the plan puts them: resident buffers, host staging buffers with
+/// their ring slots, the ring, and the small per-layer tensors.
+struct LayerStore {
+    homes: Vec<LayerHome>,
+    ring: Vec<wgpu::Buffer>,
+    small: Vec<LayerSmall>,
+    /// Device bytes of the resident layers and the ring.
+    device_bytes: u64,
+}
+
+impl LayerStore {
+    fn upload(
+        gpu: &Gpu,
+        weights: &ModelWeights,
+        plan: &ResidencyPlan,
+        pack: &LayerPack,
+    ) -> Result<LayerStore> {
+        let c = &weights.config;
+        let ring: Vec<wgpu::Buffer> = (0..plan.ring_slots)
+            .map(|s| gpu.storage_buffer(&format!("ring slot {s}"), pack.bytes))
+            .collect();
+        let mut device_bytes = ring.len() as u64 * pack.bytes;
+        let mut homes = Vec::with_capacity(c.num_hidden_layers);
+        let mut small = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let bytes = pack_layer(weights, pack, l)?;
+            if plan.is_resident(l) {
+                homes.push(LayerHome::Resident(
+                    gpu.storage_from_bytes(&format!("layer {l}"), &bytes),
+                ));
+                device_bytes += pack.bytes;
+            } else {
+                let slot = (l - plan.resident_layers) % plan.ring_slots;
+                homes.push(LayerHome::Streamed {
+                    staging: host_staging(gpu, &format!("layer {l} (host)"), &bytes)?,
+                    slot,
+                });
+            }
+            // Bound the transient upload buffers wgpu keeps until the next submit.
+            gpu.queue.submit([]);
+            gpu.wait()?;
+            small.push(layer_small(gpu, weights, c, l)?);
+        }
+        Ok(LayerStore {
+            homes,
+            ring,
+            small,
+            device_bytes,
+        })
+    }
+
+    /// Layer `l`'s buffers as each phase's kernels read them (`opts` says how streamed layers
+    /// are read), with its KV cache.
+    fn layer_buffers<'a>(
+        &'a self,
+        l: usize,
+        kv: &'a (wgpu::Buffer, wgpu::Buffer),
+        opts: &EngineOptions,
+    ) -> step::LayerBuffers<'a> {
+        let source = |reads: StreamRead| match (&self.homes[l], reads) {
+            (LayerHome::Resident(b), _) => b,
+            (LayerHome::Streamed { slot, .. }, StreamRead::Ring) => &self.ring[*slot],
+            (LayerHome::Streamed { staging, .. }, StreamRead::ZeroCopy) => staging,
+        };
+        step::LayerBuffers {
+            decode_weights: source(opts.decode_reads),
+            prompt_weights: source(opts.prompt_reads),
+            small: &self.small[l],
+            k_cache: &kv.0,
+            v_cache: &kv.1,
+        }
+    }
+}
+
+impl Activations {
+    /// The activation buffers for chunks of `m` tokens.
+    fn new(gpu: &Gpu, c: &ModelConfig, m: usize) -> Activations {
+        let (h, q_dim, ffn) = (c.hidden_size, c.q_dim(), c.intermediate_size);
+        let qkv_dim = q_dim + 2 * c.kv_dim();
+        let buffer = |label: &str, values: usize| gpu.storage_buffer(label, f32_bytes(values));
+        Activations {
+            x: buffer("x", m * h),
+            h: buffer("h", m * h),
+            qkv: buffer("qkv", m * qkv_dim),
+            q: buffer("q", m * q_dim),
+            attn: buffer("attn", m * q_dim),
+            gate_up: buffer("gate_up", m * 2 * ffn),
+            act: buffer("act", m * ffn),
+            last: buffer("last", h),
+            logits: buffer("logits", c.vocab_size),
+        }
+    }
+}
+
+/// Each layer's K and V caches (f16 pairs) for `ctx` positions.
+fn kv_caches(gpu: &Gpu, c: &ModelConfig, ctx: usize) -> Vec<(wgpu::Buffer, wgpu::Buffer)> {
+    let words = (c.num_kv_heads() * ctx * c.head_dim() / 2 * 4) as u64;
+    (0..c.num_hidden_layers)
+        .map(|l| {
+            (
+                gpu.storage_buffer(&format!("k cache {l}"), words),
+                gpu.storage_buffer(&format!("v cache {l}"), words),
+            )
+        })
+        .collect()
+}
+
+/// The batched decode step of `serve --parallel` (int8 activations and more than one KV slot),
+/// or None with the reason where the GPU cannot bind it: the sequences then take turns (correct,
+/// one pass each), so loading goes on.
+fn batched_step(
+    kernels: &StepKernels,
+    shared: &step::Shared,
+    opts: &EngineOptions,
+    layers: &[(step::LayerBuffers, &(wgpu::Buffer, wgpu::Buffer))],
+    lm: Q4Ref,
+    final_norm: &wgpu::Buffer,
+) -> Result<(Option<BatchDecode>, Option<String>)> {
+    let rows = batch::batch_rows(opts.kv_slots, shared.chunk);
+    if rows == 0 || opts.decode_activations != DecodeActivations::Int8 {
+        return Ok((None, None));
+    }
+    let bound = BatchDecode::new(
+        kernels,
+        shared,
+        rows,
+        opts.kv_slots,
+        layers,
+        lm,
+        final_norm,
+        opts.max_top_logprobs,
+    );
+    match bound {
+        Ok(b) => Ok((Some(b), None)),
+        Err(Error::Unsupported(why)) => Ok((None, Some(why))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The GPU sampler with its buffers: the token history it penalises, its output and the one
+/// read-back buffer of the whole run (a decoded token costs one small map, no allocation).
+struct Sampling {
+    sampler: SampleDispatch,
+    history: wgpu::Buffer,
+    sample_out: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+impl Sampling {
+    fn new(
+        gpu: &Gpu,
+        logits: &wgpu::Buffer,
+        vocab: usize,
+        max_top_logprobs: usize,
+    ) -> Result<Sampling> {
+        let history = gpu.storage_buffer("sample history", (MAX_HISTORY * 4) as u64);
+        let sample_out = gpu.storage_buffer(
+            "sample out",
+            (sample::out_words(max_top_logprobs) * 4) as u64,
+        );
+        let sampler = Sample::new(gpu)?.bind(
+            gpu,
+            logits,
+            &history,
+            &sample_out,
+            vocab,
+            MAX_HISTORY,
+            max_top_logprobs,
+        )?;
+        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("sample readback"),
+            size: sample_out.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Sampling {
+            sampler,
+            history,
+            sample_out,
+            readback,
+        })
     }
 }
 
