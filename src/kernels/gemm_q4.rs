@@ -22,7 +22,9 @@
 //!
 //! [`StepParams`]: super::StepParams
 
-use super::gemv_q4::{check_matrix, check_operands, check_vector, row_chunks, Epilogue};
+use super::gemv_q4::{
+    check_matrix, check_operands, check_vector, row_chunks, Epilogue, RowChunk,
+};
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -485,6 +487,37 @@ struct X16Params {
     m_hi: u32,
 }
 
+/// The operands of one [`GemmQ4::bind_with`] binding, for each of its dispatches.
+struct Operands<'a> {
+    w: Q4Ref<'a>,
+    x: BufRange<'a>,
+    /// X as f16 for the kernels that read it (converted by the binding's first dispatch).
+    x16: Option<&'a wgpu::Buffer>,
+    y: BufRange<'a>,
+    bias: Option<BufRange<'a>>,
+    mode: Epilogue,
+    m_max: usize,
+    step: &'a wgpu::Buffer,
+}
+
+impl Operands<'_> {
+    /// The bias binding; without a bias the binding still needs a buffer: x's, never read
+    /// through it.
+    fn bias_binding(&self) -> (&wgpu::Buffer, u64, Option<u64>) {
+        match &self.bias {
+            Some(b) => (b.buffer, b.offset, Some(self.w.rows as u64 * 4)),
+            None => (
+                self.x.buffer,
+                self.x.offset,
+                Some(self.x.size.min(self.w.cols as u64 * 4)),
+            ),
+        }
+    }
+}
+
+/// Bytes of the step uniform every kernel binds.
+const STEP_BYTES: u64 = std::mem::size_of::<super::StepParams>() as u64;
+
 /// How the cooperative-matrix kernels are built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CoopMode {
@@ -802,133 +835,143 @@ impl GemmQ4 {
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
-        let bpr = blocks_per_row(w.cols);
-        let bias_range = bias.unwrap_or(x);
-        let bias_bytes = if bias.is_some() {
-            w.rows as u64 * 4
-        } else {
-            x.size.min(w.cols as u64 * 4)
-        };
-        let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
         let mut out = Vec::new();
         // f16 X: converted once, before every product of the binding that reads it.
         let x16 = self.x16_dispatch(gpu, &parts, x, m_max, w.cols, step)?;
-        let x16_buf = x16.as_ref().map(|(d, b)| {
-            out.push(d.clone());
-            b.clone()
+        let x16 = x16.map(|(d, b)| {
+            out.push(d);
+            b
         });
+        let operands = Operands {
+            w,
+            x,
+            x16: x16.as_ref(),
+            y,
+            bias,
+            mode,
+            m_max,
+            step,
+        };
         for c in row_chunks(gpu, what, &w, max_binding)? {
             for part in &parts {
-                let (tile_m, tile_n) = part.variant.tile();
-                let opts = match part.variant {
-                    GemmVariant::CoopTile { opts, .. } => opts,
-                    _ => TileOpts::default(),
-                };
-                let (k_split, slices) = opts.slices(w.cols);
-                let split = slices > 1;
-                let n_groups = c.rows.div_ceil(tile_n) as u32;
-                let m_rows = m_max.min(part.m_hi as usize);
-                let m_groups = m_rows.div_ceil(tile_m) as u32;
-                if n_groups > max_groups
-                    || m_groups > max_groups
-                    || (split && m_rows as u32 > max_groups)
-                {
-                    return Err(Error::Unsupported(format!(
-                        "{what}: {m_max}x{} needs too many workgroups",
-                        c.rows
-                    )));
-                }
-                let params = Params {
-                    n: c.rows as u32,
-                    k: w.cols as u32,
-                    bpr: bpr as u32,
-                    row_base: if split { 0 } else { c.row0 as u32 },
-                    ldy: if split { c.rows } else { w.rows } as u32,
-                    m_max: m_max as u32,
-                    accumulate: (!split && mode == Epilogue::Accumulate) as u32,
-                    has_bias: (!split && bias.is_some()) as u32,
-                    m_lo: part.m_lo,
-                    m_hi: part.m_hi,
-                    k_split: k_split as u32,
-                    y_slice: if split { (m_max * c.rows) as u32 } else { 0 },
-                };
-                let label = format!(
-                    "gemm_q4/{} {}x{} rows {}..{} m_max {m_max}",
-                    part.variant.short_name(),
-                    w.rows,
-                    w.cols,
-                    c.row0,
-                    c.row0 + c.rows
-                );
-                // Split-K partial sums: slices x m_max x chunk rows, summed by a second dispatch.
-                let scratch = if split {
-                    Some(self.partials_buffer(gpu, slices, m_max, c.rows)?)
-                } else {
-                    None
-                };
-                let x_binding = match &x16_buf {
-                    Some(b) if opts.packed => (b, 0, Some(packed_x_bytes(m_max, w.cols))),
-                    Some(b) if opts.x_f16 => (b, 0, Some(m * w.cols as u64 * 2)),
-                    _ => (x.buffer, x.offset, Some(m * w.cols as u64 * 4)),
-                };
-                let y_binding = match &scratch {
-                    Some(b) => (b, 0, None),
-                    None => (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
-                };
-                let pipeline = self.pipeline(gpu, part.variant)?;
-                let params_buf = gpu.uniform(&label, &params);
-                let bind_group = gpu.bind_group_ranges(
-                    &label,
-                    &pipeline,
-                    &[
-                        (&params_buf, 0, None),
-                        (
-                            step,
-                            0,
-                            Some(std::mem::size_of::<super::StepParams>() as u64),
-                        ),
-                        (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
-                        (w.scales.buffer, c.scales.0, Some(c.scales.1)),
-                        x_binding,
-                        (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
-                        y_binding,
-                    ],
-                );
-                out.push(Dispatch {
-                    label: label.clone(),
-                    pipeline,
-                    bind_group,
-                    workgroups: [n_groups, m_groups, slices as u32],
-                    params: Some(params_buf),
-                });
-                if let Some(partials) = &scratch {
-                    let sp = SplitParams {
-                        n: c.rows as u32,
-                        ldy: w.rows as u32,
-                        row_base: c.row0 as u32,
-                        m_max: m_max as u32,
-                        accumulate: (mode == Epilogue::Accumulate) as u32,
-                        has_bias: bias.is_some() as u32,
-                        m_lo: part.m_lo,
-                        m_hi: part.m_hi,
-                        slices: slices as u32,
-                        slice: (m_max * c.rows) as u32,
-                        pad: [0; 2],
-                    };
-                    out.push(self.splitk_dispatch(
-                        gpu,
-                        &format!("{label} split-K sum"),
-                        &sp,
-                        step,
-                        [
-                            (partials, 0, None),
-                            (bias_range.buffer, bias_range.offset, Some(bias_bytes)),
-                            (y.buffer, y.offset, Some(m * w.rows as u64 * 4)),
-                        ],
-                        [c.rows.div_ceil(256) as u32, m_rows as u32, 1],
-                    )?);
-                }
+                out.extend(self.bind_part(gpu, &operands, &c, part)?);
             }
+        }
+        Ok(out)
+    }
+
+    /// The product of one row range of W by one kernel of the binding (see [`Part`]), and with
+    /// split-K the reduction after it.
+    fn bind_part(
+        &self,
+        gpu: &Gpu,
+        o: &Operands,
+        c: &RowChunk,
+        part: &Part,
+    ) -> Result<Vec<Dispatch>> {
+        let (w, m_max) = (&o.w, o.m_max);
+        let m = m_max as u64;
+        let (tile_m, tile_n) = part.variant.tile();
+        let opts = match part.variant {
+            GemmVariant::CoopTile { opts, .. } => opts,
+            _ => TileOpts::default(),
+        };
+        let (k_split, slices) = opts.slices(w.cols);
+        let split = slices > 1;
+        let n_groups = c.rows.div_ceil(tile_n) as u32;
+        let m_rows = m_max.min(part.m_hi as usize);
+        let m_groups = m_rows.div_ceil(tile_m) as u32;
+        let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
+        if n_groups > max_groups || m_groups > max_groups || (split && m_rows as u32 > max_groups)
+        {
+            return Err(Error::Unsupported(format!(
+                "gemm_q4: {m_max}x{} needs too many workgroups",
+                c.rows
+            )));
+        }
+        let params = Params {
+            n: c.rows as u32,
+            k: w.cols as u32,
+            bpr: blocks_per_row(w.cols) as u32,
+            row_base: if split { 0 } else { c.row0 as u32 },
+            ldy: if split { c.rows } else { w.rows } as u32,
+            m_max: m_max as u32,
+            accumulate: (!split && o.mode == Epilogue::Accumulate) as u32,
+            has_bias: (!split && o.bias.is_some()) as u32,
+            m_lo: part.m_lo,
+            m_hi: part.m_hi,
+            k_split: k_split as u32,
+            y_slice: if split { (m_max * c.rows) as u32 } else { 0 },
+        };
+        let label = format!(
+            "gemm_q4/{} {}x{} rows {}..{} m_max {m_max}",
+            part.variant.short_name(),
+            w.rows,
+            w.cols,
+            c.row0,
+            c.row0 + c.rows
+        );
+        // Split-K partial sums: slices x m_max x chunk rows, summed by a second dispatch.
+        let scratch = if split {
+            Some(self.partials_buffer(gpu, slices, m_max, c.rows)?)
+        } else {
+            None
+        };
+        let x_binding = match o.x16 {
+            Some(b) if opts.packed => (b, 0, Some(packed_x_bytes(m_max, w.cols))),
+            Some(b) if opts.x_f16 => (b, 0, Some(m * w.cols as u64 * 2)),
+            _ => (o.x.buffer, o.x.offset, Some(m * w.cols as u64 * 4)),
+        };
+        let y_whole = (o.y.buffer, o.y.offset, Some(m * w.rows as u64 * 4));
+        let y_binding = match &scratch {
+            Some(b) => (b, 0, None),
+            None => y_whole,
+        };
+        let bias = o.bias_binding();
+        let pipeline = self.pipeline(gpu, part.variant)?;
+        let params_buf = gpu.uniform(&label, &params);
+        let bind_group = gpu.bind_group_ranges(
+            &label,
+            &pipeline,
+            &[
+                (&params_buf, 0, None),
+                (o.step, 0, Some(STEP_BYTES)),
+                (w.qweight.buffer, c.qweight.0, Some(c.qweight.1)),
+                (w.scales.buffer, c.scales.0, Some(c.scales.1)),
+                x_binding,
+                bias,
+                y_binding,
+            ],
+        );
+        let mut out = vec![Dispatch {
+            label: label.clone(),
+            pipeline,
+            bind_group,
+            workgroups: [n_groups, m_groups, slices as u32],
+            params: Some(params_buf),
+        }];
+        if let Some(partials) = &scratch {
+            let sp = SplitParams {
+                n: c.rows as u32,
+                ldy: w.rows as u32,
+                row_base: c.row0 as u32,
+                m_max: m_max as u32,
+                accumulate: (o.mode == Epilogue::Accumulate) as u32,
+                has_bias: o.bias.is_some() as u32,
+                m_lo: part.m_lo,
+                m_hi: part.m_hi,
+                slices: slices as u32,
+                slice: (m_max * c.rows) as u32,
+                pad: [0; 2],
+            };
+            out.push(self.splitk_dispatch(
+                gpu,
+                &format!("{label} split-K sum"),
+                &sp,
+                o.step,
+                [(partials, 0, None), bias, y_whole],
+                [c.rows.div_ceil(256) as u32, m_rows as u32, 1],
+            )?);
         }
         Ok(out)
     }
@@ -945,7 +988,7 @@ impl GemmQ4 {
     ) -> Result<Dispatch> {
         let pipeline = self.helper(gpu, "splitk")?;
         let params_buf = gpu.uniform(label, params);
-        let step_bytes = Some(std::mem::size_of::<super::StepParams>() as u64);
+        let step_bytes = Some(STEP_BYTES);
         let [partials, bias, y] = ranges;
         let bind_group = gpu.bind_group_ranges(
             label,
@@ -1026,11 +1069,7 @@ impl GemmQ4 {
             &pipeline,
             &[
                 (&params_buf, 0, None),
-                (
-                    step,
-                    0,
-                    Some(std::mem::size_of::<super::StepParams>() as u64),
-                ),
+                (step, 0, Some(STEP_BYTES)),
                 (x.buffer, x.offset, Some((m_max * k * 4) as u64)),
                 (&buf, 0, None),
             ],
