@@ -69,12 +69,16 @@ cd "$(dirname "$0")/.."
 #   offload   issue 11: q4wgpu 32B at the Q4_BUDGETS (12 8 4) and 70B at 24 GB (Q4_70B=0: not),
 #             each with --cpu-layers Q4_CPU_LAYERS (0,auto: streaming only, then the hybrid
 #             plan); llama.cpp CUDA -ngl at matched VRAM, one part per LLAMA_NGL_ROWS value
-#             (40 23 8: on 2026-12-01 -ngl 40, 26, 12 peaked at 12.23, 8.38, 4.53 GB, about
-#             1.17 GB + 0.28 GB a layer, against q4wgpu's 11.85, 7.56, 3.27), pp512 and tg32; with
+#             (39 23 8: on 2026-12-01 -ngl 40, 23, 8 peaked at 12.23, 7.56, 3.43 GB, about
+#             1.17 GB + 0.28 GB a layer, against q4wgpu's 11.58, 7.56, 3.27), pp512 and tg32; with
 #             LLAMA_70B=1 also the 70B shape at -ngl LLAMA_70B_NGL (44) after the 32B GGUF is
 #             removed (disk). Run with SERIAL=1, so nothing else uses the CPU while q4wgpu's CPU
-#             layers are timed (the llama.cpp build, about 270 s, comes first). An empty
-#             Q4_BUDGETS or LLAMA_NGL_ROWS runs none (a second call for the 70B parts only).
+#             layers are timed (the llama.cpp build, 240-330 s, comes first, within
+#             LLAMA_BUILD_LIMIT seconds, default 300; a warm machine keeps what it built). An
+#             empty Q4_BUDGETS or LLAMA_NGL_ROWS runs none. The 70B parts need a call of their
+#             own after the build: e.g. `Q4_BUDGETS= Q4_70B=0 LLAMA_NGL_ROWS= LLAMA_BUILD_LIMIT=420`
+#             (the build alone), then on the warm machine `Q4_BUDGETS= LLAMA_NGL_ROWS=
+#             LLAMA_70B=1` (q4wgpu 70B at 24 GB, then llama.cpp's 70B GGUF and -ngl row).
 SET=${SET:-all}
 offload=0
 case $SET in
@@ -282,7 +286,7 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
     for step in "${llama_steps[@]}"; do
       read -r name cmd <<<"$step"
       # shellcheck disable=SC2086  # cmd is a word list written above
-      part "$name" 300 $cmd
+      part "$name" "${LLAMA_BUILD_LIMIT:-300}" $cmd
       echo $? >"$WORK/$name.rc"
     done
   else
@@ -362,7 +366,7 @@ if [ ${#llama_steps[@]} -gt 0 ]; then
 fi
 # Issue 11: llama.cpp's CPU offload at matched VRAM, each -ngl in a part of its own (its own peak).
 if [ "$offload" = 1 ] && step_ok llama_model && step_ok llama_build; then
-  for n in ${LLAMA_NGL_ROWS-40 23 8}; do
+  for n in ${LLAMA_NGL_ROWS-39 23 8}; do
     part "llama_ngl$n" 90 env LLAMA_NGL="$n" benches/llama_cpp/run.sh bench "$WORK" "llama_ngl$n" \
       -p 512 -n 32 -r 2
   done
