@@ -1124,11 +1124,12 @@ fn gemv_int8(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     quant_act_table(gpu, s);
 }
 
-/// The batched int8 GEMV (`bind_batch`: COLS one-column workgroups side by side on the same
-/// weights) per matrix at 1, 2, 4 and 8 live columns of an 8-column pipeline and of a pipeline of
-/// that many columns, with the weights rotating over copies larger than L2 ("cold") and one copy
-/// ("hot": L2 can hold the smaller matrices). If a step of 8 columns costs about one column's
-/// time, the weights are read once; if it grows with the columns, what grows is the question.
+/// The batched int8 GEMV (`bind_batch`) per matrix at 1, 2, 4 and 8 live columns of an 8-column
+/// pipeline (COLS one-column workgroups side by side; column lanes, with the one-column rows per
+/// workgroup and with 8) and of a pipeline of that many columns, with the weights rotating over
+/// copies larger than L2 ("cold") and one copy ("hot": L2 can hold the smaller matrices). If a
+/// step of 8 columns costs about one column's time, the weights are read once; if it grows with
+/// the columns, what grows is the question.
 fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
     let kernel = GemvQ4Q8::new(gpu).expect("gemv_q4_q8 compiles");
     println!("\n## Batched int8 GEMV: µs per call (÷ the 1-column pipeline's time)\n");
@@ -1176,7 +1177,7 @@ fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
                 encode_all(pass, &bound[i % bound.len()])
             }))
         };
-        let time = |mats: &[Matrix], cols: usize, live: usize| -> Option<f64> {
+        let time = |mats: &[Matrix], cols: usize, live: usize, opts: GemvOptions| -> Option<f64> {
             if cols == 1 {
                 return time_one(mats);
             }
@@ -1191,14 +1192,7 @@ fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             };
             let mut bound = Vec::new();
             for m in mats {
-                match kernel.bind_batch(
-                    gpu,
-                    m.q4ref(),
-                    &io,
-                    None,
-                    Epilogue::Store,
-                    &GemvOptions::default(),
-                ) {
+                match kernel.bind_batch(gpu, m.q4ref(), &io, None, Epilogue::Store, &opts) {
                     Ok(d) => bound.push(d),
                     Err(e) => {
                         eprintln!("  batched gemv {cols} columns: {e}");
@@ -1215,27 +1209,37 @@ fn gemv_batched(gpu: &Gpu, s: &Settings, read_gbs: f64) {
             let Some(one) = time_one(mats) else {
                 continue;
             };
-            for pipeline in [8usize, 0] {
+            let lanes = |rows: Option<u32>| {
+                let mut config = kernel.config_for(shape.n, shape.k);
+                config.rows = rows.unwrap_or(config.rows);
+                GemvOptions {
+                    config: Some(config),
+                    column_lanes: true,
+                    ..GemvOptions::default()
+                }
+            };
+            let layouts = [
+                ("8", 8usize, GemvOptions::default()),
+                ("8 lanes", 8, lanes(None)),
+                ("8 lanes, 8 rows", 8, lanes(Some(8))),
+                ("= live", 0, GemvOptions::default()),
+            ];
+            for (name, pipeline, opts) in layouts {
                 let cells: Vec<String> = [1usize, 2, 4, 8]
                     .iter()
                     .map(|&live| {
                         let cols = if pipeline == 0 { live } else { pipeline };
-                        time(mats, cols, live).map_or("—".into(), |t| {
+                        time(mats, cols, live, opts).map_or("—".into(), |t| {
                             format!("{} ({:.2})", sig(t * 1e6), t / one)
                         })
                     })
                     .collect();
-                let t8 = time(mats, 8, 8).unwrap_or(f64::NAN);
+                let t8 = time(mats, 8, 8, opts).unwrap_or(f64::NAN);
                 println!(
-                    "| {} | {} | {} | {what} | {} | {} | {} |",
+                    "| {} | {} | {} | {what} | {name} | {} | {} |",
                     shape.name,
                     shape.k,
                     shape.n,
-                    if pipeline == 0 {
-                        "= live".to_string()
-                    } else {
-                        pipeline.to_string()
-                    },
                     cells.join(" | "),
                     format!(
                         "{}, {:.2}",

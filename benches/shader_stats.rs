@@ -83,11 +83,13 @@ fn kernels() -> Vec<Kernel> {
             overrides: vec![("WG", wg as f64), ("ROWS", rows as f64)],
         });
         for cols in [2, 4, 8] {
-            out.push(Kernel {
-                name: format!("gemv_q4_q8 x{cols} wg{wg} rows{rows}"),
-                source: gemv_q4_q8::batch_shader(true, cols),
-                overrides: vec![("WG", wg as f64), ("ROWS", rows as f64)],
-            });
+            for (lanes, layout) in [(false, ""), (true, " lanes")] {
+                out.push(Kernel {
+                    name: format!("gemv_q4_q8 x{cols}{layout} wg{wg} rows{rows}"),
+                    source: gemv_q4_q8::batch_shader(true, cols, lanes),
+                    overrides: vec![("WG", wg as f64), ("ROWS", rows as f64)],
+                });
+            }
         }
     }
     out

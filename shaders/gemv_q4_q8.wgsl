@@ -159,29 +159,18 @@ fn x_quarter_col(q: u32, c: u32) -> Q8Block {
     return Q8Block(xq[2u * i], xq[2u * i + 1u], ds.x, ds.y);
 }
 
-@compute @workgroup_size(WG * COLS)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let unit = wid.x + wid.y * nwg.x;
-    if (unit >= out_units()) {
-        return;
-    }
-    let col = lid / WG;
-    let lane = lid % WG;
-    red_base = col * ROWS * WG;
-    let live = col < batch_cols();
+// The K loop of one thread: quarters pos, pos + WG, ... of the workgroup's rows against x's
+// column `col` (nothing when `live` is false), each row's products summed in that order (the
+// one-column kernel's thread pos does exactly this).
+fn row_sums(unit: u32, pos: u32, col: u32, live: bool) -> array<f32, MAX_ROWS> {
     let quarters = p.bpr * 4u;
     var rows: array<u32, MAX_ROWS>;
     for (var r = 0u; r < ROWS; r++) {
         rows[r] = out_row(unit, r);
     }
     var acc: array<f32, MAX_ROWS>;
-    // A column past the step's rows computes nothing (its threads still meet the barriers).
     let end = select(0u, quarters, live);
-    for (var q0 = lane; q0 < end; q0 += WG * UNROLL) {
+    for (var q0 = pos; q0 < end; q0 += WG * UNROLL) {
         var w: array<vec4<u32>, MAX_ROWS * MAX_UNROLL>;
         var sc: array<f32, MAX_ROWS * MAX_UNROLL>;
         for (var u = 0u; u < UNROLL; u++) {
@@ -204,5 +193,58 @@ fn main(
             }
         }
     }
+    return acc;
+}
+
+// One column (COLS = 1), or COLS one-column workgroups side by side: thread lid works on column
+// lid / WG as the one-column kernel's thread lid % WG.
+fn side_by_side(unit: u32, lid: u32) {
+    let col = lid / WG;
+    let lane = lid % WG;
+    red_base = col * ROWS * WG;
+    // A column past the step's rows computes nothing (its threads still meet the barriers).
+    let live = col < batch_cols();
+    let acc = row_sums(unit, lane, col, live);
     write_out(unit, col, live, workgroup_sums(acc, lane) * input_scale(lane), lane);
+}
+
+// Column lanes (LANES, batched only): the COLS consecutive threads lid work on one quarter
+// position t = lid / COLS, each for its own column lid % COLS, so one weight load serves COLS
+// lanes and each thread keeps one column's accumulators. The partial sums are then staged in
+// workgroup memory in the side-by-side order and reduced as there: each column's sums are the
+// one-column kernel's, operation for operation.
+fn column_lanes(unit: u32, lid: u32) {
+    let own = lid % COLS;
+    let t = lid / COLS;
+    let acc = row_sums(unit, t, own, own < batch_cols());
+    for (var r = 0u; r < ROWS; r++) {
+        red[(own * ROWS + r) * WG + t] = acc[r];
+    }
+    workgroupBarrier();
+    let col = lid / WG;
+    let lane = lid % WG;
+    var staged: array<f32, MAX_ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        staged[r] = red[(col * ROWS + r) * WG + lane];
+    }
+    workgroupBarrier();
+    red_base = col * ROWS * WG;
+    write_out(unit, col, col < batch_cols(), workgroup_sums(staged, lane), lane);
+}
+
+@compute @workgroup_size(WG * COLS)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let unit = wid.x + wid.y * nwg.x;
+    if (unit >= out_units()) {
+        return;
+    }
+    if (LANES) {
+        column_lanes(unit, lid);
+    } else {
+        side_by_side(unit, lid);
+    }
 }

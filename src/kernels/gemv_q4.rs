@@ -107,6 +107,10 @@ pub struct GemvOptions {
     pub config: Option<GemvConfig>,
     /// Largest binding in bytes instead of the adapter's `max_storage_buffer_binding_size`.
     pub max_binding_bytes: Option<u64>,
+    /// Batched int8 products only (`GemvQ4Q8::bind_batch`): the column-lanes layout (each
+    /// group of COLS consecutive threads shares one quarter position and each weight load,
+    /// one thread per column) instead of COLS one-column workgroups side by side. Same sums.
+    pub column_lanes: bool,
 }
 
 #[repr(C)]

@@ -117,8 +117,29 @@ struct Params {
 pub struct GemvQ4Q8 {
     subgroups: bool,
     subgroup_max: u32,
-    /// By workgroup shape and (INPUT code, output code, columns).
-    pipelines: PipelineCache<(u32, u32, u32)>,
+    /// By workgroup shape and variant.
+    pipelines: PipelineCache<Variant>,
+}
+
+/// What a pipeline is built for, besides its workgroup shape: the INPUT code, the output file,
+/// the columns (COLS) and, for a batched product, the column-lanes layout (LANES).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Variant {
+    input: u32,
+    out: u32,
+    cols: u32,
+    lanes: bool,
+}
+
+impl Variant {
+    fn one_column(input: u32, out: u32) -> Variant {
+        Variant {
+            input,
+            out,
+            cols: 1,
+            lanes: false,
+        }
+    }
 }
 
 /// The batched step's rows uniform (`shaders/batch_step.wgsl`), shared by every batched kernel.
@@ -147,7 +168,11 @@ impl GemvQ4Q8 {
             subgroup_max: gpu.caps.subgroup_max_size.max(1),
             pipelines: Mutex::new(HashMap::new()),
         };
-        kernel.pipeline(gpu, kernel.config_for(4096, 4096), 0, OUT_Y_CODE, 1)?;
+        kernel.pipeline(
+            gpu,
+            kernel.config_for(4096, 4096),
+            Variant::one_column(0, OUT_Y_CODE),
+        )?;
         Ok(kernel)
     }
 
@@ -176,14 +201,7 @@ impl GemvQ4Q8 {
         }
     }
 
-    fn pipeline(
-        &self,
-        gpu: &Gpu,
-        cfg: GemvConfig,
-        input: u32,
-        out: u32,
-        cols: u32,
-    ) -> Result<wgpu::ComputePipeline> {
+    fn pipeline(&self, gpu: &Gpu, cfg: GemvConfig, v: Variant) -> Result<wgpu::ComputePipeline> {
         check_config(
             gpu,
             "gemv_q4_q8",
@@ -192,16 +210,16 @@ impl GemvQ4Q8 {
             self.subgroup_max,
             MAX_UNROLL,
         )?;
-        let label = format!("input{input} out{out} cols{cols}");
-        cached_pipeline(
-            gpu,
-            &self.pipelines,
-            "gemv_q4_q8",
-            cfg,
-            (input, out, cols),
-            &label,
-            || shader_with_output(cfg.subgroups, cfg.unroll, input, out, cols),
-        )
+        let label = format!(
+            "input{} out{} cols{}{}",
+            v.input,
+            v.out,
+            v.cols,
+            if v.lanes { " lanes" } else { "" }
+        );
+        cached_pipeline(gpu, &self.pipelines, "gemv_q4_q8", cfg, v, &label, || {
+            shader_with_output(cfg.subgroups, cfg.unroll, v)
+        })
     }
 
     /// Binds `y = W x` (see [`Epilogue`]) for x as `x` says (`cols` values), `y, bias: [rows]`
@@ -379,7 +397,13 @@ impl GemvQ4Q8 {
                 limits.max_compute_workgroup_storage_size
             )));
         }
-        let pipeline = self.pipeline(gpu, cfg, x.code(), out_code, cols as u32)?;
+        let variant = Variant {
+            input: x.code(),
+            out: out_code,
+            cols: cols as u32,
+            lanes: cols > 1 && opts.column_lanes,
+        };
+        let pipeline = self.pipeline(gpu, cfg, variant)?;
         let max_binding = opts
             .max_binding_bytes
             .unwrap_or(gpu.limits.max_storage_buffer_binding_size);
@@ -579,20 +603,33 @@ fn x_bindings<'a>(gpu: &Gpu, what: &str, w: &Q4Ref, x: &Q8Input<'a>) -> Result<X
 /// The WGSL of the kernel reading `input` (its INPUT code) and writing y, before
 /// gpu::shader_source.
 pub fn shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, 1, input, OUT_Y_CODE, 1)
+    shader_with_output(subgroups, 1, Variant::one_column(input, OUT_Y_CODE))
 }
 
 /// The same with the RoPE + KV-cache output (see [`GemvQ4Q8::bind_rope_kv`]).
 pub fn rope_kv_shader(subgroups: bool, input: u32) -> String {
-    shader_with_output(subgroups, 1, input, OUT_ROPE_KV_CODE, 1)
+    shader_with_output(subgroups, 1, Variant::one_column(input, OUT_ROPE_KV_CODE))
 }
 
-/// The batched kernel of `cols` columns (quantized x, plain output).
-pub fn batch_shader(subgroups: bool, cols: u32) -> String {
-    shader_with_output(subgroups, 1, 0, OUT_Y_CODE, cols)
+/// The batched kernel of `cols` columns (quantized x, plain output), with `lanes` in the
+/// column-lanes layout ([`GemvOptions::column_lanes`]).
+pub fn batch_shader(subgroups: bool, cols: u32, lanes: bool) -> String {
+    let v = Variant {
+        input: 0,
+        out: OUT_Y_CODE,
+        cols,
+        lanes,
+    };
+    shader_with_output(subgroups, 1, v)
 }
 
-fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32, cols: u32) -> String {
+fn shader_with_output(subgroups: bool, unroll: u32, v: Variant) -> String {
+    let Variant {
+        input,
+        out,
+        cols,
+        lanes,
+    } = v;
     let sum = if subgroups { SUM_SUBGROUP } else { SUM_SHARED };
     let output = if out == OUT_ROPE_KV_CODE {
         format!("{ROPE_ANGLE}\n{OUT_ROPE_KV}")
@@ -610,6 +647,7 @@ fn shader_with_output(subgroups: bool, unroll: u32, input: u32, out: u32, cols: 
     };
     format!(
         "const INPUT: u32 = {input}u;\nconst UNROLL: u32 = {unroll}u;\nconst COLS: u32 = {cols}u;\n\
+         const LANES: bool = {lanes};\n\
          {columns}\n{Q8_BLOCK}\n{sum}\n{SOURCE}\n{output}"
     )
 }
