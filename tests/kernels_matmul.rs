@@ -686,12 +686,18 @@ fn gemm_emulated_coop_tiles_match_cpu() {
             tm, tn, prefetch, ..
         } = variant
         {
+            // Tiles without prefetch differ only in where the loop loads: they run on the
+            // hardware (gemm_matches_cpu_and_leaves_rows_past_n_tokens) and are left out here,
+            // where compiling each emulated tile is most of CI's time for this file.
+            if !prefetch {
+                continue;
+            }
             let t = std::time::Instant::now();
             // Every case for the tiles the wrapper picks (with the packed loader, as the default
             // has them); the first four (both M of two shapes: past a tile edge in M, N and K)
             // for the others, to keep the test short.
             let cases = gemm_cases(variant);
-            let picked = prefetch && DEFAULT_TILES.contains(&(tm, tn)) && is_packed(variant);
+            let picked = DEFAULT_TILES.contains(&(tm, tn)) && is_packed(variant);
             let n = if picked { cases.len() } else { 4 };
             for case in cases.into_iter().take(n) {
                 case.check(&kernel, Some(variant), tol, &mut rng);
