@@ -893,7 +893,12 @@ impl Decoder for GpuModel<'_> {
 
 /// Checks what the plan needs of the adapter and the host: host memory for the streamed layers,
 /// zero-copy reads where asked for, one layer in one buffer.
-fn check_plan(gpu: &Gpu, opts: &EngineOptions, plan: &ResidencyPlan, pack: &LayerPack) -> Result<()> {
+fn check_plan(
+    gpu: &Gpu,
+    opts: &EngineOptions,
+    plan: &ResidencyPlan,
+    pack: &LayerPack,
+) -> Result<()> {
     scheduler::check_host_memory(plan)?;
     let zero_copy = [opts.decode_reads, opts.prompt_reads].contains(&StreamRead::ZeroCopy);
     if zero_copy && plan.streamed_layers() > 0 && !gpu.caps.mappable_primary_buffers {

@@ -768,9 +768,8 @@ fn gemv_q8_batched_columns_match_the_one_column_kernel() {
         } else {
             "side by side"
         };
-        let what = format!(
-            "batched gemv_q4_q8 {rows}x{k}, {live} of {cols} columns, {mode:?}, {layout}"
-        );
+        let what =
+            format!("batched gemv_q4_q8 {rows}x{k}, {live} of {cols} columns, {mode:?}, {layout}");
         let m = random_matrix(&mut rng, rows, k);
         let gm = GpuQ4::upload(g, &m);
         let w = gm.q4ref();

@@ -22,9 +22,7 @@
 //!
 //! [`StepParams`]: super::StepParams
 
-use super::gemv_q4::{
-    check_matrix, check_operands, check_vector, row_chunks, Epilogue, RowChunk,
-};
+use super::gemv_q4::{check_matrix, check_operands, check_vector, row_chunks, Epilogue, RowChunk};
 use super::{BufRange, Dispatch, Q4Ref};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -882,8 +880,7 @@ impl GemmQ4 {
         let m_rows = m_max.min(part.m_hi as usize);
         let m_groups = m_rows.div_ceil(tile_m) as u32;
         let max_groups = gpu.limits.max_compute_workgroups_per_dimension;
-        if n_groups > max_groups || m_groups > max_groups || (split && m_rows as u32 > max_groups)
-        {
+        if n_groups > max_groups || m_groups > max_groups || (split && m_rows as u32 > max_groups) {
             return Err(Error::Unsupported(format!(
                 "gemm_q4: {m_max}x{} needs too many workgroups",
                 c.rows
