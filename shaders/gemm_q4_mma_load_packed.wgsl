@@ -1,16 +1,16 @@
-// gemm_q4_mma's loader for packed operands (TileOpts::packed): X as f16 that
-// shaders/gemm_q4_x16_packed.wgsl wrote in groups of 8 ordered [x0, x4, x1, x5, x2, x6, x3, x7],
-// and W read 32 weights (16 bytes) at a time and dequantized into the same order. Every global
-// load is 16 bytes, every item goes to the tiles as 16 consecutive bytes, and X needs no
-// conversion in the loop. A product sums over k, so an order within each
-// group of 8 that X and W share does not change what it sums (only the order of the additions).
+// gemm_q4_mma's loader for packed operands (TileOpts::packed): X as f16 that the `main_packed`
+// entry point of shaders/gemm_q4_x16.wgsl wrote in groups of 8 ordered [x0, x4, x1, x5, x2, x6,
+// x3, x7], and W read 32 weights (16 bytes) at a time and dequantized into the same order. Every
+// global load is 16 bytes and every item goes to the tiles as 16 consecutive bytes. A product
+// sums over k, so an order within each group of 8 that X and W share does not change what it
+// sums (only the order of the additions).
 //
 // Dequantization as the f32 loader's: a nibble n or-ed into the f32 2^23 reads as 2^23 + n,
 // minus 2^23 + 8 the level exactly, times the scale exact in f32, rounded once to f16; the same
-// f16 as that loader's. (Nibbles converted to f16 and one f16 fma per pair ran at half the speed
-// on the H200, benchmarks/NOTES.md §21. naga 30 cannot bitcast u32 to vec2<f16>, which the f16
-// form of the 2^23 trick would need; for the same reason X arrives as mat2x4<f16>, 16 bytes of
-// f16 in one load.)
+// f16 as that loader's. X arrives as u32 words, each a pair of f16 turned back into vec2<f16>
+// through f32 (exact): naga 30 cannot bitcast u32 to vec2<f16>, and X read as mat2x4<f16> ran
+// the tile at half speed on the H200, as did nibbles converted to f16 with one f16 fma per pair
+// (benchmarks/NOTES.md §21).
 
 // 16-byte groups of X per token and step; 16-byte quarters (32 weights) of a W row per step.
 const XV: u32 = BK / 8u;

@@ -675,7 +675,9 @@ fn gemm_matches_cpu_and_leaves_rows_past_n_tokens() {
 
 /// The cooperative-matrix tiles with their matrix operations emulated in plain WGSL
 /// (shaders/gemm_q4_mma_emulated.wgsl in place of gemm_q4_mma_coop.wgsl): checks the tiling, the
-/// f16 staging and the epilogue of shaders/gemm_q4_mma.wgsl on any adapter.
+/// f16 staging and the epilogue of shaders/gemm_q4_mma.wgsl on any adapter, with both loaders
+/// (shaders/gemm_q4_mma_load.wgsl, and shaders/gemm_q4_mma_load_packed.wgsl fed by the
+/// `main_packed` conversion of shaders/gemm_q4_x16.wgsl).
 #[test]
 fn gemm_emulated_coop_tiles_match_cpu() {
     let g = gpu();

@@ -38,7 +38,6 @@ const MMA_LOAD_PACKED: &str = include_str!("../../shaders/gemm_q4_mma_load_packe
 const REG: &str = include_str!("../../shaders/gemm_q4_reg.wgsl");
 const SPLITK: &str = include_str!("../../shaders/gemm_q4_splitk.wgsl");
 const X16: &str = include_str!("../../shaders/gemm_q4_x16.wgsl");
-const X16_PACKED: &str = include_str!("../../shaders/gemm_q4_x16_packed.wgsl");
 
 /// Y tile of one workgroup of the first kernels ([`GemmVariant::Tiled`], [`GemmVariant::Coop`]).
 const TILE_M: usize = 64;
@@ -469,13 +468,13 @@ struct SplitParams {
     pad: [u32; 2],
 }
 
-/// Bytes of packed f16 X (shaders/gemm_q4_x16_packed.wgsl) for `m_max` tokens: rows of K rounded
+/// Bytes of packed f16 X (shaders/gemm_q4_x16.wgsl, `main_packed`) for `m_max` tokens: rows of K rounded
 /// up to 8 halves. With the largest K, the default kernels' f16 X scratch (for the VRAM plan).
 pub fn packed_x_bytes(m_max: usize, k: usize) -> u64 {
     (m_max * k.div_ceil(8) * 16) as u64
 }
 
-/// Parameters of shaders/gemm_q4_x16.wgsl and gemm_q4_x16_packed.wgsl.
+/// Parameters of shaders/gemm_q4_x16.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct X16Params {
@@ -752,12 +751,12 @@ impl GemmQ4 {
         if let Some(p) = cache.get(name) {
             return Ok(p.clone());
         }
-        let source = match name {
-            "splitk" => SPLITK,
-            "x16p" => X16_PACKED,
-            _ => X16,
+        let (source, entry) = match name {
+            "splitk" => (SPLITK, "main"),
+            "x16p" => (X16, "main_packed"),
+            _ => (X16, "main"),
         };
-        let p = gpu.compute_pipeline(&format!("gemm_q4/{name}"), source, "main", &[])?;
+        let p = gpu.compute_pipeline(&format!("gemm_q4/{name}"), source, entry, &[])?;
         cache.insert(name, p.clone());
         Ok(p)
     }
